@@ -1,0 +1,52 @@
+"""Shared test helpers: tolerances per dtype (one place) and tie-robust nearest-code checks."""
+
+import torch
+
+# Comparison of outputs against the oracle, per input dtype.
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
+
+# Relative slack of a chosen code's distance over the true minimum: rounding of the
+# expanded distance |x|^2 + |e|^2 - 2 x.e with operands in the input's dtype.
+TIE_EPS = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def exact_sqdist(x, codebook):
+    """``[N, K]`` squared distances in float64: for tests only."""
+    return torch.cdist(x.double(), codebook.double()).pow(2)
+
+
+def assert_nearest(x, codebook, idx, dtype=torch.float32):
+    """Every chosen code is a nearest one, up to rounding ties scaled by the vectors' norms."""
+    assert idx.dtype == torch.int64 and idx.shape == (x.shape[0],)
+    assert int(idx.min()) >= 0 and int(idx.max()) < codebook.shape[0]
+    d = exact_sqdist(x, codebook)
+    chosen = d.gather(1, idx.view(-1, 1)).squeeze(1)
+    scale = x.double().pow(2).sum(1) + codebook.double().pow(2).sum(1).max()
+    slack = TIE_EPS[dtype] * scale + 1e-9
+    excess = chosen - d.min(1).values
+    assert bool((excess <= slack).all()), f"worst excess {excess.max().item()} over slack"
+
+
+def same_codes_or_ties(x, codebook, idx_a, idx_b, dtype=torch.float32):
+    """Rows where the two index choices differ must be ties (both nearest within slack)."""
+    diff = idx_a != idx_b
+    if bool(diff.any()):
+        assert_nearest(x[diff], codebook, idx_a[diff], dtype)
+        assert_nearest(x[diff], codebook, idx_b[diff], dtype)
+    return diff
+
+
+def _backends():
+    """The backends testable here: torch always; triton on CUDA or under the interpreter."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return ["torch"]
+    return ["torch", "triton"]
+
+
+BACKENDS = ["torch"]

@@ -1,0 +1,197 @@
+"""Autograd glue and backend dispatch.
+
+The fused ops are registered as ``torch.library`` custom ops (namespace ``vqfast``) so
+``torch.compile(fullgraph=True)`` treats them as opaque calls; each op dispatches to the
+Triton launchers in ``vqfast.kernels`` or to the torch backend in ``vqfast._torch``.
+``_Quantize`` is the ``torch.autograd.Function`` the modules call.
+"""
+
+import os
+
+import torch
+
+from . import _torch
+
+BACKENDS = ("auto", "triton", "torch")
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` -> ``triton`` for CUDA tensors, ``torch`` otherwise; checks ``triton`` is usable."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not _triton_interpreted():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {device.type}); on CPU it runs only under "
+            "the Triton interpreter (set TRITON_INTERPRET=1 before importing vqfast)")
+    return backend
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        from . import kernels
+        return kernels
+    return _torch
+
+
+def check_codebook_input(x: torch.Tensor, codebook: torch.Tensor, name: str = "x") -> None:
+    """Validate a flat ``[N, D]`` input against a ``[K, D]`` codebook; raise before any work."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (fp32, fp16 or bf16), got {x.dtype}")
+    if x.shape[-1] != codebook.shape[1]:
+        raise ValueError(f"{name} has {x.shape[-1]} channels but the codebook has embedding_dim="
+                         f"{codebook.shape[1]}")
+    if x.device != codebook.device:
+        raise ValueError(f"{name} is on {x.device} but the codebook is on {codebook.device}; "
+                         "move the module with .to(device)")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); need at least one vector")
+
+
+# --- custom ops -------------------------------------------------------------------------
+
+@torch.library.custom_op("vqfast::nearest_code", mutates_args=())
+def _nearest_code_op(x: torch.Tensor, codebook: torch.Tensor, backend: str,
+                     precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl(backend).nearest_code(x, codebook, precision)
+
+
+@_nearest_code_op.register_fake
+def _(x, codebook, backend, precision):
+    n = x.shape[0]
+    return x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("vqfast::quantize", mutates_args=())
+def _quantize_op(x: torch.Tensor, codebook: torch.Tensor, backend: str,
+                 precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _impl(backend)
+    idx, _ = impl.nearest_code(x, codebook, precision)
+    q, sq_err, counts = impl.gather_loss(x, codebook, idx)
+    return q, idx, sq_err, counts
+
+
+@_quantize_op.register_fake
+def _(x, codebook, backend, precision):
+    n = x.shape[0]
+    return (torch.empty_like(x), x.new_empty(n, dtype=torch.int64),
+            x.new_empty((), dtype=torch.float32), x.new_empty(codebook.shape[0], dtype=torch.int32))
+
+
+@torch.library.custom_op("vqfast::quantize_backward", mutates_args=())
+def _quantize_backward_op(grad_q: torch.Tensor, grad_loss: torch.Tensor, x: torch.Tensor,
+                          q: torch.Tensor, idx: torch.Tensor, num_codes: int, x_scale: float,
+                          codebook_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_x, grad_codebook = _impl(backend).quantize_backward(
+        grad_q, grad_loss, x, q, idx, num_codes, x_scale, codebook_scale)
+    if grad_codebook is None:
+        grad_codebook = x.new_empty(0, dtype=torch.float32)
+    return grad_x, grad_codebook
+
+
+@_quantize_backward_op.register_fake
+def _(grad_q, grad_loss, x, q, idx, num_codes, x_scale, codebook_scale, backend):
+    shape = (num_codes, x.shape[1]) if codebook_scale != 0 else (0,)
+    return torch.empty_like(x), x.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("vqfast::ema_update",
+                         mutates_args=("ema_cluster_size", "ema_weight", "codebook"))
+def _ema_update_op(x: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
+                   ema_cluster_size: torch.Tensor, ema_weight: torch.Tensor, codebook: torch.Tensor,
+                   decay: float, epsilon: float, backend: str) -> None:
+    # n of the Laplace smoothing: the sum of the decayed sizes, taken once for both backends.
+    total = (ema_cluster_size.float() * decay + (1 - decay) * counts.float()).sum()
+    _impl(backend).ema_update(x, idx, counts, total, ema_cluster_size, ema_weight, codebook,
+                              decay, epsilon)
+
+
+@_ema_update_op.register_fake
+def _(x, idx, counts, ema_cluster_size, ema_weight, codebook, decay, epsilon, backend):
+    return None
+
+
+# --- autograd ---------------------------------------------------------------------------
+
+class _Quantize(torch.autograd.Function):
+    """``x: [N, D]``, ``codebook: [K, D]`` -> ``q [N, D]``, ``loss``, ``idx [N]``, ``counts [K]``.
+
+    ``loss = (codebook_loss + commitment_cost) * mse(q, x)``: the seed's
+    ``q_latent_loss + commitment_cost * e_latent_loss`` for ``VectorQuantizer``
+    (``codebook_loss=True``), ``commitment_cost * e_latent_loss`` for the EMA quantizer.
+    The output's value is ``q``; its gradient flows straight through to ``x``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, codebook, commitment_cost, codebook_loss, backend, precision):
+        q, idx, sq_err, counts = torch.ops.vqfast.quantize(x, codebook, backend, precision)
+        numel = x.numel()
+        loss = sq_err * ((float(codebook_loss) + commitment_cost) / numel)
+        ctx.save_for_backward(x, q, idx)
+        ctx.num_codes = codebook.shape[0]
+        ctx.x_scale = 2.0 * commitment_cost / numel
+        ctx.codebook_scale = 2.0 / numel if codebook_loss else 0.0
+        ctx.backend = backend
+        ctx.mark_non_differentiable(idx, counts)
+        return q, loss, idx, counts
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_loss, grad_idx, grad_counts):
+        x, q, idx = ctx.saved_tensors
+        if grad_q is None:
+            grad_q = torch.zeros_like(q)
+        if grad_loss is None:
+            grad_loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x, grad_codebook = torch.ops.vqfast.quantize_backward(
+            grad_q.contiguous(), grad_loss.float(), x, q, idx, ctx.num_codes, ctx.x_scale,
+            ctx.codebook_scale, ctx.backend)
+        if not ctx.needs_input_grad[1] or ctx.codebook_scale == 0:
+            grad_codebook = None
+        return grad_x, grad_codebook, None, None, None, None
+
+
+def quantize(x, codebook, commitment_cost, codebook_loss, backend="auto", precision="ieee"):
+    """Differentiable nearest-code quantization of a flat, contiguous ``x: [N, D]``."""
+    return _Quantize.apply(x, codebook, commitment_cost, codebook_loss, backend, precision)
+
+
+def ema_update(x, idx, counts, ema_cluster_size, ema_weight, codebook, decay, epsilon, backend):
+    """In-place EMA codebook update from this batch's assignments (``x: [N, D]``, ``idx: [N]``)."""
+    torch.ops.vqfast.ema_update(x, idx, counts, ema_cluster_size, ema_weight, codebook,
+                                decay, epsilon, backend)
+
+
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """``exp(entropy)`` of the code usage ``counts [K]`` (the seed's formula, fp32)."""
+    avg_probs = counts.float() / counts.sum()
+    return torch.exp(-torch.sum(avg_probs * torch.log(avg_probs + 1e-10)))
+
+
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor, backend: str = "auto",
+                 precision: str = "ieee"):
+    """Nearest code of every row: ``x: [N, D]``, ``codebook: [K, D]`` -> ``int64 [N]``, ``fp32 [N]``.
+
+    The distance returned is ``|x - e|^2`` from the expanded form ``|x|^2 + |e|^2 - 2 x.e``
+    in fp32 (clamped at 0). ``precision`` picks the Triton dot precision for fp32 inputs:
+    ``"ieee"`` (default: argmins agree with fp32 matmul up to rounding ties), ``"tf32x3"``
+    (near-fp32, on tensor cores) or ``"tf32"`` (fastest; may flip near-ties). No ``[N, K]``
+    tensor is allocated on either backend.
+    """
+    if not isinstance(codebook, torch.Tensor) or codebook.dim() != 2:
+        raise ValueError("codebook must be a [K, D] tensor")
+    check_codebook_input(x, codebook)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, D], got shape {tuple(x.shape)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    backend = resolve_backend(backend, x.device)
+    return torch.ops.vqfast.nearest_code(x.contiguous(), codebook.detach().contiguous(), backend,
+                                         precision)
