@@ -12,6 +12,12 @@ import torch
 _CHUNK_ELEMENTS = 1 << 20
 
 
+def _row_chunks(num_rows: int, row_elements: int):
+    """Slices of at most ``_CHUNK_ELEMENTS // row_elements`` rows covering ``range(num_rows)``."""
+    rows = max(1, _CHUNK_ELEMENTS // row_elements)
+    return (slice(start, start + rows) for start in range(0, num_rows, rows))
+
+
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee"):
     """``x: [N, D]``, ``codebook: [K, D]`` -> ``idx: int64 [N]``, ``sqdist: fp32 [N]``."""
     del precision  # torch's own matmul precision setting applies on this path
@@ -21,23 +27,27 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
     codebook_t = codebook.t()
     idx = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     sqdist = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    rows = max(1, _CHUNK_ELEMENTS // num_codes)
-    for start in range(0, x.shape[0], rows):
-        x_chunk = x[start:start + rows].float()
+    for rows in _row_chunks(x.shape[0], num_codes):
+        x_chunk = x[rows].float()
         # |e|^2 - 2 x.e ; |x|^2 is constant per row and does not change the argmin.
         dist = torch.addmm(codebook_sqnorm, x_chunk, codebook_t, alpha=-2)
         best, best_idx = dist.min(dim=1)
-        idx[start:start + rows] = best_idx
-        sqdist[start:start + rows] = (best + x_chunk.pow(2).sum(1)).clamp_min_(0)
+        idx[rows] = best_idx
+        sqdist[rows] = (best + x_chunk.pow(2).sum(1)).clamp_min_(0)
     return idx, sqdist
 
 
 def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor):
     """``q = codebook[idx]`` in x's dtype, exact ``sum((q - x)^2)`` (fp32), per-code counts (int32 [K])."""
-    q32 = codebook.float().index_select(0, idx)
-    sq_err = (q32 - x.float()).pow(2).sum()
+    codebook = codebook.float()
+    q = torch.empty_like(x)
+    sq_err = torch.zeros((), dtype=torch.float32, device=x.device)
+    for rows in _row_chunks(x.shape[0], x.shape[1]):
+        q32 = codebook.index_select(0, idx[rows])
+        q[rows] = q32
+        sq_err += q32.sub_(x[rows].float()).pow_(2).sum()
     counts = torch.bincount(idx, minlength=codebook.shape[0]).to(torch.int32)
-    return q32.to(x.dtype), sq_err, counts
+    return q, sq_err, counts
 
 
 def ema_update(x, idx, counts, total, ema_cluster_size, ema_weight, codebook, decay, epsilon):
@@ -63,11 +73,11 @@ def quantize_backward(grad_q, grad_loss, x, q, idx, num_codes, x_scale, codebook
     ``grad_codebook[k] = grad_loss * codebook_scale * sum_{idx[n] == k} (q[n] - x[n])``
     (``None`` when ``codebook_scale == 0``).
     """
-    diff = q.float() - x.float()
-    grad_x = grad_q.float() - (grad_loss * x_scale) * diff
+    diff = q.float() - x.float()  # [N, D], reused in place as grad_x
     grad_codebook = None
     if codebook_scale != 0:
         grad_codebook = torch.zeros(num_codes, x.shape[1], dtype=torch.float32, device=x.device)
         grad_codebook.index_add_(0, idx, diff)
         grad_codebook.mul_(grad_loss * codebook_scale)
+    grad_x = diff.mul_(-(grad_loss * x_scale)).add_(grad_q)
     return grad_x.to(x.dtype), grad_codebook

@@ -27,11 +27,16 @@ def _unflatten(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat.view(shape).movedim(-1, 1).contiguous().to(like.dtype)
 
 
-def _encode(flat_input: torch.Tensor, embedding: torch.Tensor):
+def nearest_code(flat_input: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """The seed's distances, ``[N, K]`` materialised, and their argmin (not argmax): int64 ``[N]``."""
     distances = (torch.sum(flat_input**2, dim=1, keepdim=True)
                  + torch.sum(embedding**2, dim=1)
                  - 2 * torch.matmul(flat_input, embedding.t()))
-    encoding_indices = torch.argmin(distances, dim=1).unsqueeze(1)
+    return torch.argmin(distances, dim=1)
+
+
+def _encode(flat_input: torch.Tensor, embedding: torch.Tensor):
+    encoding_indices = nearest_code(flat_input, embedding).unsqueeze(1)
     encodings = torch.zeros(encoding_indices.shape[0], embedding.shape[0], device=flat_input.device)
     encodings.scatter_(1, encoding_indices, 1)
     quantized = torch.matmul(encodings, embedding)

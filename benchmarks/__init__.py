@@ -1,0 +1,1 @@
+"""vqfast benchmark suite: ``python -m benchmarks --help``."""

@@ -1,0 +1,47 @@
+"""``python -m benchmarks``: vqfast vs the reference vs vector-quantize-pytorch, time and memory."""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from . import suite
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="seed shape and a short K sweep only (under a minute on a 2-core CPU)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:i]")
+    parser.add_argument("--ops", nargs="+", choices=suite.OPS, default=list(suite.OPS))
+    parser.add_argument("--impls", nargs="+", choices=suite.IMPLS, default=list(suite.IMPLS))
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=None,
+                        help="default: float32 on CPU, float32 and bfloat16 on CUDA")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+        else torch.device(args.device)
+    dtype_names = args.dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
+    dtypes = [getattr(torch, name) for name in dtype_names]
+
+    env = suite.environment(device)
+    if args.quick:
+        groups = [([suite.SEED], args.ops), (suite.QUICK_K_SWEEP, ["nearest", "ema_step"])]
+        tag = "quick"
+    else:
+        groups = [([suite.SEED, suite.LARGE], args.ops), (suite.K_SWEEP, ["nearest", "ema_step"]),
+                  (suite.N_SWEEP, ["ema_step"])]
+        tag = "full"
+    results = []
+    for shapes, ops in groups:
+        ops = [op for op in ops if op in args.ops]
+        results += suite.run(shapes, ops, args.impls, device, dtypes)
+    print()
+    print(suite.markdown(env, results))
+    for kind, path in suite.save(env, results, args.out, tag).items():
+        print(f"{kind}: {path}")
+
+
+if __name__ == "__main__":
+    main()

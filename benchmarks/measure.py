@@ -1,0 +1,53 @@
+"""Time and peak-memory measurement on CPU and CUDA."""
+
+import torch
+
+
+def median_seconds(fn, device: torch.device) -> float:
+    """Median wall time of ``fn()`` after warm-up: ``do_bench`` on CUDA, ``torch.utils.benchmark`` on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    from torch.utils.benchmark import Timer
+    fn()
+    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.5).median
+
+
+def _walk(nodes):
+    for node in nodes:
+        yield node
+        yield from _walk(node.children)
+
+
+def _cpu_peak_bytes(fn) -> int:
+    """Peak bytes above the starting level that torch's CPU allocator held during ``fn()``.
+
+    Reads the allocator's running total off the profiler's allocation events
+    (``profile_memory=True``), so it sees every tensor torch allocates, temporaries included.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    tree = prof.profiler.kineto_results.experimental_event_tree()
+    allocs = sorted(
+        ((n.start_time_ns, n.extra_fields) for n in _walk(tree)
+         if type(n.extra_fields).__name__ == "_ExtraFields_Allocation"
+         and n.extra_fields.device.type == "cpu"),
+        key=lambda item: item[0])
+    if not allocs:
+        return 0
+    first = allocs[0][1]
+    baseline = first.total_allocated - first.alloc_size
+    return max(e.total_allocated for _, e in allocs) - baseline
+
+
+def peak_extra_bytes(fn, device: torch.device) -> int:
+    """Peak memory ``fn()`` allocates above what was live before it (its outputs included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    return _cpu_peak_bytes(fn)

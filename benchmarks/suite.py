@@ -1,0 +1,290 @@
+"""Benchmark cases: shapes x ops x implementations, measured side by side in one run."""
+
+import dataclasses
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+import vqfast
+from vqfast import reference
+
+from .measure import median_seconds, peak_extra_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    n: int
+    d: int
+    k: int
+
+    @property
+    def image(self):
+        """``[B, D, H, W]`` with ``B * H * W = N`` (H = W = 8, as in the seed)."""
+        return (self.n // 64, self.d, 8, 8)
+
+
+SEED = Shape("seed", 16384, 64, 512)
+LARGE = Shape("large", 65536, 256, 16384)
+K_SWEEP = [Shape(f"K={k}", 16384, 64, k) for k in (256, 1024, 4096, 16384, 65536)]
+N_SWEEP = [Shape(f"N={n}", n, 64, 512) for n in (1024, 4096, 65536, 262144)]
+QUICK_K_SWEEP = K_SWEEP[:3]
+
+OPS = ("nearest", "forward", "fwd_bwd", "ema_step")
+IMPLS = ("reference", "vqfast[torch]", "vqfast[triton]", "vector-quantize-pytorch")
+
+# Dense peaks (TFLOP/s for bf16 / tf32 tensor cores, fp32 CUDA cores) and HBM bandwidth
+# (TB/s) of devices we know, matched by a substring of the device name.
+DEVICE_PEAKS = {
+    "H100 SXM": dict(bf16=989.0, tf32=494.5, fp32=66.9, tbps=3.35),
+    "H100 80GB HBM3": dict(bf16=989.0, tf32=494.5, fp32=66.9, tbps=3.35),
+    "H100 PCIe": dict(bf16=756.0, tf32=378.0, fp32=51.2, tbps=2.0),
+    "H200": dict(bf16=989.0, tf32=494.5, fp32=66.9, tbps=4.8),
+    "A100": dict(bf16=312.0, tf32=156.0, fp32=19.5, tbps=2.0),
+}
+
+
+class Skip(Exception):
+    """A case that cannot run here; the message says why."""
+
+
+def _reference_bytes(shape: Shape) -> int:
+    # distances, their two expanded temporaries and the one-hot, all fp32 [N, K]
+    return 4 * shape.n * shape.k * 4
+
+
+def _vqp(shape: Shape, ema: bool):
+    try:
+        from vector_quantize_pytorch import VectorQuantize
+    except ImportError as exc:
+        raise Skip("vector-quantize-pytorch not installed") from exc
+    # Configured like the seed: EMA (or a learned codebook), commitment 0.25, no k-means
+    # init, plain straight-through (no rotation trick).
+    return VectorQuantize(dim=shape.d, codebook_size=shape.k, decay=0.99, eps=1e-5,
+                          commitment_weight=0.25, kmeans_init=False, accept_image_fmap=True,
+                          rotation_trick=False, ema_update=ema, learnable_codebook=not ema)
+
+
+def _module(impl: str, shape: Shape, ema: bool):
+    if impl == "reference":
+        if ema:
+            return reference.VectorQuantizerEMA(shape.k, shape.d, 0.25, 0.99)
+        return reference.VectorQuantizer(shape.k, shape.d, 0.25)
+    if impl == "vector-quantize-pytorch":
+        return _vqp(shape, ema)
+    backend = impl[len("vqfast["):-1]
+    cls = vqfast.VectorQuantizerEMA if ema else vqfast.VectorQuantizer
+    return cls(shape.k, shape.d, 0.25, backend=backend)
+
+
+def _first(out):
+    """The quantized output and the loss, whichever library's tuple ``out`` is."""
+    if len(out) == 4:  # vqfast / reference: (loss, quantized, perplexity, encodings)
+        return out[1], out[0]
+    return out[0], out[2]  # vector-quantize-pytorch: (quantized, indices, loss)
+
+
+def make_case(impl: str, op: str, shape: Shape, device: torch.device, dtype: torch.dtype):
+    """A zero-argument callable running ``op`` once, or ``Skip``."""
+    if impl == "vqfast[triton]" and device.type != "cuda":
+        raise Skip("Triton backend needs a CUDA device")
+    if impl == "reference" and device.type == "cpu" and _reference_bytes(shape) > 8 << 30:
+        raise Skip(f"reference needs ~{_reference_bytes(shape) / 2**30:.0f} GiB for its [N, K] matrices")
+    if impl == "reference" and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if _reference_bytes(shape) > 0.8 * free:
+            raise Skip(f"reference needs ~{_reference_bytes(shape) / 2**30:.0f} GiB for its [N, K] matrices")
+
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    z = torch.randn(shape.image, generator=generator).to(device=device, dtype=dtype)
+
+    if op == "nearest":
+        if impl == "vector-quantize-pytorch":
+            raise Skip("no standalone nearest-code op")
+        codebook = torch.randn(shape.k, shape.d, generator=generator).to(device)
+        x = z.movedim(1, -1).reshape(-1, shape.d).contiguous()
+        if impl == "reference":
+            return lambda: reference.nearest_code(x.float(), codebook)
+        backend = impl[len("vqfast["):-1]
+        return lambda: vqfast.nearest_code(x, codebook, backend=backend)
+
+    ema = op in ("forward", "ema_step")
+    module = _module(impl, shape, ema).to(device)
+    if op == "forward":
+        module.eval()
+
+        def run():
+            with torch.no_grad():
+                return module(z)
+        return run
+
+    module.train()
+    z_grad = z.detach().requires_grad_()
+
+    def step():
+        quantized, loss = _first(module(z_grad))
+        (loss + quantized.float().mean()).backward()
+    return step
+
+
+@dataclasses.dataclass
+class Result:
+    impl: str
+    op: str
+    shape: str
+    n: int
+    d: int
+    k: int
+    dtype: str
+    median_ms: float | None = None
+    peak_mib: float | None = None
+    speedup: float | None = None
+    memory_ratio: float | None = None
+    tflops: float | None = None
+    gbps: float | None = None
+    skipped: str | None = None
+
+
+def _throughput(result: Result, seconds: float, dtype: torch.dtype, device: torch.device):
+    """Distance-GEMM TFLOP/s and GB/s moved for the nearest-code op (the fused kernel's floor)."""
+    result.tflops = 2 * result.n * result.k * result.d / seconds / 1e12
+    elem = torch.finfo(dtype).bits // 8
+    moved = result.n * result.d * elem + result.k * result.d * 4 + result.n * (8 + 4)
+    result.gbps = moved / seconds / 1e9
+
+
+def run(shapes, ops, impls, device: torch.device, dtypes, progress=print):
+    results = []
+    for dtype in dtypes:
+        for shape in shapes:
+            for op in ops:
+                row = {}
+                for impl in impls:
+                    result = Result(impl, op, shape.name, shape.n, shape.d, shape.k,
+                                    str(dtype).replace("torch.", ""))
+                    try:
+                        fn = make_case(impl, op, shape, device, dtype)
+                        result.median_ms = median_seconds(fn, device) * 1e3
+                        result.peak_mib = peak_extra_bytes(fn, device) / 2**20
+                        if op == "nearest" and impl.startswith("vqfast"):
+                            _throughput(result, result.median_ms / 1e3, dtype, device)
+                    except Skip as reason:
+                        result.skipped = str(reason)
+                    except (RuntimeError, ValueError, TypeError) as error:
+                        result.skipped = f"error: {type(error).__name__}: {str(error)[:120]}"
+                    row[impl] = result
+                    progress(f"{shape.name:>8} {op:>8} {result.dtype:>8} {impl:<24} "
+                             + (f"{result.median_ms:9.3f} ms" if result.median_ms else result.skipped))
+                base = row.get("reference")
+                for result in row.values():
+                    if base and base.median_ms and result.median_ms:
+                        result.speedup = base.median_ms / result.median_ms
+                        if result.peak_mib is not None and base.peak_mib:
+                            result.memory_ratio = result.peak_mib / base.peak_mib
+                    results.append(result)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return results
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        platform.processor() or platform.machine())
+    return {
+        "device": name,
+        "device_type": device.type,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "vqfast": vqfast.__version__,
+        "date": datetime.date.today().isoformat(),
+        "python": platform.python_version(),
+    }
+
+
+def peaks_for(env: dict):
+    for key, peaks in DEVICE_PEAKS.items():
+        if key in env["device"]:
+            return peaks
+    return None
+
+
+def _fmt(value, spec):
+    return "" if value is None else format(value, spec)
+
+
+def markdown(env: dict, results) -> str:
+    peaks = peaks_for(env)
+    lines = [
+        f"**Device** {env['device']} ({env['device_type']}, {env['cpu_threads']} threads) · "
+        f"torch {env['torch']} · triton {env['triton']} · vqfast {env['vqfast']} · {env['date']}",
+        "",
+        "| shape | op | dtype | implementation | median ms | peak MiB | speedup vs ref | memory vs ref | TFLOP/s | GB/s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if r.skipped:
+            lines.append(f"| {r.shape} | {r.op} | {r.dtype} | {r.impl} | skipped: {r.skipped} | | | | | |")
+            continue
+        tflops = _fmt(r.tflops, ".1f")
+        if peaks and r.tflops:
+            peak = peaks["bf16"] if r.dtype != "float32" else peaks["fp32"]
+            tflops += f" ({100 * r.tflops / peak:.0f}%)"
+        gbps = _fmt(r.gbps, ".0f")
+        if peaks and r.gbps:
+            gbps += f" ({100 * r.gbps / (1e3 * peaks['tbps']):.0f}%)"
+        lines.append(
+            f"| {r.shape} | {r.op} | {r.dtype} | {r.impl} | {r.median_ms:.3f} | {r.peak_mib:.1f} | "
+            f"{_fmt(r.speedup, '.2f')}{'x' if r.speedup else ''} | {_fmt(r.memory_ratio, '.3f')} | "
+            f"{tflops} | {gbps} |")
+    return "\n".join(lines) + "\n"
+
+
+def save(env: dict, results, out_dir: Path, tag: str) -> dict:
+    """Write JSON, markdown and (for a K sweep) a log-log PNG; return the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = env["device"].replace(" ", "-").replace("/", "-") or env["device_type"]
+    stem = out_dir / f"{env['date']}-{env['device_type']}-{slug}-{tag}"
+    paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md")}
+    paths["json"].write_text(json.dumps(
+        {"environment": env, "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+    paths["md"].write_text(markdown(env, results))
+    swept = [r for r in results if r.shape.startswith("K=") and r.median_ms]
+    if swept:
+        paths["png"] = stem.with_suffix(".png")
+        plot_k_sweep(env, swept, paths["png"])
+    return paths
+
+
+def plot_k_sweep(env: dict, results, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ops = sorted({r.op for r in results}, key=OPS.index)
+    fig, axes = plt.subplots(1, len(ops), figsize=(4.5 * len(ops), 3.8), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        for impl in IMPLS:
+            for dtype in sorted({r.dtype for r in results}):
+                pts = sorted((r.k, r.median_ms) for r in results
+                             if r.op == op and r.impl == impl and r.dtype == dtype)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"{impl} {dtype}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("K (codes), N=16384, D=64")
+        ax.set_ylabel("median ms")
+        ax.set_title(op)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{env['device']} · torch {env['torch']} · {env['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
