@@ -1,0 +1,12 @@
+"""Triton kernels of vqfast, one fused op per file, each with its launcher.
+
+Same signatures as the torch backend (``vqfast._torch``). CUDA tensors, or CPU tensors
+under the Triton interpreter (``TRITON_INTERPRET=1`` set before import).
+"""
+
+from .ema_update import ema_update
+from .gather_loss import gather_loss
+from .nearest_code import nearest_code
+from .quantize_backward import quantize_backward
+
+__all__ = ["nearest_code", "gather_loss", "ema_update", "quantize_backward"]

@@ -40,6 +40,11 @@ def same_codes_or_ties(x, codebook, idx_a, idx_b, dtype=torch.float32):
     return diff
 
 
+# Tests run on the GPU when there is one (Triton compiled), else on CPU (Triton interpreted).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRETED = DEVICE.type == "cpu"
+
+
 def _backends():
     """The backends testable here: torch always; triton on CUDA or under the interpreter."""
     try:
@@ -49,4 +54,6 @@ def _backends():
     return ["torch", "triton"]
 
 
-BACKENDS = ["torch"]
+BACKENDS = _backends()
+# Big shapes (the seed's N=16384) take minutes in the interpreter: compiled backends only.
+BACKENDS_BIG = [b for b in BACKENDS if not (b == "triton" and INTERPRETED)]

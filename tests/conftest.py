@@ -1,12 +1,13 @@
 import os
 
-# The Triton interpreter is read when @triton.jit decorates: set it before vqfast.kernels
-# is imported, so the kernels run on CPU tensors. The AOT tests compile in a subprocess
-# with the flag off.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU the Triton kernels run on CPU tensors under the interpreter. Its flag is
+# read when @triton.jit decorates: set it before vqfast.kernels is imported. The AOT tests
+# compile in a subprocess with the flag off.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

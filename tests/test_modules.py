@@ -7,7 +7,7 @@ import torch
 
 import vqfast
 from vqfast import reference
-from _util import BACKENDS, TOL, assert_nearest, same_codes_or_ties
+from _util import BACKENDS, BACKENDS_BIG, DEVICE, TOL, assert_nearest, same_codes_or_ties
 
 # (B, D, spatial, K): odd shapes, the seed's image shape, every supported rank, K=1.
 SHAPES = [
@@ -29,12 +29,12 @@ def _pair(kind, shape, backend, **kw):
         ref = reference.VectorQuantizer(k, d, 0.25)
         vq = vqfast.VectorQuantizer(k, d, 0.25, backend=backend, **kw)
     vq.load_state_dict(ref.state_dict())
-    return ref, vq
+    return ref.to(DEVICE), vq.to(DEVICE)
 
 
 def _input(shape, dtype=torch.float32):
     b, d, spatial, _ = shape
-    return torch.randn(b, d, *spatial).to(dtype)
+    return torch.randn(b, d, *spatial).to(DEVICE, dtype)
 
 
 def _flat(z):
@@ -90,7 +90,7 @@ def test_matches_oracle(kind, shape, backend):
             _check_ema_state(ref, vq)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_BIG)
 def test_seed_config_ema_ten_steps(backend):
     ref, vq = _pair("ema", SEED_SHAPE, backend)
     for _ in range(10):
@@ -122,11 +122,11 @@ def test_low_precision_inputs(kind, dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_duplicate_codes_tie_robust(backend):
     k, d = 40, 6
-    vq = vqfast.VectorQuantizer(k, d, 0.25, backend=backend)
+    vq = vqfast.VectorQuantizer(k, d, 0.25, backend=backend).to(DEVICE)
     with torch.no_grad():
         vq.codebook[20:] = vq.codebook[:20]  # every code has an exact twin
         vq.codebook.mul_(50)
-    z = torch.randn(3, d, 17) * 0.02
+    z = torch.randn(3, d, 17, device=DEVICE) * 0.02
     _, q, _, enc = vq(z)
     assert_nearest(_flat(z), vq.codebook.detach(), enc.reshape(-1))
     torch.testing.assert_close(_flat(q), vq.codebook.detach()[enc.reshape(-1)])
@@ -145,8 +145,8 @@ def test_return_onehot_is_the_seeds(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nearest_code_functional(backend):
-    x = torch.randn(101, 19)
-    codebook = torch.randn(47, 19)
+    x = torch.randn(101, 19, device=DEVICE)
+    codebook = torch.randn(47, 19, device=DEVICE)
     idx, sqdist = vqfast.nearest_code(x, codebook, backend=backend)
     assert_nearest(x, codebook, idx)
     assert sqdist.dtype == torch.float32
@@ -166,18 +166,18 @@ def test_torch_path_chunks_agree(monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eval_and_no_grad_leave_ema_state(backend):
-    vq = vqfast.VectorQuantizerEMA(16, 4, 0.25, backend=backend)
+    vq = vqfast.VectorQuantizerEMA(16, 4, 0.25, backend=backend).to(DEVICE)
     state = copy.deepcopy(vq.state_dict())
     vq.eval()
-    vq(torch.randn(2, 4, 3, 3))
+    vq(torch.randn(2, 4, 3, 3, device=DEVICE))
     with torch.no_grad():
-        loss, q, perp, enc = vq(torch.randn(2, 4, 3, 3))
+        loss, q, perp, enc = vq(torch.randn(2, 4, 3, 3, device=DEVICE))
     assert not q.requires_grad
     for key, value in vq.state_dict().items():
         torch.testing.assert_close(value, state[key], rtol=0, atol=0)
     vq.train()
     with torch.no_grad():  # training mode updates the EMA even without autograd
-        vq(torch.randn(2, 4, 3, 3))
+        vq(torch.randn(2, 4, 3, 3, device=DEVICE))
     assert not torch.equal(vq.ema_cluster_size, state["ema_cluster_size"])
 
 
@@ -241,9 +241,9 @@ def test_bad_input_raises_and_keeps_state(kind, case):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_input_never_poisons_ema(bad, backend):
-    vq = vqfast.VectorQuantizerEMA(16, 4, 0.25, backend=backend)
+    vq = vqfast.VectorQuantizerEMA(16, 4, 0.25, backend=backend).to(DEVICE)
     state = copy.deepcopy(vq.state_dict())
-    z = torch.randn(2, 4, 3, 3)
+    z = torch.randn(2, 4, 3, 3, device=DEVICE)
     z[1, 2, 0, 1] = bad
     with pytest.raises(ValueError, match="NaN or Inf"):
         vq(z)

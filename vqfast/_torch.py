@@ -37,27 +37,30 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
     return idx, sqdist
 
 
-def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor):
-    """``q = codebook[idx]`` in x's dtype, exact ``sum((q - x)^2)`` (fp32), per-code counts (int32 [K])."""
+def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with_code_sums: bool):
+    """``q = codebook[idx]`` in x's dtype, exact ``sum((q - x)^2)`` (fp32 0-d), per-code
+    ``counts`` (int32 [K]) and, if asked, per-code sums of x (fp32 [K, D], else ``None``)."""
     codebook = codebook.float()
     q = torch.empty_like(x)
     sq_err = torch.zeros((), dtype=torch.float32, device=x.device)
+    code_sums = torch.zeros(codebook.shape, dtype=torch.float32, device=x.device) if with_code_sums else None
     for rows in _row_chunks(x.shape[0], x.shape[1]):
+        x_chunk = x[rows].float()
         q32 = codebook.index_select(0, idx[rows])
         q[rows] = q32
-        sq_err += q32.sub_(x[rows].float()).pow_(2).sum()
+        if with_code_sums:
+            code_sums.index_add_(0, idx[rows], x_chunk)
+        sq_err += q32.sub_(x_chunk).pow_(2).sum()
     counts = torch.bincount(idx, minlength=codebook.shape[0]).to(torch.int32)
-    return q, sq_err, counts
+    return q, sq_err, counts, code_sums
 
 
-def ema_update(x, idx, counts, total, ema_cluster_size, ema_weight, codebook, decay, epsilon):
+def ema_update(counts, code_sums, total, ema_cluster_size, ema_weight, codebook, decay, epsilon):
     """In place: decay the EMA statistics towards this batch's, Laplace-smooth, renormalise.
 
     ``total`` is the fp32 0-d sum of the decayed cluster sizes (the ``n`` of the smoothing).
     """
     num_codes = codebook.shape[0]
-    code_sums = torch.zeros(ema_weight.shape, dtype=torch.float32, device=x.device)
-    code_sums.index_add_(0, idx, x.float())
     size = ema_cluster_size.float() * decay + (1 - decay) * counts.float()
     size = (size + epsilon) / (total + num_codes * epsilon) * total
     weight = ema_weight.float() * decay + (1 - decay) * code_sums

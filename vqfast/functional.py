@@ -71,19 +71,24 @@ def _(x, codebook, backend, precision):
 
 
 @torch.library.custom_op("vqfast::quantize", mutates_args=())
-def _quantize_op(x: torch.Tensor, codebook: torch.Tensor, backend: str,
-                 precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _quantize_op(x: torch.Tensor, codebook: torch.Tensor, with_code_sums: bool, backend: str,
+                 precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor]:
     impl = _impl(backend)
     idx, _ = impl.nearest_code(x, codebook, precision)
-    q, sq_err, counts = impl.gather_loss(x, codebook, idx)
-    return q, idx, sq_err, counts
+    q, sq_err, counts, code_sums = impl.gather_loss(x, codebook, idx, with_code_sums)
+    if code_sums is None:
+        code_sums = x.new_empty(0, dtype=torch.float32)
+    return q, idx, sq_err, counts, code_sums
 
 
 @_quantize_op.register_fake
-def _(x, codebook, backend, precision):
+def _(x, codebook, with_code_sums, backend, precision):
     n = x.shape[0]
+    sums_shape = tuple(codebook.shape) if with_code_sums else (0,)
     return (torch.empty_like(x), x.new_empty(n, dtype=torch.int64),
-            x.new_empty((), dtype=torch.float32), x.new_empty(codebook.shape[0], dtype=torch.int32))
+            x.new_empty((), dtype=torch.float32), x.new_empty(codebook.shape[0], dtype=torch.int32),
+            x.new_empty(sums_shape, dtype=torch.float32))
 
 
 @torch.library.custom_op("vqfast::quantize_backward", mutates_args=())
@@ -105,24 +110,26 @@ def _(grad_q, grad_loss, x, q, idx, num_codes, x_scale, codebook_scale, backend)
 
 @torch.library.custom_op("vqfast::ema_update",
                          mutates_args=("ema_cluster_size", "ema_weight", "codebook"))
-def _ema_update_op(x: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
-                   ema_cluster_size: torch.Tensor, ema_weight: torch.Tensor, codebook: torch.Tensor,
-                   decay: float, epsilon: float, backend: str) -> None:
+def _ema_update_op(counts: torch.Tensor, code_sums: torch.Tensor, ema_cluster_size: torch.Tensor,
+                   ema_weight: torch.Tensor, codebook: torch.Tensor, decay: float, epsilon: float,
+                   backend: str) -> None:
     # n of the Laplace smoothing: the sum of the decayed sizes, taken once for both backends.
     total = (ema_cluster_size.float() * decay + (1 - decay) * counts.float()).sum()
-    _impl(backend).ema_update(x, idx, counts, total, ema_cluster_size, ema_weight, codebook,
+    _impl(backend).ema_update(counts, code_sums, total, ema_cluster_size, ema_weight, codebook,
                               decay, epsilon)
 
 
 @_ema_update_op.register_fake
-def _(x, idx, counts, ema_cluster_size, ema_weight, codebook, decay, epsilon, backend):
+def _(counts, code_sums, ema_cluster_size, ema_weight, codebook, decay, epsilon, backend):
     return None
 
 
 # --- autograd ---------------------------------------------------------------------------
 
 class _Quantize(torch.autograd.Function):
-    """``x: [N, D]``, ``codebook: [K, D]`` -> ``q [N, D]``, ``loss``, ``idx [N]``, ``counts [K]``.
+    """``x: [N, D]``, ``codebook: [K, D]`` -> ``q [N, D]``, ``loss``, ``idx [N]``, ``counts [K]``,
+    ``code_sums`` (fp32 ``[K, D]`` per-code sums of x for the EMA update; empty unless
+    ``codebook_loss`` is False, i.e. for the EMA quantizer in training mode: ``with_code_sums``).
 
     ``loss = (codebook_loss + commitment_cost) * mse(q, x)``: the seed's
     ``q_latent_loss + commitment_cost * e_latent_loss`` for ``VectorQuantizer``
@@ -131,8 +138,10 @@ class _Quantize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, codebook, commitment_cost, codebook_loss, backend, precision):
-        q, idx, sq_err, counts = torch.ops.vqfast.quantize(x, codebook, backend, precision)
+    def forward(ctx, x, codebook, commitment_cost, codebook_loss, with_code_sums, backend,
+                precision):
+        q, idx, sq_err, counts, code_sums = torch.ops.vqfast.quantize(
+            x, codebook, with_code_sums, backend, precision)
         numel = x.numel()
         loss = sq_err * ((float(codebook_loss) + commitment_cost) / numel)
         ctx.save_for_backward(x, q, idx)
@@ -140,11 +149,11 @@ class _Quantize(torch.autograd.Function):
         ctx.x_scale = 2.0 * commitment_cost / numel
         ctx.codebook_scale = 2.0 / numel if codebook_loss else 0.0
         ctx.backend = backend
-        ctx.mark_non_differentiable(idx, counts)
-        return q, loss, idx, counts
+        ctx.mark_non_differentiable(idx, counts, code_sums)
+        return q, loss, idx, counts, code_sums
 
     @staticmethod
-    def backward(ctx, grad_q, grad_loss, grad_idx, grad_counts):
+    def backward(ctx, grad_q, grad_loss, grad_idx, grad_counts, grad_code_sums):
         x, q, idx = ctx.saved_tensors
         if grad_q is None:
             grad_q = torch.zeros_like(q)
@@ -155,17 +164,22 @@ class _Quantize(torch.autograd.Function):
             ctx.codebook_scale, ctx.backend)
         if not ctx.needs_input_grad[1] or ctx.codebook_scale == 0:
             grad_codebook = None
-        return grad_x, grad_codebook, None, None, None, None
+        return grad_x, grad_codebook, None, None, None, None, None
 
 
-def quantize(x, codebook, commitment_cost, codebook_loss, backend="auto", precision="ieee"):
-    """Differentiable nearest-code quantization of a flat, contiguous ``x: [N, D]``."""
-    return _Quantize.apply(x, codebook, commitment_cost, codebook_loss, backend, precision)
+def quantize(x, codebook, commitment_cost, codebook_loss, with_code_sums=False, backend="torch",
+             precision="ieee"):
+    """Differentiable nearest-code quantization of a flat, contiguous ``x: [N, D]``.
+
+    Returns ``(q, loss, idx, counts, code_sums)``; see ``_Quantize``.
+    """
+    return _Quantize.apply(x, codebook, commitment_cost, codebook_loss, with_code_sums, backend,
+                           precision)
 
 
-def ema_update(x, idx, counts, ema_cluster_size, ema_weight, codebook, decay, epsilon, backend):
-    """In-place EMA codebook update from this batch's assignments (``x: [N, D]``, ``idx: [N]``)."""
-    torch.ops.vqfast.ema_update(x, idx, counts, ema_cluster_size, ema_weight, codebook,
+def ema_update(counts, code_sums, ema_cluster_size, ema_weight, codebook, decay, epsilon, backend):
+    """In-place EMA codebook update from this batch's ``counts [K]`` and ``code_sums [K, D]``."""
+    torch.ops.vqfast.ema_update(counts, code_sums, ema_cluster_size, ema_weight, codebook,
                                 decay, epsilon, backend)
 
 

@@ -106,8 +106,8 @@ class VectorQuantizer(_QuantizerBase):
 
     def forward(self, inputs):
         x, backend = self._flatten(inputs)
-        q, loss, idx, counts = VF.quantize(x, self.codebook, self.commitment_cost, True, backend,
-                                           self.precision)
+        q, loss, idx, counts, _ = VF.quantize(x, self.codebook, self.commitment_cost, True, False,
+                                              backend, self.precision)
         return self._outputs(inputs, q, loss, idx, counts)
 
 
@@ -155,9 +155,9 @@ class VectorQuantizerEMA(_QuantizerBase):
         update = self.training
         if update and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
             raise ValueError("inputs contain NaN or Inf; the EMA state was left unchanged")
-        q, loss, idx, counts = VF.quantize(x, self.codebook, self.commitment_cost, False, backend,
-                                           self.precision)
+        q, loss, idx, counts, code_sums = VF.quantize(
+            x, self.codebook, self.commitment_cost, False, update, backend, self.precision)
         if update:
-            VF.ema_update(x.detach().contiguous(), idx, counts, self.ema_cluster_size,
-                          self.ema_weight, self.codebook, self.decay, self.epsilon, backend)
+            VF.ema_update(counts, code_sums, self.ema_cluster_size, self.ema_weight, self.codebook,
+                          self.decay, self.epsilon, backend)
         return self._outputs(inputs, q, loss, idx, counts)

@@ -1,0 +1,114 @@
+"""Fused nearest code: tiled ``x @ codebook^T`` with a running min / argmin over K.
+
+Never materialises ``[N, K]``: each program owns ``BLOCK_N`` rows, walks the codebook in
+``BLOCK_K`` tiles (``BLOCK_D`` channels at a time through ``tl.dot``, fp32 accumulation)
+and keeps only the best distance and code per row in registers.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import check_matrix, check_same_device, next_power_of_2
+
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+# The configurations the launcher can pick (tests compile every one for sm_80 and sm_90).
+# fp32 operands take twice the registers / shared memory of 16-bit ones per tile.
+CONFIGS = {
+    "fp32": dict(BLOCK_N=64, BLOCK_K=64, MAX_BLOCK_D=64, num_warps=4, num_stages=2),
+    "16bit": dict(BLOCK_N=128, BLOCK_K=64, MAX_BLOCK_D=64, num_warps=4, num_stages=3),
+}
+
+
+@triton.jit
+def _nearest_code_kernel(
+    x_ptr, codebook_ptr, codebook_sqnorm_ptr, idx_ptr, sqdist_ptr,
+    N, K, D,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    row_offsets = rows.to(tl.int64)[:, None] * D
+
+    # |x|^2 per row, in fp32: added once at the end, it does not move the argmin.
+    x_sqnorm = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + row_offsets + dims[None, :],
+                    mask=row_mask[:, None] & (dims[None, :] < D), other=0.0).to(tl.float32)
+        x_sqnorm += tl.sum(x * x, axis=1)
+
+    best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
+    best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        codes = k0 + tl.arange(0, BLOCK_K)
+        code_mask = codes < K
+        # x . e for this tile of codes, accumulated over channel chunks.
+        dot = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            dim_mask = dims < D
+            x = tl.load(x_ptr + row_offsets + dims[None, :],
+                        mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+            codebook_t = tl.load(codebook_ptr + codes.to(tl.int64)[None, :] * D + dims[:, None],
+                                 mask=code_mask[None, :] & dim_mask[:, None], other=0.0)
+            if UPCAST_DOT:  # exact products either way; see the launcher
+                x = x.to(tl.float32)
+                codebook_t = codebook_t.to(tl.float32)
+            dot = tl.dot(x, codebook_t, dot, input_precision=INPUT_PRECISION)
+        # Padding codes get |e|^2 = inf so they never win.
+        codebook_sqnorm = tl.load(codebook_sqnorm_ptr + codes, mask=code_mask, other=float("inf"))
+        dist = codebook_sqnorm[None, :] - 2.0 * dot
+        # A NaN row never wins a code: it keeps code 0 and reports a NaN distance.
+        dist = tl.where(dist == dist, dist, float("inf"))
+        tile_best, tile_idx = tl.min(dist, axis=1, return_indices=True)
+        # Strictly better only: on ties the lowest code index wins, as with torch.argmin.
+        better = tile_best < best
+        best = tl.where(better, tile_best, best)
+        best_idx = tl.where(better, tile_idx + k0, best_idx)
+
+    tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_mask)
+    tl.store(sqdist_ptr + rows, tl.maximum(best + x_sqnorm, 0.0, propagate_nan=tl.PropagateNan.ALL),
+             mask=row_mask)
+
+
+def pick_config(dtype: torch.dtype, dim: int) -> dict:
+    """Block sizes for an input dtype and embedding dim (BLOCK_D: D rounded up, capped)."""
+    config = dict(CONFIGS["fp32" if dtype == torch.float32 else "16bit"])
+    max_block_d = config.pop("MAX_BLOCK_D")
+    config["BLOCK_D"] = min(max(16, next_power_of_2(dim)), max_block_d)
+    return config
+
+
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee"):
+    """``x: [N, D]``, ``codebook: [K, D]`` -> ``idx: int64 [N]``, ``sqdist: fp32 [N]``.
+
+    The dot runs in x's dtype (the codebook is rounded to it for fp16/bf16 inputs) with
+    fp32 accumulation; ``precision`` applies to fp32 inputs (see ``vqfast.nearest_code``).
+    """
+    check_matrix("x", x)
+    check_matrix("codebook", codebook)
+    check_same_device(x=x, codebook=codebook)
+    if x.shape[1] != codebook.shape[1]:
+        raise ValueError(f"x has D={x.shape[1]} but codebook has D={codebook.shape[1]}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    n, d = x.shape
+    k = codebook.shape[0]
+    # The dot's operands share x's dtype: the codebook is rounded once per call (not per
+    # tile), and its norms are taken of the rounded codes the dot sees.
+    codebook = codebook.to(x.dtype)
+    codebook_sqnorm = codebook.float().pow(2).sum(1)
+    idx = torch.empty(n, dtype=torch.int64, device=x.device)
+    sqdist = torch.empty(n, dtype=torch.float32, device=x.device)
+    config = pick_config(x.dtype, d)
+    grid = (triton.cdiv(n, config["BLOCK_N"]),)
+    _nearest_code_kernel[grid](
+        x, codebook, codebook_sqnorm, idx, sqdist, n, k, d,
+        INPUT_PRECISION=precision if x.dtype == torch.float32 else "ieee",
+        # The Triton interpreter (3.8) multiplies bf16 dot operands as raw bits; upcasting
+        # them is exact (bf16 x bf16 fits fp32), so results are what the GPU computes.
+        UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type != "cuda", **config)
+    return idx, sqdist

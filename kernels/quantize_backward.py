@@ -1,0 +1,72 @@
+"""Backward of the quantizer: straight-through + commitment gradient for x, and the
+codebook gradient as a scatter-add, in one pass over ``(grad_q, x, q)``.
+
+``grad_x = grad_q + g * x_scale * (x - q)``,
+``grad_codebook[k] += g * codebook_scale * (q - x)`` for every row assigned to ``k``,
+with ``g`` the loss's incoming gradient, read on the device (no host sync).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import check_matrix, check_rows, check_same_device, next_power_of_2
+from .code_sums import code_sums_sorted
+
+CONFIG = dict(BLOCK_N=64, MAX_BLOCK_D=64, num_warps=4)
+
+
+@triton.jit
+def _quantize_backward_kernel(
+    grad_q_ptr, x_ptr, q_ptr, idx_ptr, grad_loss_ptr, grad_x_ptr, grad_codebook_ptr,
+    N, D, x_scale, codebook_scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ATOMIC_CODEBOOK_GRAD: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (rows < N)[:, None] & (dims < D)[None, :]
+    offsets = rows.to(tl.int64)[:, None] * D + dims[None, :]
+    grad_loss = tl.load(grad_loss_ptr)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    grad_q = tl.load(grad_q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    diff = q - x
+    grad_x = grad_q - (grad_loss * x_scale) * diff
+    tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    if ATOMIC_CODEBOOK_GRAD:
+        codes = tl.load(idx_ptr + rows, mask=rows < N, other=0)
+        tl.atomic_add(grad_codebook_ptr + codes[:, None] * D + dims[None, :],
+                      (grad_loss * codebook_scale) * diff, mask=mask)
+
+
+def quantize_backward(grad_q, grad_loss, x, q, idx, num_codes, x_scale, codebook_scale):
+    """Gradients of the quantizer: ``grad_x [N, D]`` (x's dtype) and ``grad_codebook``
+    (fp32 ``[K, D]``, ``None`` when ``codebook_scale == 0``).
+
+    Deterministic mode takes the codebook gradient from the sort-based segment sums.
+    """
+    for name, t in (("grad_q", grad_q), ("x", x), ("q", q)):
+        check_matrix(name, t)
+    check_same_device(grad_q=grad_q, grad_loss=grad_loss, x=x, q=q, idx=idx)
+    if not grad_q.shape == x.shape == q.shape:
+        raise ValueError(f"grad_q {tuple(grad_q.shape)}, x {tuple(x.shape)} and q "
+                         f"{tuple(q.shape)} must share one shape")
+    n, d = x.shape
+    check_rows("idx", idx, n, torch.int64)
+    grad_loss = grad_loss.float().reshape(1)
+    with_grad = codebook_scale != 0
+    atomic = with_grad and not torch.are_deterministic_algorithms_enabled()
+    grad_x = torch.empty_like(x)
+    grad_codebook = (torch.zeros(num_codes, d, dtype=torch.float32, device=x.device)
+                     if atomic else None)
+    config = dict(CONFIG)
+    block_d = min(max(16, next_power_of_2(d)), config.pop("MAX_BLOCK_D"))
+    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(d, block_d))
+    _quantize_backward_kernel[grid](
+        grad_q, x, q, idx, grad_loss, grad_x, grad_codebook if atomic else grad_x,
+        n, d, float(x_scale), float(codebook_scale),
+        BLOCK_D=block_d, ATOMIC_CODEBOOK_GRAD=atomic, **config)
+    if with_grad and not atomic:
+        counts = torch.bincount(idx, minlength=num_codes).to(torch.int32)
+        grad_codebook = code_sums_sorted(x, idx, counts, q=q, scale=grad_loss * codebook_scale)
+    return grad_x, grad_codebook

@@ -1,0 +1,151 @@
+"""The Triton launchers against the oracle: interpreted on CPU, compiled on CUDA.
+
+Shapes are small and odd (N, K, D not multiples of any block; K=1; N below one block;
+D=3; D above one channel block) because the interpreter is slow.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import vqfast  # noqa: E402
+from vqfast import kernels, reference  # noqa: E402
+from _util import DEVICE, INTERPRETED, TIE_EPS, assert_nearest  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (N, K, D)
+SHAPES = [(1, 1, 3), (5, 1, 3), (63, 65, 17), (130, 257, 130), (97, 33, 64)]
+
+
+def _data(n, k, d, dtype):
+    x = torch.randn(n, d, device=DEVICE).to(dtype)
+    codebook = torch.randn(k, d, device=DEVICE)
+    return x, codebook
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_nearest_code(shape, dtype):
+    x, codebook = _data(*shape, dtype)
+    idx, sqdist = kernels.nearest_code(x, codebook)
+    # Codes are compared to the codebook as the dot sees it (rounded to x's dtype).
+    seen = codebook.to(dtype).float()
+    assert_nearest(x.float(), seen, idx, dtype)
+    exact = (x.float() - seen[idx]).pow(2).sum(1)
+    scale = x.float().pow(2).sum(1) + seen.pow(2).sum(1).max()
+    assert bool(((sqdist - exact).abs() <= TIE_EPS[dtype] * scale + 1e-4).all())
+    if dtype == torch.float32:  # no ties here: the oracle's index exactly
+        assert torch.equal(idx, reference.nearest_code(x, codebook))
+
+
+def test_nearest_code_ties_pick_lowest_index_across_tiles():
+    """Exact duplicates in different K tiles: the lowest index wins, as with torch.argmin."""
+    k, d = 200, 9
+    codebook = torch.randn(k, d, device=DEVICE)
+    codebook[130:] = codebook[:70]  # code j and j + 130 are twins, 130 >= one tile apart
+    x = codebook[torch.arange(70, device=DEVICE)] + 1e-3 * torch.randn(70, d, device=DEVICE)
+    idx, _ = kernels.nearest_code(x, codebook)
+    assert torch.equal(idx, reference.nearest_code(x, codebook))
+    assert int(idx.max()) < 70
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
+def test_nearest_code_precisions(precision):
+    x, codebook = _data(45, 70, 20, torch.float32)
+    idx, _ = vqfast.nearest_code(x, codebook, backend="triton", precision=precision)
+    assert_nearest(x, codebook, idx, torch.float32 if precision != "tf32" else torch.bfloat16)
+
+
+def test_nearest_code_nan_rows_stay_in_range():
+    x, codebook = _data(20, 30, 5, torch.float32)
+    x[3, 2] = float("nan")
+    idx, sqdist = kernels.nearest_code(x, codebook)
+    assert int(idx.min()) >= 0 and int(idx.max()) < 30
+    assert bool(sqdist[3].isnan()) and bool(sqdist.isfinite().sum() == 19)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gather_loss(shape, dtype):
+    n, k, d = shape
+    x, codebook = _data(n, k, d, dtype)
+    idx = torch.randint(0, k, (n,), device=DEVICE)
+    q, sq_err, counts, code_sums = kernels.gather_loss(x, codebook, idx, True)
+    assert q.dtype == dtype
+    if dtype == torch.bfloat16 and INTERPRETED:
+        # The interpreter (triton 3.8) truncates fp32 -> bf16 where the GPU rounds to
+        # nearest even: allow one bf16 ulp there, exact everywhere else.
+        torch.testing.assert_close(q.float(), codebook[idx], rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(q, codebook[idx].to(dtype))
+    torch.testing.assert_close(sq_err, (codebook[idx] - x.float()).pow(2).sum(), rtol=1e-5, atol=1e-5)
+    assert counts.dtype == torch.int32 and torch.equal(counts.long(), torch.bincount(idx, minlength=k))
+    onehot = torch.nn.functional.one_hot(idx, k).float()  # the oracle's dense EMA sums
+    torch.testing.assert_close(code_sums, onehot.t() @ x.float(), rtol=1e-5, atol=1e-5)
+    assert kernels.gather_loss(x, codebook, idx, False)[3] is None
+
+
+@pytest.fixture
+def deterministic():
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def _training_run(kind):
+    torch.manual_seed(1)
+    cls = vqfast.VectorQuantizerEMA if kind == "ema" else vqfast.VectorQuantizer
+    vq = cls(37, 11, 0.25, backend="triton").to(DEVICE)
+    z = torch.randn(3, 11, 13, 9, device=DEVICE, requires_grad=True)
+    for _ in range(2):
+        loss, q, _, _ = vq(z)
+        (loss + q.pow(2).sum()).backward()
+    grads = [z.grad] + ([vq.codebook.grad] if kind == "plain" else [])
+    return [t.clone() for t in grads] + [t.clone() for t in vq.state_dict().values()]
+
+
+@pytest.mark.parametrize("kind", ["plain", "ema"])
+def test_deterministic_mode_is_bitwise_reproducible(kind, deterministic):
+    first, second = _training_run(kind), _training_run(kind)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["plain", "ema"])
+def test_deterministic_path_matches_atomic_path(kind):
+    atomic = _training_run(kind)
+    torch.use_deterministic_algorithms(True)
+    try:
+        sorted_ = _training_run(kind)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(atomic, sorted_):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_launchers_reject_bad_tensors():
+    x, codebook = _data(8, 4, 6, torch.float32)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.nearest_code(x.t().contiguous().t(), codebook)
+    with pytest.raises(TypeError, match="float"):
+        kernels.nearest_code(x.double(), codebook)
+    with pytest.raises(ValueError, match="D="):
+        kernels.nearest_code(x, codebook[:, :5].contiguous())
+    with pytest.raises(ValueError, match="idx"):
+        kernels.gather_loss(x, codebook, torch.zeros(8, dtype=torch.int32, device=DEVICE), False)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="needs a CUDA device")
+def test_large_shape_allocates_no_n_by_k():
+    n, k, d = 65536, 16384, 256
+    vq = vqfast.VectorQuantizerEMA(k, d, 0.25).to(DEVICE)
+    z = torch.randn(n // 64, d, 8, 8, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss, q, _, _ = vq(z)
+    (loss + q.float().mean()).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < n * k * 4 // 8, f"{extra / 2**20:.0f} MiB extra: an [N, K] buffer is {n * k * 4 / 2**20:.0f} MiB"
