@@ -13,7 +13,7 @@ import triton.language as tl
 from ._checks import check_matrix, check_rows, check_same_device, next_power_of_2
 from .code_sums import code_sums_sorted
 
-CONFIG = dict(BLOCK_N=64, MAX_BLOCK_D=64, num_warps=4)
+CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=4)
 
 
 @triton.jit

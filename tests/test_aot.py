@@ -1,0 +1,58 @@
+"""Ahead-of-time compilation of every kernel configuration for sm_80 and sm_90 (no GPU).
+
+Catches what the interpreter forgives: unsupported ops, shared memory over the target's
+limit, register spills (ptxas -v), and a distance GEMM that misses the tensor cores.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = Path(__file__).with_name("aot_compile.py")
+
+
+@pytest.fixture(scope="module")
+def records():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-W", "ignore", str(SCRIPT)], capture_output=True,
+                          text=True, env=env, timeout=900)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert rows, proc.stderr[-3000:]
+    return rows
+
+
+def test_every_configuration_compiles_for_both_targets(records):
+    errors = [f"{r['name']} {r['target']}: {r['error']}" for r in records if "error" in r]
+    assert not errors, "\n".join(errors)
+    names = {r["name"] for r in records}
+    for kernel in ("nearest_code", "gather_loss", "code_sums_sorted", "ema_finalize",
+                   "quantize_backward"):
+        assert any(n.startswith(kernel + "[") for n in names), kernel
+    assert {(n, t) for n in names for t in ("sm_80", "sm_90")} == {(r["name"], r["target"]) for r in records}
+
+
+def test_shared_memory_fits(records):
+    over = [f"{r['name']} {r['target']}: {r['shared']} > {r['shared_limit']}" for r in records
+            if r["shared"] > r["shared_limit"]]
+    assert not over, "\n".join(over)
+
+
+def test_no_register_spills(records):
+    spills = [f"{r['name']} {r['target']}: {r['spill_stores']} B spilled, {r['registers']} regs"
+              for r in records if r["spill_stores"]]
+    assert not spills, "\n".join(spills)
+
+
+def test_distance_gemm_uses_tensor_cores(records):
+    for r in records:
+        if not r["name"].startswith("nearest_code["):
+            continue
+        on_tensor_cores = "ieee" not in r["name"] or not r["name"].startswith("nearest_code[fp32")
+        instruction = "wgmma" if r["target"] == "sm_90" else "mma"
+        assert r[instruction] == on_tensor_cores, (r["name"], r["target"], r)
