@@ -63,6 +63,11 @@ class _QuantizerBase(nn.Module):
         backend = VF.resolve_backend(self.backend, inputs.device)
         return inputs.movedim(1, -1).reshape(-1, self.embedding_dim).contiguous(), backend
 
+    def nearest(self, x: torch.Tensor):
+        """Nearest codes of flat ``x: [N, D]`` -> ``(idx int64 [N], sqdist fp32 [N])``; no state change."""
+        return VF.nearest_code(x, self.codebook.detach(), backend=self.backend,
+                               precision=self.precision)
+
     def _outputs(self, inputs, q, loss, idx, counts):
         shape = (inputs.shape[0], *inputs.shape[2:], inputs.shape[1])
         quantized = q.view(shape).movedim(-1, 1).contiguous()

@@ -1,0 +1,113 @@
+"""examples/train_cifar10.py end to end on a tiny CIFAR-format fixture (CPU, a few steps)."""
+
+import importlib.util
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_cifar10.py"
+spec = importlib.util.spec_from_file_location("train_cifar10", SCRIPT)
+train_cifar10 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train_cifar10)
+
+FIGURES = ["curves.png", "originals.png", "reconstructions.png", "latents_pca.png",
+           "masked_reconstructions.png"]
+TINY = ["--batch-size", "16", "--num-hiddens", "32", "--num-residual-hiddens", "8",
+        "--embedding-dim", "16", "--num-embeddings", "32", "--lr", "1e-3", "--log-every", "5",
+        "--checkpoint-every", "10", "--eval-batch-size", "20", "--device", "cpu", "--no-download"]
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    """CIFAR-10's official python format: pickled dicts with b'data' uint8 [n, 3072] and b'labels'."""
+    root = tmp_path_factory.mktemp("data")
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", 40) for i in range(1, 6)] + [("test_batch", 50)]:
+        blocks = rng.integers(0, 256, size=(n, 3, 4, 4)).astype(np.uint8)
+        data = blocks.repeat(8, axis=2).repeat(8, axis=3).reshape(n, 3072)  # learnable structure
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": rng.integers(0, 10, n).tolist()}, f)
+    return root
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _steps_logged(out):
+    return [int(line.split(",")[0]) for line in (out / "steps.csv").read_text().splitlines()[1:]]
+
+
+def test_reads_official_format(cifar_dir):
+    train, test = train_cifar10.load_cifar(cifar_dir, download=False)
+    assert train.shape == (200, 3, 32, 32) and test.shape == (50, 3, 32, 32)
+    with open(cifar_dir / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        first = pickle.load(f, encoding="bytes")[b"data"][0]
+    assert np.array_equal(train[0].numpy().reshape(-1), first)  # channel-major, as documented
+
+
+def test_trains_resumes_and_redraws(cifar_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ["--data-dir", str(cifar_dir), "--out", str(out)] + TINY
+    train_cifar10.main(common + ["--steps", "20"])
+    metrics = _metrics(out)
+    assert [m["step"] for m in metrics] == [5, 10, 15, 20]
+    assert metrics[-1]["nmse"] < metrics[0]["nmse"], "NMSE should fall"
+    final = json.loads((out / "final.json").read_text())
+    assert final["steps"] == 20 and 0 < final["test_nmse"] < 2
+    for name in FIGURES:
+        assert (out / name).stat().st_size > 0, name
+
+    train_cifar10.main(common + ["--steps", "30", "--resume"])
+    assert [m["step"] for m in _metrics(out)] == [5, 10, 15, 20, 25, 30]
+    assert _steps_logged(out) == list(range(1, 31))
+    assert json.loads((out / "final.json").read_text())["steps"] == 30
+
+    for name in FIGURES:
+        (out / name).unlink()
+    train_cifar10.main(["--plots-only", str(out), "--device", "cpu"])
+    for name in FIGURES:
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_resume_is_the_same_run(cifar_dir, tmp_path):
+    """20 steps, then 10 more from the step-20 checkpoint == 30 steps in one go."""
+    args = ["--data-dir", str(cifar_dir)] + TINY
+    train_cifar10.main(args + ["--out", str(tmp_path / "a"), "--steps", "30"])
+    train_cifar10.main(args + ["--out", str(tmp_path / "b"), "--steps", "20"])
+    train_cifar10.main(args + ["--out", str(tmp_path / "b"), "--steps", "30", "--resume"])
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for row_a, row_b in zip(a, b):
+        assert row_a["nmse"] == pytest.approx(row_b["nmse"], rel=1e-4)
+
+
+def test_missing_data_offline_says_how_to_provide_it(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="--data-dir"):
+        train_cifar10.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), "--no-download",
+                            "--device", "cpu"])
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # no downloader available
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
+    with pytest.raises(SystemExit, match="torchvision.*--data-dir|--data-dir"):
+        train_cifar10.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), "--device", "cpu"])
+
+
+def test_torchrun_two_processes(cifar_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+         str(SCRIPT), "--data-dir", str(cifar_dir), "--out", str(out), "--steps", "10"] + TINY,
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["step"] for m in _metrics(out)] == [5, 10]  # rank 0 logs alone
+    assert (out / "checkpoint.pt").exists() and (out / "curves.png").exists()

@@ -1,0 +1,69 @@
+"""The VQ-VAE: shapes, codes in and out, seed checkpoints, bad input."""
+
+import pytest
+import torch
+
+import vqfast
+from _util import DEVICE
+
+SMALL = dict(num_hiddens=16, num_residual_layers=2, num_residual_hiddens=8, num_embeddings=24,
+             embedding_dim=8, commitment_cost=0.25)
+
+# The seed notebook's names for VQVAE's submodules and quantizer tensors.
+SEED_NAMES = [("encoder.", "_encoder."), ("pre_vq_conv.", "_pre_vq_conv."), ("decoder.", "_decoder."),
+              ("vq.codebook", "_vq_vae._embedding.weight"), ("vq.ema_weight", "_vq_vae._ema_w"),
+              ("vq.ema_cluster_size", "_vq_vae._ema_cluster_size")]
+
+
+def _seed_layout(state_dict):
+    renamed = {}
+    for key, value in state_dict.items():
+        for ours, seed in SEED_NAMES:
+            if key.startswith(ours):
+                key = seed + key[len(ours):]
+                break
+        renamed[key] = value
+    return renamed
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.99])
+def test_forward_shapes_and_quantizer_kind(decay):
+    model = vqfast.VQVAE(**SMALL, decay=decay).to(DEVICE)
+    assert isinstance(model.vq, vqfast.VectorQuantizerEMA if decay else vqfast.VectorQuantizer)
+    x = torch.rand(3, 3, 16, 12, device=DEVICE) - 0.5
+    loss, x_recon, perplexity = model(x)
+    assert x_recon.shape == x.shape and loss.dim() == 0 and perplexity.dim() == 0
+    (loss + x_recon.pow(2).mean()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_encode_decode_indices_round_trip():
+    model = vqfast.VQVAE(**SMALL, decay=0.99).to(DEVICE).eval()
+    x = torch.rand(2, 3, 32, 32, device=DEVICE) - 0.5
+    indices = model.encode(x)
+    assert indices.shape == (2, 8, 8) and indices.dtype == torch.int64
+    with torch.no_grad():
+        _, x_recon, _ = model(x)
+    torch.testing.assert_close(model.decode_indices(indices), x_recon)
+    with pytest.raises(ValueError, match="indices"):
+        model.decode_indices(torch.full((1, 2, 2), 24, device=DEVICE))
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.99])
+def test_seed_model_state_dict_loads(decay):
+    source = vqfast.VQVAE(**SMALL, decay=decay)
+    seed_state = _seed_layout(source.state_dict())
+    assert any(k.startswith("_vq_vae._embedding") for k in seed_state)
+    assert "_encoder._residual_stack._layers.0._block.1.weight" in seed_state
+    target = vqfast.VQVAE(**SMALL, decay=decay)
+    target.load_state_dict(seed_state)
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_bad_images_raise():
+    model = vqfast.VQVAE(**SMALL)
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        model(torch.rand(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="multiples of 4"):
+        model(torch.rand(2, 3, 15, 16))

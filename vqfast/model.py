@@ -1,0 +1,150 @@
+"""The VQ-VAE of van den Oord et al. (ResNet encoder / decoder) on vqfast's quantizers.
+
+Layer for layer the seed notebook's ``Model``; its state_dicts (``_encoder.``,
+``_pre_vq_conv.``, ``_vq_vae.``, ``_decoder.`` and the seed's inner names) load as they are.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import VectorQuantizer, VectorQuantizerEMA, rename_legacy_keys
+
+
+class Residual(nn.Module):
+    """``x + Conv1x1(ReLU(Conv3x3(ReLU(x))))``, both convolutions without bias.
+
+    The seed used ``nn.ReLU(True)``, whose in-place update also rewrote the skip input;
+    here the skip carries ``x`` itself, as the architecture intends.
+    """
+
+    def __init__(self, in_channels, num_hiddens, num_residual_hiddens):
+        super().__init__()
+        self._block = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(in_channels, num_residual_hiddens, kernel_size=3, stride=1, padding=1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(num_residual_hiddens, num_hiddens, kernel_size=1, stride=1, bias=False),
+        )
+
+    def forward(self, x):
+        return x + self._block(x)
+
+
+class ResidualStack(nn.Module):
+    """``num_residual_layers`` residual blocks, then a ReLU."""
+
+    def __init__(self, in_channels, num_hiddens, num_residual_layers, num_residual_hiddens):
+        super().__init__()
+        self._layers = nn.ModuleList([Residual(in_channels, num_hiddens, num_residual_hiddens)
+                                      for _ in range(num_residual_layers)])
+
+    def forward(self, x):
+        for layer in self._layers:
+            x = layer(x)
+        return F.relu(x)
+
+
+class Encoder(nn.Module):
+    """``[B, C, H, W]`` -> ``[B, num_hiddens, H/4, W/4]``: two stride-2 4x4 convs, a 3x3, a residual stack."""
+
+    def __init__(self, in_channels, num_hiddens, num_residual_layers, num_residual_hiddens):
+        super().__init__()
+        self._conv_1 = nn.Conv2d(in_channels, num_hiddens // 2, kernel_size=4, stride=2, padding=1)
+        self._conv_2 = nn.Conv2d(num_hiddens // 2, num_hiddens, kernel_size=4, stride=2, padding=1)
+        self._conv_3 = nn.Conv2d(num_hiddens, num_hiddens, kernel_size=3, stride=1, padding=1)
+        self._residual_stack = ResidualStack(num_hiddens, num_hiddens, num_residual_layers,
+                                             num_residual_hiddens)
+
+    def forward(self, inputs):
+        x = F.relu(self._conv_1(inputs))
+        x = F.relu(self._conv_2(x))
+        return self._residual_stack(self._conv_3(x))
+
+
+class Decoder(nn.Module):
+    """``[B, D, h, w]`` -> ``[B, out_channels, 4h, 4w]``: a 3x3 conv, a residual stack, two stride-2 transposed convs."""
+
+    def __init__(self, in_channels, num_hiddens, num_residual_layers, num_residual_hiddens,
+                 out_channels=3):
+        super().__init__()
+        self._conv_1 = nn.Conv2d(in_channels, num_hiddens, kernel_size=3, stride=1, padding=1)
+        self._residual_stack = ResidualStack(num_hiddens, num_hiddens, num_residual_layers,
+                                             num_residual_hiddens)
+        self._conv_trans_1 = nn.ConvTranspose2d(num_hiddens, num_hiddens // 2, kernel_size=4,
+                                                stride=2, padding=1)
+        self._conv_trans_2 = nn.ConvTranspose2d(num_hiddens // 2, out_channels, kernel_size=4,
+                                                stride=2, padding=1)
+
+    def forward(self, inputs):
+        x = self._residual_stack(self._conv_1(inputs))
+        x = F.relu(self._conv_trans_1(x))
+        return self._conv_trans_2(x)
+
+
+class VQVAE(nn.Module):
+    """VQ-VAE: encoder, 1x1 pre-quantization conv, vector quantizer, decoder.
+
+    Args are the seed's, in its order: ``num_hiddens`` (128), ``num_residual_layers`` (2),
+    ``num_residual_hiddens`` (32), ``num_embeddings`` K (512), ``embedding_dim`` D (64),
+    ``commitment_cost`` (0.25), ``decay``: > 0 picks ``VectorQuantizerEMA``, 0 the plain
+    ``VectorQuantizer``. Keyword-only: ``in_channels`` (3), ``epsilon``, ``backend``,
+    ``precision`` (passed to the quantizer).
+
+    ``forward(x: [B, C, H, W])`` returns ``(vq_loss, x_recon, perplexity)``.
+    """
+
+    _legacy_keys = {"_encoder.": "encoder.", "_pre_vq_conv.": "pre_vq_conv.",
+                    "_vq_vae.": "vq.", "_decoder.": "decoder."}
+
+    def __init__(self, num_hiddens=128, num_residual_layers=2, num_residual_hiddens=32,
+                 num_embeddings=512, embedding_dim=64, commitment_cost=0.25, decay=0.0, *,
+                 in_channels=3, epsilon=1e-5, backend="auto", precision="ieee"):
+        super().__init__()
+        self.encoder = Encoder(in_channels, num_hiddens, num_residual_layers, num_residual_hiddens)
+        self.pre_vq_conv = nn.Conv2d(num_hiddens, embedding_dim, kernel_size=1, stride=1)
+        if decay > 0.0:
+            self.vq = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost, decay,
+                                         epsilon, backend=backend, precision=precision)
+        else:
+            self.vq = VectorQuantizer(num_embeddings, embedding_dim, commitment_cost,
+                                      backend=backend, precision=precision)
+        self.decoder = Decoder(embedding_dim, num_hiddens, num_residual_layers,
+                               num_residual_hiddens, out_channels=in_channels)
+        self.in_channels = in_channels
+
+    def _check_images(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected images [B, {self.in_channels}, H, W], got {shape}")
+        if x.shape[2] % 4 or x.shape[3] % 4:
+            raise ValueError(f"H and W must be multiples of 4 (two stride-2 stages), got {tuple(x.shape)}")
+
+    def forward(self, x):
+        self._check_images(x)
+        z = self.pre_vq_conv(self.encoder(x))
+        loss, quantized, perplexity, _ = self.vq(z)
+        return loss, self.decoder(quantized), perplexity
+
+    @torch.no_grad()
+    def encode(self, x):
+        """Images ``[B, C, H, W]`` -> code indices ``int64 [B, H/4, W/4]`` (no state update)."""
+        self._check_images(x)
+        z = self.pre_vq_conv(self.encoder(x))
+        flat = z.movedim(1, -1).reshape(-1, z.shape[1])
+        idx, _ = self.vq.nearest(flat)
+        return idx.view(z.shape[0], *z.shape[2:])
+
+    @torch.no_grad()
+    def decode_indices(self, indices):
+        """Code indices ``int64 [B, h, w]`` -> images ``[B, C, 4h, 4w]``."""
+        if indices.dtype != torch.int64 or indices.dim() != 3:
+            raise ValueError(f"expected int64 indices [B, h, w], got {indices.dtype} {tuple(indices.shape)}")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.vq.num_embeddings):
+            raise ValueError(f"indices must lie in [0, {self.vq.num_embeddings})")
+        quantized = F.embedding(indices, self.vq.codebook).movedim(-1, 1)
+        return self.decoder(quantized)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        rename_legacy_keys(state_dict, prefix, self._legacy_keys)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
