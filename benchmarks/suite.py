@@ -52,7 +52,7 @@ class Skip(Exception):
 
 
 def _reference_bytes(shape: Shape) -> int:
-    # distances, their two expanded temporaries and the one-hot, all fp32 [N, K]
+    # distances, two expanded temporaries and the one-hot, all fp32 [N, K]
     return 4 * shape.n * shape.k * 4
 
 
@@ -91,12 +91,12 @@ def make_case(impl: str, op: str, shape: Shape, device: torch.device, dtype: tor
     """A zero-argument callable running ``op`` once, or ``Skip``."""
     if impl == "vqfast[triton]" and device.type != "cuda":
         raise Skip("Triton backend needs a CUDA device")
-    if impl == "reference" and device.type == "cpu" and _reference_bytes(shape) > 8 << 30:
-        raise Skip(f"reference needs ~{_reference_bytes(shape) / 2**30:.0f} GiB for its [N, K] matrices")
-    if impl == "reference" and device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if _reference_bytes(shape) > 0.8 * free:
-            raise Skip(f"reference needs ~{_reference_bytes(shape) / 2**30:.0f} GiB for its [N, K] matrices")
+    if impl in ("reference", "vector-quantize-pytorch"):
+        # Both materialise [N, K] distances and one-hots: skip what cannot fit (or, on a
+        # CPU, would take minutes per call) and say what it would need.
+        budget = 8 << 30 if device.type == "cpu" else 0.8 * torch.cuda.mem_get_info(device)[0]
+        if _reference_bytes(shape) > budget:
+            raise Skip(f"needs ~{_reference_bytes(shape) / 2**30:.0f} GiB for its [N, K] matrices")
 
     generator = torch.Generator(device="cpu").manual_seed(0)
     z = torch.randn(shape.image, generator=generator).to(device=device, dtype=dtype)
@@ -169,7 +169,7 @@ def run(shapes, ops, impls, device: torch.device, dtypes, progress=print):
                         fn = make_case(impl, op, shape, device, dtype)
                         result.median_ms = median_seconds(fn, device) * 1e3
                         result.peak_mib = peak_extra_bytes(fn, device) / 2**20
-                        if op == "nearest" and impl.startswith("vqfast"):
+                        if op == "nearest" and impl.startswith("vqfast") and device.type == "cuda":
                             _throughput(result, result.median_ms / 1e3, dtype, device)
                     except Skip as reason:
                         result.skipped = str(reason)
@@ -270,20 +270,22 @@ def plot_k_sweep(env: dict, results, path: Path) -> None:
     import matplotlib.pyplot as plt
     ops = sorted({r.op for r in results}, key=OPS.index)
     fig, axes = plt.subplots(1, len(ops), figsize=(4.5 * len(ops), 3.8), squeeze=False)
+    colors = dict(zip(IMPLS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, op in zip(axes[0], ops):
         for impl in IMPLS:
             for dtype in sorted({r.dtype for r in results}):
                 pts = sorted((r.k, r.median_ms) for r in results
                              if r.op == op and r.impl == impl and r.dtype == dtype)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=f"{impl} {dtype}")
+                    ax.plot(*zip(*pts), marker="o" if dtype == "float32" else "s",
+                            color=colors[impl], label=f"{impl} {dtype}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("K (codes), N=16384, D=64")
         ax.set_ylabel("median ms")
         ax.set_title(op)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.suptitle(f"{env['device']} · torch {env['torch']} · {env['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -175,8 +175,9 @@ def train(args, rank, world, device):
 
     ddp_model = model
     if world > 1:
-        # Buffers (the EMA state) are broadcast from rank 0 at every forward: every rank
-        # quantizes with rank 0's codebook. Cross-rank EMA statistics are not summed yet.
+        # The EMA quantizer sums its per-code statistics over all ranks before each update
+        # (sync_distributed), so its buffers agree everywhere; DDP's buffer broadcast from
+        # rank 0 is then a no-op safeguard.
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -2,9 +2,9 @@
 
 from .functional import nearest_code
 from .model import VQVAE, Decoder, Encoder, Residual, ResidualStack
-from .modules import VectorQuantizer, VectorQuantizerEMA
+from .modules import CodebookUsage, VectorQuantizer, VectorQuantizerEMA, kmeans
 
 __version__ = "0.1.0"
 
 __all__ = ["VectorQuantizer", "VectorQuantizerEMA", "nearest_code", "VQVAE", "Encoder", "Decoder",
-           "Residual", "ResidualStack", "__version__"]
+           "Residual", "ResidualStack", "CodebookUsage", "kmeans", "__version__"]

@@ -1,12 +1,48 @@
 """Drop-in quantizer modules: ``VectorQuantizer`` and ``VectorQuantizerEMA``."""
 
 import math
+from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from . import functional as VF
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class CodebookUsage(NamedTuple):
+    """``usage [K]``: each code's share of the EMA cluster sizes (sums to 1);
+    ``dead_codes``: how many codes have an EMA cluster size below the threshold."""
+    usage: torch.Tensor
+    dead_codes: int
+
+
+@torch.no_grad()
+def kmeans(x: torch.Tensor, num_codes: int, iters: int = 10, backend: str = "auto",
+           precision: str = "ieee"):
+    """Lloyd's k-means of ``x: [N, D]`` on the fused nearest-code path.
+
+    Starts from ``num_codes`` random rows (with replacement when ``N < num_codes``); a code
+    that loses all its rows keeps its position. Returns ``centroids`` (fp32 ``[K, D]``) and
+    the last assignment's ``counts`` (int32 ``[K]``).
+    """
+    x = x.detach().float().contiguous()
+    backend = VF.resolve_backend(backend, x.device)
+    n = x.shape[0]
+    start = (torch.randint(n, (num_codes,), device=x.device) if n < num_codes
+             else torch.randperm(n, device=x.device)[:num_codes])
+    centroids = x[start]
+    counts = torch.zeros(num_codes, dtype=torch.int32, device=x.device)
+    for _ in range(iters):
+        # One fused pass: assignment, per-code counts and per-code sums.
+        _, _, _, counts, sums = torch.ops.vqfast.quantize(x, centroids, True, backend, precision)
+        centroids = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centroids)
+    return centroids, counts
 
 
 def rename_legacy_keys(state_dict, prefix: str, renames: dict) -> None:
@@ -29,7 +65,7 @@ class _QuantizerBase(nn.Module):
     _legacy_keys: dict = {}
 
     def __init__(self, num_embeddings, embedding_dim, commitment_cost, return_onehot, backend,
-                 precision):
+                 precision, kmeans_init, kmeans_iters):
         super().__init__()
         if num_embeddings < 1 or embedding_dim < 1:
             raise ValueError(f"num_embeddings and embedding_dim must be >= 1, got "
@@ -44,6 +80,11 @@ class _QuantizerBase(nn.Module):
         self.return_onehot = return_onehot
         self.backend = backend
         self.precision = precision
+        self.kmeans_init = kmeans_init
+        self.kmeans_iters = kmeans_iters
+        if kmeans_init:
+            # Persistent, so a checkpoint taken after the k-means step is not re-initialised.
+            self.register_buffer("initialized", torch.tensor(False))
 
     def extra_repr(self):
         return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
@@ -79,7 +120,26 @@ class _QuantizerBase(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         rename_legacy_keys(state_dict, prefix, self._legacy_keys)
+        if self.kmeans_init and prefix + "initialized" not in state_dict:
+            # A codebook loaded from a checkpoint without the flag is a trained one.
+            state_dict[prefix + "initialized"] = torch.tensor(True)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def _maybe_kmeans_init(self, x: torch.Tensor, backend: str) -> None:
+        """On the first training batch: the codebook from k-means of rank 0's batch."""
+        if not (self.training and self.kmeans_init) or bool(self.initialized):
+            return
+        centroids, counts = kmeans(x, self.num_embeddings, self.kmeans_iters, backend, self.precision)
+        if _world_size() > 1:
+            dist.broadcast(centroids, 0)
+            dist.broadcast(counts, 0)
+        self.codebook.data.copy_(centroids)
+        self._after_kmeans(centroids, counts)
+        self.initialized.fill_(True)
+
+    def _after_kmeans(self, centroids, counts):
+        pass
 
 
 class VectorQuantizer(_QuantizerBase):
@@ -93,6 +153,8 @@ class VectorQuantizer(_QuantizerBase):
             int64 indices shaped ``[B, *spatial]``.
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
         precision: Triton dot precision for fp32 inputs, see ``vqfast.nearest_code``.
+        kmeans_init: initialise the codebook from the first training batch with
+            ``kmeans_iters`` Lloyd iterations (on rank 0's batch, broadcast to all ranks).
 
     ``forward(inputs: [B, D, *spatial])`` returns ``(loss, quantized, perplexity, encodings)``
     with ``loss = q_latent_loss + commitment_cost * e_latent_loss`` and ``quantized`` the
@@ -103,14 +165,15 @@ class VectorQuantizer(_QuantizerBase):
     _legacy_keys = {"_embedding.weight": "codebook"}
 
     def __init__(self, num_embeddings, embedding_dim, commitment_cost, *, return_onehot=False,
-                 backend="auto", precision="ieee"):
+                 backend="auto", precision="ieee", kmeans_init=False, kmeans_iters=10):
         super().__init__(num_embeddings, embedding_dim, commitment_cost, return_onehot, backend,
-                         precision)
+                         precision, kmeans_init, kmeans_iters)
         self.codebook = nn.Parameter(
             torch.empty(num_embeddings, embedding_dim).uniform_(-1 / num_embeddings, 1 / num_embeddings))
 
     def forward(self, inputs):
         x, backend = self._flatten(inputs)
+        self._maybe_kmeans_init(x, backend)
         q, loss, idx, counts, _ = VF.quantize(x, self.codebook, self.commitment_cost, True, False,
                                               backend, self.precision)
         return self._outputs(inputs, q, loss, idx, counts)
@@ -123,7 +186,16 @@ class VectorQuantizerEMA(_QuantizerBase):
         num_embeddings, embedding_dim, commitment_cost: as for ``VectorQuantizer``.
         decay: EMA decay of the cluster sizes and sums (0.99 in the paper).
         epsilon: Laplace smoothing of the cluster sizes.
-        return_onehot, backend, precision: as for ``VectorQuantizer``.
+        return_onehot, backend, precision, kmeans_init, kmeans_iters: as for ``VectorQuantizer``
+            (after k-means, ``ema_cluster_size`` holds the k-means counts, at least 1, and
+            ``ema_weight = codebook * ema_cluster_size``).
+        dead_code_threshold: if > 0, after each EMA update the codes whose EMA cluster size
+            fell below it are re-seeded from random rows of the current batch (rank 0's,
+            broadcast, so every rank makes the same choice), with cluster size 1. Off by default
+            (the seed's behaviour).
+        sync_distributed: all-reduce the per-code counts and sums across ranks (one packed
+            collective) before the EMA finalize, so every rank applies the same, global update.
+            ``None`` (default): on when ``torch.distributed`` is initialised with more than one rank.
 
     Buffers (no optimizer touches them): ``codebook [K, D]`` (init ``normal(0, 1)``),
     ``ema_cluster_size [K]`` and ``ema_weight [K, D]``, all fp32, updated in place in
@@ -139,9 +211,14 @@ class VectorQuantizerEMA(_QuantizerBase):
                     "_ema_cluster_size": "ema_cluster_size"}
 
     def __init__(self, num_embeddings, embedding_dim, commitment_cost, decay=0.99, epsilon=1e-5, *,
-                 return_onehot=False, backend="auto", precision="ieee"):
+                 return_onehot=False, backend="auto", precision="ieee", kmeans_init=False,
+                 kmeans_iters=10, dead_code_threshold=0.0, sync_distributed=None):
         super().__init__(num_embeddings, embedding_dim, commitment_cost, return_onehot, backend,
-                         precision)
+                         precision, kmeans_init, kmeans_iters)
+        if not dead_code_threshold >= 0.0:
+            raise ValueError(f"dead_code_threshold must be >= 0, got {dead_code_threshold}")
+        self.dead_code_threshold = dead_code_threshold
+        self.sync_distributed = sync_distributed
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         if not epsilon > 0.0 or not math.isfinite(epsilon):
@@ -160,9 +237,59 @@ class VectorQuantizerEMA(_QuantizerBase):
         update = self.training
         if update and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
             raise ValueError("inputs contain NaN or Inf; the EMA state was left unchanged")
+        self._maybe_kmeans_init(x, backend)
         q, loss, idx, counts, code_sums = VF.quantize(
             x, self.codebook, self.commitment_cost, False, update, backend, self.precision)
         if update:
-            VF.ema_update(counts, code_sums, self.ema_cluster_size, self.ema_weight, self.codebook,
-                          self.decay, self.epsilon, backend)
+            global_counts, global_sums = counts, code_sums
+            if self._syncing():
+                global_counts, global_sums = _all_reduce_statistics(counts, code_sums)
+            VF.ema_update(global_counts, global_sums, self.ema_cluster_size, self.ema_weight,
+                          self.codebook, self.decay, self.epsilon, backend)
+            if self.dead_code_threshold > 0:
+                self._reseed_dead_codes(x)
         return self._outputs(inputs, q, loss, idx, counts)
+
+    def _syncing(self) -> bool:
+        world = _world_size()
+        return world > 1 if self.sync_distributed is None else bool(self.sync_distributed) and world > 1
+
+    def _after_kmeans(self, centroids, counts):
+        size = counts.float().clamp_min(1)
+        self.ema_cluster_size.copy_(size)
+        self.ema_weight.copy_(centroids * size[:, None])
+
+    @torch.no_grad()
+    def _reseed_dead_codes(self, x: torch.Tensor) -> None:
+        dead = self.ema_cluster_size < self.dead_code_threshold
+        num_dead = int(dead.sum())
+        if num_dead == 0:
+            return
+        samples = x[torch.randint(x.shape[0], (num_dead,), device=x.device)].float()
+        if self._syncing():  # synced buffers: the same dead codes everywhere, rank 0's rows
+            dist.broadcast(samples, 0)
+        self.codebook[dead] = samples.to(self.codebook.dtype)
+        self.ema_weight[dead] = samples.to(self.ema_weight.dtype)
+        self.ema_cluster_size[dead] = 1.0
+
+    @torch.no_grad()
+    def codebook_usage(self, threshold: float | None = None) -> CodebookUsage:
+        """Per-code EMA usage and the number of dead codes.
+
+        A code is dead when its EMA cluster size (its decayed count of assigned vectors per
+        batch) is below ``threshold``: by default ``dead_code_threshold`` if set, else 1.
+        """
+        if threshold is None:
+            threshold = self.dead_code_threshold or 1.0
+        size = self.ema_cluster_size.float()
+        total = size.sum()
+        usage = size / total if total > 0 else torch.full_like(size, 1.0 / size.numel())
+        return CodebookUsage(usage, int((size < threshold).sum()))
+
+
+def _all_reduce_statistics(counts: torch.Tensor, code_sums: torch.Tensor):
+    """Sum per-code counts (int32 ``[K]``) and sums (fp32 ``[K, D]``) over all ranks in one
+    collective. Counts travel as fp32: exact up to 2**24 vectors per code per step."""
+    packed = torch.cat([code_sums, counts.float()[:, None]], dim=1)
+    dist.all_reduce(packed)
+    return packed[:, -1].round().to(torch.int32), packed[:, :-1].contiguous()
