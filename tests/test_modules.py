@@ -238,6 +238,7 @@ def test_bad_input_raises_and_keeps_state(kind, case):
         assert torch.equal(value, state[key])
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_input_never_poisons_ema(bad, backend):
