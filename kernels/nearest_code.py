@@ -5,31 +5,24 @@ Never materialises ``[N, K]``: each program owns ``BLOCK_N`` rows, walks the cod
 and keeps only the best distance and code per row in registers.
 """
 
-import warnings
-
 import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_matrix, check_same_device, next_power_of_2
+from ._checks import check_matrix, check_same_device
 
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 # The configurations the launcher can pick (tests compile every one for sm_80 and sm_90
-# and require zero register spills). 16-bit operands use tensor cores (mma / wgmma); fp32
-# "ieee" runs on the FMA units and holds more live registers per tile than tf32.
-# (ptxas is not monotonic here: fp16 128x128x64 spills on sm_90 where bf16 does not, and
-# fp32 FMA tiles with BLOCK_D=16 spill on sm_80 where 32 does not; hence the D bounds.)
+# with triton 3.8 and 3.9 and require zero register spills). 16-bit operands use tensor
+# cores (mma / wgmma), fp32 "tf32"/"tf32x3" too; "ieee" runs on the FMA units. BLOCK_D=16
+# matches the k-depth of one mma and keeps the operand tiles small: 32-wide channel chunks
+# spill on sm_80 in every shape tried.
 CONFIGS = {
-    "16bit": dict(BLOCK_N=128, BLOCK_K=128, MIN_BLOCK_D=16, MAX_BLOCK_D=32, num_warps=8, num_stages=3),
-    "tf32": dict(BLOCK_N=64, BLOCK_K=64, MIN_BLOCK_D=16, MAX_BLOCK_D=32, num_warps=4, num_stages=2),
-    "ieee": dict(BLOCK_N=32, BLOCK_K=64, MIN_BLOCK_D=32, MAX_BLOCK_D=32, num_warps=4, num_stages=2),
+    "16bit": dict(BLOCK_N=128, BLOCK_K=128, BLOCK_D=16, num_warps=8, num_stages=3),
+    "tf32": dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=16, num_warps=8, num_stages=2),
+    "ieee": dict(BLOCK_N=64, BLOCK_K=128, BLOCK_D=16, num_warps=8, num_stages=2),
 }
-
-# Block pointers are deprecated in favour of tensor descriptors, which need 16-byte
-# aligned strides (D = 37 in fp32 is not) and cannot be tested here; they remain supported
-# and let the compiler address tiles without per-element 64-bit pointers (no spills).
-warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated", category=UserWarning)
 
 
 @triton.jit
@@ -39,39 +32,44 @@ def _nearest_code_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
+    # Tiles are addressed as a 64-bit scalar base plus 32-bit offsets inside the tile:
+    # no per-element 64-bit pointers to hold in registers, and no overflow for N * D >= 2**31.
     row0 = tl.program_id(0) * BLOCK_N
-    rows = row0 + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    local_rows = tl.arange(0, BLOCK_N)
+    row_mask = row0 + local_rows < N
+    x_tile_ptr = x_ptr + row0.to(tl.int64) * D
 
     # |x|^2 per row, in fp32: added once at the end, it does not move the argmin.
     x_sqnorm = tl.zeros([BLOCK_N], dtype=tl.float32)
-    x_tiles = tl.make_block_ptr(x_ptr, (N, D), (D, 1), (row0, 0), (BLOCK_N, BLOCK_D), (1, 0))
-    for _ in range(0, D, BLOCK_D):
-        x = tl.load(x_tiles, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_tile_ptr + local_rows[:, None] * D + dims[None, :],
+                    mask=row_mask[:, None] & (dims[None, :] < D), other=0.0).to(tl.float32)
         x_sqnorm += tl.sum(x * x, axis=1)
-        x_tiles = tl.advance(x_tiles, (0, BLOCK_D))
 
     best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
     best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+    local_codes = tl.arange(0, BLOCK_K)
+    codebook_tile_ptr = codebook_ptr  # advanced by whole tiles: 64-bit pointer arithmetic
     for k0 in range(0, K, BLOCK_K):
+        code_mask = k0 + local_codes < K
         # x . e for this tile of codes, accumulated over channel chunks; the codebook is
         # read transposed ([BLOCK_D, BLOCK_K]) straight from its row-major [K, D] layout.
         dot = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        x_tiles = tl.make_block_ptr(x_ptr, (N, D), (D, 1), (row0, 0), (BLOCK_N, BLOCK_D), (1, 0))
-        codebook_tiles = tl.make_block_ptr(codebook_ptr, (D, K), (1, D), (0, k0),
-                                           (BLOCK_D, BLOCK_K), (0, 1))
-        for _ in range(0, D, BLOCK_D):
-            x = tl.load(x_tiles, boundary_check=(0, 1), padding_option="zero")
-            codebook_t = tl.load(codebook_tiles, boundary_check=(0, 1), padding_option="zero")
+        for d0 in range(0, D, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            dim_mask = dims < D
+            x = tl.load(x_tile_ptr + local_rows[:, None] * D + dims[None, :],
+                        mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+            codebook_t = tl.load(codebook_tile_ptr + local_codes[None, :] * D + dims[:, None],
+                                 mask=code_mask[None, :] & dim_mask[:, None], other=0.0)
             if UPCAST_DOT:  # exact products either way; see the launcher
                 x = x.to(tl.float32)
                 codebook_t = codebook_t.to(tl.float32)
             dot = tl.dot(x, codebook_t, dot, input_precision=INPUT_PRECISION)
-            x_tiles = tl.advance(x_tiles, (0, BLOCK_D))
-            codebook_tiles = tl.advance(codebook_tiles, (BLOCK_D, 0))
         # Padding codes get |e|^2 = inf so they never win.
-        codes = k0 + tl.arange(0, BLOCK_K)
-        codebook_sqnorm = tl.load(codebook_sqnorm_ptr + codes, mask=codes < K, other=float("inf"))
+        codebook_sqnorm = tl.load(codebook_sqnorm_ptr + k0 + local_codes, mask=code_mask,
+                                  other=float("inf"))
         dist = codebook_sqnorm[None, :] - 2.0 * dot
         # A NaN row never wins a code: it keeps code 0 and reports a NaN distance.
         dist = tl.where(dist == dist, dist, float("inf"))
@@ -80,20 +78,18 @@ def _nearest_code_kernel(
         better = tile_best < best
         best = tl.where(better, tile_best, best)
         best_idx = tl.where(better, tile_idx + k0, best_idx)
+        codebook_tile_ptr += BLOCK_K * D
 
+    rows = row0 + local_rows
     tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_mask)
     tl.store(sqdist_ptr + rows, tl.maximum(best + x_sqnorm, 0.0, propagate_nan=tl.PropagateNan.ALL),
              mask=row_mask)
 
 
-def pick_config(dtype: torch.dtype, dim: int, precision: str = "ieee") -> dict:
-    """Block sizes for an input dtype, embedding dim and fp32 dot precision
-    (BLOCK_D: D rounded up to a power of two, clamped to the config's bounds)."""
+def pick_config(dtype: torch.dtype, precision: str = "ieee") -> dict:
+    """Block sizes and launch options for an input dtype and fp32 dot precision."""
     key = "16bit" if dtype != torch.float32 else ("ieee" if precision == "ieee" else "tf32")
-    config = dict(CONFIGS[key])
-    low, high = config.pop("MIN_BLOCK_D"), config.pop("MAX_BLOCK_D")
-    config["BLOCK_D"] = min(max(low, next_power_of_2(dim)), high)
-    return config
+    return dict(CONFIGS[key])
 
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee"):
@@ -107,6 +103,8 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
     check_same_device(x=x, codebook=codebook)
     if x.shape[1] != codebook.shape[1]:
         raise ValueError(f"x has D={x.shape[1]} but codebook has D={codebook.shape[1]}")
+    if x.shape[0] >= 2**31 or codebook.shape[0] >= 2**31:
+        raise ValueError(f"N and K must be < 2**31, got N={x.shape[0]}, K={codebook.shape[0]}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     n, d = x.shape
@@ -117,7 +115,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
     codebook_sqnorm = codebook.float().pow(2).sum(1)
     idx = torch.empty(n, dtype=torch.int64, device=x.device)
     sqdist = torch.empty(n, dtype=torch.float32, device=x.device)
-    config = pick_config(x.dtype, d, precision)
+    config = pick_config(x.dtype, precision)
     grid = (triton.cdiv(n, config["BLOCK_N"]),)
     _nearest_code_kernel[grid](
         x, codebook, codebook_sqnorm, idx, sqdist, n, k, d,

@@ -40,16 +40,14 @@ def _block_ds(max_block_d):
 def variants():
     """(name, kernel, signature, constexprs, options) for every launchable configuration."""
     torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    for dtype, block_d in itertools.product(PTR, _block_ds(64)):
+    for dtype in PTR:
         for precision in (nearest_code.PRECISIONS if dtype == "fp32" else ("ieee",)):
-            config = nearest_code.pick_config(torch_dtypes[dtype], block_d, precision)
-            if config["BLOCK_D"] != block_d:
-                continue  # above this config's cap: the launcher never picks it
+            config = nearest_code.pick_config(torch_dtypes[dtype], precision)
             options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
             sig = {"x_ptr": PTR[dtype], "codebook_ptr": PTR[dtype], "codebook_sqnorm_ptr": "*fp32",
                    "idx_ptr": "*i64", "sqdist_ptr": "*fp32", "N": "i32", "K": "i32", "D": "i32"}
             consts = dict(config, INPUT_PRECISION=precision, UPCAST_DOT=False)
-            yield (f"nearest_code[{dtype},D{block_d},{precision}]", nearest_code._nearest_code_kernel,
+            yield (f"nearest_code[{dtype},{precision}]", nearest_code._nearest_code_kernel,
                    sig, consts, options)
 
     cfg = dict(gather_loss.CONFIG)
@@ -94,7 +92,13 @@ def variants():
                dict(cfg, BLOCK_D=block_d, ATOMIC_CODEBOOK_GRAD=atomic), {"num_warps": warps})
 
 
-PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+def _ptxas_path(capability: int) -> str:
+    """The ptxas triton itself uses for this target (3.9 ships a newer one for sm_90+)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(capability).path
+    except ImportError:
+        return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
 
 
 def _ptxas(ptx: str, capability: int) -> dict:
@@ -102,7 +106,7 @@ def _ptxas(ptx: str, capability: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.ptx"
         path.write_text(ptx)
-        out = subprocess.run([str(PTXAS), "-v", "--gpu-name", arch, str(path), "-o", str(path) + ".o"],
+        out = subprocess.run([_ptxas_path(capability), "-v", "--gpu-name", arch, str(path), "-o", str(path) + ".o"],
                              capture_output=True, text=True, check=True).stderr
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     regs = re.search(r"Used (\d+) registers", out)
