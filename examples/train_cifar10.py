@@ -252,6 +252,8 @@ def train(args, rank, world, device):
         (out / "final.json").write_text(json.dumps(result, indent=1))
         print(f"step {step}: test NMSE {test_nmse:.4f}")
         draw_figures(out, model, test_images, device)
+    if world > 1:  # the other ranks wait for rank 0's evaluation and figures
+        dist.barrier()
     return model
 
 
