@@ -97,6 +97,8 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
 
     The dot runs in x's dtype (the codebook is rounded to it for fp16/bf16 inputs) with
     fp32 accumulation; ``precision`` applies to fp32 inputs (see ``vqfast.nearest_code``).
+    With fp16 inputs a code whose entries overflow fp16 (|e| > 65504, e.g. a long-dead EMA
+    code divided by a tiny cluster size) counts as infinitely far and is never chosen.
     """
     check_matrix("x", x)
     check_matrix("codebook", codebook)

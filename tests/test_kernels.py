@@ -16,6 +16,8 @@ from _util import DEVICE, INTERPRETED, TIE_EPS, assert_nearest  # noqa: E402
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (N, K, D)
 SHAPES = [(1, 1, 3), (5, 1, 3), (63, 65, 17), (130, 257, 130), (97, 33, 64)]
+# The contract's extremes: D up to 1024 and K up to 65536 (tiny N: the interpreter is slow).
+WIDE_SHAPES = [(3, 5, 1030), (2, 70_001, 3)]
 
 
 def _data(n, k, d, dtype):
@@ -25,7 +27,7 @@ def _data(n, k, d, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES + WIDE_SHAPES, ids=str)
 def test_nearest_code(shape, dtype):
     x, codebook = _data(*shape, dtype)
     idx, sqdist = kernels.nearest_code(x, codebook)

@@ -28,6 +28,12 @@ def _pair(kind, shape, backend, **kw):
     else:
         ref = reference.VectorQuantizer(k, d, 0.25)
         vq = vqfast.VectorQuantizer(k, d, 0.25, backend=backend, **kw)
+    if kind != "ema":
+        # The seed's uniform(-1/K, 1/K) init puts every code within rounding of every other
+        # as seen from an N(0, 1) input, so the nearest code is a coin toss between ties:
+        # compare on a spread-out codebook, where the oracle's choice is unambiguous.
+        with torch.no_grad():
+            ref._embedding.weight.normal_()
     vq.load_state_dict(ref.state_dict())
     return ref.to(DEVICE), vq.to(DEVICE)
 
