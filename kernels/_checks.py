@@ -1,4 +1,5 @@
-"""Launcher-side validation: the launcher checks once, the kernel trusts."""
+"""Launcher-side helpers: validation (the launcher checks once, the kernel trusts) and
+the launch configuration of the streaming kernels."""
 
 import torch
 
@@ -27,3 +28,12 @@ def check_rows(name: str, t: torch.Tensor, rows: int, dtype: torch.dtype) -> Non
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def launch_config(config: dict, dim: int) -> dict:
+    """A streaming kernel's launch parameters for embedding dim ``dim``: ``config`` with its
+    ``MAX_BLOCK_D`` replaced by ``BLOCK_D``, ``dim`` rounded up to a power of two in
+    ``[16, MAX_BLOCK_D]`` (wider dims loop over channel blocks)."""
+    config = dict(config)
+    config["BLOCK_D"] = min(max(16, next_power_of_2(dim)), config.pop("MAX_BLOCK_D"))
+    return config

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import next_power_of_2
+from ._checks import launch_config
 
 CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=4)
 
@@ -52,10 +52,9 @@ def code_sums_sorted(x, idx, counts, q=None, scale=None):
     offsets = torch.zeros(k + 1, dtype=torch.int64, device=x.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     out = torch.empty(k, d, dtype=torch.float32, device=x.device)
-    config = dict(CONFIG)
-    block_d = min(max(16, next_power_of_2(d)), config.pop("MAX_BLOCK_D"))
-    grid = (k, triton.cdiv(d, block_d))
+    config = launch_config(CONFIG, d)
+    grid = (k, triton.cdiv(d, config["BLOCK_D"]))
     _code_sums_sorted_kernel[grid](
         x, q if q is not None else x, order, offsets, scale if scale is not None else out, out, d,
-        BLOCK_D=block_d, HAS_Q=q is not None, HAS_SCALE=scale is not None, **config)
+        HAS_Q=q is not None, HAS_SCALE=scale is not None, **config)
     return out

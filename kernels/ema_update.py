@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import next_power_of_2
+from ._checks import launch_config
 
 CONFIG = dict(BLOCK_K=32, MAX_BLOCK_D=64, num_warps=4)
 
@@ -57,9 +57,8 @@ def ema_update(counts, code_sums, total, ema_cluster_size, ema_weight, codebook,
         raise ValueError(f"EMA state shapes disagree with codebook [{k}, {d}]: ema_weight "
                          f"{tuple(ema_weight.shape)}, code_sums {tuple(code_sums.shape)}, "
                          f"ema_cluster_size {tuple(ema_cluster_size.shape)}")
-    config = dict(CONFIG)
-    block_d = min(max(16, next_power_of_2(d)), config.pop("MAX_BLOCK_D"))
+    config = launch_config(CONFIG, d)
     grid = (triton.cdiv(k, config["BLOCK_K"]),)
     _ema_finalize_kernel[grid](
         counts, code_sums, total.reshape(1), ema_cluster_size, ema_weight, codebook,
-        k, d, float(decay), float(epsilon), BLOCK_D=block_d, **config)
+        k, d, float(decay), float(epsilon), **config)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_matrix, check_rows, check_same_device, next_power_of_2
+from ._checks import check_matrix, check_rows, check_same_device, launch_config
 from .code_sums import code_sums_sorted
 
 CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=4)
@@ -61,8 +61,7 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
     if codebook.shape[1] != d:
         raise ValueError(f"x has D={d} but codebook has D={codebook.shape[1]}")
     check_rows("idx", idx, n, torch.int64)
-    config = dict(CONFIG)
-    block_d = min(max(16, next_power_of_2(d)), config.pop("MAX_BLOCK_D"))
+    config = launch_config(CONFIG, d)
     grid = (triton.cdiv(n, config["BLOCK_N"]),)
     q = torch.empty_like(x)
     partial_err = torch.empty(grid[0], dtype=torch.float32, device=x.device)
@@ -71,7 +70,7 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
     code_sums = torch.zeros(k, d, dtype=torch.float32, device=x.device) if atomic else None
     _gather_loss_kernel[grid](
         x, codebook, idx, q, partial_err, counts, code_sums if atomic else counts, n, d,
-        BLOCK_D=block_d, ATOMIC_CODE_SUMS=atomic, **config)
+        ATOMIC_CODE_SUMS=atomic, **config)
     if with_code_sums and not atomic:
         code_sums = code_sums_sorted(x, idx, counts)
     return q, partial_err.sum(), counts, code_sums

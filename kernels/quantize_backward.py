@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_matrix, check_rows, check_same_device, next_power_of_2
+from ._checks import check_matrix, check_rows, check_same_device, launch_config
 from .code_sums import code_sums_sorted
 
 CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=4)
@@ -59,13 +59,12 @@ def quantize_backward(grad_q, grad_loss, x, q, idx, num_codes, x_scale, codebook
     grad_x = torch.empty_like(x)
     grad_codebook = (torch.zeros(num_codes, d, dtype=torch.float32, device=x.device)
                      if atomic else None)
-    config = dict(CONFIG)
-    block_d = min(max(16, next_power_of_2(d)), config.pop("MAX_BLOCK_D"))
-    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(d, block_d))
+    config = launch_config(CONFIG, d)
+    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(d, config["BLOCK_D"]))
     _quantize_backward_kernel[grid](
         grad_q, x, q, idx, grad_loss, grad_x, grad_codebook if atomic else grad_x,
         n, d, float(x_scale), float(codebook_scale),
-        BLOCK_D=block_d, ATOMIC_CODEBOOK_GRAD=atomic, **config)
+        ATOMIC_CODEBOOK_GRAD=atomic, **config)
     if with_grad and not atomic:
         counts = torch.bincount(idx, minlength=num_codes).to(torch.int32)
         grad_codebook = code_sums_sorted(x, idx, counts, q=q, scale=grad_loss * codebook_scale)

@@ -30,11 +30,17 @@ code_sums, ema_update, gather_loss, nearest_code, quantize_backward = (
 
 TARGETS = {80: 163 * 1024, 90: 227 * 1024}  # compute capability -> max shared memory per block
 PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-BLOCK_DS = [16, 32, 64, 128]
+launch_config = importlib.import_module("vqfast.kernels._checks").launch_config
 
 
-def _block_ds(max_block_d):
-    return [b for b in BLOCK_DS if b <= max_block_d]
+def _streaming_configs(config):
+    """Every (constexprs, options) the launcher's ``launch_config`` can pick, over all D."""
+    seen = {}
+    for dim in (1, 17, 33, 65, 129, 4096):
+        consts = launch_config(config, dim)
+        seen[consts["BLOCK_D"]] = consts
+    for consts in seen.values():
+        yield consts, {"num_warps": consts.pop("num_warps")}
 
 
 def variants():
@@ -50,46 +56,37 @@ def variants():
             yield (f"nearest_code[{dtype},{precision}]", nearest_code._nearest_code_kernel,
                    sig, consts, options)
 
-    cfg = dict(gather_loss.CONFIG)
-    max_d = cfg.pop("MAX_BLOCK_D")
-    warps = cfg.pop("num_warps")
-    for dtype, block_d, atomic in itertools.product(PTR, _block_ds(max_d), (True, False)):
+    for dtype, (cfg, options), atomic in itertools.product(
+            PTR, list(_streaming_configs(gather_loss.CONFIG)), (True, False)):
         sig = {"x_ptr": PTR[dtype], "codebook_ptr": "*fp32", "idx_ptr": "*i64", "q_ptr": PTR[dtype],
                "partial_err_ptr": "*fp32", "counts_ptr": "*i32",
                "code_sums_ptr": "*fp32" if atomic else "*i32", "N": "i32", "D": "i32"}
-        yield (f"gather_loss[{dtype},D{block_d},atomic={atomic}]", gather_loss._gather_loss_kernel,
-               sig, dict(cfg, BLOCK_D=block_d, ATOMIC_CODE_SUMS=atomic), {"num_warps": warps})
+        yield (f"gather_loss[{dtype},D{cfg['BLOCK_D']},atomic={atomic}]",
+               gather_loss._gather_loss_kernel, sig, dict(cfg, ATOMIC_CODE_SUMS=atomic), options)
 
-    cfg = dict(code_sums.CONFIG)
-    max_d = cfg.pop("MAX_BLOCK_D")
-    warps = cfg.pop("num_warps")
-    for dtype, block_d, has_q in itertools.product(PTR, _block_ds(max_d), (True, False)):
+    for dtype, (cfg, options), has_q in itertools.product(
+            PTR, list(_streaming_configs(code_sums.CONFIG)), (True, False)):
         sig = {"x_ptr": PTR[dtype], "q_ptr": PTR[dtype], "order_ptr": "*i64", "offsets_ptr": "*i64",
                "scale_ptr": "*fp32", "out_ptr": "*fp32", "D": "i32"}
-        yield (f"code_sums_sorted[{dtype},D{block_d},q={has_q}]", code_sums._code_sums_sorted_kernel,
-               sig, dict(cfg, BLOCK_D=block_d, HAS_Q=has_q, HAS_SCALE=has_q), {"num_warps": warps})
+        yield (f"code_sums_sorted[{dtype},D{cfg['BLOCK_D']},q={has_q}]",
+               code_sums._code_sums_sorted_kernel, sig, dict(cfg, HAS_Q=has_q, HAS_SCALE=has_q),
+               options)
 
-    cfg = dict(ema_update.CONFIG)
-    max_d = cfg.pop("MAX_BLOCK_D")
-    warps = cfg.pop("num_warps")
-    for block_d in _block_ds(max_d):
+    for cfg, options in _streaming_configs(ema_update.CONFIG):
         sig = {"counts_ptr": "*i32", "code_sums_ptr": "*fp32", "total_ptr": "*fp32",
                "size_ptr": "*fp32", "weight_ptr": "*fp32", "codebook_ptr": "*fp32",
                "K": "i32", "D": "i32", "decay": "fp32", "epsilon": "fp32"}
-        yield (f"ema_finalize[D{block_d}]", ema_update._ema_finalize_kernel, sig,
-               dict(cfg, BLOCK_D=block_d), {"num_warps": warps})
+        yield f"ema_finalize[D{cfg['BLOCK_D']}]", ema_update._ema_finalize_kernel, sig, cfg, options
 
-    cfg = dict(quantize_backward.CONFIG)
-    max_d = cfg.pop("MAX_BLOCK_D")
-    warps = cfg.pop("num_warps")
-    for dtype, block_d, atomic in itertools.product(PTR, _block_ds(max_d), (True, False)):
+    for dtype, (cfg, options), atomic in itertools.product(
+            PTR, list(_streaming_configs(quantize_backward.CONFIG)), (True, False)):
         sig = {"grad_q_ptr": PTR[dtype], "x_ptr": PTR[dtype], "q_ptr": PTR[dtype], "idx_ptr": "*i64",
                "grad_loss_ptr": "*fp32", "grad_x_ptr": PTR[dtype],
                "grad_codebook_ptr": "*fp32" if atomic else PTR[dtype], "N": "i32", "D": "i32",
                "x_scale": "fp32", "codebook_scale": "fp32"}
-        yield (f"quantize_backward[{dtype},D{block_d},atomic={atomic}]",
+        yield (f"quantize_backward[{dtype},D{cfg['BLOCK_D']},atomic={atomic}]",
                quantize_backward._quantize_backward_kernel, sig,
-               dict(cfg, BLOCK_D=block_d, ATOMIC_CODEBOOK_GRAD=atomic), {"num_warps": warps})
+               dict(cfg, ATOMIC_CODEBOOK_GRAD=atomic), options)
 
 
 def _ptxas_path(capability: int) -> str:

@@ -128,8 +128,8 @@ def _(counts, code_sums, ema_cluster_size, ema_weight, codebook, decay, epsilon,
 
 class _Quantize(torch.autograd.Function):
     """``x: [N, D]``, ``codebook: [K, D]`` -> ``q [N, D]``, ``loss``, ``idx [N]``, ``counts [K]``,
-    ``code_sums`` (fp32 ``[K, D]`` per-code sums of x for the EMA update; empty unless
-    ``codebook_loss`` is False, i.e. for the EMA quantizer in training mode: ``with_code_sums``).
+    ``code_sums`` (fp32 ``[K, D]`` per-code sums of x for the EMA update when
+    ``with_code_sums``, else an empty tensor).
 
     ``loss = (codebook_loss + commitment_cost) * mse(q, x)``: the seed's
     ``q_latent_loss + commitment_cost * e_latent_loss`` for ``VectorQuantizer``
