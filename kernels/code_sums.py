@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from ._checks import launch_config
+from ._layout import row_offsets, vector_layout
 
 CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=4)
 
@@ -15,7 +16,7 @@ CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=4)
 @triton.jit
 def _code_sums_sorted_kernel(
     x_ptr, q_ptr, order_ptr, offsets_ptr, scale_ptr, out_ptr,
-    D,
+    D, S,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_Q: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
     code = tl.program_id(0)
@@ -28,7 +29,7 @@ def _code_sums_sorted_kernel(
         slots = r0 + tl.arange(0, BLOCK_N)
         slot_mask = slots < end
         rows = tl.load(order_ptr + slots, mask=slot_mask, other=0)
-        offsets = rows[:, None] * D + dims[None, :]
+        offsets = row_offsets(rows, S, D)[:, None] + dims[None, :] * S
         mask = slot_mask[:, None] & dim_mask[None, :]
         value = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if HAS_Q:  # sum of (q - x): the codebook gradient
@@ -44,9 +45,10 @@ def code_sums_sorted(x, idx, counts, q=None, scale=None):
     """``out[k] = scale * sum_{idx[n] == k} (q[n] - x[n] if q is given else x[n])``, fp32 ``[K, D]``.
 
     ``counts`` (int32 ``[K]``) must be the histogram of ``idx``; ``scale`` is a 0-d fp32
-    tensor (read on the device, no host sync) or ``None`` for 1.
+    tensor (read on the device, no host sync) or ``None`` for 1. ``x`` (and ``q``, same
+    layout) are ``[N, D]`` or ``[B, D, S]``.
     """
-    n, d = x.shape
+    n, d, s = vector_layout("x", x)
     k = counts.shape[0]
     order = torch.sort(idx, stable=True).indices
     offsets = torch.zeros(k + 1, dtype=torch.int64, device=x.device)
@@ -55,6 +57,6 @@ def code_sums_sorted(x, idx, counts, q=None, scale=None):
     config = launch_config(CONFIG, d)
     grid = (k, triton.cdiv(d, config["BLOCK_D"]))
     _code_sums_sorted_kernel[grid](
-        x, q if q is not None else x, order, offsets, scale if scale is not None else out, out, d,
+        x, q if q is not None else x, order, offsets, scale if scale is not None else out, out, d, s,
         HAS_Q=q is not None, HAS_SCALE=scale is not None, **config)
     return out

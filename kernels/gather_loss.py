@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_matrix, check_rows, check_same_device, launch_config
+from ._layout import row_offsets, vector_layout
 from .code_sums import code_sums_sorted
 
 CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=4)
@@ -19,23 +20,24 @@ CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=4)
 @triton.jit
 def _gather_loss_kernel(
     x_ptr, codebook_ptr, idx_ptr, q_ptr, partial_err_ptr, counts_ptr, code_sums_ptr,
-    N, D,
+    N, D, S,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ATOMIC_CODE_SUMS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     codes = tl.load(idx_ptr + rows, mask=row_mask, other=0)
-    row_offsets = rows.to(tl.int64)[:, None] * D
+    vector_offsets = row_offsets(rows, S, D)[:, None]
     code_offsets = codes[:, None] * D
 
     err = tl.zeros([BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (dims[None, :] < D)
-        x = tl.load(x_ptr + row_offsets + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+        offsets = vector_offsets + dims[None, :] * S
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         q = tl.load(codebook_ptr + code_offsets + dims[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(q_ptr + row_offsets + dims[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_ptr + offsets, q.to(q_ptr.dtype.element_ty), mask=mask)
         diff = q - x
         err += tl.sum(diff * diff, axis=1)
         if ATOMIC_CODE_SUMS:
@@ -46,17 +48,16 @@ def _gather_loss_kernel(
 
 
 def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with_code_sums: bool):
-    """``x: [N, D]``, ``codebook: [K, D]``, ``idx: int64 [N]`` ->
-    ``q [N, D]`` (x's dtype), ``sq_err`` (fp32 0-d), ``counts`` (int32 [K]),
+    """``x: [N, D]`` or ``[B, D, S]``, ``codebook: [K, D]``, ``idx: int64 [N]`` ->
+    ``q`` (x's shape and dtype), ``sq_err`` (fp32 0-d), ``counts`` (int32 [K]),
     ``code_sums`` (fp32 [K, D], the per-code sums of x; ``None`` unless ``with_code_sums``).
 
     Under ``torch.are_deterministic_algorithms_enabled()`` the code sums come from the
     sort-based kernel instead of fp32 atomics, so they are bitwise reproducible.
     """
-    check_matrix("x", x)
+    n, d, s = vector_layout("x", x)
     check_matrix("codebook", codebook)
     check_same_device(x=x, codebook=codebook, idx=idx)
-    n, d = x.shape
     k = codebook.shape[0]
     if codebook.shape[1] != d:
         raise ValueError(f"x has D={d} but codebook has D={codebook.shape[1]}")
@@ -69,7 +70,7 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
     atomic = with_code_sums and not torch.are_deterministic_algorithms_enabled()
     code_sums = torch.zeros(k, d, dtype=torch.float32, device=x.device) if atomic else None
     _gather_loss_kernel[grid](
-        x, codebook, idx, q, partial_err, counts, code_sums if atomic else counts, n, d,
+        x, codebook, idx, q, partial_err, counts, code_sums if atomic else counts, n, d, s,
         ATOMIC_CODE_SUMS=atomic, **config)
     if with_code_sums and not atomic:
         code_sums = code_sums_sorted(x, idx, counts)

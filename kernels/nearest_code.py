@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_matrix, check_same_device
+from ._layout import row_offsets, vector_layout
 
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 
@@ -21,29 +22,32 @@ PRECISIONS = ("ieee", "tf32", "tf32x3")
 CONFIGS = {
     "16bit": dict(BLOCK_N=128, BLOCK_K=128, BLOCK_D=16, num_warps=8, num_stages=3),
     "tf32": dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=16, num_warps=8, num_stages=2),
-    "ieee": dict(BLOCK_N=64, BLOCK_K=128, BLOCK_D=16, num_warps=8, num_stages=2),
+    "ieee": dict(BLOCK_N=64, BLOCK_K=128, BLOCK_D=16, num_warps=8, num_stages=1),
 }
 
 
 @triton.jit
 def _nearest_code_kernel(
     x_ptr, codebook_ptr, codebook_sqnorm_ptr, idx_ptr, sqdist_ptr,
-    N, K, D,
+    N, K, D, S,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     # Tiles are addressed as a 64-bit scalar base plus 32-bit offsets inside the tile:
     # no per-element 64-bit pointers to hold in registers, and no overflow for N * D >= 2**31.
+    # Vectors are [N, D] rows or the columns of a channels-first [B, D, S] (see _layout).
     row0 = tl.program_id(0) * BLOCK_N
-    local_rows = tl.arange(0, BLOCK_N)
-    row_mask = row0 + local_rows < N
-    x_tile_ptr = x_ptr + row0.to(tl.int64) * D
+    rows = row0 + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    tile_base = row_offsets(row0, S, D)  # offsets grow with the row index
+    local_rows = (row_offsets(rows, S, D) - tile_base).to(tl.int32)
+    x_tile_ptr = x_ptr + tile_base
 
     # |x|^2 per row, in fp32: added once at the end, it does not move the argmin.
     x_sqnorm = tl.zeros([BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_tile_ptr + local_rows[:, None] * D + dims[None, :],
+        x = tl.load(x_tile_ptr + local_rows[:, None] + dims[None, :] * S,
                     mask=row_mask[:, None] & (dims[None, :] < D), other=0.0).to(tl.float32)
         x_sqnorm += tl.sum(x * x, axis=1)
 
@@ -59,7 +63,7 @@ def _nearest_code_kernel(
         for d0 in range(0, D, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
             dim_mask = dims < D
-            x = tl.load(x_tile_ptr + local_rows[:, None] * D + dims[None, :],
+            x = tl.load(x_tile_ptr + local_rows[:, None] + dims[None, :] * S,
                         mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
             codebook_t = tl.load(codebook_tile_ptr + local_codes[None, :] * D + dims[:, None],
                                  mask=code_mask[None, :] & dim_mask[:, None], other=0.0)
@@ -80,7 +84,6 @@ def _nearest_code_kernel(
         best_idx = tl.where(better, tile_idx + k0, best_idx)
         codebook_tile_ptr += BLOCK_K * D
 
-    rows = row0 + local_rows
     tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_mask)
     tl.store(sqdist_ptr + rows, tl.maximum(best + x_sqnorm, 0.0, propagate_nan=tl.PropagateNan.ALL),
              mask=row_mask)
@@ -93,34 +96,33 @@ def pick_config(dtype: torch.dtype, precision: str = "ieee") -> dict:
 
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee"):
-    """``x: [N, D]``, ``codebook: [K, D]`` -> ``idx: int64 [N]``, ``sqdist: fp32 [N]``.
+    """``x: [N, D]`` or ``[B, D, S]``, ``codebook: [K, D]`` -> ``idx: int64 [N]``, ``sqdist: fp32 [N]``.
 
     The dot runs in x's dtype (the codebook is rounded to it for fp16/bf16 inputs) with
     fp32 accumulation; ``precision`` applies to fp32 inputs (see ``vqfast.nearest_code``).
     With fp16 inputs a code whose entries overflow fp16 (|e| > 65504, e.g. a long-dead EMA
     code divided by a tiny cluster size) counts as infinitely far and is never chosen.
     """
-    check_matrix("x", x)
+    n, d, s = vector_layout("x", x)
     check_matrix("codebook", codebook)
     check_same_device(x=x, codebook=codebook)
-    if x.shape[1] != codebook.shape[1]:
-        raise ValueError(f"x has D={x.shape[1]} but codebook has D={codebook.shape[1]}")
-    if x.shape[0] >= 2**31 or codebook.shape[0] >= 2**31:
-        raise ValueError(f"N and K must be < 2**31, got N={x.shape[0]}, K={codebook.shape[0]}")
+    if d != codebook.shape[1]:
+        raise ValueError(f"x has D={d} but codebook has D={codebook.shape[1]}")
+    k = codebook.shape[0]
+    config = pick_config(x.dtype, precision)
+    if n >= 2**31 or k * d >= 2**31 or (config["BLOCK_N"] + s) * d + s >= 2**31:
+        raise ValueError(f"too large for 32-bit tile offsets: N={n}, K={k}, D={d}, S={s}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    n, d = x.shape
-    k = codebook.shape[0]
     # The dot's operands share x's dtype: the codebook is rounded once per call (not per
     # tile), and its norms are taken of the rounded codes the dot sees.
     codebook = codebook.to(x.dtype)
     codebook_sqnorm = codebook.float().pow(2).sum(1)
     idx = torch.empty(n, dtype=torch.int64, device=x.device)
     sqdist = torch.empty(n, dtype=torch.float32, device=x.device)
-    config = pick_config(x.dtype, precision)
     grid = (triton.cdiv(n, config["BLOCK_N"]),)
     _nearest_code_kernel[grid](
-        x, codebook, codebook_sqnorm, idx, sqdist, n, k, d,
+        x, codebook, codebook_sqnorm, idx, sqdist, n, k, d, s,
         INPUT_PRECISION=precision if x.dtype == torch.float32 else "ieee",
         # The Triton interpreter (3.8) multiplies bf16 dot operands as raw bits; upcasting
         # them is exact (bf16 x bf16 fits fp32), so results are what the GPU computes.

@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_matrix, check_rows, check_same_device, launch_config
+from ._checks import check_rows, check_same_device, launch_config
+from ._layout import row_offsets, same_layout, vector_layout
 from .code_sums import code_sums_sorted
 
 CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=4)
@@ -19,13 +20,13 @@ CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=4)
 @triton.jit
 def _quantize_backward_kernel(
     grad_q_ptr, x_ptr, q_ptr, idx_ptr, grad_loss_ptr, grad_x_ptr, grad_codebook_ptr,
-    N, D, x_scale, codebook_scale,
+    N, D, S, x_scale, codebook_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ATOMIC_CODEBOOK_GRAD: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (rows < N)[:, None] & (dims < D)[None, :]
-    offsets = rows.to(tl.int64)[:, None] * D + dims[None, :]
+    offsets = row_offsets(rows, S, D)[:, None] + dims[None, :] * S
     grad_loss = tl.load(grad_loss_ptr)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     q = tl.load(q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -40,18 +41,15 @@ def _quantize_backward_kernel(
 
 
 def quantize_backward(grad_q, grad_loss, x, q, idx, num_codes, x_scale, codebook_scale):
-    """Gradients of the quantizer: ``grad_x [N, D]`` (x's dtype) and ``grad_codebook``
+    """Gradients of the quantizer: ``grad_x`` (x's shape and dtype) and ``grad_codebook``
     (fp32 ``[K, D]``, ``None`` when ``codebook_scale == 0``).
 
     Deterministic mode takes the codebook gradient from the sort-based segment sums.
     """
-    for name, t in (("grad_q", grad_q), ("x", x), ("q", q)):
-        check_matrix(name, t)
+    n, d, s = vector_layout("x", x)
+    same_layout("grad_q", grad_q, x)
+    same_layout("q", q, x)
     check_same_device(grad_q=grad_q, grad_loss=grad_loss, x=x, q=q, idx=idx)
-    if not grad_q.shape == x.shape == q.shape:
-        raise ValueError(f"grad_q {tuple(grad_q.shape)}, x {tuple(x.shape)} and q "
-                         f"{tuple(q.shape)} must share one shape")
-    n, d = x.shape
     check_rows("idx", idx, n, torch.int64)
     grad_loss = grad_loss.float().reshape(1)
     with_grad = codebook_scale != 0
@@ -63,7 +61,7 @@ def quantize_backward(grad_q, grad_loss, x, q, idx, num_codes, x_scale, codebook
     grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(d, config["BLOCK_D"]))
     _quantize_backward_kernel[grid](
         grad_q, x, q, idx, grad_loss, grad_x, grad_codebook if atomic else grad_x,
-        n, d, float(x_scale), float(codebook_scale),
+        n, d, s, float(x_scale), float(codebook_scale),
         ATOMIC_CODEBOOK_GRAD=atomic, **config)
     if with_grad and not atomic:
         counts = torch.bincount(idx, minlength=num_codes).to(torch.int32)

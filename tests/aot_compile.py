@@ -44,14 +44,23 @@ def _streaming_configs(config):
 
 
 def variants():
-    """(name, kernel, signature, constexprs, options) for every launchable configuration."""
+    """(name, kernel, signature, constexprs, options) for every launchable configuration:
+    each twice, with a runtime S ([B, D, S] inputs) and with S == 1, which triton's JIT
+    specialises to a constant for [N, D] inputs."""
+    for name, kernel, sig, consts, options in _variants():
+        yield name + "[S]", kernel, sig, consts, options
+        if "S" in sig:
+            yield name + "[S=1]", kernel, sig, dict(consts, S=1), options
+
+
+def _variants():
     torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for dtype in PTR:
         for precision in (nearest_code.PRECISIONS if dtype == "fp32" else ("ieee",)):
             config = nearest_code.pick_config(torch_dtypes[dtype], precision)
             options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
             sig = {"x_ptr": PTR[dtype], "codebook_ptr": PTR[dtype], "codebook_sqnorm_ptr": "*fp32",
-                   "idx_ptr": "*i64", "sqdist_ptr": "*fp32", "N": "i32", "K": "i32", "D": "i32"}
+                   "idx_ptr": "*i64", "sqdist_ptr": "*fp32", "N": "i32", "K": "i32", "D": "i32", "S": "i32"}
             consts = dict(config, INPUT_PRECISION=precision, UPCAST_DOT=False)
             yield (f"nearest_code[{dtype},{precision}]", nearest_code._nearest_code_kernel,
                    sig, consts, options)
@@ -60,14 +69,14 @@ def variants():
             PTR, list(_streaming_configs(gather_loss.CONFIG)), (True, False)):
         sig = {"x_ptr": PTR[dtype], "codebook_ptr": "*fp32", "idx_ptr": "*i64", "q_ptr": PTR[dtype],
                "partial_err_ptr": "*fp32", "counts_ptr": "*i32",
-               "code_sums_ptr": "*fp32" if atomic else "*i32", "N": "i32", "D": "i32"}
+               "code_sums_ptr": "*fp32" if atomic else "*i32", "N": "i32", "D": "i32", "S": "i32"}
         yield (f"gather_loss[{dtype},D{cfg['BLOCK_D']},atomic={atomic}]",
                gather_loss._gather_loss_kernel, sig, dict(cfg, ATOMIC_CODE_SUMS=atomic), options)
 
     for dtype, (cfg, options), has_q in itertools.product(
             PTR, list(_streaming_configs(code_sums.CONFIG)), (True, False)):
         sig = {"x_ptr": PTR[dtype], "q_ptr": PTR[dtype], "order_ptr": "*i64", "offsets_ptr": "*i64",
-               "scale_ptr": "*fp32", "out_ptr": "*fp32", "D": "i32"}
+               "scale_ptr": "*fp32", "out_ptr": "*fp32", "D": "i32", "S": "i32"}
         yield (f"code_sums_sorted[{dtype},D{cfg['BLOCK_D']},q={has_q}]",
                code_sums._code_sums_sorted_kernel, sig, dict(cfg, HAS_Q=has_q, HAS_SCALE=has_q),
                options)
@@ -83,7 +92,7 @@ def variants():
         sig = {"grad_q_ptr": PTR[dtype], "x_ptr": PTR[dtype], "q_ptr": PTR[dtype], "idx_ptr": "*i64",
                "grad_loss_ptr": "*fp32", "grad_x_ptr": PTR[dtype],
                "grad_codebook_ptr": "*fp32" if atomic else PTR[dtype], "N": "i32", "D": "i32",
-               "x_scale": "fp32", "codebook_scale": "fp32"}
+               "S": "i32", "x_scale": "fp32", "codebook_scale": "fp32"}
         yield (f"quantize_backward[{dtype},D{cfg['BLOCK_D']},atomic={atomic}]",
                quantize_backward._quantize_backward_kernel, sig,
                dict(cfg, ATOMIC_CODEBOOK_GRAD=atomic), options)

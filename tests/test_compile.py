@@ -32,3 +32,25 @@ def test_compiled_matches_eager(kind, backend):
             torch.testing.assert_close(compiled_module.codebook.grad, eager.codebook.grad)
     for key, value in eager.state_dict().items():  # buffer mutations survive compilation
         torch.testing.assert_close(compiled_module.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["rows", "channels_first"])
+def test_custom_ops_pass_opcheck(layout, backend):
+    """Schemas, fake (meta) implementations and mutation annotations agree with the real ops."""
+    x = torch.randn(2, 5, 7, device=DEVICE) if layout == "channels_first" else torch.randn(14, 5, device=DEVICE)
+    codebook = torch.randn(11, 5, device=DEVICE)
+    ops = torch.ops.vqfast
+    q, idx, _, counts, sums = ops.quantize(x, codebook, True, backend, "ieee")
+    checks = [
+        (ops.quantize.default, (x, codebook, True, backend, "ieee")),
+        (ops.quantize.default, (x, codebook, False, backend, "ieee")),
+        (ops.quantize_backward.default,
+         (torch.randn_like(x), torch.tensor(0.5, device=DEVICE), x, q, idx, 11, 0.1, 0.2, backend)),
+        (ops.ema_update.default, (counts, sums, torch.rand(11, device=DEVICE) + 1,
+                                  torch.randn(11, 5, device=DEVICE), codebook.clone(), 0.9, 1e-5, backend)),
+    ]
+    if layout == "rows":
+        checks.append((ops.nearest_code.default, (x, codebook, backend, "ieee")))
+    for op, args in checks:
+        torch.library.opcheck(op, args)

@@ -151,3 +151,28 @@ def test_large_shape_allocates_no_n_by_k():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     assert extra < n * k * 4 // 8, f"{extra / 2**20:.0f} MiB extra: an [N, K] buffer is {n * k * 4 / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_channels_first_layout_matches_rows(dtype):
+    """[B, D, S] inputs are read and written in place, as their [B * S, D] rows would be."""
+    b, d, s, k = 3, 19, 45, 37
+    x3 = torch.randn(b, d, s, device=DEVICE).to(dtype)
+    rows = x3.movedim(1, -1).reshape(-1, d).contiguous()
+    codebook = torch.randn(k, d, device=DEVICE)
+    idx3, sqdist3 = kernels.nearest_code(x3, codebook)
+    idx2, sqdist2 = kernels.nearest_code(rows, codebook)
+    assert torch.equal(idx3, idx2) and torch.equal(sqdist3, sqdist2)
+    q3, err3, counts3, sums3 = kernels.gather_loss(x3, codebook, idx3, True)
+    q2, err2, counts2, sums2 = kernels.gather_loss(rows, codebook, idx2, True)
+    assert q3.shape == x3.shape and torch.equal(q3.movedim(1, -1).reshape(-1, d), q2)
+    torch.testing.assert_close(err3, err2)
+    assert torch.equal(counts3, counts2)
+    torch.testing.assert_close(sums3, sums2)
+    grad3 = torch.randn_like(x3)
+    g = torch.tensor(0.7, device=DEVICE)
+    gx3, gc3 = kernels.quantize_backward(grad3, g, x3, q3, idx3, k, 0.1, 0.2)
+    gx2, gc2 = kernels.quantize_backward(grad3.movedim(1, -1).reshape(-1, d).contiguous(), g, rows,
+                                         q2, idx2, k, 0.1, 0.2)
+    assert torch.equal(gx3.movedim(1, -1).reshape(-1, d), gx2)
+    torch.testing.assert_close(gc3, gc2)

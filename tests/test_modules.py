@@ -159,15 +159,28 @@ def test_nearest_code_functional(backend):
     torch.testing.assert_close(sqdist, (x - codebook[idx]).pow(2).sum(1), rtol=1e-4, atol=1e-4)
 
 
-def test_torch_path_chunks_agree(monkeypatch):
-    """Row chunking of the distance computation is invisible in the result."""
+@pytest.mark.parametrize("chunk_rows", [7, 45, 1000])  # inside one element, across, all at once
+def test_torch_path_chunks_agree(monkeypatch, chunk_rows):
+    """Chunking (over rows of [N, D], or positions and batch elements of [B, D, S]) is
+    invisible in every output and gradient."""
     from vqfast import _torch
-    x = torch.randn(517, 23)
-    codebook = torch.randn(61, 23)
-    whole = vqfast.nearest_code(x, codebook, backend="torch")
-    monkeypatch.setattr(_torch, "_CHUNK_ELEMENTS", 61 * 10)  # 10 rows per chunk, ragged tail
-    chunked = vqfast.nearest_code(x, codebook, backend="torch")
-    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+    ref, _ = _pair("plain", (4, 23, (5, 9), 61), "torch")
+    z = torch.randn(4, 23, 5, 9, device=DEVICE)
+
+    def run():
+        vq = vqfast.VectorQuantizer(61, 23, 0.25, backend="torch").to(DEVICE)
+        vq.load_state_dict(ref.state_dict())
+        z_grad = z.clone().requires_grad_()
+        loss, q, perplexity, enc = vq(z_grad)
+        (loss + q.pow(3).sum()).backward()
+        x = z.movedim(1, -1).reshape(-1, 23)
+        return [loss, q, perplexity, enc, z_grad.grad, vq.codebook.grad,
+                *vqfast.nearest_code(x, vq.codebook.detach(), backend="torch")]
+
+    whole = run()
+    monkeypatch.setattr(_torch, "_CHUNK_ELEMENTS", 61 * chunk_rows)
+    for a, b in zip(run(), whole):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,34 +1,66 @@
 """The lean torch backend: the fused ops of ``vqfast.kernels`` written with torch ops.
 
-Same signatures as the Triton launchers. Never allocates ``[N, K]``: distances are taken
-in row chunks of at most ``_CHUNK_ELEMENTS`` entries, counts with ``bincount`` and per-code
-sums with ``index_add_``. Everything accumulates in fp32.
+Same signatures as the Triton launchers: vectors come as ``[N, D]`` rows or channels-first
+``[B, D, S]`` (vector ``n = b * S + s``). Never allocates ``[N, K]`` nor a flattened copy
+of the input: every op walks the vectors in chunks of at most ``_CHUNK_ELEMENTS`` entries
+(distances, differences), counts with ``bincount`` and sums per code with ``index_add_``.
+Everything accumulates in fp32.
 """
 
 import torch
 
-# 1 Mi fp32 distances (4 MiB) per chunk: big enough for an efficient matmul, small enough
-# that the distance buffer stays far below the reference's [N, K] matrices.
+# 1 Mi fp32 entries (4 MiB) per chunk: big enough for an efficient matmul, small enough
+# that the temporaries stay far below the reference's [N, K] matrices. The elementwise
+# passes (gather, backward) take a quarter of it per operand: they hold several at once.
 _CHUNK_ELEMENTS = 1 << 20
 
 
-def _row_chunks(num_rows: int, row_elements: int):
-    """Slices of at most ``_CHUNK_ELEMENTS // row_elements`` rows covering ``range(num_rows)``."""
-    rows = max(1, _CHUNK_ELEMENTS // row_elements)
-    return (slice(start, start + rows) for start in range(0, num_rows, rows))
+def _as_bds(x: torch.Tensor) -> torch.Tensor:
+    """``[N, D]`` -> the view ``[N, D, 1]``; ``[B, D, S]`` as is."""
+    return x.unsqueeze(-1) if x.dim() == 2 else x
+
+
+def _chunks(x: torch.Tensor, row_elements: int, budget: int | None = None):
+    """Cover the vectors of ``x`` in order with chunks of at most ``budget //
+    row_elements`` vectors (budget: ``_CHUNK_ELEMENTS``): yields ``(rows, where)``, a slice
+    of ``range(N)`` and the matching ``(batch, spatial)`` index into the ``[B, D, S]`` view."""
+    b, _, s = _as_bds(x).shape
+    rows = max(1, (budget or _CHUNK_ELEMENTS) // row_elements)
+    if rows >= s:  # whole batch elements per chunk
+        step = rows // s
+        for b0 in range(0, b, step):
+            b1 = min(b, b0 + step)
+            yield slice(b0 * s, b1 * s), (slice(b0, b1), slice(None))
+    else:  # a run of positions inside one batch element
+        for bi in range(b):
+            for s0 in range(0, s, rows):
+                s1 = min(s, s0 + rows)
+                yield slice(bi * s + s0, bi * s + s1), (slice(bi, bi + 1), slice(s0, s1))
+
+
+def _get(x: torch.Tensor, where) -> torch.Tensor:
+    """The chunk's vectors as ``[rows, D]`` fp32 (a view where the layout allows)."""
+    x = _as_bds(x)
+    return x[where[0], :, where[1]].movedim(1, -1).reshape(-1, x.shape[1]).float()
+
+
+def _put(out: torch.Tensor, where, rows: torch.Tensor) -> None:
+    """Write ``[rows, D]`` vectors into the chunk of ``out`` (any layout, out's dtype)."""
+    target = _as_bds(out)[where[0], :, where[1]]
+    target.copy_(rows.view(target.shape[0], target.shape[2], target.shape[1]).movedim(-1, 1))
 
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee"):
-    """``x: [N, D]``, ``codebook: [K, D]`` -> ``idx: int64 [N]``, ``sqdist: fp32 [N]``."""
+    """``x: [N, D]`` or ``[B, D, S]``, ``codebook: [K, D]`` -> ``idx: int64 [N]``, ``sqdist: fp32 [N]``."""
     del precision  # torch's own matmul precision setting applies on this path
     codebook = codebook.float()
-    num_codes = codebook.shape[0]
     codebook_sqnorm = codebook.pow(2).sum(1)
     codebook_t = codebook.t()
-    idx = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
-    sqdist = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    for rows in _row_chunks(x.shape[0], num_codes):
-        x_chunk = x[rows].float()
+    num = x.numel() // x.shape[1]
+    idx = torch.empty(num, dtype=torch.int64, device=x.device)
+    sqdist = torch.empty(num, dtype=torch.float32, device=x.device)
+    for rows, where in _chunks(x, codebook.shape[0]):
+        x_chunk = _get(x, where)
         # |e|^2 - 2 x.e ; |x|^2 is constant per row and does not change the argmin.
         dist = torch.addmm(codebook_sqnorm, x_chunk, codebook_t, alpha=-2)
         best, best_idx = dist.min(dim=1)
@@ -38,19 +70,19 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
 
 
 def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with_code_sums: bool):
-    """``q = codebook[idx]`` in x's dtype, exact ``sum((q - x)^2)`` (fp32 0-d), per-code
-    ``counts`` (int32 [K]) and, if asked, per-code sums of x (fp32 [K, D], else ``None``)."""
+    """``q = codebook[idx]`` in x's layout and dtype, exact ``sum((q - x)^2)`` (fp32 0-d),
+    per-code ``counts`` (int32 [K]) and, if asked, per-code sums of x (fp32 [K, D], else ``None``)."""
     codebook = codebook.float()
     q = torch.empty_like(x)
     sq_err = torch.zeros((), dtype=torch.float32, device=x.device)
     code_sums = torch.zeros(codebook.shape, dtype=torch.float32, device=x.device) if with_code_sums else None
-    for rows in _row_chunks(x.shape[0], x.shape[1]):
-        x_chunk = x[rows].float()
-        q32 = codebook.index_select(0, idx[rows])
-        q[rows] = q32
+    for rows, where in _chunks(x, x.shape[1], _CHUNK_ELEMENTS // 4):
+        x_chunk = _get(x, where)
+        q_chunk = codebook.index_select(0, idx[rows])
+        _put(q, where, q_chunk)
         if with_code_sums:
             code_sums.index_add_(0, idx[rows], x_chunk)
-        sq_err += q32.sub_(x_chunk).pow_(2).sum()
+        sq_err += q_chunk.sub_(x_chunk).pow_(2).sum()
     counts = torch.bincount(idx, minlength=codebook.shape[0]).to(torch.int32)
     return q, sq_err, counts, code_sums
 
@@ -72,15 +104,20 @@ def ema_update(counts, code_sums, total, ema_cluster_size, ema_weight, codebook,
 def quantize_backward(grad_q, grad_loss, x, q, idx, num_codes, x_scale, codebook_scale):
     """Straight-through + commitment gradient for x; scatter-added codebook gradient.
 
-    ``grad_x = grad_q + grad_loss * x_scale * (x - q)``;
+    ``grad_x = grad_q + grad_loss * x_scale * (x - q)`` (x's layout and dtype);
     ``grad_codebook[k] = grad_loss * codebook_scale * sum_{idx[n] == k} (q[n] - x[n])``
     (``None`` when ``codebook_scale == 0``).
     """
-    diff = q.float() - x.float()  # [N, D], reused in place as grad_x
+    grad_x = torch.empty_like(x)
     grad_codebook = None
     if codebook_scale != 0:
         grad_codebook = torch.zeros(num_codes, x.shape[1], dtype=torch.float32, device=x.device)
-        grad_codebook.index_add_(0, idx, diff)
+    x_coef = -(grad_loss * x_scale)
+    for rows, where in _chunks(x, x.shape[1], _CHUNK_ELEMENTS // 4):
+        diff = _get(q, where) - _get(x, where)  # [rows, D], reused in place as grad_x
+        if grad_codebook is not None:
+            grad_codebook.index_add_(0, idx[rows], diff)
+        _put(grad_x, where, diff.mul_(x_coef).add_(_get(grad_q, where)))
+    if grad_codebook is not None:
         grad_codebook.mul_(grad_loss * codebook_scale)
-    grad_x = diff.mul_(-(grad_loss * x_scale)).add_(grad_q)
-    return grad_x.to(x.dtype), grad_codebook
+    return grad_x, grad_codebook

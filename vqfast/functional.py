@@ -58,6 +58,11 @@ def check_codebook_input(x: torch.Tensor, codebook: torch.Tensor, name: str = "x
 
 # --- custom ops -------------------------------------------------------------------------
 
+def _num_vectors(x: torch.Tensor):
+    """N of an ``[N, D]`` or channels-first ``[B, D, S]`` tensor."""
+    return x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[2]
+
+
 @torch.library.custom_op("vqfast::nearest_code", mutates_args=())
 def _nearest_code_op(x: torch.Tensor, codebook: torch.Tensor, backend: str,
                      precision: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +71,7 @@ def _nearest_code_op(x: torch.Tensor, codebook: torch.Tensor, backend: str,
 
 @_nearest_code_op.register_fake
 def _(x, codebook, backend, precision):
-    n = x.shape[0]
+    n = _num_vectors(x)
     return x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=torch.float32)
 
 
@@ -84,7 +89,7 @@ def _quantize_op(x: torch.Tensor, codebook: torch.Tensor, with_code_sums: bool, 
 
 @_quantize_op.register_fake
 def _(x, codebook, with_code_sums, backend, precision):
-    n = x.shape[0]
+    n = _num_vectors(x)
     sums_shape = tuple(codebook.shape) if with_code_sums else (0,)
     return (torch.empty_like(x), x.new_empty(n, dtype=torch.int64),
             x.new_empty((), dtype=torch.float32), x.new_empty(codebook.shape[0], dtype=torch.int32),
@@ -127,7 +132,8 @@ def _(counts, code_sums, ema_cluster_size, ema_weight, codebook, decay, epsilon,
 # --- autograd ---------------------------------------------------------------------------
 
 class _Quantize(torch.autograd.Function):
-    """``x: [N, D]``, ``codebook: [K, D]`` -> ``q [N, D]``, ``loss``, ``idx [N]``, ``counts [K]``,
+    """``x: [N, D]`` or channels-first ``[B, D, S]`` (N = B * S), ``codebook: [K, D]`` ->
+    ``q`` (x's layout), ``loss``, ``idx [N]``, ``counts [K]``,
     ``code_sums`` (fp32 ``[K, D]`` per-code sums of x for the EMA update when
     ``with_code_sums``, else an empty tensor).
 
@@ -169,7 +175,7 @@ class _Quantize(torch.autograd.Function):
 
 def quantize(x, codebook, commitment_cost, codebook_loss, with_code_sums=False, backend="torch",
              precision="ieee"):
-    """Differentiable nearest-code quantization of a flat, contiguous ``x: [N, D]``.
+    """Differentiable nearest-code quantization of a contiguous ``x: [N, D]`` or ``[B, D, S]``.
 
     Returns ``(q, loss, idx, counts, code_sums)``; see ``_Quantize``.
     """

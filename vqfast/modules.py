@@ -90,8 +90,9 @@ class _QuantizerBase(nn.Module):
         return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
                 f"commitment_cost={self.commitment_cost}, backend={self.backend!r}")
 
-    def _flatten(self, inputs: torch.Tensor):
-        """Validate ``inputs: [B, D, *spatial]`` and return ``x: [N, D]`` (contiguous) and the backend."""
+    def _vectors(self, inputs: torch.Tensor):
+        """Validate ``inputs: [B, D, *spatial]``; return ``x: [B, D, S]`` (a view when
+        ``inputs`` is contiguous: the kernels read channels-first in place) and the backend."""
         if not isinstance(inputs, torch.Tensor):
             raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
         if inputs.dim() < 3:
@@ -102,7 +103,7 @@ class _QuantizerBase(nn.Module):
                              f"{self.embedding_dim}; shape {tuple(inputs.shape)}")
         VF.check_codebook_input(inputs.movedim(1, -1), self.codebook, name="inputs")
         backend = VF.resolve_backend(self.backend, inputs.device)
-        return inputs.movedim(1, -1).reshape(-1, self.embedding_dim).contiguous(), backend
+        return inputs.reshape(inputs.shape[0], self.embedding_dim, -1).contiguous(), backend
 
     def nearest(self, x: torch.Tensor):
         """Nearest codes of flat ``x: [N, D]`` -> ``(idx int64 [N], sqdist fp32 [N])``; no state change."""
@@ -110,13 +111,11 @@ class _QuantizerBase(nn.Module):
                                precision=self.precision)
 
     def _outputs(self, inputs, q, loss, idx, counts):
-        shape = (inputs.shape[0], *inputs.shape[2:], inputs.shape[1])
-        quantized = q.view(shape).movedim(-1, 1).contiguous()
         if self.return_onehot:
             encodings = F.one_hot(idx, self.num_embeddings).float()
         else:
-            encodings = idx.view(shape[:-1])
-        return loss, quantized, VF.perplexity(counts), encodings
+            encodings = idx.view(inputs.shape[0], *inputs.shape[2:])
+        return loss, q.view(inputs.shape), VF.perplexity(counts), encodings
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         rename_legacy_keys(state_dict, prefix, self._legacy_keys)
@@ -130,7 +129,8 @@ class _QuantizerBase(nn.Module):
         """On the first training batch: the codebook from k-means of rank 0's batch."""
         if not (self.training and self.kmeans_init) or bool(self.initialized):
             return
-        centroids, counts = kmeans(x, self.num_embeddings, self.kmeans_iters, backend, self.precision)
+        rows = x.movedim(1, -1).reshape(-1, self.embedding_dim)
+        centroids, counts = kmeans(rows, self.num_embeddings, self.kmeans_iters, backend, self.precision)
         if _world_size() > 1:
             dist.broadcast(centroids, 0)
             dist.broadcast(counts, 0)
@@ -172,7 +172,7 @@ class VectorQuantizer(_QuantizerBase):
             torch.empty(num_embeddings, embedding_dim).uniform_(-1 / num_embeddings, 1 / num_embeddings))
 
     def forward(self, inputs):
-        x, backend = self._flatten(inputs)
+        x, backend = self._vectors(inputs)
         self._maybe_kmeans_init(x, backend)
         q, loss, idx, counts, _ = VF.quantize(x, self.codebook, self.commitment_cost, True, False,
                                               backend, self.precision)
@@ -233,7 +233,7 @@ class VectorQuantizerEMA(_QuantizerBase):
         return f"{super().extra_repr()}, decay={self.decay}, epsilon={self.epsilon}"
 
     def forward(self, inputs):
-        x, backend = self._flatten(inputs)
+        x, backend = self._vectors(inputs)
         update = self.training
         if update and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
             raise ValueError("inputs contain NaN or Inf; the EMA state was left unchanged")
@@ -265,7 +265,9 @@ class VectorQuantizerEMA(_QuantizerBase):
         num_dead = int(dead.sum())
         if num_dead == 0:
             return
-        samples = x[torch.randint(x.shape[0], (num_dead,), device=x.device)].float()
+        b, _, s = x.shape
+        picks = torch.randint(b * s, (num_dead,), device=x.device)
+        samples = x[picks // s, :, picks % s].float()  # [num_dead, D]
         if self._syncing():  # synced buffers: the same dead codes everywhere, rank 0's rows
             dist.broadcast(samples, 0)
         self.codebook[dead] = samples.to(self.codebook.dtype)
