@@ -2,7 +2,8 @@
 
 ``size = decay * size + (1 - decay) * count``; Laplace smoothing with the total ``n``:
 ``size = (size + eps) / (n + K * eps) * n``; ``ema_weight = decay * ema_weight +
-(1 - decay) * code_sums``; ``codebook = ema_weight / size``. All in place, fp32 math.
+(1 - decay) * code_sums``; ``codebook = ema_weight / size``. All in place, fp32 math,
+and only where the device-side flag ``apply`` is set (see ``vqfast.functional``).
 """
 
 import torch
@@ -16,12 +17,13 @@ CONFIG = dict(BLOCK_K=32, MAX_BLOCK_D=64, num_warps=4)
 
 @triton.jit
 def _ema_finalize_kernel(
-    counts_ptr, code_sums_ptr, total_ptr, size_ptr, weight_ptr, codebook_ptr,
+    counts_ptr, code_sums_ptr, total_ptr, apply_ptr, size_ptr, weight_ptr, codebook_ptr,
     K, D, decay, epsilon,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     codes = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    code_mask = codes < K
+    # Not applied: an empty code range, so nothing below stores.
+    code_mask = codes < tl.where(tl.load(apply_ptr) != 0, K, 0)
     total = tl.load(total_ptr)
     count = tl.load(counts_ptr + codes, mask=code_mask, other=0).to(tl.float32)
     size = tl.load(size_ptr + codes, mask=code_mask, other=0.0).to(tl.float32)
@@ -42,11 +44,13 @@ def _ema_finalize_kernel(
                  mask=mask)
 
 
-def ema_update(counts, code_sums, total, ema_cluster_size, ema_weight, codebook, decay, epsilon):
+def ema_update(counts, code_sums, total, apply, ema_cluster_size, ema_weight, codebook, decay,
+               epsilon):
     """In place on ``ema_cluster_size [K]``, ``ema_weight [K, D]``, ``codebook [K, D]``.
 
     ``counts``: int32 ``[K]``; ``code_sums``: fp32 ``[K, D]``; ``total``: fp32 0-d, the
-    ``n`` of the smoothing (read on the device, no host sync).
+    ``n`` of the smoothing; ``apply``: 0-d bool, the update happens only where it is true.
+    Both are read on the device: no host sync.
     """
     k, d = codebook.shape
     for name, t in (("ema_cluster_size", ema_cluster_size), ("ema_weight", ema_weight),
@@ -60,5 +64,6 @@ def ema_update(counts, code_sums, total, ema_cluster_size, ema_weight, codebook,
     config = launch_config(CONFIG, d)
     grid = (triton.cdiv(k, config["BLOCK_K"]),)
     _ema_finalize_kernel[grid](
-        counts, code_sums, total.reshape(1), ema_cluster_size, ema_weight, codebook,
+        counts, code_sums, total.reshape(1), apply.to(torch.int32).reshape(1), ema_cluster_size,
+        ema_weight, codebook,
         k, d, float(decay), float(epsilon), **config)

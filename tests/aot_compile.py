@@ -83,7 +83,7 @@ def _variants():
 
     for cfg, options in _streaming_configs(ema_update.CONFIG):
         sig = {"counts_ptr": "*i32", "code_sums_ptr": "*fp32", "total_ptr": "*fp32",
-               "size_ptr": "*fp32", "weight_ptr": "*fp32", "codebook_ptr": "*fp32",
+               "apply_ptr": "*i32", "size_ptr": "*fp32", "weight_ptr": "*fp32", "codebook_ptr": "*fp32",
                "K": "i32", "D": "i32", "decay": "fp32", "epsilon": "fp32"}
         yield f"ema_finalize[D{cfg['BLOCK_D']}]", ema_update._ema_finalize_kernel, sig, cfg, options
 

@@ -54,3 +54,20 @@ def test_custom_ops_pass_opcheck(layout, backend):
         checks.append((ops.nearest_code.default, (x, codebook, backend, "ieee")))
     for op, args in checks:
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_ema_skips_non_finite_batches(backend):
+    """No host sync inside the graph: the EMA update itself refuses a NaN batch on the device."""
+    torch._dynamo.reset()
+    vq = vqfast.VectorQuantizerEMA(13, 4, 0.25, backend=backend).to(DEVICE)
+    compiled = torch.compile(vq, fullgraph=True, backend="aot_eager")
+    compiled(torch.randn(2, 4, 3, 3, device=DEVICE))  # a finite batch updates
+    state = {k: v.clone() for k, v in vq.state_dict().items()}
+    z = torch.randn(2, 4, 3, 3, device=DEVICE)
+    z[0, 1, 2, 2] = float("nan")
+    compiled(z)
+    for key, value in vq.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    compiled(torch.randn(2, 4, 3, 3, device=DEVICE))
+    assert not torch.equal(vq.ema_weight, state["ema_weight"])

@@ -87,18 +87,21 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
     return q, sq_err, counts, code_sums
 
 
-def ema_update(counts, code_sums, total, ema_cluster_size, ema_weight, codebook, decay, epsilon):
+def ema_update(counts, code_sums, total, apply, ema_cluster_size, ema_weight, codebook, decay,
+               epsilon):
     """In place: decay the EMA statistics towards this batch's, Laplace-smooth, renormalise.
 
-    ``total`` is the fp32 0-d sum of the decayed cluster sizes (the ``n`` of the smoothing).
+    ``total`` is the fp32 0-d sum of the decayed cluster sizes (the ``n`` of the smoothing);
+    ``apply`` a 0-d bool: where false, the state keeps its values (no host sync).
     """
     num_codes = codebook.shape[0]
     size = ema_cluster_size.float() * decay + (1 - decay) * counts.float()
     size = (size + epsilon) / (total + num_codes * epsilon) * total
     weight = ema_weight.float() * decay + (1 - decay) * code_sums
-    ema_cluster_size.copy_(size)
-    ema_weight.copy_(weight)
-    codebook.copy_(weight / size.unsqueeze(1))
+    codebook_new = weight / size.unsqueeze(1)
+    ema_cluster_size.copy_(torch.where(apply, size, ema_cluster_size))
+    ema_weight.copy_(torch.where(apply, weight, ema_weight))
+    codebook.copy_(torch.where(apply, codebook_new, codebook))
 
 
 def quantize_backward(grad_q, grad_loss, x, q, idx, num_codes, x_scale, codebook_scale):

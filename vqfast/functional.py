@@ -120,8 +120,11 @@ def _ema_update_op(counts: torch.Tensor, code_sums: torch.Tensor, ema_cluster_si
                    backend: str) -> None:
     # n of the Laplace smoothing: the sum of the decayed sizes, taken once for both backends.
     total = (ema_cluster_size.float() * decay + (1 - decay) * counts.float()).sum()
-    _impl(backend).ema_update(counts, code_sums, total, ema_cluster_size, ema_weight, codebook,
-                              decay, epsilon)
+    # A batch with NaN/Inf never reaches the state. Eager modules raise before getting here;
+    # this device-side flag (no host sync) is what guards compiled graphs.
+    apply = torch.isfinite(code_sums).all()
+    _impl(backend).ema_update(counts, code_sums, total, apply, ema_cluster_size, ema_weight,
+                              codebook, decay, epsilon)
 
 
 @_ema_update_op.register_fake

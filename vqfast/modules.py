@@ -204,7 +204,8 @@ class VectorQuantizerEMA(_QuantizerBase):
 
     Non-finite inputs in training mode raise ``ValueError`` before any state changes, so a
     NaN batch can never poison the EMA state (in eval mode nothing is updated and the
-    check is skipped).
+    check is skipped). Inside ``torch.compile``d graphs, where raising would need a host
+    sync, the update itself is skipped on the device for such a batch.
     """
 
     _legacy_keys = {"_embedding.weight": "codebook", "_ema_w": "ema_weight",
