@@ -108,12 +108,12 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
     check_same_device(x=x, codebook=codebook)
     if d != codebook.shape[1]:
         raise ValueError(f"x has D={d} but codebook has D={codebook.shape[1]}")
-    k = codebook.shape[0]
-    config = pick_config(x.dtype, precision)
-    if n >= 2**31 or k * d >= 2**31 or (config["BLOCK_N"] + s) * d + s >= 2**31:
-        raise ValueError(f"too large for 32-bit tile offsets: N={n}, K={k}, D={d}, S={s}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    k = codebook.shape[0]
+    config = pick_config(x.dtype, precision)
+    if max(n, k) >= 2**31 or (config["BLOCK_N"] + s) * d + s >= 2**31:
+        raise ValueError(f"too large for 32-bit indices / tile offsets: N={n}, K={k}, D={d}, S={s}")
     # The dot's operands share x's dtype: the codebook is rounded once per call (not per
     # tile), and its norms are taken of the rounded codes the dot sees.
     codebook = codebook.to(x.dtype)
