@@ -173,7 +173,7 @@ def run(shapes, ops, impls, device: torch.device, dtypes, progress=print):
                             _throughput(result, result.median_ms / 1e3, dtype, device)
                     except Skip as reason:
                         result.skipped = str(reason)
-                    except (RuntimeError, ValueError, TypeError) as error:
+                    except Exception as error:  # one failing case must not end the run: report it
                         result.skipped = f"error: {type(error).__name__}: {str(error)[:120]}"
                     row[impl] = result
                     progress(f"{shape.name:>8} {op:>8} {result.dtype:>8} {impl:<24} "

@@ -111,3 +111,13 @@ def test_torchrun_two_processes(cifar_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [m["step"] for m in _metrics(out)] == [5, 10]  # rank 0 logs alone
     assert (out / "checkpoint.pt").exists() and (out / "curves.png").exists()
+
+
+def test_bf16_autocast_and_plain_quantizer(cifar_dir, tmp_path):
+    """--bf16 (autocast on CPU) with the seed's plain quantizer (--decay 0) trains and logs."""
+    out = tmp_path / "bf16"
+    train_cifar10.main(["--data-dir", str(cifar_dir), "--out", str(out), "--steps", "10", "--bf16",
+                        "--decay", "0"] + TINY)
+    metrics = _metrics(out)
+    assert [m["step"] for m in metrics] == [5, 10]
+    assert all(np.isfinite([m["nmse"], m["perplexity"], m["vq_loss"]]).all() for m in metrics)
