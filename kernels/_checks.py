@@ -21,6 +21,13 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"tensors must share one device, got {devices}")
 
 
+def check_codebook(codebook: torch.Tensor, dim: int) -> None:
+    """A contiguous float ``[K, D]`` codebook whose D matches the inputs' ``dim``."""
+    check_matrix("codebook", codebook)
+    if codebook.shape[1] != dim:
+        raise ValueError(f"x has D={dim} but codebook has D={codebook.shape[1]}")
+
+
 def check_rows(name: str, t: torch.Tensor, rows: int, dtype: torch.dtype) -> None:
     if t.shape != (rows,) or t.dtype != dtype or not t.is_contiguous():
         raise ValueError(f"{name} must be a contiguous {dtype} [{rows}], got {t.dtype} {tuple(t.shape)}")

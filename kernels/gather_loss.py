@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_matrix, check_rows, check_same_device, launch_config
+from ._checks import check_codebook, check_rows, check_same_device, launch_config
 from ._layout import row_offsets, vector_layout
 from .code_sums import code_sums_sorted
 
@@ -56,11 +56,9 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
     sort-based kernel instead of fp32 atomics, so they are bitwise reproducible.
     """
     n, d, s = vector_layout("x", x)
-    check_matrix("codebook", codebook)
+    check_codebook(codebook, d)
     check_same_device(x=x, codebook=codebook, idx=idx)
     k = codebook.shape[0]
-    if codebook.shape[1] != d:
-        raise ValueError(f"x has D={d} but codebook has D={codebook.shape[1]}")
     check_rows("idx", idx, n, torch.int64)
     config = launch_config(CONFIG, d)
     grid = (triton.cdiv(n, config["BLOCK_N"]),)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_matrix, check_same_device
+from ._checks import check_codebook, check_same_device
 from ._layout import row_offsets, vector_layout
 
 PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -104,10 +104,8 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
     code divided by a tiny cluster size) counts as infinitely far and is never chosen.
     """
     n, d, s = vector_layout("x", x)
-    check_matrix("codebook", codebook)
+    check_codebook(codebook, d)
     check_same_device(x=x, codebook=codebook)
-    if d != codebook.shape[1]:
-        raise ValueError(f"x has D={d} but codebook has D={codebook.shape[1]}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     k = codebook.shape[0]

@@ -15,6 +15,11 @@ import torch
 _CHUNK_ELEMENTS = 1 << 20
 
 
+def num_vectors(x: torch.Tensor) -> int:
+    """N of an ``[N, D]`` or channels-first ``[B, D, S]`` tensor."""
+    return x.numel() // x.shape[1]
+
+
 def _as_bds(x: torch.Tensor) -> torch.Tensor:
     """``[N, D]`` -> the view ``[N, D, 1]``; ``[B, D, S]`` as is."""
     return x.unsqueeze(-1) if x.dim() == 2 else x
@@ -56,7 +61,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
     codebook = codebook.float()
     codebook_sqnorm = codebook.pow(2).sum(1)
     codebook_t = codebook.t()
-    num = x.numel() // x.shape[1]
+    num = num_vectors(x)
     idx = torch.empty(num, dtype=torch.int64, device=x.device)
     sqdist = torch.empty(num, dtype=torch.float32, device=x.device)
     for rows, where in _chunks(x, codebook.shape[0]):

@@ -58,11 +58,6 @@ def check_codebook_input(x: torch.Tensor, codebook: torch.Tensor, name: str = "x
 
 # --- custom ops -------------------------------------------------------------------------
 
-def _num_vectors(x: torch.Tensor):
-    """N of an ``[N, D]`` or channels-first ``[B, D, S]`` tensor."""
-    return x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[2]
-
-
 @torch.library.custom_op("vqfast::nearest_code", mutates_args=())
 def _nearest_code_op(x: torch.Tensor, codebook: torch.Tensor, backend: str,
                      precision: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +66,7 @@ def _nearest_code_op(x: torch.Tensor, codebook: torch.Tensor, backend: str,
 
 @_nearest_code_op.register_fake
 def _(x, codebook, backend, precision):
-    n = _num_vectors(x)
+    n = _torch.num_vectors(x)
     return x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=torch.float32)
 
 
@@ -89,7 +84,7 @@ def _quantize_op(x: torch.Tensor, codebook: torch.Tensor, with_code_sums: bool, 
 
 @_quantize_op.register_fake
 def _(x, codebook, with_code_sums, backend, precision):
-    n = _num_vectors(x)
+    n = _torch.num_vectors(x)
     sums_shape = tuple(codebook.shape) if with_code_sums else (0,)
     return (torch.empty_like(x), x.new_empty(n, dtype=torch.int64),
             x.new_empty((), dtype=torch.float32), x.new_empty(codebook.shape[0], dtype=torch.int32),

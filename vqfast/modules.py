@@ -252,8 +252,8 @@ class VectorQuantizerEMA(_QuantizerBase):
         return self._outputs(inputs, q, loss, idx, counts)
 
     def _syncing(self) -> bool:
-        world = _world_size()
-        return world > 1 if self.sync_distributed is None else bool(self.sync_distributed) and world > 1
+        wanted = self.sync_distributed is None or bool(self.sync_distributed)
+        return wanted and _world_size() > 1
 
     def _after_kmeans(self, centroids, counts):
         size = counts.float().clamp_min(1)
