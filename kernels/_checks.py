@@ -4,6 +4,9 @@ the launch configuration of the streaming kernels."""
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# For the ahead-of-time compile test: triton's pointer types per input dtype.
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
 def check_matrix(name: str, t: torch.Tensor, dtypes=FLOAT_DTYPES) -> None:
@@ -44,3 +47,13 @@ def launch_config(config: dict, dim: int) -> dict:
     config = dict(config)
     config["BLOCK_D"] = min(max(16, next_power_of_2(dim)), config.pop("MAX_BLOCK_D"))
     return config
+
+
+def streaming_configs(config: dict):
+    """Every ``(constexprs, options)`` that ``launch_config(config, dim)`` can give, over
+    all dims: the configurations the AOT test compiles."""
+    seen = {}
+    for dim in (1, 17, 33, 65, 129, 4096):
+        consts = launch_config(config, dim)
+        seen[consts["BLOCK_D"]] = consts
+    return [(consts, {"num_warps": consts.pop("num_warps")}) for consts in seen.values()]

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import launch_config
+from ._checks import launch_config, streaming_configs
 
 CONFIG = dict(BLOCK_K=32, MAX_BLOCK_D=64, num_warps=4)
 
@@ -67,3 +67,12 @@ def ema_update(counts, code_sums, total, apply, ema_cluster_size, ema_weight, co
         counts, code_sums, total.reshape(1), apply.to(torch.int32).reshape(1), ema_cluster_size,
         ema_weight, codebook,
         k, d, float(decay), float(epsilon), **config)
+
+
+def aot_variants():
+    """Every launchable configuration, for the ahead-of-time compile test."""
+    for cfg, options in streaming_configs(CONFIG):
+        sig = {"counts_ptr": "*i32", "code_sums_ptr": "*fp32", "total_ptr": "*fp32",
+               "apply_ptr": "*i32", "size_ptr": "*fp32", "weight_ptr": "*fp32",
+               "codebook_ptr": "*fp32", "K": "i32", "D": "i32", "decay": "fp32", "epsilon": "fp32"}
+        yield f"ema_finalize[D{cfg['BLOCK_D']}]", _ema_finalize_kernel, sig, cfg, options

@@ -6,15 +6,18 @@ exact and deterministic) and, for the EMA quantizer, the row added into its code
 The squared error is reduced per program and summed once on the host side of the graph.
 """
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_codebook, check_rows, check_same_device, launch_config
+from ._checks import (PTR, check_codebook, check_rows, check_same_device, launch_config,
+                      streaming_configs)
 from ._layout import row_offsets, vector_layout
 from .code_sums import code_sums_sorted
 
-CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=4)
+CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=8)
 
 
 @triton.jit
@@ -71,5 +74,16 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
         x, codebook, idx, q, partial_err, counts, code_sums if atomic else counts, n, d, s,
         ATOMIC_CODE_SUMS=atomic, **config)
     if with_code_sums and not atomic:
-        code_sums = code_sums_sorted(x, idx, counts)
+        code_sums = code_sums_sorted(x, idx, k)
     return q, partial_err.sum(), counts, code_sums
+
+
+def aot_variants():
+    """Every launchable configuration, for the ahead-of-time compile test."""
+    for dtype, (cfg, options), atomic in itertools.product(PTR, streaming_configs(CONFIG),
+                                                            (True, False)):
+        sig = {"x_ptr": PTR[dtype], "codebook_ptr": "*fp32", "idx_ptr": "*i64", "q_ptr": PTR[dtype],
+               "partial_err_ptr": "*fp32", "counts_ptr": "*i32",
+               "code_sums_ptr": "*fp32" if atomic else "*i32", "N": "i32", "D": "i32", "S": "i32"}
+        yield (f"gather_loss[{dtype},D{cfg['BLOCK_D']},atomic={atomic}]", _gather_loss_kernel,
+               sig, dict(cfg, ATOMIC_CODE_SUMS=atomic), options)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_codebook, check_same_device
+from ._checks import PTR, TORCH_DTYPES, check_codebook, check_same_device
 from ._layout import row_offsets, vector_layout
 
 PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -126,3 +126,17 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
         # them is exact (bf16 x bf16 fits fp32), so results are what the GPU computes.
         UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type != "cuda", **config)
     return idx, sqdist
+
+
+def aot_variants():
+    """(name, kernel, signature, constexprs, options) of every configuration the launcher
+    can pick, for the ahead-of-time compile test (``tests/aot_compile.py``)."""
+    for dtype, torch_dtype in TORCH_DTYPES.items():
+        for precision in (PRECISIONS if dtype == "fp32" else ("ieee",)):
+            config = pick_config(torch_dtype, precision)
+            options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+            sig = {"x_ptr": PTR[dtype], "codebook_ptr": PTR[dtype], "codebook_sqnorm_ptr": "*fp32",
+                   "idx_ptr": "*i64", "sqdist_ptr": "*fp32", "N": "i32", "K": "i32", "D": "i32",
+                   "S": "i32"}
+            consts = dict(config, INPUT_PRECISION=precision, UPCAST_DOT=False)
+            yield f"nearest_code[{dtype},{precision}]", _nearest_code_kernel, sig, consts, options

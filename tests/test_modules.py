@@ -205,7 +205,8 @@ def test_codebook_kinds_and_state_dict_round_trip():
     ema = vqfast.VectorQuantizerEMA(10, 3, 0.25)
     assert isinstance(plain.codebook, torch.nn.Parameter)
     assert [n for n, _ in ema.named_parameters()] == []
-    assert set(ema.state_dict()) == {"codebook", "ema_cluster_size", "ema_weight"}
+    assert set(ema.state_dict()) == {"codebook", "ema_cluster_size", "ema_weight",
+                                     "ema_decay_weight", "reseeded_codes", "skipped_batches"}
     assert plain.codebook.abs().max() <= 1 / 10
     for module, cls in ((plain, vqfast.VectorQuantizer), (ema, vqfast.VectorQuantizerEMA)):
         twin = cls(10, 3, 0.25)
@@ -237,8 +238,9 @@ def _bad_inputs():
     return [
         ("channels", torch.randn(2, 5, 4, 4), ValueError, "channels"),
         ("rank", torch.randn(2, 4), ValueError, "spatial"),
-        ("int", torch.randint(0, 3, (2, 4, 3, 3)), TypeError, "floating"),
-        ("complex", torch.randn(2, 4, 3, 3, dtype=torch.complex64), TypeError, "floating"),
+        ("int", torch.randint(0, 3, (2, 4, 3, 3)), TypeError, "fp32, fp16 or bf16"),
+        ("complex", torch.randn(2, 4, 3, 3, dtype=torch.complex64), TypeError, "fp32, fp16 or bf16"),
+        ("float64", torch.randn(2, 4, 3, 3, dtype=torch.float64), TypeError, "fp32, fp16 or bf16"),
         ("device", torch.randn(2, 4, 3, 3, device="meta"), ValueError, "device|meta"),
         ("empty", torch.randn(0, 4, 3, 3), ValueError, "empty"),
         ("not a tensor", [[1.0]], TypeError, "Tensor"),
@@ -259,19 +261,38 @@ def test_bad_input_raises_and_keeps_state(kind, case):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_input_never_poisons_ema(bad, backend):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e19])  # 3e19: finite, squares overflow
+def test_non_finite_batch_is_skipped_and_counted(bad, backend):
     vq = vqfast.VectorQuantizerEMA(16, 4, 0.25, backend=backend).to(DEVICE)
     state = copy.deepcopy(vq.state_dict())
     z = torch.randn(2, 4, 3, 3, device=DEVICE)
     z[1, 2, 0, 1] = bad
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        vq(z)
+    vq(z)
     for key, value in vq.state_dict().items():
-        assert torch.equal(value, state[key])
+        if key != "skipped_batches":
+            assert torch.equal(value, state[key]), key
+    assert int(vq.skipped_batches) == 1
+    with pytest.warns(RuntimeWarning, match="1 training batch"):
+        assert vq.codebook_usage().skipped_batches == 1
     vq.eval()  # inference does not touch state, so it only propagates the value
     vq(z)
     assert all(bool(torch.isfinite(v).all()) for v in vq.state_dict().values())
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("kind", ["plain", "ema"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_finite_raises_before_any_state_changes(kind, backend):
+    kw = dict(kmeans_init=True) if kind == "plain" else dict(check_finite=True)
+    cls = vqfast.VectorQuantizerEMA if kind == "ema" else vqfast.VectorQuantizer
+    vq = cls(16, 4, 0.25, backend=backend, **kw).to(DEVICE)
+    state = copy.deepcopy(vq.state_dict())
+    z = torch.randn(2, 4, 3, 3, device=DEVICE)
+    z[0, 1, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        vq(z)
+    for key, value in vq.state_dict().items():
+        assert torch.equal(value, state[key]), key
 
 
 def test_bad_constructor_arguments():

@@ -98,10 +98,14 @@ def test_codebook_usage():
     vq = vqfast.VectorQuantizerEMA(5, 2, 0.25)
     with torch.no_grad():
         vq.ema_cluster_size.copy_(torch.tensor([4.0, 0.5, 0.0, 3.5, 2.0]))
+        vq.ema_decay_weight.fill_(1.0)
     usage = vq.codebook_usage()
     torch.testing.assert_close(usage.usage, torch.tensor([0.4, 0.05, 0.0, 0.35, 0.2]))
-    assert usage.dead_codes == 2
+    assert usage.dead_codes == 2 and usage.alive_codes == 3
     assert vq.codebook_usage(threshold=3.0).dead_codes == 3
+    with torch.no_grad():  # half the EMA's weight so far: sizes count double
+        vq.ema_decay_weight.fill_(0.5)
+    assert vq.codebook_usage(threshold=3.0).dead_codes == 2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -148,7 +152,7 @@ def test_autocast_bf16(kind, backend):
     assert z.dtype == torch.bfloat16 and q.dtype == torch.bfloat16
     assert loss.dtype == torch.float32
     for buffer in vq.buffers():
-        assert buffer.dtype in (torch.float32, torch.bool)
+        assert buffer.dtype in (torch.float32, torch.bool, torch.int64)
     if kind == "plain":  # (the EMA codebook has moved since the codes were chosen)
         assert_nearest(z.detach().float().movedim(1, -1).reshape(-1, 8), vq.codebook.detach(),
                        enc.reshape(-1), torch.bfloat16)

@@ -3,7 +3,7 @@
 Same signatures as the Triton launchers: vectors come as ``[N, D]`` rows or channels-first
 ``[B, D, S]`` (vector ``n = b * S + s``). Never allocates ``[N, K]`` nor a flattened copy
 of the input: every op walks the vectors in chunks of at most ``_CHUNK_ELEMENTS`` entries
-(distances, differences), counts with ``bincount`` and sums per code with ``index_add_``.
+(distances, differences), counts with a 1-D ``scatter_add_`` and sums per code with ``index_add_``.
 Everything accumulates in fp32.
 """
 
@@ -59,8 +59,11 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
     """``x: [N, D]`` or ``[B, D, S]``, ``codebook: [K, D]`` -> ``idx: int64 [N]``, ``sqdist: fp32 [N]``."""
     del precision  # torch's own matmul precision setting applies on this path
     codebook = codebook.float()
-    codebook_sqnorm = codebook.pow(2).sum(1)
-    codebook_t = codebook.t()
+    # A code holding inf or NaN is infinitely far (as on the Triton path): its norm is inf
+    # and its row zero, so the matmul cannot turn it into inf - inf = NaN and win the min.
+    finite_code = torch.isfinite(codebook).all(1)
+    codebook_sqnorm = torch.where(finite_code, codebook.pow(2).sum(1), float("inf"))
+    codebook_t = torch.where(finite_code[:, None], codebook, 0.0).t()
     num = num_vectors(x)
     idx = torch.empty(num, dtype=torch.int64, device=x.device)
     sqdist = torch.empty(num, dtype=torch.float32, device=x.device)
@@ -88,7 +91,10 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
         if with_code_sums:
             code_sums.index_add_(0, idx[rows], x_chunk)
         sq_err += q_chunk.sub_(x_chunk).pow_(2).sum()
-    counts = torch.bincount(idx, minlength=codebook.shape[0]).to(torch.int32)
+    # Not bincount: on CUDA it reads max(idx) on the host. A 1-D scatter_add_ is
+    # deterministic, and integer sums are exact.
+    counts = torch.zeros(codebook.shape[0], dtype=torch.int32, device=x.device).scatter_add_(
+        0, idx, torch.ones_like(idx, dtype=torch.int32))
     return q, sq_err, counts, code_sums
 
 
@@ -109,20 +115,23 @@ def ema_update(counts, code_sums, total, apply, ema_cluster_size, ema_weight, co
     codebook.copy_(torch.where(apply, codebook_new, codebook))
 
 
-def quantize_backward(grad_q, grad_loss, x, q, idx, num_codes, x_scale, codebook_scale):
+def quantize_backward(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale):
     """Straight-through + commitment gradient for x; scatter-added codebook gradient.
 
+    With ``q[n] = codebook[idx[n]]`` gathered in fp32 (never the output rounded to x's dtype):
     ``grad_x = grad_q + grad_loss * x_scale * (x - q)`` (x's layout and dtype);
     ``grad_codebook[k] = grad_loss * codebook_scale * sum_{idx[n] == k} (q[n] - x[n])``
-    (``None`` when ``codebook_scale == 0``).
+    (fp32 ``[K, D]``; ``None`` when ``codebook_scale == 0``).
     """
+    codebook = codebook.float()
     grad_x = torch.empty_like(x)
     grad_codebook = None
     if codebook_scale != 0:
-        grad_codebook = torch.zeros(num_codes, x.shape[1], dtype=torch.float32, device=x.device)
+        grad_codebook = torch.zeros(codebook.shape, dtype=torch.float32, device=x.device)
     x_coef = -(grad_loss * x_scale)
     for rows, where in _chunks(x, x.shape[1], _CHUNK_ELEMENTS // 4):
-        diff = _get(q, where) - _get(x, where)  # [rows, D], reused in place as grad_x
+        # [rows, D], reused in place as grad_x
+        diff = codebook.index_select(0, idx[rows]).sub_(_get(x, where))
         if grad_codebook is not None:
             grad_codebook.index_add_(0, idx[rows], diff)
         _put(grad_x, where, diff.mul_(x_coef).add_(_get(grad_q, where)))

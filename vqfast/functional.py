@@ -13,6 +13,7 @@ import torch
 from . import _torch
 
 BACKENDS = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
@@ -44,8 +45,9 @@ def check_codebook_input(x: torch.Tensor, codebook: torch.Tensor, name: str = "x
     """Validate a flat ``[N, D]`` input against a ``[K, D]`` codebook; raise before any work."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (fp32, fp16 or bf16), got {x.dtype}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be fp32, fp16 or bf16 (the kernels' dtypes, on every "
+                        f"backend), got {x.dtype}; cast it, e.g. x.float()")
     if x.shape[-1] != codebook.shape[1]:
         raise ValueError(f"{name} has {x.shape[-1]} channels but the codebook has embedding_dim="
                          f"{codebook.shape[1]}")
@@ -91,39 +93,46 @@ def _(x, codebook, with_code_sums, backend, precision):
             x.new_empty(sums_shape, dtype=torch.float32))
 
 
+@torch.library.custom_op("vqfast::snapshot", mutates_args=())
+def _snapshot_op(t: torch.Tensor) -> torch.Tensor:
+    return t.float().clone()
+
+
+@_snapshot_op.register_fake
+def _(t):
+    return torch.empty_like(t, dtype=torch.float32)
+
+
 @torch.library.custom_op("vqfast::quantize_backward", mutates_args=())
 def _quantize_backward_op(grad_q: torch.Tensor, grad_loss: torch.Tensor, x: torch.Tensor,
-                          q: torch.Tensor, idx: torch.Tensor, num_codes: int, x_scale: float,
+                          codebook: torch.Tensor, idx: torch.Tensor, x_scale: float,
                           codebook_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     grad_x, grad_codebook = _impl(backend).quantize_backward(
-        grad_q, grad_loss, x, q, idx, num_codes, x_scale, codebook_scale)
+        grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale)
     if grad_codebook is None:
         grad_codebook = x.new_empty(0, dtype=torch.float32)
     return grad_x, grad_codebook
 
 
 @_quantize_backward_op.register_fake
-def _(grad_q, grad_loss, x, q, idx, num_codes, x_scale, codebook_scale, backend):
-    shape = (num_codes, x.shape[1]) if codebook_scale != 0 else (0,)
+def _(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale, backend):
+    shape = tuple(codebook.shape) if codebook_scale != 0 else (0,)
     return torch.empty_like(x), x.new_empty(shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("vqfast::ema_update",
                          mutates_args=("ema_cluster_size", "ema_weight", "codebook"))
-def _ema_update_op(counts: torch.Tensor, code_sums: torch.Tensor, ema_cluster_size: torch.Tensor,
-                   ema_weight: torch.Tensor, codebook: torch.Tensor, decay: float, epsilon: float,
-                   backend: str) -> None:
+def _ema_update_op(counts: torch.Tensor, code_sums: torch.Tensor, apply: torch.Tensor,
+                   ema_cluster_size: torch.Tensor, ema_weight: torch.Tensor,
+                   codebook: torch.Tensor, decay: float, epsilon: float, backend: str) -> None:
     # n of the Laplace smoothing: the sum of the decayed sizes, taken once for both backends.
     total = (ema_cluster_size.float() * decay + (1 - decay) * counts.float()).sum()
-    # A batch with NaN/Inf never reaches the state. Eager modules raise before getting here;
-    # this device-side flag (no host sync) is what guards compiled graphs.
-    apply = torch.isfinite(code_sums).all()
     _impl(backend).ema_update(counts, code_sums, total, apply, ema_cluster_size, ema_weight,
                               codebook, decay, epsilon)
 
 
 @_ema_update_op.register_fake
-def _(counts, code_sums, ema_cluster_size, ema_weight, codebook, decay, epsilon, backend):
+def _(counts, code_sums, apply, ema_cluster_size, ema_weight, codebook, decay, epsilon, backend):
     return None
 
 
@@ -139,34 +148,46 @@ class _Quantize(torch.autograd.Function):
     ``q_latent_loss + commitment_cost * e_latent_loss`` for ``VectorQuantizer``
     (``codebook_loss=True``), ``commitment_cost * e_latent_loss`` for the EMA quantizer.
     The output's value is ``q``; its gradient flows straight through to ``x``.
+
+    The backward gathers ``q`` again from the codebook in fp32 (saved: ``[K, D]``, not
+    ``[N, D]``; a copy when ``with_code_sums``, since the EMA update then rewrites it).
+    The codebook gets a gradient only when the loss is differentiated (else ``None``).
     """
 
     @staticmethod
     def forward(ctx, x, codebook, commitment_cost, codebook_loss, with_code_sums, backend,
                 precision):
+        codebook = codebook.detach()
+        if with_code_sums:
+            # The EMA update rewrites the codebook after this: quantize against a copy and
+            # save that. (An op whose output the forward uses: compilers move a copy used only
+            # by the backward into the backward, where it would read the updated codebook.)
+            codebook = torch.ops.vqfast.snapshot(codebook)
         q, idx, sq_err, counts, code_sums = torch.ops.vqfast.quantize(
             x, codebook, with_code_sums, backend, precision)
         numel = x.numel()
         loss = sq_err * ((float(codebook_loss) + commitment_cost) / numel)
-        ctx.save_for_backward(x, q, idx)
-        ctx.num_codes = codebook.shape[0]
+        ctx.save_for_backward(x, codebook, idx)
         ctx.x_scale = 2.0 * commitment_cost / numel
         ctx.codebook_scale = 2.0 / numel if codebook_loss else 0.0
         ctx.backend = backend
         ctx.mark_non_differentiable(idx, counts, code_sums)
+        ctx.set_materialize_grads(False)  # an unused loss arrives as None: no codebook grad
         return q, loss, idx, counts, code_sums
 
     @staticmethod
     def backward(ctx, grad_q, grad_loss, grad_idx, grad_counts, grad_code_sums):
-        x, q, idx = ctx.saved_tensors
+        x, codebook, idx = ctx.saved_tensors
         if grad_q is None:
-            grad_q = torch.zeros_like(q)
-        if grad_loss is None:
+            grad_q = torch.zeros_like(x)
+        codebook_scale = ctx.codebook_scale if ctx.needs_input_grad[1] else 0.0
+        if grad_loss is None:  # no loss term reaches the codebook (nor x's commitment)
             grad_loss = torch.zeros((), dtype=torch.float32, device=x.device)
+            codebook_scale = 0.0
         grad_x, grad_codebook = torch.ops.vqfast.quantize_backward(
-            grad_q.contiguous(), grad_loss.float(), x, q, idx, ctx.num_codes, ctx.x_scale,
-            ctx.codebook_scale, ctx.backend)
-        if not ctx.needs_input_grad[1] or ctx.codebook_scale == 0:
+            grad_q.contiguous(), grad_loss.float(), x, codebook, idx, ctx.x_scale,
+            codebook_scale, ctx.backend)
+        if codebook_scale == 0:
             grad_codebook = None
         return grad_x, grad_codebook, None, None, None, None, None
 
@@ -181,9 +202,11 @@ def quantize(x, codebook, commitment_cost, codebook_loss, with_code_sums=False, 
                            precision)
 
 
-def ema_update(counts, code_sums, ema_cluster_size, ema_weight, codebook, decay, epsilon, backend):
-    """In-place EMA codebook update from this batch's ``counts [K]`` and ``code_sums [K, D]``."""
-    torch.ops.vqfast.ema_update(counts, code_sums, ema_cluster_size, ema_weight, codebook,
+def ema_update(counts, code_sums, apply, ema_cluster_size, ema_weight, codebook, decay, epsilon,
+               backend):
+    """In-place EMA codebook update from this batch's ``counts [K]`` and ``code_sums [K, D]``,
+    made only where the 0-d bool ``apply`` is true (read on the device: no host sync)."""
+    torch.ops.vqfast.ema_update(counts, code_sums, apply, ema_cluster_size, ema_weight, codebook,
                                 decay, epsilon, backend)
 
 

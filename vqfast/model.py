@@ -88,10 +88,16 @@ class VQVAE(nn.Module):
     Args are the seed's, in its order: ``num_hiddens`` (128), ``num_residual_layers`` (2),
     ``num_residual_hiddens`` (32), ``num_embeddings`` K (512), ``embedding_dim`` D (64),
     ``commitment_cost`` (0.25), ``decay``: > 0 picks ``VectorQuantizerEMA``, 0 the plain
-    ``VectorQuantizer``. Keyword-only: ``in_channels`` (3), ``epsilon``, ``backend``,
-    ``precision`` (passed to the quantizer).
+    ``VectorQuantizer``. Keyword-only: ``in_channels`` (3), ``epsilon``, and any option of
+    the quantizer (``backend``, ``precision``, ``kmeans_init``, ``kmeans_iters``,
+    ``dead_code_threshold`` (EMA only), ...), passed on as they are.
 
-    ``forward(x: [B, C, H, W])`` returns ``(vq_loss, x_recon, perplexity)``.
+    ``forward(x: [B, C, H, W])`` returns ``(vq_loss, x_recon, perplexity)``; with
+    ``return_codes=True`` also the codes ``int64 [B, H/4, W/4]`` from the same pass.
+
+    The paper's defaults (no k-means init, no dead-code re-seeding) reproduce the original
+    and can collapse the codebook to a few codes; ``kmeans_init=True,
+    dead_code_threshold=1.0`` avoids that (see the README's quality table).
     """
 
     _legacy_keys = {"_encoder.": "encoder.", "_pre_vq_conv.": "pre_vq_conv.",
@@ -99,16 +105,19 @@ class VQVAE(nn.Module):
 
     def __init__(self, num_hiddens=128, num_residual_layers=2, num_residual_hiddens=32,
                  num_embeddings=512, embedding_dim=64, commitment_cost=0.25, decay=0.0, *,
-                 in_channels=3, epsilon=1e-5, backend="auto", precision="ieee"):
+                 in_channels=3, epsilon=1e-5, **quantizer_options):
         super().__init__()
         self.encoder = Encoder(in_channels, num_hiddens, num_residual_layers, num_residual_hiddens)
         self.pre_vq_conv = nn.Conv2d(num_hiddens, embedding_dim, kernel_size=1, stride=1)
         if decay > 0.0:
             self.vq = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost, decay,
-                                         epsilon, backend=backend, precision=precision)
+                                         epsilon, **quantizer_options)
         else:
+            if quantizer_options.get("dead_code_threshold"):
+                raise ValueError("dead_code_threshold needs the EMA quantizer (decay > 0)")
+            quantizer_options.pop("dead_code_threshold", None)
             self.vq = VectorQuantizer(num_embeddings, embedding_dim, commitment_cost,
-                                      backend=backend, precision=precision)
+                                      **quantizer_options)
         self.decoder = Decoder(embedding_dim, num_hiddens, num_residual_layers,
                                num_residual_hiddens, out_channels=in_channels)
         self.in_channels = in_channels
@@ -120,10 +129,12 @@ class VQVAE(nn.Module):
         if x.shape[2] % 4 or x.shape[3] % 4:
             raise ValueError(f"H and W must be multiples of 4 (two stride-2 stages), got {tuple(x.shape)}")
 
-    def forward(self, x):
+    def forward(self, x, return_codes: bool = False):
         self._check_images(x)
         z = self.pre_vq_conv(self.encoder(x))
-        loss, quantized, perplexity, _ = self.vq(z)
+        loss, quantized, perplexity, codes = self.vq(z)
+        if return_codes:
+            return loss, self.decoder(quantized), perplexity, codes
         return loss, self.decoder(quantized), perplexity
 
     @torch.no_grad()

@@ -1,6 +1,7 @@
 """Drop-in quantizer modules: ``VectorQuantizer`` and ``VectorQuantizerEMA``."""
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -16,10 +17,20 @@ def _world_size() -> int:
 
 
 class CodebookUsage(NamedTuple):
-    """``usage [K]``: each code's share of the EMA cluster sizes (sums to 1);
-    ``dead_codes``: how many codes have an EMA cluster size below the threshold."""
+    """What ``codebook_usage()`` reports.
+
+    ``usage [K]``: each code's share of the EMA cluster sizes (sums to 1);
+    ``dead_codes``: codes whose bias-corrected EMA cluster size (see ``VectorQuantizerEMA``)
+    is below the threshold; ``alive_codes``: ``K - dead_codes``;
+    ``reseeded_codes``: codes re-seeded by ``dead_code_threshold`` since construction;
+    ``skipped_batches``: training batches whose EMA update was skipped because their
+    statistics (or squared errors) were not finite.
+    """
     usage: torch.Tensor
     dead_codes: int
+    alive_codes: int = 0
+    reseeded_codes: int = 0
+    skipped_batches: int = 0
 
 
 @torch.no_grad()
@@ -33,6 +44,8 @@ def kmeans(x: torch.Tensor, num_codes: int, iters: int = 10, backend: str = "aut
     """
     x = x.detach().float().contiguous()
     backend = VF.resolve_backend(backend, x.device)
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+        raise ValueError("k-means input contains NaN or Inf")
     n = x.shape[0]
     start = (torch.randint(n, (num_codes,), device=x.device) if n < num_codes
              else torch.randperm(n, device=x.device)[:num_codes])
@@ -82,6 +95,9 @@ class _QuantizerBase(nn.Module):
         self.precision = precision
         self.kmeans_init = kmeans_init
         self.kmeans_iters = kmeans_iters
+        # Whether k-means has run, as a Python flag beside the buffer: the training step
+        # tests it without reading the device (no host sync, no data-dependent graph break).
+        self._kmeans_done = not kmeans_init
         if kmeans_init:
             # Persistent, so a checkpoint taken after the k-means step is not re-initialised.
             self.register_buffer("initialized", torch.tensor(False))
@@ -122,23 +138,33 @@ class _QuantizerBase(nn.Module):
         if self.kmeans_init and prefix + "initialized" not in state_dict:
             # A codebook loaded from a checkpoint without the flag is a trained one.
             state_dict[prefix + "initialized"] = torch.tensor(True)
+        if not self.kmeans_init:  # a k-means checkpoint loads into a module without it
+            state_dict.pop(prefix + "initialized", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.kmeans_init:
+            self._kmeans_done = bool(self.initialized)  # at load time, not in the step
 
     @torch.no_grad()
     def _maybe_kmeans_init(self, x: torch.Tensor, backend: str) -> None:
-        """On the first training batch: the codebook from k-means of rank 0's batch."""
-        if not (self.training and self.kmeans_init) or bool(self.initialized):
+        """On the first training batch: the codebook from k-means of rank 0's batch.
+
+        Eagerly, a batch with NaN/Inf raises before any state changes; inside a compiled
+        graph (no raising there) such a batch leaves the codebook and the flag as they were.
+        """
+        if not self.training or self._kmeans_done:
             return
         rows = x.movedim(1, -1).reshape(-1, self.embedding_dim)
         centroids, counts = kmeans(rows, self.num_embeddings, self.kmeans_iters, backend, self.precision)
         if _world_size() > 1:
             dist.broadcast(centroids, 0)
             dist.broadcast(counts, 0)
-        self.codebook.data.copy_(centroids)
-        self._after_kmeans(centroids, counts)
-        self.initialized.fill_(True)
+        finite = torch.isfinite(centroids).all()
+        self.codebook.data.copy_(torch.where(finite, centroids, self.codebook.data))
+        self._after_kmeans(centroids, counts, finite)
+        self.initialized.copy_(finite)
+        self._kmeans_done = True
 
-    def _after_kmeans(self, centroids, counts):
+    def _after_kmeans(self, centroids, counts, finite):
         pass
 
 
@@ -189,110 +215,172 @@ class VectorQuantizerEMA(_QuantizerBase):
         return_onehot, backend, precision, kmeans_init, kmeans_iters: as for ``VectorQuantizer``
             (after k-means, ``ema_cluster_size`` holds the k-means counts, at least 1, and
             ``ema_weight = codebook * ema_cluster_size``).
-        dead_code_threshold: if > 0, after each EMA update the codes whose EMA cluster size
-            fell below it are re-seeded from random rows of the current batch (rank 0's,
-            broadcast, so every rank makes the same choice), with cluster size 1. Off by default
-            (the seed's behaviour).
+        dead_code_threshold: if > 0, after each EMA update the codes whose bias-corrected
+            EMA cluster size fell below it are re-seeded from random rows of the current batch
+            (rank 0's, broadcast, so every rank makes the same choice), starting at a size
+            of ``max(dead_code_threshold, 1)`` so that a used code survives. Decided on the
+            device: no host sync. Off by default (the seed's behaviour).
         sync_distributed: all-reduce the per-code counts and sums across ranks (one packed
             collective) before the EMA finalize, so every rank applies the same, global update.
             ``None`` (default): on when ``torch.distributed`` is initialised with more than one rank.
+        check_finite: raise ``ValueError`` on a training batch holding NaN/Inf, before any
+            state changes. Costs one host sync per step, so it is off by default: without
+            it such a batch's EMA update is skipped on the device and counted in
+            ``skipped_batches`` (``codebook_usage()`` warns about it).
 
     Buffers (no optimizer touches them): ``codebook [K, D]`` (init ``normal(0, 1)``),
-    ``ema_cluster_size [K]`` and ``ema_weight [K, D]``, all fp32, updated in place in
-    training mode only, after the output was taken from the old codebook.
-    ``loss = commitment_cost * e_latent_loss``.
+    ``ema_cluster_size [K]`` and ``ema_weight [K, D]``, all fp32 whatever the module is
+    cast to (``.half()`` moves them, it does not round them), updated in place in training
+    mode only, after the output was taken from the old codebook; ``ema_decay_weight``
+    (0-d, ``1 - decay**t`` after ``t`` updates, 1 after k-means init or a loaded trained
+    checkpoint), which bias-corrects the cluster sizes for the dead-code rule as Adam does
+    (``ema_cluster_size / ema_decay_weight``); counters ``reseeded_codes`` and
+    ``skipped_batches`` (int64). ``loss = commitment_cost * e_latent_loss``.
 
-    Non-finite inputs in training mode raise ``ValueError`` before any state changes, so a
-    NaN batch can never poison the EMA state (in eval mode nothing is updated and the
-    check is skipped). Inside ``torch.compile``d graphs, where raising would need a host
-    sync, the update itself is skipped on the device for such a batch.
+    A training batch whose per-code sums or squared errors are not finite (NaN/Inf
+    inputs, or finite inputs above ~1e19 whose squares overflow fp32) leaves the EMA state
+    untouched and increments ``skipped_batches``; ``quantized`` and ``loss`` still carry
+    the non-finite values, so the training loop sees them.
     """
 
     _legacy_keys = {"_embedding.weight": "codebook", "_ema_w": "ema_weight",
                     "_ema_cluster_size": "ema_cluster_size"}
+    _FP32_STATE = ("codebook", "ema_cluster_size", "ema_weight", "ema_decay_weight")
 
     def __init__(self, num_embeddings, embedding_dim, commitment_cost, decay=0.99, epsilon=1e-5, *,
                  return_onehot=False, backend="auto", precision="ieee", kmeans_init=False,
-                 kmeans_iters=10, dead_code_threshold=0.0, sync_distributed=None):
+                 kmeans_iters=10, dead_code_threshold=0.0, sync_distributed=None,
+                 check_finite=False):
         super().__init__(num_embeddings, embedding_dim, commitment_cost, return_onehot, backend,
                          precision, kmeans_init, kmeans_iters)
-        if not dead_code_threshold >= 0.0:
-            raise ValueError(f"dead_code_threshold must be >= 0, got {dead_code_threshold}")
-        self.dead_code_threshold = dead_code_threshold
-        self.sync_distributed = sync_distributed
+        if not (dead_code_threshold >= 0.0 and math.isfinite(dead_code_threshold)):
+            raise ValueError(f"dead_code_threshold must be a finite number >= 0, got "
+                             f"{dead_code_threshold}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         if not epsilon > 0.0 or not math.isfinite(epsilon):
             raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
+        self.dead_code_threshold = dead_code_threshold
+        self.sync_distributed = sync_distributed
+        self.check_finite = check_finite
         self.decay = decay
         self.epsilon = epsilon
         self.register_buffer("codebook", torch.randn(num_embeddings, embedding_dim))
         self.register_buffer("ema_cluster_size", torch.zeros(num_embeddings))
         self.register_buffer("ema_weight", torch.randn(num_embeddings, embedding_dim))
+        self.register_buffer("ema_decay_weight", torch.tensor(0.0))
+        self.register_buffer("reseeded_codes", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("skipped_batches", torch.tensor(0, dtype=torch.int64))
 
     def extra_repr(self):
         return f"{super().extra_repr()}, decay={self.decay}, epsilon={self.epsilon}"
 
+    def _apply(self, fn, recurse=True):
+        # .half() / .to(dtype) must not round the EMA state: keep it fp32, move it only.
+        before = {name: self._buffers[name] for name in self._FP32_STATE}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        rename_legacy_keys(state_dict, prefix, self._legacy_keys)
+        # Checkpoints from before these buffers (the seed's, vqfast 0.1's) hold trained state.
+        state_dict.setdefault(prefix + "ema_decay_weight", torch.tensor(1.0))
+        state_dict.setdefault(prefix + "reseeded_codes", torch.tensor(0, dtype=torch.int64))
+        state_dict.setdefault(prefix + "skipped_batches", torch.tensor(0, dtype=torch.int64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, inputs):
         x, backend = self._vectors(inputs)
         update = self.training
-        if update and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+        if update and self.check_finite and not torch.compiler.is_compiling() \
+                and not bool(torch.isfinite(x).all()):
             raise ValueError("inputs contain NaN or Inf; the EMA state was left unchanged")
         self._maybe_kmeans_init(x, backend)
         q, loss, idx, counts, code_sums = VF.quantize(
             x, self.codebook, self.commitment_cost, False, update, backend, self.precision)
         if update:
-            global_counts, global_sums = counts, code_sums
-            if self._syncing():
-                global_counts, global_sums = _all_reduce_statistics(counts, code_sums)
-            VF.ema_update(global_counts, global_sums, self.ema_cluster_size, self.ema_weight,
-                          self.codebook, self.decay, self.epsilon, backend)
-            if self.dead_code_threshold > 0:
-                self._reseed_dead_codes(x)
+            self._update(x, loss.detach(), counts, code_sums, backend)
         return self._outputs(inputs, q, loss, idx, counts)
+
+    @torch.no_grad()
+    def _update(self, x, loss, counts, code_sums, backend):
+        """EMA update, skip accounting and dead-code re-seeding, all decided on the device."""
+        not_finite = ~torch.isfinite(loss)
+        if self._syncing():
+            counts, code_sums, not_finite = _all_reduce_statistics(counts, code_sums, not_finite)
+        apply = torch.isfinite(code_sums).all() & ~not_finite
+        VF.ema_update(counts, code_sums, apply, self.ema_cluster_size, self.ema_weight,
+                      self.codebook, self.decay, self.epsilon, backend)
+        self.ema_decay_weight.copy_(torch.where(
+            apply, self.ema_decay_weight * self.decay + (1 - self.decay), self.ema_decay_weight))
+        self.skipped_batches.add_((~apply).long())
+        if self.dead_code_threshold > 0:
+            self._reseed_dead_codes(x, apply)
 
     def _syncing(self) -> bool:
         wanted = self.sync_distributed is None or bool(self.sync_distributed)
         return wanted and _world_size() > 1
 
-    def _after_kmeans(self, centroids, counts):
+    def _after_kmeans(self, centroids, counts, finite):
         size = counts.float().clamp_min(1)
-        self.ema_cluster_size.copy_(size)
-        self.ema_weight.copy_(centroids * size[:, None])
+        self.ema_cluster_size.copy_(torch.where(finite, size, self.ema_cluster_size))
+        self.ema_weight.copy_(torch.where(finite, centroids * size[:, None], self.ema_weight))
+        self.ema_decay_weight.copy_(torch.where(finite, 1.0, self.ema_decay_weight))
+
+    def corrected_cluster_size(self) -> torch.Tensor:
+        """``[K]`` EMA cluster sizes divided by ``1 - decay**t`` (Adam's bias correction):
+        after one step, each code's count in that batch, not 1% of it."""
+        return self.ema_cluster_size / self.ema_decay_weight.clamp_min(1e-30)
 
     @torch.no_grad()
-    def _reseed_dead_codes(self, x: torch.Tensor) -> None:
-        dead = self.ema_cluster_size < self.dead_code_threshold
-        num_dead = int(dead.sum())
-        if num_dead == 0:
-            return
+    def _reseed_dead_codes(self, x: torch.Tensor, apply: torch.Tensor) -> None:
+        # Branch-free: every code draws a candidate row; the dead ones take it.
+        dead = (self.corrected_cluster_size() < self.dead_code_threshold) & apply
         b, _, s = x.shape
-        picks = torch.randint(b * s, (num_dead,), device=x.device)
-        samples = x[picks // s, :, picks % s].float()  # [num_dead, D]
+        picks = torch.randint(b * s, (self.num_embeddings,), device=x.device)
+        samples = x[picks // s, :, picks % s].float()  # [K, D]
         if self._syncing():  # synced buffers: the same dead codes everywhere, rank 0's rows
             dist.broadcast(samples, 0)
-        self.codebook[dead] = samples.to(self.codebook.dtype)
-        self.ema_weight[dead] = samples.to(self.ema_weight.dtype)
-        self.ema_cluster_size[dead] = 1.0
+        size = max(self.dead_code_threshold, 1.0) * self.ema_decay_weight
+        self.codebook.copy_(torch.where(dead[:, None], samples, self.codebook))
+        self.ema_weight.copy_(torch.where(dead[:, None], samples * size, self.ema_weight))
+        self.ema_cluster_size.copy_(torch.where(dead, size, self.ema_cluster_size))
+        self.reseeded_codes.add_(dead.sum())
 
     @torch.no_grad()
     def codebook_usage(self, threshold: float | None = None) -> CodebookUsage:
-        """Per-code EMA usage and the number of dead codes.
+        """Per-code EMA usage, dead and alive codes, re-seeds and skipped batches (host sync).
 
-        A code is dead when its EMA cluster size (its decayed count of assigned vectors per
-        batch) is below ``threshold``: by default ``dead_code_threshold`` if set, else 1.
+        A code is dead when its bias-corrected EMA cluster size (its decayed count of
+        assigned vectors per batch, see ``corrected_cluster_size``) is below ``threshold``:
+        by default ``dead_code_threshold`` if set, else 1. Warns if batches were skipped.
         """
         if threshold is None:
             threshold = self.dead_code_threshold or 1.0
         size = self.ema_cluster_size.float()
         total = size.sum()
         usage = size / total if total > 0 else torch.full_like(size, 1.0 / size.numel())
-        return CodebookUsage(usage, int((size < threshold).sum()))
+        dead = int((self.corrected_cluster_size() < threshold).sum())
+        skipped = int(self.skipped_batches)
+        if skipped:
+            warnings.warn(f"{skipped} training batch(es) had non-finite statistics (NaN/Inf "
+                          "inputs or overflowing squares); their EMA updates were skipped",
+                          RuntimeWarning, stacklevel=2)
+        return CodebookUsage(usage, dead, self.num_embeddings - dead, int(self.reseeded_codes),
+                             skipped)
 
 
-def _all_reduce_statistics(counts: torch.Tensor, code_sums: torch.Tensor):
-    """Sum per-code counts (int32 ``[K]``) and sums (fp32 ``[K, D]``) over all ranks in one
-    collective. Counts travel as fp32: exact up to 2**24 vectors per code per step."""
-    packed = torch.cat([code_sums, counts.float()[:, None]], dim=1)
+def _all_reduce_statistics(counts: torch.Tensor, code_sums: torch.Tensor,
+                           not_finite: torch.Tensor):
+    """Sum per-code counts (int32 ``[K]``), sums (fp32 ``[K, D]``) and the 0-d non-finite
+    flag over all ranks in one collective (so every rank skips the same batches). Counts
+    travel as fp32: exact up to 2**24 vectors per code per step."""
+    k, d = code_sums.shape
+    packed = torch.cat([code_sums.reshape(-1), counts.float(), not_finite.float().reshape(1)])
     dist.all_reduce(packed)
-    return packed[:, -1].round().to(torch.int32), packed[:, :-1].contiguous()
+    return (packed[k * d:k * d + k].round().to(torch.int32), packed[:k * d].view(k, d),
+            packed[-1] > 0)
