@@ -65,7 +65,7 @@ def _ptxas(ptx: str, capability: int) -> dict:
 def compile_one(job):
     index, capability = job
     name, kernel, sig, consts, options = list(variants())[index]
-    record = {"name": name, "target": f"sm_{capability}"}
+    record = {"name": name, "target": f"sm_{capability}", "triton": triton.__version__}
     try:
         src = ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in consts}},
                         constexprs=consts)

@@ -2,6 +2,11 @@
 
 Catches what the interpreter forgives: unsupported ops, shared memory over the target's
 limit, register spills (ptxas -v), and a distance GEMM that misses the tensor cores.
+
+Runs with the installed triton and with every other triton named in
+``VQFAST_AOT_TRITON_PATHS`` (``os.pathsep``-separated folders made with ``pip install
+--no-deps --target DIR triton==X``, put first on ``PYTHONPATH``): CI adds triton 3.6.0,
+the lent GPU's version, so both ends of the supported range are checked.
 """
 
 import json
@@ -17,13 +22,24 @@ pytest.importorskip("triton")
 SCRIPT = Path(__file__).with_name("aot_compile.py")
 
 
-@pytest.fixture(scope="module")
-def records():
+EXTRA_TRITONS = [p for p in os.environ.get("VQFAST_AOT_TRITON_PATHS", "").split(os.pathsep) if p]
+
+
+@pytest.fixture(scope="module", params=["installed"] + EXTRA_TRITONS)
+def records(request):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if request.param != "installed":
+        assert Path(request.param, "triton").is_dir(), f"no triton under {request.param}"
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(request.param).resolve())] + [p for p in [env.get("PYTHONPATH")] if p])
     proc = subprocess.run([sys.executable, "-W", "ignore", str(SCRIPT)], capture_output=True,
                           text=True, env=env, timeout=900)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert rows, proc.stderr[-3000:]
+    if request.param != "installed":  # the folder's triton compiled these, not the venv's
+        version = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"],
+                                 capture_output=True, text=True, env=env).stdout.strip()
+        assert {r["triton"] for r in rows} == {version}
     return rows
 
 
@@ -32,7 +48,7 @@ def test_every_configuration_compiles_for_both_targets(records):
     assert not errors, "\n".join(errors)
     names = {r["name"] for r in records}
     for kernel in ("nearest_code", "gather_loss", "code_sums_sorted", "ema_finalize",
-                   "quantize_backward"):
+                   "quantize_backward"):  # the registry cannot silently lose a kernel
         assert any(n.startswith(kernel + "[") for n in names), kernel
     assert {(n, t) for n in names for t in ("sm_80", "sm_90")} == {(r["name"], r["target"]) for r in records}
 
