@@ -10,23 +10,34 @@ from . import suite
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true",
-                        help="seed shape and a short K sweep only (under a minute on a 2-core CPU)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="seed shape and a short K sweep only (under a minute on a 2-core CPU)")
+    size.add_argument("--tiny", action="store_true",
+                      help="one tiny shape: checks the pipeline in seconds, measures nothing useful")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:i]")
     parser.add_argument("--ops", nargs="+", choices=suite.OPS, default=list(suite.OPS))
     parser.add_argument("--impls", nargs="+", choices=suite.IMPLS, default=list(suite.IMPLS))
-    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=None,
-                        help="default: float32 on CPU, float32 and bfloat16 on CUDA")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"],
+                        default=None, help="default: float32 on CPU, all three on CUDA")
+    parser.add_argument("--out", type=Path, default=Path("benchmark-results"),
+                        help="output folder (default ./benchmark-results, git-ignored; the "
+                             "committed runs live in benchmarks/results/)")
+    parser.add_argument("--name", default=None,
+                        help="file name stem of the outputs (default: date, device, size)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
         else torch.device(args.device)
-    dtype_names = args.dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
+    dtype_names = args.dtypes or (["float32", "bfloat16", "float16"] if device.type == "cuda"
+                                  else ["float32"])
     dtypes = [getattr(torch, name) for name in dtype_names]
 
     env = suite.environment(device)
-    if args.quick:
+    if args.tiny:
+        groups = [([suite.TINY], args.ops)]
+        tag = "tiny"
+    elif args.quick:
         groups = [([suite.SEED], args.ops), (suite.QUICK_K_SWEEP, ["nearest", "ema_step"])]
         tag = "quick"
     else:
@@ -39,7 +50,7 @@ def main(argv=None):
         results += suite.run(shapes, ops, args.impls, device, dtypes)
     print()
     print(suite.markdown(env, results))
-    for kind, path in suite.save(env, results, args.out, tag).items():
+    for kind, path in suite.save(env, results, args.out, tag, args.name).items():
         print(f"{kind}: {path}")
 
 

@@ -1,6 +1,25 @@
 """Time and peak-memory measurement on CPU and CUDA."""
 
+import contextlib
+import os
+import sys
+
 import torch
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence the C++ side's stderr (kineto prints ``USDT: profiler_start/stop`` lines
+    on every profile) for the duration; Python's own stderr is flushed first."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def median_seconds(fn, device: torch.device) -> float:
@@ -26,7 +45,7 @@ def _cpu_peak_bytes(fn) -> int:
     (``profile_memory=True``), so it sees every tensor torch allocates, temporaries included.
     """
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     tree = prof.profiler.kineto_results.experimental_event_tree()
     allocs = sorted(

@@ -28,6 +28,7 @@ class Shape:
 
 
 SEED = Shape("seed", 16384, 64, 512)
+TINY = Shape("tiny", 512, 16, 64)  # --tiny: the pipeline in seconds (the GPU script's dry run)
 LARGE = Shape("large", 65536, 256, 16384)
 K_SWEEP = [Shape(f"K={k}", 16384, 64, k) for k in (256, 1024, 4096, 16384, 65536)]
 N_SWEEP = [Shape(f"N={n}", n, 64, 512) for n in (1024, 4096, 65536, 262144)]
@@ -248,20 +249,49 @@ def markdown(env: dict, results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save(env: dict, results, out_dir: Path, tag: str) -> dict:
-    """Write JSON, markdown and (for a K sweep) a log-log PNG; return the paths."""
+def save(env: dict, results, out_dir: Path, tag: str, name: str | None = None) -> dict:
+    """Write JSON, markdown and (for a K sweep) a log-log PNG as ``out_dir/name.*`` (default
+    name: date, device and ``tag``); return the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = env["device"].replace(" ", "-").replace("/", "-") or env["device_type"]
-    stem = out_dir / f"{env['date']}-{env['device_type']}-{slug}-{tag}"
+    stem = out_dir / (name or f"{env['date']}-{env['device_type']}-{slug}-{tag}")
     paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md")}
     paths["json"].write_text(json.dumps(
         {"environment": env, "results": [dataclasses.asdict(r) for r in results]}, indent=1))
     paths["md"].write_text(markdown(env, results))
     swept = [r for r in results if r.shape.startswith("K=") and r.median_ms]
+    paths["png"] = stem.with_suffix(".png")
     if swept:
-        paths["png"] = stem.with_suffix(".png")
         plot_k_sweep(env, swept, paths["png"])
+    else:
+        plot_bars(env, [r for r in results if r.median_ms], paths["png"])
     return paths
+
+
+def plot_bars(env: dict, results, path: Path) -> None:
+    """Median time per (shape, op, dtype), one bar per implementation (no K sweep to plot)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cases = list(dict.fromkeys((r.shape, r.op, r.dtype) for r in results))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(cases)), 3.8))
+    width = 0.8 / len(IMPLS)
+    colors = dict(zip(IMPLS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for i, impl in enumerate(IMPLS):
+        times = {(r.shape, r.op, r.dtype): r.median_ms for r in results if r.impl == impl}
+        if times:
+            xs = [j + i * width for j, case in enumerate(cases) if case in times]
+            ax.bar(xs, [times[c] for c in cases if c in times], width, label=impl,
+                   color=colors[impl])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+    ax.set_xticklabels(["\n".join(c) for c in cases], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("median ms")
+    ax.legend(fontsize=7)
+    fig.suptitle(f"{env['device']} · torch {env['torch']} · {env['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_k_sweep(env: dict, results, path: Path) -> None:
