@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).with_name("aot_compile.py")
 

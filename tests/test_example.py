@@ -55,6 +55,7 @@ def test_reads_official_format(cifar_dir):
     assert np.array_equal(train[0].numpy().reshape(-1), first)  # channel-major, as documented
 
 
+@pytest.mark.slow
 def test_trains_resumes_and_redraws(cifar_dir, tmp_path):
     out = tmp_path / "run"
     common = ["--data-dir", str(cifar_dir), "--out", str(out)] + TINY
@@ -79,6 +80,7 @@ def test_trains_resumes_and_redraws(cifar_dir, tmp_path):
         assert (out / name).stat().st_size > 0, name
 
 
+@pytest.mark.slow
 def test_resume_is_the_same_run(cifar_dir, tmp_path):
     """20 steps, then 10 more from the step-20 checkpoint == 30 steps in one go."""
     args = ["--data-dir", str(cifar_dir)] + TINY
@@ -101,6 +103,7 @@ def test_missing_data_offline_says_how_to_provide_it(tmp_path, monkeypatch):
         train_cifar10.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), "--device", "cpu"])
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(cifar_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -113,6 +116,7 @@ def test_torchrun_two_processes(cifar_dir, tmp_path):
     assert (out / "checkpoint.pt").exists() and (out / "curves.png").exists()
 
 
+@pytest.mark.slow
 def test_bf16_autocast_and_plain_quantizer(cifar_dir, tmp_path):
     """--bf16 (autocast on CPU) with the seed's plain quantizer (--decay 0) trains and logs."""
     out = tmp_path / "bf16"

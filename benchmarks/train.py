@@ -1,0 +1,238 @@
+"""``python -m benchmarks.train``: VQ-VAE training throughput on synthetic CIFAR-shaped data.
+
+Times one full training step (encoder, quantizer, decoder, backward, Adam, EMA update) of
+the seed's VQ-VAE three ways: eager, ``torch.compile`` and, on CUDA, replayed from one
+CUDA graph. Also measures the quantizer's share of the eager step, counts the kernels one
+quantizer training step launches (CUDA profiler), runs an eager step under
+``torch.cuda.set_sync_debug_mode("error")`` (a host sync raises), and checks that graph
+replays track eager training on the same batches. Writes one JSON file.
+
+``--dry-run``: CPU-sized (batch 8, a few steps, ``aot_eager``), checks the pipeline only.
+"""
+
+import argparse
+import copy
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import vqfast
+
+from .measure import median_seconds, quiet_stderr
+
+
+def _model(args, device):
+    torch.manual_seed(0)
+    return vqfast.VQVAE(args.num_hiddens, 2, 32, args.num_embeddings, 64, 0.25, 0.99,
+                        kmeans_init=args.kmeans_init,
+                        dead_code_threshold=args.dead_code_threshold).to(device)
+
+
+def _optimizer(model, device):
+    # capturable: Adam keeps its step count on the device, so the step can be graphed
+    return torch.optim.Adam(model.parameters(), lr=1e-4, capturable=device.type == "cuda")
+
+
+def _loss(model, x):
+    vq_loss, recon, perplexity = model(x)
+    return vq_loss + F.mse_loss(recon, x), perplexity
+
+
+def _step(model, opt, x):
+    loss, perplexity = _loss(model, x)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    return loss.detach(), perplexity.detach()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _steps_per_second(step, batches, device, steps):
+    for x in batches[:2]:  # warm-up (k-means, compilation, autotuning)
+        step(x)
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    _sync(device)
+    return steps / (time.perf_counter() - start)
+
+
+def eager(args, device, batches):
+    model = _model(args, device)
+    opt = _optimizer(model, device)
+    return {"steps_per_s": _steps_per_second(lambda x: _step(model, opt, x), batches, device,
+                                             args.steps)}
+
+
+def compiled(args, device, batches):
+    model = _model(args, device)
+    opt = _optimizer(model, device)
+    backend = "aot_eager" if args.dry_run else "inductor"
+    model_c = torch.compile(model, fullgraph=True, backend=backend)
+    start = time.perf_counter()
+    _step(model_c, opt, batches[0])
+    _sync(device)
+    compile_s = time.perf_counter() - start
+    rate = _steps_per_second(lambda x: _step(model_c, opt, x), batches, device, args.steps)
+    return {"steps_per_s": rate, "backend": backend, "first_step_s": compile_s}
+
+
+def cuda_graph(args, device, batches):
+    """Capture a whole training step once, replay it; compare with eager on the same data."""
+    if device.type != "cuda":
+        return {"skipped": "CUDA graphs need a CUDA device"}
+    model = _model(args, device)
+    opt = _optimizer(model, device)
+    twin = copy.deepcopy(model)
+    twin_opt = _optimizer(twin, device)
+    static_x = batches[0].clone()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the capture stream (k-means runs here)
+        for x in batches[:3]:
+            static_x.copy_(x)
+            _step(model, opt, static_x)
+            _step(twin, twin_opt, x)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss, static_perplexity = _loss(model, static_x)
+        static_loss.backward()
+        opt.step()
+    losses = []
+    for x in batches[3:6]:
+        static_x.copy_(x)
+        graph.replay()
+        eager_loss, _ = _step(twin, twin_opt, x)
+        losses.append((float(static_loss), float(eager_loss)))
+    drift = max(abs(g - e) / max(abs(e), 1e-12) for g, e in losses)
+
+    def replay(x):
+        static_x.copy_(x)
+        graph.replay()
+    rate = _steps_per_second(replay, batches, device, args.steps)
+    return {"steps_per_s": rate, "graph_vs_eager_losses": losses,
+            "max_relative_loss_difference": drift, "matches_eager": drift < 1e-2}
+
+
+def quantizer_share(args, device, batches):
+    """Median time of the quantizer's own training step (forward, backward, EMA) at the
+    model's latent shape, and its share of the eager model step."""
+    model = _model(args, device)
+    opt = _optimizer(model, device)
+    with torch.no_grad():
+        z = model.pre_vq_conv(model.encoder(batches[0]))
+    z.requires_grad_()
+
+    def vq_step():
+        loss, q, _, _ = model.vq(z)
+        (loss + q.float().mean()).backward()
+    vq_s = median_seconds(vq_step, device)
+    step_s = median_seconds(lambda: _step(model, opt, batches[0]), device)
+    return {"latent_shape": list(z.shape), "quantizer_ms": vq_s * 1e3, "step_ms": step_s * 1e3,
+            "quantizer_share": vq_s / step_s}
+
+
+def launches(args, device, batches):
+    """Kernels launched by one quantizer training step (forward + backward + EMA)."""
+    if device.type != "cuda":
+        return {"skipped": "kernel launches are counted on CUDA"}
+    from torch.profiler import ProfilerActivity, profile
+    model = _model(args, device)
+    with torch.no_grad():
+        z = model.pre_vq_conv(model.encoder(batches[0]))
+    z.requires_grad_()
+
+    def vq_step():
+        loss, q, _, _ = model.vq(z)
+        (loss + q.float().mean()).backward()
+    vq_step()
+    _sync(device)
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        vq_step()
+        _sync(device)
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    counts = {}
+    for name in kernels:
+        counts[name] = counts.get(name, 0) + 1
+    return {"kernels_per_step": len(kernels), "by_name": counts}
+
+
+def no_host_sync(args, device, batches):
+    """An eager training step (after k-means) under sync debug mode "error"."""
+    if device.type != "cuda":
+        return {"skipped": "torch.cuda.set_sync_debug_mode needs CUDA (tests/test_no_sync.py "
+                           "checks the same on CPU)"}
+    model = _model(args, device)
+    opt = _optimizer(model, device)
+    _step(model, opt, batches[0])
+    _sync(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _step(model, opt, batches[1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return {"passed": True}
+
+
+PARTS = {"eager": eager, "compiled": compiled, "cuda_graph": cuda_graph,
+         "quantizer_share": quantizer_share, "launches": launches, "no_host_sync": no_host_sync}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="the JSON file to write")
+    parser.add_argument("--dry-run", action="store_true", help="CPU-sized, pipeline check only")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 256 (8 dry run)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 50, 3 dry run)")
+    parser.add_argument("--num-hiddens", type=int, default=None)
+    parser.add_argument("--num-embeddings", type=int, default=512)
+    parser.add_argument("--kmeans-init", action="store_true")
+    parser.add_argument("--dead-code-threshold", type=float, default=0.0)
+    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
+    args = parser.parse_args(argv)
+    args.batch_size = args.batch_size or (8 if args.dry_run else 256)
+    args.steps = args.steps or (3 if args.dry_run else 50)
+    args.num_hiddens = args.num_hiddens or (32 if args.dry_run else 128)
+    device = (torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
+              if args.device == "auto" else torch.device(args.device))
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(args.batch_size, 3, 32, 32, generator=generator) - 0.5).to(device)
+               for _ in range(8)]
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "batch_size": args.batch_size, "steps": args.steps,
+              "dry_run": args.dry_run, "model": f"VQVAE({args.num_hiddens}, 2, 32, "
+                                                f"{args.num_embeddings}, 64, 0.25, 0.99)",
+              "parts": {}, "failed": []}
+    for name in args.parts:
+        print(f"train benchmark: {name} ...", flush=True)
+        try:
+            report["parts"][name] = PARTS[name](args, device, batches)
+        except Exception as error:  # record it, go on with the other parts
+            report["parts"][name] = {"error": f"{type(error).__name__}: {error}",
+                                     "traceback": traceback.format_exc()[-4000:]}
+            report["failed"].append(name)
+        print(f"  {json.dumps(report['parts'][name])[:300]}", flush=True)
+    graph = report["parts"].get("cuda_graph", {})
+    if graph.get("matches_eager") is False:
+        report["failed"].append("cuda_graph (replays drift from eager)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"train.json: {args.out}")
+    return 1 if report["failed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
