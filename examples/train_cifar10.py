@@ -57,7 +57,8 @@ def download_cifar(data_dir: Path) -> None:
     try:
         from torchvision.datasets import CIFAR10
     except ImportError as exc:
-        raise DataNotFound("torchvision is not installed (pip install 'vqfast[download]')") from exc
+        raise DataNotFound("torchvision is not installed (from the repository root: "
+                           "pip install -e '.[download]')") from exc
     try:
         CIFAR10(str(data_dir), train=True, download=True)
     except Exception as exc:  # offline: URLError, socket errors, ...
@@ -118,9 +119,42 @@ def setup_distributed(device_arg: str):
 # --- training ---------------------------------------------------------------------------
 
 def build_model(args):
+    options = dict(backend=args.backend, kmeans_init=getattr(args, "kmeans_init", False),
+                   kmeans_iters=getattr(args, "kmeans_iters", 10))
+    if args.decay > 0:
+        options["dead_code_threshold"] = getattr(args, "dead_code_threshold", 0.0)
     return vqfast.VQVAE(args.num_hiddens, args.num_residual_layers, args.num_residual_hiddens,
                         args.num_embeddings, args.embedding_dim, args.commitment_cost, args.decay,
-                        backend=args.backend)
+                        **options)
+
+
+def load_checkpoint(path: Path, map_location):
+    """A checkpoint of this script: tensors and plain containers only, loaded with
+    ``weights_only=True`` so a checkpoint someone sent you cannot run code."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        sys.exit(f"{path}: refused, it holds more than tensors and plain containers "
+                 f"(weights_only=True): {str(error).splitlines()[0]}")
+
+
+class CollapseWatch:
+    """Warns once when the perplexity stays near 1 (every vector on one or two codes)."""
+
+    def __init__(self, steps: int = 500, level: float = 2.0):
+        self.steps, self.level, self.since, self.warned = steps, level, None, False
+
+    def update(self, step: int, perplexity: float):
+        if perplexity >= self.level:
+            self.since = None
+            return None
+        self.since = step if self.since is None else self.since
+        if not self.warned and step - self.since >= self.steps:
+            self.warned = True
+            return (f"step {step}: perplexity has stayed below {self.level} for "
+                    f"{step - self.since} steps: the codebook has collapsed onto a few codes. "
+                    "Try --kmeans-init --dead-code-threshold 1 (see the README's quality table).")
+        return None
 
 
 def _truncate_logs(out: Path, step: int) -> None:
@@ -155,7 +189,7 @@ def train(args, rank, world, device):
     step = 0
     checkpoint_path = out / "checkpoint.pt"
     if args.resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        state = load_checkpoint(checkpoint_path, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
@@ -171,7 +205,7 @@ def train(args, rank, world, device):
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
         if step == 0:
             (out / "metrics.jsonl").write_text("")
-            (out / "steps.csv").write_text("step,nmse,perplexity\n")
+            (out / "steps.csv").write_text("step,nmse,perplexity,codes_used\n")
 
     ddp_model = model
     if world > 1:
@@ -201,7 +235,9 @@ def train(args, rank, world, device):
     from tqdm import tqdm
     progress = tqdm(total=args.steps, initial=step, disable=not is_main, dynamic_ncols=True,
                     desc="train")
-    window = []  # (nmse, perplexity, vq_loss) since the last log row
+    window = []  # (nmse, perplexity, vq_loss, codes used) per step since the last log row
+    watch = CollapseWatch()
+    reseeded_before = int(getattr(model.vq, "reseeded_codes", 0))
     model.train()
     start = time.time()
     while step < args.steps:
@@ -216,28 +252,42 @@ def train(args, rank, world, device):
         for (images,) in loader:
             x = to_model_range(images, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                vq_loss, x_recon, perplexity = ddp_model(x)
+                vq_loss, x_recon, perplexity, codes = ddp_model(x, return_codes=True)
                 recon_error = F.mse_loss(x_recon.float(), x) / data_variance
                 loss = recon_error + vq_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
+            # codes this batch used: on the device, read only at logging steps (no sync)
+            used = torch.zeros(args.num_embeddings, device=device).index_fill_(
+                0, codes.detach().reshape(-1), 1).sum()
             window.append(torch.stack([recon_error.detach(), perplexity.detach().float(),
-                                       vq_loss.detach().float()]))
+                                       vq_loss.detach().float(), used]))
             if step % args.log_every == 0 or step == args.steps:
                 values = torch.stack(window).cpu()
                 window.clear()
                 mean = values.mean(0).tolist()
-                progress.set_postfix(nmse=f"{mean[0]:.4f}", perplexity=f"{mean[1]:.1f}")
+                row = {"step": step, "nmse": mean[0], "perplexity": mean[1], "vq_loss": mean[2],
+                       "codes_used": mean[3], "seconds": time.time() - start}
+                if hasattr(model.vq, "codebook_usage"):  # the EMA quantizer's view of its codes
+                    usage = model.vq.codebook_usage()
+                    row.update(codes_alive=usage.alive_codes,
+                               reseeded=usage.reseeded_codes - reseeded_before)
+                    reseeded_before = usage.reseeded_codes
+                progress.set_postfix(nmse=f"{mean[0]:.4f}", perplexity=f"{mean[1]:.1f}",
+                                     codes=f"{mean[3]:.0f}")
+                warning = watch.update(step, mean[1])
+                if warning and is_main:
+                    progress.write(f"warning: {warning}")
                 if is_main:
                     with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps({"step": step, "nmse": mean[0], "perplexity": mean[1],
-                                            "vq_loss": mean[2], "seconds": time.time() - start}) + "\n")
+                        f.write(json.dumps(row) + "\n")
                     with open(out / "steps.csv", "a", newline="") as f:
                         first = step - len(values) + 1
                         csv.writer(f).writerows(
-                            [first + i, f"{v[0]:.6g}", f"{v[1]:.6g}"] for i, v in enumerate(values.tolist()))
+                            [first + i, f"{v[0]:.6g}", f"{v[1]:.6g}", f"{v[3]:.0f}"]
+                            for i, v in enumerate(values.tolist()))
             progress.update(1)
             if step % args.checkpoint_every == 0:
                 save_checkpoint()
@@ -294,7 +344,9 @@ def _save_image(path: Path, image: np.ndarray, title: str) -> None:
 
 
 def plot_curves(out: Path) -> None:
-    """Savgol-smoothed (window 201, order 7, as the seed) NMSE on a log axis and perplexity."""
+    """Savgol-smoothed (window 201, order 7, as the seed) NMSE on a log axis and perplexity,
+    and beside them the codes each batch used (and, for the EMA quantizer, the codes alive
+    and the re-seeds per logging step), where codebook collapse shows first."""
     import matplotlib.pyplot as plt
     from scipy.signal import savgol_filter
     with open(out / "steps.csv") as f:
@@ -304,13 +356,23 @@ def plot_curves(out: Path) -> None:
         return
     window = min(201, len(rows) - (1 - len(rows) % 2))  # odd, at most the series length
     order = min(7, window - 1)
-    fig, (ax_nmse, ax_perp) = plt.subplots(1, 2, figsize=(16, 6))
+    fig, (ax_nmse, ax_perp, ax_codes) = plt.subplots(1, 3, figsize=(22, 6))
     ax_nmse.plot(rows[:, 0], savgol_filter(rows[:, 1], window, order))
     ax_nmse.set_yscale("log")
     ax_nmse.set_title("Smoothed NMSE.")
     ax_perp.plot(rows[:, 0], savgol_filter(rows[:, 2], window, order))
     ax_perp.set_title("Smoothed Average codebook usage (perplexity).")
-    for ax in (ax_nmse, ax_perp):
+    if rows.shape[1] > 3:
+        ax_codes.plot(rows[:, 0], rows[:, 3], lw=0.5, label="codes used by the batch")
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    alive = [(m["step"], m["codes_alive"], m["reseeded"]) for m in metrics if "codes_alive" in m]
+    if alive:
+        steps, codes_alive, reseeded = zip(*alive)
+        ax_codes.plot(steps, codes_alive, label="codes alive (EMA size >= 1)")
+        ax_codes.plot(steps, reseeded, label="codes re-seeded per logging step")
+    ax_codes.set_title("Codebook usage.")
+    ax_codes.legend()
+    for ax in (ax_nmse, ax_perp, ax_codes):
         ax.set_xlabel("iteration")
     fig.savefig(out / "curves.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -364,7 +426,9 @@ def draw_figures(out: Path, model, test_images, device) -> None:
 
 
 def plots_only(run_dir: Path, args) -> None:
-    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    if not (run_dir / "checkpoint.pt").is_file():
+        sys.exit(f"--plots-only: no checkpoint.pt in {run_dir} (pass the --out folder of a run)")
+    state = load_checkpoint(run_dir / "checkpoint.pt", "cpu")
     saved = argparse.Namespace(**state["args"])
     model = build_model(saved)
     model.load_state_dict(state["model"])
@@ -395,6 +459,13 @@ def build_parser():
     p.add_argument("--num-embeddings", type=int, default=512)
     p.add_argument("--commitment-cost", type=float, default=0.25)
     p.add_argument("--decay", type=float, default=0.99, help="EMA decay; 0 = the seed's plain quantizer")
+    p.add_argument("--kmeans-init", action="store_true",
+                   help="codebook from k-means of the first batch (recommended, with "
+                        "--dead-code-threshold 1; off by default to reproduce the paper)")
+    p.add_argument("--kmeans-iters", type=int, default=10)
+    p.add_argument("--dead-code-threshold", type=float, default=0.0,
+                   help="re-seed EMA codes whose (bias-corrected) cluster size falls below it "
+                        "(EMA quantizer only; 0 = off, the paper's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--seed", type=int, default=0)
@@ -419,6 +490,8 @@ def main(argv=None):
         plots_only(Path(args.plots_only), args)
         return
     args.data_dir = args.data_dir or "data"
+    if args.dead_code_threshold and args.decay == 0:
+        sys.exit("--dead-code-threshold needs the EMA quantizer (--decay > 0)")
     for name in ("steps", "batch_size", "log_every", "checkpoint_every", "eval_batch_size"):
         if getattr(args, name) < 1:
             sys.exit(f"--{name.replace('_', '-')} must be >= 1")

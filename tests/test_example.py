@@ -125,3 +125,47 @@ def test_bf16_autocast_and_plain_quantizer(cifar_dir, tmp_path):
     metrics = _metrics(out)
     assert [m["step"] for m in metrics] == [5, 10]
     assert all(np.isfinite([m["nmse"], m["perplexity"], m["vq_loss"]]).all() for m in metrics)
+
+
+@pytest.mark.slow
+def test_recipe_flags_log_codes_and_reseeds(cifar_dir, tmp_path):
+    """--kmeans-init --dead-code-threshold: codes used, alive and re-seeded are logged and plotted."""
+    out = tmp_path / "recipe"
+    train_cifar10.main(["--data-dir", str(cifar_dir), "--out", str(out), "--steps", "10",
+                        "--kmeans-init", "--dead-code-threshold", "1"] + TINY)
+    metrics = _metrics(out)
+    for row in metrics:
+        assert 1 <= row["codes_used"] <= 32 and 0 <= row["codes_alive"] <= 32
+        assert row["reseeded"] >= 0
+    assert (out / "curves.png").stat().st_size > 0
+    state = train_cifar10.torch.load(out / "checkpoint.pt", weights_only=True)  # tensors only
+    assert state["args"]["kmeans_init"] is True and bool(state["model"]["vq.initialized"])
+
+
+class _Payload:
+    """Stands for code someone hid in a checkpoint: unpickling would construct it."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_crafted_checkpoint_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    import torch
+    torch.save({"model": {}, "args": {}, "payload": _Payload()}, run / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="refused"):
+        train_cifar10.main(["--plots-only", str(run), "--device", "cpu"])
+
+
+def test_plots_only_on_a_missing_folder_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint.pt in"):
+        train_cifar10.main(["--plots-only", str(tmp_path / "nowhere")])
+
+
+def test_collapse_warning_fires_once():
+    watch = train_cifar10.CollapseWatch(steps=200, level=2.0)
+    messages = [watch.update(step, perplexity) for step, perplexity in
+                [(100, 5.0), (200, 1.1), (300, 1.2), (400, 1.0), (500, 1.0), (600, 1.0)]]
+    assert [m is not None for m in messages] == [False, False, False, True, False, False]
+    assert "--kmeans-init" in messages[3]
