@@ -157,10 +157,11 @@ def train_one(config: str, crops: Crops, args, seed: int, device: torch.device, 
         opt.zero_grad(set_to_none=True)
         recent.append(_codes(out).detach())
         recent = recent[-100:]
-        if step % args.log_every == 0 or step == args.steps:
+        out_of_time = deadline is not None and time.perf_counter() > deadline
+        if step % args.log_every == 0 or step == args.steps or out_of_time:
             curve.append({"step": step, "nmse": float(nmse), "perplexity": float(out[2]),
                           "codes_used_100": int(torch.cat(recent).unique().numel())})
-        if deadline is not None and time.perf_counter() > deadline:
+        if out_of_time:
             break
     seconds = time.perf_counter() - start
     test_nmse, test_codes = evaluate(model, crops, device)
@@ -325,12 +326,17 @@ def build_parser():
     return p
 
 
-def main(argv=None):
+def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if args.quick:
         args.steps, args.batch_size, args.seeds, args.log_every = 30, 16, [0], 5
         args.num_hiddens, args.num_residual_hiddens = 16, 8
         args.num_embeddings, args.embedding_dim = 32, 8
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = (torch.device("cuda" if torch.cuda.is_available() else "cpu")
               if args.device == "auto" else torch.device(args.device))
     report, models, crops = run(args, device)

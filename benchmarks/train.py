@@ -185,8 +185,24 @@ def no_host_sync(args, device, batches):
     return {"passed": True}
 
 
+def quality_curves(args, device, batches):
+    """The quality benchmark at the original's scale (batch 256) for as many steps as fit
+    in ``--quality-seconds``, one seed: its summary and curves (see benchmarks.quality)."""
+    from . import quality
+    qargs = quality.parse_args(["--quick"] if args.dry_run else [])
+    if not args.dry_run:
+        qargs.batch_size, qargs.steps, qargs.seeds, qargs.log_every = 256, 100_000, [0], 50
+    report, _, _ = quality.run(qargs, device, deadline_s=args.quality_seconds)
+    best = min(report["summary"].items(), key=lambda item: item[1]["test_nmse"]["mean"])
+    report["summary_line"] = (f"best test NMSE {best[1]['test_nmse']['mean']:.4f} ({best[0]}); "
+                              + ", ".join(f"{c}: {e['test_nmse']['mean']:.4f}"
+                                          for c, e in report["summary"].items()))
+    return report
+
+
 PARTS = {"eager": eager, "compiled": compiled, "cuda_graph": cuda_graph,
-         "quantizer_share": quantizer_share, "launches": launches, "no_host_sync": no_host_sync}
+         "quantizer_share": quantizer_share, "launches": launches, "no_host_sync": no_host_sync,
+         "quality": quality_curves}
 
 
 def main(argv=None):
@@ -201,6 +217,8 @@ def main(argv=None):
     parser.add_argument("--num-embeddings", type=int, default=512)
     parser.add_argument("--kmeans-init", action="store_true")
     parser.add_argument("--dead-code-threshold", type=float, default=0.0)
+    parser.add_argument("--quality-seconds", type=float, default=150.0,
+                        help="time budget of the quality part, shared by its configurations")
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
     args = parser.parse_args(argv)
     args.batch_size = args.batch_size or (8 if args.dry_run else 256)

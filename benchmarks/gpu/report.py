@@ -139,9 +139,9 @@ def _train(out: Path) -> str:
     sync = parts.get("no_host_sync", {})
     lines.append(f"- eager step under sync debug mode 'error': "
                  f"{'passed' if sync.get('passed') else sync.get('skipped') or sync.get('error', 'not run')}")
-    quality = parts.get("quality")
-    if quality and "summary" in quality:
-        lines.append(f"- quality: {quality['summary']}")
+    quality = parts.get("quality", {})
+    if "summary_line" in quality:
+        lines.append(f"- quality on real photographs: {quality['summary_line']}")
     if report.get("failed"):
         lines.append(f"- failed: {', '.join(report['failed'])}")
     return "\n".join(lines)

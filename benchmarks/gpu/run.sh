@@ -11,7 +11,8 @@
 #   tests.xml, tests.log  the test suite on the device (junit + log)
 #   bench.json/.md/.png   the benchmark suite (python -m benchmarks)
 #   train.json            VQ-VAE training step: eager / torch.compile / CUDA graph, the
-#                         quantizer's share, kernel launches, a sync-debug step
+#                         quantizer's share, kernel launches, a sync-debug step, and the
+#                         quality benchmark's curves at batch 256 (about 150 s)
 #   SUMMARY.md            what passed, the headline ratios, what failed
 # A failing part is recorded and the others still run; the exit code is 0 only if every
 # part passed. Uses $PYTHON if set, else python3.
@@ -95,9 +96,9 @@ export -f install tests bench train
 
 run_part install 120 install
 run_part env 60 "$py" -m benchmarks.gpu.report env "$out"
-run_part tests 240 tests
-run_part bench 180 bench
-run_part train 120 train
+run_part tests 210 tests
+run_part bench 150 bench
+run_part train 300 train
 "$py" -m benchmarks.gpu.report summary "$out" "${summary_args[@]}" || failed=1
 echo "=== wrote $(ls "$out" | tr '\n' ' ')"
 cat "$out/SUMMARY.md" 2>/dev/null | head -40
