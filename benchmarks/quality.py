@@ -159,7 +159,8 @@ def train_one(config: str, crops: Crops, args, seed: int, device: torch.device, 
         recent = recent[-100:]
         out_of_time = deadline is not None and time.perf_counter() > deadline
         if step % args.log_every == 0 or step == args.steps or out_of_time:
-            curve.append({"step": step, "nmse": float(nmse), "perplexity": float(out[2]),
+            curve.append({"step": step, "nmse": float(nmse.detach()),
+                          "perplexity": float(out[2].detach()),
                           "codes_used_100": int(torch.cat(recent).unique().numel())})
         if out_of_time:
             break
