@@ -1,9 +1,14 @@
-"""EMA codebook update, finalize: one pass over K given this batch's counts and sums.
+"""EMA codebook update, given this batch's counts and sums: two launches over K.
 
-``size = decay * size + (1 - decay) * count``; Laplace smoothing with the total ``n``:
-``size = (size + eps) / (n + K * eps) * n``; ``ema_weight = decay * ema_weight +
-(1 - decay) * code_sums``; ``codebook = ema_weight / size``. All in place, fp32 math,
-and only where the device-side flag ``apply`` is set (see ``vqfast.functional``).
+1. ``_ema_scalars_kernel`` (one program): whether to apply the update at all (the
+   batch's loss is finite and no rank flagged a non-finite batch), ``n`` of the Laplace
+   smoothing (the sum of the decayed cluster sizes), and the bookkeeping buffers
+   (``decay_weight = 1 - decay**t`` for the bias-corrected sizes, the skipped-batch count).
+2. ``_ema_finalize_kernel`` (one program per block of codes):
+   ``size = decay * size + (1 - decay) * count``; Laplace smoothing with the total ``n``:
+   ``size = (size + eps) / (n + K * eps) * n``; ``ema_weight = decay * ema_weight +
+   (1 - decay) * code_sums``; ``codebook = ema_weight / size``. All in place, fp32 math,
+   and only where ``apply`` is set: decided on the device, never read by the host.
 """
 
 import torch
@@ -13,18 +18,43 @@ import triton.language as tl
 from ._checks import launch_config, streaming_configs
 
 CONFIG = dict(BLOCK_K=32, MAX_BLOCK_D=64, num_warps=4)
+SCALARS_CONFIG = dict(BLOCK_REDUCE=1024, num_warps=4)
+
+
+@triton.jit
+def _ema_scalars_kernel(
+    counts_ptr, size_ptr, loss_ptr, flag_ptr, scalars_ptr, decay_weight_ptr, skipped_ptr,
+    K, decay,
+    BLOCK_REDUCE: tl.constexpr, HAS_FLAG: tl.constexpr,
+):
+    lanes = tl.arange(0, BLOCK_REDUCE)
+    total = tl.zeros([BLOCK_REDUCE], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_REDUCE):
+        mask = k0 + lanes < K
+        size = tl.load(size_ptr + k0 + lanes, mask=mask, other=0.0)
+        count = tl.load(counts_ptr + k0 + lanes, mask=mask, other=0).to(tl.float32)
+        total += size * decay + (1.0 - decay) * count
+    loss = tl.load(loss_ptr)
+    apply = (loss == loss) & (tl.abs(loss) < float("inf"))  # finite
+    if HAS_FLAG:  # a rank saw a non-finite batch (all-reduced)
+        apply = apply & (tl.load(flag_ptr) == 0)
+    tl.store(scalars_ptr, apply.to(tl.float32))
+    tl.store(scalars_ptr + 1, tl.sum(total, axis=0))
+    weight = tl.load(decay_weight_ptr)
+    tl.store(decay_weight_ptr, tl.where(apply, weight * decay + (1.0 - decay), weight))
+    tl.store(skipped_ptr, tl.load(skipped_ptr) + tl.where(apply, 0, 1).to(tl.int64))
 
 
 @triton.jit
 def _ema_finalize_kernel(
-    counts_ptr, code_sums_ptr, total_ptr, apply_ptr, size_ptr, weight_ptr, codebook_ptr,
+    counts_ptr, code_sums_ptr, scalars_ptr, size_ptr, weight_ptr, codebook_ptr,
     K, D, decay, epsilon,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     codes = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     # Not applied: an empty code range, so nothing below stores.
-    code_mask = codes < tl.where(tl.load(apply_ptr) != 0, K, 0)
-    total = tl.load(total_ptr)
+    code_mask = codes < tl.where(tl.load(scalars_ptr) != 0, K, 0)
+    total = tl.load(scalars_ptr + 1)
     count = tl.load(counts_ptr + codes, mask=code_mask, other=0).to(tl.float32)
     size = tl.load(size_ptr + codes, mask=code_mask, other=0.0).to(tl.float32)
     size = size * decay + (1.0 - decay) * count
@@ -44,13 +74,15 @@ def _ema_finalize_kernel(
                  mask=mask)
 
 
-def ema_update(counts, code_sums, total, apply, ema_cluster_size, ema_weight, codebook, decay,
-               epsilon):
-    """In place on ``ema_cluster_size [K]``, ``ema_weight [K, D]``, ``codebook [K, D]``.
+def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
+               ema_decay_weight, skipped_batches, decay, epsilon):
+    """In place on ``ema_cluster_size [K]``, ``ema_weight [K, D]``, ``codebook [K, D]``,
+    ``ema_decay_weight`` (fp32 0-d) and ``skipped_batches`` (int64 0-d); returns ``applied``
+    (fp32 0-d: 1 if the update was made, else 0).
 
-    ``counts``: int32 ``[K]``; ``code_sums``: fp32 ``[K, D]``; ``total``: fp32 0-d, the
-    ``n`` of the smoothing; ``apply``: 0-d bool, the update happens only where it is true.
-    Both are read on the device: no host sync.
+    ``counts``: int32 ``[K]``; ``code_sums``: fp32 ``[K, D]``; ``loss``: fp32 0-d, the
+    batch's (a non-finite loss skips the update); ``not_finite``: 0-d bool or ``None``, a
+    flag from the other ranks. Everything is read on the device: no host sync.
     """
     k, d = codebook.shape
     for name, t in (("ema_cluster_size", ema_cluster_size), ("ema_weight", ema_weight),
@@ -61,18 +93,30 @@ def ema_update(counts, code_sums, total, apply, ema_cluster_size, ema_weight, co
         raise ValueError(f"EMA state shapes disagree with codebook [{k}, {d}]: ema_weight "
                          f"{tuple(ema_weight.shape)}, code_sums {tuple(code_sums.shape)}, "
                          f"ema_cluster_size {tuple(ema_cluster_size.shape)}")
+    scalars = torch.empty(2, dtype=torch.float32, device=codebook.device)  # apply, n
+    _ema_scalars_kernel[(1,)](
+        counts, ema_cluster_size, loss.reshape(1),
+        not_finite.to(torch.int32).reshape(1) if not_finite is not None else counts,
+        scalars, ema_decay_weight, skipped_batches, k, float(decay),
+        HAS_FLAG=not_finite is not None, **SCALARS_CONFIG)
     config = launch_config(CONFIG, d)
-    grid = (triton.cdiv(k, config["BLOCK_K"]),)
-    _ema_finalize_kernel[grid](
-        counts, code_sums, total.reshape(1), apply.to(torch.int32).reshape(1), ema_cluster_size,
-        ema_weight, codebook,
+    _ema_finalize_kernel[(triton.cdiv(k, config["BLOCK_K"]),)](
+        counts, code_sums, scalars, ema_cluster_size, ema_weight, codebook,
         k, d, float(decay), float(epsilon), **config)
+    return scalars[0]
 
 
 def aot_variants():
     """Every launchable configuration, for the ahead-of-time compile test."""
+    for has_flag in (True, False):
+        sig = {"counts_ptr": "*i32", "size_ptr": "*fp32", "loss_ptr": "*fp32",
+               "flag_ptr": "*i32", "scalars_ptr": "*fp32",
+               "decay_weight_ptr": "*fp32", "skipped_ptr": "*i64", "K": "i32", "decay": "fp32"}
+        consts = dict(SCALARS_CONFIG, HAS_FLAG=has_flag)
+        options = {"num_warps": consts.pop("num_warps")}
+        yield f"ema_scalars[flag={has_flag}]", _ema_scalars_kernel, sig, consts, options
     for cfg, options in streaming_configs(CONFIG):
-        sig = {"counts_ptr": "*i32", "code_sums_ptr": "*fp32", "total_ptr": "*fp32",
-               "apply_ptr": "*i32", "size_ptr": "*fp32", "weight_ptr": "*fp32",
-               "codebook_ptr": "*fp32", "K": "i32", "D": "i32", "decay": "fp32", "epsilon": "fp32"}
+        sig = {"counts_ptr": "*i32", "code_sums_ptr": "*fp32", "scalars_ptr": "*fp32",
+               "size_ptr": "*fp32", "weight_ptr": "*fp32", "codebook_ptr": "*fp32",
+               "K": "i32", "D": "i32", "decay": "fp32", "epsilon": "fp32"}
         yield f"ema_finalize[D{cfg['BLOCK_D']}]", _ema_finalize_kernel, sig, cfg, options

@@ -3,7 +3,9 @@
 Per row: ``q = codebook[idx]`` stored in x's dtype, the exact ``sum((q - x)^2)`` in fp32
 (not the expanded form, which cancels badly), the code's count (integer atomics, so
 exact and deterministic) and, for the EMA quantizer, the row added into its code's sum.
-The squared error is reduced per program and summed once on the host side of the graph.
+The last program to finish (an atomic ticket) reduces the per-program squared errors in
+a fixed order into the scaled loss and the counts into the perplexity: no extra launches,
+and bitwise reproducible.
 """
 
 import itertools
@@ -18,13 +20,16 @@ from ._layout import row_offsets, vector_layout
 from .code_sums import code_sums_sorted
 
 CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=8)
+BLOCK_REDUCE = 512  # the last program's reduction width
 
 
 @triton.jit
 def _gather_loss_kernel(
     x_ptr, codebook_ptr, idx_ptr, q_ptr, partial_err_ptr, counts_ptr, code_sums_ptr,
-    N, D, S,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ATOMIC_CODE_SUMS: tl.constexpr,
+    ticket_ptr, loss_ptr, perplexity_ptr,
+    N, D, S, K, loss_scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_REDUCE: tl.constexpr,
+    ATOMIC_CODE_SUMS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -48,12 +53,32 @@ def _gather_loss_kernel(
 
     tl.store(partial_err_ptr + pid, tl.sum(err, axis=0))
     tl.atomic_add(counts_ptr + codes, tl.full([BLOCK_N], 1, dtype=tl.int32), mask=row_mask)
+    # Release: this program's partial and counts are visible before its ticket; the last
+    # program's acquire makes every program's visible to it (loads bypass L1: .cg).
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if ticket == tl.num_programs(0) - 1:
+        lanes = tl.arange(0, BLOCK_REDUCE)
+        total = tl.zeros([BLOCK_REDUCE], dtype=tl.float32)
+        for i in range(0, tl.num_programs(0), BLOCK_REDUCE):
+            total += tl.load(partial_err_ptr + i + lanes, mask=i + lanes < tl.num_programs(0),
+                             other=0.0, cache_modifier=".cg")
+        tl.store(loss_ptr, tl.sum(total, axis=0) * loss_scale)
+        # perplexity = exp(-sum p log(p + 1e-10)), p = counts / N (the original's formula)
+        entropy = tl.zeros([BLOCK_REDUCE], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_REDUCE):
+            count = tl.load(counts_ptr + k0 + lanes, mask=k0 + lanes < K, other=0,
+                            cache_modifier=".cg")
+            p = count.to(tl.float32) / N
+            entropy += p * tl.log(p + 1e-10)
+        tl.store(perplexity_ptr, tl.exp(-tl.sum(entropy, axis=0)))
 
 
-def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with_code_sums: bool):
+def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with_code_sums: bool,
+                loss_scale: float = 1.0):
     """``x: [N, D]`` or ``[B, D, S]``, ``codebook: [K, D]``, ``idx: int64 [N]`` ->
-    ``q`` (x's shape and dtype), ``sq_err`` (fp32 0-d), ``counts`` (int32 [K]),
-    ``code_sums`` (fp32 [K, D], the per-code sums of x; ``None`` unless ``with_code_sums``).
+    ``q`` (x's shape and dtype), ``loss`` (fp32 0-d: ``loss_scale * sum((q - x)^2)``),
+    ``perplexity`` (fp32 0-d), ``counts`` (int32 [K]), ``code_sums`` (fp32 [K, D], the
+    per-code sums of x; ``None`` unless ``with_code_sums``).
 
     Under ``torch.are_deterministic_algorithms_enabled()`` the code sums come from the
     sort-based kernel instead of fp32 atomics, so they are bitwise reproducible.
@@ -67,15 +92,19 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
     grid = (triton.cdiv(n, config["BLOCK_N"]),)
     q = torch.empty_like(x)
     partial_err = torch.empty(grid[0], dtype=torch.float32, device=x.device)
-    counts = torch.zeros(k, dtype=torch.int32, device=x.device)
+    counts_and_ticket = torch.zeros(k + 1, dtype=torch.int32, device=x.device)
+    loss = torch.empty((), dtype=torch.float32, device=x.device)
+    perplexity = torch.empty((), dtype=torch.float32, device=x.device)
     atomic = with_code_sums and not torch.are_deterministic_algorithms_enabled()
     code_sums = torch.zeros(k, d, dtype=torch.float32, device=x.device) if atomic else None
     _gather_loss_kernel[grid](
-        x, codebook, idx, q, partial_err, counts, code_sums if atomic else counts, n, d, s,
-        ATOMIC_CODE_SUMS=atomic, **config)
+        x, codebook, idx, q, partial_err, counts_and_ticket,
+        code_sums if atomic else counts_and_ticket, counts_and_ticket[k:], loss, perplexity,
+        n, d, s, k, float(loss_scale),
+        BLOCK_REDUCE=BLOCK_REDUCE, ATOMIC_CODE_SUMS=atomic, **config)
     if with_code_sums and not atomic:
         code_sums = code_sums_sorted(x, idx, k)
-    return q, partial_err.sum(), counts, code_sums
+    return q, loss, perplexity, counts_and_ticket[:k], code_sums
 
 
 def aot_variants():
@@ -84,6 +113,8 @@ def aot_variants():
                                                             (True, False)):
         sig = {"x_ptr": PTR[dtype], "codebook_ptr": "*fp32", "idx_ptr": "*i64", "q_ptr": PTR[dtype],
                "partial_err_ptr": "*fp32", "counts_ptr": "*i32",
-               "code_sums_ptr": "*fp32" if atomic else "*i32", "N": "i32", "D": "i32", "S": "i32"}
+               "code_sums_ptr": "*fp32" if atomic else "*i32", "ticket_ptr": "*i32",
+               "loss_ptr": "*fp32", "perplexity_ptr": "*fp32", "N": "i32", "D": "i32", "S": "i32", "K": "i32",
+               "loss_scale": "fp32"}
         yield (f"gather_loss[{dtype},D{cfg['BLOCK_D']},atomic={atomic}]", _gather_loss_kernel,
-               sig, dict(cfg, ATOMIC_CODE_SUMS=atomic), options)
+               sig, dict(cfg, BLOCK_REDUCE=BLOCK_REDUCE, ATOMIC_CODE_SUMS=atomic), options)

@@ -3,16 +3,24 @@
 Never materialises ``[N, K]``: each program owns ``BLOCK_N`` rows, walks the codebook in
 ``BLOCK_K`` tiles (``BLOCK_D`` channels at a time through ``tl.dot``, fp32 accumulation)
 and keeps only the best distance and code per row in registers.
+
+A prologue kernel reads the codebook once per call: its squared norms, its copy in x's
+dtype for the 16-bit dot, and (for the EMA quantizer) an fp32 snapshot the backward
+keeps, all in one launch.
 """
+
+import itertools
 
 import torch
 import triton
 import triton.language as tl
 
-from ._checks import PTR, TORCH_DTYPES, check_codebook, check_same_device
+from ._checks import (PTR, TORCH_DTYPES, check_codebook, check_same_device, launch_config,
+                      streaming_configs)
 from ._layout import row_offsets, vector_layout
 
 PRECISIONS = ("ieee", "tf32", "tf32x3")
+PREP_CONFIG = dict(BLOCK_K=32, MAX_BLOCK_D=64, num_warps=8)
 
 # The configurations the launcher can pick (tests compile every one for sm_80 and sm_90
 # with triton 3.8 and 3.9 and require zero register spills). 16-bit operands use tensor
@@ -89,14 +97,55 @@ def _nearest_code_kernel(
              mask=row_mask)
 
 
+@triton.jit
+def _codebook_prep_kernel(
+    codebook_ptr, cast_ptr, sqnorm_ptr, snapshot_ptr, K, D,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_CAST: tl.constexpr,
+    WRITE_SNAPSHOT: tl.constexpr,
+):
+    codes = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    code_mask = codes < K
+    code_offsets = codes.to(tl.int64)[:, None] * D
+    sqnorm = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        mask = code_mask[:, None] & (dims < D)[None, :]
+        code = tl.load(codebook_ptr + code_offsets + dims[None, :], mask=mask, other=0.0)
+        if WRITE_SNAPSHOT:
+            tl.store(snapshot_ptr + code_offsets + dims[None, :], code.to(tl.float32), mask=mask)
+        if WRITE_CAST:  # the norms are taken of the rounded codes the dot sees
+            code = code.to(cast_ptr.dtype.element_ty)
+            tl.store(cast_ptr + code_offsets + dims[None, :], code, mask=mask)
+        code = code.to(tl.float32)
+        sqnorm += tl.sum(code * code, axis=1)
+    tl.store(sqnorm_ptr + codes, sqnorm, mask=code_mask)
+
+
+def codebook_prep(codebook: torch.Tensor, dtype: torch.dtype, snapshot: torch.Tensor | None = None):
+    """One pass over ``codebook [K, D]``: ``(codebook in dtype, fp32 squared norms [K])``,
+    the norms of the rounded codes; writes an fp32 copy into ``snapshot`` if given."""
+    k, d = codebook.shape
+    cast = codebook if codebook.dtype == dtype else torch.empty(k, d, dtype=dtype,
+                                                                device=codebook.device)
+    sqnorm = torch.empty(k, dtype=torch.float32, device=codebook.device)
+    config = launch_config(PREP_CONFIG, d)
+    _codebook_prep_kernel[(triton.cdiv(k, config["BLOCK_K"]),)](
+        codebook, cast, sqnorm, snapshot if snapshot is not None else sqnorm, k, d,
+        WRITE_CAST=cast is not codebook, WRITE_SNAPSHOT=snapshot is not None, **config)
+    return cast, sqnorm
+
+
 def pick_config(dtype: torch.dtype, precision: str = "ieee") -> dict:
     """Block sizes and launch options for an input dtype and fp32 dot precision."""
     key = "16bit" if dtype != torch.float32 else ("ieee" if precision == "ieee" else "tf32")
     return dict(CONFIGS[key])
 
 
-def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee"):
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee",
+                 snapshot: torch.Tensor | None = None):
     """``x: [N, D]`` or ``[B, D, S]``, ``codebook: [K, D]`` -> ``idx: int64 [N]``, ``sqdist: fp32 [N]``.
+
+    ``snapshot`` (fp32 ``[K, D]``), if given, receives a copy of the codebook (same launch).
 
     The dot runs in x's dtype (the codebook is rounded to it for fp16/bf16 inputs) with
     fp32 accumulation; ``precision`` applies to fp32 inputs (see ``vqfast.nearest_code``).
@@ -114,8 +163,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
         raise ValueError(f"too large for 32-bit indices / tile offsets: N={n}, K={k}, D={d}, S={s}")
     # The dot's operands share x's dtype: the codebook is rounded once per call (not per
     # tile), and its norms are taken of the rounded codes the dot sees.
-    codebook = codebook.to(x.dtype)
-    codebook_sqnorm = codebook.float().pow(2).sum(1)
+    codebook, codebook_sqnorm = codebook_prep(codebook, x.dtype, snapshot)
     idx = torch.empty(n, dtype=torch.int64, device=x.device)
     sqdist = torch.empty(n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, config["BLOCK_N"]),)
@@ -140,3 +188,12 @@ def aot_variants():
                    "S": "i32"}
             consts = dict(config, INPUT_PRECISION=precision, UPCAST_DOT=False)
             yield f"nearest_code[{dtype},{precision}]", _nearest_code_kernel, sig, consts, options
+    for dtype, (cfg, options), cast, snapshot in itertools.product(
+            PTR, streaming_configs(PREP_CONFIG), (True, False), (True, False)):
+        if cast and dtype == "fp32":
+            continue
+        sig = {"codebook_ptr": "*fp32", "cast_ptr": PTR[dtype], "sqnorm_ptr": "*fp32",
+               "snapshot_ptr": "*fp32", "K": "i32", "D": "i32"}
+        yield (f"codebook_prep[{dtype},D{cfg['BLOCK_D']},cast={cast},snapshot={snapshot}]",
+               _codebook_prep_kernel, sig, dict(cfg, WRITE_CAST=cast, WRITE_SNAPSHOT=snapshot),
+               options)

@@ -48,8 +48,8 @@ def test_every_configuration_compiles_for_both_targets(records):
     errors = [f"{r['name']} {r['target']}: {r['error']}" for r in records if "error" in r]
     assert not errors, "\n".join(errors)
     names = {r["name"] for r in records}
-    for kernel in ("nearest_code", "gather_loss", "code_sums_sorted", "ema_finalize",
-                   "quantize_backward"):  # the registry cannot silently lose a kernel
+    for kernel in ("codebook_prep", "nearest_code", "gather_loss", "code_sums_sorted",
+                   "ema_scalars", "ema_finalize", "quantize_backward"):  # the registry cannot silently lose a kernel
         assert any(n.startswith(kernel + "[") for n in names), kernel
     assert {(n, t) for n in names for t in ("sm_80", "sm_90")} == {(r["name"], r["target"]) for r in records}
 

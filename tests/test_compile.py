@@ -41,15 +41,18 @@ def test_custom_ops_pass_opcheck(layout, backend):
     x = torch.randn(2, 5, 7, device=DEVICE) if layout == "channels_first" else torch.randn(14, 5, device=DEVICE)
     codebook = torch.randn(11, 5, device=DEVICE)
     ops = torch.ops.vqfast
-    q, idx, _, counts, sums = ops.quantize(x, codebook, True, backend, "ieee")
+    q, idx, loss, _, counts, sums, _ = ops.quantize(x, codebook, True, 0.1, backend, "ieee")
+    state = lambda: (torch.rand(11, device=DEVICE) + 1, torch.randn(11, 5, device=DEVICE),  # noqa: E731
+                     codebook.clone(), torch.tensor(0.5, device=DEVICE),
+                     torch.tensor(0, device=DEVICE))
     checks = [
-        (ops.quantize.default, (x, codebook, True, backend, "ieee")),
-        (ops.quantize.default, (x, codebook, False, backend, "ieee")),
+        (ops.quantize.default, (x, codebook, True, 0.1, backend, "ieee")),
+        (ops.quantize.default, (x, codebook, False, 0.2, backend, "ieee")),
         (ops.quantize_backward.default,
          (torch.randn_like(x), torch.tensor(0.5, device=DEVICE), x, codebook, idx, 0.1, 0.2, backend)),
-        (ops.ema_update.default, (counts, sums, torch.tensor(True, device=DEVICE),
-                                  torch.rand(11, device=DEVICE) + 1,
-                                  torch.randn(11, 5, device=DEVICE), codebook.clone(), 0.9, 1e-5, backend)),
+        (ops.ema_update.default, (counts, sums, loss, None, *state(), 0.9, 1e-5, backend)),
+        (ops.ema_update.default, (counts, sums, loss, torch.tensor(True, device=DEVICE), *state(),
+                                  0.9, 1e-5, backend)),
     ]
     if layout == "rows":
         checks.append((ops.nearest_code.default, (x, codebook, backend, "ieee")))

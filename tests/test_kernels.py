@@ -75,7 +75,7 @@ def test_gather_loss(shape, dtype):
     n, k, d = shape
     x, codebook = _data(n, k, d, dtype)
     idx = torch.randint(0, k, (n,), device=DEVICE)
-    q, sq_err, counts, code_sums = kernels.gather_loss(x, codebook, idx, True)
+    q, loss, perplexity, counts, code_sums = kernels.gather_loss(x, codebook, idx, True, 0.3)
     assert q.dtype == dtype
     if dtype == torch.bfloat16 and INTERPRETED:
         # The interpreter (triton 3.8) truncates fp32 -> bf16 where the GPU rounds to
@@ -83,11 +83,14 @@ def test_gather_loss(shape, dtype):
         torch.testing.assert_close(q.float(), codebook[idx], rtol=2**-7, atol=0)
     else:
         assert torch.equal(q, codebook[idx].to(dtype))
-    torch.testing.assert_close(sq_err, (codebook[idx] - x.float()).pow(2).sum(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, 0.3 * (codebook[idx] - x.float()).pow(2).sum(), rtol=1e-5,
+                               atol=1e-5)
     assert counts.dtype == torch.int32 and torch.equal(counts.long(), torch.bincount(idx, minlength=k))
+    probs = torch.bincount(idx, minlength=k).float() / n  # the original's perplexity
+    torch.testing.assert_close(perplexity, torch.exp(-(probs * torch.log(probs + 1e-10)).sum()))
     onehot = torch.nn.functional.one_hot(idx, k).float()  # the oracle's dense EMA sums
     torch.testing.assert_close(code_sums, onehot.t() @ x.float(), rtol=1e-5, atol=1e-5)
-    assert kernels.gather_loss(x, codebook, idx, False)[3] is None
+    assert kernels.gather_loss(x, codebook, idx, False)[4] is None
 
 
 @pytest.fixture
@@ -165,8 +168,8 @@ def test_channels_first_layout_matches_rows(dtype):
     idx3, sqdist3 = kernels.nearest_code(x3, codebook)
     idx2, sqdist2 = kernels.nearest_code(rows, codebook)
     assert torch.equal(idx3, idx2) and torch.equal(sqdist3, sqdist2)
-    q3, err3, counts3, sums3 = kernels.gather_loss(x3, codebook, idx3, True)
-    q2, err2, counts2, sums2 = kernels.gather_loss(rows, codebook, idx2, True)
+    q3, err3, _, counts3, sums3 = kernels.gather_loss(x3, codebook, idx3, True)
+    q2, err2, _, counts2, sums2 = kernels.gather_loss(rows, codebook, idx2, True)
     assert q3.shape == x3.shape and torch.equal(q3.movedim(1, -1).reshape(-1, d), q2)
     torch.testing.assert_close(err3, err2)
     assert torch.equal(counts3, counts2)

@@ -126,3 +126,70 @@ def test_every_option_compiles_fullgraph(option, backend):
         assert bool(torch.isfinite(perplexity)) and bool(torch.isfinite(z.grad).all())
     if kw.get("kmeans_init"):
         assert bool(vq.initialized)
+
+
+class Launches(HostReads):
+    """Counts what a step launches on the device: Triton kernels and the aten ops that
+    run a kernel (views, allocations without fill and the interpreter's own copies aside)."""
+
+    FREE = {"aten.view", "aten.reshape", "aten.empty", "aten.detach", "aten.alias", "aten.t",
+            "aten.permute", "aten.movedim", "aten.slice", "aten.select", "aten.unsqueeze",
+            "aten.squeeze", "aten.expand", "aten.empty_like", "aten.new_empty", "aten.as_strided",
+            "aten._unsafe_view", "aten.empty_strided", "aten.new_empty_strided", "aten.to",
+            "aten.lift_fresh", "aten.ones_like", "aten.set_"}
+
+    def __init__(self):
+        super().__init__()
+        self.kernels = []
+        self._in_triton = False
+
+    def __enter__(self):
+        import triton.runtime.jit as jit
+        from triton.runtime.interpreter import InterpretedFunction
+        self._patched = []
+        for cls in (jit.JITFunction, InterpretedFunction):
+            original = cls.run
+            recorder = self
+
+            def run(fn_self, *args, _original=original, **kwargs):
+                if recorder._in_triton:  # the interpreter's run goes through the JIT's
+                    return _original(fn_self, *args, **kwargs)
+                recorder.kernels.append("triton:" + getattr(fn_self.fn, "__name__", "?"))
+                recorder._in_triton = True
+                try:
+                    return _original(fn_self, *args, **kwargs)
+                finally:
+                    recorder._in_triton = False
+            cls.run = run
+            self._patched.append((cls, original))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for cls, original in self._patched:
+            cls.run = original
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if not self._in_triton and name not in self.FREE and func._schema.name not in OPDEFS:
+            self.kernels.append(name)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton path is not available here")
+@pytest.mark.parametrize("kind,budget", [("ema", 8), ("plain", 6)])
+def test_kernels_per_training_step(kind, budget):
+    """The Triton path's launches per quantizer training step (forward, backward, EMA):
+    EMA 8 = codebook prologue, nearest code, two zero-fills, gather+loss+perplexity, EMA
+    scalars, EMA finalize, backward; plain 6 = prologue, nearest, zero-fill, gather, the
+    codebook gradient's zero-fill, backward. Guards against glue creeping back in."""
+    cls = vqfast.VectorQuantizerEMA if kind == "ema" else vqfast.VectorQuantizer
+    vq = cls(37, 9, 0.25, backend="triton").to(DEVICE)
+    z = torch.randn(2, 9, 5, 3, device=DEVICE, requires_grad=True)
+    grad = torch.randn_like(z)
+    vq(z)
+    with Launches() as recorder:
+        loss, q, _, _ = vq(z)
+        torch.autograd.backward([loss, q], [torch.ones_like(loss), grad])
+    assert len(recorder.kernels) <= budget, recorder.kernels
+    assert sum(k.startswith("triton") for k in recorder.kernels) >= budget - 3

@@ -55,9 +55,13 @@ def _put(out: torch.Tensor, where, rows: torch.Tensor) -> None:
     target.copy_(rows.view(target.shape[0], target.shape[2], target.shape[1]).movedim(-1, 1))
 
 
-def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee"):
-    """``x: [N, D]`` or ``[B, D, S]``, ``codebook: [K, D]`` -> ``idx: int64 [N]``, ``sqdist: fp32 [N]``."""
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee",
+                 snapshot: torch.Tensor | None = None):
+    """``x: [N, D]`` or ``[B, D, S]``, ``codebook: [K, D]`` -> ``idx: int64 [N]``, ``sqdist: fp32 [N]``;
+    ``snapshot`` (fp32 ``[K, D]``), if given, receives a copy of the codebook."""
     del precision  # torch's own matmul precision setting applies on this path
+    if snapshot is not None:
+        snapshot.copy_(codebook)
     codebook = codebook.float()
     # A code holding inf or NaN is infinitely far (as on the Triton path): its norm is inf
     # and its row zero, so the matmul cannot turn it into inf - inf = NaN and win the min.
@@ -77,9 +81,11 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
     return idx, sqdist
 
 
-def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with_code_sums: bool):
-    """``q = codebook[idx]`` in x's layout and dtype, exact ``sum((q - x)^2)`` (fp32 0-d),
-    per-code ``counts`` (int32 [K]) and, if asked, per-code sums of x (fp32 [K, D], else ``None``)."""
+def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with_code_sums: bool,
+                loss_scale: float = 1.0):
+    """``q = codebook[idx]`` in x's layout and dtype, ``loss = loss_scale * sum((q - x)^2)``
+    (exact form, fp32 0-d), the perplexity of the code usage (fp32 0-d), per-code ``counts``
+    (int32 [K]) and, if asked, per-code sums of x (fp32 [K, D], else ``None``)."""
     codebook = codebook.float()
     q = torch.empty_like(x)
     sq_err = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -95,24 +101,38 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
     # deterministic, and integer sums are exact.
     counts = torch.zeros(codebook.shape[0], dtype=torch.int32, device=x.device).scatter_add_(
         0, idx, torch.ones_like(idx, dtype=torch.int32))
-    return q, sq_err, counts, code_sums
+    return q, sq_err * loss_scale, perplexity(counts), counts, code_sums
 
 
-def ema_update(counts, code_sums, total, apply, ema_cluster_size, ema_weight, codebook, decay,
-               epsilon):
-    """In place: decay the EMA statistics towards this batch's, Laplace-smooth, renormalise.
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """``exp(entropy)`` of the code usage ``counts [K]`` (the original's formula, fp32)."""
+    avg_probs = counts.float() / counts.sum()
+    return torch.exp(-torch.sum(avg_probs * torch.log(avg_probs + 1e-10)))
 
-    ``total`` is the fp32 0-d sum of the decayed cluster sizes (the ``n`` of the smoothing);
-    ``apply`` a 0-d bool: where false, the state keeps its values (no host sync).
+
+def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
+               ema_decay_weight, skipped_batches, decay, epsilon):
+    """In place: decay the EMA statistics towards this batch's, Laplace-smooth, renormalise;
+    count the update in ``ema_decay_weight`` (``1 - decay**t``) or, when the batch's ``loss``
+    is not finite (or a rank flagged ``not_finite``), leave the state and count a skipped
+    batch. Returns ``applied`` (fp32 0-d, 1 or 0). Decided with ``torch.where``: no host sync.
     """
     num_codes = codebook.shape[0]
+    apply = torch.isfinite(loss)
+    if not_finite is not None:
+        apply = apply & ~not_finite
     size = ema_cluster_size.float() * decay + (1 - decay) * counts.float()
+    total = size.sum()  # n of the Laplace smoothing: the sum of the decayed sizes
     size = (size + epsilon) / (total + num_codes * epsilon) * total
     weight = ema_weight.float() * decay + (1 - decay) * code_sums
     codebook_new = weight / size.unsqueeze(1)
     ema_cluster_size.copy_(torch.where(apply, size, ema_cluster_size))
     ema_weight.copy_(torch.where(apply, weight, ema_weight))
     codebook.copy_(torch.where(apply, codebook_new, codebook))
+    ema_decay_weight.copy_(torch.where(apply, ema_decay_weight * decay + (1 - decay),
+                                       ema_decay_weight))
+    skipped_batches.add_((~apply).long())
+    return apply.float()
 
 
 def quantize_backward(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale):

@@ -73,34 +73,33 @@ def _(x, codebook, backend, precision):
 
 
 @torch.library.custom_op("vqfast::quantize", mutates_args=())
-def _quantize_op(x: torch.Tensor, codebook: torch.Tensor, with_code_sums: bool, backend: str,
-                 precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                          torch.Tensor]:
+def _quantize_op(x: torch.Tensor, codebook: torch.Tensor, with_code_sums: bool, loss_scale: float,
+                 backend: str, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                        torch.Tensor, torch.Tensor, torch.Tensor,
+                                                        torch.Tensor]:
     impl = _impl(backend)
-    idx, _ = impl.nearest_code(x, codebook, precision)
-    q, sq_err, counts, code_sums = impl.gather_loss(x, codebook, idx, with_code_sums)
+    # With the EMA statistics an update follows that rewrites the codebook: the backward
+    # keeps this fp32 copy, taken in the same pass that prepares the codebook. (An output of
+    # this op, so compilers cannot move the copy into the backward, past the update.)
+    snapshot = (torch.empty(codebook.shape, dtype=torch.float32, device=codebook.device)
+                if with_code_sums else codebook.new_empty(0, dtype=torch.float32))
+    idx, _ = impl.nearest_code(x, codebook, precision, snapshot if with_code_sums else None)
+    q, loss, perplexity, counts, code_sums = impl.gather_loss(x, codebook, idx, with_code_sums,
+                                                              loss_scale)
     if code_sums is None:
         code_sums = x.new_empty(0, dtype=torch.float32)
-    return q, idx, sq_err, counts, code_sums
+    return q, idx, loss, perplexity, counts, code_sums, snapshot
 
 
 @_quantize_op.register_fake
-def _(x, codebook, with_code_sums, backend, precision):
+def _(x, codebook, with_code_sums, loss_scale, backend, precision):
     n = _torch.num_vectors(x)
     sums_shape = tuple(codebook.shape) if with_code_sums else (0,)
-    return (torch.empty_like(x), x.new_empty(n, dtype=torch.int64),
-            x.new_empty((), dtype=torch.float32), x.new_empty(codebook.shape[0], dtype=torch.int32),
+    scalar = x.new_empty((), dtype=torch.float32)
+    return (torch.empty_like(x), x.new_empty(n, dtype=torch.int64), scalar, scalar.clone(),
+            x.new_empty(codebook.shape[0], dtype=torch.int32),
+            x.new_empty(sums_shape, dtype=torch.float32),
             x.new_empty(sums_shape, dtype=torch.float32))
-
-
-@torch.library.custom_op("vqfast::snapshot", mutates_args=())
-def _snapshot_op(t: torch.Tensor) -> torch.Tensor:
-    return t.float().clone()
-
-
-@_snapshot_op.register_fake
-def _(t):
-    return torch.empty_like(t, dtype=torch.float32)
 
 
 @torch.library.custom_op("vqfast::quantize_backward", mutates_args=())
@@ -121,26 +120,29 @@ def _(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale, backend):
 
 
 @torch.library.custom_op("vqfast::ema_update",
-                         mutates_args=("ema_cluster_size", "ema_weight", "codebook"))
-def _ema_update_op(counts: torch.Tensor, code_sums: torch.Tensor, apply: torch.Tensor,
-                   ema_cluster_size: torch.Tensor, ema_weight: torch.Tensor,
-                   codebook: torch.Tensor, decay: float, epsilon: float, backend: str) -> None:
-    # n of the Laplace smoothing: the sum of the decayed sizes, taken once for both backends.
-    total = (ema_cluster_size.float() * decay + (1 - decay) * counts.float()).sum()
-    _impl(backend).ema_update(counts, code_sums, total, apply, ema_cluster_size, ema_weight,
-                              codebook, decay, epsilon)
+                         mutates_args=("ema_cluster_size", "ema_weight", "codebook",
+                                       "ema_decay_weight", "skipped_batches"))
+def _ema_update_op(counts: torch.Tensor, code_sums: torch.Tensor, loss: torch.Tensor,
+                   not_finite: torch.Tensor | None, ema_cluster_size: torch.Tensor,
+                   ema_weight: torch.Tensor, codebook: torch.Tensor,
+                   ema_decay_weight: torch.Tensor, skipped_batches: torch.Tensor, decay: float,
+                   epsilon: float, backend: str) -> torch.Tensor:
+    return _impl(backend).ema_update(counts, code_sums, loss, not_finite, ema_cluster_size,
+                                     ema_weight, codebook, ema_decay_weight, skipped_batches,
+                                     decay, epsilon)
 
 
 @_ema_update_op.register_fake
-def _(counts, code_sums, apply, ema_cluster_size, ema_weight, codebook, decay, epsilon, backend):
-    return None
+def _(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
+      ema_decay_weight, skipped_batches, decay, epsilon, backend):
+    return loss.new_empty((), dtype=torch.float32)
 
 
 # --- autograd ---------------------------------------------------------------------------
 
 class _Quantize(torch.autograd.Function):
     """``x: [N, D]`` or channels-first ``[B, D, S]`` (N = B * S), ``codebook: [K, D]`` ->
-    ``q`` (x's layout), ``loss``, ``idx [N]``, ``counts [K]``,
+    ``q`` (x's layout), ``loss``, ``idx [N]``, ``perplexity``, ``counts [K]``,
     ``code_sums`` (fp32 ``[K, D]`` per-code sums of x for the EMA update when
     ``with_code_sums``, else an empty tensor).
 
@@ -157,26 +159,20 @@ class _Quantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, codebook, commitment_cost, codebook_loss, with_code_sums, backend,
                 precision):
-        codebook = codebook.detach()
-        if with_code_sums:
-            # The EMA update rewrites the codebook after this: quantize against a copy and
-            # save that. (An op whose output the forward uses: compilers move a copy used only
-            # by the backward into the backward, where it would read the updated codebook.)
-            codebook = torch.ops.vqfast.snapshot(codebook)
-        q, idx, sq_err, counts, code_sums = torch.ops.vqfast.quantize(
-            x, codebook, with_code_sums, backend, precision)
         numel = x.numel()
-        loss = sq_err * ((float(codebook_loss) + commitment_cost) / numel)
-        ctx.save_for_backward(x, codebook, idx)
+        loss_scale = (float(codebook_loss) + commitment_cost) / numel
+        q, idx, loss, perplexity, counts, code_sums, snapshot = torch.ops.vqfast.quantize(
+            x, codebook.detach(), with_code_sums, loss_scale, backend, precision)
+        ctx.save_for_backward(x, snapshot if with_code_sums else codebook.detach(), idx)
         ctx.x_scale = 2.0 * commitment_cost / numel
         ctx.codebook_scale = 2.0 / numel if codebook_loss else 0.0
         ctx.backend = backend
-        ctx.mark_non_differentiable(idx, counts, code_sums)
+        ctx.mark_non_differentiable(idx, perplexity, counts, code_sums)
         ctx.set_materialize_grads(False)  # an unused loss arrives as None: no codebook grad
-        return q, loss, idx, counts, code_sums
+        return q, loss, idx, perplexity, counts, code_sums
 
     @staticmethod
-    def backward(ctx, grad_q, grad_loss, grad_idx, grad_counts, grad_code_sums):
+    def backward(ctx, grad_q, grad_loss, grad_idx, grad_perplexity, grad_counts, grad_code_sums):
         x, codebook, idx = ctx.saved_tensors
         if grad_q is None:
             grad_q = torch.zeros_like(x)
@@ -196,24 +192,24 @@ def quantize(x, codebook, commitment_cost, codebook_loss, with_code_sums=False, 
              precision="ieee"):
     """Differentiable nearest-code quantization of a contiguous ``x: [N, D]`` or ``[B, D, S]``.
 
-    Returns ``(q, loss, idx, counts, code_sums)``; see ``_Quantize``.
+    Returns ``(q, loss, idx, perplexity, counts, code_sums)``; see ``_Quantize``.
     """
     return _Quantize.apply(x, codebook, commitment_cost, codebook_loss, with_code_sums, backend,
                            precision)
 
 
-def ema_update(counts, code_sums, apply, ema_cluster_size, ema_weight, codebook, decay, epsilon,
-               backend):
+def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
+               ema_decay_weight, skipped_batches, decay, epsilon, backend):
     """In-place EMA codebook update from this batch's ``counts [K]`` and ``code_sums [K, D]``,
-    made only where the 0-d bool ``apply`` is true (read on the device: no host sync)."""
-    torch.ops.vqfast.ema_update(counts, code_sums, apply, ema_cluster_size, ema_weight, codebook,
-                                decay, epsilon, backend)
+    skipped (and counted in ``skipped_batches``) when ``loss`` is not finite or
+    ``not_finite`` (a 0-d bool from the other ranks, or ``None``) is set. Returns ``applied``
+    (fp32 0-d: 1 if the update was made, else 0). Decided on the device: no host sync."""
+    return torch.ops.vqfast.ema_update(counts, code_sums, loss, not_finite, ema_cluster_size,
+                                       ema_weight, codebook, ema_decay_weight, skipped_batches,
+                                       decay, epsilon, backend)
 
 
-def perplexity(counts: torch.Tensor) -> torch.Tensor:
-    """``exp(entropy)`` of the code usage ``counts [K]`` (the seed's formula, fp32)."""
-    avg_probs = counts.float() / counts.sum()
-    return torch.exp(-torch.sum(avg_probs * torch.log(avg_probs + 1e-10)))
+perplexity = _torch.perplexity
 
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, backend: str = "auto",

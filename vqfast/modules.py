@@ -53,7 +53,8 @@ def kmeans(x: torch.Tensor, num_codes: int, iters: int = 10, backend: str = "aut
     counts = torch.zeros(num_codes, dtype=torch.int32, device=x.device)
     for _ in range(iters):
         # One fused pass: assignment, per-code counts and per-code sums.
-        _, _, _, counts, sums = torch.ops.vqfast.quantize(x, centroids, True, backend, precision)
+        _, _, _, _, counts, sums, _ = torch.ops.vqfast.quantize(x, centroids, True, 1.0, backend,
+                                                                 precision)
         centroids = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centroids)
     return centroids, counts
 
@@ -126,12 +127,12 @@ class _QuantizerBase(nn.Module):
         return VF.nearest_code(x, self.codebook.detach(), backend=self.backend,
                                precision=self.precision)
 
-    def _outputs(self, inputs, q, loss, idx, counts):
+    def _outputs(self, inputs, q, loss, idx, perplexity):
         if self.return_onehot:
             encodings = F.one_hot(idx, self.num_embeddings).float()
         else:
             encodings = idx.view(inputs.shape[0], *inputs.shape[2:])
-        return loss, q.view(inputs.shape), VF.perplexity(counts), encodings
+        return loss, q.view(inputs.shape), perplexity, encodings
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         rename_legacy_keys(state_dict, prefix, self._legacy_keys)
@@ -200,9 +201,9 @@ class VectorQuantizer(_QuantizerBase):
     def forward(self, inputs):
         x, backend = self._vectors(inputs)
         self._maybe_kmeans_init(x, backend)
-        q, loss, idx, counts, _ = VF.quantize(x, self.codebook, self.commitment_cost, True, False,
-                                              backend, self.precision)
-        return self._outputs(inputs, q, loss, idx, counts)
+        q, loss, idx, perplexity, _, _ = VF.quantize(x, self.codebook, self.commitment_cost, True,
+                                                     False, backend, self.precision)
+        return self._outputs(inputs, q, loss, idx, perplexity)
 
 
 class VectorQuantizerEMA(_QuantizerBase):
@@ -300,26 +301,24 @@ class VectorQuantizerEMA(_QuantizerBase):
                 and not bool(torch.isfinite(x).all()):
             raise ValueError("inputs contain NaN or Inf; the EMA state was left unchanged")
         self._maybe_kmeans_init(x, backend)
-        q, loss, idx, counts, code_sums = VF.quantize(
+        q, loss, idx, perplexity, counts, code_sums = VF.quantize(
             x, self.codebook, self.commitment_cost, False, update, backend, self.precision)
         if update:
             self._update(x, loss.detach(), counts, code_sums, backend)
-        return self._outputs(inputs, q, loss, idx, counts)
+        return self._outputs(inputs, q, loss, idx, perplexity)
 
     @torch.no_grad()
     def _update(self, x, loss, counts, code_sums, backend):
         """EMA update, skip accounting and dead-code re-seeding, all decided on the device."""
-        not_finite = ~torch.isfinite(loss)
-        if self._syncing():
-            counts, code_sums, not_finite = _all_reduce_statistics(counts, code_sums, not_finite)
-        apply = torch.isfinite(code_sums).all() & ~not_finite
-        VF.ema_update(counts, code_sums, apply, self.ema_cluster_size, self.ema_weight,
-                      self.codebook, self.decay, self.epsilon, backend)
-        self.ema_decay_weight.copy_(torch.where(
-            apply, self.ema_decay_weight * self.decay + (1 - self.decay), self.ema_decay_weight))
-        self.skipped_batches.add_((~apply).long())
+        not_finite = None
+        if self._syncing():  # every rank skips (or applies) the same batches
+            counts, code_sums, not_finite = _all_reduce_statistics(
+                counts, code_sums, ~torch.isfinite(loss))
+        applied = VF.ema_update(counts, code_sums, loss, not_finite, self.ema_cluster_size,
+                                self.ema_weight, self.codebook, self.ema_decay_weight,
+                                self.skipped_batches, self.decay, self.epsilon, backend)
         if self.dead_code_threshold > 0:
-            self._reseed_dead_codes(x, apply)
+            self._reseed_dead_codes(x, applied > 0)
 
     def _syncing(self) -> bool:
         wanted = self.sync_distributed is None or bool(self.sync_distributed)
