@@ -125,21 +125,28 @@ def cuda_graph(args, device, batches):
             "max_relative_loss_difference": drift, "matches_eager": drift < 1e-2}
 
 
-def quantizer_share(args, device, batches):
-    """Median time of the quantizer's own training step (forward, backward, EMA) at the
-    model's latent shape, and its share of the eager model step."""
-    model = _model(args, device)
-    opt = _optimizer(model, device)
+def _quantizer_step(model, x):
+    """The quantizer's own training step (forward, backward, EMA) on ``model``'s latents
+    of ``x``: a zero-argument callable, and the latent shape."""
     with torch.no_grad():
-        z = model.pre_vq_conv(model.encoder(batches[0]))
+        z = model.pre_vq_conv(model.encoder(x))
     z.requires_grad_()
 
     def vq_step():
         loss, q, _, _ = model.vq(z)
         (loss + q.float().mean()).backward()
+    return vq_step, list(z.shape)
+
+
+def quantizer_share(args, device, batches):
+    """Median time of the quantizer's own training step (forward, backward, EMA) at the
+    model's latent shape, and its share of the eager model step."""
+    model = _model(args, device)
+    opt = _optimizer(model, device)
+    vq_step, shape = _quantizer_step(model, batches[0])
     vq_s = median_seconds(vq_step, device)
     step_s = median_seconds(lambda: _step(model, opt, batches[0]), device)
-    return {"latent_shape": list(z.shape), "quantizer_ms": vq_s * 1e3, "step_ms": step_s * 1e3,
+    return {"latent_shape": shape, "quantizer_ms": vq_s * 1e3, "step_ms": step_s * 1e3,
             "quantizer_share": vq_s / step_s}
 
 
@@ -148,14 +155,7 @@ def launches(args, device, batches):
     if device.type != "cuda":
         return {"skipped": "kernel launches are counted on CUDA"}
     from torch.profiler import ProfilerActivity, profile
-    model = _model(args, device)
-    with torch.no_grad():
-        z = model.pre_vq_conv(model.encoder(batches[0]))
-    z.requires_grad_()
-
-    def vq_step():
-        loss, q, _, _ = model.vq(z)
-        (loss + q.float().mean()).backward()
+    vq_step, _ = _quantizer_step(_model(args, device), batches[0])
     vq_step()
     _sync(device)
     with quiet_stderr(), profile(activities=[ProfilerActivity.CUDA]) as prof:
