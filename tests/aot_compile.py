@@ -24,7 +24,8 @@ from triton.compiler import ASTSource
 # Every kernel module lists its own launchable configurations (``aot_variants``), beside
 # the kernel and its launcher: a new kernel or config is compiled and spill-checked here.
 # importlib: the package re-exports launchers under their modules' names.
-KERNEL_MODULES = ("nearest_code", "gather_loss", "code_sums", "ema_update", "quantize_backward")
+KERNEL_MODULES = ("nearest_code", "gather_loss", "code_sums", "ema_update", "quantize_backward",
+                  "fsq", "lfq_entropy")
 TARGETS = {80: 163 * 1024, 90: 227 * 1024}  # compute capability -> max shared memory per block
 
 

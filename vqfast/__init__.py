@@ -1,10 +1,11 @@
 """vqfast: vector quantization for PyTorch, fused Triton kernels on CUDA, a lean torch path elsewhere."""
 
 from .functional import nearest_code
+from .lookup_free import FSQ, LFQ
 from .model import VQVAE, Decoder, Encoder, Residual, ResidualStack
 from .modules import CodebookUsage, VectorQuantizer, VectorQuantizerEMA, kmeans
 
 __version__ = "0.1.0"
 
 __all__ = ["VectorQuantizer", "VectorQuantizerEMA", "nearest_code", "VQVAE", "Encoder", "Decoder",
-           "Residual", "ResidualStack", "CodebookUsage", "kmeans", "__version__"]
+           "Residual", "ResidualStack", "CodebookUsage", "kmeans", "FSQ", "LFQ", "__version__"]

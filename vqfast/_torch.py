@@ -158,3 +158,82 @@ def quantize_backward(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_sca
     if grad_codebook is not None:
         grad_codebook.mul_(grad_loss * codebook_scale)
     return grad_x, grad_codebook
+
+
+# --- FSQ --------------------------------------------------------------------------------
+
+def _fsq_constants(params: torch.Tensor, c: int):
+    """``params [4, C]`` (half_l, offset, shift, half_width) as ``[1, C, 1]`` broadcasts."""
+    return [p.view(1, c, 1) for p in params]
+
+
+def fsq_forward(z: torch.Tensor, params: torch.Tensor, basis: torch.Tensor):
+    """``z: [N, C]`` or ``[B, C, S]`` -> ``quantized`` (z's layout and dtype), ``codes`` (int64 [N])."""
+    z3 = _as_bds(z)
+    c = z3.shape[1]
+    half_l, offset, shift, half_width = _fsq_constants(params, c)
+    rounded = torch.round(torch.tanh(z3.float() + shift) * half_l - offset)
+    q = (rounded / half_width).to(z.dtype).view(z.shape)
+    codes = ((rounded + half_width).long() * basis.view(1, c, 1)).sum(1).reshape(-1)
+    return q, codes
+
+
+def fsq_backward(grad_q: torch.Tensor, z: torch.Tensor, params: torch.Tensor):
+    """Straight-through gradient of the bound: ``grad * (1 - tanh^2(z + shift)) * half_l / half_width``."""
+    z3 = _as_bds(z)
+    half_l, _, shift, half_width = _fsq_constants(params, z3.shape[1])
+    t = torch.tanh(z3.float() + shift)
+    grad = _as_bds(grad_q).float() * (1 - t * t) * (half_l / half_width)
+    return grad.to(z.dtype).view(z.shape)
+
+
+# --- LFQ codebook entropy ---------------------------------------------------------------
+
+def _lfq_codes(start: int, stop: int, dim: int, device) -> torch.Tensor:
+    """Codes ``start..stop-1`` as ``[stop - start, dim]`` rows of ±1 (first channel most significant)."""
+    bits = torch.arange(dim - 1, -1, -1, device=device)
+    return ((torch.arange(start, stop, device=device)[:, None] >> bits) & 1).float() * 2 - 1
+
+
+def _lfq_tiles(n: int, num_codes: int):
+    """Row and code ranges whose ``[rows, codes]`` tiles stay within ``_CHUNK_ELEMENTS``."""
+    codes = min(num_codes, _CHUNK_ELEMENTS)
+    rows = max(1, _CHUNK_ELEMENTS // codes)
+    for c0 in range(0, num_codes, codes):
+        for r0 in range(0, n, rows):
+            yield slice(r0, min(n, r0 + rows)), c0, min(num_codes, c0 + codes)
+
+
+def lfq_avg_prob(x, lse, inv_temperature, precision="ieee"):
+    """``x: [N, d]``, ``lse: fp32 [N]`` -> ``avg: fp32 [2**d]``, ``mean_n p(c|x_n)``, in
+    ``[rows, codes]`` tiles (never ``[N, 2**d]``)."""
+    del precision
+    n, d = x.shape
+    scaled = x.float() * (2.0 * inv_temperature)
+    avg = torch.zeros(2**d, dtype=torch.float32, device=x.device)
+    codes = None
+    for rows, c0, c1 in _lfq_tiles(n, 2**d):
+        if rows.start == 0:
+            codes = _lfq_codes(c0, c1, d, x.device)
+        logits = torch.addmm(lse[rows, None], scaled[rows], codes.t(), alpha=1, beta=-1)
+        avg[c0:c1] += logits.exp_().sum(0)
+    return avg / n
+
+
+def lfq_entropy_backward(x, lse, g, coef, inv_temperature, precision="ieee"):
+    """``grad_x: fp32 [N, d]`` of ``coef * sum_c g[c] avg[c]``:
+    ``coef * scale * (sum_c g_c p_n(c) c - tanh(l_n) sum_c g_c p_n(c))``."""
+    del precision
+    n, d = x.shape
+    scale = 2.0 * inv_temperature
+    scaled = x.float() * scale
+    weight_sum = torch.zeros(n, dtype=torch.float32, device=x.device)
+    weighted_codes = torch.zeros(n, d, dtype=torch.float32, device=x.device)
+    codes = None
+    for rows, c0, c1 in _lfq_tiles(n, 2**d):
+        if rows.start == 0:
+            codes = _lfq_codes(c0, c1, d, x.device)
+        w = torch.addmm(lse[rows, None], scaled[rows], codes.t(), beta=-1).exp_().mul_(g[c0:c1])
+        weight_sum[rows] += w.sum(1)
+        weighted_codes[rows] += w @ codes
+    return (weighted_codes - torch.tanh(scaled) * weight_sum[:, None]) * (coef * scale)

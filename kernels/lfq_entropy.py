@@ -1,0 +1,153 @@
+"""LFQ's codebook entropy, exactly, over all ``2**d`` codes without an ``[N, 2**d]`` tensor.
+
+With ``l = 2 * inv_temperature * x`` the code distribution of a vector is
+``p(c|x) = exp(<l, c> - lse(x))`` over ``c`` in ``{-1, 1}^d``, and ``lse`` has the closed
+form ``sum_i logaddexp(l_i, -l_i)``. The logits of a tile of codes are a small GEMM of
+the vectors with the ``{-1, 1}`` code tile, generated from the code indices' bits in
+registers (code ``c`` has +1 in channel ``i`` where bit ``d - 1 - i`` is set):
+
+- forward, one program per tile of codes, streaming all N vectors:
+  ``avg[c] = mean_n p(c|x_n)``, accumulated in fp32, no atomics (deterministic);
+- backward, one program per tile of vectors, streaming all codes: with
+  ``g[c] = dH/d avg[c]``, ``grad l_n = scale * (sum_c g_c p_n(c) c - tanh(l_n) sum_c g_c p_n(c))``
+  (the second term since ``E_p[c] = tanh(l)``).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import PTR, check_same_device
+
+MAX_DIM = 24  # 2**24 codes: the int32 code indices stay far from overflow
+FORWARD_CONFIG = dict(BLOCK_N=32, BLOCK_C=64, BLOCK_D=32, num_warps=4)
+BACKWARD_CONFIG = dict(BLOCK_N=16, BLOCK_C=32, BLOCK_D=32, num_warps=4)  # spill-free, triton 3.6-3.9
+
+
+@triton.jit
+def _code_tile(codes, dims, d):
+    """``[BLOCK_D, BLOCK_C]`` of ±1 (0 past channel d): the codes' bits, first channel most significant."""
+    shift = tl.where(dims < d, d - 1 - dims, 0)
+    bits = (codes[None, :] >> shift[:, None]) & 1
+    return tl.where((dims < d)[:, None], bits * 2 - 1, 0).to(tl.float32)
+
+
+@triton.jit
+def _lfq_avg_prob_kernel(
+    x_ptr, lse_ptr, avg_ptr, N, d, num_codes, scale,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    codes = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    dims = tl.arange(0, BLOCK_D)
+    code_tile = _code_tile(codes, dims, d)  # ±1: exact in any dtype
+    if not UPCAST_DOT:
+        code_tile = code_tile.to(x_ptr.dtype.element_ty)
+    total = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        x = tl.load(x_ptr + rows[:, None] * d + dims[None, :],
+                    mask=row_mask[:, None] & (dims < d)[None, :], other=0.0)
+        if UPCAST_DOT:
+            x = x.to(tl.float32)
+        logits = tl.dot(x, code_tile, input_precision=INPUT_PRECISION) * scale
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        prob = tl.where(row_mask[:, None], tl.exp(logits - lse[:, None]), 0.0)
+        total += tl.sum(prob, axis=0)
+    tl.store(avg_ptr + codes, total / N, mask=codes < num_codes)
+
+
+@triton.jit
+def _lfq_entropy_backward_kernel(
+    x_ptr, lse_ptr, g_ptr, grad_ptr, N, d, num_codes, scale, coef,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    dims = tl.arange(0, BLOCK_D)
+    mask = row_mask[:, None] & (dims < d)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * d + dims[None, :], mask=mask, other=0.0)
+    if UPCAST_DOT:
+        x = x.to(tl.float32)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    weight_sum = tl.zeros([BLOCK_N], dtype=tl.float32)            # sum_c g_c p_n(c)
+    weighted_codes = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)  # sum_c g_c p_n(c) c
+    for c0 in range(0, num_codes, BLOCK_C):
+        codes = c0 + tl.arange(0, BLOCK_C)
+        code_mask = codes < num_codes
+        code_tile = _code_tile(codes, dims, d)
+        logits = tl.dot(x, code_tile.to(x.dtype), input_precision=INPUT_PRECISION)
+        prob = tl.exp(logits * scale - lse[:, None])
+        g = tl.load(g_ptr + codes, mask=code_mask, other=0.0)
+        w = tl.where(row_mask[:, None] & code_mask[None, :], prob * g[None, :], 0.0)
+        weight_sum += tl.sum(w, axis=1)
+        # fp32 operands, fp32 products: the weights are not rounded to tf32
+        weighted_codes = tl.dot(w, tl.trans(code_tile), weighted_codes, input_precision="ieee")
+    l = x.to(tl.float32) * scale
+    mean_code = 2.0 * tl.sigmoid(2.0 * l) - 1.0  # tanh(l)
+    grad = (weighted_codes - mean_code * weight_sum[:, None]) * (coef * scale)
+    tl.store(grad_ptr + rows[:, None] * d + dims[None, :], grad, mask=mask)
+
+
+def _check(x, lse):
+    if x.dim() != 2 or not x.is_contiguous() or x.shape[1] > MAX_DIM:
+        raise ValueError(f"x must be a contiguous [N, d] with d <= {MAX_DIM}, got "
+                         f"{tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x must be fp32, fp16 or bf16, got {x.dtype}")
+    if lse.shape != (x.shape[0],) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be fp32 [{x.shape[0]}], got {lse.dtype} {tuple(lse.shape)}")
+    check_same_device(x=x, lse=lse)
+
+
+def _dot_options(x, precision):
+    # The Triton interpreter multiplies 16-bit dot operands as raw bits: upcast there
+    # (exact: the codes are ±1 and the products fit fp32).
+    return dict(INPUT_PRECISION=precision if x.dtype == torch.float32 else "ieee",
+                UPCAST_DOT=x.dtype != torch.float32 and x.device.type != "cuda")
+
+
+def lfq_avg_prob(x, lse, inv_temperature, precision="ieee"):
+    """``x: [N, d]``, ``lse: fp32 [N]`` -> ``avg: fp32 [2**d]``, the batch-mean code distribution."""
+    _check(x, lse)
+    n, d = x.shape
+    num_codes = 2**d
+    avg = torch.empty(num_codes, dtype=torch.float32, device=x.device)
+    config = dict(FORWARD_CONFIG)
+    _lfq_avg_prob_kernel[(triton.cdiv(num_codes, config["BLOCK_C"]),)](
+        x, lse, avg, n, d, num_codes, 2.0 * float(inv_temperature),
+        **_dot_options(x, precision), **config)
+    return avg
+
+
+def lfq_entropy_backward(x, lse, g, coef, inv_temperature, precision="ieee"):
+    """``grad_x: fp32 [N, d]`` of ``coef * sum_c g[c] avg[c]`` (``g = dH/d avg``)."""
+    _check(x, lse)
+    n, d = x.shape
+    grad = torch.empty(n, d, dtype=torch.float32, device=x.device)
+    config = dict(BACKWARD_CONFIG)
+    _lfq_entropy_backward_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
+        x, lse, g, grad, n, d, 2**d, 2.0 * float(inv_temperature), float(coef),
+        **_dot_options(x, precision), **config)
+    return grad
+
+
+def aot_variants():
+    """Every launchable configuration, for the ahead-of-time compile test."""
+    def split(config):
+        consts = {k: v for k, v in config.items() if k != "num_warps"}
+        return consts, {"num_warps": config["num_warps"]}
+    for dtype in PTR:
+        for precision in (("ieee", "tf32x3") if dtype == "fp32" else ("ieee",)):
+            consts, options = split(FORWARD_CONFIG)
+            sig = {"x_ptr": PTR[dtype], "lse_ptr": "*fp32", "avg_ptr": "*fp32", "N": "i32",
+                   "d": "i32", "num_codes": "i32", "scale": "fp32"}
+            yield (f"lfq_avg_prob[{dtype},{precision}]", _lfq_avg_prob_kernel, sig,
+                   dict(consts, INPUT_PRECISION=precision, UPCAST_DOT=False), options)
+            consts, options = split(BACKWARD_CONFIG)
+            sig = {"x_ptr": PTR[dtype], "lse_ptr": "*fp32", "g_ptr": "*fp32", "grad_ptr": "*fp32",
+                   "N": "i32", "d": "i32", "num_codes": "i32", "scale": "fp32", "coef": "fp32"}
+            yield (f"lfq_entropy_backward[{dtype},{precision}]", _lfq_entropy_backward_kernel,
+                   sig, dict(consts, INPUT_PRECISION=precision, UPCAST_DOT=False), options)

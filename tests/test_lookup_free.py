@@ -1,0 +1,141 @@
+"""FSQ and LFQ, module and functional, against the brute-force oracles of vqfast.reference."""
+
+import pytest
+import torch
+
+import vqfast
+from vqfast import reference
+from vqfast.ops import lfq as lfq_ops
+from _util import BACKENDS, DEVICE
+
+LEVELS = [[3], [2, 2], [8, 5, 5, 4], [7, 6, 5, 5, 5], [8, 8, 8, 6, 5]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("levels", LEVELS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fsq_matches_oracle(levels, dtype, backend):
+    fsq = vqfast.FSQ(levels, backend=backend).to(DEVICE)
+    z = (2 * torch.randn(3, len(levels), 7, 5, device=DEVICE)).to(dtype).requires_grad_()
+    q, codes = fsq(z)
+    q_ref, codes_ref = reference.fsq(z.movedim(1, -1), levels)
+    assert q.dtype == dtype and q.shape == z.shape and codes.shape == (3, 7, 5)
+    # Rounding ties: the bound within rounding of a half step may round either way.
+    bounded = reference.fsq_bound(z.detach().movedim(1, -1), torch.tensor(levels)).movedim(-1, 1)
+    tie = ((bounded - bounded.floor()) - 0.5).abs() < 1e-4
+    expected = q_ref.movedim(-1, 1).to(dtype).float()  # (interpreter: bf16 rounds toward 0)
+    slack = 2**-7 * expected.abs() if dtype == torch.bfloat16 else 0.0
+    differ = (q.float() - expected).abs() > slack
+    assert bool((differ <= tie).all()), bounded[differ & ~tie]
+    assert bool(((codes != codes_ref) <= tie.any(1)).all())
+    assert int(codes.min()) >= 0 and int(codes.max()) < fsq.codebook_size
+    torch.testing.assert_close(fsq.decode_indices(codes).to(dtype), q, rtol=2**-7, atol=0)
+    ulp = 2**-7 if dtype == torch.bfloat16 else 0.0
+    grad = torch.randn_like(q)
+    (g,) = torch.autograd.grad(q, z, grad)
+    (g_ref,) = torch.autograd.grad(q_ref.movedim(-1, 1).to(dtype), z, grad)
+    # (rtol 1e-4: the oracle takes atanh in fp32, ill-conditioned for two levels)
+    torch.testing.assert_close(g.float(), g_ref.float(), rtol=2e-2 if ulp else 1e-4, atol=1e-6)
+
+
+def test_fsq_grid_covers_every_code():
+    levels = torch.tensor([5, 4, 3])
+    fsq = vqfast.FSQ(levels.tolist(), backend="torch")
+    codes = torch.arange(fsq.codebook_size).view(1, -1)
+    grid = fsq.decode_indices(codes)  # [1, 3, 60]
+    assert len({tuple(v) for v in grid[0].T.tolist()}) == 60
+    assert grid.min() == -1 and grid.max() <= 1
+    # Invert the bound at each grid point: quantizing there gives the code back.
+    half_l = (levels - 1) * (1 + 1e-3) / 2
+    offset = (levels % 2 == 0) * 0.5
+    steps = grid[0].T * (levels // 2)
+    z = torch.atanh((steps + offset) / half_l) - torch.atanh(offset / half_l)
+    _, again = fsq(z.T.unsqueeze(0).float())
+    assert torch.equal(again, codes)
+
+
+def test_fsq_projection():
+    fsq = vqfast.FSQ([8, 5, 5], dim=32)
+    z = torch.randn(2, 32, 4, 4, requires_grad=True)
+    q, codes = fsq(z)
+    assert q.shape == z.shape and codes.shape == (2, 4, 4)
+    torch.testing.assert_close(fsq.decode_indices(codes), q, rtol=1e-5, atol=1e-6)
+    q.sum().backward()
+    assert fsq.project_in.weight.grad is not None and z.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dim", [1, 2, 5, 9, 12])
+@pytest.mark.parametrize("inv_temperature", [1.0, 100.0])
+def test_lfq_matches_brute_force_oracle(dim, inv_temperature, backend):
+    lfq = vqfast.LFQ(dim, inv_temperature=inv_temperature, backend=backend).to(DEVICE)
+    z = (0.5 * torch.randn(3, dim, 37, device=DEVICE)).requires_grad_()  # N = 111: odd
+    loss, q, perplexity, codes = lfq(z)
+    rows = z.movedim(1, -1).reshape(-1, dim)
+    loss_ref, q_ref, codes_ref, _, _ = reference.lfq(rows.double(), inv_temperature=inv_temperature)
+    assert torch.equal(codes.reshape(-1), codes_ref)
+    torch.testing.assert_close(q.movedim(1, -1).reshape(-1, dim), q_ref.float())
+    torch.testing.assert_close(loss, loss_ref.float(), rtol=1e-4, atol=1e-5)
+    counts = torch.bincount(codes_ref, minlength=2**dim).float()
+    probs = counts / counts.sum()
+    torch.testing.assert_close(perplexity, torch.exp(-(probs * torch.log(probs + 1e-10)).sum()))
+    (g,) = torch.autograd.grad(loss, z)
+    (g_ref,) = torch.autograd.grad(loss_ref, z)
+    # fp32 logits reach 2 * 100 * sum|x| ~ 1e3: exp(logit - lse) carries ~1e-4 relative error
+    torch.testing.assert_close(g, g_ref.float(), rtol=1e-3, atol=5e-4 * float(g_ref.abs().max()))
+    torch.testing.assert_close(lfq.decode_indices(codes), q.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_codebook_entropy_and_gradient(dtype, backend):
+    """The streamed entropy against the brute-force one on the same (rounded) inputs."""
+    x = (0.3 * torch.randn(53, 10, device=DEVICE)).to(dtype).requires_grad_()
+    entropy = lfq_ops.codebook_entropy(x, 10.0, backend)
+    *_, entropy_ref = reference.lfq(x.double(), inv_temperature=10.0)
+    torch.testing.assert_close(entropy, entropy_ref.float(), rtol=1e-4, atol=1e-5)
+    (g,) = torch.autograd.grad(entropy, x)
+    (g_ref,) = torch.autograd.grad(entropy_ref, x)
+    assert g.dtype == dtype
+    torch.testing.assert_close(g.float(), g_ref.float(), rtol=2e-2 if dtype != torch.float32 else 1e-3,
+                               atol=1e-4 * float(g_ref.abs().max()))
+
+
+def test_lfq_entropy_memory_is_tiled(monkeypatch):
+    """The torch path works in [rows, codes] tiles: shrink the tile and get the same result."""
+    from vqfast import _torch
+    x = torch.randn(40, 7)
+    whole = lfq_ops.codebook_entropy(x, 5.0, "torch")
+    monkeypatch.setattr(_torch, "_CHUNK_ELEMENTS", 96)  # 96 codes x 1 row per tile
+    torch.testing.assert_close(lfq_ops.codebook_entropy(x, 5.0, "torch"), whole)
+
+
+@pytest.mark.parametrize("cls,args", [(vqfast.FSQ, ([8, 5],)), (vqfast.LFQ, (2,))])
+def test_bad_inputs_raise(cls, args):
+    quantizer = cls(*args)
+    with pytest.raises(ValueError, match="channels"):
+        quantizer(torch.randn(2, 3, 4))
+    with pytest.raises(TypeError, match="fp32"):
+        quantizer(torch.randn(2, 2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="spatial"):
+        quantizer(torch.randn(2, 2))
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="levels"):
+        vqfast.FSQ([8, 1])
+    with pytest.raises(ValueError, match="dim"):
+        vqfast.LFQ(25)
+    with pytest.raises(ValueError, match="precision"):
+        vqfast.LFQ(4, precision="tf32")
+
+
+@pytest.mark.parametrize("cls,args", [(vqfast.FSQ, ([8, 5, 5],)), (vqfast.LFQ, (6,))])
+def test_compiles_fullgraph(cls, args):
+    torch._dynamo.reset()
+    quantizer = cls(*args)
+    compiled = torch.compile(quantizer, fullgraph=True, backend="aot_eager")
+    z = torch.randn(2, quantizer.dim, 3, 5, requires_grad=True)
+    eager_out, compiled_out = quantizer(z), compiled(z)
+    for a, b in zip(eager_out, compiled_out):
+        torch.testing.assert_close(b, a)

@@ -1,0 +1,167 @@
+"""Lookup-free quantizers: ``FSQ`` (Mentzer et al., 2023) and ``LFQ`` (MAGVIT-2, Yu et al., 2023)."""
+
+import math
+
+import torch
+from torch import nn
+
+from . import functional as VF
+from .ops import fsq as fsq_ops
+from .ops import lfq as lfq_ops
+
+
+def _channels_first(name: str, z, channels: int) -> torch.Tensor:
+    """Validate ``z: [B, C, *spatial]``; return the contiguous ``[B, C, S]`` view or copy."""
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+    if z.dim() < 3:
+        raise ValueError(f"{name} must be channels-first [B, C, *spatial] with at least one "
+                         f"spatial dim, got shape {tuple(z.shape)}")
+    if z.shape[1] != channels:
+        raise ValueError(f"{name} has {z.shape[1]} channels (dim 1), expected {channels}")
+    if z.dtype not in VF.FLOAT_DTYPES:
+        raise TypeError(f"{name} must be fp32, fp16 or bf16, got {z.dtype}")
+    if z.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(z.shape)})")
+    return z.reshape(z.shape[0], channels, -1).contiguous()
+
+
+def _project(linear: nn.Linear, z: torch.Tensor) -> torch.Tensor:
+    """A linear map over the channels of channels-first ``z: [B, C, *spatial]``."""
+    return linear(z.movedim(1, -1)).movedim(-1, 1)
+
+
+class FSQ(nn.Module):
+    """Finite scalar quantization: each channel bounded with tanh and rounded to one of
+    ``levels[i]`` values; no codebook, no auxiliary loss.
+
+    Args:
+        levels: values per channel, e.g. ``(8, 5, 5, 5)`` (1000 codes).
+        dim: if given, inputs have ``dim`` channels: a learned linear projection maps them to
+            ``len(levels)`` before quantizing and back after (as in the paper).
+        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+
+    ``forward(z: [B, C, *spatial])`` (``C = dim or len(levels)``) returns ``(quantized,
+    codes)``: ``quantized`` in z's shape and dtype, each channel on the grid
+    ``(k - L//2) / (L//2)`` in ``[-1, 1]``, with the straight-through gradient of the bound;
+    ``codes`` int64 ``[B, *spatial]``, mixed radix with the first channel least significant,
+    in ``[0, prod(levels))``. ``decode_indices(codes)`` gives ``quantized`` back.
+    """
+
+    def __init__(self, levels, *, dim=None, backend="auto"):
+        super().__init__()
+        levels = [int(level) for level in levels]
+        if not levels or min(levels) < 2:
+            raise ValueError(f"levels must be a non-empty list of ints >= 2, got {levels}")
+        if backend not in VF.BACKENDS:
+            raise ValueError(f"backend must be one of {VF.BACKENDS}, got {backend!r}")
+        self.levels = levels
+        self.codebook_size = math.prod(levels)
+        self.dim = dim or len(levels)
+        self.backend = backend
+        params, basis = fsq_ops.fsq_params(levels)
+        self.register_buffer("params", params, persistent=False)
+        self.register_buffer("basis", basis, persistent=False)
+        self.register_buffer("level_counts", torch.tensor(levels), persistent=False)
+        projected = dim is not None and dim != len(levels)
+        self.project_in = nn.Linear(self.dim, len(levels)) if projected else None
+        self.project_out = nn.Linear(len(levels), self.dim) if projected else None
+
+    def extra_repr(self):
+        return f"levels={self.levels}, dim={self.dim}, codebook_size={self.codebook_size}"
+
+    def forward(self, z):
+        x = _channels_first("z", z, self.dim)
+        if self.project_in is not None:
+            x = _project(self.project_in, x).contiguous()
+        backend = VF.resolve_backend(self.backend, x.device)
+        quantized, codes = fsq_ops.fsq(x, self.params, self.basis, backend)
+        if self.project_out is not None:
+            quantized = _project(self.project_out, quantized)
+        return (quantized.reshape(z.shape[0], self.dim, *z.shape[2:]),
+                codes.view(z.shape[0], *z.shape[2:]))
+
+    @torch.no_grad()
+    def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """int64 ``codes [B, *spatial]`` -> ``quantized [B, C, *spatial]`` (fp32)."""
+        if codes.dtype != torch.int64:
+            raise TypeError(f"codes must be int64, got {codes.dtype}")
+        digits = (codes.unsqueeze(1) // self.basis.view(1, -1, *[1] * (codes.dim() - 1))) \
+            % self.level_counts.view(1, -1, *[1] * (codes.dim() - 1))
+        half_width = (self.level_counts // 2).view(1, -1, *[1] * (codes.dim() - 1))
+        quantized = (digits - half_width).float() / half_width
+        if self.project_out is not None:
+            quantized = _project(self.project_out, quantized)
+        return quantized
+
+
+class LFQ(nn.Module):
+    """Lookup-free quantization: ``quantized = sign(z)``, ``2**dim`` implicit codes, and the
+    entropy loss of MAGVIT-2 computed exactly over all of them.
+
+    Args:
+        dim: d, the channels of the input (and bits of a code); at most 24.
+        entropy_loss_weight, commitment_cost, diversity_gamma, inv_temperature: the loss
+            ``entropy_loss_weight * (mean_x H(p(.|x)) - diversity_gamma * H(mean_x p(.|x)))
+            + commitment_cost * mse(z, sign(z))`` with ``p(c|x) = softmax_c(2 *
+            inv_temperature * <x, c>)`` over the codes ``c`` in ``{-1, 1}^d``.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``; precision: the Triton dot precision
+            for fp32 inputs (``"ieee"`` default, ``"tf32x3"``; ``"tf32"`` would round the logits).
+
+    ``forward(z: [B, dim, *spatial])`` returns ``(loss, quantized, perplexity, codes)``:
+    ``quantized`` = +1 where ``z > 0`` else -1, in z's dtype, with a straight-through
+    gradient; ``codes`` int64 ``[B, *spatial]``, ``sum_i [z_i > 0] 2**(dim-1-i)`` (the first
+    channel most significant); ``perplexity`` from the code counts. The per-sample entropy
+    uses its closed form (p factorises over channels); the codebook entropy and its
+    gradient stream all ``2**dim`` codes (memory ``[2**dim]``, never ``[N, 2**dim]``).
+    """
+
+    def __init__(self, dim, *, entropy_loss_weight=0.1, commitment_cost=0.25, diversity_gamma=1.0,
+                 inv_temperature=100.0, backend="auto", precision="ieee"):
+        super().__init__()
+        if not 1 <= dim <= 24:
+            raise ValueError(f"dim must be in [1, 24] (2**dim codes), got {dim}")
+        if backend not in VF.BACKENDS:
+            raise ValueError(f"backend must be one of {VF.BACKENDS}, got {backend!r}")
+        if precision not in ("ieee", "tf32x3"):
+            raise ValueError(f"precision must be 'ieee' or 'tf32x3', got {precision!r}")
+        if not inv_temperature > 0:
+            raise ValueError(f"inv_temperature must be > 0, got {inv_temperature}")
+        self.dim = dim
+        self.codebook_size = 2**dim
+        self.entropy_loss_weight = entropy_loss_weight
+        self.commitment_cost = commitment_cost
+        self.diversity_gamma = diversity_gamma
+        self.inv_temperature = inv_temperature
+        self.backend = backend
+        self.precision = precision
+        self.register_buffer("bits", 2 ** torch.arange(dim - 1, -1, -1), persistent=False)
+
+    def extra_repr(self):
+        return (f"dim={self.dim}, entropy_loss_weight={self.entropy_loss_weight}, "
+                f"commitment_cost={self.commitment_cost}, inv_temperature={self.inv_temperature}")
+
+    def forward(self, z):
+        x3 = _channels_first("z", z, self.dim)
+        backend = VF.resolve_backend(self.backend, z.device)
+        sign = torch.where(x3 > 0, 1.0, -1.0).to(z.dtype)
+        quantized = x3 + (sign - x3).detach()
+        codes = ((x3 > 0).long() * self.bits.view(1, -1, 1)).sum(1)  # [B, S]
+        counts = torch.zeros(self.codebook_size, dtype=torch.int32, device=z.device).scatter_add_(
+            0, codes.reshape(-1), torch.ones_like(codes.reshape(-1), dtype=torch.int32))
+        loss = self.commitment_cost * (x3.float() - sign.float()).pow(2).mean()
+        if self.entropy_loss_weight:
+            rows = x3.movedim(1, -1).reshape(-1, self.dim)
+            entropy = lfq_ops.per_sample_entropy(rows, self.inv_temperature)
+            if self.diversity_gamma:
+                entropy = entropy - self.diversity_gamma * lfq_ops.codebook_entropy(
+                    rows, self.inv_temperature, backend, self.precision)
+            loss = loss + self.entropy_loss_weight * entropy
+        return (loss, quantized.reshape(z.shape), VF.perplexity(counts),
+                codes.view(z.shape[0], *z.shape[2:]))
+
+    @torch.no_grad()
+    def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """int64 ``codes [B, *spatial]`` -> ``quantized [B, dim, *spatial]`` (fp32, ±1)."""
+        bits = self.bits.view(1, -1, *[1] * (codes.dim() - 1))
+        return ((codes.unsqueeze(1) // bits) % 2).float() * 2 - 1

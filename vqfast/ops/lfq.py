@@ -1,0 +1,80 @@
+"""LFQ's codebook entropy: custom ops over the streamed Triton kernels
+(``vqfast.kernels.lfq_entropy``) or the torch backend's tiles, and its autograd.Function."""
+
+import torch
+
+from .. import _torch
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        from ..kernels import lfq_entropy
+        return lfq_entropy
+    return _torch
+
+
+@torch.library.custom_op("vqfast::lfq_avg_prob", mutates_args=())
+def _lfq_avg_prob_op(x: torch.Tensor, lse: torch.Tensor, inv_temperature: float, backend: str,
+                     precision: str) -> torch.Tensor:
+    return _impl(backend).lfq_avg_prob(x, lse, inv_temperature, precision)
+
+
+@_lfq_avg_prob_op.register_fake
+def _(x, lse, inv_temperature, backend, precision):
+    return x.new_empty(2 ** x.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("vqfast::lfq_entropy_backward", mutates_args=())
+def _lfq_entropy_backward_op(x: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, coef: float,
+                             inv_temperature: float, backend: str, precision: str) -> torch.Tensor:
+    return _impl(backend).lfq_entropy_backward(x, lse, g, coef, inv_temperature, precision)
+
+
+@_lfq_entropy_backward_op.register_fake
+def _(x, lse, g, coef, inv_temperature, backend, precision):
+    return torch.empty_like(x, dtype=torch.float32)
+
+
+def log_partition(x: torch.Tensor, inv_temperature: float) -> torch.Tensor:
+    """``lse_n = log sum_c exp(<l_n, c>) = sum_i logaddexp(l_i, -l_i)``, ``l = 2 * inv_temperature * x``:
+    fp32 ``[N]`` in closed form (the code distribution factorises over channels)."""
+    l = x.float() * (2.0 * inv_temperature)
+    return torch.logaddexp(l, -l).sum(1)
+
+
+class _CodebookEntropy(torch.autograd.Function):
+    """``H(mean_n p(.|x_n))`` over all ``2**d`` codes, exactly, for ``x: [N, d]``; memory
+    ``[2**d]``, never ``[N, 2**d]``. The backward streams the codes again."""
+
+    @staticmethod
+    def forward(ctx, x, inv_temperature, backend, precision):
+        x = x.detach().contiguous()
+        lse = log_partition(x, inv_temperature)
+        avg = torch.ops.vqfast.lfq_avg_prob(x, lse, inv_temperature, backend, precision)
+        ctx.save_for_backward(x, lse, avg)
+        ctx.inv_temperature, ctx.backend, ctx.precision = inv_temperature, backend, precision
+        return -torch.special.xlogy(avg, avg).sum()
+
+    @staticmethod
+    def backward(ctx, grad_entropy):
+        x, lse, avg = ctx.saved_tensors
+        # dH/d avg[c] = -(log avg[c] + 1); where avg[c] underflows to 0 every p_n(c) is 0 too
+        g = -(torch.log(avg.clamp_min(torch.finfo(torch.float32).tiny)) + 1)
+        grad = torch.ops.vqfast.lfq_entropy_backward(x, lse, g, 1.0 / x.shape[0],
+                                                     ctx.inv_temperature, ctx.backend,
+                                                     ctx.precision)
+        return (grad * grad_entropy).to(x.dtype), None, None, None
+
+
+def codebook_entropy(x, inv_temperature, backend="torch", precision="ieee"):
+    """Differentiable ``H(mean_n p(.|x_n))`` of ``x: [N, d]`` (see ``_CodebookEntropy``)."""
+    return _CodebookEntropy.apply(x, inv_temperature, backend, precision)
+
+
+def per_sample_entropy(x, inv_temperature):
+    """``mean_n H(p(.|x_n))`` in closed form: the code distribution of a vector factorises
+    into independent channels, ``p(c_i = 1) = sigmoid(4 * inv_temperature * x_i)``, so its
+    entropy is the sum of binary entropies ``sigma(t) softplus(-t) + sigma(-t) softplus(t)``."""
+    t = x.float() * (4.0 * inv_temperature)
+    softplus = torch.nn.functional.softplus
+    return (torch.sigmoid(t) * softplus(-t) + torch.sigmoid(-t) * softplus(t)).sum(1).mean()
