@@ -139,3 +139,25 @@ def test_compiles_fullgraph(cls, args):
     eager_out, compiled_out = quantizer(z), compiled(z)
     for a, b in zip(eager_out, compiled_out):
         torch.testing.assert_close(b, a)
+
+
+def test_codebook_entropy_agrees_with_vector_quantize_pytorch():
+    """Where the definitions coincide (no subsampling), the peer's batch entropy over its
+    materialised [N, 2**d] probabilities equals vqfast's streamed one."""
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    d = 7
+    z = 0.2 * torch.randn(4, d, 6, 5)
+    peer = vqp.LFQ(dim=d, codebook_size=2**d, frac_per_sample_entropy=1.0, channel_first=True)
+    _, breakdown = peer(z, return_loss_breakdown=True)  # ((quantized, codes, loss), losses)
+    ours = lfq_ops.codebook_entropy(z.movedim(1, -1).reshape(-1, d), 100.0, "torch")
+    torch.testing.assert_close(ours, breakdown.batch_entropy, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lookup_free_benchmark_pipeline(tmp_path):
+    from benchmarks import lookup_free
+    lookup_free.main(["--dims", "6", "--n", "256", "--out", str(tmp_path), "--name", "lf"])
+    rows = __import__("json").loads((tmp_path / "lf.json").read_text())["results"]
+    exact = [r for r in rows if r["impl"] == "vqfast (exact)"]
+    assert exact and exact[0]["entropy_error"] == 0 and exact[0]["median_ms"] > 0
+    assert {r["quantizer"] for r in rows} == {"lfq", "fsq"}

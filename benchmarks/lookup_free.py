@@ -1,0 +1,160 @@
+"""``python -m benchmarks.lookup_free``: LFQ and FSQ, vqfast vs vector-quantize-pytorch.
+
+LFQ's codebook entropy needs the probability of every one of the ``2**d`` codes for every
+vector. vqfast streams the codes (exact, ``[2**d]`` memory); vector-quantize-pytorch
+materialises ``[N, 2**d]`` probabilities, or a random fraction of the rows of it with
+``frac_per_sample_entropy < 1``. Per case: forward + backward time, peak memory, and the
+peer's error in the codebook entropy against vqfast's exact value (same inputs).
+"""
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+import vqfast
+from vqfast.ops import lfq as lfq_ops
+
+from .measure import median_seconds, peak_extra_bytes
+from .suite import environment
+
+
+@dataclasses.dataclass
+class Row:
+    quantizer: str
+    impl: str
+    d: int
+    n: int
+    median_ms: float | None = None
+    peak_mib: float | None = None
+    codebook_entropy: float | None = None
+    entropy_error: float | None = None
+    skipped: str | None = None
+
+
+def _peer(kind: str, d: int, frac: float = 1.0):
+    try:
+        import vector_quantize_pytorch as vqp
+    except ImportError:
+        return None
+    if kind == "lfq":
+        return vqp.LFQ(dim=d, codebook_size=2**d, entropy_loss_weight=0.1,
+                       commitment_loss_weight=0.25, frac_per_sample_entropy=frac, channel_first=True)
+    return vqp.FSQ(levels=[8, 5, 5, 5], channel_first=True)
+
+
+def _budget(device) -> float:
+    return 8 * 2**30 if device.type == "cpu" else 0.8 * torch.cuda.mem_get_info(device)[0]
+
+
+def lfq_cases(dims, n, device, progress=print):
+    rows = []
+    for d in dims:
+        generator = torch.Generator().manual_seed(d)
+        z = (0.1 * torch.randn(n // 64, d, 8, 8, generator=generator)).to(device)
+        flat = z.movedim(1, -1).reshape(-1, d)
+        backend = "triton" if device.type == "cuda" else "torch"
+        exact = float(lfq_ops.codebook_entropy(flat, 100.0, backend))
+        ours = vqfast.LFQ(d).to(device)
+        impls = [("vqfast (exact)", ours, 1.0)]
+        for frac in (1.0, 0.25):
+            impls.append((f"vector-quantize-pytorch (frac_per_sample_entropy={frac})",
+                          _peer("lfq", d, frac), frac))
+        for name, module, frac in impls:
+            row = Row("lfq", name, d, n)
+            if module is None:
+                row.skipped = "vector-quantize-pytorch not installed"
+            elif name.startswith("vector") and 4 * n * frac * 2**d * 4 > _budget(device):
+                row.skipped = (f"needs ~{4 * n * frac * 2**d * 4 / 2**30:.0f} GiB for its "
+                               f"[{int(n * frac)}, 2**{d}] probabilities")
+            else:
+                module = module.to(device)
+                x = z.clone().requires_grad_()
+
+                def step(module=module, x=x, name=name):
+                    out = module(x, return_loss_breakdown=True) if name.startswith("vector") else module(x)
+                    loss = out[0][2] if name.startswith("vector") else out[0]
+                    loss.backward()
+                    return out
+                try:
+                    row.median_ms = median_seconds(step, device) * 1e3
+                    row.peak_mib = peak_extra_bytes(step, device) / 2**20
+                    if name.startswith("vector"):
+                        breakdown = step()[1]
+                        row.codebook_entropy = float(breakdown.batch_entropy)
+                    else:
+                        row.codebook_entropy = exact
+                    row.entropy_error = abs(row.codebook_entropy - exact) / exact
+                except Exception as error:  # record it, go on
+                    row.skipped = f"error: {type(error).__name__}: {str(error)[:100]}"
+            progress(f"lfq d={d:>2} {name:<58} "
+                     + (f"{row.median_ms:10.2f} ms" if row.median_ms else row.skipped))
+            rows.append(row)
+    return rows
+
+
+def fsq_cases(n, device, progress=print):
+    rows = []
+    levels = [8, 5, 5, 5]
+    z = torch.randn(n // 64, len(levels), 8, 8, generator=torch.Generator().manual_seed(0)).to(device)
+    for name, module in (("vqfast", vqfast.FSQ(levels)), ("vector-quantize-pytorch", _peer("fsq", 4))):
+        row = Row("fsq", name, len(levels), n)
+        if module is None:
+            row.skipped = "vector-quantize-pytorch not installed"
+        else:
+            module = module.to(device)
+            x = z.clone().requires_grad_()
+
+            def step(module=module, x=x):
+                module(x)[0].sum().backward()
+            row.median_ms = median_seconds(step, device) * 1e3
+            row.peak_mib = peak_extra_bytes(step, device) / 2**20
+        progress(f"fsq {levels} {name:<30} "
+                 + (f"{row.median_ms:10.3f} ms" if row.median_ms else row.skipped))
+        rows.append(row)
+    return rows
+
+
+def markdown(env, rows) -> str:
+    lines = [f"**Device** {env['device']} ({env['device_type']}) · torch {env['torch']} · "
+             f"{env['date']}", "",
+             "| quantizer | d | N | implementation | fwd+bwd ms | peak MiB | codebook entropy | rel. error vs exact |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.skipped:
+            lines.append(f"| {r.quantizer} | {r.d} | {r.n} | {r.impl} | skipped: {r.skipped} | | | |")
+            continue
+        entropy = f"{r.codebook_entropy:.4f}" if r.codebook_entropy is not None else ""
+        error = f"{r.entropy_error:.2e}" if r.entropy_error is not None else ""
+        lines.append(f"| {r.quantizer} | {r.d} | {r.n} | {r.impl} | {r.median_ms:.2f} | "
+                     f"{r.peak_mib:.1f} | {entropy} | {error} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.lookup_free", description=__doc__)
+    parser.add_argument("--dims", type=int, nargs="+", default=[10, 14, 16, 18])
+    parser.add_argument("--n", type=int, default=16384)
+    parser.add_argument("--quick", action="store_true", help="d = 8, 10 at N = 1024")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    parser.add_argument("--name", default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.dims, args.n = [8, 10], 1024
+    device = (torch.device("cuda" if torch.cuda.is_available() else "cpu")
+              if args.device == "auto" else torch.device(args.device))
+    env = environment(device)
+    rows = lfq_cases(args.dims, args.n, device) + fsq_cases(args.n, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / (args.name or f"{env['date']}-{device.type}-lookup-free")
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"environment": env, "results": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    stem.with_suffix(".md").write_text(markdown(env, rows))
+    print(markdown(env, rows))
+
+
+if __name__ == "__main__":
+    main()
