@@ -141,6 +141,9 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
     parser.add_argument("--name", default=None)
+    parser.add_argument("--merge-into", default=None, metavar="STEM",
+                        help="add the results to OUT/STEM.json (key lookup_free) and STEM.md "
+                             "instead of writing files of their own (the GPU command's bench.*)")
     args = parser.parse_args(argv)
     if args.quick:
         args.dims, args.n = [8, 10], 1024
@@ -149,6 +152,15 @@ def main(argv=None):
     env = environment(device)
     rows = lfq_cases(args.dims, args.n, device) + fsq_cases(args.n, device)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge_into:
+        stem = args.out / args.merge_into
+        report = json.loads(stem.with_suffix(".json").read_text())
+        report["lookup_free"] = [dataclasses.asdict(r) for r in rows]
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+        with open(stem.with_suffix(".md"), "a") as f:
+            f.write("\n## Lookup-free quantizers\n\n" + markdown(env, rows))
+        print(markdown(env, rows))
+        return
     stem = args.out / (args.name or f"{env['date']}-{device.type}-lookup-free")
     stem.with_suffix(".json").write_text(json.dumps(
         {"environment": env, "results": [dataclasses.asdict(r) for r in rows]}, indent=1))

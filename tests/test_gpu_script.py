@@ -33,6 +33,8 @@ def test_dry_run_writes_every_file(tmp_path):
     assert int(junit.find("testsuite").get("tests")) > 0
     bench = json.loads((out / "bench.json").read_text())
     assert {r["impl"] for r in bench["results"] if r["median_ms"]} >= {"reference", "vqfast[torch]"}
+    assert any(r["impl"] == "vqfast (exact)" and r["median_ms"] for r in bench["lookup_free"])
+    assert "Lookup-free" in (out / "bench.md").read_text()
     train = json.loads((out / "train.json").read_text())
     assert train["failed"] == [] and train["parts"]["eager"]["steps_per_s"] > 0
     summary = (out / "SUMMARY.md").read_text()
