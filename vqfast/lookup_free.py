@@ -53,8 +53,7 @@ class FSQ(nn.Module):
         levels = [int(level) for level in levels]
         if not levels or min(levels) < 2:
             raise ValueError(f"levels must be a non-empty list of ints >= 2, got {levels}")
-        if backend not in VF.BACKENDS:
-            raise ValueError(f"backend must be one of {VF.BACKENDS}, got {backend!r}")
+        VF.check_backend(backend)
         self.levels = levels
         self.codebook_size = math.prod(levels)
         self.dim = dim or len(levels)
@@ -121,8 +120,7 @@ class LFQ(nn.Module):
         super().__init__()
         if not 1 <= dim <= 24:
             raise ValueError(f"dim must be in [1, 24] (2**dim codes), got {dim}")
-        if backend not in VF.BACKENDS:
-            raise ValueError(f"backend must be one of {VF.BACKENDS}, got {backend!r}")
+        VF.check_backend(backend)
         if precision not in ("ieee", "tf32x3"):
             raise ValueError(f"precision must be 'ieee' or 'tf32x3', got {precision!r}")
         if not inv_temperature > 0:

@@ -86,8 +86,7 @@ class _QuantizerBase(nn.Module):
                              f"{num_embeddings} and {embedding_dim}")
         if precision not in VF.PRECISIONS:
             raise ValueError(f"precision must be one of {VF.PRECISIONS}, got {precision!r}")
-        if backend not in VF.BACKENDS:
-            raise ValueError(f"backend must be one of {VF.BACKENDS}, got {backend!r}")
+        VF.check_backend(backend)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.commitment_cost = commitment_cost
