@@ -83,7 +83,7 @@ def lfq_cases(dims, n, device, progress=print):
                     row.peak_mib = peak_extra_bytes(step, device) / 2**20
                     if name.startswith("vector"):
                         breakdown = step()[1]
-                        row.codebook_entropy = float(breakdown.batch_entropy)
+                        row.codebook_entropy = float(breakdown.batch_entropy.detach())
                     else:
                         row.codebook_entropy = exact
                     row.entropy_error = abs(row.codebook_entropy - exact) / exact

@@ -270,8 +270,9 @@ def plot(runs, models, crops, path_curves: Path, path_grid: Path, device) -> Non
     plt.close(fig)
 
 
-def run(args, device, progress=print, deadline_s=None):
-    """Every configuration x seed; returns (report dict, {config: last model})."""
+def run(args, device, progress=print, deadline_s=None, partial=None):
+    """Every configuration x seed; returns (report dict, {config: last model}).
+    ``partial(runs)``, if given, is called after every run (to save what is done so far)."""
     crops = load_crops()
     configs = [c for c in args.configs]
     try:
@@ -287,6 +288,8 @@ def run(args, device, progress=print, deadline_s=None):
             result, model = train_one(config, crops, args, seed, device, deadline)
             runs.append(result)
             models[config] = model
+            if partial is not None:
+                partial(runs)
             progress(f"{config:>24} seed {seed}: test NMSE {result['test_nmse']:.4f}, perplexity "
                      f"{result['train_perplexity']:.0f}, codes used {result['codes_used_test']}, "
                      f"{result['steps']} steps, {result['seconds_per_step']:.3f} s/step")
@@ -340,10 +343,14 @@ def main(argv=None):
     args = parse_args(argv)
     device = (torch.device("cuda" if torch.cuda.is_available() else "cpu")
               if args.device == "auto" else torch.device(args.device))
-    report, models, crops = run(args, device)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / (args.name or f"{report['meta']['date']}-{device.type}-quality"
+    stem = args.out / (args.name or f"{datetime.date.today().isoformat()}-{device.type}-quality"
                        + ("-quick" if args.quick else ""))
+
+    def save_partial(runs):  # a long run cut short still leaves its finished runs
+        stem.with_suffix(".json").write_text(json.dumps(
+            {"partial": True, "summary": summarize(runs), "runs": runs}, indent=1))
+    report, models, crops = run(args, device, partial=save_partial)
     table = markdown(report["summary"], report["meta"])
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     stem.with_suffix(".md").write_text(table)
