@@ -18,7 +18,7 @@ import vqfast
 from vqfast.ops import lfq as lfq_ops
 
 from .measure import median_seconds, peak_extra_bytes
-from .suite import environment
+from .suite import environment, memory_budget
 
 
 @dataclasses.dataclass
@@ -45,10 +45,6 @@ def _peer(kind: str, d: int, frac: float = 1.0):
     return vqp.FSQ(levels=[8, 5, 5, 5], channel_first=True)
 
 
-def _budget(device) -> float:
-    return 8 * 2**30 if device.type == "cpu" else 0.8 * torch.cuda.mem_get_info(device)[0]
-
-
 def lfq_cases(dims, n, device, progress=print):
     rows = []
     for d in dims:
@@ -66,7 +62,7 @@ def lfq_cases(dims, n, device, progress=print):
             row = Row("lfq", name, d, n)
             if module is None:
                 row.skipped = "vector-quantize-pytorch not installed"
-            elif name.startswith("vector") and 4 * n * frac * 2**d * 4 > _budget(device):
+            elif name.startswith("vector") and 4 * n * frac * 2**d * 4 > memory_budget(device):
                 row.skipped = (f"needs ~{4 * n * frac * 2**d * 4 / 2**30:.0f} GiB for its "
                                f"[{int(n * frac)}, 2**{d}] probabilities")
             else:

@@ -52,6 +52,12 @@ class Skip(Exception):
     """A case that cannot run here; the message says why."""
 
 
+def memory_budget(device: torch.device) -> float:
+    """Bytes a peer's ``[N, K]`` matrices may take before its case is skipped: 8 GiB on a
+    CPU (more takes minutes per call), 80% of the free memory on a GPU."""
+    return 8 << 30 if device.type == "cpu" else 0.8 * torch.cuda.mem_get_info(device)[0]
+
+
 def _reference_bytes(shape: Shape) -> int:
     # distances, two expanded temporaries and the one-hot, all fp32 [N, K]
     return 4 * shape.n * shape.k * 4
@@ -95,8 +101,7 @@ def make_case(impl: str, op: str, shape: Shape, device: torch.device, dtype: tor
     if impl in ("reference", "vector-quantize-pytorch"):
         # Both materialise [N, K] distances and one-hots: skip what cannot fit (or, on a
         # CPU, would take minutes per call) and say what it would need.
-        budget = 8 << 30 if device.type == "cpu" else 0.8 * torch.cuda.mem_get_info(device)[0]
-        if _reference_bytes(shape) > budget:
+        if _reference_bytes(shape) > memory_budget(device):
             raise Skip(f"needs ~{_reference_bytes(shape) / 2**30:.0f} GiB for its [N, K] matrices")
 
     generator = torch.Generator(device="cpu").manual_seed(0)

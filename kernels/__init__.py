@@ -5,8 +5,11 @@ under the Triton interpreter (``TRITON_INTERPRET=1`` set before import).
 """
 
 from .ema_update import ema_update
+from .fsq import fsq_backward, fsq_forward
 from .gather_loss import gather_loss
+from .lfq_entropy import lfq_avg_prob, lfq_entropy_backward
 from .nearest_code import nearest_code
 from .quantize_backward import quantize_backward
 
-__all__ = ["nearest_code", "gather_loss", "ema_update", "quantize_backward"]
+__all__ = ["nearest_code", "gather_loss", "ema_update", "quantize_backward", "fsq_forward",
+           "fsq_backward", "lfq_avg_prob", "lfq_entropy_backward"]

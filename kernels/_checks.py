@@ -49,6 +49,12 @@ def launch_config(config: dict, dim: int) -> dict:
     return config
 
 
+def split_options(config: dict):
+    """A launch config as the AOT test's ``(constexprs, compile options)``."""
+    consts = {k: v for k, v in config.items() if k != "num_warps"}
+    return consts, {"num_warps": config["num_warps"]}
+
+
 def streaming_configs(config: dict):
     """Every ``(constexprs, options)`` that ``launch_config(config, dim)`` can give, over
     all dims: the configurations the AOT test compiles."""
@@ -56,4 +62,4 @@ def streaming_configs(config: dict):
     for dim in (1, 17, 33, 65, 129, 4096):
         consts = launch_config(config, dim)
         seen[consts["BLOCK_D"]] = consts
-    return [(consts, {"num_warps": consts.pop("num_warps")}) for consts in seen.values()]
+    return [split_options(consts) for consts in seen.values()]

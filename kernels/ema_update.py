@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import launch_config, streaming_configs
+from ._checks import launch_config, split_options, streaming_configs
 
 CONFIG = dict(BLOCK_K=32, MAX_BLOCK_D=64, num_warps=4)
 SCALARS_CONFIG = dict(BLOCK_REDUCE=1024, num_warps=4)
@@ -112,8 +112,8 @@ def aot_variants():
         sig = {"counts_ptr": "*i32", "size_ptr": "*fp32", "loss_ptr": "*fp32",
                "flag_ptr": "*i32", "scalars_ptr": "*fp32",
                "decay_weight_ptr": "*fp32", "skipped_ptr": "*i64", "K": "i32", "decay": "fp32"}
-        consts = dict(SCALARS_CONFIG, HAS_FLAG=has_flag)
-        options = {"num_warps": consts.pop("num_warps")}
+        consts, options = split_options(SCALARS_CONFIG)
+        consts["HAS_FLAG"] = has_flag
         yield f"ema_scalars[flag={has_flag}]", _ema_scalars_kernel, sig, consts, options
     for cfg, options in streaming_configs(CONFIG):
         sig = {"counts_ptr": "*i32", "code_sums_ptr": "*fp32", "scalars_ptr": "*fp32",

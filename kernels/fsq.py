@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import PTR, check_same_device
+from ._checks import PTR, check_same_device, split_options
 from ._layout import row_offsets, same_layout, vector_layout
 
 CONFIG = dict(BLOCK_N=256, num_warps=4)
@@ -105,8 +105,7 @@ def fsq_backward(grad_q, z, params):
 
 def aot_variants():
     """Every launchable configuration, for the ahead-of-time compile test."""
-    options = {"num_warps": CONFIG["num_warps"]}
-    consts = {"BLOCK_N": CONFIG["BLOCK_N"]}
+    consts, options = split_options(CONFIG)
     for dtype in PTR:
         sig = {"z_ptr": PTR[dtype], "params_ptr": "*fp32", "basis_ptr": "*i64",
                "q_ptr": PTR[dtype], "codes_ptr": "*i64", "N": "i32", "C": "i32", "S": "i32"}

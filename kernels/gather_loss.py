@@ -114,7 +114,7 @@ def aot_variants():
         sig = {"x_ptr": PTR[dtype], "codebook_ptr": "*fp32", "idx_ptr": "*i64", "q_ptr": PTR[dtype],
                "partial_err_ptr": "*fp32", "counts_ptr": "*i32",
                "code_sums_ptr": "*fp32" if atomic else "*i32", "ticket_ptr": "*i32",
-               "loss_ptr": "*fp32", "perplexity_ptr": "*fp32", "N": "i32", "D": "i32", "S": "i32", "K": "i32",
-               "loss_scale": "fp32"}
+               "loss_ptr": "*fp32", "perplexity_ptr": "*fp32", "N": "i32", "D": "i32", "S": "i32",
+               "K": "i32", "loss_scale": "fp32"}
         yield (f"gather_loss[{dtype},D{cfg['BLOCK_D']},atomic={atomic}]", _gather_loss_kernel,
                sig, dict(cfg, BLOCK_REDUCE=BLOCK_REDUCE, ATOMIC_CODE_SUMS=atomic), options)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import PTR, check_same_device
+from ._checks import PTR, check_matrix, check_rows, check_same_device, split_options
 
 MAX_DIM = 24  # 2**24 codes: the int32 code indices stay far from overflow
 FORWARD_CONFIG = dict(BLOCK_N=32, BLOCK_C=64, BLOCK_D=32, num_warps=4)
@@ -92,13 +92,10 @@ def _lfq_entropy_backward_kernel(
 
 
 def _check(x, lse):
-    if x.dim() != 2 or not x.is_contiguous() or x.shape[1] > MAX_DIM:
-        raise ValueError(f"x must be a contiguous [N, d] with d <= {MAX_DIM}, got "
-                         f"{tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"x must be fp32, fp16 or bf16, got {x.dtype}")
-    if lse.shape != (x.shape[0],) or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be fp32 [{x.shape[0]}], got {lse.dtype} {tuple(lse.shape)}")
+    check_matrix("x", x)
+    if x.shape[1] > MAX_DIM:
+        raise ValueError(f"x must have d <= {MAX_DIM} channels (2**d codes), got {tuple(x.shape)}")
+    check_rows("lse", lse, x.shape[0], torch.float32)
     check_same_device(x=x, lse=lse)
 
 
@@ -136,17 +133,14 @@ def lfq_entropy_backward(x, lse, g, coef, inv_temperature, precision="ieee"):
 
 def aot_variants():
     """Every launchable configuration, for the ahead-of-time compile test."""
-    def split(config):
-        consts = {k: v for k, v in config.items() if k != "num_warps"}
-        return consts, {"num_warps": config["num_warps"]}
     for dtype in PTR:
         for precision in (("ieee", "tf32x3") if dtype == "fp32" else ("ieee",)):
-            consts, options = split(FORWARD_CONFIG)
+            consts, options = split_options(FORWARD_CONFIG)
             sig = {"x_ptr": PTR[dtype], "lse_ptr": "*fp32", "avg_ptr": "*fp32", "N": "i32",
                    "d": "i32", "num_codes": "i32", "scale": "fp32"}
             yield (f"lfq_avg_prob[{dtype},{precision}]", _lfq_avg_prob_kernel, sig,
                    dict(consts, INPUT_PRECISION=precision, UPCAST_DOT=False), options)
-            consts, options = split(BACKWARD_CONFIG)
+            consts, options = split_options(BACKWARD_CONFIG)
             sig = {"x_ptr": PTR[dtype], "lse_ptr": "*fp32", "g_ptr": "*fp32", "grad_ptr": "*fp32",
                    "N": "i32", "d": "i32", "num_codes": "i32", "scale": "fp32", "coef": "fp32"}
             yield (f"lfq_entropy_backward[{dtype},{precision}]", _lfq_entropy_backward_kernel,

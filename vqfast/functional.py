@@ -46,13 +46,17 @@ def _impl(backend: str):
     return _torch
 
 
+def _check_dtype(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be fp32, fp16 or bf16 (the kernels' dtypes, on every "
+                        f"backend), got {x.dtype}; cast it, e.g. x.float()")
+
+
 def check_codebook_input(x: torch.Tensor, codebook: torch.Tensor, name: str = "x") -> None:
     """Validate a flat ``[N, D]`` input against a ``[K, D]`` codebook; raise before any work."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be fp32, fp16 or bf16 (the kernels' dtypes, on every "
-                        f"backend), got {x.dtype}; cast it, e.g. x.float()")
+    _check_dtype(name, x)
     if x.shape[-1] != codebook.shape[1]:
         raise ValueError(f"{name} has {x.shape[-1]} channels but the codebook has embedding_dim="
                          f"{codebook.shape[1]}")
@@ -61,6 +65,24 @@ def check_codebook_input(x: torch.Tensor, codebook: torch.Tensor, name: str = "x
                          "move the module with .to(device)")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); need at least one vector")
+
+
+def channels_first(name: str, inputs, channels: int) -> torch.Tensor:
+    """Validate a quantizer's input ``[B, C, *spatial]`` (a tensor, at least one spatial dim,
+    ``channels`` channels, fp32/fp16/bf16, not empty); return it as contiguous ``[B, C, S]``
+    (a view when it already is: the kernels read channels-first in place)."""
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(inputs).__name__}")
+    if inputs.dim() < 3:
+        raise ValueError(f"{name} must be channels-first [B, C, *spatial] with at least one "
+                         f"spatial dim, got shape {tuple(inputs.shape)}")
+    if inputs.shape[1] != channels:
+        raise ValueError(f"{name} has {inputs.shape[1]} channels (dim 1), expected {channels}; "
+                         f"shape {tuple(inputs.shape)}")
+    _check_dtype(name, inputs)
+    if inputs.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(inputs.shape)}); need at least one vector")
+    return inputs.reshape(inputs.shape[0], channels, -1).contiguous()
 
 
 # --- custom ops -------------------------------------------------------------------------

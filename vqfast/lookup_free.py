@@ -10,22 +10,6 @@ from .ops import fsq as fsq_ops
 from .ops import lfq as lfq_ops
 
 
-def _channels_first(name: str, z, channels: int) -> torch.Tensor:
-    """Validate ``z: [B, C, *spatial]``; return the contiguous ``[B, C, S]`` view or copy."""
-    if not isinstance(z, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
-    if z.dim() < 3:
-        raise ValueError(f"{name} must be channels-first [B, C, *spatial] with at least one "
-                         f"spatial dim, got shape {tuple(z.shape)}")
-    if z.shape[1] != channels:
-        raise ValueError(f"{name} has {z.shape[1]} channels (dim 1), expected {channels}")
-    if z.dtype not in VF.FLOAT_DTYPES:
-        raise TypeError(f"{name} must be fp32, fp16 or bf16, got {z.dtype}")
-    if z.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(z.shape)})")
-    return z.reshape(z.shape[0], channels, -1).contiguous()
-
-
 def _project(linear: nn.Linear, z: torch.Tensor) -> torch.Tensor:
     """A linear map over the channels of channels-first ``z: [B, C, *spatial]``."""
     return linear(z.movedim(1, -1)).movedim(-1, 1)
@@ -70,7 +54,7 @@ class FSQ(nn.Module):
         return f"levels={self.levels}, dim={self.dim}, codebook_size={self.codebook_size}"
 
     def forward(self, z):
-        x = _channels_first("z", z, self.dim)
+        x = VF.channels_first("z", z, self.dim)
         if self.project_in is not None:
             x = _project(self.project_in, x).contiguous()
         backend = VF.resolve_backend(self.backend, x.device)
@@ -85,9 +69,10 @@ class FSQ(nn.Module):
         """int64 ``codes [B, *spatial]`` -> ``quantized [B, C, *spatial]`` (fp32)."""
         if codes.dtype != torch.int64:
             raise TypeError(f"codes must be int64, got {codes.dtype}")
-        digits = (codes.unsqueeze(1) // self.basis.view(1, -1, *[1] * (codes.dim() - 1))) \
-            % self.level_counts.view(1, -1, *[1] * (codes.dim() - 1))
-        half_width = (self.level_counts // 2).view(1, -1, *[1] * (codes.dim() - 1))
+        per_channel = (1, -1, *[1] * (codes.dim() - 1))  # broadcast over [B, C, *spatial]
+        levels = self.level_counts.view(per_channel)
+        digits = (codes.unsqueeze(1) // self.basis.view(per_channel)) % levels
+        half_width = levels // 2
         quantized = (digits - half_width).float() / half_width
         if self.project_out is not None:
             quantized = _project(self.project_out, quantized)
@@ -140,11 +125,12 @@ class LFQ(nn.Module):
                 f"commitment_cost={self.commitment_cost}, inv_temperature={self.inv_temperature}")
 
     def forward(self, z):
-        x3 = _channels_first("z", z, self.dim)
+        x3 = VF.channels_first("z", z, self.dim)
         backend = VF.resolve_backend(self.backend, z.device)
-        sign = torch.where(x3 > 0, 1.0, -1.0).to(z.dtype)
+        positive = x3 > 0
+        sign = torch.where(positive, 1.0, -1.0).to(z.dtype)
         quantized = x3 + (sign - x3).detach()
-        codes = ((x3 > 0).long() * self.bits.view(1, -1, 1)).sum(1)  # [B, S]
+        codes = (positive.long() * self.bits.view(1, -1, 1)).sum(1)  # [B, S]
         counts = torch.zeros(self.codebook_size, dtype=torch.int32, device=z.device).scatter_add_(
             0, codes.reshape(-1), torch.ones_like(codes.reshape(-1), dtype=torch.int32))
         loss = self.commitment_cost * (x3.float() - sign.float()).pow(2).mean()

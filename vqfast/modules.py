@@ -109,17 +109,11 @@ class _QuantizerBase(nn.Module):
     def _vectors(self, inputs: torch.Tensor):
         """Validate ``inputs: [B, D, *spatial]``; return ``x: [B, D, S]`` (a view when
         ``inputs`` is contiguous: the kernels read channels-first in place) and the backend."""
-        if not isinstance(inputs, torch.Tensor):
-            raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
-        if inputs.dim() < 3:
-            raise ValueError(f"inputs must be channels-first [B, D, *spatial] with at least one "
-                             f"spatial dim, got shape {tuple(inputs.shape)}")
-        if inputs.shape[1] != self.embedding_dim:
-            raise ValueError(f"inputs have {inputs.shape[1]} channels (dim 1) but embedding_dim="
-                             f"{self.embedding_dim}; shape {tuple(inputs.shape)}")
-        VF.check_codebook_input(inputs.movedim(1, -1), self.codebook, name="inputs")
-        backend = VF.resolve_backend(self.backend, inputs.device)
-        return inputs.reshape(inputs.shape[0], self.embedding_dim, -1).contiguous(), backend
+        x = VF.channels_first("inputs", inputs, self.embedding_dim)
+        if x.device != self.codebook.device:
+            raise ValueError(f"inputs are on {x.device} but the codebook is on "
+                             f"{self.codebook.device}; move the module with .to(device)")
+        return x, VF.resolve_backend(self.backend, x.device)
 
     def nearest(self, x: torch.Tensor):
         """Nearest codes of flat ``x: [N, D]`` -> ``(idx int64 [N], sqdist fp32 [N])``; no state change."""

@@ -4,6 +4,7 @@ and the straight-through ``torch.autograd.Function``."""
 import torch
 
 from .. import _torch
+from ..functional import _impl
 
 
 def fsq_params(levels, eps: float = 1e-3):
@@ -19,16 +20,10 @@ def fsq_params(levels, eps: float = 1e-3):
     return params, basis
 
 
-def _kernels():
-    from ..kernels import fsq
-    return fsq
-
-
 @torch.library.custom_op("vqfast::fsq_forward", mutates_args=())
 def _fsq_forward_op(z: torch.Tensor, params: torch.Tensor, basis: torch.Tensor,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = _kernels() if backend == "triton" else _torch
-    return impl.fsq_forward(z, params, basis)
+    return _impl(backend).fsq_forward(z, params, basis)
 
 
 @_fsq_forward_op.register_fake
@@ -39,8 +34,7 @@ def _(z, params, basis, backend):
 @torch.library.custom_op("vqfast::fsq_backward", mutates_args=())
 def _fsq_backward_op(grad_q: torch.Tensor, z: torch.Tensor, params: torch.Tensor,
                      backend: str) -> torch.Tensor:
-    impl = _kernels() if backend == "triton" else _torch
-    return impl.fsq_backward(grad_q, z, params)
+    return _impl(backend).fsq_backward(grad_q, z, params)
 
 
 @_fsq_backward_op.register_fake
@@ -63,7 +57,8 @@ class _FSQ(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q, grad_codes):
         z, params = ctx.saved_tensors
-        return torch.ops.vqfast.fsq_backward(grad_q.contiguous(), z, params, ctx.backend), None, None, None
+        grad_z = torch.ops.vqfast.fsq_backward(grad_q.contiguous(), z, params, ctx.backend)
+        return grad_z, None, None, None
 
 
 def fsq(z, params, basis, backend="torch"):

@@ -3,14 +3,7 @@
 
 import torch
 
-from .. import _torch
-
-
-def _impl(backend: str):
-    if backend == "triton":
-        from ..kernels import lfq_entropy
-        return lfq_entropy
-    return _torch
+from ..functional import _impl
 
 
 @torch.library.custom_op("vqfast::lfq_avg_prob", mutates_args=())
