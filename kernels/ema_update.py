@@ -1,4 +1,5 @@
-"""EMA codebook update, given this batch's counts and sums: two launches over K.
+"""EMA codebook update, given this batch's counts and sums: two launches over K, for one
+codebook or C of them (residual levels, groups) at once: program axis 1 picks the codebook.
 
 1. ``_ema_scalars_kernel`` (one program): whether to apply the update at all (the
    batch's loss is finite and no rank flagged a non-finite batch), ``n`` of the Laplace
@@ -10,6 +11,8 @@
    (1 - decay) * code_sums``; ``codebook = ema_weight / size``. All in place, fp32 math,
    and only where ``apply`` is set: decided on the device, never read by the host.
 """
+
+import itertools
 
 import torch
 import triton
@@ -23,10 +26,13 @@ SCALARS_CONFIG = dict(BLOCK_REDUCE=1024, num_warps=4)
 
 @triton.jit
 def _ema_scalars_kernel(
-    counts_ptr, size_ptr, loss_ptr, flag_ptr, scalars_ptr, decay_weight_ptr, skipped_ptr,
-    K, decay,
-    BLOCK_REDUCE: tl.constexpr, HAS_FLAG: tl.constexpr,
+    counts_ptr, size_ptr, loss_ptr, flag_ptr, active_ptr, scalars_ptr, decay_weight_ptr,
+    skipped_ptr, K, decay,
+    BLOCK_REDUCE: tl.constexpr, HAS_FLAG: tl.constexpr, HAS_ACTIVE: tl.constexpr,
 ):
+    book = tl.program_id(0)
+    counts_ptr += book * K
+    size_ptr += book * K
     lanes = tl.arange(0, BLOCK_REDUCE)
     total = tl.zeros([BLOCK_REDUCE], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_REDUCE):
@@ -35,14 +41,17 @@ def _ema_scalars_kernel(
         count = tl.load(counts_ptr + k0 + lanes, mask=mask, other=0).to(tl.float32)
         total += size * decay + (1.0 - decay) * count
     loss = tl.load(loss_ptr)
-    apply = (loss == loss) & (tl.abs(loss) < float("inf"))  # finite
+    finite = (loss == loss) & (tl.abs(loss) < float("inf"))
     if HAS_FLAG:  # a rank saw a non-finite batch (all-reduced)
-        apply = apply & (tl.load(flag_ptr) == 0)
-    tl.store(scalars_ptr, apply.to(tl.float32))
-    tl.store(scalars_ptr + 1, tl.sum(total, axis=0))
-    weight = tl.load(decay_weight_ptr)
-    tl.store(decay_weight_ptr, tl.where(apply, weight * decay + (1.0 - decay), weight))
-    tl.store(skipped_ptr, tl.load(skipped_ptr) + tl.where(apply, 0, 1).to(tl.int64))
+        finite = finite & (tl.load(flag_ptr) == 0)
+    apply = finite
+    if HAS_ACTIVE:  # a level dropped this batch keeps its state
+        apply = apply & (tl.load(active_ptr + book) != 0)
+    tl.store(scalars_ptr + 2 * book, apply.to(tl.float32))
+    tl.store(scalars_ptr + 2 * book + 1, tl.sum(total, axis=0))
+    weight = tl.load(decay_weight_ptr + book)
+    tl.store(decay_weight_ptr + book, tl.where(apply, weight * decay + (1.0 - decay), weight))
+    tl.store(skipped_ptr + book, tl.load(skipped_ptr + book) + tl.where(finite, 0, 1).to(tl.int64))
 
 
 @triton.jit
@@ -51,10 +60,17 @@ def _ema_finalize_kernel(
     K, D, decay, epsilon,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    book = tl.program_id(1)
+    counts_ptr += book * K
+    size_ptr += book * K
+    book_offset = book.to(tl.int64) * K * D
+    code_sums_ptr += book_offset
+    weight_ptr += book_offset
+    codebook_ptr += book_offset
     codes = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     # Not applied: an empty code range, so nothing below stores.
-    code_mask = codes < tl.where(tl.load(scalars_ptr) != 0, K, 0)
-    total = tl.load(scalars_ptr + 1)
+    code_mask = codes < tl.where(tl.load(scalars_ptr + 2 * book) != 0, K, 0)
+    total = tl.load(scalars_ptr + 2 * book + 1)
     count = tl.load(counts_ptr + codes, mask=code_mask, other=0).to(tl.float32)
     size = tl.load(size_ptr + codes, mask=code_mask, other=0.0).to(tl.float32)
     size = size * decay + (1.0 - decay) * count
@@ -75,46 +91,54 @@ def _ema_finalize_kernel(
 
 
 def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
-               ema_decay_weight, skipped_batches, decay, epsilon):
+               ema_decay_weight, skipped_batches, decay, epsilon, active=None):
     """In place on ``ema_cluster_size [K]``, ``ema_weight [K, D]``, ``codebook [K, D]``,
     ``ema_decay_weight`` (fp32 0-d) and ``skipped_batches`` (int64 0-d); returns ``applied``
-    (fp32 0-d: 1 if the update was made, else 0).
+    (fp32 0-d: 1 if the update was made, else 0). C codebooks: a leading ``[C]`` on all of
+    them (and on ``applied``); ``active`` (bool ``[C]`` or ``None``) skips the inactive.
 
     ``counts``: int32 ``[K]``; ``code_sums``: fp32 ``[K, D]``; ``loss``: fp32 0-d, the
     batch's (a non-finite loss skips the update); ``not_finite``: 0-d bool or ``None``, a
     flag from the other ranks. Everything is read on the device: no host sync.
     """
-    k, d = codebook.shape
+    *lead, k, d = codebook.shape
+    books = lead[0] if lead else 1
     for name, t in (("ema_cluster_size", ema_cluster_size), ("ema_weight", ema_weight),
                     ("codebook", codebook), ("code_sums", code_sums)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
-    if ema_weight.shape != (k, d) or code_sums.shape != (k, d) or ema_cluster_size.shape != (k,):
-        raise ValueError(f"EMA state shapes disagree with codebook [{k}, {d}]: ema_weight "
-                         f"{tuple(ema_weight.shape)}, code_sums {tuple(code_sums.shape)}, "
-                         f"ema_cluster_size {tuple(ema_cluster_size.shape)}")
-    scalars = torch.empty(2, dtype=torch.float32, device=codebook.device)  # apply, n
-    _ema_scalars_kernel[(1,)](
+    if (ema_weight.shape != codebook.shape or code_sums.shape != codebook.shape
+            or ema_cluster_size.shape != codebook.shape[:-1] or counts.shape != codebook.shape[:-1]
+            or ema_decay_weight.shape != tuple(lead) or skipped_batches.shape != tuple(lead)):
+        raise ValueError(f"EMA state shapes disagree with codebook {list(codebook.shape)}: "
+                         f"ema_weight {tuple(ema_weight.shape)}, code_sums "
+                         f"{tuple(code_sums.shape)}, ema_cluster_size "
+                         f"{tuple(ema_cluster_size.shape)}, counts {tuple(counts.shape)}, "
+                         f"ema_decay_weight {tuple(ema_decay_weight.shape)}")
+    scalars = torch.empty(books, 2, dtype=torch.float32, device=codebook.device)  # apply, n
+    _ema_scalars_kernel[(books,)](
         counts, ema_cluster_size, loss.reshape(1),
         not_finite.to(torch.int32).reshape(1) if not_finite is not None else counts,
+        active.to(torch.int32) if active is not None else counts,
         scalars, ema_decay_weight, skipped_batches, k, float(decay),
-        HAS_FLAG=not_finite is not None, **SCALARS_CONFIG)
+        HAS_FLAG=not_finite is not None, HAS_ACTIVE=active is not None, **SCALARS_CONFIG)
     config = launch_config(CONFIG, d)
-    _ema_finalize_kernel[(triton.cdiv(k, config["BLOCK_K"]),)](
+    _ema_finalize_kernel[(triton.cdiv(k, config["BLOCK_K"]), books)](
         counts, code_sums, scalars, ema_cluster_size, ema_weight, codebook,
         k, d, float(decay), float(epsilon), **config)
-    return scalars[0]
+    return scalars[:, 0].view(ema_decay_weight.shape)
 
 
 def aot_variants():
     """Every launchable configuration, for the ahead-of-time compile test."""
-    for has_flag in (True, False):
+    for has_flag, has_active in itertools.product((True, False), (True, False)):
         sig = {"counts_ptr": "*i32", "size_ptr": "*fp32", "loss_ptr": "*fp32",
-               "flag_ptr": "*i32", "scalars_ptr": "*fp32",
+               "flag_ptr": "*i32", "active_ptr": "*i32", "scalars_ptr": "*fp32",
                "decay_weight_ptr": "*fp32", "skipped_ptr": "*i64", "K": "i32", "decay": "fp32"}
         consts, options = split_options(SCALARS_CONFIG)
-        consts["HAS_FLAG"] = has_flag
-        yield f"ema_scalars[flag={has_flag}]", _ema_scalars_kernel, sig, consts, options
+        consts.update(HAS_FLAG=has_flag, HAS_ACTIVE=has_active)
+        yield (f"ema_scalars[flag={has_flag},active={has_active}]", _ema_scalars_kernel, sig,
+               consts, options)
     for cfg, options in streaming_configs(CONFIG):
         sig = {"counts_ptr": "*i32", "code_sums_ptr": "*fp32", "scalars_ptr": "*fp32",
                "size_ptr": "*fp32", "weight_ptr": "*fp32", "codebook_ptr": "*fp32",

@@ -4,8 +4,10 @@ from .functional import nearest_code
 from .lookup_free import FSQ, LFQ
 from .model import VQVAE, Decoder, Encoder, Residual, ResidualStack
 from .modules import CodebookUsage, VectorQuantizer, VectorQuantizerEMA, kmeans
+from .residual import ResidualVQ
 
 __version__ = "0.1.0"
 
 __all__ = ["VectorQuantizer", "VectorQuantizerEMA", "nearest_code", "VQVAE", "Encoder", "Decoder",
-           "Residual", "ResidualStack", "CodebookUsage", "kmeans", "FSQ", "LFQ", "__version__"]
+           "Residual", "ResidualStack", "CodebookUsage", "kmeans", "FSQ", "LFQ", "ResidualVQ",
+           "__version__"]

@@ -55,6 +55,16 @@ def _put(out: torch.Tensor, where, rows: torch.Tensor) -> None:
     target.copy_(rows.view(target.shape[0], target.shape[2], target.shape[1]).movedim(-1, 1))
 
 
+def _search_operands(codebook: torch.Tensor):
+    """``codebook: fp32 [..., K, D]`` -> ``(|e|^2 [..., K], codebook^T [..., D, K])`` for
+    ``argmin(|e|^2 - 2 x.e)``. A code holding inf or NaN is infinitely far (as on the Triton
+    path): its norm is inf and its column zero, so the matmul cannot turn it into
+    inf - inf = NaN and win the min."""
+    finite_code = torch.isfinite(codebook).all(-1)
+    codebook_sqnorm = torch.where(finite_code, codebook.pow(2).sum(-1), float("inf"))
+    return codebook_sqnorm, torch.where(finite_code[..., None], codebook, 0.0).transpose(-1, -2)
+
+
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee",
                  snapshot: torch.Tensor | None = None):
     """``x: [N, D]`` or ``[B, D, S]``, ``codebook: [K, D]`` -> ``idx: int64 [N]``, ``sqdist: fp32 [N]``;
@@ -62,12 +72,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
     del precision  # torch's own matmul precision setting applies on this path
     if snapshot is not None:
         snapshot.copy_(codebook)
-    codebook = codebook.float()
-    # A code holding inf or NaN is infinitely far (as on the Triton path): its norm is inf
-    # and its row zero, so the matmul cannot turn it into inf - inf = NaN and win the min.
-    finite_code = torch.isfinite(codebook).all(1)
-    codebook_sqnorm = torch.where(finite_code, codebook.pow(2).sum(1), float("inf"))
-    codebook_t = torch.where(finite_code[:, None], codebook, 0.0).t()
+    codebook_sqnorm, codebook_t = _search_operands(codebook.float())
     num = num_vectors(x)
     idx = torch.empty(num, dtype=torch.int64, device=x.device)
     sqdist = torch.empty(num, dtype=torch.float32, device=x.device)
@@ -111,28 +116,34 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
 
 
 def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
-               ema_decay_weight, skipped_batches, decay, epsilon):
+               ema_decay_weight, skipped_batches, decay, epsilon, active=None):
     """In place: decay the EMA statistics towards this batch's, Laplace-smooth, renormalise;
     count the update in ``ema_decay_weight`` (``1 - decay**t``) or, when the batch's ``loss``
     is not finite (or a rank flagged ``not_finite``), leave the state and count a skipped
-    batch. Returns ``applied`` (fp32 0-d, 1 or 0). Decided with ``torch.where``: no host sync.
+    batch. Returns ``applied`` (fp32, 1 or 0). Decided with ``torch.where``: no host sync.
+
+    One codebook (``counts [K]``, ``code_sums [K, D]``, 0-d ``ema_decay_weight`` and
+    ``skipped_batches``) or C of them (a leading ``[C]`` on every state tensor, ``applied
+    [C]``); ``active`` (bool ``[C]`` or ``None``) leaves the inactive ones untouched.
     """
-    num_codes = codebook.shape[0]
-    apply = torch.isfinite(loss)
+    num_codes = codebook.shape[-2]
+    finite = torch.isfinite(loss)
     if not_finite is not None:
-        apply = apply & ~not_finite
+        finite = finite & ~not_finite
+    apply = finite if active is None else finite & active
     size = ema_cluster_size.float() * decay + (1 - decay) * counts.float()
-    total = size.sum()  # n of the Laplace smoothing: the sum of the decayed sizes
+    total = size.sum(-1, keepdim=True)  # n of the Laplace smoothing: the sum of the decayed sizes
     size = (size + epsilon) / (total + num_codes * epsilon) * total
     weight = ema_weight.float() * decay + (1 - decay) * code_sums
-    codebook_new = weight / size.unsqueeze(1)
-    ema_cluster_size.copy_(torch.where(apply, size, ema_cluster_size))
-    ema_weight.copy_(torch.where(apply, weight, ema_weight))
-    codebook.copy_(torch.where(apply, codebook_new, codebook))
+    codebook_new = weight / size.unsqueeze(-1)
+    per_code = apply.unsqueeze(-1)
+    ema_cluster_size.copy_(torch.where(per_code, size, ema_cluster_size))
+    ema_weight.copy_(torch.where(per_code.unsqueeze(-1), weight, ema_weight))
+    codebook.copy_(torch.where(per_code.unsqueeze(-1), codebook_new, codebook))
     ema_decay_weight.copy_(torch.where(apply, ema_decay_weight * decay + (1 - decay),
                                        ema_decay_weight))
-    skipped_batches.add_((~apply).long())
-    return apply.float()
+    skipped_batches.add_((~finite).long())
+    return torch.broadcast_to(apply, ema_decay_weight.shape).float()
 
 
 def quantize_backward(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale):
@@ -158,6 +169,156 @@ def quantize_backward(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_sca
     if grad_codebook is not None:
         grad_codebook.mul_(grad_loss * codebook_scale)
     return grad_x, grad_codebook
+
+
+# --- residual / grouped VQ -------------------------------------------------------------
+
+def book_of(group: int, level: int, num_levels: int, num_books: int, groups: int) -> int:
+    """The codebook of ``(group, level)`` in ``[G * C, K, d]``: ``C = num_levels`` books per
+    group, or one shared by its levels (``C = 1``)."""
+    return group if num_books == groups else group * num_levels + level
+
+
+def rotation_grad(e: torch.Tensor, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The rotation trick's gradient for rows ``e, q, g: [N, d]``: ``lambda R^T g`` with
+    ``lambda = |q| / |e|``, ``R`` the rotation of ``e^`` onto ``q^``:
+    ``R^T g = g - 2 r (r.g) + 2 e^ (q^.g)``, ``r = (e^ + q^) / |e^ + q^|``."""
+    e_norm = e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    q_norm = q.norm(dim=1, keepdim=True)
+    e_hat, q_hat = e / e_norm, q / q_norm.clamp_min(1e-12)
+    r = e_hat + q_hat
+    r = r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    rotated = (g - 2 * r * (r * g).sum(1, keepdim=True)
+               + 2 * e_hat * (q_hat * g).sum(1, keepdim=True))
+    return rotated * (q_norm / e_norm)
+
+
+def _level_weight(level_on, valid):
+    """Which rows a level quantizes (fp32 ``[rows]``, or ``None`` for all): ``level_on``
+    (0-d bool, the level is active) and ``valid`` (bool ``[rows]``, the mask), either None."""
+    if level_on is None and valid is None:
+        return None
+    if valid is None:
+        return level_on.float().expand(1)
+    return (valid & level_on if level_on is not None else valid).float()
+
+
+def _normalize(r: torch.Tensor) -> torch.Tensor:
+    """Rows of ``r`` over ``max(|r|, 1e-12)`` (``F.normalize``'s rule, shared with the kernels)."""
+    return r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, with_code_sums,
+                      precision="ieee", snapshot=None):
+    """Residual VQ of ``x: [N, D]`` or ``[B, D, S]`` with ``codebooks: [G * C, K, D / G]``:
+    for each group, ``num_levels`` levels, each quantizing what the levels before it left
+    (l2-normalised when ``cosine``), in row chunks (never ``[N, K]``).
+
+    ``active``: int64 0-d (levels that run) or ``None``; ``mask``: bool ``[N]`` or ``None``.
+    Returns ``q`` (x's layout and dtype: the sum of the codes, ``x`` on masked rows),
+    ``idx`` (int64 ``[G*Q, N]``, -1 where masked or inactive), ``sq_err`` (fp32 ``[G*Q]``:
+    ``sum |q_l - r~_l|^2`` per level), ``counts`` (int32 ``[G*Q, K]``), ``code_sums`` (fp32
+    ``[G*Q, K, D/G]``, per-code sums of ``r~_l``; ``None`` unless ``with_code_sums``).
+    ``snapshot``, if given, receives an fp32 copy of the codebooks.
+    """
+    del precision
+    if snapshot is not None:
+        snapshot.copy_(codebooks)
+    books, k, d = codebooks.shape
+    codebooks = codebooks.float()
+    sqnorms, codebooks_t = _search_operands(codebooks)
+    n, slots = num_vectors(x), groups * num_levels
+    idx = torch.empty(slots, n, dtype=torch.int64, device=x.device)
+    sq_err = torch.zeros(slots, dtype=torch.float32, device=x.device)
+    counts = torch.zeros(slots, k, dtype=torch.int32, device=x.device)
+    code_sums = (torch.zeros(slots, k, d, dtype=torch.float32, device=x.device)
+                 if with_code_sums else None)
+    levels_on = (None if active is None
+                 else torch.arange(num_levels, device=x.device) < active)
+    q = torch.empty_like(x)
+    for rows, where in _chunks(x, max(k, x.shape[1])):
+        x_chunk = _get(x, where)
+        valid = mask[rows] if mask is not None else None
+        out = torch.empty_like(x_chunk)
+        for g in range(groups):
+            x_g = x_chunk[:, g * d:(g + 1) * d]
+            r, total = x_g.clone(), torch.zeros_like(x_g)
+            for level in range(num_levels):
+                slot, book = g * num_levels + level, book_of(g, level, num_levels, books, groups)
+                r_used = _normalize(r) if cosine else r
+                i = torch.addmm(sqnorms[book], r_used, codebooks_t[book], alpha=-2).argmin(1)
+                code = codebooks[book].index_select(0, i)
+                err = (code - r_used).pow_(2).sum(1)
+                weight = _level_weight(None if levels_on is None else levels_on[level], valid)
+                if weight is not None:
+                    err = err * weight
+                    code = code * weight[:, None]
+                    r_used = r_used * weight[:, None]
+                    idx[slot, rows] = torch.where(weight > 0, i, -1)
+                else:
+                    idx[slot, rows] = i
+                sq_err[slot] += err.sum()
+                counts[slot].scatter_add_(0, i, (weight if weight is not None
+                                                 else torch.ones_like(err)).int().expand_as(i))
+                if with_code_sums:
+                    code_sums[slot].index_add_(0, i, r_used)
+                r -= code
+                total += code
+            out[:, g * d:(g + 1) * d] = total if valid is None else torch.where(
+                valid[:, None], total, x_g)
+        _put(q, where, out)
+    return q, idx, sq_err, counts, code_sums
+
+
+def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups, cosine,
+                      rotation_trick, x_scale, codebook_scale):
+    """Gradients of residual VQ from the codes ``idx [G*Q, N]`` (gathered again in fp32).
+
+    ``grad_x = G + grad_scale * x_scale * sum_l dr~_l/dr_l^T (r~_l - q_l)`` with ``G`` the
+    output's gradient straight through (``grad_q``) or rotated (``rotation_trick``: the
+    rotation of each group's ``x_g`` onto its sum of codes); ``grad_codebooks[book][k] =
+    grad_scale * codebook_scale * sum_{idx_l[n] = k} (q_l - r~_l)[n]`` (fp32; ``None``
+    when ``codebook_scale == 0``). ``grad_scale``: fp32 0-d, read on the device.
+    """
+    books, k, d = codebooks.shape
+    codebooks = codebooks.float()
+    grad_x = torch.empty_like(x)
+    grad_codebooks = (torch.zeros(books, k, d, dtype=torch.float32, device=x.device)
+                      if codebook_scale != 0 else None)
+    x_coef = grad_scale * x_scale
+    for rows, where in _chunks(x, x.shape[1], _CHUNK_ELEMENTS // 4):
+        x_chunk, g_chunk = _get(x, where), _get(grad_q, where)
+        out = torch.empty_like(x_chunk)
+        for g in range(groups):
+            x_g = x_chunk[:, g * d:(g + 1) * d]
+            r, total, acc = x_g.clone(), torch.zeros_like(x_g), torch.zeros_like(x_g)
+            for level in range(num_levels):
+                book = book_of(g, level, num_levels, books, groups)
+                i = idx[g * num_levels + level, rows]
+                on = (i >= 0)[:, None]
+                i = i.clamp_min(0)
+                code = torch.where(on, codebooks[book].index_select(0, i), 0.0)
+                if cosine:  # d/dr |r^ - q|^2 / 2 = (r^ (r^.q) - q) / |r|
+                    norm = r.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                    r_hat = r / norm
+                    step = (r_hat * (r_hat * code).sum(1, keepdim=True) - code) / norm
+                    diff = code - r_hat
+                else:
+                    step, diff = r - code, code - r
+                acc += torch.where(on, step, 0.0)
+                if grad_codebooks is not None:
+                    grad_codebooks[book].index_add_(0, i, torch.where(on, diff, 0.0))
+                r -= code
+                total += code
+            g_out = g_chunk[:, g * d:(g + 1) * d]
+            if rotation_trick:
+                valid = (idx[g * num_levels, rows] >= 0)[:, None]
+                g_out = torch.where(valid, rotation_grad(x_g, total, g_out), g_out)
+            out[:, g * d:(g + 1) * d] = g_out + x_coef * acc
+        _put(grad_x, where, out)
+    if grad_codebooks is not None:
+        grad_codebooks.mul_(grad_scale * codebook_scale)
+    return grad_x, grad_codebooks
 
 
 # --- FSQ --------------------------------------------------------------------------------

@@ -153,16 +153,17 @@ def _ema_update_op(counts: torch.Tensor, code_sums: torch.Tensor, loss: torch.Te
                    not_finite: torch.Tensor | None, ema_cluster_size: torch.Tensor,
                    ema_weight: torch.Tensor, codebook: torch.Tensor,
                    ema_decay_weight: torch.Tensor, skipped_batches: torch.Tensor, decay: float,
-                   epsilon: float, backend: str) -> torch.Tensor:
+                   epsilon: float, backend: str, active: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     return _impl(backend).ema_update(counts, code_sums, loss, not_finite, ema_cluster_size,
                                      ema_weight, codebook, ema_decay_weight, skipped_batches,
-                                     decay, epsilon)
+                                     decay, epsilon, active)
 
 
 @_ema_update_op.register_fake
 def _(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
-      ema_decay_weight, skipped_batches, decay, epsilon, backend):
-    return loss.new_empty((), dtype=torch.float32)
+      ema_decay_weight, skipped_batches, decay, epsilon, backend, active=None):
+    return loss.new_empty(ema_decay_weight.shape, dtype=torch.float32)
 
 
 # --- autograd ---------------------------------------------------------------------------
@@ -226,14 +227,18 @@ def quantize(x, codebook, commitment_cost, codebook_loss, with_code_sums=False, 
 
 
 def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
-               ema_decay_weight, skipped_batches, decay, epsilon, backend):
+               ema_decay_weight, skipped_batches, decay, epsilon, backend, active=None):
     """In-place EMA codebook update from this batch's ``counts [K]`` and ``code_sums [K, D]``,
     skipped (and counted in ``skipped_batches``) when ``loss`` is not finite or
     ``not_finite`` (a 0-d bool from the other ranks, or ``None``) is set. Returns ``applied``
-    (fp32 0-d: 1 if the update was made, else 0). Decided on the device: no host sync."""
+    (fp32 0-d: 1 if the update was made, else 0). Decided on the device: no host sync.
+
+    C codebooks at once: a leading ``[C]`` on every state tensor (``ema_decay_weight`` and
+    ``skipped_batches`` ``[C]``, ``applied [C]``); ``active`` (bool ``[C]``) leaves the
+    others as they are (levels dropped by quantize dropout)."""
     return torch.ops.vqfast.ema_update(counts, code_sums, loss, not_finite, ema_cluster_size,
                                        ema_weight, codebook, ema_decay_weight, skipped_batches,
-                                       decay, epsilon, backend)
+                                       decay, epsilon, backend, active)
 
 
 perplexity = _torch.perplexity

@@ -270,14 +270,7 @@ class VectorQuantizerEMA(_QuantizerBase):
         return f"{super().extra_repr()}, decay={self.decay}, epsilon={self.epsilon}"
 
     def _apply(self, fn, recurse=True):
-        # .half() / .to(dtype) must not round the EMA state: keep it fp32, move it only.
-        before = {name: self._buffers[name] for name in self._FP32_STATE}
-        super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
-        return self
+        return keep_fp32(self, self._FP32_STATE, fn, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         rename_legacy_keys(state_dict, prefix, self._legacy_keys)
@@ -353,26 +346,48 @@ class VectorQuantizerEMA(_QuantizerBase):
         """
         if threshold is None:
             threshold = self.dead_code_threshold or 1.0
-        size = self.ema_cluster_size.float()
-        total = size.sum()
-        usage = size / total if total > 0 else torch.full_like(size, 1.0 / size.numel())
-        dead = int((self.corrected_cluster_size() < threshold).sum())
-        skipped = int(self.skipped_batches)
-        if skipped:
-            warnings.warn(f"{skipped} training batch(es) had non-finite statistics (NaN/Inf "
-                          "inputs or overflowing squares); their EMA updates were skipped",
-                          RuntimeWarning, stacklevel=2)
-        return CodebookUsage(usage, dead, self.num_embeddings - dead, int(self.reseeded_codes),
-                             skipped)
+        report = usage_report(self.ema_cluster_size, self.corrected_cluster_size(), threshold,
+                              self.reseeded_codes, self.skipped_batches)
+        warn_skipped(report.skipped_batches)
+        return report
 
 
 def _all_reduce_statistics(counts: torch.Tensor, code_sums: torch.Tensor,
                            not_finite: torch.Tensor):
-    """Sum per-code counts (int32 ``[K]``), sums (fp32 ``[K, D]``) and the 0-d non-finite
-    flag over all ranks in one collective (so every rank skips the same batches). Counts
-    travel as fp32: exact up to 2**24 vectors per code per step."""
-    k, d = code_sums.shape
-    packed = torch.cat([code_sums.reshape(-1), counts.float(), not_finite.float().reshape(1)])
+    """Sum per-code counts (int32 ``[..., K]``), sums (fp32 ``[..., K, D]``: every level's)
+    and the 0-d non-finite flag over all ranks in one collective (so every rank skips the
+    same batches). Counts travel as fp32: exact up to 2**24 vectors per code per step."""
+    sums, num = code_sums.numel(), counts.numel()
+    packed = torch.cat([code_sums.reshape(-1), counts.float().reshape(-1),
+                        not_finite.float().reshape(1)])
     dist.all_reduce(packed)
-    return (packed[k * d:k * d + k].round().to(torch.int32), packed[:k * d].view(k, d),
-            packed[-1] > 0)
+    return (packed[sums:sums + num].round().to(torch.int32).view(counts.shape),
+            packed[:sums].view(code_sums.shape), packed[-1] > 0)
+
+
+def keep_fp32(module: nn.Module, names, fn, recurse: bool) -> nn.Module:
+    """``module._apply(fn)`` that moves the fp32 buffers ``names`` without rounding them
+    (``.half()`` / ``.to(dtype)`` must not round EMA state)."""
+    before = {name: module._buffers[name] for name in names}
+    nn.Module._apply(module, fn, recurse)
+    for name, old in before.items():
+        new = module._buffers[name]
+        if new.dtype != old.dtype:
+            module._buffers[name] = old.to(new.device)
+    return module
+
+
+def usage_report(cluster_size, corrected_size, threshold, reseeded, skipped) -> CodebookUsage:
+    """A ``CodebookUsage`` of one codebook's EMA sizes ``[K]`` (host sync)."""
+    size = cluster_size.float()
+    total = size.sum()
+    usage = size / total if total > 0 else torch.full_like(size, 1.0 / size.numel())
+    dead = int((corrected_size < threshold).sum())
+    return CodebookUsage(usage, dead, size.numel() - dead, int(reseeded), int(skipped))
+
+
+def warn_skipped(skipped: int) -> None:
+    if skipped:
+        warnings.warn(f"{skipped} training batch(es) had non-finite statistics (NaN/Inf "
+                      "inputs or overflowing squares); their EMA updates were skipped",
+                      RuntimeWarning, stacklevel=3)

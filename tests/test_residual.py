@@ -1,0 +1,238 @@
+"""ResidualVQ (residual, grouped, shared, cosine, factorized, rotation trick, mask,
+quantize dropout), module and functional, against the brute-force oracle
+``vqfast.reference.residual_vq`` (gradients by autograd of its formulas)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vqfast
+from vqfast import reference
+from vqfast.ops.residual import residual_quantize
+from _util import BACKENDS, DEVICE, TOL
+
+# (B, D, spatial, K, groups, levels): odd sizes everywhere.
+SHAPES = [(3, 12, (7, 5), 13, 1, 3), (2, 18, (11,), 9, 3, 2), (1, 5, (3, 3, 3), 7, 1, 4)]
+OPTIONS = {
+    "plain": {},
+    "shared": dict(shared=True),
+    "cosine": dict(cosine=True),
+    "rotation": dict(rotation_trick=True),
+    "mask": dict(mask=True),
+    "dropout": dict(active=2),
+    "all": dict(cosine=True, rotation_trick=True, mask=True, active=1),
+}
+
+
+def _flat(z):
+    return z.movedim(1, -1).reshape(-1, z.shape[1])
+
+
+def _case(shape, shared=False, cosine=False, mask=False, active=None, rotation_trick=False):
+    b, d, spatial, k, groups, levels = shape
+    z = torch.randn(b, d, *spatial, device=DEVICE)
+    books = groups * (1 if shared else levels)
+    codebooks = torch.randn(books, k, d // groups, device=DEVICE) * 0.7
+    if cosine:
+        codebooks = F.normalize(codebooks, dim=-1)
+    m = (torch.rand(b, *spatial, device=DEVICE) > 0.3) if mask else None
+    act = torch.tensor(active, device=DEVICE) if active is not None else None
+    return z, codebooks, m, act, dict(groups=groups, cosine=cosine, rotation_trick=rotation_trick)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ema", [True, False], ids=["ema", "learned"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_functional_matches_oracle(shape, option, ema, backend):
+    """Output, loss, codes, statistics and the gradients of x and the codebooks."""
+    levels = shape[-1]
+    z, codebooks, mask, active, kw = _case(shape, **OPTIONS[option])
+    if active is not None and int(active) > levels:
+        active = torch.tensor(levels, device=DEVICE)
+    flat_mask = mask.reshape(-1) if mask is not None else None
+    x = z.reshape(z.shape[0], z.shape[1], -1).clone().requires_grad_()
+    books = codebooks.clone().requires_grad_()
+    q, loss, idx, perplexity, counts, code_sums, _ = residual_quantize(
+        x, books, levels, active=active, mask=flat_mask, commitment_cost=0.25,
+        codebook_loss=not ema, with_code_sums=True, backend=backend, **kw)
+    x_ref = _flat(z).clone().requires_grad_()
+    books_ref = codebooks.clone().requires_grad_()
+    out_r, loss_r, idx_r, sq_r, counts_r, sums_r = reference.residual_vq(
+        x_ref, books_ref, levels, commitment_cost=0.25, ema=ema, active_levels=active,
+        mask=flat_mask, **kw)
+    assert idx.shape == idx_r.shape and idx.dtype == torch.int64
+    assert torch.equal(idx, idx_r), "random inputs should not tie"
+    torch.testing.assert_close(_flat(q.view_as(z)), out_r.detach(), **TOL[torch.float32])
+    torch.testing.assert_close(loss, loss_r, **TOL[torch.float32])
+    assert torch.equal(counts.long(), counts_r)
+    torch.testing.assert_close(code_sums, sums_r, rtol=1e-5, atol=1e-5)
+    weight = torch.randn_like(q)
+    (loss + (q * weight).sum()).backward()
+    (loss_r + (out_r * _flat(weight.view_as(z))).sum()).backward()
+    torch.testing.assert_close(_flat(x.grad.view_as(z)), x_ref.grad, rtol=1e-4, atol=1e-5)
+    if ema:
+        assert books.grad is None
+    else:
+        torch.testing.assert_close(books.grad, books_ref.grad, rtol=1e-4, atol=1e-5)
+    assert perplexity.shape == (kw["groups"] * levels,)
+
+
+def _oracle_state(rvq):
+    return [t.detach().clone().double() for t in (rvq.codebooks, rvq.ema_cluster_size,
+                                                  rvq.ema_weight)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", ["plain", "shared", "cosine", "mask", "dropout"])
+def test_ema_steps_match_oracle(option, backend):
+    """Five EMA training steps: every level's state against the oracle's update."""
+    b, d, spatial, k, groups, levels = (2, 12, (9, 5), 11, 2, 3)
+    opts = OPTIONS[option]
+    rvq = vqfast.ResidualVQ(levels, k, d, groups=groups, shared_codebook=opts.get("shared", False),
+                            cosine=opts.get("cosine", False),
+                            quantize_dropout=option == "dropout", backend=backend).to(DEVICE)
+    codebooks, size, weight = _oracle_state(rvq)
+    for step in range(5):
+        z = torch.randn(b, d, *spatial, device=DEVICE)
+        mask = (torch.rand(b, *spatial, device=DEVICE) > 0.3) if option == "mask" else None
+        gen = torch.get_rng_state() if DEVICE.type == "cpu" else torch.cuda.get_rng_state()
+        loss, q, perplexity, codes = rvq(z, mask=mask)
+        if option == "dropout":  # the draw the module made
+            (torch.set_rng_state if DEVICE.type == "cpu" else torch.cuda.set_rng_state)(gen)
+            active = int(torch.randint(1, levels + 1, (), device=DEVICE))
+            assert bool((codes[:, [l for g in range(groups) for l in range(active, levels)
+                                   if True] and
+                             [g * levels + l for g in range(groups) for l in range(active, levels)]]
+                         == -1).all())
+        else:
+            active = levels
+        out_r, loss_r, idx_r, _, counts_r, sums_r = reference.residual_vq(
+            _flat(z).double(), codebooks, levels, groups=groups, cosine=opts.get("cosine", False),
+            active_levels=active, mask=mask.reshape(-1) if mask is not None else None)
+        assert torch.equal(codes.movedim(1, 0).reshape(groups * levels, -1), idx_r)
+        torch.testing.assert_close(_flat(q), out_r.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss.double(), loss_r, rtol=1e-5, atol=1e-6)
+        if opts.get("shared"):
+            counts_r = counts_r.view(groups, levels, k).sum(1)
+            sums_r = sums_r.view(groups, levels, k, -1).sum(1)
+        for book in range(codebooks.shape[0]):
+            if not opts.get("shared") and book % levels >= active:
+                continue  # a dropped level keeps its state
+            size[book], weight[book], codebooks[book] = reference.ema_step(
+                size[book], weight[book], counts_r[book].double(), sums_r[book], 0.99, 1e-5,
+                cosine=opts.get("cosine", False))
+        torch.testing.assert_close(rvq.ema_cluster_size.double(), size, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rvq.ema_weight.double(), weight, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rvq.codebooks.double(), codebooks, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_indices_and_prefixes(backend):
+    rvq = vqfast.ResidualVQ(4, 16, 10, groups=2, codebook_dim=3, backend=backend).to(DEVICE).eval()
+    z = torch.randn(2, 10, 6, 5, device=DEVICE)
+    _, q, _, codes = rvq(z)
+    assert codes.shape == (2, 8, 6, 5) and q.shape == z.shape
+    torch.testing.assert_close(rvq.decode_indices(codes), q, rtol=1e-5, atol=1e-5)
+    # The first n levels of each group decode the first n levels: n = 2 here.
+    first = codes.view(2, 2, 4, 6, 5)[:, :, :2].reshape(2, 4, 6, 5)
+    dropped = codes.view(2, 2, 4, 6, 5).clone()
+    dropped[:, :, 2:] = -1
+    torch.testing.assert_close(rvq.decode_indices(first),
+                               rvq.decode_indices(dropped.view(2, 8, 6, 5)))
+    with pytest.raises(ValueError, match="G\\*n"):
+        rvq.decode_indices(codes[:, :3])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_codebook_dim_projects(backend):
+    rvq = vqfast.ResidualVQ(2, 8, 24, codebook_dim=4, ema=False, backend=backend).to(DEVICE)
+    z = torch.randn(2, 24, 7, device=DEVICE, requires_grad=True)
+    loss, q, _, codes = rvq(z)
+    assert rvq.codebooks.shape == (2, 8, 4) and q.shape == z.shape
+    (loss + q.square().sum()).backward()
+    for p in (rvq.codebooks, rvq.project_in.weight, rvq.project_out.weight, z):
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_positions_pass_through(backend):
+    rvq = vqfast.ResidualVQ(3, 8, 6, codebook_dim=4, backend=backend).to(DEVICE)
+    z = torch.randn(2, 6, 10, device=DEVICE)
+    mask = torch.rand(2, 10, device=DEVICE) > 0.5
+    state = copy.deepcopy(rvq.state_dict())
+    _, q, _, codes = rvq(z, mask=mask)
+    torch.testing.assert_close(q.movedim(1, -1)[~mask], z.movedim(1, -1)[~mask])
+    assert bool((codes.movedim(1, -1)[~mask] == -1).all())
+    assert bool((codes.movedim(1, -1)[mask] >= 0).all())
+    # Masked positions change nothing: with them replaced by garbage the state is the same.
+    after = copy.deepcopy(rvq.state_dict())
+    rvq.load_state_dict(state)
+    z2 = torch.where(mask[:, None], z, 1e3 * torch.randn_like(z))
+    rvq(z2, mask=mask)
+    for key, value in rvq.state_dict().items():
+        torch.testing.assert_close(value, after[key], rtol=1e-6, atol=1e-6)
+
+
+def test_bad_inputs_raise_before_state_changes():
+    rvq = vqfast.ResidualVQ(2, 8, 6, backend="torch")
+    state = copy.deepcopy(rvq.state_dict())
+    z = torch.randn(2, 6, 5)
+    with pytest.raises(ValueError, match="channels"):
+        rvq(torch.randn(2, 5, 5))
+    with pytest.raises(TypeError, match="bool"):
+        rvq(z, mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="shape"):
+        rvq(z, mask=torch.ones(2, 4, dtype=torch.bool))
+    for key, value in rvq.state_dict().items():
+        assert torch.equal(value, state[key])
+    with pytest.raises(ValueError, match="divisible"):
+        vqfast.ResidualVQ(2, 8, 7, groups=2)
+    with pytest.raises(ValueError, match="ema=True"):
+        vqfast.ResidualVQ(2, 8, 6, ema=False, dead_code_threshold=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kmeans_dead_codes_and_usage(backend):
+    torch.manual_seed(1)
+    rvq = vqfast.ResidualVQ(2, 16, 4, kmeans_init=True, dead_code_threshold=2.0,
+                            backend=backend).to(DEVICE)
+    z = torch.randn(4, 4, 50, device=DEVICE)
+    rvq(z)
+    assert bool(rvq.initialized) and torch.allclose(rvq.ema_decay_weight,
+                                                    torch.ones(2, device=DEVICE), atol=1e-2)
+    for _ in range(20):
+        rvq(torch.randn(4, 4, 50, device=DEVICE))
+    usage = rvq.codebook_usage()
+    assert len(usage) == 2 and all(u.usage.shape == (16,) for u in usage)
+    assert all(u.alive_codes + u.dead_codes == 16 for u in usage)
+    # A k-means checkpoint loads into a fresh module and is not re-initialised.
+    fresh = vqfast.ResidualVQ(2, 16, 4, kmeans_init=True, backend=backend).to(DEVICE)
+    fresh.load_state_dict(rvq.state_dict())
+    assert fresh._kmeans_done
+
+
+def test_half_keeps_ema_state_fp32_and_amp():
+    rvq = vqfast.ResidualVQ(2, 8, 6, backend="torch").half()
+    assert rvq.codebooks.dtype == torch.float32 and rvq.ema_weight.dtype == torch.float32
+    _, q, _, _ = rvq(torch.randn(2, 6, 5).half())
+    assert q.dtype == torch.float16
+
+
+def test_cross_check_vector_quantize_pytorch():
+    """Same codebooks and inputs: the peer's ResidualVQ chooses the same codes."""
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    torch.manual_seed(0)
+    peer = vqp.ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, decay=0.99,
+                          kmeans_init=False).eval()
+    ours = vqfast.ResidualVQ(3, 16, 8, backend="torch").eval()
+    with torch.no_grad():
+        for level, layer in enumerate(peer.layers):
+            ours.codebooks[level] = layer._codebook.embed[0]
+    x = torch.randn(2, 8, 30)
+    q_peer, idx_peer = peer(x.transpose(1, 2))[:2]
+    _, q, _, codes = ours(x)
+    assert torch.equal(codes.movedim(1, -1), idx_peer)
+    torch.testing.assert_close(q.transpose(1, 2), q_peer, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,138 @@
+"""Residual / grouped / cosine VQ: the custom ops (one forward running every level of
+every group, one backward), their fakes, and the ``torch.autograd.Function``.
+
+Single-codebook quantizers with the newer options (cosine codes, the rotation trick, a
+mask) run here too, as one group of one level: one numeric rule, one place.
+"""
+
+import torch
+
+from .. import _torch
+from ..functional import _impl
+
+
+def residual_impl(backend: str, group_dim: int):
+    """The backend's residual ops; the fused Triton kernels keep a whole group's residual
+    in registers, up to ``kernels.residual.MAX_GROUP_DIM`` channels: wider groups take the
+    torch path's chunked ops (on the same device)."""
+    impl = _impl(backend)
+    if impl is not _torch and group_dim > impl.residual.MAX_GROUP_DIM:
+        return _torch
+    return impl
+
+
+@torch.library.custom_op("vqfast::residual_quantize", mutates_args=())
+def _residual_quantize_op(x: torch.Tensor, codebooks: torch.Tensor, num_levels: int, groups: int,
+                          cosine: bool, active: torch.Tensor | None, mask: torch.Tensor | None,
+                          with_code_sums: bool, backend: str, precision: str
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor, torch.Tensor]:
+    impl = residual_impl(backend, codebooks.shape[2])
+    # The backward keeps this fp32 copy when an EMA update follows (it rewrites the
+    # codebooks): an output, so compilers cannot move the copy past the update.
+    snapshot = (torch.empty(codebooks.shape, dtype=torch.float32, device=codebooks.device)
+                if with_code_sums else codebooks.new_empty(0, dtype=torch.float32))
+    q, idx, sq_err, counts, code_sums = impl.residual_quantize(
+        x, codebooks, num_levels, groups, cosine, active, mask, with_code_sums, precision,
+        snapshot if with_code_sums else None)
+    if code_sums is None:
+        code_sums = x.new_empty(0, dtype=torch.float32)
+    return q, idx, sq_err, counts, code_sums, snapshot
+
+
+@_residual_quantize_op.register_fake
+def _(x, codebooks, num_levels, groups, cosine, active, mask, with_code_sums, backend, precision):
+    n = _torch.num_vectors(x)
+    slots, (_, k, d) = groups * num_levels, codebooks.shape
+    sums_shape = (slots, k, d) if with_code_sums else (0,)
+    return (torch.empty_like(x), x.new_empty(slots, n, dtype=torch.int64),
+            x.new_empty(slots, dtype=torch.float32), x.new_empty(slots, k, dtype=torch.int32),
+            x.new_empty(sums_shape, dtype=torch.float32),
+            x.new_empty(tuple(codebooks.shape) if with_code_sums else (0,), dtype=torch.float32))
+
+
+@torch.library.custom_op("vqfast::residual_backward", mutates_args=())
+def _residual_backward_op(grad_q: torch.Tensor, grad_scale: torch.Tensor, x: torch.Tensor,
+                          codebooks: torch.Tensor, idx: torch.Tensor, num_levels: int,
+                          groups: int, cosine: bool, rotation_trick: bool, x_scale: float,
+                          codebook_scale: float, backend: str
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_x, grad_codebooks = residual_impl(backend, codebooks.shape[2]).residual_backward(
+        grad_q, grad_scale, x, codebooks, idx, num_levels, groups, cosine, rotation_trick,
+        x_scale, codebook_scale)
+    if grad_codebooks is None:
+        grad_codebooks = x.new_empty(0, dtype=torch.float32)
+    return grad_x, grad_codebooks
+
+
+@_residual_backward_op.register_fake
+def _(grad_q, grad_scale, x, codebooks, idx, num_levels, groups, cosine, rotation_trick, x_scale,
+      codebook_scale, backend):
+    shape = tuple(codebooks.shape) if codebook_scale != 0 else (0,)
+    return torch.empty_like(x), x.new_empty(shape, dtype=torch.float32)
+
+
+def level_perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """``[L, K]`` per-level code counts -> fp32 ``[L]`` perplexities (the seed's formula;
+    1 for a level that quantized nothing)."""
+    p = counts.float() / counts.sum(1, keepdim=True).clamp_min(1)
+    return torch.exp(-torch.sum(p * torch.log(p + 1e-10), dim=1))
+
+
+class _ResidualQuantize(torch.autograd.Function):
+    """``x: [B, D, S]`` (or ``[N, D]``), ``codebooks: [G * C, K, D / G]`` -> ``(q, loss, idx
+    [G*Q, N], perplexity [G*Q], counts [G*Q, K], code_sums, snapshot)``; see
+    ``vqfast.reference.residual_vq`` for the definition (its oracle).
+
+    ``loss = (codebook_loss + commitment_cost) * sum_{g,l} sq_err / (n_valid * D)``; the
+    backward gathers the codes again from ``codebooks`` (the fp32 snapshot when an EMA
+    update follows), so it saves ``idx`` and x, not the residuals.
+    """
+
+    @staticmethod
+    def forward(ctx, x, codebooks, num_levels, groups, cosine, active, mask, commitment_cost,
+                codebook_loss, rotation_trick, with_code_sums, backend, precision):
+        dim = x.shape[1]
+        q, idx, sq_err, counts, code_sums, snapshot = torch.ops.vqfast.residual_quantize(
+            x, codebooks.detach(), num_levels, groups, cosine, active, mask, with_code_sums,
+            backend, precision)
+        # Rows that count: a device value with a mask (no host sync), else a constant.
+        n_valid = (mask.sum().clamp_min(1).float() if mask is not None
+                   else float(_torch.num_vectors(x)))
+        loss = (float(codebook_loss) + commitment_cost) * sq_err.sum() / (n_valid * dim)
+        ctx.save_for_backward(x, snapshot if with_code_sums else codebooks.detach(), idx,
+                              n_valid if mask is not None else None)
+        ctx.n_valid = n_valid if mask is None else None
+        ctx.options = (num_levels, groups, cosine, rotation_trick, backend)
+        ctx.x_scale = 2.0 * commitment_cost / dim
+        ctx.codebook_scale = 2.0 / dim if codebook_loss else 0.0
+        ctx.mark_non_differentiable(idx, counts, code_sums, snapshot)
+        ctx.set_materialize_grads(False)
+        return q, loss, idx, level_perplexity(counts), counts, code_sums, snapshot
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_loss, *_):
+        x, codebooks, idx, n_valid = ctx.saved_tensors
+        n_valid = n_valid if n_valid is not None else ctx.n_valid
+        num_levels, groups, cosine, rotation_trick, backend = ctx.options
+        if grad_q is None:
+            grad_q = torch.zeros_like(x)
+        codebook_scale = ctx.codebook_scale if ctx.needs_input_grad[1] else 0.0
+        if grad_loss is None:
+            grad_loss = torch.zeros((), dtype=torch.float32, device=x.device)
+            codebook_scale = 0.0
+        grad_x, grad_codebooks = torch.ops.vqfast.residual_backward(
+            grad_q.contiguous(), grad_loss.float() / n_valid, x, codebooks, idx, num_levels,
+            groups, cosine, rotation_trick, ctx.x_scale, codebook_scale, backend)
+        return (grad_x, grad_codebooks if codebook_scale != 0 else None,
+                *([None] * 11))
+
+
+def residual_quantize(x, codebooks, num_levels, *, groups=1, cosine=False, active=None,
+                      mask=None, commitment_cost=0.25, codebook_loss=False, rotation_trick=False,
+                      with_code_sums=False, backend="torch", precision="ieee"):
+    """Differentiable residual VQ of a contiguous ``x: [N, D]`` or ``[B, D, S]``; see
+    ``_ResidualQuantize``."""
+    return _ResidualQuantize.apply(x, codebooks, num_levels, groups, cosine, active, mask,
+                                   commitment_cost, codebook_loss, rotation_trick,
+                                   with_code_sums, backend, precision)

@@ -1,0 +1,353 @@
+"""``ResidualVQ``: residual, grouped, shared-codebook, cosine and factorized VQ, every
+level of every group in one fused launch (SoundStream, EnCodec, DAC, ViT-VQGAN)."""
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional as VF
+from .modules import (_all_reduce_statistics, _world_size, keep_fp32, kmeans, usage_report,
+                      warn_skipped)
+from .ops.residual import residual_quantize
+
+
+def check_mask(mask, x: torch.Tensor, inputs: torch.Tensor):
+    """``mask`` bool ``[B, *spatial]`` (True = a real position) -> contiguous ``[N]`` in the
+    rows' order of ``x: [B, D, S]``; ``None`` stays ``None``."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got "
+                        f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    expected = (inputs.shape[0], *inputs.shape[2:])
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"mask must have shape [B, *spatial] = {list(expected)}, got "
+                         f"{list(mask.shape)}")
+    if mask.device != x.device:
+        raise ValueError(f"mask is on {mask.device} but the inputs are on {x.device}")
+    return mask.reshape(-1).contiguous()
+
+
+class Projection(nn.Linear):
+    """A linear map of the channels of channels-first ``[B, C_in, S]`` -> ``[B, C_out, S]``
+    (``codebook_dim``'s projections; no transpose copies)."""
+
+    def forward(self, x):
+        return torch.matmul(self.weight.to(x.dtype), x) + self.bias.to(x.dtype)[:, None]
+
+
+class ResidualVQ(nn.Module):
+    """Residual vector quantization (SoundStream, EnCodec, DAC), optionally grouped.
+
+    Level ``l`` quantizes the residual ``r_l = x - (q_0 + ... + q_{l-1})`` of its group with
+    the nearest code of its codebook; the output is ``q_0 + ... + q_{Q-1}`` with the
+    gradient of the identity (straight-through on the sum, as in DAC) or, with
+    ``rotation_trick``, of the rotation of each group's input onto its sum.
+
+    Args:
+        num_quantizers: Q, the levels per group.
+        num_embeddings: K, codes per codebook.
+        embedding_dim: D, the input channels.
+        commitment_cost: beta. ``ema=True``: ``loss = beta * sum_l mse(r_l, q_l)``;
+            ``ema=False``: ``loss = sum_l mse(q_l, sg(r_l)) + beta * mse(sg(q_l), r_l)``
+            (with groups, each level's mse is over all D channels: the groups' squared
+            errors summed, over ``N * D``).
+        decay, epsilon: the EMA decay and Laplace smoothing (``ema=True``).
+        ema: EMA codebooks (buffers) or learned ones (an ``nn.Parameter``).
+        groups: G; group ``g`` quantizes channels ``g*D/G .. (g+1)*D/G`` with its own levels.
+        shared_codebook: one codebook for all levels of a group.
+        quantize_dropout: in training, each batch runs the first n levels, n uniform in
+            1..Q (SoundStream); dropped levels get code -1.
+        cosine: l2-normalise the residuals and codes; nearest = largest cosine similarity;
+            the EMA runs on normalised vectors and re-normalises the codes (ViT-VQGAN).
+        codebook_dim: d; learned projections ``D -> G * d`` before the lookup and back
+            after it (factorized codes); default ``D / G``.
+        rotation_trick: the rotation trick's gradient (Fifty et al., 2024) instead of
+            straight-through.
+        kmeans_init, kmeans_iters: codebooks from k-means of the first training batch,
+            level by level on its residuals.
+        dead_code_threshold: re-seed codes whose bias-corrected EMA size falls below it
+            from the residuals of their level (EMA only; see ``VectorQuantizerEMA``).
+        sync_distributed: all-reduce every level's statistics in one packed collective.
+        backend, precision: as for ``VectorQuantizer``.
+
+    ``forward(x: [B, D, *spatial], mask=None)`` returns ``(loss, quantized, perplexity,
+    codes)``: ``quantized [B, D, *spatial]`` in x's dtype, ``perplexity`` fp32 ``[G*Q]``,
+    ``codes`` int64 ``[B, G*Q, *spatial]`` (level ``l`` of group ``g`` at ``g*Q + l``).
+    ``mask`` bool ``[B, *spatial]``: False positions take no part in losses, counts or EMA
+    statistics, their codes are -1 and their output is the input.
+
+    State: ``codebooks [G*C, K, d]`` (C = Q, or 1 with ``shared_codebook``); with ``ema``
+    the buffers ``ema_cluster_size [G*C, K]``, ``ema_weight [G*C, K, d]``,
+    ``ema_decay_weight``, ``reseeded_codes`` and ``skipped_batches`` ``[G*C]``, all fp32
+    (or int64) whatever the module is cast to.
+    """
+
+    _FP32_STATE = ("codebooks", "ema_cluster_size", "ema_weight", "ema_decay_weight")
+
+    def __init__(self, num_quantizers, num_embeddings, embedding_dim, commitment_cost=0.25,
+                 decay=0.99, epsilon=1e-5, *, ema=True, groups=1, shared_codebook=False,
+                 quantize_dropout=False, cosine=False, codebook_dim=None, rotation_trick=False,
+                 kmeans_init=False, kmeans_iters=10, dead_code_threshold=0.0,
+                 sync_distributed=None, backend="auto", precision="ieee"):
+        super().__init__()
+        for name, value in (("num_quantizers", num_quantizers), ("num_embeddings", num_embeddings),
+                            ("embedding_dim", embedding_dim), ("groups", groups)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if codebook_dim is None and embedding_dim % groups:
+            raise ValueError(f"embedding_dim={embedding_dim} is not divisible by groups={groups}")
+        if codebook_dim is not None and (not isinstance(codebook_dim, int) or codebook_dim < 1):
+            raise ValueError(f"codebook_dim must be an int >= 1, got {codebook_dim!r}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if not epsilon > 0.0 or not math.isfinite(epsilon):
+            raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
+        if not (dead_code_threshold >= 0.0 and math.isfinite(dead_code_threshold)):
+            raise ValueError(f"dead_code_threshold must be a finite number >= 0, got "
+                             f"{dead_code_threshold}")
+        if dead_code_threshold > 0 and not ema:
+            raise ValueError("dead_code_threshold needs ema=True (it reads the EMA cluster sizes)")
+        if precision not in VF.PRECISIONS:
+            raise ValueError(f"precision must be one of {VF.PRECISIONS}, got {precision!r}")
+        VF.check_backend(backend)
+        self.num_quantizers, self.num_embeddings = num_quantizers, num_embeddings
+        self.embedding_dim, self.groups = embedding_dim, groups
+        self.commitment_cost, self.decay, self.epsilon = commitment_cost, decay, epsilon
+        self.ema, self.shared_codebook = ema, shared_codebook
+        self.quantize_dropout, self.cosine, self.rotation_trick = quantize_dropout, cosine, rotation_trick
+        self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
+        self.dead_code_threshold, self.sync_distributed = dead_code_threshold, sync_distributed
+        self.backend, self.precision = backend, precision
+        self.code_dim = codebook_dim or embedding_dim // groups
+        self.project_in = self.project_out = None
+        if codebook_dim is not None:
+            self.project_in = Projection(embedding_dim, groups * codebook_dim)
+            self.project_out = Projection(groups * codebook_dim, embedding_dim)
+        books = groups * (1 if shared_codebook else num_quantizers)
+        codebooks = torch.randn(books, num_embeddings, self.code_dim)
+        if cosine:
+            codebooks = F.normalize(codebooks, dim=-1)
+        if ema:
+            self.register_buffer("codebooks", codebooks)
+            self.register_buffer("ema_cluster_size", torch.zeros(books, num_embeddings))
+            self.register_buffer("ema_weight", codebooks.clone())
+            self.register_buffer("ema_decay_weight", torch.zeros(books))
+            self.register_buffer("reseeded_codes", torch.zeros(books, dtype=torch.int64))
+            self.register_buffer("skipped_batches", torch.zeros(books, dtype=torch.int64))
+        else:
+            self.codebooks = nn.Parameter(codebooks)
+        self._kmeans_done = not kmeans_init
+        if kmeans_init:
+            self.register_buffer("initialized", torch.tensor(False))
+
+    @property
+    def num_books(self) -> int:
+        return self.codebooks.shape[0]
+
+    def extra_repr(self):
+        return (f"num_quantizers={self.num_quantizers}, num_embeddings={self.num_embeddings}, "
+                f"embedding_dim={self.embedding_dim}, groups={self.groups}, ema={self.ema}, "
+                f"cosine={self.cosine}, code_dim={self.code_dim}, backend={self.backend!r}")
+
+    def _apply(self, fn, recurse=True):
+        return keep_fp32(self, self._FP32_STATE if self.ema else (), fn, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.kmeans_init:
+            state_dict.setdefault(prefix + "initialized", torch.tensor(True))
+        else:
+            state_dict.pop(prefix + "initialized", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.kmeans_init:
+            self._kmeans_done = bool(self.initialized)
+
+    def _codebooks(self):
+        """The codebooks the lookup sees: the learned ones l2-normalised when ``cosine``."""
+        if self.cosine and not self.ema:
+            return F.normalize(self.codebooks, dim=-1)
+        return self.codebooks
+
+    def forward(self, inputs, mask=None):
+        x = VF.channels_first("inputs", inputs, self.embedding_dim)
+        if x.device != self.codebooks.device:
+            raise ValueError(f"inputs are on {x.device} but the codebooks are on "
+                             f"{self.codebooks.device}; move the module with .to(device)")
+        flat_mask = check_mask(mask, x, inputs)
+        backend = VF.resolve_backend(self.backend, x.device)
+        z = self.project_in(x) if self.project_in is not None else x
+        update = self.ema and self.training
+        if self.training and not self._kmeans_done:
+            self._kmeans(z, flat_mask, backend)
+        active = self._active_levels(x.device) if self.training and self.quantize_dropout else None
+        q, loss, idx, perplexity, counts, code_sums, snapshot = residual_quantize(
+            z, self._codebooks(), self.num_quantizers, groups=self.groups, cosine=self.cosine,
+            active=active, mask=flat_mask, commitment_cost=self.commitment_cost,
+            codebook_loss=not self.ema, rotation_trick=self.rotation_trick,
+            with_code_sums=update, backend=backend, precision=self.precision)
+        if update:
+            self._update(z, loss.detach(), idx, counts, code_sums, snapshot, active, backend)
+        if self.project_out is not None:
+            q = self.project_out(q)
+            if flat_mask is not None:  # masked positions give back their input
+                q = torch.where(flat_mask.view(x.shape[0], 1, -1), q, x)
+        codes = idx.view(idx.shape[0], x.shape[0], *inputs.shape[2:]).movedim(0, 1)
+        return loss, q.to(inputs.dtype).view(inputs.shape), perplexity, codes.contiguous()
+
+    def _active_levels(self, device) -> torch.Tensor:
+        """Quantize dropout: n uniform in 1..Q, drawn on the device (no host sync); rank
+        0's draw when the statistics are synced."""
+        n = torch.randint(1, self.num_quantizers + 1, (), device=device)
+        if self._syncing():
+            dist.broadcast(n, 0)
+        return n
+
+    def _syncing(self) -> bool:
+        wanted = self.sync_distributed is None or bool(self.sync_distributed)
+        return self.ema and wanted and _world_size() > 1
+
+    def _book_active(self, active):
+        """Per codebook: was it used this batch (bool ``[G*C]``, or None for all)."""
+        if active is None or self.shared_codebook:
+            return None
+        level_on = torch.arange(self.num_quantizers, device=active.device) < active
+        return level_on.repeat(self.groups)
+
+    def _per_book(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-level statistics ``[G*Q, ...]`` -> per codebook (summed over shared levels)."""
+        if not self.shared_codebook:
+            return t
+        return t.view(self.groups, self.num_quantizers, *t.shape[1:]).sum(1)
+
+    @torch.no_grad()
+    def _update(self, z, loss, idx, counts, code_sums, snapshot, active, backend):
+        counts, code_sums = self._per_book(counts), self._per_book(code_sums)
+        not_finite = None
+        if self._syncing():
+            counts, code_sums, not_finite = _all_reduce_statistics(counts, code_sums,
+                                                                   ~torch.isfinite(loss))
+        book_active = self._book_active(active)
+        applied = VF.ema_update(counts, code_sums, loss, not_finite, self.ema_cluster_size,
+                                self.ema_weight, self.codebooks, self.ema_decay_weight,
+                                self.skipped_batches, self.decay, self.epsilon, backend,
+                                book_active)
+        if self.cosine:
+            self.codebooks.copy_(F.normalize(self.codebooks, dim=-1))
+        if self.dead_code_threshold > 0:
+            self._reseed_dead_codes(z, idx, snapshot, applied > 0)
+
+    def corrected_cluster_size(self) -> torch.Tensor:
+        """``[G*C, K]`` EMA cluster sizes over ``1 - decay**t`` (see ``VectorQuantizerEMA``)."""
+        return self.ema_cluster_size / self.ema_decay_weight.clamp_min(1e-30)[:, None]
+
+    def _sampled_residuals(self, z, idx, codebooks, picks):
+        """The residual each level quantized for rows ``picks [M]`` of ``z: [B, D', S]``,
+        rebuilt from their codes: fp32 ``[G*Q, M, d]`` (normalised when ``cosine``) and
+        whether the level quantized that row (bool ``[G*Q, M]``)."""
+        g, q, d = self.groups, self.num_quantizers, self.code_dim
+        s = z.shape[2]
+        rows = z[picks // s, :, picks % s].float().view(-1, g, d).transpose(0, 1)  # [G, M, d]
+        codes = idx[:, picks]  # [G*Q, M]
+        used = codes >= 0
+        books = torch.arange(g * q, device=z.device)
+        books = books // q if self.shared_codebook else books
+        gathered = codebooks[books[:, None], codes.clamp_min(0)] * used[..., None]
+        gathered = gathered.view(g, q, -1, d)
+        before = gathered.cumsum(1) - gathered  # what the earlier levels took away
+        residual = rows[:, None] - before
+        if self.cosine:
+            residual = F.normalize(residual, dim=-1)
+        return residual.reshape(g * q, -1, d), used
+
+    @torch.no_grad()
+    def _reseed_dead_codes(self, z, idx, snapshot, applied):
+        k = self.num_embeddings
+        picks = torch.randint(idx.shape[1], (k,), device=z.device)
+        samples, used = self._sampled_residuals(z, idx, snapshot, picks)
+        if self.shared_codebook:  # a shared codebook re-seeds from its group's inputs
+            samples = samples.view(self.groups, self.num_quantizers, k, -1)[:, 0]
+            used = used.view(self.groups, self.num_quantizers, k)[:, 0]
+        if self._syncing():
+            dist.broadcast(samples, 0)
+            dist.broadcast(used, 0)
+        dead = (self.corrected_cluster_size() < self.dead_code_threshold) & applied[:, None] & used
+        size = max(self.dead_code_threshold, 1.0) * self.ema_decay_weight[:, None]
+        self.codebooks.copy_(torch.where(dead[..., None], samples, self.codebooks))
+        self.ema_weight.copy_(torch.where(dead[..., None], samples * size[..., None],
+                                          self.ema_weight))
+        self.ema_cluster_size.copy_(torch.where(dead, size, self.ema_cluster_size))
+        self.reseeded_codes.add_(dead.sum(1))
+
+    @torch.no_grad()
+    def _kmeans(self, z, flat_mask, backend):
+        """Level by level: k-means of the residuals the level will see (rank 0's batch)."""
+        d = self.code_dim
+        rows = z.movedim(1, -1).reshape(-1, z.shape[1]).float()
+        if flat_mask is not None:  # once, at init: the host may read the mask here
+            rows = rows[flat_mask]
+        centroids = torch.empty_like(self.codebooks)
+        sizes = torch.empty(self.codebooks.shape[:2], device=z.device)
+        for g in range(self.groups):
+            residual = rows[:, g * d:(g + 1) * d]
+            for level in range(1 if self.shared_codebook else self.num_quantizers):
+                book = g if self.shared_codebook else g * self.num_quantizers + level
+                used = F.normalize(residual, dim=-1) if self.cosine else residual
+                c, counts = kmeans(used, self.num_embeddings, self.kmeans_iters, backend,
+                                   self.precision)
+                if self.cosine:
+                    c = F.normalize(c, dim=-1)
+                centroids[book], sizes[book] = c, counts.float().clamp_min(1)
+                nearest, _ = VF.nearest_code(used, c, backend=backend, precision=self.precision)
+                residual = residual - c[nearest]
+        if _world_size() > 1:
+            dist.broadcast(centroids, 0)
+            dist.broadcast(sizes, 0)
+        self.codebooks.data.copy_(centroids)
+        if self.ema:
+            self.ema_cluster_size.copy_(sizes)
+            self.ema_weight.copy_(centroids * sizes[..., None])
+            self.ema_decay_weight.fill_(1.0)
+        self.initialized.fill_(True)
+        self._kmeans_done = True
+
+    @torch.no_grad()
+    def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """``codes`` int64 ``[B, G*n, *spatial]`` (the first n <= Q levels of each group, -1 =
+        not quantized) -> ``quantized [B, D, *spatial]`` fp32: the sum of those levels' codes."""
+        g, q = self.groups, self.num_quantizers
+        if codes.dim() < 2 or codes.shape[1] % g or codes.shape[1] // g > q:
+            raise ValueError(f"codes must be [B, G*n, *spatial] with G={g} and n <= {q}, got "
+                             f"shape {tuple(codes.shape)}")
+        n = codes.shape[1] // g
+        codebooks = self._codebooks().detach().float()
+        flat = codes.view(codes.shape[0], g, n, -1)  # [B, G, n, S]
+        out = []
+        for group in range(g):
+            total = 0
+            for level in range(n):
+                book = group if self.shared_codebook else group * q + level
+                c = flat[:, group, level]
+                total = total + torch.where((c >= 0)[..., None], codebooks[book][c.clamp_min(0)], 0.0)
+            out.append(total)
+        z = torch.cat(out, -1).movedim(-1, 1)  # [B, G*d, S]
+        if self.project_out is not None:
+            z = self.project_out(z.contiguous())
+        return z.reshape(codes.shape[0], -1, *codes.shape[2:])
+
+    @torch.no_grad()
+    def codebook_usage(self, threshold: float | None = None):
+        """One ``CodebookUsage`` per codebook (``[G*C]``, level-major within a group) from
+        the EMA sizes (host sync); warns if batches were skipped."""
+        if not self.ema:
+            raise RuntimeError("codebook_usage() reads the EMA cluster sizes: ema=True only")
+        if threshold is None:
+            threshold = self.dead_code_threshold or 1.0
+        corrected = self.corrected_cluster_size()
+        reports = [usage_report(self.ema_cluster_size[b], corrected[b], threshold,
+                                self.reseeded_codes[b], self.skipped_batches[b])
+                   for b in range(self.num_books)]
+        warn_skipped(max(r.skipped_batches for r in reports))
+        return reports
