@@ -10,6 +10,9 @@ from .gather_loss import gather_loss
 from .lfq_entropy import lfq_avg_prob, lfq_entropy_backward
 from .nearest_code import nearest_code
 from .quantize_backward import quantize_backward
+from . import residual
+from .residual import residual_backward, residual_quantize
 
 __all__ = ["nearest_code", "gather_loss", "ema_update", "quantize_backward", "fsq_forward",
-           "fsq_backward", "lfq_avg_prob", "lfq_entropy_backward"]
+           "fsq_backward", "lfq_avg_prob", "lfq_entropy_backward", "residual_quantize",
+           "residual_backward", "residual"]

@@ -25,7 +25,7 @@ from triton.compiler import ASTSource
 # the kernel and its launcher: a new kernel or config is compiled and spill-checked here.
 # importlib: the package re-exports launchers under their modules' names.
 KERNEL_MODULES = ("nearest_code", "gather_loss", "code_sums", "ema_update", "quantize_backward",
-                  "fsq", "lfq_entropy")
+                  "fsq", "lfq_entropy", "residual")
 TARGETS = {80: 163 * 1024, 90: 227 * 1024}  # compute capability -> max shared memory per block
 
 

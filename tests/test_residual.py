@@ -12,6 +12,7 @@ import vqfast
 from vqfast import reference
 from vqfast.ops.residual import residual_quantize
 from _util import BACKENDS, DEVICE, TOL
+from test_no_sync import HostReads, single_rank_group  # noqa: F401 (a fixture)
 
 # (B, D, spatial, K, groups, levels): odd sizes everywhere.
 SHAPES = [(3, 12, (7, 5), 13, 1, 3), (2, 18, (11,), 9, 3, 2), (1, 5, (3, 3, 3), 7, 1, 4)]
@@ -236,3 +237,181 @@ def test_cross_check_vector_quantize_pytorch():
     _, q, _, codes = ours(x)
     assert torch.equal(codes.movedim(1, -1), idx_peer)
     torch.testing.assert_close(q.transpose(1, 2), q_peer, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", ["shared", "cosine", "all"])
+def test_deterministic_mode_matches_oracle(option, backend):
+    """Sorted (atomic-free) sums of the EMA statistics and codebook gradients."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        for ema in (True, False):
+            test_functional_matches_oracle(SHAPES[1], option, ema, backend)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_inputs(dtype, backend):
+    """16-bit inputs: the search runs in x's dtype; the output is the sum of the fp32 codes
+    it chose (rounded once), the loss their exact error, the codes nearest at level 0."""
+    from _util import assert_nearest
+    rvq = vqfast.ResidualVQ(3, 17, 8, backend=backend).to(DEVICE).eval()
+    z = torch.randn(2, 8, 13, device=DEVICE).to(dtype)
+    loss, q, _, codes = rvq(z)
+    assert q.dtype == dtype and loss.dtype == torch.float32
+    assert_nearest(_flat(z).float(), rvq.codebooks[0], codes[:, 0].reshape(-1), dtype)
+    ulp = 2**-7 if dtype == torch.bfloat16 else 0.0  # (the interpreter's bf16 rounds toward 0)
+    torch.testing.assert_close(q, rvq.decode_indices(codes).to(dtype), rtol=ulp, atol=0)
+    x = _flat(z).float()
+    sq = 0.0
+    for level in range(3):
+        code = rvq.codebooks[level][codes[:, level].reshape(-1)]
+        sq = sq + (code - x).pow(2).sum()
+        x = x - code
+    torch.testing.assert_close(loss, 0.25 * sq / z.numel(), rtol=1e-5, atol=1e-6)
+
+
+RVQ_OPTIONS = {
+    "ema": dict(),
+    "learned+cosine+rotation": dict(ema=False, cosine=True, rotation_trick=True),
+    "groups+shared+dropout": dict(groups=2, shared_codebook=True, quantize_dropout=True),
+    "ema+kmeans+dead+codebook_dim": dict(kmeans_init=True, dead_code_threshold=1.0,
+                                         codebook_dim=3),
+    "ema+all+sync": dict(groups=2, quantize_dropout=True, cosine=True, kmeans_init=True,
+                         dead_code_threshold=1.0, sync_distributed=True),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", RVQ_OPTIONS)
+def test_training_step_reads_nothing_on_the_host(option, backend, request):
+    kw = RVQ_OPTIONS[option]
+    if kw.get("sync_distributed"):
+        request.getfixturevalue("single_rank_group")
+    rvq = vqfast.ResidualVQ(3, 19, 6, backend=backend, **kw).to(DEVICE)
+    mask = torch.rand(3, 4, 3, device=DEVICE) > 0.2
+
+    def step():
+        z = torch.randn(3, 6, 4, 3, device=DEVICE, requires_grad=True)
+        loss, q, perplexity, _ = rvq(z, mask=mask)
+        (loss + q.pow(2).mean()).backward()
+        return z, perplexity
+
+    step()  # k-means: once
+    with HostReads() as recorder:
+        z, perplexity = step()
+    assert recorder.found == [], recorder.found
+    assert bool(torch.isfinite(z.grad).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", [o for o in RVQ_OPTIONS if "sync" not in o])
+def test_compiles_fullgraph_and_matches_eager(option, backend):
+    torch._dynamo.reset()
+    kw = RVQ_OPTIONS[option]
+    eager = vqfast.ResidualVQ(3, 19, 6, backend=backend, **kw).to(DEVICE)
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    for step in range(3):
+        z = torch.randn(3, 6, 4, 3, device=DEVICE)
+        mask = torch.rand(3, 4, 3, device=DEVICE) > 0.2
+        seed = 100 + step
+        results = []
+        for module in (eager, compiled):
+            torch.manual_seed(seed)  # the same dropout draw and re-seeding picks
+            zz = z.clone().requires_grad_()
+            loss, q, perplexity, codes = module(zz, mask=mask)
+            (loss + q.pow(2).sum()).backward()
+            results.append((loss, q, perplexity, codes, zz.grad))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(twin.state_dict()[key], value, rtol=1e-5, atol=1e-5)
+
+
+def test_distributed_statistics_are_one_packed_all_reduce(single_rank_group, monkeypatch):
+    """Every level's counts and sums travel in one collective per step."""
+    import torch.distributed as dist
+    calls = []
+    original = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (calls.append(t.numel()),
+                                                                original(t, *a, **k))[1])
+    rvq = vqfast.ResidualVQ(4, 11, 6, groups=2, backend="torch")
+    rvq(torch.randn(2, 6, 5))
+    assert calls == [2 * 4 * 11 * 3 + 2 * 4 * 11 + 1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    ops = torch.ops.vqfast
+    x = torch.randn(2, 6, 7, device=DEVICE)
+    books = torch.randn(4, 9, 3, device=DEVICE)
+    mask = torch.rand(14, device=DEVICE) > 0.3
+    active = torch.tensor(1, device=DEVICE)
+    q, idx, *_ = ops.residual_quantize(x, books, 2, 2, False, None, None, True, backend, "ieee")
+    for args in [(x, books, 2, 2, False, None, None, True, backend, "ieee"),
+                 (x, books, 2, 2, True, active, mask, False, backend, "ieee")]:
+        torch.library.opcheck(ops.residual_quantize.default, args)
+    torch.library.opcheck(ops.residual_backward.default,
+                          (torch.randn_like(x), torch.tensor(0.3, device=DEVICE), x, books, idx,
+                           2, 2, True, True, 0.1, 0.2, backend))
+
+
+# --- the same options on the single-codebook quantizers ---------------------------------
+
+SINGLE_OPTIONS = {"cosine": dict(cosine=True), "rotation": dict(rotation_trick=True),
+                  "mask": {}, "cosine+rotation+mask": dict(cosine=True, rotation_trick=True)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["plain", "ema"])
+@pytest.mark.parametrize("option", SINGLE_OPTIONS)
+def test_single_quantizer_options_match_oracle(option, kind, backend):
+    """VectorQuantizer / VectorQuantizerEMA with cosine codes, the rotation trick or a mask:
+    the oracle with one level of one group, three training steps."""
+    kw = SINGLE_OPTIONS[option]
+    cls = vqfast.VectorQuantizerEMA if kind == "ema" else vqfast.VectorQuantizer
+    vq = cls(11, 7, 0.25, backend=backend, **kw).to(DEVICE)
+    if kind == "plain":
+        with torch.no_grad():
+            vq.codebook.normal_()
+    for _ in range(3):
+        z = torch.randn(2, 7, 5, 3, device=DEVICE)
+        mask = (torch.rand(2, 5, 3, device=DEVICE) > 0.3) if "mask" in option else None
+        codebook = vq.codebook.detach().clone().requires_grad_()
+        used = F.normalize(codebook, dim=-1) if kw.get("cosine") and kind == "plain" else codebook
+        x_ref = _flat(z).clone().requires_grad_()
+        out_r, loss_r, idx_r, _, counts_r, sums_r = reference.residual_vq(
+            x_ref, used[None], 1, cosine=kw.get("cosine", False), ema=kind == "ema",
+            mask=mask.reshape(-1) if mask is not None else None,
+            rotation_trick=kw.get("rotation_trick", False))
+        zz = z.clone().requires_grad_()
+        state = [t.clone() for t in (vq.ema_cluster_size, vq.ema_weight)] if kind == "ema" else None
+        loss, q, perplexity, codes = vq(zz, mask=mask)
+        assert torch.equal(codes.reshape(-1), idx_r[0])
+        torch.testing.assert_close(_flat(q), out_r.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss, loss_r, rtol=1e-5, atol=1e-6)
+        weight = torch.randn_like(q)
+        (loss + (q * weight).sum()).backward()
+        (loss_r + (out_r * _flat(weight)).sum()).backward()
+        torch.testing.assert_close(_flat(zz.grad), x_ref.grad, rtol=1e-4, atol=1e-5)
+        if kind == "plain":
+            torch.testing.assert_close(vq.codebook.grad, codebook.grad, rtol=1e-4, atol=1e-5)
+            vq.codebook.grad = None
+        else:
+            size, w, book = reference.ema_step(state[0], state[1], counts_r[0].float(), sums_r[0],
+                                               0.99, 1e-5, cosine=kw.get("cosine", False))
+            torch.testing.assert_close(vq.ema_cluster_size, size, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(vq.codebook, book, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [vqfast.VectorQuantizer, vqfast.VectorQuantizerEMA])
+def test_single_quantizer_codebook_dim(cls):
+    vq = cls(9, 12, 0.25, codebook_dim=3, kmeans_init=True, backend="torch")
+    z = torch.randn(2, 12, 4, 4, requires_grad=True)
+    loss, q, _, codes = vq(z, mask=torch.rand(2, 4, 4) > 0.2)
+    assert vq.codebook.shape == (9, 3) and q.shape == z.shape and codes.shape == (2, 4, 4)
+    (loss + q.square().sum()).backward()
+    assert vq.project_in.weight.grad is not None and vq.project_out.weight.grad is not None

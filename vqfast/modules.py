@@ -73,17 +73,62 @@ def rename_legacy_keys(state_dict, prefix: str, renames: dict) -> None:
                 break
 
 
+def check_mask(mask, x: torch.Tensor, inputs: torch.Tensor):
+    """``mask`` bool ``[B, *spatial]`` (True = a real position) -> contiguous ``[N]`` in the
+    rows' order of ``x: [B, D, S]``; ``None`` stays ``None``."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got "
+                        f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    expected = (inputs.shape[0], *inputs.shape[2:])
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"mask must have shape [B, *spatial] = {list(expected)}, got "
+                         f"{list(mask.shape)}")
+    if mask.device != x.device:
+        raise ValueError(f"mask is on {mask.device} but the inputs are on {x.device}")
+    return mask.reshape(-1).contiguous()
+
+
+def real_rows(rows: torch.Tensor, flat_mask) -> torch.Tensor:
+    """``rows [N, d]`` with each masked row replaced by a random real one (for k-means):
+    same shape, so no data-dependent shapes and no host sync."""
+    if flat_mask is None:
+        return rows
+    real_first = torch.argsort((~flat_mask).int(), stable=True)
+    n_real = flat_mask.sum().clamp_min(1)
+    stand_in = real_first[torch.randint_like(real_first, 1 << 30) % n_real]
+    return torch.where(flat_mask[:, None], rows, rows[stand_in])
+
+
+class Projection(nn.Linear):
+    """A linear map of the channels of channels-first ``[B, C_in, S]`` -> ``[B, C_out, S]``
+    (``codebook_dim``'s projections; no transpose copies)."""
+
+    def forward(self, x):
+        return torch.matmul(self.weight.to(x.dtype), x) + self.bias.to(x.dtype)[:, None]
+
+
 class _QuantizerBase(nn.Module):
     """Shared input handling: channels-first in, flat ``[N, D]`` through the fused op, back out."""
 
     _legacy_keys: dict = {}
 
     def __init__(self, num_embeddings, embedding_dim, commitment_cost, return_onehot, backend,
-                 precision, kmeans_init, kmeans_iters):
+                 precision, kmeans_init, kmeans_iters, cosine=False, codebook_dim=None,
+                 rotation_trick=False):
         super().__init__()
         if num_embeddings < 1 or embedding_dim < 1:
             raise ValueError(f"num_embeddings and embedding_dim must be >= 1, got "
                              f"{num_embeddings} and {embedding_dim}")
+        if codebook_dim is not None and (not isinstance(codebook_dim, int) or codebook_dim < 1):
+            raise ValueError(f"codebook_dim must be an int >= 1, got {codebook_dim!r}")
+        self.cosine, self.rotation_trick = cosine, rotation_trick
+        self.code_dim = codebook_dim or embedding_dim
+        self.project_in = self.project_out = None
+        if codebook_dim is not None:  # factorized codes: D -> d before the lookup, d -> D after
+            self.project_in = Projection(embedding_dim, codebook_dim)
+            self.project_out = Projection(codebook_dim, embedding_dim)
         if precision not in VF.PRECISIONS:
             raise ValueError(f"precision must be one of {VF.PRECISIONS}, got {precision!r}")
         VF.check_backend(backend)
@@ -120,12 +165,41 @@ class _QuantizerBase(nn.Module):
         return VF.nearest_code(x, self.codebook.detach(), backend=self.backend,
                                precision=self.precision)
 
-    def _outputs(self, inputs, q, loss, idx, perplexity):
+    def _prepare(self, inputs, mask):
+        """Validate; ``(x [B, D, S], z [B, d, S] (projected when codebook_dim), mask [N] or
+        None, backend)``."""
+        x, backend = self._vectors(inputs)
+        flat_mask = check_mask(mask, x, inputs)
+        z = self.project_in(x) if self.project_in is not None else x
+        return x, z, flat_mask, backend
+
+    def _quantize(self, z, flat_mask, codebook_loss, update, backend):
+        """``(q, loss, idx [N], perplexity, counts [K], code_sums [K, d])``: the fused
+        single-codebook op, or, with cosine codes, the rotation trick or a mask, the
+        residual op as one level of one group (those options live there, once)."""
+        if not (self.cosine or self.rotation_trick or flat_mask is not None):
+            return VF.quantize(z, self.codebook, self.commitment_cost, codebook_loss, update,
+                               backend, self.precision)
+        from .ops.residual import residual_quantize
+        codebook = F.normalize(self.codebook, dim=-1) if self.cosine and codebook_loss else self.codebook
+        q, loss, idx, perplexity, counts, code_sums, _ = residual_quantize(
+            z, codebook.unsqueeze(0), 1, cosine=self.cosine, mask=flat_mask,
+            commitment_cost=self.commitment_cost, codebook_loss=codebook_loss,
+            rotation_trick=self.rotation_trick, with_code_sums=update, backend=backend,
+            precision=self.precision)
+        return q, loss, idx[0], perplexity[0], counts[0], code_sums[0] if update else code_sums
+
+    def _outputs(self, inputs, x, q, loss, idx, perplexity, flat_mask):
+        if self.project_out is not None:
+            q = self.project_out(q)
+            if flat_mask is not None:  # masked positions give back their input
+                q = torch.where(flat_mask.view(x.shape[0], 1, -1), q, x)
         if self.return_onehot:
-            encodings = F.one_hot(idx, self.num_embeddings).float()
+            encodings = F.one_hot(idx.clamp_min(0), self.num_embeddings).float()
+            encodings = encodings * (idx >= 0)[:, None]
         else:
             encodings = idx.view(inputs.shape[0], *inputs.shape[2:])
-        return loss, q.view(inputs.shape), perplexity, encodings
+        return loss, q.to(inputs.dtype).view(inputs.shape), perplexity, encodings
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         rename_legacy_keys(state_dict, prefix, self._legacy_keys)
@@ -139,7 +213,7 @@ class _QuantizerBase(nn.Module):
             self._kmeans_done = bool(self.initialized)  # at load time, not in the step
 
     @torch.no_grad()
-    def _maybe_kmeans_init(self, x: torch.Tensor, backend: str) -> None:
+    def _maybe_kmeans_init(self, x: torch.Tensor, backend: str, flat_mask=None) -> None:
         """On the first training batch: the codebook from k-means of rank 0's batch.
 
         Eagerly, a batch with NaN/Inf raises before any state changes; inside a compiled
@@ -147,8 +221,12 @@ class _QuantizerBase(nn.Module):
         """
         if not self.training or self._kmeans_done:
             return
-        rows = x.movedim(1, -1).reshape(-1, self.embedding_dim)
+        rows = real_rows(x.movedim(1, -1).reshape(-1, x.shape[1]).float(), flat_mask)
+        if self.cosine:
+            rows = F.normalize(rows, dim=-1)
         centroids, counts = kmeans(rows, self.num_embeddings, self.kmeans_iters, backend, self.precision)
+        if self.cosine:
+            centroids = F.normalize(centroids, dim=-1)
         if _world_size() > 1:
             dist.broadcast(centroids, 0)
             dist.broadcast(counts, 0)
@@ -185,18 +263,18 @@ class VectorQuantizer(_QuantizerBase):
     _legacy_keys = {"_embedding.weight": "codebook"}
 
     def __init__(self, num_embeddings, embedding_dim, commitment_cost, *, return_onehot=False,
-                 backend="auto", precision="ieee", kmeans_init=False, kmeans_iters=10):
+                 backend="auto", precision="ieee", kmeans_init=False, kmeans_iters=10,
+                 cosine=False, codebook_dim=None, rotation_trick=False):
         super().__init__(num_embeddings, embedding_dim, commitment_cost, return_onehot, backend,
-                         precision, kmeans_init, kmeans_iters)
-        self.codebook = nn.Parameter(
-            torch.empty(num_embeddings, embedding_dim).uniform_(-1 / num_embeddings, 1 / num_embeddings))
+                         precision, kmeans_init, kmeans_iters, cosine, codebook_dim, rotation_trick)
+        self.codebook = nn.Parameter(torch.empty(num_embeddings, self.code_dim).uniform_(
+            -1 / num_embeddings, 1 / num_embeddings))
 
-    def forward(self, inputs):
-        x, backend = self._vectors(inputs)
-        self._maybe_kmeans_init(x, backend)
-        q, loss, idx, perplexity, _, _ = VF.quantize(x, self.codebook, self.commitment_cost, True,
-                                                     False, backend, self.precision)
-        return self._outputs(inputs, q, loss, idx, perplexity)
+    def forward(self, inputs, mask=None):
+        x, z, flat_mask, backend = self._prepare(inputs, mask)
+        self._maybe_kmeans_init(z, backend, flat_mask)
+        q, loss, idx, perplexity, _, _ = self._quantize(z, flat_mask, True, False, backend)
+        return self._outputs(inputs, x, q, loss, idx, perplexity, flat_mask)
 
 
 class VectorQuantizerEMA(_QuantizerBase):
@@ -244,9 +322,9 @@ class VectorQuantizerEMA(_QuantizerBase):
     def __init__(self, num_embeddings, embedding_dim, commitment_cost, decay=0.99, epsilon=1e-5, *,
                  return_onehot=False, backend="auto", precision="ieee", kmeans_init=False,
                  kmeans_iters=10, dead_code_threshold=0.0, sync_distributed=None,
-                 check_finite=False):
+                 check_finite=False, cosine=False, codebook_dim=None, rotation_trick=False):
         super().__init__(num_embeddings, embedding_dim, commitment_cost, return_onehot, backend,
-                         precision, kmeans_init, kmeans_iters)
+                         precision, kmeans_init, kmeans_iters, cosine, codebook_dim, rotation_trick)
         if not (dead_code_threshold >= 0.0 and math.isfinite(dead_code_threshold)):
             raise ValueError(f"dead_code_threshold must be a finite number >= 0, got "
                              f"{dead_code_threshold}")
@@ -259,9 +337,10 @@ class VectorQuantizerEMA(_QuantizerBase):
         self.check_finite = check_finite
         self.decay = decay
         self.epsilon = epsilon
-        self.register_buffer("codebook", torch.randn(num_embeddings, embedding_dim))
+        codebook = torch.randn(num_embeddings, self.code_dim)
+        self.register_buffer("codebook", F.normalize(codebook, dim=-1) if cosine else codebook)
         self.register_buffer("ema_cluster_size", torch.zeros(num_embeddings))
-        self.register_buffer("ema_weight", torch.randn(num_embeddings, embedding_dim))
+        self.register_buffer("ema_weight", torch.randn(num_embeddings, self.code_dim))
         self.register_buffer("ema_decay_weight", torch.tensor(0.0))
         self.register_buffer("reseeded_codes", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("skipped_batches", torch.tensor(0, dtype=torch.int64))
@@ -280,21 +359,21 @@ class VectorQuantizerEMA(_QuantizerBase):
         state_dict.setdefault(prefix + "skipped_batches", torch.tensor(0, dtype=torch.int64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, inputs):
-        x, backend = self._vectors(inputs)
+    def forward(self, inputs, mask=None):
+        x, z, flat_mask, backend = self._prepare(inputs, mask)
         update = self.training
         if update and self.check_finite and not torch.compiler.is_compiling() \
                 and not bool(torch.isfinite(x).all()):
             raise ValueError("inputs contain NaN or Inf; the EMA state was left unchanged")
-        self._maybe_kmeans_init(x, backend)
-        q, loss, idx, perplexity, counts, code_sums = VF.quantize(
-            x, self.codebook, self.commitment_cost, False, update, backend, self.precision)
+        self._maybe_kmeans_init(z, backend, flat_mask)
+        q, loss, idx, perplexity, counts, code_sums = self._quantize(z, flat_mask, False, update,
+                                                                    backend)
         if update:
-            self._update(x, loss.detach(), counts, code_sums, backend)
-        return self._outputs(inputs, q, loss, idx, perplexity)
+            self._update(z, loss.detach(), counts, code_sums, backend, flat_mask)
+        return self._outputs(inputs, x, q, loss, idx, perplexity, flat_mask)
 
     @torch.no_grad()
-    def _update(self, x, loss, counts, code_sums, backend):
+    def _update(self, x, loss, counts, code_sums, backend, flat_mask=None):
         """EMA update, skip accounting and dead-code re-seeding, all decided on the device."""
         not_finite = None
         if self._syncing():  # every rank skips (or applies) the same batches
@@ -303,8 +382,10 @@ class VectorQuantizerEMA(_QuantizerBase):
         applied = VF.ema_update(counts, code_sums, loss, not_finite, self.ema_cluster_size,
                                 self.ema_weight, self.codebook, self.ema_decay_weight,
                                 self.skipped_batches, self.decay, self.epsilon, backend)
+        if self.cosine:  # the EMA of unit vectors is not one: back onto the sphere
+            self.codebook.copy_(F.normalize(self.codebook, dim=-1))
         if self.dead_code_threshold > 0:
-            self._reseed_dead_codes(x, applied > 0)
+            self._reseed_dead_codes(x, applied > 0, flat_mask)
 
     def _syncing(self) -> bool:
         wanted = self.sync_distributed is None or bool(self.sync_distributed)
@@ -322,14 +403,21 @@ class VectorQuantizerEMA(_QuantizerBase):
         return self.ema_cluster_size / self.ema_decay_weight.clamp_min(1e-30)
 
     @torch.no_grad()
-    def _reseed_dead_codes(self, x: torch.Tensor, apply: torch.Tensor) -> None:
+    def _reseed_dead_codes(self, x: torch.Tensor, apply: torch.Tensor, flat_mask=None) -> None:
         # Branch-free: every code draws a candidate row; the dead ones take it.
         dead = (self.corrected_cluster_size() < self.dead_code_threshold) & apply
         b, _, s = x.shape
         picks = torch.randint(b * s, (self.num_embeddings,), device=x.device)
         samples = x[picks // s, :, picks % s].float()  # [K, D]
+        if self.cosine:
+            samples = F.normalize(samples, dim=-1)
+        real = flat_mask[picks] if flat_mask is not None else None  # a masked row is no candidate
         if self._syncing():  # synced buffers: the same dead codes everywhere, rank 0's rows
             dist.broadcast(samples, 0)
+            if real is not None:
+                dist.broadcast(real, 0)
+        if real is not None:
+            dead = dead & real
         size = max(self.dead_code_threshold, 1.0) * self.ema_decay_weight
         self.codebook.copy_(torch.where(dead[:, None], samples, self.codebook))
         self.ema_weight.copy_(torch.where(dead[:, None], samples * size, self.ema_weight))

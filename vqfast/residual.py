@@ -9,34 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as VF
-from .modules import (_all_reduce_statistics, _world_size, keep_fp32, kmeans, usage_report,
-                      warn_skipped)
+from . import modules
+from .modules import (Projection, _all_reduce_statistics, check_mask, keep_fp32, kmeans, real_rows,
+                      usage_report, warn_skipped)
 from .ops.residual import residual_quantize
-
-
-def check_mask(mask, x: torch.Tensor, inputs: torch.Tensor):
-    """``mask`` bool ``[B, *spatial]`` (True = a real position) -> contiguous ``[N]`` in the
-    rows' order of ``x: [B, D, S]``; ``None`` stays ``None``."""
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor, got "
-                        f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-    expected = (inputs.shape[0], *inputs.shape[2:])
-    if tuple(mask.shape) != expected:
-        raise ValueError(f"mask must have shape [B, *spatial] = {list(expected)}, got "
-                         f"{list(mask.shape)}")
-    if mask.device != x.device:
-        raise ValueError(f"mask is on {mask.device} but the inputs are on {x.device}")
-    return mask.reshape(-1).contiguous()
-
-
-class Projection(nn.Linear):
-    """A linear map of the channels of channels-first ``[B, C_in, S]`` -> ``[B, C_out, S]``
-    (``codebook_dim``'s projections; no transpose copies)."""
-
-    def forward(self, x):
-        return torch.matmul(self.weight.to(x.dtype), x) + self.bias.to(x.dtype)[:, None]
 
 
 class ResidualVQ(nn.Module):
@@ -207,7 +183,7 @@ class ResidualVQ(nn.Module):
 
     def _syncing(self) -> bool:
         wanted = self.sync_distributed is None or bool(self.sync_distributed)
-        return self.ema and wanted and _world_size() > 1
+        return self.ema and wanted and modules._world_size() > 1
 
     def _book_active(self, active):
         """Per codebook: was it used this batch (bool ``[G*C]``, or None for all)."""
@@ -286,8 +262,7 @@ class ResidualVQ(nn.Module):
         """Level by level: k-means of the residuals the level will see (rank 0's batch)."""
         d = self.code_dim
         rows = z.movedim(1, -1).reshape(-1, z.shape[1]).float()
-        if flat_mask is not None:  # once, at init: the host may read the mask here
-            rows = rows[flat_mask]
+        rows = real_rows(rows, flat_mask)
         centroids = torch.empty_like(self.codebooks)
         sizes = torch.empty(self.codebooks.shape[:2], device=z.device)
         for g in range(self.groups):
@@ -302,7 +277,7 @@ class ResidualVQ(nn.Module):
                 centroids[book], sizes[book] = c, counts.float().clamp_min(1)
                 nearest, _ = VF.nearest_code(used, c, backend=backend, precision=self.precision)
                 residual = residual - c[nearest]
-        if _world_size() > 1:
+        if modules._world_size() > 1:
             dist.broadcast(centroids, 0)
             dist.broadcast(sizes, 0)
         self.codebooks.data.copy_(centroids)
