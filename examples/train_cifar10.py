@@ -123,6 +123,13 @@ def build_model(args):
                    kmeans_iters=getattr(args, "kmeans_iters", 10))
     if args.decay > 0:
         options["dead_code_threshold"] = getattr(args, "dead_code_threshold", 0.0)
+    for name in ("cosine", "codebook_dim", "rotation_trick"):
+        if getattr(args, name, None):
+            options[name] = getattr(args, name)
+    if getattr(args, "quantizer", "vq") == "rvq":
+        options.update(num_quantizers=args.num_quantizers, groups=args.groups,
+                       shared_codebook=args.shared_codebook,
+                       quantize_dropout=args.quantize_dropout)
     return vqfast.VQVAE(args.num_hiddens, args.num_residual_layers, args.num_residual_hiddens,
                         args.num_embeddings, args.embedding_dim, args.commitment_cost, args.decay,
                         **options)
@@ -237,7 +244,7 @@ def train(args, rank, world, device):
                     desc="train")
     window = []  # (nmse, perplexity, vq_loss, codes used) per step since the last log row
     watch = CollapseWatch()
-    reseeded_before = int(getattr(model.vq, "reseeded_codes", 0))
+    reseeded_before = int(getattr(model.vq, "reseeded_codes", torch.zeros(())).sum())
     model.train()
     start = time.time()
     while step < args.steps:
@@ -259,10 +266,12 @@ def train(args, rank, world, device):
             loss.backward()
             optimizer.step()
             step += 1
-            # codes this batch used: on the device, read only at logging steps (no sync)
-            used = torch.zeros(args.num_embeddings, device=device).index_fill_(
-                0, codes.detach().reshape(-1), 1).sum()
-            window.append(torch.stack([recon_error.detach(), perplexity.detach().float(),
+            # codes this batch used (the first level's, for residual VQ): on the device,
+            # read only at logging steps (no sync)
+            first = codes[:, 0] if codes.dim() == 4 else codes
+            used = torch.zeros(args.num_embeddings + 1, device=device).index_fill_(
+                0, first.detach().reshape(-1) + 1, 1)[1:].sum()  # (-1: a masked position)
+            window.append(torch.stack([recon_error.detach(), perplexity.detach().float().mean(),
                                        vq_loss.detach().float(), used]))
             if step % args.log_every == 0 or step == args.steps:
                 values = torch.stack(window).cpu()
@@ -270,11 +279,13 @@ def train(args, rank, world, device):
                 mean = values.mean(0).tolist()
                 row = {"step": step, "nmse": mean[0], "perplexity": mean[1], "vq_loss": mean[2],
                        "codes_used": mean[3], "seconds": time.time() - start}
-                if hasattr(model.vq, "codebook_usage"):  # the EMA quantizer's view of its codes
-                    usage = model.vq.codebook_usage()
-                    row.update(codes_alive=usage.alive_codes,
-                               reseeded=usage.reseeded_codes - reseeded_before)
-                    reseeded_before = usage.reseeded_codes
+                if hasattr(model.vq, "codebook_usage") and getattr(model.vq, "ema", True):
+                    usage = model.vq.codebook_usage()  # the EMA's view (per level for RVQ)
+                    usage = usage if isinstance(usage, list) else [usage]
+                    reseeded = sum(u.reseeded_codes for u in usage)
+                    row.update(codes_alive=sum(u.alive_codes for u in usage) / len(usage),
+                               reseeded=reseeded - reseeded_before)
+                    reseeded_before = reseeded
                 progress.set_postfix(nmse=f"{mean[0]:.4f}", perplexity=f"{mean[1]:.1f}",
                                      codes=f"{mean[3]:.0f}")
                 warning = watch.update(step, mean[1])
@@ -415,7 +426,8 @@ def draw_figures(out: Path, model, test_images, device) -> None:
         print("umap-learn not installed: no codebook UMAP figure (pip install umap-learn)")
     else:
         import matplotlib.pyplot as plt
-        codebook = model.vq.codebook.detach().float().cpu().numpy()
+        codebook = model.vq._codebooks()[0] if hasattr(model.vq, "codebooks") else model.vq.codebook
+        codebook = codebook.detach().float().cpu().numpy()
         proj = umap.UMAP(n_neighbors=3, min_dist=0.1, metric="cosine").fit_transform(codebook)
         fig, ax = plt.subplots(figsize=(8, 8))
         ax.scatter(proj[:, 0], proj[:, 1], alpha=0.3)
@@ -466,6 +478,19 @@ def build_parser():
     p.add_argument("--dead-code-threshold", type=float, default=0.0,
                    help="re-seed EMA codes whose (bias-corrected) cluster size falls below it "
                         "(EMA quantizer only; 0 = off, the paper's)")
+    p.add_argument("--quantizer", default="vq", choices=["vq", "rvq"],
+                   help="vq: one codebook (the paper's); rvq: residual VQ (vqfast.ResidualVQ)")
+    p.add_argument("--num-quantizers", type=int, default=4, help="residual levels (--quantizer rvq)")
+    p.add_argument("--groups", type=int, default=1, help="channel groups (--quantizer rvq)")
+    p.add_argument("--shared-codebook", action="store_true",
+                   help="one codebook for all levels of a group (--quantizer rvq)")
+    p.add_argument("--quantize-dropout", action="store_true",
+                   help="train on the first n levels, n random per batch (--quantizer rvq)")
+    p.add_argument("--cosine", action="store_true", help="l2-normalised codes and inputs")
+    p.add_argument("--codebook-dim", type=int, default=None,
+                   help="factorized codes: project to this many dims for the lookup")
+    p.add_argument("--rotation-trick", action="store_true",
+                   help="the rotation trick's gradient instead of straight-through")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--seed", type=int, default=0)

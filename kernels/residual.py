@@ -55,6 +55,15 @@ def _row_normalize(r):
 
 
 @triton.jit
+def _level_input(x_ptr, offsets, tile_mask, total, COSINE: tl.constexpr):
+    """What a level quantizes: ``r = x - total`` (fp32), l2-normalised when ``COSINE``."""
+    r = tl.load(x_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32) - total
+    if COSINE:
+        r, _ = _row_normalize(r)
+    return r
+
+
+@triton.jit
 def _residual_forward_kernel(
     x_ptr, codebooks_ptr, cast_ptr, sqnorm_ptr, mask_ptr, active_ptr,
     q_ptr, idx_ptr, partial_err_ptr, counts_ptr, code_sums_ptr, residuals_ptr,
@@ -74,7 +83,6 @@ def _residual_forward_kernel(
     valid = row_mask
     if HAS_MASK:
         valid = valid & (tl.load(mask_ptr + rows, mask=row_mask, other=0) != 0)
-    r = tl.load(x_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
     levels = num_levels
     if HAS_ACTIVE:  # quantize dropout: the first `active` levels run
         levels = tl.minimum(tl.load(active_ptr).to(tl.int32), num_levels)
@@ -86,10 +94,9 @@ def _residual_forward_kernel(
         slot = group * num_levels + level
         book = group * books_per_group + level % books_per_group
         book_base = book.to(tl.int64) * K * d
-        if COSINE:
-            r_used, _ = _row_normalize(r)
-        else:
-            r_used = r
+        # Only the running sum of codes is held across the search: the residual is x (read
+        # again, an L1/L2 hit) minus it, so wide groups keep to the register budget.
+        r_used = _level_input(x_ptr, offsets, tile_mask, total, COSINE)
         if UPCAST_DOT:
             r_dot = r_used
         else:
@@ -114,6 +121,7 @@ def _residual_forward_kernel(
         code_offsets = book_base + best_idx.to(tl.int64)[:, None] * d + dims[None, :]
         level_mask = valid[:, None] & dim_mask[None, :]
         code = tl.load(codebooks_ptr + code_offsets, mask=level_mask, other=0.0)
+        r_used = _level_input(x_ptr, offsets, tile_mask, total, COSINE)
         diff = tl.where(level_mask, code - r_used, 0.0)
         tl.store(partial_err_ptr + tile * num_slots + slot, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
         tl.store(idx_ptr + slot.to(tl.int64) * N + rows, tl.where(valid, best_idx, -1).to(tl.int64),
@@ -126,7 +134,6 @@ def _residual_forward_kernel(
         if SUMS == 2:  # the deterministic path sums them sorted by code
             tl.store(residuals_ptr + (slot.to(tl.int64) * N + rows)[:, None] * d + dims[None, :],
                      r_used, mask=tile_mask)
-        r = r - code
         total = total + code
     for level in range(levels, num_levels):  # dropped levels: code -1, no error
         slot = group * num_levels + level
@@ -153,9 +160,7 @@ def _residual_backward_kernel(
     dim_mask = dims < d
     tile_mask = row_mask[:, None] & dim_mask[None, :]
     offsets = row_offsets(rows, S, D)[:, None] + (group * d + dims)[None, :].to(tl.int64) * S
-    x = tl.load(x_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
     grad_scale = tl.load(grad_scale_ptr)
-    r = x
     total = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     commit = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)  # sum_l d|r~_l - q_l|^2/2 / dr
     for level in range(0, num_levels):
@@ -166,6 +171,7 @@ def _residual_backward_kernel(
         level_mask = (codes >= 0)[:, None] & dim_mask[None, :]
         code_offsets = book_base + tl.maximum(codes, 0)[:, None] * d + dims[None, :]
         code = tl.load(codebooks_ptr + code_offsets, mask=level_mask, other=0.0)
+        r = tl.load(x_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32) - total
         if COSINE:  # through the normalisation: (r^ (r^.q) - q) / |r|
             r_used, norm = _row_normalize(r)
             step = (r_used * tl.sum(r_used * code, axis=1)[:, None] - code) / norm[:, None]
@@ -179,13 +185,12 @@ def _residual_backward_kernel(
         if GRADS == 2:
             tl.store(residuals_ptr + (slot.to(tl.int64) * N + rows)[:, None] * d + dims[None, :],
                      r_used, mask=tile_mask)
-        r = r - code
         total = total + code
     grad = tl.load(grad_q_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
     if ROTATION:  # lambda R^T g, R the rotation of x^ onto q^, lambda = |q| / |x|
         quantized = tl.load(idx_ptr + (group * num_levels).to(tl.int64) * N + rows,
                             mask=row_mask, other=-1) >= 0
-        e_hat, e_norm = _row_normalize(x)
+        e_hat, e_norm = _row_normalize(tl.load(x_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32))
         q_hat, _ = _row_normalize(total)
         q_norm = tl.sqrt(tl.sum(total * total, axis=1))
         w, _ = _row_normalize(e_hat + q_hat)

@@ -142,6 +142,25 @@ def test_recipe_flags_log_codes_and_reseeds(cifar_dir, tmp_path):
     assert state["args"]["kmeans_init"] is True and bool(state["model"]["vq.initialized"])
 
 
+@pytest.mark.parametrize("flags", [
+    ["--quantizer", "rvq", "--num-quantizers", "3", "--kmeans-init", "--dead-code-threshold", "1",
+     "--quantize-dropout"],
+    ["--quantizer", "rvq", "--num-quantizers", "2", "--groups", "2", "--cosine",
+     "--codebook-dim", "4", "--rotation-trick", "--decay", "0"],
+], ids=["rvq-ema-recipe", "rvq-learned-cosine"])
+def test_residual_quantizer_flags(cifar_dir, tmp_path, flags):
+    """--quantizer rvq trains, logs per-level statistics, and decodes its codes."""
+    out = tmp_path / "rvq"
+    model = train_cifar10.main(["--data-dir", str(cifar_dir), "--out", str(out), "--steps", "10"]
+                               + flags + TINY)
+    metrics = _metrics(out)
+    assert [m["step"] for m in metrics] == [5, 10]
+    assert all(np.isfinite([m["nmse"], m["perplexity"], m["vq_loss"]]).all() for m in metrics)
+    state = train_cifar10.torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["model"]["vq.codebooks"].shape[0] == int(flags[3]) * (2 if "--groups" in flags else 1)
+    assert (out / "reconstructions.png").stat().st_size > 0
+
+
 class _Payload:
     """Stands for code someone hid in a checkpoint: unpickling would construct it."""
 

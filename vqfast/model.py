@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modules import VectorQuantizer, VectorQuantizerEMA, rename_legacy_keys
+from .residual import ResidualVQ
 
 
 class Residual(nn.Module):
@@ -90,7 +91,10 @@ class VQVAE(nn.Module):
     ``commitment_cost`` (0.25), ``decay``: > 0 picks ``VectorQuantizerEMA``, 0 the plain
     ``VectorQuantizer``. Keyword-only: ``in_channels`` (3), ``epsilon``, and any option of
     the quantizer (``backend``, ``precision``, ``kmeans_init``, ``kmeans_iters``,
-    ``dead_code_threshold`` (EMA only), ...), passed on as they are.
+    ``dead_code_threshold`` (EMA only), ``cosine``, ``codebook_dim``, ``rotation_trick``,
+    ...), passed on as they are. ``num_quantizers=Q`` (keyword) picks ``ResidualVQ`` with
+    Q levels (EMA when ``decay > 0``; its options too: ``groups``, ``shared_codebook``,
+    ``quantize_dropout``, ...); its codes are ``[B, G*Q, H/4, W/4]``.
 
     ``forward(x: [B, C, H, W])`` returns ``(vq_loss, x_recon, perplexity)``; with
     ``return_codes=True`` also the codes ``int64 [B, H/4, W/4]`` from the same pass.
@@ -105,11 +109,15 @@ class VQVAE(nn.Module):
 
     def __init__(self, num_hiddens=128, num_residual_layers=2, num_residual_hiddens=32,
                  num_embeddings=512, embedding_dim=64, commitment_cost=0.25, decay=0.0, *,
-                 in_channels=3, epsilon=1e-5, **quantizer_options):
+                 in_channels=3, epsilon=1e-5, num_quantizers=None, **quantizer_options):
         super().__init__()
         self.encoder = Encoder(in_channels, num_hiddens, num_residual_layers, num_residual_hiddens)
         self.pre_vq_conv = nn.Conv2d(num_hiddens, embedding_dim, kernel_size=1, stride=1)
-        if decay > 0.0:
+        if num_quantizers is not None:
+            self.vq = ResidualVQ(num_quantizers, num_embeddings, embedding_dim, commitment_cost,
+                                 decay if decay > 0 else 0.99, epsilon, ema=decay > 0,
+                                 **quantizer_options)
+        elif decay > 0.0:
             self.vq = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost, decay,
                                          epsilon, **quantizer_options)
         else:
@@ -139,22 +147,29 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x):
-        """Images ``[B, C, H, W]`` -> code indices ``int64 [B, H/4, W/4]`` (no state update)."""
+        """Images ``[B, C, H, W]`` -> code indices ``int64 [B, H/4, W/4]`` (``[B, G*Q, H/4,
+        W/4]`` for a residual quantizer); no state update."""
         self._check_images(x)
         z = self.pre_vq_conv(self.encoder(x))
-        flat = z.movedim(1, -1).reshape(-1, z.shape[1])
-        idx, _ = self.vq.nearest(flat)
-        return idx.view(z.shape[0], *z.shape[2:])
+        training = self.vq.training
+        self.vq.eval()
+        try:
+            return self.vq(z)[3]
+        finally:
+            self.vq.train(training)
 
     @torch.no_grad()
     def decode_indices(self, indices):
-        """Code indices ``int64 [B, h, w]`` -> images ``[B, C, 4h, 4w]``."""
-        if indices.dtype != torch.int64 or indices.dim() != 3:
-            raise ValueError(f"expected int64 indices [B, h, w], got {indices.dtype} {tuple(indices.shape)}")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.vq.num_embeddings):
-            raise ValueError(f"indices must lie in [0, {self.vq.num_embeddings})")
-        quantized = F.embedding(indices, self.vq.codebook).movedim(-1, 1)
-        return self.decoder(quantized)
+        """Code indices ``int64 [B, h, w]`` (``[B, G*Q, h, w]`` for a residual quantizer)
+        -> images ``[B, C, 4h, 4w]``."""
+        residual = isinstance(self.vq, ResidualVQ)
+        if indices.dtype != torch.int64 or indices.dim() != 3 + residual:
+            shape = "[B, G*Q, h, w]" if residual else "[B, h, w]"
+            raise ValueError(f"expected int64 indices {shape}, got {indices.dtype} {tuple(indices.shape)}")
+        low = -1 if residual else 0
+        if indices.numel() and (int(indices.min()) < low or int(indices.max()) >= self.vq.num_embeddings):
+            raise ValueError(f"indices must lie in [{low}, {self.vq.num_embeddings})")
+        return self.decoder(self.vq.decode_indices(indices))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         rename_legacy_keys(state_dict, prefix, self._legacy_keys)

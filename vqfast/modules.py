@@ -201,6 +201,18 @@ class _QuantizerBase(nn.Module):
             encodings = idx.view(inputs.shape[0], *inputs.shape[2:])
         return loss, q.to(inputs.dtype).view(inputs.shape), perplexity, encodings
 
+    @torch.no_grad()
+    def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """``codes`` int64 ``[B, *spatial]`` (-1: not quantized) -> their codes, fp32
+        ``[B, D, *spatial]`` (normalised when ``cosine``, projected back with ``codebook_dim``)."""
+        codebook = self.codebook.detach().float()
+        if self.cosine:
+            codebook = F.normalize(codebook, dim=-1)
+        z = (F.embedding(codes.clamp_min(0), codebook) * (codes >= 0)[..., None]).movedim(-1, 1)
+        if self.project_out is not None:
+            z = self.project_out(z.reshape(z.shape[0], z.shape[1], -1).contiguous())
+        return z.reshape(codes.shape[0], -1, *codes.shape[1:])
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         rename_legacy_keys(state_dict, prefix, self._legacy_keys)
         if self.kmeans_init and prefix + "initialized" not in state_dict:

@@ -1,0 +1,218 @@
+"""``python -m benchmarks.residual``: residual, grouped and cosine/factorized VQ.
+
+Three cases, forward + backward of a training step (EMA codebooks), each timed for:
+vqfast's fused quantizer, a plain Python loop of vqfast's single quantizer over the
+levels (what a user would write without ``ResidualVQ``), and vector-quantize-pytorch
+(``ResidualVQ``, ``GroupedResidualVQ``, ``VectorQuantize(use_cosine_sim, codebook_dim)``),
+side by side in one run, with peak memory. Inputs are audio-like ``[B, D, T]``.
+"""
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+import vqfast
+
+from .measure import median_seconds, peak_extra_bytes
+from .suite import environment
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    n: int
+    d: int
+    k: int
+    levels: int = 1
+    groups: int = 1
+    cosine: bool = False
+    codebook_dim: int | None = None
+
+    @property
+    def shape(self):
+        """``[B, D, T]`` with ``T = 1024`` (or N when smaller)."""
+        t = min(self.n, 1024)
+        return (self.n // t, self.d, t)
+
+
+CASES = [
+    Case("codec RVQ", 32768, 128, 1024, levels=8),
+    Case("grouped codec RVQ", 32768, 128, 1024, levels=4, groups=2),
+    Case("tokenizer cosine", 8192, 768, 8192, cosine=True, codebook_dim=32),
+]
+QUICK = [dataclasses.replace(c, n=512, k=min(c.k, 64)) for c in CASES]
+
+
+@dataclasses.dataclass
+class Row:
+    case: str
+    impl: str
+    n: int
+    d: int
+    k: int
+    levels: int
+    groups: int
+    median_ms: float | None = None
+    peak_mib: float | None = None
+    speedup_vs_peer: float | None = None
+    skipped: str | None = None
+
+
+# --- one setup factory per implementation: a module and how to run a step with it -----
+
+def setup_vqfast(case: Case):
+    if case.levels == 1 and case.groups == 1:
+        module = vqfast.VectorQuantizerEMA(case.k, case.d, 0.25, cosine=case.cosine,
+                                           codebook_dim=case.codebook_dim)
+    else:
+        module = vqfast.ResidualVQ(case.levels, case.k, case.d, groups=case.groups,
+                                   cosine=case.cosine, codebook_dim=case.codebook_dim)
+
+    def step(x):
+        loss, q, _, _ = module(x)
+        return q, loss
+    return module, step
+
+
+class _LevelLoop(torch.nn.Module):
+    """Residual VQ as a user would loop vqfast's single quantizer: one module per level
+    (and group), ``r -= q.detach()`` between levels."""
+
+    def __init__(self, case: Case):
+        super().__init__()
+        self.case = case
+        width = case.d // case.groups
+        self.levels = torch.nn.ModuleList(
+            vqfast.VectorQuantizerEMA(case.k, width, 0.25) for _ in range(case.groups * case.levels))
+
+    def forward(self, x):
+        width, outs, loss = self.case.d // self.case.groups, [], 0.0
+        for g in range(self.case.groups):
+            residual = x[:, g * width:(g + 1) * width]
+            total = 0.0
+            for level in range(self.case.levels):
+                level_loss, q, _, _ = self.levels[g * self.case.levels + level](residual)
+                residual = residual - q.detach()
+                total = total + q
+                loss = loss + level_loss
+            outs.append(total)
+        return torch.cat(outs, 1), loss
+
+
+def setup_loop(case: Case):
+    if case.levels == 1 and case.groups == 1:
+        raise LookupError("a single level: nothing to loop")
+    module = _LevelLoop(case)
+    return module, module
+
+
+def setup_peer(case: Case):
+    try:
+        import vector_quantize_pytorch as vqp
+    except ImportError as error:
+        raise LookupError("vector-quantize-pytorch not installed") from error
+    common = dict(codebook_size=case.k, decay=0.99, eps=1e-5, commitment_weight=0.25,
+                  kmeans_init=False)
+    if case.groups > 1:
+        module = vqp.GroupedResidualVQ(dim=case.d, groups=case.groups, num_quantizers=case.levels,
+                                       **common)
+    elif case.levels > 1:
+        module = vqp.ResidualVQ(dim=case.d, num_quantizers=case.levels, **common)
+    else:
+        module = vqp.VectorQuantize(dim=case.d, use_cosine_sim=case.cosine,
+                                    codebook_dim=case.codebook_dim, **common)
+
+    def step(x):  # the peer takes channels-last [B, T, D]
+        out = module(x.transpose(1, 2))
+        return out[0].transpose(1, 2), out[2].sum()
+    return module, step
+
+
+IMPLS = {"vqfast": setup_vqfast, "vqfast single-quantizer loop": setup_loop,
+         "vector-quantize-pytorch": setup_peer}
+
+
+def run(cases, device, progress=print):
+    rows = []
+    for case in cases:
+        x = torch.randn(case.shape, generator=torch.Generator().manual_seed(0)).to(device)
+        case_rows = []
+        for impl, setup in IMPLS.items():
+            row = Row(case.name, impl, case.n, case.d, case.k, case.levels, case.groups)
+            try:
+                module, forward = setup(case)
+                module.to(device).train()
+                z = x.clone().requires_grad_()
+
+                def step(forward=forward, z=z):
+                    q, loss = forward(z)
+                    (loss + q.float().mean()).backward()
+                row.median_ms = median_seconds(step, device) * 1e3
+                row.peak_mib = peak_extra_bytes(step, device) / 2**20
+            except LookupError as reason:
+                row.skipped = str(reason)
+            except Exception as error:  # one failing case must not end the run
+                row.skipped = f"error: {type(error).__name__}: {str(error)[:120]}"
+            progress(f"{case.name:<20} {impl:<30} "
+                     + (f"{row.median_ms:10.2f} ms" if row.median_ms else row.skipped))
+            case_rows.append(row)
+        peer = next((r for r in case_rows if r.impl == "vector-quantize-pytorch"), None)
+        for row in case_rows:
+            if peer and peer.median_ms and row.median_ms:
+                row.speedup_vs_peer = peer.median_ms / row.median_ms
+        rows += case_rows
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(env, rows) -> str:
+    lines = [f"**Device** {env['device']} ({env['device_type']}, {env['cpu_threads']} threads) · "
+             f"torch {env['torch']} · triton {env['triton']} · {env['date']}", "",
+             "| case | N | D | K | levels x groups | implementation | fwd+bwd ms | peak MiB | speedup vs peer |",
+             "|---|---:|---:|---:|---|---|---:|---:|---:|"]
+    for r in rows:
+        head = f"| {r.case} | {r.n} | {r.d} | {r.k} | {r.levels} x {r.groups} | {r.impl} |"
+        if r.skipped:
+            lines.append(f"{head} skipped: {r.skipped} | | |")
+            continue
+        speedup = f"{r.speedup_vs_peer:.2f}x" if r.speedup_vs_peer else ""
+        lines.append(f"{head} {r.median_ms:.2f} | {r.peak_mib:.1f} | {speedup} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.residual", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="the three cases at N = 512, K <= 64")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--merge-into", default=None, metavar="STEM",
+                        help="add the results to OUT/STEM.json (key residual) and STEM.md")
+    args = parser.parse_args(argv)
+    device = (torch.device("cuda" if torch.cuda.is_available() else "cpu")
+              if args.device == "auto" else torch.device(args.device))
+    env = environment(device)
+    rows = run(QUICK if args.quick else CASES, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown(env, rows)
+    if args.merge_into:
+        stem = args.out / args.merge_into
+        report = json.loads(stem.with_suffix(".json").read_text())
+        report["residual"] = [dataclasses.asdict(r) for r in rows]
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+        with open(stem.with_suffix(".md"), "a") as f:
+            f.write("\n## Residual, grouped and cosine VQ\n\n" + table)
+    else:
+        stem = args.out / (args.name or f"{env['date']}-{device.type}-residual")
+        stem.with_suffix(".json").write_text(json.dumps(
+            {"environment": env, "results": [dataclasses.asdict(r) for r in rows]}, indent=1))
+        stem.with_suffix(".md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
