@@ -1,17 +1,17 @@
 """Fused residual / grouped VQ: every level of every group in one forward launch, one
 backward launch.
 
-One program per (tile of ``BLOCK_N`` rows, group). It loads the group's channels of its
-rows once and keeps the residual in registers for all the levels: per level, a streamed
-nearest-code search over that level's codebook (``tl.dot`` tiles, running argmin: never
-``[N, K]``), the gather of the chosen codes in fp32, the exact squared error, the counts
-and per-code sums of the EMA update (fp32 atomics), and ``r -= q``. The output, the sum
-of the codes, is written once. The backward walks the levels again from the codes,
-rebuilding each residual in registers: the commitment gradient of every level, the
-codebook gradients, and (``ROTATION``) the rotation trick, all in the same pass.
-
-A whole group row sits in registers, so a group is at most ``MAX_GROUP_DIM`` channels
-(wider groups take the torch path: ``vqfast.ops.residual.residual_impl``).
+One program per (tile of ``BLOCK_N`` rows, group), for all the levels. Per level: the
+streamed nearest-code search of ``nearest_code`` (``tl.dot`` tiles over the level's
+codebook, channel chunks, running argmin: never ``[N, K]``) with the residual
+``r = x - total`` as its input, then the level's epilogue: the chosen codes gathered in
+fp32, the exact squared error, the counts and per-code sums of the EMA update (fp32
+atomics) and ``total += code``. ``total``, the running sum of codes, lives in an fp32
+scratch that only this program touches (L1/L2-resident: it is re-read right after it is
+written), so any group width works at the search's register budget. The output (the sum
+of the codes) is written once at the end. The backward walks the levels again from the
+codes: the commitment gradient of every level (through the normalisation for cosine
+codes), the codebook gradients, and the rotation trick, in the same pass.
 """
 
 import itertools
@@ -20,52 +20,43 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import PTR, TORCH_DTYPES, check_same_device, next_power_of_2
+from ._checks import PTR, TORCH_DTYPES, check_same_device, launch_config, streaming_configs
 from ._layout import row_offsets, vector_layout
 from .code_sums import code_sums_sorted
-from .nearest_code import PRECISIONS, codebook_prep
+from .nearest_code import PRECISIONS, codebook_prep, pick_config
 
-MAX_GROUP_DIM = 256
-# Per padded group width (BLOCK_D): row tile, code tile, warps. The residual, the running
-# sum of codes and the dot's accumulator live in registers; the code tile is staged in
-# shared memory. Every entry is compiled for sm_80 / sm_90 by the AOT test, spill-free.
-FORWARD_CONFIGS = {
-    16: dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2),
-    32: dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2),
-    64: dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2),
-    128: dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2),
-    256: dict(BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
-}
-BACKWARD_CONFIGS = {
-    16: dict(BLOCK_N=64, num_warps=4),
-    32: dict(BLOCK_N=64, num_warps=4),
-    64: dict(BLOCK_N=32, num_warps=4),
-    128: dict(BLOCK_N=32, num_warps=8),
-    256: dict(BLOCK_N=16, num_warps=8),
-}
+# Launch configurations. The forward's search is nearest_code's (its spill-free tiles and
+# channel chunks); the backward is elementwise, in channel chunks too.
+BACKWARD_CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=8)
 # What happens to each level's (normalised) residuals for the EMA sums / codebook grads.
 NO_SUMS, ATOMIC_SUMS, STORE_RESIDUALS = 0, 1, 2
 
 
 @triton.jit
-def _row_normalize(r):
-    """Rows of ``r`` over ``max(|r|, 1e-12)`` (``F.normalize``) and that norm ``[BLOCK_N]``."""
-    norm = tl.maximum(tl.sqrt(tl.sum(r * r, axis=1)), 1e-12)
-    return r / norm[:, None], norm
+def _chunk(ptr, offsets, mask):
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _level_input(x_ptr, offsets, tile_mask, total, COSINE: tl.constexpr):
-    """What a level quantizes: ``r = x - total`` (fp32), l2-normalised when ``COSINE``."""
-    r = tl.load(x_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32) - total
+def _residual_scale(x_ptr, total_ptr, x_rows, total_rows, row_mask, S, d,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, COSINE: tl.constexpr):
+    """Per row, what the residual is multiplied by before the search: ``1 / max(|r|, 1e-12)``
+    when ``COSINE`` (``F.normalize``), else 1."""
     if COSINE:
-        r, _ = _row_normalize(r)
-    return r
+        sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (dims < d)[None, :]
+            r = (_chunk(x_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask)
+                 - _chunk(total_ptr, total_rows + dims[None, :], mask))
+            sq += tl.sum(r * r, axis=1)
+        return 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
+    return tl.full([BLOCK_N], 1.0, dtype=tl.float32)
 
 
 @triton.jit
 def _residual_forward_kernel(
-    x_ptr, codebooks_ptr, cast_ptr, sqnorm_ptr, mask_ptr, active_ptr,
+    x_ptr, codebooks_ptr, cast_ptr, sqnorm_ptr, mask_ptr, active_ptr, total_ptr,
     q_ptr, idx_ptr, partial_err_ptr, counts_ptr, code_sums_ptr, residuals_ptr,
     N, D, S, K, d, num_levels, books_per_group,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -76,10 +67,6 @@ def _residual_forward_kernel(
     group = tl.program_id(1)
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < d
-    tile_mask = row_mask[:, None] & dim_mask[None, :]
-    offsets = row_offsets(rows, S, D)[:, None] + (group * d + dims)[None, :].to(tl.int64) * S
     valid = row_mask
     if HAS_MASK:
         valid = valid & (tl.load(mask_ptr + rows, mask=row_mask, other=0) != 0)
@@ -87,29 +74,44 @@ def _residual_forward_kernel(
     if HAS_ACTIVE:  # quantize dropout: the first `active` levels run
         levels = tl.minimum(tl.load(active_ptr).to(tl.int32), num_levels)
     num_slots = tl.num_programs(1) * num_levels
+    # x: channel c of a row at x_rows + c * S; the running sum of codes (fp32, this
+    # program's own rows of `total`, an L1/L2-resident scratch): at total_rows + c.
+    x_rows = (row_offsets(rows, S, D) + group * d * S)[:, None]
+    total_rows = (rows.to(tl.int64) * D + group * d)[:, None]
+    for d0 in range(0, d, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        tl.store(total_ptr + total_rows + dims[None, :],
+                 tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32),
+                 mask=row_mask[:, None] & (dims < d)[None, :])
+    tl.debug_barrier()
 
-    total = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     local_codes = tl.arange(0, BLOCK_K)
     for level in range(0, levels):
         slot = group * num_levels + level
         book = group * books_per_group + level % books_per_group
         book_base = book.to(tl.int64) * K * d
-        # Only the running sum of codes is held across the search: the residual is x (read
-        # again, an L1/L2 hit) minus it, so wide groups keep to the register budget.
-        r_used = _level_input(x_ptr, offsets, tile_mask, total, COSINE)
-        if UPCAST_DOT:
-            r_dot = r_used
-        else:
-            r_dot = r_used.to(cast_ptr.dtype.element_ty)
+        scale = _residual_scale(x_ptr, total_ptr, x_rows, total_rows, row_mask, S, d,
+                                BLOCK_N, BLOCK_D, COSINE)
+        # The search: nearest_code's loop, its x tile being the residual r = x - total.
         best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
         best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             code_mask = k0 + local_codes < K
-            codes_t = tl.load(cast_ptr + book_base + (k0 + local_codes)[None, :] * d + dims[:, None],
-                              mask=code_mask[None, :] & dim_mask[:, None], other=0.0)
-            if UPCAST_DOT:
-                codes_t = codes_t.to(tl.float32)
-            dot = tl.dot(r_dot, codes_t, input_precision=INPUT_PRECISION)
+            dot = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for d0 in range(0, d, BLOCK_D):
+                dims = d0 + tl.arange(0, BLOCK_D)
+                dim_mask = dims < d
+                mask = row_mask[:, None] & dim_mask[None, :]
+                r = (_chunk(x_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask)
+                     - _chunk(total_ptr, total_rows + dims[None, :], mask)) * scale[:, None]
+                codes_t = tl.load(cast_ptr + book_base + (k0 + local_codes)[None, :] * d
+                                  + dims[:, None], mask=code_mask[None, :] & dim_mask[:, None],
+                                  other=0.0)
+                if UPCAST_DOT:
+                    codes_t = codes_t.to(tl.float32)
+                else:
+                    r = r.to(cast_ptr.dtype.element_ty)
+                dot = tl.dot(r, codes_t, dot, input_precision=INPUT_PRECISION)
             sqnorm = tl.load(sqnorm_ptr + book * K + k0 + local_codes, mask=code_mask,
                              other=float("inf"))
             dist = sqnorm[None, :] - 2.0 * dot
@@ -118,87 +120,149 @@ def _residual_forward_kernel(
             better = tile_best < best  # ties: the lowest index, as torch.argmin
             best = tl.where(better, tile_best, best)
             best_idx = tl.where(better, tile_idx + k0, best_idx)
-        code_offsets = book_base + best_idx.to(tl.int64)[:, None] * d + dims[None, :]
-        level_mask = valid[:, None] & dim_mask[None, :]
-        code = tl.load(codebooks_ptr + code_offsets, mask=level_mask, other=0.0)
-        r_used = _level_input(x_ptr, offsets, tile_mask, total, COSINE)
-        diff = tl.where(level_mask, code - r_used, 0.0)
-        tl.store(partial_err_ptr + tile * num_slots + slot, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
+        # The level's epilogue, chunk by chunk: error, EMA statistics, total += code.
+        err = tl.zeros([BLOCK_N], dtype=tl.float32)
+        code_rows = book_base + best_idx.to(tl.int64)[:, None] * d
+        for d0 in range(0, d, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (dims < d)[None, :]
+            level_mask = mask & valid[:, None]
+            total = _chunk(total_ptr, total_rows + dims[None, :], mask)
+            r_used = (_chunk(x_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask) - total) * scale[:, None]
+            code = _chunk(codebooks_ptr, code_rows + dims[None, :], level_mask)
+            diff = tl.where(level_mask, code - r_used, 0.0)
+            err += tl.sum(diff * diff, axis=1)
+            if SUMS == 1:
+                tl.atomic_add(code_sums_ptr + slot.to(tl.int64) * K * d + best_idx[:, None] * d
+                              + dims[None, :], r_used, mask=level_mask)
+            if SUMS == 2:  # the deterministic path sums them sorted by code
+                tl.store(residuals_ptr + (slot.to(tl.int64) * N + rows)[:, None] * d
+                         + dims[None, :], r_used, mask=mask)
+            tl.store(total_ptr + total_rows + dims[None, :], total + code, mask=mask)
+        tl.debug_barrier()  # the next level reads `total` in the search's layout
+        tl.store(partial_err_ptr + tile * num_slots + slot, tl.sum(err, axis=0))
         tl.store(idx_ptr + slot.to(tl.int64) * N + rows, tl.where(valid, best_idx, -1).to(tl.int64),
                  mask=row_mask)
         tl.atomic_add(counts_ptr + slot * K + best_idx, tl.full([BLOCK_N], 1, dtype=tl.int32),
                       mask=valid)
-        if SUMS == 1:
-            tl.atomic_add(code_sums_ptr + slot.to(tl.int64) * K * d + best_idx[:, None] * d
-                          + dims[None, :], r_used, mask=level_mask)
-        if SUMS == 2:  # the deterministic path sums them sorted by code
-            tl.store(residuals_ptr + (slot.to(tl.int64) * N + rows)[:, None] * d + dims[None, :],
-                     r_used, mask=tile_mask)
-        total = total + code
     for level in range(levels, num_levels):  # dropped levels: code -1, no error
         slot = group * num_levels + level
         tl.store(partial_err_ptr + tile * num_slots + slot, 0.0)
         tl.store(idx_ptr + slot.to(tl.int64) * N + rows, tl.full([BLOCK_N], -1, tl.int64),
                  mask=row_mask)
-    if HAS_MASK:  # masked rows give back their input (read again: not held in registers)
-        x = tl.load(x_ptr + offsets, mask=tile_mask & ~valid[:, None], other=0.0).to(tl.float32)
-        total = tl.where(valid[:, None], total, x)
-    tl.store(q_ptr + offsets, total.to(q_ptr.dtype.element_ty), mask=tile_mask)
+    for d0 in range(0, d, BLOCK_D):  # out: the sum of the codes, the input where masked
+        dims = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (dims < d)[None, :]
+        out = tl.where(valid[:, None], _chunk(total_ptr, total_rows + dims[None, :], mask),
+                       _chunk(x_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask))
+        tl.store(q_ptr + x_rows + dims[None, :].to(tl.int64) * S,
+                 out.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _residual_backward_kernel(
     grad_q_ptr, x_ptr, codebooks_ptr, idx_ptr, grad_scale_ptr, grad_x_ptr, grad_codebooks_ptr,
-    residuals_ptr, N, D, S, K, d, num_levels, books_per_group, x_scale, codebook_scale,
+    residuals_ptr, total_ptr, commit_ptr, N, D, S, K, d, num_levels, books_per_group,
+    x_scale, codebook_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, COSINE: tl.constexpr,
     ROTATION: tl.constexpr, GRADS: tl.constexpr,
 ):
     group = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < d
-    tile_mask = row_mask[:, None] & dim_mask[None, :]
-    offsets = row_offsets(rows, S, D)[:, None] + (group * d + dims)[None, :].to(tl.int64) * S
+    x_rows = (row_offsets(rows, S, D) + group * d * S)[:, None]
+    total_rows = (rows.to(tl.int64) * D + group * d)[:, None]  # total and commit scratch
     grad_scale = tl.load(grad_scale_ptr)
-    total = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    commit = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)  # sum_l d|r~_l - q_l|^2/2 / dr
+    for d0 in range(0, d, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (dims < d)[None, :]
+        zero = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        tl.store(total_ptr + total_rows + dims[None, :], zero, mask=mask)
+        tl.store(commit_ptr + total_rows + dims[None, :], zero, mask=mask)
+    tl.debug_barrier()
     for level in range(0, num_levels):
         slot = group * num_levels + level
         book = group * books_per_group + level % books_per_group
-        book_base = book.to(tl.int64) * K * d
         codes = tl.load(idx_ptr + slot.to(tl.int64) * N + rows, mask=row_mask, other=-1)
-        level_mask = (codes >= 0)[:, None] & dim_mask[None, :]
-        code_offsets = book_base + tl.maximum(codes, 0)[:, None] * d + dims[None, :]
-        code = tl.load(codebooks_ptr + code_offsets, mask=level_mask, other=0.0)
-        r = tl.load(x_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32) - total
-        if COSINE:  # through the normalisation: (r^ (r^.q) - q) / |r|
-            r_used, norm = _row_normalize(r)
-            step = (r_used * tl.sum(r_used * code, axis=1)[:, None] - code) / norm[:, None]
-        else:
-            r_used = r
-            step = r - code
-        commit += tl.where(level_mask, step, 0.0)
-        if GRADS == 1:
-            tl.atomic_add(grad_codebooks_ptr + code_offsets,
-                          (grad_scale * codebook_scale) * (code - r_used), mask=level_mask)
-        if GRADS == 2:
-            tl.store(residuals_ptr + (slot.to(tl.int64) * N + rows)[:, None] * d + dims[None, :],
-                     r_used, mask=tile_mask)
-        total = total + code
-    grad = tl.load(grad_q_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-    if ROTATION:  # lambda R^T g, R the rotation of x^ onto q^, lambda = |q| / |x|
+        used = codes >= 0
+        code_rows = book.to(tl.int64) * K * d + tl.maximum(codes, 0).to(tl.int64)[:, None] * d
+        if COSINE:  # through the normalisation: d|r^ - q|^2/2 / dr = (r^ (r^.q) - q) / |r|
+            sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+            rq = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for d0 in range(0, d, BLOCK_D):
+                dims = d0 + tl.arange(0, BLOCK_D)
+                mask = row_mask[:, None] & (dims < d)[None, :]
+                r = (_chunk(x_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask)
+                     - _chunk(total_ptr, total_rows + dims[None, :], mask))
+                code = _chunk(codebooks_ptr, code_rows + dims[None, :], mask & used[:, None])
+                sq += tl.sum(r * r, axis=1)
+                rq += tl.sum(r * code, axis=1)
+            inv_norm = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
+            r_hat_q = rq * inv_norm  # r^.q
+        for d0 in range(0, d, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (dims < d)[None, :]
+            level_mask = mask & used[:, None]
+            total = _chunk(total_ptr, total_rows + dims[None, :], mask)
+            r = _chunk(x_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask) - total
+            code = _chunk(codebooks_ptr, code_rows + dims[None, :], level_mask)
+            if COSINE:
+                r_used = r * inv_norm[:, None]
+                step = (r_used * r_hat_q[:, None] - code) * inv_norm[:, None]
+            else:
+                r_used = r
+                step = r - code
+            commit = _chunk(commit_ptr, total_rows + dims[None, :], mask)
+            tl.store(commit_ptr + total_rows + dims[None, :],
+                     commit + tl.where(level_mask, step, 0.0), mask=mask)
+            tl.store(total_ptr + total_rows + dims[None, :], total + code, mask=mask)
+            if GRADS == 1:
+                tl.atomic_add(grad_codebooks_ptr + code_rows + dims[None, :],
+                              (grad_scale * codebook_scale) * (code - r_used), mask=level_mask)
+            if GRADS == 2:
+                tl.store(residuals_ptr + (slot.to(tl.int64) * N + rows)[:, None] * d
+                         + dims[None, :], r_used, mask=mask)
+        tl.debug_barrier()
+    if ROTATION:  # lambda R^T g, R the rotation of e^ = x^ onto q^, lambda = |q| / |e|
+        ee = tl.zeros([BLOCK_N], dtype=tl.float32)
+        qq = tl.zeros([BLOCK_N], dtype=tl.float32)
+        eq = tl.zeros([BLOCK_N], dtype=tl.float32)
+        eg = tl.zeros([BLOCK_N], dtype=tl.float32)
+        qg = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (dims < d)[None, :]
+            e = _chunk(x_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask)
+            q = _chunk(total_ptr, total_rows + dims[None, :], mask)
+            g = _chunk(grad_q_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask)
+            ee += tl.sum(e * e, axis=1)
+            qq += tl.sum(q * q, axis=1)
+            eq += tl.sum(e * q, axis=1)
+            eg += tl.sum(e * g, axis=1)
+            qg += tl.sum(q * g, axis=1)
+        e_norm = tl.maximum(tl.sqrt(ee), 1e-12)
+        q_norm = tl.sqrt(qq)
+        inv_q = 1.0 / tl.maximum(q_norm, 1e-12)
+        # w = (e^ + q^) / |e^ + q^|: its norm and w.g from the row sums
+        w_norm = tl.maximum(tl.sqrt(ee / (e_norm * e_norm) + qq * inv_q * inv_q
+                                    + 2.0 * eq / e_norm * inv_q), 1e-12)
+        wg = (eg / e_norm + qg * inv_q) / w_norm
         quantized = tl.load(idx_ptr + (group * num_levels).to(tl.int64) * N + rows,
                             mask=row_mask, other=-1) >= 0
-        e_hat, e_norm = _row_normalize(tl.load(x_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32))
-        q_hat, _ = _row_normalize(total)
-        q_norm = tl.sqrt(tl.sum(total * total, axis=1))
-        w, _ = _row_normalize(e_hat + q_hat)
-        rotated = (grad - 2.0 * w * tl.sum(w * grad, axis=1)[:, None]
-                   + 2.0 * e_hat * tl.sum(q_hat * grad, axis=1)[:, None]) * (q_norm / e_norm)[:, None]
-        grad = tl.where(quantized[:, None], rotated, grad)
-    grad_x = grad + (grad_scale * x_scale) * commit
-    tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=tile_mask)
+        lam = tl.where(quantized, q_norm / e_norm, 1.0)
+    for d0 in range(0, d, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (dims < d)[None, :]
+        x_offsets = x_rows + dims[None, :].to(tl.int64) * S
+        grad = _chunk(grad_q_ptr, x_offsets, mask)
+        if ROTATION:
+            e_hat = _chunk(x_ptr, x_offsets, mask) / e_norm[:, None]
+            q_hat = _chunk(total_ptr, total_rows + dims[None, :], mask) * inv_q[:, None]
+            w = (e_hat + q_hat) / w_norm[:, None]
+            rotated = grad - 2.0 * w * wg[:, None] + 2.0 * e_hat * (qg * inv_q)[:, None]
+            grad = tl.where(quantized[:, None], rotated, grad) * lam[:, None]
+        grad_x = grad + (grad_scale * x_scale) * _chunk(commit_ptr, total_rows + dims[None, :], mask)
+        tl.store(grad_x_ptr + x_offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(x, codebooks, num_levels, groups, mask=None, active=None):
@@ -210,9 +274,6 @@ def _check(x, codebooks, num_levels, groups, mask=None, active=None):
     if dim != groups * d or books not in (groups, groups * num_levels):
         raise ValueError(f"x has D={dim}, codebooks {tuple(codebooks.shape)}: expected D = "
                          f"groups * d = {groups} * {d} and G*C in ({groups}, {groups * num_levels})")
-    if d > MAX_GROUP_DIM:
-        raise ValueError(f"group width {d} > {MAX_GROUP_DIM}: the fused kernels keep a group "
-                         "row in registers (use more groups, codebook_dim, or the torch path)")
     if mask is not None and (mask.shape != (n,) or mask.dtype != torch.bool):
         raise ValueError(f"mask must be bool [{n}], got {mask.dtype} {tuple(mask.shape)}")
     if active is not None and active.dim() != 0:
@@ -223,20 +284,19 @@ def _check(x, codebooks, num_levels, groups, mask=None, active=None):
     return n, dim, s, books, k, d
 
 
-def _block_d(d: int) -> int:
-    return max(16, next_power_of_2(d))
+def _books(groups, num_levels, books):
+    """The codebook of every level slot ``g * Q + l``."""
+    per_group = books // groups
+    return [g * per_group + level % per_group for g in range(groups) for level in range(num_levels)]
 
 
-def _sorted_sums(residuals, idx, books, num_codes, codebooks=None, scale=None):
+def _sorted_sums(residuals, idx, slot_books, num_codes, codebooks=None, scale=None):
     """Per level, the deterministic per-code sums of its stored residuals (``[G*Q, N, d]``),
-    or of ``codebooks[book] - residual`` times ``scale``; levels sharing a book add up."""
-    out = []
-    for slot in range(residuals.shape[0]):
-        book = books[slot]
-        out.append(code_sums_sorted(residuals[slot], idx[slot], num_codes,
-                                    codebook=None if codebooks is None else codebooks[book],
-                                    scale=scale))
-    return torch.stack(out)
+    or of ``codebooks[book] - residual`` times ``scale``: ``[G*Q, K, d]``."""
+    return torch.stack([
+        code_sums_sorted(residuals[slot], idx[slot], num_codes,
+                         codebook=None if codebooks is None else codebooks[book], scale=scale)
+        for slot, book in enumerate(slot_books)])
 
 
 def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, with_code_sums,
@@ -246,19 +306,19 @@ def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, wi
     code_sums [G*Q, K, d] or None)``. The dot runs in x's dtype with fp32 accumulation;
     ``precision`` applies to fp32 inputs. Deterministic mode sums the EMA statistics
     sorted by code (the kernel stores each level's residuals for it)."""
-    n, _, s, books, k, d = _check(x, codebooks, num_levels, groups, mask, active)
+    n, dim, s, books, k, d = _check(x, codebooks, num_levels, groups, mask, active)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     codebooks32 = codebooks.float()
     cast, sqnorm = codebook_prep(codebooks32.view(books * k, d), x.dtype,
                                  snapshot.view(books * k, d) if snapshot is not None else None)
-    block_d = _block_d(d)
-    config = dict(FORWARD_CONFIGS[block_d])
+    config = pick_config(x.dtype, precision)
     tiles, slots = triton.cdiv(n, config["BLOCK_N"]), groups * num_levels
     sums = NO_SUMS
     if with_code_sums:
         sums = STORE_RESIDUALS if torch.are_deterministic_algorithms_enabled() else ATOMIC_SUMS
     q = torch.empty_like(x)
+    total = torch.empty(n, dim, dtype=torch.float32, device=x.device)  # the running sums
     idx = torch.empty(slots, n, dtype=torch.int64, device=x.device)
     partial_err = torch.empty(tiles, slots, dtype=torch.float32, device=x.device)
     counts = torch.zeros(slots, k, dtype=torch.int32, device=x.device)
@@ -269,11 +329,11 @@ def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, wi
     _residual_forward_kernel[(tiles, groups)](
         x, codebooks32, cast.view(books, k, d), sqnorm,
         mask.view(torch.uint8) if mask is not None else counts,
-        active if active is not None else counts, q, idx, partial_err, counts,
+        active if active is not None else counts, total, q, idx, partial_err, counts,
         code_sums if code_sums is not None else partial_err,
         residuals if residuals is not None else partial_err,
-        n, x.shape[1], s, k, d, num_levels, books // groups,
-        BLOCK_D=block_d, COSINE=cosine, HAS_MASK=mask is not None, HAS_ACTIVE=active is not None,
+        n, dim, s, k, d, num_levels, books // groups,
+        COSINE=cosine, HAS_MASK=mask is not None, HAS_ACTIVE=active is not None,
         SUMS=sums, INPUT_PRECISION=precision if x.dtype == torch.float32 else "ieee",
         UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type != "cuda", **config)
     if sums == STORE_RESIDUALS:
@@ -281,17 +341,11 @@ def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, wi
     return q, idx, partial_err.sum(0), counts, code_sums
 
 
-def _books(groups, num_levels, books):
-    """The codebook of every level slot ``g * Q + l``."""
-    per_group = books // groups
-    return [g * per_group + level % per_group for g in range(groups) for level in range(num_levels)]
-
-
 def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups, cosine,
                       rotation_trick, x_scale, codebook_scale):
     """Same contract as ``vqfast._torch.residual_backward``; one launch (plus the sorted
     sums of the codebook gradient in deterministic mode)."""
-    n, _, s, books, k, d = _check(x, codebooks, num_levels, groups)
+    n, dim, s, books, k, d = _check(x, codebooks, num_levels, groups)
     if grad_q.shape != x.shape or not grad_q.is_contiguous():
         raise ValueError(f"grad_q must be contiguous with shape {tuple(x.shape)}")
     codebooks = codebooks.float()
@@ -299,19 +353,18 @@ def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups,
     if codebook_scale != 0:
         grads = STORE_RESIDUALS if torch.are_deterministic_algorithms_enabled() else ATOMIC_SUMS
     grad_scale = grad_scale.float().reshape(1)
-    block_d = _block_d(d)
-    config = BACKWARD_CONFIGS[block_d]
+    config = launch_config(BACKWARD_CONFIG, d)
     grad_x = torch.empty_like(x)
+    scratch = torch.empty(2, n, dim, dtype=torch.float32, device=x.device)  # total, commit
     grad_codebooks = torch.zeros_like(codebooks) if grads == ATOMIC_SUMS else None
     residuals = (torch.empty(groups * num_levels, n, d, dtype=torch.float32, device=x.device)
                  if grads == STORE_RESIDUALS else None)
     _residual_backward_kernel[(triton.cdiv(n, config["BLOCK_N"]), groups)](
         grad_q, x, codebooks, idx, grad_scale, grad_x,
         grad_codebooks if grad_codebooks is not None else grad_scale,
-        residuals if residuals is not None else grad_scale,
-        n, x.shape[1], s, k, d, num_levels, books // groups, float(x_scale),
-        float(codebook_scale), BLOCK_D=block_d, COSINE=cosine, ROTATION=rotation_trick,
-        GRADS=grads, **config)
+        residuals if residuals is not None else grad_scale, scratch[0], scratch[1],
+        n, dim, s, k, d, num_levels, books // groups, float(x_scale), float(codebook_scale),
+        COSINE=cosine, ROTATION=rotation_trick, GRADS=grads, **config)
     if grads == STORE_RESIDUALS:
         slot_books = _books(groups, num_levels, books)
         per_slot = _sorted_sums(residuals, idx, slot_books, k, codebooks,
@@ -322,35 +375,33 @@ def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups,
 
 
 def aot_variants():
-    """Every launchable configuration, for the ahead-of-time compile test (the residual
-    and dropout/mask paths share code with the variants listed; the full cross product of
-    flags would multiply compile time without new code paths for the register allocator)."""
-    for (block_d, config), dtype in itertools.product(FORWARD_CONFIGS.items(), PTR):
-        config = dict(config)
-        options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+    """Every launchable configuration, for the ahead-of-time compile test: the forward in
+    each dtype and precision, the backward per channel block, with their feature flags
+    both ways (COSINE / SUMS / ROTATION / GRADS change the code the register allocator sees)."""
+    forward_sig = {"x_ptr": None, "codebooks_ptr": "*fp32", "cast_ptr": None,
+                   "sqnorm_ptr": "*fp32", "mask_ptr": "*u8", "active_ptr": "*i64",
+                   "total_ptr": "*fp32", "q_ptr": None, "idx_ptr": "*i64",
+                   "partial_err_ptr": "*fp32", "counts_ptr": "*i32", "code_sums_ptr": "*fp32",
+                   "residuals_ptr": "*fp32", "N": "i32", "D": "i32", "S": "i32", "K": "i32",
+                   "d": "i32", "num_levels": "i32", "books_per_group": "i32"}
+    for dtype, torch_dtype in TORCH_DTYPES.items():
         for precision in (PRECISIONS if dtype == "fp32" else ("ieee",)):
+            config = pick_config(torch_dtype, precision)
+            options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+            sig = dict(forward_sig, x_ptr=PTR[dtype], cast_ptr=PTR[dtype], q_ptr=PTR[dtype])
             for cosine, sums in ((False, ATOMIC_SUMS), (True, STORE_RESIDUALS)):
-                sig = {"x_ptr": PTR[dtype], "codebooks_ptr": "*fp32", "cast_ptr": PTR[dtype],
-                       "sqnorm_ptr": "*fp32", "mask_ptr": "*u8", "active_ptr": "*i64",
-                       "q_ptr": PTR[dtype], "idx_ptr": "*i64", "partial_err_ptr": "*fp32",
-                       "counts_ptr": "*i32", "code_sums_ptr": "*fp32", "residuals_ptr": "*fp32",
-                       "N": "i32", "D": "i32", "S": "i32", "K": "i32", "d": "i32",
-                       "num_levels": "i32", "books_per_group": "i32"}
-                consts = dict(config, BLOCK_D=block_d, COSINE=cosine, HAS_MASK=True,
-                              HAS_ACTIVE=True, SUMS=sums, INPUT_PRECISION=precision,
-                              UPCAST_DOT=False)
-                yield (f"residual_forward[{dtype},{precision},D{block_d},cosine={cosine}]",
+                consts = dict(config, COSINE=cosine, HAS_MASK=True, HAS_ACTIVE=True, SUMS=sums,
+                              INPUT_PRECISION=precision, UPCAST_DOT=False)
+                yield (f"residual_forward[{dtype},{precision},cosine={cosine}]",
                        _residual_forward_kernel, sig, consts, options)
-    for (block_d, config), dtype in itertools.product(BACKWARD_CONFIGS.items(), PTR):
-        config = dict(config)
-        options = {"num_warps": config.pop("num_warps")}
-        for cosine, rotation, grads in ((False, False, ATOMIC_SUMS), (True, True, STORE_RESIDUALS),
-                                        (False, True, NO_SUMS)):
+    for dtype, (cfg, options) in itertools.product(PTR, streaming_configs(BACKWARD_CONFIG)):
+        for cosine, rotation, grads in ((False, False, ATOMIC_SUMS), (True, True, STORE_RESIDUALS)):
             sig = {"grad_q_ptr": PTR[dtype], "x_ptr": PTR[dtype], "codebooks_ptr": "*fp32",
                    "idx_ptr": "*i64", "grad_scale_ptr": "*fp32", "grad_x_ptr": PTR[dtype],
-                   "grad_codebooks_ptr": "*fp32", "residuals_ptr": "*fp32", "N": "i32",
-                   "D": "i32", "S": "i32", "K": "i32", "d": "i32", "num_levels": "i32",
-                   "books_per_group": "i32", "x_scale": "fp32", "codebook_scale": "fp32"}
-            consts = dict(config, BLOCK_D=block_d, COSINE=cosine, ROTATION=rotation, GRADS=grads)
-            yield (f"residual_backward[{dtype},D{block_d},cosine={cosine},rotation={rotation},"
-                   f"grads={grads}]", _residual_backward_kernel, sig, consts, options)
+                   "grad_codebooks_ptr": "*fp32", "residuals_ptr": "*fp32", "total_ptr": "*fp32",
+                   "commit_ptr": "*fp32", "N": "i32", "D": "i32", "S": "i32", "K": "i32",
+                   "d": "i32", "num_levels": "i32", "books_per_group": "i32", "x_scale": "fp32",
+                   "codebook_scale": "fp32"}
+            consts = dict(cfg, COSINE=cosine, ROTATION=rotation, GRADS=grads)
+            yield (f"residual_backward[{dtype},D{cfg['BLOCK_D']},cosine={cosine},"
+                   f"rotation={rotation}]", _residual_backward_kernel, sig, consts, options)

@@ -15,7 +15,8 @@ from _util import BACKENDS, DEVICE, TOL
 from test_no_sync import HostReads, single_rank_group  # noqa: F401 (a fixture)
 
 # (B, D, spatial, K, groups, levels): odd sizes everywhere.
-SHAPES = [(3, 12, (7, 5), 13, 1, 3), (2, 18, (11,), 9, 3, 2), (1, 5, (3, 3, 3), 7, 1, 4)]
+SHAPES = [(3, 12, (7, 5), 13, 1, 3), (2, 18, (11,), 9, 3, 2), (1, 5, (3, 3, 3), 7, 1, 4),
+          (1, 140, (9,), 11, 2, 2)]  # group width 70: several channel chunks per kernel loop
 OPTIONS = {
     "plain": {},
     "shared": dict(shared=True),

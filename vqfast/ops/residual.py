@@ -11,23 +11,13 @@ from .. import _torch
 from ..functional import _impl
 
 
-def residual_impl(backend: str, group_dim: int):
-    """The backend's residual ops; the fused Triton kernels keep a whole group's residual
-    in registers, up to ``kernels.residual.MAX_GROUP_DIM`` channels: wider groups take the
-    torch path's chunked ops (on the same device)."""
-    impl = _impl(backend)
-    if impl is not _torch and group_dim > impl.residual.MAX_GROUP_DIM:
-        return _torch
-    return impl
-
-
 @torch.library.custom_op("vqfast::residual_quantize", mutates_args=())
 def _residual_quantize_op(x: torch.Tensor, codebooks: torch.Tensor, num_levels: int, groups: int,
                           cosine: bool, active: torch.Tensor | None, mask: torch.Tensor | None,
                           with_code_sums: bool, backend: str, precision: str
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                      torch.Tensor, torch.Tensor]:
-    impl = residual_impl(backend, codebooks.shape[2])
+    impl = _impl(backend)
     # The backward keeps this fp32 copy when an EMA update follows (it rewrites the
     # codebooks): an output, so compilers cannot move the copy past the update.
     snapshot = (torch.empty(codebooks.shape, dtype=torch.float32, device=codebooks.device)
@@ -57,7 +47,7 @@ def _residual_backward_op(grad_q: torch.Tensor, grad_scale: torch.Tensor, x: tor
                           groups: int, cosine: bool, rotation_trick: bool, x_scale: float,
                           codebook_scale: float, backend: str
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_x, grad_codebooks = residual_impl(backend, codebooks.shape[2]).residual_backward(
+    grad_x, grad_codebooks = _impl(backend).residual_backward(
         grad_q, grad_scale, x, codebooks, idx, num_levels, groups, cosine, rotation_trick,
         x_scale, codebook_scale)
     if grad_codebooks is None:
