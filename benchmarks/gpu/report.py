@@ -110,6 +110,19 @@ def _bench(out: Path) -> str:
                      f"{vs_peer} | {r['peak_mib']:.0f} / {ref_mem} |")
     errors = [f"  - {r['shape']} {r['op']} {r['dtype']} {r['impl']}: {r['skipped']}"
               for r in results if (r.get("skipped") or "").startswith("error")]
+    residual = json.loads(path.read_text()).get("residual", [])
+    if residual:
+        lines += ["", "| residual case | implementation | fwd+bwd ms | peak MiB | vs peer |",
+                  "|---|---|---:|---:|---:|"]
+        for r in residual:
+            if r["median_ms"] is None:
+                lines.append(f"| {r['case']} | {r['impl']} | {r['skipped'][:60]} | | |")
+                continue
+            speedup = f"{r['speedup_vs_peer']:.1f}x" if r.get("speedup_vs_peer") else "n/a"
+            lines.append(f"| {r['case']} | {r['impl']} | {r['median_ms']:.2f} | "
+                         f"{r['peak_mib']:.0f} | {speedup} |")
+        errors += [f"  - {r['case']} {r['impl']}: {r['skipped']}" for r in residual
+                   if (r.get("skipped") or "").startswith("error")]
     return "\n".join(lines + (["", "Errors:"] + errors if errors else []))
 
 

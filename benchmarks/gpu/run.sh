@@ -9,8 +9,9 @@
 # the vector-quantize-pytorch columns say it is missing. Then writes into OUT_DIR:
 #   env.json              GPU, SMs, driver, CUDA, torch, triton, numpy, Python, commit
 #   tests.xml, tests.log  the test suite on the device (junit + log)
-#   bench.json/.md/.png   the benchmark suite (python -m benchmarks) and the LFQ/FSQ
-#                         benchmark (python -m benchmarks.lookup_free, d = 10..18)
+#   bench.json/.md/.png   the benchmark suite (python -m benchmarks), the LFQ/FSQ
+#                         benchmark (python -m benchmarks.lookup_free, d = 10..18) and the
+#                         residual/grouped/cosine one (python -m benchmarks.residual)
 #   train.json            VQ-VAE training step: eager / torch.compile / CUDA graph, the
 #                         quantizer's share, kernel launches, a sync-debug step, and the
 #                         quality benchmark's curves at batch 256 (about 150 s)
@@ -77,13 +78,15 @@ tests() {
 }
 
 bench() {
-    local size=() lfq_size=()
+    local size=() lfq_size=() rvq_size=()
     if [[ $dry_run -eq 1 ]]; then
         size=(--tiny --device cpu)
         lfq_size=(--dims 6 --n 256 --device cpu)
+        rvq_size=(--quick --device cpu)
     fi
     "$py" -m benchmarks "${size[@]}" --out "$out" --name bench || return
-    "$py" -m benchmarks.lookup_free "${lfq_size[@]}" --out "$out" --merge-into bench
+    "$py" -m benchmarks.lookup_free "${lfq_size[@]}" --out "$out" --merge-into bench || return
+    "$py" -m benchmarks.residual "${rvq_size[@]}" --out "$out" --merge-into bench
 }
 
 train() {
