@@ -135,10 +135,11 @@ def codebook_prep(codebook: torch.Tensor, dtype: torch.dtype, snapshot: torch.Te
     return cast, sqnorm
 
 
-def pick_config(dtype: torch.dtype, precision: str = "ieee") -> dict:
-    """Block sizes and launch options for an input dtype and fp32 dot precision."""
+def pick_config(dtype: torch.dtype, precision: str = "ieee", configs=None) -> dict:
+    """Block sizes and launch options for an input dtype and fp32 dot precision, from
+    ``configs`` (keys ``16bit``, ``tf32``, ``ieee``; default: this kernel's)."""
     key = "16bit" if dtype != torch.float32 else ("ieee" if precision == "ieee" else "tf32")
-    return dict(CONFIGS[key])
+    return dict((configs or CONFIGS)[key])
 
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee",

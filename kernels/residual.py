@@ -25,9 +25,16 @@ from ._layout import row_offsets, vector_layout
 from .code_sums import code_sums_sorted
 from .nearest_code import PRECISIONS, codebook_prep, pick_config
 
-# Launch configurations. The forward's search is nearest_code's (its spill-free tiles and
-# channel chunks); the backward is elementwise, in channel chunks too.
-BACKWARD_CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=8)
+# Launch configurations, compiled for sm_80 / sm_90 with triton 3.6 and 3.9 by the AOT
+# test (zero spills). The forward's search walks channel chunks of 16 as nearest_code's
+# does, with tiles a notch smaller (the level's epilogue shares its registers); the
+# backward is elementwise, in channel chunks too.
+FORWARD_CONFIGS = {
+    "16bit": dict(BLOCK_N=64, BLOCK_K=128, BLOCK_D=16, num_warps=8, num_stages=3),
+    "tf32": dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=16, num_warps=8, num_stages=2),
+    "ieee": dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=16, num_warps=8, num_stages=1),
+}
+BACKWARD_CONFIG = dict(BLOCK_N=16, MAX_BLOCK_D=64, num_warps=4)
 # What happens to each level's (normalised) residuals for the EMA sums / codebook grads.
 NO_SUMS, ATOMIC_SUMS, STORE_RESIDUALS = 0, 1, 2
 
@@ -312,7 +319,7 @@ def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, wi
     codebooks32 = codebooks.float()
     cast, sqnorm = codebook_prep(codebooks32.view(books * k, d), x.dtype,
                                  snapshot.view(books * k, d) if snapshot is not None else None)
-    config = pick_config(x.dtype, precision)
+    config = pick_config(x.dtype, precision, FORWARD_CONFIGS)
     tiles, slots = triton.cdiv(n, config["BLOCK_N"]), groups * num_levels
     sums = NO_SUMS
     if with_code_sums:
@@ -386,7 +393,7 @@ def aot_variants():
                    "d": "i32", "num_levels": "i32", "books_per_group": "i32"}
     for dtype, torch_dtype in TORCH_DTYPES.items():
         for precision in (PRECISIONS if dtype == "fp32" else ("ieee",)):
-            config = pick_config(torch_dtype, precision)
+            config = pick_config(torch_dtype, precision, FORWARD_CONFIGS)
             options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
             sig = dict(forward_sig, x_ptr=PTR[dtype], cast_ptr=PTR[dtype], q_ptr=PTR[dtype])
             for cosine, sums in ((False, ATOMIC_SUMS), (True, STORE_RESIDUALS)):

@@ -50,6 +50,9 @@ OPTIONS = {
     "ema+dead_codes": (vqfast.VectorQuantizerEMA, dict(dead_code_threshold=2.0)),
     "ema+all": (vqfast.VectorQuantizerEMA, dict(kmeans_init=True, dead_code_threshold=1.0,
                                                  sync_distributed=True)),
+    "plain+cosine+rotation": (vqfast.VectorQuantizer, dict(cosine=True, rotation_trick=True)),
+    "ema+cosine+codebook_dim+dead_codes": (vqfast.VectorQuantizerEMA, dict(
+        cosine=True, codebook_dim=3, dead_code_threshold=1.0, rotation_trick=True)),
 }
 
 
