@@ -9,7 +9,6 @@ peer's error in the codebook entropy against vqfast's exact value (same inputs).
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ import vqfast
 from vqfast.ops import lfq as lfq_ops
 
 from .measure import median_seconds, peak_extra_bytes
-from .suite import environment, memory_budget
+from .suite import environment, memory_budget, save_side_report
 
 
 @dataclasses.dataclass
@@ -147,21 +146,8 @@ def main(argv=None):
               if args.device == "auto" else torch.device(args.device))
     env = environment(device)
     rows = lfq_cases(args.dims, args.n, device) + fsq_cases(args.n, device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.merge_into:
-        stem = args.out / args.merge_into
-        report = json.loads(stem.with_suffix(".json").read_text())
-        report["lookup_free"] = [dataclasses.asdict(r) for r in rows]
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-        with open(stem.with_suffix(".md"), "a") as f:
-            f.write("\n## Lookup-free quantizers\n\n" + markdown(env, rows))
-        print(markdown(env, rows))
-        return
-    stem = args.out / (args.name or f"{env['date']}-{device.type}-lookup-free")
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"environment": env, "results": [dataclasses.asdict(r) for r in rows]}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(env, rows))
-    print(markdown(env, rows))
+    save_side_report(env, rows, markdown(env, rows), args.out, key="lookup_free",
+                     heading="Lookup-free quantizers", name=args.name, merge_into=args.merge_into)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ side by side in one run, with peak memory. Inputs are audio-like ``[B, D, T]``.
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ import torch
 import vqfast
 
 from .measure import median_seconds, peak_extra_bytes
-from .suite import environment
+from .suite import environment, save_side_report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,21 +196,9 @@ def main(argv=None):
               if args.device == "auto" else torch.device(args.device))
     env = environment(device)
     rows = run(QUICK if args.quick else CASES, device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = markdown(env, rows)
-    if args.merge_into:
-        stem = args.out / args.merge_into
-        report = json.loads(stem.with_suffix(".json").read_text())
-        report["residual"] = [dataclasses.asdict(r) for r in rows]
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-        with open(stem.with_suffix(".md"), "a") as f:
-            f.write("\n## Residual, grouped and cosine VQ\n\n" + table)
-    else:
-        stem = args.out / (args.name or f"{env['date']}-{device.type}-residual")
-        stem.with_suffix(".json").write_text(json.dumps(
-            {"environment": env, "results": [dataclasses.asdict(r) for r in rows]}, indent=1))
-        stem.with_suffix(".md").write_text(table)
-    print(table)
+    save_side_report(env, rows, markdown(env, rows), args.out, key="residual",
+                     heading="Residual, grouped and cosine VQ", name=args.name,
+                     merge_into=args.merge_into)
 
 
 if __name__ == "__main__":

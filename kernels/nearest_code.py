@@ -35,6 +35,19 @@ CONFIGS = {
 
 
 @triton.jit
+def running_argmin(dot, codebook_sqnorm, k0, best, best_idx):
+    """Fold a tile of codes ``k0 ..`` into the running ``(best, best_idx)`` per row, from
+    ``x.e`` (``dot [BLOCK_N, BLOCK_K]``) and ``|e|^2``: distance ``|e|^2 - 2 x.e``."""
+    dist = codebook_sqnorm[None, :] - 2.0 * dot
+    # A NaN row never wins a code: it keeps code 0 and reports a NaN distance.
+    dist = tl.where(dist == dist, dist, float("inf"))
+    tile_best, tile_idx = tl.min(dist, axis=1, return_indices=True)
+    # Strictly better only: on ties the lowest code index wins, as with torch.argmin.
+    better = tile_best < best
+    return tl.where(better, tile_best, best), tl.where(better, tile_idx + k0, best_idx)
+
+
+@triton.jit
 def _nearest_code_kernel(
     x_ptr, codebook_ptr, codebook_sqnorm_ptr, idx_ptr, sqdist_ptr,
     N, K, D, S,
@@ -82,14 +95,7 @@ def _nearest_code_kernel(
         # Padding codes get |e|^2 = inf so they never win.
         codebook_sqnorm = tl.load(codebook_sqnorm_ptr + k0 + local_codes, mask=code_mask,
                                   other=float("inf"))
-        dist = codebook_sqnorm[None, :] - 2.0 * dot
-        # A NaN row never wins a code: it keeps code 0 and reports a NaN distance.
-        dist = tl.where(dist == dist, dist, float("inf"))
-        tile_best, tile_idx = tl.min(dist, axis=1, return_indices=True)
-        # Strictly better only: on ties the lowest code index wins, as with torch.argmin.
-        better = tile_best < best
-        best = tl.where(better, tile_best, best)
-        best_idx = tl.where(better, tile_idx + k0, best_idx)
+        best, best_idx = running_argmin(dot, codebook_sqnorm, k0, best, best_idx)
         codebook_tile_ptr += BLOCK_K * D
 
     tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_mask)

@@ -23,7 +23,7 @@ import triton.language as tl
 from ._checks import PTR, TORCH_DTYPES, check_same_device, launch_config, streaming_configs
 from ._layout import row_offsets, vector_layout
 from .code_sums import code_sums_sorted
-from .nearest_code import PRECISIONS, codebook_prep, pick_config
+from .nearest_code import PRECISIONS, codebook_prep, pick_config, running_argmin
 
 # Launch configurations, compiled for sm_80 / sm_90 with triton 3.6 and 3.9 by the AOT
 # test (zero spills). The forward's search walks channel chunks of 16 as nearest_code's
@@ -34,7 +34,7 @@ FORWARD_CONFIGS = {
     "tf32": dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=16, num_warps=8, num_stages=2),
     "ieee": dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=16, num_warps=8, num_stages=1),
 }
-BACKWARD_CONFIG = dict(BLOCK_N=16, MAX_BLOCK_D=64, num_warps=4)
+BACKWARD_CONFIG = dict(BLOCK_N=16, MAX_BLOCK_D=32, num_warps=4)
 # What happens to each level's (normalised) residuals for the EMA sums / codebook grads.
 NO_SUMS, ATOMIC_SUMS, STORE_RESIDUALS = 0, 1, 2
 
@@ -121,12 +121,7 @@ def _residual_forward_kernel(
                 dot = tl.dot(r, codes_t, dot, input_precision=INPUT_PRECISION)
             sqnorm = tl.load(sqnorm_ptr + book * K + k0 + local_codes, mask=code_mask,
                              other=float("inf"))
-            dist = sqnorm[None, :] - 2.0 * dot
-            dist = tl.where(dist == dist, dist, float("inf"))
-            tile_best, tile_idx = tl.min(dist, axis=1, return_indices=True)
-            better = tile_best < best  # ties: the lowest index, as torch.argmin
-            best = tl.where(better, tile_best, best)
-            best_idx = tl.where(better, tile_idx + k0, best_idx)
+            best, best_idx = running_argmin(dot, sqnorm, k0, best, best_idx)
         # The level's epilogue, chunk by chunk: error, EMA statistics, total += code.
         err = tl.zeros([BLOCK_N], dtype=tl.float32)
         code_rows = book_base + best_idx.to(tl.int64)[:, None] * d
