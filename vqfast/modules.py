@@ -265,11 +265,20 @@ class VectorQuantizer(_QuantizerBase):
         precision: Triton dot precision for fp32 inputs, see ``vqfast.nearest_code``.
         kmeans_init: initialise the codebook from the first training batch with
             ``kmeans_iters`` Lloyd iterations (on rank 0's batch, broadcast to all ranks).
+        cosine: l2-normalise inputs and codes; nearest = largest cosine similarity
+            (ViT-VQGAN); the output is the normalised code.
+        codebook_dim: d; learned projections ``D -> d`` before the lookup and ``d -> D``
+            after it (factorized codes; ``codebook`` is then ``[K, d]``).
+        rotation_trick: the gradient of the rotation trick (Fifty et al., 2024) instead of
+            straight-through: the input receives ``|q|/|e| R^T g``, R rotating e onto q.
 
-    ``forward(inputs: [B, D, *spatial])`` returns ``(loss, quantized, perplexity, encodings)``
-    with ``loss = q_latent_loss + commitment_cost * e_latent_loss`` and ``quantized`` the
-    straight-through output (value of the nearest codes, gradient of the identity).
-    ``codebook`` is an ``nn.Parameter`` ``[K, D]`` initialised ``uniform(-1/K, 1/K)``.
+    ``forward(inputs: [B, D, *spatial], mask=None)`` returns ``(loss, quantized,
+    perplexity, encodings)`` with ``loss = q_latent_loss + commitment_cost * e_latent_loss``
+    and ``quantized`` the straight-through output (value of the nearest codes, gradient of
+    the identity). ``mask`` (bool ``[B, *spatial]``, True = a real position): masked
+    positions take no part in the losses, counts or perplexity; their code is -1 and
+    their output the input. ``codebook`` is an ``nn.Parameter`` ``[K, D]`` initialised
+    ``uniform(-1/K, 1/K)``.
     """
 
     _legacy_keys = {"_embedding.weight": "codebook"}
@@ -296,7 +305,9 @@ class VectorQuantizerEMA(_QuantizerBase):
         num_embeddings, embedding_dim, commitment_cost: as for ``VectorQuantizer``.
         decay: EMA decay of the cluster sizes and sums (0.99 in the paper).
         epsilon: Laplace smoothing of the cluster sizes.
-        return_onehot, backend, precision, kmeans_init, kmeans_iters: as for ``VectorQuantizer``
+        return_onehot, backend, precision, kmeans_init, kmeans_iters, cosine, codebook_dim,
+        rotation_trick: as for ``VectorQuantizer`` (with ``cosine`` the EMA runs on
+            normalised inputs and re-normalises the codes after each update)
             (after k-means, ``ema_cluster_size`` holds the k-means counts, at least 1, and
             ``ema_weight = codebook * ema_cluster_size``).
         dead_code_threshold: if > 0, after each EMA update the codes whose bias-corrected
