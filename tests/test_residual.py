@@ -221,21 +221,94 @@ def test_half_keeps_ema_state_fp32_and_amp():
     assert q.dtype == torch.float16
 
 
-def test_cross_check_vector_quantize_pytorch():
-    """Same codebooks and inputs: the peer's ResidualVQ chooses the same codes."""
-    vqp = pytest.importorskip("vector_quantize_pytorch")
+def _peer():
+    return pytest.importorskip("vector_quantize_pytorch")
+
+
+def _copy_peer_codebook(ours, book, codebook):
+    """Our codebook ``book`` from one of the peer's codebooks, with its EMA state (the peer
+    starts ``cluster_size`` at 1 and ``embed_avg`` at the codes, the seed at 0 and the
+    codes: copied, one training step has the same definition in both)."""
+    with torch.no_grad():
+        ours.codebooks[book] = codebook.embed[0]
+        ours.ema_weight[book] = codebook.embed_avg[0]
+        ours.ema_cluster_size[book] = codebook.cluster_size[0]
+
+
+def _peer_codebooks(layers):
+    return torch.stack([layer._codebook.embed[0] for layer in layers])
+
+
+@pytest.mark.parametrize("cosine", [False, True], ids=["euclidean", "cosine"])
+def test_cross_check_vector_quantize_pytorch(cosine):
+    """Same codebooks and inputs, one training step: the peer's ResidualVQ chooses the same
+    codes, gives the same output and commitment loss (with ``use_cosine_sim`` too: both
+    normalise each residual and sum unit codes) and leaves the same EMA codebooks."""
+    vqp = _peer()
     torch.manual_seed(0)
     peer = vqp.ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, decay=0.99,
-                          kmeans_init=False).eval()
-    ours = vqfast.ResidualVQ(3, 16, 8, backend="torch").eval()
-    with torch.no_grad():
-        for level, layer in enumerate(peer.layers):
-            ours.codebooks[level] = layer._codebook.embed[0]
+                          commitment_weight=0.25, kmeans_init=False, use_cosine_sim=cosine)
+    ours = vqfast.ResidualVQ(3, 16, 8, cosine=cosine, backend="torch")
+    for level, layer in enumerate(peer.layers):
+        _copy_peer_codebook(ours, level, layer._codebook)
     x = torch.randn(2, 8, 30)
-    q_peer, idx_peer = peer(x.transpose(1, 2))[:2]
-    _, q, _, codes = ours(x)
+    q_peer, idx_peer, losses_peer = peer(x.transpose(1, 2))
+    loss, q, _, codes = ours(x)
     assert torch.equal(codes.movedim(1, -1), idx_peer)
     torch.testing.assert_close(q.transpose(1, 2), q_peer, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, losses_peer.sum().detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours.codebooks, _peer_codebooks(peer.layers), rtol=1e-4, atol=1e-5)
+
+
+def test_cross_check_grouped_vector_quantize_pytorch():
+    """The peer's GroupedResidualVQ (channels split in G chunks, a ResidualVQ each), one
+    training step: the same codes (ours group-major ``[B, G*Q, T]``, its ``[G, B, T, Q]``),
+    output, loss and EMA codebooks."""
+    vqp = _peer()
+    torch.manual_seed(0)
+    groups, levels = 2, 3
+    peer = vqp.GroupedResidualVQ(dim=10, groups=groups, num_quantizers=levels, codebook_size=16,
+                                 decay=0.99, commitment_weight=0.25, kmeans_init=False)
+    ours = vqfast.ResidualVQ(levels, 16, 10, groups=groups, backend="torch")
+    for g, rvq in enumerate(peer.rvqs):
+        for level, layer in enumerate(rvq.layers):
+            _copy_peer_codebook(ours, g * levels + level, layer._codebook)
+    x = torch.randn(2, 10, 17)
+    q_peer, idx_peer, losses_peer = peer(x.transpose(1, 2))
+    loss, q, _, codes = ours(x)
+    assert torch.equal(codes.view(2, groups, levels, 17).permute(1, 0, 3, 2), idx_peer)
+    torch.testing.assert_close(q.transpose(1, 2), q_peer, rtol=1e-5, atol=1e-5)
+    # Each group's mse is over its own D/G channels there, over all D here: G times less.
+    torch.testing.assert_close(loss, losses_peer.sum().detach() / groups, rtol=1e-5, atol=1e-7)
+    books = torch.cat([_peer_codebooks(rvq.layers) for rvq in peer.rvqs])
+    torch.testing.assert_close(ours.codebooks, books, rtol=1e-4, atol=1e-5)
+
+
+def test_cross_check_cosine_factorized_vector_quantize_pytorch():
+    """The tokenizer's quantizer, one training step: the peer's ``VectorQuantize(
+    use_cosine_sim=True, codebook_dim=d)`` and ``VectorQuantizerEMA(cosine=True,
+    codebook_dim=d)`` with the same projections and codes choose the same codes and give
+    the same output, commitment loss and EMA codebook."""
+    vqp = _peer()
+    torch.manual_seed(0)
+    peer = vqp.VectorQuantize(dim=24, codebook_size=32, codebook_dim=4, use_cosine_sim=True,
+                              decay=0.99, commitment_weight=0.25, kmeans_init=False)
+    ours = vqfast.VectorQuantizerEMA(32, 24, 0.25, cosine=True, codebook_dim=4, backend="torch")
+    linear_in = next(m for m in peer.project_in.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        ours.codebook.copy_(peer._codebook.embed[0])
+        ours.ema_weight.copy_(peer._codebook.embed_avg[0])
+        ours.ema_cluster_size.copy_(peer._codebook.cluster_size[0])
+        for mine, theirs in ((ours.project_in, linear_in), (ours.project_out, peer.project_out)):
+            mine.weight.copy_(theirs.weight)
+            mine.bias.copy_(theirs.bias)
+    x = torch.randn(2, 24, 5, 3)
+    q_peer, idx_peer, loss_peer = peer(x.flatten(2).transpose(1, 2))
+    loss, q, _, codes = ours(x)
+    assert torch.equal(codes.flatten(1), idx_peer)
+    torch.testing.assert_close(q.flatten(2).transpose(1, 2), q_peer, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, loss_peer.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours.codebook, peer._codebook.embed[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
