@@ -17,7 +17,7 @@ import vqfast
 from vqfast.ops import lfq as lfq_ops
 
 from .measure import median_seconds, peak_extra_bytes
-from .suite import environment, memory_budget, save_side_report
+from .suite import device_line, environment, memory_budget, save_side_report
 
 
 @dataclasses.dataclass
@@ -113,8 +113,7 @@ def fsq_cases(n, device, progress=print):
 
 
 def markdown(env, rows) -> str:
-    lines = [f"**Device** {env['device']} ({env['device_type']}) · torch {env['torch']} · "
-             f"{env['date']}", "",
+    lines = [device_line(env), "",
              "| quantizer | d | N | implementation | fwd+bwd ms | peak MiB | codebook entropy | rel. error vs exact |",
              "|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:

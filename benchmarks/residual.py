@@ -16,7 +16,7 @@ import torch
 import vqfast
 
 from .measure import median_seconds, peak_extra_bytes
-from .suite import environment, save_side_report
+from .suite import device_line, environment, save_side_report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,8 +169,7 @@ def run(cases, device, progress=print):
 
 
 def markdown(env, rows) -> str:
-    lines = [f"**Device** {env['device']} ({env['device_type']}, {env['cpu_threads']} threads) · "
-             f"torch {env['torch']} · triton {env['triton']} · {env['date']}", "",
+    lines = [device_line(env), "",
              "| case | N | D | K | levels x groups | implementation | fwd+bwd ms | peak MiB | speedup vs peer |",
              "|---|---:|---:|---:|---|---|---:|---:|---:|"]
     for r in rows:

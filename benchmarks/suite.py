@@ -227,11 +227,16 @@ def _fmt(value, spec):
     return "" if value is None else format(value, spec)
 
 
+def device_line(env: dict) -> str:
+    """The line every report starts with: machine, threads, versions, date."""
+    return (f"**Device** {env['device']} ({env['device_type']}, {env['cpu_threads']} threads) · "
+            f"torch {env['torch']} · triton {env['triton']} · vqfast {env['vqfast']} · {env['date']}")
+
+
 def markdown(env: dict, results) -> str:
     peaks = peaks_for(env)
     lines = [
-        f"**Device** {env['device']} ({env['device_type']}, {env['cpu_threads']} threads) · "
-        f"torch {env['torch']} · triton {env['triton']} · vqfast {env['vqfast']} · {env['date']}",
+        device_line(env),
         "",
         "| shape | op | dtype | implementation | median ms | peak MiB | speedup vs ref | memory vs ref | TFLOP/s | GB/s |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|",

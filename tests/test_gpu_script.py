@@ -35,6 +35,9 @@ def test_dry_run_writes_every_file(tmp_path):
     assert {r["impl"] for r in bench["results"] if r["median_ms"]} >= {"reference", "vqfast[torch]"}
     assert any(r["impl"] == "vqfast (exact)" and r["median_ms"] for r in bench["lookup_free"])
     assert any(r["impl"] == "vqfast" and r["median_ms"] for r in bench["residual"])
+    failed = [r for part in ("results", "lookup_free", "residual") for r in bench[part]
+              if (r["skipped"] or "").startswith("error")]
+    assert failed == [], failed  # a case that raised (not one skipped for a missing peer)
     assert "Lookup-free" in (out / "bench.md").read_text()
     train = json.loads((out / "train.json").read_text())
     assert train["failed"] == [] and train["parts"]["eager"]["steps_per_s"] > 0
