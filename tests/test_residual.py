@@ -487,3 +487,37 @@ def test_single_quantizer_codebook_dim(cls):
     assert vq.codebook.shape == (9, 3) and q.shape == z.shape and codes.shape == (2, 4, 4)
     (loss + q.square().sum()).backward()
     assert vq.project_in.weight.grad is not None and vq.project_out.weight.grad is not None
+
+
+PADDING_ONLY = {
+    "rvq": lambda b: vqfast.ResidualVQ(3, 8, 6, groups=2, backend=b),
+    "rvq+shared+dropout+dead": lambda b: vqfast.ResidualVQ(
+        3, 8, 6, shared_codebook=True, quantize_dropout=True, dead_code_threshold=1.0, backend=b),
+    "rvq+kmeans+cosine": lambda b: vqfast.ResidualVQ(2, 8, 6, kmeans_init=True, cosine=True,
+                                                     backend=b),
+    "ema+dead": lambda b: vqfast.VectorQuantizerEMA(8, 6, 0.25, dead_code_threshold=1.0, backend=b),
+    "ema+kmeans": lambda b: vqfast.VectorQuantizerEMA(8, 6, 0.25, kmeans_init=True, backend=b),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", PADDING_ONLY)
+def test_padding_only_batch_leaves_state(kind, backend):
+    """A training batch whose mask is all False (padding only) changes no state: no EMA
+    step (from the zero state it would divide by zero), no k-means init (it waits for real
+    rows); the next batch with real rows trains as usual."""
+    module = PADDING_ONLY[kind](backend).to(DEVICE)
+    before = copy.deepcopy(module.state_dict())
+    z = torch.randn(2, 6, 5, device=DEVICE, requires_grad=True)
+    loss, q, perplexity, codes = module(z, mask=torch.zeros(2, 5, dtype=torch.bool, device=DEVICE))
+    (loss + q.sum()).backward()
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert float(loss) == 0.0 and bool((codes == -1).all()) and torch.equal(q, z)
+    assert bool((perplexity == 1).all())
+    module(torch.randn(2, 6, 5, device=DEVICE), mask=torch.rand(2, 5, device=DEVICE) > 0.3)
+    state = module.state_dict()
+    assert all(bool(torch.isfinite(v.float()).all()) for v in state.values())
+    assert not torch.equal(state["ema_cluster_size"], before["ema_cluster_size"])
+    if "initialized" in state:
+        assert bool(state["initialized"])

@@ -101,6 +101,32 @@ def real_rows(rows: torch.Tensor, flat_mask) -> torch.Tensor:
     return torch.where(flat_mask[:, None], rows, rows[stand_in])
 
 
+def rows_seen(counts: torch.Tensor, flat_mask, active=None):
+    """Which codebooks an EMA update applies to: with a mask, only those that quantized at
+    least one real row this step (``counts [..., K]`` summed on the device), so a batch of
+    padding alone leaves the state as it is (the Laplace smoothing of an all-zero state
+    would divide by zero); combined with ``active`` (bool ``[C]`` or ``None``)."""
+    if flat_mask is None:
+        return active
+    seen = counts.sum(-1) > 0
+    return seen if active is None else active & seen
+
+
+def without_real_rows_nan(centroids: torch.Tensor, flat_mask) -> torch.Tensor:
+    """k-means centroids, or NaN when the batch had no real row (padding only): the
+    initialisation is then not taken, on every rank alike (rank 0's centroids travel)."""
+    if flat_mask is None:
+        return centroids
+    return torch.where(flat_mask.any(), centroids, float("nan"))
+
+
+def kmeans_done(initialized: torch.Tensor) -> bool:
+    """Whether k-means init is over: eagerly, whether it took (else the next training batch
+    tries again; one host read, on the steps before it took); inside a compiled graph,
+    always (no host read there: a batch that could not initialise leaves the codebook)."""
+    return True if torch.compiler.is_compiling() else bool(initialized)
+
+
 class Projection(nn.Linear):
     """A linear map of the channels of channels-first ``[B, C_in, S]`` -> ``[B, C_out, S]``
     (``codebook_dim``'s projections; no transpose copies)."""
@@ -239,6 +265,7 @@ class _QuantizerBase(nn.Module):
         centroids, counts = kmeans(rows, self.num_embeddings, self.kmeans_iters, backend, self.precision)
         if self.cosine:
             centroids = F.normalize(centroids, dim=-1)
+        centroids = without_real_rows_nan(centroids, flat_mask)
         if _world_size() > 1:
             dist.broadcast(centroids, 0)
             dist.broadcast(counts, 0)
@@ -246,7 +273,7 @@ class _QuantizerBase(nn.Module):
         self.codebook.data.copy_(torch.where(finite, centroids, self.codebook.data))
         self._after_kmeans(centroids, counts, finite)
         self.initialized.copy_(finite)
-        self._kmeans_done = True
+        self._kmeans_done = kmeans_done(finite)
 
     def _after_kmeans(self, centroids, counts, finite):
         pass
@@ -404,9 +431,11 @@ class VectorQuantizerEMA(_QuantizerBase):
                 counts, code_sums, ~torch.isfinite(loss))
         applied = VF.ema_update(counts, code_sums, loss, not_finite, self.ema_cluster_size,
                                 self.ema_weight, self.codebook, self.ema_decay_weight,
-                                self.skipped_batches, self.decay, self.epsilon, backend)
+                                self.skipped_batches, self.decay, self.epsilon, backend,
+                                rows_seen(counts, flat_mask))
         if self.cosine:  # the EMA of unit vectors is not one: back onto the sphere
-            self.codebook.copy_(F.normalize(self.codebook, dim=-1))
+            self.codebook.copy_(torch.where(applied > 0, F.normalize(self.codebook, dim=-1),
+                                            self.codebook))
         if self.dead_code_threshold > 0:
             self._reseed_dead_codes(x, applied > 0, flat_mask)
 

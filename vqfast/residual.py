@@ -10,8 +10,9 @@ from torch import nn
 
 from . import functional as VF
 from . import modules
-from .modules import (Projection, _all_reduce_statistics, check_mask, keep_fp32, kmeans, real_rows,
-                      usage_report, warn_skipped)
+from .modules import (Projection, _all_reduce_statistics, check_mask, keep_fp32, kmeans,
+                      kmeans_done, real_rows, rows_seen, usage_report, warn_skipped,
+                      without_real_rows_nan)
 from .ops.residual import residual_quantize
 
 
@@ -165,7 +166,8 @@ class ResidualVQ(nn.Module):
             codebook_loss=not self.ema, rotation_trick=self.rotation_trick,
             with_code_sums=update, backend=backend, precision=self.precision)
         if update:
-            self._update(z, loss.detach(), idx, counts, code_sums, snapshot, active, backend)
+            self._update(z, loss.detach(), idx, counts, code_sums, snapshot, active, flat_mask,
+                         backend)
         if self.project_out is not None:
             q = self.project_out(q)
             if flat_mask is not None:  # masked positions give back their input
@@ -199,19 +201,20 @@ class ResidualVQ(nn.Module):
         return t.view(self.groups, self.num_quantizers, *t.shape[1:]).sum(1)
 
     @torch.no_grad()
-    def _update(self, z, loss, idx, counts, code_sums, snapshot, active, backend):
+    def _update(self, z, loss, idx, counts, code_sums, snapshot, active, flat_mask, backend):
         counts, code_sums = self._per_book(counts), self._per_book(code_sums)
         not_finite = None
         if self._syncing():
             counts, code_sums, not_finite = _all_reduce_statistics(counts, code_sums,
                                                                    ~torch.isfinite(loss))
-        book_active = self._book_active(active)
+        book_active = rows_seen(counts, flat_mask, self._book_active(active))
         applied = VF.ema_update(counts, code_sums, loss, not_finite, self.ema_cluster_size,
                                 self.ema_weight, self.codebooks, self.ema_decay_weight,
                                 self.skipped_batches, self.decay, self.epsilon, backend,
                                 book_active)
         if self.cosine:
-            self.codebooks.copy_(F.normalize(self.codebooks, dim=-1))
+            self.codebooks.copy_(torch.where(applied[:, None, None] > 0,
+                                             F.normalize(self.codebooks, dim=-1), self.codebooks))
         if self.dead_code_threshold > 0:
             self._reseed_dead_codes(z, idx, snapshot, applied > 0)
 
@@ -277,16 +280,18 @@ class ResidualVQ(nn.Module):
                 centroids[book], sizes[book] = c, counts.float().clamp_min(1)
                 nearest, _ = VF.nearest_code(used, c, backend=backend, precision=self.precision)
                 residual = residual - c[nearest]
+        centroids = without_real_rows_nan(centroids, flat_mask)
         if modules._world_size() > 1:
             dist.broadcast(centroids, 0)
             dist.broadcast(sizes, 0)
-        self.codebooks.data.copy_(centroids)
+        finite = torch.isfinite(centroids).all()
+        self.codebooks.data.copy_(torch.where(finite, centroids, self.codebooks.data))
         if self.ema:
-            self.ema_cluster_size.copy_(sizes)
-            self.ema_weight.copy_(centroids * sizes[..., None])
-            self.ema_decay_weight.fill_(1.0)
-        self.initialized.fill_(True)
-        self._kmeans_done = True
+            self.ema_cluster_size.copy_(torch.where(finite, sizes, self.ema_cluster_size))
+            self.ema_weight.copy_(torch.where(finite, centroids * sizes[..., None], self.ema_weight))
+            self.ema_decay_weight.copy_(torch.where(finite, 1.0, self.ema_decay_weight))
+        self.initialized.copy_(finite)
+        self._kmeans_done = kmeans_done(finite)
 
     @torch.no_grad()
     def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
