@@ -4,11 +4,17 @@ Three cases, forward + backward of a training step (EMA codebooks), each timed f
 vqfast's fused quantizer, a plain Python loop of vqfast's single quantizer over the
 levels (what a user would write without ``ResidualVQ``), and vector-quantize-pytorch
 (``ResidualVQ``, ``GroupedResidualVQ``, ``VectorQuantize(use_cosine_sim, codebook_dim)``),
-side by side in one run, with peak memory. Inputs are audio-like ``[B, D, T]``.
+side by side in one run, with peak memory. Inputs are audio-like ``[B, D, T]``, fp32.
+On CUDA the fp32 rows keep fp32 products on both sides (vqfast ``precision="ieee"``, torch's
+default ``allow_tf32=False``); two more rows run both on TF32 tensor cores (vqfast
+``precision="tf32"``, the peer under ``torch.backends.cuda.matmul.allow_tf32 = True``),
+each speedup measured against the peer in the same arithmetic.
 """
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 from pathlib import Path
 
 import torch
@@ -57,18 +63,20 @@ class Row:
     median_ms: float | None = None
     peak_mib: float | None = None
     speedup_vs_peer: float | None = None
+    matmul: str = "fp32"
     skipped: str | None = None
 
 
 # --- one setup factory per implementation: a module and how to run a step with it -----
 
-def setup_vqfast(case: Case):
+def setup_vqfast(case: Case, precision: str = "ieee"):
     if case.levels == 1 and case.groups == 1:
         module = vqfast.VectorQuantizerEMA(case.k, case.d, 0.25, cosine=case.cosine,
-                                           codebook_dim=case.codebook_dim)
+                                           codebook_dim=case.codebook_dim, precision=precision)
     else:
         module = vqfast.ResidualVQ(case.levels, case.k, case.d, groups=case.groups,
-                                   cosine=case.cosine, codebook_dim=case.codebook_dim)
+                                   cosine=case.cosine, codebook_dim=case.codebook_dim,
+                                   precision=precision)
 
     def step(x):
         loss, q, _, _ = module(x)
@@ -108,7 +116,17 @@ def setup_loop(case: Case):
     return module, module
 
 
-def setup_peer(case: Case):
+@contextlib.contextmanager
+def _matmul_tf32(enabled: bool):
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def setup_peer(case: Case, tf32: bool = False):
     try:
         import vector_quantize_pytorch as vqp
     except ImportError as error:
@@ -125,13 +143,18 @@ def setup_peer(case: Case):
                                     codebook_dim=case.codebook_dim, **common)
 
     def step(x):  # the peer takes channels-last [B, T, D]
-        out = module(x.transpose(1, 2))
+        with _matmul_tf32(tf32):
+            out = module(x.transpose(1, 2))
         return out[0].transpose(1, 2), out[2].sum()
     return module, step
 
 
-IMPLS = {"vqfast": setup_vqfast, "vqfast single-quantizer loop": setup_loop,
-         "vector-quantize-pytorch": setup_peer}
+PEER = "vector-quantize-pytorch"
+# name -> (setup, the arithmetic of its distance products); the TF32 pair on CUDA only.
+IMPLS = {"vqfast": (setup_vqfast, "fp32"), "vqfast single-quantizer loop": (setup_loop, "fp32"),
+         PEER: (setup_peer, "fp32")}
+CUDA_IMPLS = {"vqfast (tf32)": (functools.partial(setup_vqfast, precision="tf32"), "tf32"),
+              f"{PEER} (tf32)": (functools.partial(setup_peer, tf32=True), "tf32")}
 
 
 def run(cases, device, progress=print):
@@ -139,8 +162,10 @@ def run(cases, device, progress=print):
     for case in cases:
         x = torch.randn(case.shape, generator=torch.Generator().manual_seed(0)).to(device)
         case_rows = []
-        for impl, setup in IMPLS.items():
-            row = Row(case.name, impl, case.n, case.d, case.k, case.levels, case.groups)
+        impls = {**IMPLS, **(CUDA_IMPLS if device.type == "cuda" else {})}
+        for impl, (setup, matmul) in impls.items():
+            row = Row(case.name, impl, case.n, case.d, case.k, case.levels, case.groups,
+                      matmul=matmul)
             try:
                 module, forward = setup(case)
                 module.to(device).train()
@@ -158,8 +183,9 @@ def run(cases, device, progress=print):
             progress(f"{case.name:<20} {impl:<30} "
                      + (f"{row.median_ms:10.2f} ms" if row.median_ms else row.skipped))
             case_rows.append(row)
-        peer = next((r for r in case_rows if r.impl == "vector-quantize-pytorch"), None)
-        for row in case_rows:
+        for row in case_rows:  # against the peer in the same arithmetic
+            peer = next((r for r in case_rows if r.impl.startswith(PEER) and r.matmul == row.matmul),
+                        None)
             if peer and peer.median_ms and row.median_ms:
                 row.speedup_vs_peer = peer.median_ms / row.median_ms
         rows += case_rows

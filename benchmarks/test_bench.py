@@ -4,6 +4,8 @@
 each case once as a smoke test (``--benchmark-disable`` in pyproject's addopts).
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,3 +29,21 @@ def test_seed_shape(benchmark, op, impl):
         run = fn
         fn = lambda: (run(), torch.cuda.synchronize())  # noqa: E731
     benchmark(fn)
+
+
+def test_residual_speedups_pair_rows_of_the_same_arithmetic(monkeypatch):
+    """The residual benchmark at a tiny size with the CUDA-only TF32 pair forced in (their
+    ``precision="tf32"`` / ``allow_tf32`` run as fp32 on CPU): every row ran, and each
+    speedup is against the peer row of its own arithmetic."""
+    pytest.importorskip("vector_quantize_pytorch")
+    from benchmarks import residual
+    monkeypatch.setattr(residual, "IMPLS", {**residual.IMPLS, **residual.CUDA_IMPLS})
+    case = dataclasses.replace(residual.QUICK[0], n=64, k=16)
+    rows = residual.run([case], torch.device("cpu"), progress=lambda line: None)
+    assert [r.impl for r in rows] == list(residual.IMPLS)
+    assert all(r.skipped is None and r.median_ms > 0 for r in rows), rows
+    by_impl = {r.impl: r for r in rows}
+    for impl, peer in (("vqfast", residual.PEER), ("vqfast (tf32)", f"{residual.PEER} (tf32)")):
+        expected = by_impl[peer].median_ms / by_impl[impl].median_ms
+        assert by_impl[impl].speedup_vs_peer == pytest.approx(expected)
+    assert torch.backends.cuda.matmul.allow_tf32 is False  # restored after the peer's steps
