@@ -159,10 +159,10 @@ CUDA_IMPLS = {"vqfast (tf32)": (functools.partial(setup_vqfast, precision="tf32"
 
 def run(cases, device, progress=print):
     rows = []
+    impls = {**IMPLS, **(CUDA_IMPLS if device.type == "cuda" else {})}
     for case in cases:
         x = torch.randn(case.shape, generator=torch.Generator().manual_seed(0)).to(device)
         case_rows = []
-        impls = {**IMPLS, **(CUDA_IMPLS if device.type == "cuda" else {})}
         for impl, (setup, matmul) in impls.items():
             row = Row(case.name, impl, case.n, case.d, case.k, case.levels, case.groups,
                       matmul=matmul)

@@ -127,6 +127,16 @@ def kmeans_done(initialized: torch.Tensor) -> bool:
     return True if torch.compiler.is_compiling() else bool(initialized)
 
 
+def take_kmeans_ema_state(module: nn.Module, centroids: torch.Tensor, sizes: torch.Tensor,
+                          finite: torch.Tensor) -> None:
+    """EMA state that agrees with k-means codes (``centroids [..., K, d]``, ``sizes [..., K]``
+    at least 1), taken only where ``finite``: ``ema_cluster_size = sizes``, ``ema_weight =
+    centroids * sizes``, ``ema_decay_weight = 1`` (trained-state bias correction)."""
+    module.ema_cluster_size.copy_(torch.where(finite, sizes, module.ema_cluster_size))
+    module.ema_weight.copy_(torch.where(finite, centroids * sizes[..., None], module.ema_weight))
+    module.ema_decay_weight.copy_(torch.where(finite, 1.0, module.ema_decay_weight))
+
+
 class Projection(nn.Linear):
     """A linear map of the channels of channels-first ``[B, C_in, S]`` -> ``[B, C_out, S]``
     (``codebook_dim``'s projections; no transpose copies)."""
@@ -444,10 +454,7 @@ class VectorQuantizerEMA(_QuantizerBase):
         return wanted and _world_size() > 1
 
     def _after_kmeans(self, centroids, counts, finite):
-        size = counts.float().clamp_min(1)
-        self.ema_cluster_size.copy_(torch.where(finite, size, self.ema_cluster_size))
-        self.ema_weight.copy_(torch.where(finite, centroids * size[:, None], self.ema_weight))
-        self.ema_decay_weight.copy_(torch.where(finite, 1.0, self.ema_decay_weight))
+        take_kmeans_ema_state(self, centroids, counts.float().clamp_min(1), finite)
 
     def corrected_cluster_size(self) -> torch.Tensor:
         """``[K]`` EMA cluster sizes divided by ``1 - decay**t`` (Adam's bias correction):

@@ -11,8 +11,8 @@ from torch import nn
 from . import functional as VF
 from . import modules
 from .modules import (Projection, _all_reduce_statistics, check_mask, keep_fp32, kmeans,
-                      kmeans_done, real_rows, rows_seen, usage_report, warn_skipped,
-                      without_real_rows_nan)
+                      kmeans_done, real_rows, rows_seen, take_kmeans_ema_state, usage_report,
+                      warn_skipped, without_real_rows_nan)
 from .ops.residual import residual_quantize
 
 
@@ -287,9 +287,7 @@ class ResidualVQ(nn.Module):
         finite = torch.isfinite(centroids).all()
         self.codebooks.data.copy_(torch.where(finite, centroids, self.codebooks.data))
         if self.ema:
-            self.ema_cluster_size.copy_(torch.where(finite, sizes, self.ema_cluster_size))
-            self.ema_weight.copy_(torch.where(finite, centroids * sizes[..., None], self.ema_weight))
-            self.ema_decay_weight.copy_(torch.where(finite, 1.0, self.ema_decay_weight))
+            take_kmeans_ema_state(self, centroids, sizes, finite)
         self.initialized.copy_(finite)
         self._kmeans_done = kmeans_done(finite)
 
