@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES
+from ._launch import FLOAT_DTYPES
 
 
 def vector_layout(name: str, t: torch.Tensor, dtypes=FLOAT_DTYPES):

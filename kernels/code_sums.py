@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import PTR, launch_config, streaming_configs
+from ._launch import launcher, PTR, launch_config, streaming_configs
 from ._layout import row_offsets, vector_layout
 
 CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=4)
@@ -34,7 +34,7 @@ def _code_sums_sorted_kernel(
         slots = r0 + tl.arange(0, BLOCK_N)
         slot_mask = slots < end
         rows = tl.load(order_ptr + slots, mask=slot_mask, other=0)
-        offsets = row_offsets(rows, S, D)[:, None] + dims[None, :] * S
+        offsets = row_offsets(rows, S, D)[:, None] + dims[None, :].to(tl.int64) * S
         mask = slot_mask[:, None] & dim_mask[None, :]
         value = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if HAS_CODEBOOK:
@@ -46,6 +46,7 @@ def _code_sums_sorted_kernel(
     tl.store(out_ptr + code.to(tl.int64) * D + dims, total, mask=dim_mask)
 
 
+@launcher
 def code_sums_sorted(x, idx, num_codes, codebook=None, scale=None):
     """``out[k] = scale * sum_{idx[n] == k} (codebook[k] - x[n] if codebook is given else x[n])``,
     fp32 ``[K, D]``.

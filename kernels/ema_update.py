@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import launch_config, split_options, streaming_configs
+from ._launch import launcher, launch_config, split_options, streaming_configs
 
 CONFIG = dict(BLOCK_K=32, MAX_BLOCK_D=64, num_warps=4)
 SCALARS_CONFIG = dict(BLOCK_REDUCE=1024, num_warps=4)
@@ -31,8 +31,8 @@ def _ema_scalars_kernel(
     BLOCK_REDUCE: tl.constexpr, HAS_FLAG: tl.constexpr, HAS_ACTIVE: tl.constexpr,
 ):
     book = tl.program_id(0)
-    counts_ptr += book * K
-    size_ptr += book * K
+    counts_ptr += book.to(tl.int64) * K
+    size_ptr += book.to(tl.int64) * K
     lanes = tl.arange(0, BLOCK_REDUCE)
     total = tl.zeros([BLOCK_REDUCE], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_REDUCE):
@@ -61,8 +61,8 @@ def _ema_finalize_kernel(
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     book = tl.program_id(1)
-    counts_ptr += book * K
-    size_ptr += book * K
+    counts_ptr += book.to(tl.int64) * K
+    size_ptr += book.to(tl.int64) * K
     book_offset = book.to(tl.int64) * K * D
     code_sums_ptr += book_offset
     weight_ptr += book_offset
@@ -90,6 +90,7 @@ def _ema_finalize_kernel(
                  mask=mask)
 
 
+@launcher
 def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
                ema_decay_weight, skipped_batches, decay, epsilon, active=None):
     """In place on ``ema_cluster_size [K]``, ``ema_weight [K, D]``, ``codebook [K, D]``,

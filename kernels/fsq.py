@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import PTR, check_same_device, split_options
+from ._launch import launcher, PTR, check_same_device, split_options
 from ._layout import row_offsets, same_layout, vector_layout
 
 CONFIG = dict(BLOCK_N=256, num_warps=4)
@@ -39,18 +39,22 @@ def _fsq_forward_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    offsets = row_offsets(rows, S, C)
+    # Channel c of each row: the pointers step by S per channel (64-bit pointers: C * S
+    # may pass 2**31 elements).
+    z_ptrs = z_ptr + row_offsets(rows, S, C)
+    q_ptrs = q_ptr + row_offsets(rows, S, C)
     code = tl.zeros([BLOCK_N], dtype=tl.int64)
     for c in range(0, C):
-        z = tl.load(z_ptr + offsets + c * S, mask=row_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptrs, mask=row_mask, other=0.0).to(tl.float32)
         half_l = tl.load(params_ptr + c)
         offset = tl.load(params_ptr + C + c)
         shift = tl.load(params_ptr + 2 * C + c)
         half_width = tl.load(params_ptr + 3 * C + c)
         rounded = _round_half_even(_tanh(z + shift) * half_l - offset)
-        tl.store(q_ptr + offsets + c * S, (rounded / half_width).to(q_ptr.dtype.element_ty),
-                 mask=row_mask)
+        tl.store(q_ptrs, (rounded / half_width).to(q_ptr.dtype.element_ty), mask=row_mask)
         code += (rounded + half_width).to(tl.int64) * tl.load(basis_ptr + c)
+        z_ptrs += S
+        q_ptrs += S
     tl.store(codes_ptr + rows, code, mask=row_mask)
 
 
@@ -62,16 +66,20 @@ def _fsq_backward_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     offsets = row_offsets(rows, S, C)
+    z_ptrs, grad_q_ptrs, grad_z_ptrs = z_ptr + offsets, grad_q_ptr + offsets, grad_z_ptr + offsets
     for c in range(0, C):
-        z = tl.load(z_ptr + offsets + c * S, mask=row_mask, other=0.0).to(tl.float32)
-        grad = tl.load(grad_q_ptr + offsets + c * S, mask=row_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptrs, mask=row_mask, other=0.0).to(tl.float32)
+        grad = tl.load(grad_q_ptrs, mask=row_mask, other=0.0).to(tl.float32)
         half_l = tl.load(params_ptr + c)
         shift = tl.load(params_ptr + 2 * C + c)
         half_width = tl.load(params_ptr + 3 * C + c)
         t = _tanh(z + shift)
-        tl.store(grad_z_ptr + offsets + c * S,
+        tl.store(grad_z_ptrs,
                  (grad * (1.0 - t * t) * (half_l / half_width)).to(grad_z_ptr.dtype.element_ty),
                  mask=row_mask)
+        z_ptrs += S
+        grad_q_ptrs += S
+        grad_z_ptrs += S
 
 
 def _check_params(z, params, basis):
@@ -82,6 +90,7 @@ def _check_params(z, params, basis):
     return n, c, s
 
 
+@launcher
 def fsq_forward(z, params, basis):
     """``z: [N, C]`` or ``[B, C, S]`` -> ``quantized`` (z's layout and dtype), ``codes`` (int64 [N])."""
     n, c, s = _check_params(z, params, basis)
@@ -93,6 +102,7 @@ def fsq_forward(z, params, basis):
     return q, codes
 
 
+@launcher
 def fsq_backward(grad_q, z, params):
     """The straight-through gradient of the bound: ``grad_z`` (z's layout and dtype)."""
     n, c, s = vector_layout("z", z)

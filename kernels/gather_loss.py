@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import (PTR, check_codebook, check_rows, check_same_device, launch_config,
+from . import _launch
+from ._launch import (launcher, PTR, check_codebook, check_rows, check_same_device, launch_config,
                       streaming_configs)
 from ._layout import row_offsets, vector_layout
 from .code_sums import code_sums_sorted
@@ -29,7 +30,7 @@ def _gather_loss_kernel(
     ticket_ptr, loss_ptr, perplexity_ptr,
     N, D, S, K, loss_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_REDUCE: tl.constexpr,
-    ATOMIC_CODE_SUMS: tl.constexpr,
+    ATOMIC_CODE_SUMS: tl.constexpr, STATS_SEM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -42,19 +43,23 @@ def _gather_loss_kernel(
     for d0 in range(0, D, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (dims[None, :] < D)
-        offsets = vector_offsets + dims[None, :] * S
+        offsets = vector_offsets + dims[None, :].to(tl.int64) * S
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         q = tl.load(codebook_ptr + code_offsets + dims[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(q_ptr + offsets, q.to(q_ptr.dtype.element_ty), mask=mask)
         diff = q - x
         err += tl.sum(diff * diff, axis=1)
         if ATOMIC_CODE_SUMS:
-            tl.atomic_add(code_sums_ptr + code_offsets + dims[None, :], x, mask=mask)
+            tl.atomic_add(code_sums_ptr + code_offsets + dims[None, :], x, mask=mask, sem=STATS_SEM)
 
     tl.store(partial_err_ptr + pid, tl.sum(err, axis=0))
-    tl.atomic_add(counts_ptr + codes, tl.full([BLOCK_N], 1, dtype=tl.int32), mask=row_mask)
-    # Release: this program's partial and counts are visible before its ticket; the last
-    # program's acquire makes every program's visible to it (loads bypass L1: .cg).
+    tl.atomic_add(counts_ptr + codes, tl.full([BLOCK_N], 1, dtype=tl.int32), mask=row_mask,
+                  sem=STATS_SEM)
+    # The hand-off. The barrier: every warp's partial and counts are issued before the one
+    # thread that takes the ticket releases them (triton adds none for atomics before 3.9).
+    # Release: they are visible before the ticket; the last program's acquire makes every
+    # program's visible to it (loads bypass L1: .cg).
+    tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == tl.num_programs(0) - 1:
         lanes = tl.arange(0, BLOCK_REDUCE)
@@ -73,6 +78,7 @@ def _gather_loss_kernel(
         tl.store(perplexity_ptr, tl.exp(-tl.sum(entropy, axis=0)))
 
 
+@launcher
 def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with_code_sums: bool,
                 loss_scale: float = 1.0):
     """``x: [N, D]`` or ``[B, D, S]``, ``codebook: [K, D]``, ``idx: int64 [N]`` ->
@@ -101,7 +107,8 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
         x, codebook, idx, q, partial_err, counts_and_ticket,
         code_sums if atomic else counts_and_ticket, counts_and_ticket[k:], loss, perplexity,
         n, d, s, k, float(loss_scale),
-        BLOCK_REDUCE=BLOCK_REDUCE, ATOMIC_CODE_SUMS=atomic, **config)
+        BLOCK_REDUCE=BLOCK_REDUCE, ATOMIC_CODE_SUMS=atomic,
+        STATS_SEM=_launch.STATS_SEM, **config)
     if with_code_sums and not atomic:
         code_sums = code_sums_sorted(x, idx, k)
     return q, loss, perplexity, counts_and_ticket[:k], code_sums
@@ -117,4 +124,5 @@ def aot_variants():
                "loss_ptr": "*fp32", "perplexity_ptr": "*fp32", "N": "i32", "D": "i32", "S": "i32",
                "K": "i32", "loss_scale": "fp32"}
         yield (f"gather_loss[{dtype},D{cfg['BLOCK_D']},atomic={atomic}]", _gather_loss_kernel,
-               sig, dict(cfg, BLOCK_REDUCE=BLOCK_REDUCE, ATOMIC_CODE_SUMS=atomic), options)
+               sig, dict(cfg, BLOCK_REDUCE=BLOCK_REDUCE, ATOMIC_CODE_SUMS=atomic,
+                                 STATS_SEM=_launch.STATS_SEM), options)

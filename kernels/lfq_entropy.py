@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import PTR, check_matrix, check_rows, check_same_device, split_options
+from ._launch import launcher, PTR, check_matrix, check_rows, check_same_device, split_options
 
 MAX_DIM = 24  # 2**24 codes: the int32 code indices stay far from overflow
 FORWARD_CONFIG = dict(BLOCK_N=32, BLOCK_C=64, BLOCK_D=32, num_warps=4)
@@ -47,7 +47,7 @@ def _lfq_avg_prob_kernel(
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_mask = rows < N
-        x = tl.load(x_ptr + rows[:, None] * d + dims[None, :],
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * d + dims[None, :],
                     mask=row_mask[:, None] & (dims < d)[None, :], other=0.0)
         if UPCAST_DOT:
             x = x.to(tl.float32)
@@ -68,7 +68,7 @@ def _lfq_entropy_backward_kernel(
     row_mask = rows < N
     dims = tl.arange(0, BLOCK_D)
     mask = row_mask[:, None] & (dims < d)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * d + dims[None, :], mask=mask, other=0.0)
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * d + dims[None, :], mask=mask, other=0.0)
     if UPCAST_DOT:
         x = x.to(tl.float32)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
@@ -88,7 +88,7 @@ def _lfq_entropy_backward_kernel(
     l = x.to(tl.float32) * scale
     mean_code = 2.0 * tl.sigmoid(2.0 * l) - 1.0  # tanh(l)
     grad = (weighted_codes - mean_code * weight_sum[:, None]) * (coef * scale)
-    tl.store(grad_ptr + rows[:, None] * d + dims[None, :], grad, mask=mask)
+    tl.store(grad_ptr + rows.to(tl.int64)[:, None] * d + dims[None, :], grad, mask=mask)
 
 
 def _check(x, lse):
@@ -106,6 +106,7 @@ def _dot_options(x, precision):
                 UPCAST_DOT=x.dtype != torch.float32 and x.device.type != "cuda")
 
 
+@launcher
 def lfq_avg_prob(x, lse, inv_temperature, precision="ieee"):
     """``x: [N, d]``, ``lse: fp32 [N]`` -> ``avg: fp32 [2**d]``, the batch-mean code distribution."""
     _check(x, lse)
@@ -119,6 +120,7 @@ def lfq_avg_prob(x, lse, inv_temperature, precision="ieee"):
     return avg
 
 
+@launcher
 def lfq_entropy_backward(x, lse, g, coef, inv_temperature, precision="ieee"):
     """``grad_x: fp32 [N, d]`` of ``coef * sum_c g[c] avg[c]`` (``g = dH/d avg``)."""
     _check(x, lse)

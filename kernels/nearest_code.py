@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import (PTR, TORCH_DTYPES, check_codebook, check_same_device, launch_config,
+from ._launch import (launcher, PTR, TORCH_DTYPES, check_codebook, check_same_device, launch_config,
                       streaming_configs)
 from ._layout import row_offsets, vector_layout
 
@@ -127,6 +127,7 @@ def _codebook_prep_kernel(
     tl.store(sqnorm_ptr + codes, sqnorm, mask=code_mask)
 
 
+@launcher
 def codebook_prep(codebook: torch.Tensor, dtype: torch.dtype, snapshot: torch.Tensor | None = None):
     """One pass over ``codebook [K, D]``: ``(codebook in dtype, fp32 squared norms [K])``,
     the norms of the rounded codes; writes an fp32 copy into ``snapshot`` if given."""
@@ -148,6 +149,7 @@ def pick_config(dtype: torch.dtype, precision: str = "ieee", configs=None) -> di
     return dict((configs or CONFIGS)[key])
 
 
+@launcher
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee",
                  snapshot: torch.Tensor | None = None):
     """``x: [N, D]`` or ``[B, D, S]``, ``codebook: [K, D]`` -> ``idx: int64 [N]``, ``sqdist: fp32 [N]``.

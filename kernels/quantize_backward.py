@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import (PTR, check_codebook, check_rows, check_same_device, launch_config,
+from . import _launch
+from ._launch import (launcher, PTR, check_codebook, check_rows, check_same_device, launch_config,
                       streaming_configs)
 from ._layout import row_offsets, same_layout, vector_layout
 from .code_sums import code_sums_sorted
@@ -27,6 +28,7 @@ def _quantize_backward_kernel(
     grad_q_ptr, x_ptr, codebook_ptr, idx_ptr, grad_loss_ptr, grad_x_ptr, grad_codebook_ptr,
     N, D, S, x_scale, codebook_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ATOMIC_CODEBOOK_GRAD: tl.constexpr,
+    STATS_SEM: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -37,7 +39,7 @@ def _quantize_backward_kernel(
     for d0 in range(0, D, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (dims < D)[None, :]
-        offsets = vector_offsets + dims[None, :] * S
+        offsets = vector_offsets + dims[None, :].to(tl.int64) * S
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         q = tl.load(codebook_ptr + code_offsets + dims[None, :], mask=mask, other=0.0)
         grad_q = tl.load(grad_q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -46,9 +48,10 @@ def _quantize_backward_kernel(
         tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
         if ATOMIC_CODEBOOK_GRAD:
             tl.atomic_add(grad_codebook_ptr + code_offsets + dims[None, :],
-                          (grad_loss * codebook_scale) * diff, mask=mask)
+                          (grad_loss * codebook_scale) * diff, mask=mask, sem=STATS_SEM)
 
 
+@launcher
 def quantize_backward(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale):
     """Gradients of the quantizer: ``grad_x`` (x's shape and dtype) and ``grad_codebook``
     (fp32 ``[K, D]``, ``None`` when ``codebook_scale == 0``), from ``q = codebook[idx]``
@@ -74,7 +77,7 @@ def quantize_backward(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_sca
     _quantize_backward_kernel[grid](
         grad_q, x, codebook, idx, grad_loss, grad_x, grad_codebook if atomic else grad_x,
         n, d, s, float(x_scale), float(codebook_scale),
-        ATOMIC_CODEBOOK_GRAD=atomic, **config)
+        ATOMIC_CODEBOOK_GRAD=atomic, STATS_SEM=_launch.STATS_SEM, **config)
     if with_grad and not atomic:
         grad_codebook = code_sums_sorted(x, idx, num_codes, codebook=codebook,
                                          scale=grad_loss * codebook_scale)
@@ -90,4 +93,5 @@ def aot_variants():
                "grad_codebook_ptr": "*fp32" if atomic else PTR[dtype], "N": "i32", "D": "i32",
                "S": "i32", "x_scale": "fp32", "codebook_scale": "fp32"}
         yield (f"quantize_backward[{dtype},D{cfg['BLOCK_D']},atomic={atomic}]",
-               _quantize_backward_kernel, sig, dict(cfg, ATOMIC_CODEBOOK_GRAD=atomic), options)
+               _quantize_backward_kernel, sig, dict(cfg, ATOMIC_CODEBOOK_GRAD=atomic,
+                                                                     STATS_SEM=_launch.STATS_SEM), options)

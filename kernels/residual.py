@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import PTR, TORCH_DTYPES, check_same_device, launch_config, streaming_configs
+from . import _launch
+from ._launch import launcher, PTR, TORCH_DTYPES, check_same_device, launch_config, streaming_configs
 from ._layout import row_offsets, vector_layout
 from .code_sums import code_sums_sorted
 from .nearest_code import PRECISIONS, codebook_prep, pick_config, running_argmin
@@ -69,6 +70,7 @@ def _residual_forward_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     COSINE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ACTIVE: tl.constexpr,
     SUMS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    STATS_SEM: tl.constexpr,
 ):
     tile = tl.program_id(0)
     group = tl.program_id(1)
@@ -83,7 +85,7 @@ def _residual_forward_kernel(
     num_slots = tl.num_programs(1) * num_levels
     # x: channel c of a row at x_rows + c * S; the running sum of codes (fp32, this
     # program's own rows of `total`, an L1/L2-resident scratch): at total_rows + c.
-    x_rows = (row_offsets(rows, S, D) + group * d * S)[:, None]
+    x_rows = (row_offsets(rows, S, D) + group.to(tl.int64) * d * S)[:, None]
     total_rows = (rows.to(tl.int64) * D + group * d)[:, None]
     for d0 in range(0, d, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
@@ -136,7 +138,7 @@ def _residual_forward_kernel(
             err += tl.sum(diff * diff, axis=1)
             if SUMS == 1:
                 tl.atomic_add(code_sums_ptr + slot.to(tl.int64) * K * d + best_idx[:, None] * d
-                              + dims[None, :], r_used, mask=level_mask)
+                              + dims[None, :], r_used, mask=level_mask, sem=STATS_SEM)
             if SUMS == 2:  # the deterministic path sums them sorted by code
                 tl.store(residuals_ptr + (slot.to(tl.int64) * N + rows)[:, None] * d
                          + dims[None, :], r_used, mask=mask)
@@ -146,7 +148,7 @@ def _residual_forward_kernel(
         tl.store(idx_ptr + slot.to(tl.int64) * N + rows, tl.where(valid, best_idx, -1).to(tl.int64),
                  mask=row_mask)
         tl.atomic_add(counts_ptr + slot * K + best_idx, tl.full([BLOCK_N], 1, dtype=tl.int32),
-                      mask=valid)
+                      mask=valid, sem=STATS_SEM)
     for level in range(levels, num_levels):  # dropped levels: code -1, no error
         slot = group * num_levels + level
         tl.store(partial_err_ptr + tile * num_slots + slot, 0.0)
@@ -167,12 +169,12 @@ def _residual_backward_kernel(
     residuals_ptr, total_ptr, commit_ptr, N, D, S, K, d, num_levels, books_per_group,
     x_scale, codebook_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, COSINE: tl.constexpr,
-    ROTATION: tl.constexpr, GRADS: tl.constexpr,
+    ROTATION: tl.constexpr, GRADS: tl.constexpr, STATS_SEM: tl.constexpr,
 ):
     group = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    x_rows = (row_offsets(rows, S, D) + group * d * S)[:, None]
+    x_rows = (row_offsets(rows, S, D) + group.to(tl.int64) * d * S)[:, None]
     total_rows = (rows.to(tl.int64) * D + group * d)[:, None]  # total and commit scratch
     grad_scale = tl.load(grad_scale_ptr)
     for d0 in range(0, d, BLOCK_D):
@@ -220,7 +222,8 @@ def _residual_backward_kernel(
             tl.store(total_ptr + total_rows + dims[None, :], total + code, mask=mask)
             if GRADS == 1:
                 tl.atomic_add(grad_codebooks_ptr + code_rows + dims[None, :],
-                              (grad_scale * codebook_scale) * (code - r_used), mask=level_mask)
+                              (grad_scale * codebook_scale) * (code - r_used), mask=level_mask,
+                              sem=STATS_SEM)
             if GRADS == 2:
                 tl.store(residuals_ptr + (slot.to(tl.int64) * N + rows)[:, None] * d
                          + dims[None, :], r_used, mask=mask)
@@ -301,6 +304,7 @@ def _sorted_sums(residuals, idx, slot_books, num_codes, codebooks=None, scale=No
         for slot, book in enumerate(slot_books)])
 
 
+@launcher
 def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, with_code_sums,
                       precision="ieee", snapshot=None):
     """Same contract as ``vqfast._torch.residual_quantize``: ``x [N, D]`` or ``[B, D, S]``,
@@ -337,12 +341,14 @@ def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, wi
         n, dim, s, k, d, num_levels, books // groups,
         COSINE=cosine, HAS_MASK=mask is not None, HAS_ACTIVE=active is not None,
         SUMS=sums, INPUT_PRECISION=precision if x.dtype == torch.float32 else "ieee",
-        UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type != "cuda", **config)
+        UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type != "cuda",
+        STATS_SEM=_launch.STATS_SEM, **config)
     if sums == STORE_RESIDUALS:
         code_sums = _sorted_sums(residuals, idx, _books(groups, num_levels, books), k)
     return q, idx, partial_err.sum(0), counts, code_sums
 
 
+@launcher
 def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups, cosine,
                       rotation_trick, x_scale, codebook_scale):
     """Same contract as ``vqfast._torch.residual_backward``; one launch (plus the sorted
@@ -366,7 +372,8 @@ def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups,
         grad_codebooks if grad_codebooks is not None else grad_scale,
         residuals if residuals is not None else grad_scale, scratch[0], scratch[1],
         n, dim, s, k, d, num_levels, books // groups, float(x_scale), float(codebook_scale),
-        COSINE=cosine, ROTATION=rotation_trick, GRADS=grads, **config)
+        COSINE=cosine, ROTATION=rotation_trick, GRADS=grads, STATS_SEM=_launch.STATS_SEM,
+        **config)
     if grads == STORE_RESIDUALS:
         slot_books = _books(groups, num_levels, books)
         per_slot = _sorted_sums(residuals, idx, slot_books, k, codebooks,
@@ -393,7 +400,8 @@ def aot_variants():
             sig = dict(forward_sig, x_ptr=PTR[dtype], cast_ptr=PTR[dtype], q_ptr=PTR[dtype])
             for cosine, sums in ((False, ATOMIC_SUMS), (True, STORE_RESIDUALS)):
                 consts = dict(config, COSINE=cosine, HAS_MASK=True, HAS_ACTIVE=True, SUMS=sums,
-                              INPUT_PRECISION=precision, UPCAST_DOT=False)
+                              INPUT_PRECISION=precision, UPCAST_DOT=False,
+                              STATS_SEM=_launch.STATS_SEM)
                 yield (f"residual_forward[{dtype},{precision},cosine={cosine}]",
                        _residual_forward_kernel, sig, consts, options)
     for dtype, (cfg, options) in itertools.product(PTR, streaming_configs(BACKWARD_CONFIG)):
@@ -404,6 +412,7 @@ def aot_variants():
                    "commit_ptr": "*fp32", "N": "i32", "D": "i32", "S": "i32", "K": "i32",
                    "d": "i32", "num_levels": "i32", "books_per_group": "i32", "x_scale": "fp32",
                    "codebook_scale": "fp32"}
-            consts = dict(cfg, COSINE=cosine, ROTATION=rotation, GRADS=grads)
+            consts = dict(cfg, COSINE=cosine, ROTATION=rotation, GRADS=grads,
+                          STATS_SEM=_launch.STATS_SEM)
             yield (f"residual_backward[{dtype},D{cfg['BLOCK_D']},cosine={cosine},"
                    f"rotation={rotation}]", _residual_backward_kernel, sig, consts, options)

@@ -1,5 +1,11 @@
-"""Launcher-side helpers: validation (the launcher checks once, the kernel trusts) and
-the launch configuration of the streaming kernels."""
+"""Launcher-side helpers: validation (the launcher checks once, the kernel trusts), the
+launch configuration of the streaming kernels, and the device guard every launcher runs
+under (``@launcher``)."""
+
+import contextlib
+import functools
+import itertools
+import threading
 
 import torch
 
@@ -7,6 +13,46 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # For the ahead-of-time compile test: triton's pointer types per input dtype.
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+
+
+# The memory semantics of the atomics that only accumulate statistics (counts, code sums,
+# codebook gradients): nothing reads them before the kernel ends (or before a ticket's
+# acquire), so they need no ordering, and "relaxed" compiles to a bare reduction where the
+# default "acq_rel" fences every element. A switch only for the benchmark's A/B.
+STATS_SEM = "relaxed"
+
+_guard = threading.local()
+
+
+@contextlib.contextmanager
+def device_guard(device: torch.device):
+    """Launch on ``device``: triton launches on the *current* CUDA device, which need not be
+    the tensors' (a module on ``cuda:1`` while ``cuda:0`` is current)."""
+    _guard.depth = getattr(_guard, "depth", 0) + 1
+    try:
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            yield
+    finally:
+        _guard.depth -= 1
+
+
+def in_device_guard() -> bool:
+    """Whether a launch now runs under ``device_guard`` (the tests assert it of every launch)."""
+    return getattr(_guard, "depth", 0) > 0
+
+
+def launcher(fn):
+    """Decorate a kernel launcher: it runs under ``device_guard`` of its first tensor argument."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in itertools.chain(args, kwargs.values())
+                      if isinstance(a, torch.Tensor)), None)
+        if first is None:
+            raise TypeError(f"{fn.__name__} takes tensors, got none")
+        with device_guard(first.device):
+            return fn(*args, **kwargs)
+    wrapper.is_launcher = True
+    return wrapper
 
 
 def check_matrix(name: str, t: torch.Tensor, dtypes=FLOAT_DTYPES) -> None:
