@@ -378,8 +378,10 @@ def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups,
         slot_books = _books(groups, num_levels, books)
         per_slot = _sorted_sums(residuals, idx, slot_books, k, codebooks,
                                 grad_scale * codebook_scale)
-        grad_codebooks = torch.zeros_like(codebooks).index_add_(
-            0, torch.tensor(slot_books, device=x.device), per_slot)
+        # Slot g * Q + l uses book g * Q + l (a codebook per level) or g (shared by the
+        # levels): the per-book sum is a view, no index built from host data.
+        grad_codebooks = (per_slot if books == groups * num_levels
+                          else per_slot.view(groups, num_levels, k, d).sum(1))
     return grad_x, grad_codebooks
 
 

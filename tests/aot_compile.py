@@ -63,6 +63,31 @@ def _ptxas(ptx: str, capability: int) -> dict:
             "registers": int(regs.group(1))}
 
 
+_ATOMIC = re.compile(r"^\s*(?:@%\w+\s+)?(atom|red)\.([\w.]+)")
+_ORDERING = ("acq_rel", "acquire", "release", "seq_cst")
+
+
+def atomics(ptx: str) -> list:
+    """Every atomic (``atom``/``red``) and fence of the PTX, in order: ``[kind, semantics,
+    barrier_before]``, semantics ``relaxed`` where none is written (PTX's default), and
+    whether a ``bar.sync`` precedes it in the same basic block (blocks start at ``$L__BB``
+    labels and end at branches)."""
+    found, barrier = [], False
+    for line in ptx.splitlines():
+        text = line.split("//")[0].strip()
+        if text.startswith("$L__BB") or re.match(r"(@%\w+\s+)?bra(\.uni)?\s", text) or text.startswith("ret"):
+            barrier = False
+        if re.match(r"(@%\w+\s+)?(bar\.sync|barrier\.sync)", text):
+            barrier = True
+        match = _ATOMIC.match(text)
+        if match:
+            sem = next((q for q in match.group(2).split(".") if q in _ORDERING), "relaxed")
+            found.append([match.group(1), sem, barrier])
+        elif re.match(r"(@%\w+\s+)?(fence|membar)\b", text):
+            found.append(["fence", text.split()[0], barrier])
+    return found
+
+
 def compile_one(job):
     index, capability = job
     name, kernel, sig, consts, options = list(variants())[index]
@@ -73,7 +98,8 @@ def compile_one(job):
         compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
         ptx = compiled.asm["ptx"]
         record.update(shared=compiled.metadata.shared, shared_limit=TARGETS[capability],
-                      mma="mma.sync" in ptx, wgmma="wgmma" in ptx, **_ptxas(ptx, capability))
+                      mma="mma.sync" in ptx, wgmma="wgmma" in ptx, atomics=atomics(ptx),
+                      **_ptxas(ptx, capability))
     except Exception as error:  # report every failure, not just the first
         record["error"] = f"{type(error).__name__}: {error}"[:2000]
     return record

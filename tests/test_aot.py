@@ -67,6 +67,48 @@ def test_no_register_spills(records):
     assert not spills, "\n".join(spills)
 
 
+# Kernels with an inter-program hand-off (an atomic ticket: "the last program reduces").
+TICKET_KERNELS = ("gather_loss[",)
+
+
+def ordering_violations(records):
+    """What a GPU would pay for or race on: a statistics atomic with ordering semantics (a
+    full fence per element), a fence, or a ticket not after a CTA barrier in its block."""
+    bad = []
+    for r in records:
+        ordered = [a for a in r["atomics"] if a[0] == "fence" or a[1] != "relaxed"]
+        where = f"{r['name']} {r['target']} (triton {r['triton']})"
+        if not r["name"].startswith(TICKET_KERNELS):
+            bad += [f"{where}: {a[0]} {a[1]} on a statistics atomic" for a in ordered]
+        elif len(ordered) != 1 or ordered[0][0] == "fence":
+            bad.append(f"{where}: expected one ordered ticket atomic, got {ordered}")
+        elif not ordered[0][2]:
+            bad.append(f"{where}: the ticket is not preceded by bar.sync in its basic block")
+    return bad
+
+
+def test_atomics_relaxed_and_tickets_after_a_barrier(records):
+    assert any(a[0] in ("atom", "red") for r in records for a in r["atomics"])  # parsed at all
+    bad = ordering_violations(records)
+    assert not bad, "\n".join(bad)
+
+
+def test_atomic_check_catches_fenced_atomics_and_unguarded_tickets():
+    """The PTX reader and the rule above fail on what they are there to catch."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from aot_compile import atomics
+
+    default = atomics("\t@%p7 atom.global.gpu.acq_rel.add.f32 %r1, [ %rd45 + 0 ], %r35;")
+    relaxed = atomics("\t@%p7 red.global.gpu.relaxed.add.f32 [ %rd45 + 0 ], %r35;")
+    assert default == [["atom", "acq_rel", False]] and relaxed == [["red", "relaxed", False]]
+    unguarded = atomics("bar.sync 0;\n$L__BB0_2:\n\tatom.global.gpu.acq_rel.add.u32 %r60, [%rd18], %r59;")
+    guarded = atomics("$L__BB0_2:\nbar.sync \t0;\n\tatom.global.gpu.acq_rel.add.u32 %r60, [%rd18], %r59;")
+    record = dict(target="sm_90", triton="x")
+    assert ordering_violations([dict(record, name="quantize_backward[x]", atomics=default)])
+    assert ordering_violations([dict(record, name="gather_loss[x]", atomics=unguarded)])
+    assert not ordering_violations([dict(record, name="gather_loss[x]", atomics=relaxed + guarded)])
+
+
 def test_distance_gemm_uses_tensor_cores(records):
     for r in records:
         if not r["name"].startswith("nearest_code["):

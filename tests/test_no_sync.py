@@ -4,7 +4,12 @@ A ``TorchDispatchMode`` records every aten op of a step (forward, backward, EMA 
 with each option), following the vqfast custom ops into their implementations, and fails
 on the ops that wait for the device: ``_local_scalar_dense`` (``.item()``, ``bool(t)``,
 ``int(t)``), ``is_nonzero``, ``nonzero`` (boolean-mask indexing) and ``bincount`` (which
-reads ``max(idx)`` on CUDA). The same steps must trace with ``torch.compile(fullgraph=True)``.
+reads ``max(idx)`` on CUDA), and on tensors built from host data inside the step
+(``torch.tensor(list, device=...)``: ``lift_fresh``, and ``_to_copy`` from the CPU to
+another device), a blocking host-to-device copy that also breaks CUDA-graph capture. On
+CPU such a copy costs nothing and syncs nothing: only the recorder sees it. Every option
+runs with and without ``torch.use_deterministic_algorithms``. The same steps must trace
+with ``torch.compile(fullgraph=True)``.
 """
 
 import os
@@ -22,6 +27,7 @@ from _util import BACKENDS, DEVICE
 
 SYNCING_OPS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzero", "aten.item",
                "aten.bincount")
+HOST_DATA_OPS = ("aten.lift_fresh", "aten.lift_fresh_copy")
 
 
 class HostReads(TorchDispatchMode):
@@ -34,12 +40,20 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func.overloadpacket)
-        if name in SYNCING_OPS:
+        if name in SYNCING_OPS or name in HOST_DATA_OPS:
             self.found.append(name)
+        elif name == "aten._to_copy" and _host_to_device(args, kwargs):
+            self.found.append("aten._to_copy from cpu")
         if func._schema.name in OPDEFS:  # look inside the custom ops too
             with self:
                 return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _host_to_device(args, kwargs):
+    device = kwargs.get("device")
+    return (isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu"
+            and device is not None and torch.device(device).type != "cpu")
 
 
 OPTIONS = {
@@ -53,7 +67,15 @@ OPTIONS = {
     "plain+cosine+rotation": (vqfast.VectorQuantizer, dict(cosine=True, rotation_trick=True)),
     "ema+cosine+codebook_dim+dead_codes": (vqfast.VectorQuantizerEMA, dict(
         cosine=True, codebook_dim=3, dead_code_threshold=1.0, rotation_trick=True)),
+    "residual": (vqfast.ResidualVQ, dict(ema=False, rotation_trick=True)),
+    "residual+shared+ema": (vqfast.ResidualVQ, dict(shared_codebook=True, kmeans_init=True)),
 }
+
+
+def _make(cls, kw, backend):
+    if cls is vqfast.ResidualVQ:
+        return cls(3, 19, 5, 0.25, backend=backend, **kw).to(DEVICE)
+    return cls(19, 5, 0.25, backend=backend, **kw).to(DEVICE)
 
 
 @pytest.fixture
@@ -76,13 +98,21 @@ def _step(vq, z):
     return perplexity
 
 
+@pytest.fixture(params=[False, True], ids=["atomics", "deterministic"])
+def deterministic(request):
+    if request.param:
+        torch.use_deterministic_algorithms(True)
+    yield request.param
+    torch.use_deterministic_algorithms(False)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("option", OPTIONS)
-def test_training_step_reads_nothing_on_the_host(option, backend, request):
+def test_training_step_reads_nothing_on_the_host(option, backend, deterministic, request):
     cls, kw = OPTIONS[option]
     if kw.get("sync_distributed"):
         request.getfixturevalue("single_rank_group")
-    vq = cls(19, 5, 0.25, backend=backend, **kw).to(DEVICE)
+    vq = _make(cls, kw, backend)
     _step(vq, torch.randn(3, 5, 4, 3, device=DEVICE, requires_grad=True))  # k-means: once
     z = torch.randn(3, 5, 4, 3, device=DEVICE, requires_grad=True)
     with HostReads() as recorder:
@@ -97,7 +127,11 @@ def test_recorder_sees_a_host_read():
     with HostReads() as recorder:
         bool(torch.isfinite(torch.randn(3)).all())
         (torch.randn(4) > 0).nonzero()
+        torch.tensor([0, 1])
     assert "aten._local_scalar_dense" in recorder.found and "aten.nonzero" in recorder.found
+    assert "aten.lift_fresh" in recorder.found
+    assert _host_to_device((torch.zeros(2),), dict(device="cuda"))
+    assert not _host_to_device((torch.zeros(2),), dict(device="cpu"))
 
 
 def test_vqvae_training_step_reads_nothing_on_the_host():
@@ -121,7 +155,7 @@ def test_every_option_compiles_fullgraph(option, backend):
     """Item 6 of the hardening issue: k-means init and dead-code re-seeding trace."""
     torch._dynamo.reset()
     cls, kw = OPTIONS[option]
-    vq = cls(19, 5, 0.25, backend=backend, **kw).to(DEVICE)
+    vq = _make(cls, kw, backend)
     compiled = torch.compile(vq, fullgraph=True, backend="aot_eager")
     for _ in range(3):
         z = torch.randn(3, 5, 4, 3, device=DEVICE, requires_grad=True)
