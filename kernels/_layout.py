@@ -27,6 +27,15 @@ def vector_layout(name: str, t: torch.Tensor, dtypes=FLOAT_DTYPES):
     return b * s, d, s
 
 
+def check_item_offsets(name: str, d: int, s: int) -> None:
+    """For kernels that index within one batch item with 32-bit offsets (``c * S``: 64-bit
+    there would cost registers, and spills): ``D * S`` below 2**31 elements."""
+    if d * s >= 2**31:
+        raise ValueError(f"{name}: one batch item has D * S = {d} * {s} = {d * s} elements; "
+                         f"at most 2**31 - 1 are supported (split the spatial dims into more "
+                         f"batch items, or pass [N, D] rows)")
+
+
 def same_layout(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
     if t.shape != like.shape or not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous with shape {tuple(like.shape)}, got "

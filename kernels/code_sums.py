@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launcher, PTR, launch_config, streaming_configs
-from ._layout import row_offsets, vector_layout
+from ._layout import check_item_offsets, row_offsets, vector_layout
 
 CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=4)
 
@@ -34,7 +34,7 @@ def _code_sums_sorted_kernel(
         slots = r0 + tl.arange(0, BLOCK_N)
         slot_mask = slots < end
         rows = tl.load(order_ptr + slots, mask=slot_mask, other=0)
-        offsets = row_offsets(rows, S, D)[:, None] + dims[None, :].to(tl.int64) * S
+        offsets = row_offsets(rows, S, D)[:, None] + dims[None, :] * S
         mask = slot_mask[:, None] & dim_mask[None, :]
         value = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if HAS_CODEBOOK:
@@ -56,6 +56,7 @@ def code_sums_sorted(x, idx, num_codes, codebook=None, scale=None):
     ``x`` is ``[N, D]`` or ``[B, D, S]``.
     """
     n, d, s = vector_layout("x", x)
+    check_item_offsets("x", d, s)
     k = num_codes
     sorted_idx, order = torch.sort(idx, stable=True)
     # Segment bounds by binary search: no histogram (bincount syncs with the host on CUDA).

@@ -17,7 +17,7 @@ import triton.language as tl
 from . import _launch
 from ._launch import (launcher, PTR, check_codebook, check_rows, check_same_device, launch_config,
                       streaming_configs)
-from ._layout import row_offsets, vector_layout
+from ._layout import check_item_offsets, row_offsets, vector_layout
 from .code_sums import code_sums_sorted
 
 CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=8)
@@ -43,7 +43,7 @@ def _gather_loss_kernel(
     for d0 in range(0, D, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (dims[None, :] < D)
-        offsets = vector_offsets + dims[None, :].to(tl.int64) * S
+        offsets = vector_offsets + dims[None, :] * S
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         q = tl.load(codebook_ptr + code_offsets + dims[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(q_ptr + offsets, q.to(q_ptr.dtype.element_ty), mask=mask)
@@ -90,6 +90,7 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
     sort-based kernel instead of fp32 atomics, so they are bitwise reproducible.
     """
     n, d, s = vector_layout("x", x)
+    check_item_offsets("x", d, s)
     check_codebook(codebook, d)
     check_same_device(x=x, codebook=codebook, idx=idx)
     k = codebook.shape[0]

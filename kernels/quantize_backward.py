@@ -17,7 +17,7 @@ import triton.language as tl
 from . import _launch
 from ._launch import (launcher, PTR, check_codebook, check_rows, check_same_device, launch_config,
                       streaming_configs)
-from ._layout import row_offsets, same_layout, vector_layout
+from ._layout import check_item_offsets, row_offsets, same_layout, vector_layout
 from .code_sums import code_sums_sorted
 
 CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=8)
@@ -39,7 +39,7 @@ def _quantize_backward_kernel(
     for d0 in range(0, D, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (dims < D)[None, :]
-        offsets = vector_offsets + dims[None, :].to(tl.int64) * S
+        offsets = vector_offsets + dims[None, :] * S
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         q = tl.load(codebook_ptr + code_offsets + dims[None, :], mask=mask, other=0.0)
         grad_q = tl.load(grad_q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -60,6 +60,7 @@ def quantize_backward(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_sca
     Deterministic mode takes the codebook gradient from the sort-based segment sums.
     """
     n, d, s = vector_layout("x", x)
+    check_item_offsets("x", d, s)
     same_layout("grad_q", grad_q, x)
     check_codebook(codebook, d)
     check_same_device(grad_q=grad_q, grad_loss=grad_loss, x=x, codebook=codebook, idx=idx)

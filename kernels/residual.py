@@ -85,7 +85,7 @@ def _residual_forward_kernel(
     num_slots = tl.num_programs(1) * num_levels
     # x: channel c of a row at x_rows + c * S; the running sum of codes (fp32, this
     # program's own rows of `total`, an L1/L2-resident scratch): at total_rows + c.
-    x_rows = (row_offsets(rows, S, D) + group.to(tl.int64) * d * S)[:, None]
+    x_rows = (row_offsets(rows, S, D) + (group * d).to(tl.int64) * S)[:, None]
     total_rows = (rows.to(tl.int64) * D + group * d)[:, None]
     for d0 in range(0, d, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
@@ -174,7 +174,7 @@ def _residual_backward_kernel(
     group = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    x_rows = (row_offsets(rows, S, D) + group.to(tl.int64) * d * S)[:, None]
+    x_rows = (row_offsets(rows, S, D) + (group * d).to(tl.int64) * S)[:, None]
     total_rows = (rows.to(tl.int64) * D + group * d)[:, None]  # total and commit scratch
     grad_scale = tl.load(grad_scale_ptr)
     for d0 in range(0, d, BLOCK_D):

@@ -83,7 +83,8 @@ def atomics(ptx: str) -> list:
         if match:
             sem = next((q for q in match.group(2).split(".") if q in _ORDERING), "relaxed")
             found.append([match.group(1), sem, barrier])
-        elif re.match(r"(@%\w+\s+)?(fence|membar)\b", text):
+        elif re.match(r"(@%\w+\s+)?(fence|membar)\b", text) and ".proxy." not in text:
+            # (fence.proxy.async orders the tensor-core pipeline's shared memory, not threads)
             found.append(["fence", text.split()[0], barrier])
     return found
 

@@ -10,6 +10,48 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--chaos", choices=("off", "reversed", "random"),
+                     default=os.environ.get("VQFAST_CHAOS", "off"),
+                     help="run every interpreted launch's programs in this order and poison "
+                          "new torch.empty tensors (tests/_chaos.py); default $VQFAST_CHAOS or off")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _chaos(request):
+    order = request.config.getoption("--chaos")
+    if order == "off" or os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from _chaos import chaos
+    with chaos(order):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _launches_under_device_guard(monkeypatch):
+    """Every interpreted launch must come from a launcher inside its device guard
+    (``vqfast.kernels._launch.launcher``): triton launches on the current CUDA device."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    try:
+        from triton.runtime.interpreter import GridExecutor
+        from vqfast.kernels._launch import in_device_guard
+    except ImportError:
+        yield
+        return
+    call = GridExecutor.__call__
+
+    def guarded(self, *args, **kwargs):
+        if not getattr(self.fn, "__module__", "").startswith("vqfast.kernels"):
+            return call(self, *args, **kwargs)  # the tests' own kernels
+        assert in_device_guard(), f"{self.fn.__name__} launched outside its launcher's device guard"
+        return call(self, *args, **kwargs)
+    monkeypatch.setattr(GridExecutor, "__call__", guarded)
+    yield

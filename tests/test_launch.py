@@ -1,0 +1,274 @@
+"""What a GPU launch needs that the interpreter forgives: the device guard and 64-bit offsets.
+
+- Every launcher runs under ``vqfast.kernels._launch.device_guard`` (triton launches on the
+  *current* CUDA device). ``conftest.py`` asserts it of every interpreted launch of the
+  whole suite; here: every function that launches a kernel is a ``@launcher``, a raw launch
+  fails, and the guard enters the tensors' CUDA device.
+- Offsets past 2**31 elements: each kernel runs on a tensor whose far channels (or rows)
+  lie past 2**31 elements. The tensors are reserved, not touched (the pages a kernel does
+  not read stay unallocated), and only one program of the grid runs (``one_program``), so
+  each case costs milliseconds; its results are compared with a small launch on the same
+  rows. Launchers that refuse a shape instead are tested on both sides of their limit.
+"""
+
+import ast
+import contextlib
+import importlib
+import inspect
+import pkgutil
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import vqfast  # noqa: E402
+from vqfast import kernels  # noqa: E402
+from vqfast.kernels import _launch  # noqa: E402
+from _util import INTERPRETED, INTERPRETER_BROKEN  # noqa: E402
+
+interpreted_only = pytest.mark.skipif(not INTERPRETED or INTERPRETER_BROKEN is not None,
+                                      reason="runs single programs under the Triton interpreter")
+
+
+def _kernel_modules():
+    return [importlib.import_module(f"vqfast.kernels.{m.name}")
+            for m in pkgutil.iter_modules(kernels.__path__) if not m.name.startswith("_")]
+
+
+def test_every_function_that_launches_is_a_guarded_launcher():
+    """A new launcher cannot forget the guard: any function of ``vqfast.kernels`` whose body
+    subscripts a ``@triton.jit`` kernel (``kernel[grid](...)``) must be a ``@launcher``."""
+    launching = []
+    for module in _kernel_modules():
+        tree = ast.parse(inspect.getsource(module))
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            launches = any(isinstance(n, ast.Call) and isinstance(n.func, ast.Subscript)
+                           and isinstance(n.func.value, ast.Name) and n.func.value.id.endswith("_kernel")
+                           for n in ast.walk(node))
+            if launches:
+                launching.append(f"{module.__name__}.{node.name}")
+                assert getattr(getattr(module, node.name), "is_launcher", False), (
+                    f"{module.__name__}.{node.name} launches a kernel but is not a @launcher")
+    assert len(launching) >= 12, launching
+
+
+@interpreted_only
+def test_a_launch_outside_the_guard_fails():
+    fsq = importlib.import_module("vqfast.kernels.fsq")
+    module = vqfast.FSQ([3, 4])
+    z = torch.randn(5, 2)
+    with pytest.raises(AssertionError, match="outside its launcher's device guard"):
+        fsq._fsq_forward_kernel[(1,)](z, module.params, module.basis, torch.empty_like(z),
+                                      torch.empty(5, dtype=torch.int64), 5, 2, 1, BLOCK_N=8)
+    kernels.fsq_forward(z, module.params, module.basis)  # through its launcher: fine
+
+
+def test_device_guard_enters_the_tensors_cuda_device(monkeypatch):
+    entered = []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(torch.device(d))
+        yield
+    monkeypatch.setattr(torch.cuda, "device", device)
+    with _launch.device_guard(torch.device("cuda", 1)):
+        assert _launch.in_device_guard()
+    with _launch.device_guard(torch.device("cpu")):
+        assert _launch.in_device_guard()
+    assert entered == [torch.device("cuda", 1)] and not _launch.in_device_guard()
+
+    @_launch.launcher
+    def fake_launcher(name, x, *, y):
+        return name
+    monkeypatch.setattr(_launch, "device_guard", lambda d: (entered.append(d), contextlib.nullcontext())[1])
+    fake_launcher("a", torch.zeros(1, device="meta"), y=1)
+    assert entered[-1] == torch.device("meta")
+
+
+# --- offsets past 2**31 -------------------------------------------------------------------
+
+BIG = 2**31
+
+
+@contextlib.contextmanager
+def one_program(which):
+    """Interpreted launches run only the ``"first"`` or ``"last"`` program of grid axis 0
+    (``num_programs`` still reports the whole grid), and skip the interpreter's copy of the
+    arguments back onto themselves (CPU tensors share their storage with it)."""
+    from triton.runtime.interpreter import GridExecutor, InterpretedFunction, InterpreterBuilder
+    run, set_dim, set_idx = InterpretedFunction.run, InterpreterBuilder.set_grid_dim, InterpreterBuilder.set_grid_idx
+    restore = GridExecutor._restore_args_dev
+    state = {}
+
+    def clipped_run(self, *args, grid, warmup, **kwargs):
+        def clipped(meta):
+            full = grid(meta) if callable(grid) else grid
+            state["programs"] = full[0]
+            return (1,) + tuple(full[1:])
+        return run(self, *args, grid=clipped, warmup=warmup, **kwargs)
+
+    def set_grid_dim(self, nx, ny, nz):
+        set_dim(self, state["programs"], ny, nz)
+
+    def set_grid_idx(self, x, y, z):
+        set_idx(self, 0 if which == "first" else state["programs"] - 1, y, z)
+
+    def restore_args(self, args_dev, args_hst, kwargs, kwargs_hst):
+        if any(getattr(a, "device", torch.device("cpu")).type != "cpu" for a in args_dev):
+            restore(self, args_dev, args_hst, kwargs, kwargs_hst)
+    patches = [(InterpretedFunction, "run", clipped_run), (InterpreterBuilder, "set_grid_dim", set_grid_dim),
+               (InterpreterBuilder, "set_grid_idx", set_grid_idx), (GridExecutor, "_restore_args_dev", restore_args)]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def _huge_channels_first(channels, spatial, rows, dtype=torch.float16):
+    """``[1, channels, spatial]`` reserved, its first ``rows`` vectors set (random)."""
+    x = torch.empty(1, channels, spatial, dtype=dtype)
+    small = torch.randn(1, channels, rows).to(dtype)
+    x[:, :, :rows] = small
+    return x, small
+
+
+# A channel offset (channels - 1) * S just past 2**31 with S < 2**31 rows.
+S_BIG = BIG // 2 + 1
+
+
+@pytest.fixture
+def no_chaos(request):
+    if request.config.getoption("--chaos") != "off":
+        pytest.skip("the reserved tensors must stay untouched: chaos mode would fill them")
+
+
+@interpreted_only
+def test_fsq_channel_offsets_past_2_31(no_chaos):
+    module = vqfast.FSQ([8, 5, 5])
+    rows = 32
+    z, small = _huge_channels_first(3, S_BIG, rows)
+    grad_q, grad_small = _huge_channels_first(3, S_BIG, rows)
+    with one_program("first"):
+        q, codes = kernels.fsq_forward(z, module.params, module.basis)
+        grad_z = kernels.fsq_backward(grad_q, z, module.params)
+    q_small, codes_small = kernels.fsq_forward(small, module.params, module.basis)
+    assert torch.equal(q[:, :, :rows], q_small) and torch.equal(codes[:rows], codes_small)
+    assert torch.equal(grad_z[:, :, :rows], kernels.fsq_backward(grad_small, small, module.params))
+
+
+@pytest.mark.parametrize("channels,accepted", [(BIG // 2 - 1, True), (BIG // 2, False)])
+@pytest.mark.parametrize("op", ["gather_loss", "quantize_backward", "code_sums_sorted"])
+def test_one_batch_item_below_2_31_elements(op, channels, accepted, monkeypatch):
+    """gather_loss, quantize_backward and code_sums index within a batch item with 32-bit
+    offsets (64-bit ones spill registers there): ``D * S`` must stay below 2**31."""
+    module = importlib.import_module(f"vqfast.kernels.{op if op != 'code_sums_sorted' else 'code_sums'}")
+    fake = _RecordedLaunch()
+    kernel = next(name for name in vars(module) if name.startswith("_") and name.endswith("_kernel"))
+    monkeypatch.setattr(module, kernel, fake)
+    x = torch.empty(1, channels, 2, dtype=torch.float16)  # D * S = channels * 2, two vectors
+    codebook, idx = torch.empty(3, channels), torch.zeros(2, dtype=torch.int64)
+    calls = {"gather_loss": lambda: module.gather_loss(x, codebook, idx, False),
+             "quantize_backward": lambda: module.quantize_backward(x, torch.ones(()), x, codebook, idx, 1.0, 0.0),
+             "code_sums_sorted": lambda: module.code_sums_sorted(x, idx, 3)}
+    if accepted:
+        calls[op]()
+        assert fake.launched == 1
+    else:
+        with pytest.raises(ValueError, match="at most 2\\*\\*31 - 1"):
+            calls[op]()
+
+
+@interpreted_only
+def test_lfq_row_offsets_past_2_31(no_chaos):
+    d = 16
+    n = BIG // d + 16  # the last row tile lies past 2**31 elements
+    x = torch.empty(n, d, dtype=torch.float16)
+    small = torch.randn(16, d).to(torch.float16)
+    x[-16:] = small
+    lse = torch.empty(n)
+    lse[-16:] = torch.logsumexp(2.0 * small.float().abs(), dim=1)  # any finite values
+    g = torch.randn(2**d)
+    with one_program("last"):
+        grad = kernels.lfq_entropy_backward(x, lse, g, 0.5, 1.0)
+    expected = kernels.lfq_entropy_backward(small, lse[-16:].clone(), g, 0.5, 1.0)
+    torch.testing.assert_close(grad[-16:], expected)
+
+
+@interpreted_only
+def test_residual_group_offsets_past_2_31(no_chaos):
+    """Group 1 of 2 (4 channels each) starts at 4 * S > 2**31 elements into the batch item."""
+    residual = importlib.import_module("vqfast.kernels.residual")
+    rows = residual.pick_config(torch.float16, "ieee", residual.FORWARD_CONFIGS)["BLOCK_N"]
+    s = BIG // 4 + 1
+    x, small = _huge_channels_first(8, s, rows)
+    codebooks = torch.randn(2, 7, 4)
+    with one_program("first"):
+        q, idx, _, counts, code_sums = kernels.residual_quantize(
+            x, codebooks, 1, 2, False, None, None, True)
+    q_small, idx_small, _, counts_small, sums_small = kernels.residual_quantize(
+        small, codebooks, 1, 2, False, None, None, True)
+    assert torch.equal(q[:, :, :rows], q_small) and torch.equal(idx[:, :rows], idx_small)
+    assert torch.equal(counts, counts_small)
+    torch.testing.assert_close(code_sums, sums_small)
+
+
+class _RecordedLaunch:
+    """Stands in for a kernel: records that the launcher got past its checks."""
+
+    def __init__(self):
+        self.launched = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launched += 1
+        return launch
+
+
+@pytest.mark.parametrize("rows,accepted", [(BIG - 1, True), (BIG, False)])
+def test_nearest_code_refuses_rows_from_2_31(rows, accepted, monkeypatch):
+    module = importlib.import_module("vqfast.kernels.nearest_code")
+    fake = _RecordedLaunch()
+    monkeypatch.setattr(module, "_nearest_code_kernel", fake)
+    x = torch.empty(rows, 1, dtype=torch.float16)
+    if accepted:
+        module.nearest_code(x, torch.randn(3, 1))
+        assert fake.launched == 1
+    else:
+        with pytest.raises(ValueError, match="too large for 32-bit"):
+            module.nearest_code(x, torch.randn(3, 1))
+
+
+@pytest.mark.parametrize("rows,accepted", [(BIG // 2 - 1, True), (BIG // 2, False)])
+def test_residual_refuses_rows_times_levels_from_2_31(rows, accepted, monkeypatch):
+    module = importlib.import_module("vqfast.kernels.residual")
+    fake = _RecordedLaunch()
+    monkeypatch.setattr(module, "_residual_forward_kernel", fake)
+    x = torch.empty(rows, 1, dtype=torch.float16)
+    call = lambda: module.residual_quantize(x, torch.randn(2, 3, 1), 2, 1, False, None, None, False)  # noqa: E731
+    if accepted:
+        call()
+        assert fake.launched == 1
+    else:
+        with pytest.raises(ValueError, match="too large for 32-bit"):
+            call()
+
+
+@pytest.mark.parametrize("d,accepted", [(24, True), (25, False)])
+def test_lfq_refuses_more_than_24_channels(d, accepted, monkeypatch):
+    module = importlib.import_module("vqfast.kernels.lfq_entropy")
+    fake = _RecordedLaunch()
+    monkeypatch.setattr(module, "_lfq_avg_prob_kernel", fake)
+    x, lse = torch.randn(3, d), torch.zeros(3)
+    if accepted:
+        module.lfq_avg_prob(x, lse, 1.0)
+        assert fake.launched == 1
+    else:
+        with pytest.raises(ValueError, match="d <= 24"):
+            module.lfq_avg_prob(x, lse, 1.0)
