@@ -13,6 +13,9 @@ def main(argv=None):
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
                       help="seed shape and a short K sweep only (under a minute on a 2-core CPU)")
+    size.add_argument("--headline", action="store_true",
+                      help="the seed and large shapes, nearest code and EMA step only (the GPU "
+                           "command's headline part)")
     size.add_argument("--tiny", action="store_true",
                       help="one tiny shape: checks the pipeline in seconds, measures nothing useful")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:i]")
@@ -29,7 +32,8 @@ def main(argv=None):
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
         else torch.device(args.device)
-    dtype_names = args.dtypes or (["float32", "bfloat16", "float16"] if device.type == "cuda"
+    dtype_names = args.dtypes or (["bfloat16", "float32"] if device.type == "cuda" and args.headline
+                                  else ["float32", "bfloat16", "float16"] if device.type == "cuda"
                                   else ["float32"])
     dtypes = [getattr(torch, name) for name in dtype_names]
 
@@ -37,6 +41,9 @@ def main(argv=None):
     if args.tiny:
         groups = [([suite.TINY], args.ops)]
         tag = "tiny"
+    elif args.headline:
+        groups = [([suite.SEED, suite.LARGE], ["nearest", "ema_step"])]
+        tag = "headline"
     elif args.quick:
         groups = [([suite.SEED], args.ops), (suite.QUICK_K_SWEEP, ["nearest", "ema_step"])]
         tag = "quick"

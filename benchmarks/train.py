@@ -234,6 +234,11 @@ def main(argv=None):
               "dry_run": args.dry_run, "model": f"VQVAE({args.num_hiddens}, 2, 32, "
                                                 f"{args.num_embeddings}, 64, 0.25, 0.99)",
               "parts": {}, "failed": []}
+    if args.out.exists():  # a second invocation (the GPU command's quality part) adds its parts
+        previous = json.loads(args.out.read_text())
+        report["parts"] = {**previous.get("parts", {}), **report["parts"]}
+        report["failed"] = [f for f in previous.get("failed", []) if f not in args.parts]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.parts:
         print(f"train benchmark: {name} ...", flush=True)
         try:
@@ -243,6 +248,7 @@ def main(argv=None):
                                      "traceback": traceback.format_exc()[-4000:]}
             report["failed"].append(name)
         print(f"  {json.dumps(report['parts'][name])[:300]}", flush=True)
+        args.out.write_text(json.dumps(report, indent=1))  # a run cut off keeps what finished
     graph = report["parts"].get("cuda_graph", {})
     if graph.get("matches_eager") is False:
         report["failed"].append("cuda_graph (replays drift from eager)")

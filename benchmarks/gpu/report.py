@@ -1,7 +1,11 @@
 """The GPU command's bookkeeping: ``env.json`` before the parts, ``SUMMARY.md`` after.
 
     python -m benchmarks.gpu.report env OUT_DIR
-    python -m benchmarks.gpu.report summary OUT_DIR --part tests=0 --part bench=1 ...
+    python -m benchmarks.gpu.report summary OUT_DIR --budget 420 --part correctness=0:95:110 ...
+
+A part is ``NAME=EXIT:SECONDS:LIMIT`` (``NAME=skipped:0:0`` when the budget ran out first).
+The summary holds each headline figure measured beside its prediction in
+``benchmarks/gpu/PREDICTION.md`` (its "Headline figures" table), in words.
 """
 
 import argparse
@@ -14,6 +18,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+PREDICTION = Path(__file__).with_name("PREDICTION.md")
 
 
 def _version(distribution: str):
@@ -86,14 +91,34 @@ def _tests(out: Path) -> str:
     return "\n".join(lines[:40])
 
 
+# Dense peaks per GPU (TFLOP/s by dtype, HBM TB/s): bf16/fp16 tensor cores, fp32 on CUDA cores.
+PEAKS = {"H100": ({"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}, 3.35),
+         "H200": ({"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}, 4.8)}
+
+
+def _peaks(device_name: str | None):
+    return next((peak for key, peak in PEAKS.items() if key in (device_name or "")), None)
+
+
+def _share(r, peaks) -> str:
+    """The row's TFLOP/s and GB/s as shares of the device's peaks."""
+    if not peaks or not r.get("tflops"):
+        return ""
+    flops, bandwidth = peaks
+    return (f"{100 * r['tflops'] / flops[r['dtype']]:.0f}% / "
+            f"{100 * (r.get('gbps') or 0) / (bandwidth * 1e3):.0f}%")
+
+
 def _bench(out: Path) -> str:
     path = out / "bench.json"
     if not path.exists():
         return "no bench.json"
-    results = json.loads(path.read_text())["results"]
+    report = json.loads(path.read_text())
+    results = report["results"]
+    peaks = _peaks(report.get("environment", {}).get("device"))
     by = {(r["shape"], r["op"], r["dtype"], r["impl"]): r for r in results}
-    lines = ["| shape | op | dtype | vqfast ms | vs reference | vs vector-quantize-pytorch | peak MiB (vqfast / ref) |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| shape | op | dtype | vqfast ms | vs reference | vs vector-quantize-pytorch | peak MiB (vqfast / ref) | % of peak FLOP/s / HBM |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for (shape, op, dtype, impl), r in by.items():
         if not impl.startswith("vqfast") or r["median_ms"] is None:
             continue
@@ -107,7 +132,7 @@ def _bench(out: Path) -> str:
                    else f"n/a ({(peer.get('skipped') or 'not run')[:40]})")
         ref_mem = f"{ref['peak_mib']:.0f}" if ref.get("peak_mib") is not None else "n/a"
         lines.append(f"| {shape} | {op} | {dtype} | {r['median_ms']:.3f} ({impl}) | {vs_ref} | "
-                     f"{vs_peer} | {r['peak_mib']:.0f} / {ref_mem} |")
+                     f"{vs_peer} | {r['peak_mib']:.0f} / {ref_mem} | {_share(r, peaks)} |")
     errors = [f"  - {r['shape']} {r['op']} {r['dtype']} {r['impl']}: {r['skipped']}"
               for r in results if (r.get("skipped") or "").startswith("error")]
     residual = json.loads(path.read_text()).get("residual", [])
@@ -160,10 +185,93 @@ def _train(out: Path) -> str:
     return "\n".join(lines)
 
 
-def summary(out: Path, parts: dict) -> str:
+def predictions(path: Path = PREDICTION) -> list:
+    """The rows ``(id, figure, predicted, unit)`` of PREDICTION.md's "Headline figures" table."""
+    rows, inside = [], False
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            inside = line.strip() == "## Headline figures"
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if inside and len(cells) == 4 and cells[0] not in ("id", "") and not cells[0].startswith("-"):
+            rows.append((cells[0], cells[1], float(cells[2]), cells[3]))
+    return rows
+
+
+def _load(out: Path, name: str) -> dict:
+    path = out / name
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _bench_ms(bench, shape, op, dtype, impl):
+    for r in bench.get("results", []):
+        if (r["shape"], r["op"], r["dtype"], r["impl"]) == (shape, op, dtype, impl) and r["median_ms"]:
+            return r["median_ms"]
+    return None
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def measured(out: Path) -> dict:
+    """Each headline figure's id -> its value in this run (absent if not measured)."""
+    bench, train = _load(out, "bench.json"), _load(out, "train.json")
+    ms = lambda shape, dtype, impl="vqfast[triton]": _bench_ms(bench, shape, "ema_step", dtype, impl)  # noqa: E731
+    values = {
+        "seed-ema-bf16-ms": ms("seed", "bfloat16"),
+        "seed-ema-fp32-ms": ms("seed", "float32"),
+        "seed-ema-bf16-vs-reference": _ratio(ms("seed", "bfloat16", "reference"), ms("seed", "bfloat16")),
+        "seed-ema-bf16-vs-peer": _ratio(ms("seed", "bfloat16", "vector-quantize-pytorch"), ms("seed", "bfloat16")),
+        "large-ema-bf16-ms": ms("large", "bfloat16"),
+        "large-ema-fp32-ms": ms("large", "float32"),
+        "large-ema-bf16-vs-reference": _ratio(ms("large", "bfloat16", "reference"), ms("large", "bfloat16")),
+        "kernels-per-ema-step": train.get("parts", {}).get("launches", {}).get("kernels_per_step"),
+    }
+    for row in bench.get("atomics", []):
+        if row["shape"] == "large" and row["dtype"] == "bfloat16" and row["sem"] == "acq_rel":
+            values["large-ema-bf16-acq_rel-vs-relaxed"] = row["vs_relaxed"]
+    for row in bench.get("residual", []):
+        if row["case"] == "codec" and row["impl"] == "vqfast" and row.get("matmul", "fp32") == "fp32":
+            values["codec-rvq-fp32-ms"] = row["median_ms"]
+            values["codec-rvq-fp32-vs-peer"] = row.get("speedup_vs_peer")
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _verdict(unit: str, predicted: float, value: float) -> str:
+    if unit == "ms":  # a time: lower is faster
+        word = "faster" if value < predicted else "slower"
+        return f"{word} than predicted ({value / predicted:.2f}x the predicted time)"
+    if unit == "x":  # a speedup (or a slowdown factor): higher means the first is slower
+        return f"{'above' if value > predicted else 'below'} the prediction ({value / predicted:.2f}x)"
+    return "as predicted" if value == predicted else f"{'more' if value > predicted else 'fewer'} than predicted"
+
+
+def predicted_vs_measured(out: Path) -> str:
+    values = measured(out)
+    lines = ["| figure | predicted | measured | verdict |", "|---|---:|---:|---|"]
+    for key, figure, predicted, unit in predictions():
+        value = values.get(key)
+        shown = f"{value:.3g} {unit}" if value is not None else "not measured"
+        verdict = _verdict(unit, predicted, value) if value is not None else ""
+        lines.append(f"| {figure} | {predicted:g} {unit} | {shown} | {verdict} |")
+    return "\n".join(lines)
+
+
+def _part(value):
+    """``rc`` or ``{"rc", "seconds", "limit"}`` (``rc`` "skipped" when the budget ran out)."""
+    return value if isinstance(value, dict) else {"rc": value, "seconds": None, "limit": None}
+
+
+def summary(out: Path, parts: dict, budget: int | None = None) -> str:
     env = json.loads((out / "env.json").read_text()) if (out / "env.json").exists() else {}
-    failed = [name for name, rc in parts.items() if rc != 0]
+    parts = {name: _part(value) for name, value in parts.items()}
+    failed = [name for name, p in parts.items() if p["rc"] not in (0, "skipped")]
+    skipped = [name for name, p in parts.items() if p["rc"] == "skipped"]
     head = "all parts passed" if not failed else f"FAILED: {', '.join(failed)}"
+    if skipped:
+        head += f" (skipped for time: {', '.join(skipped)})"
+    spent = sum(p["seconds"] or 0 for p in parts.values())
     lines = [
         f"# vqfast GPU run: {head}",
         "",
@@ -173,14 +281,20 @@ def summary(out: Path, parts: dict) -> str:
         f"vector-quantize-pytorch {env.get('vector_quantize_pytorch')} · vqfast "
         f"{env.get('vqfast_commit')} · {env.get('date')}",
         "",
-        "| part | exit code | file |",
-        "|---|---:|---|",
+        f"Parts took {spent} s" + (f" of a {budget} s budget." if budget else "."),
+        "",
+        "| part | exit code | seconds | limit | file |",
+        "|---|---:|---:|---:|---|",
     ]
-    files = {"env": "env.json", "tests": "tests.xml, tests.log", "bench": "bench.json, bench.md, bench.png",
-             "train": "train.json"}
-    for name, rc in parts.items():
-        lines.append(f"| {name} | {rc} | {files.get(name, '')} |")
-    lines += ["", "## Tests on the device", "", _tests(out), "",
+    files = {"install": "env.json", "correctness": "tests.xml, tests.log",
+             "bench": "bench.json, bench.md, bench.png", "train": "train.json",
+             "family": "bench.json, bench.md", "quality": "train.json"}
+    for name, p in parts.items():
+        lines.append(f"| {name} | {p['rc']} | {p['seconds'] if p['seconds'] is not None else ''} | "
+                     f"{p['limit'] or ''} | {files.get(name, '')} |")
+    lines += ["", "## Predicted (benchmarks/gpu/PREDICTION.md) vs measured", "",
+              predicted_vs_measured(out), "",
+              "## Tests on the device", "", _tests(out), "",
               "## Headline ratios (one run, side by side)", "", _bench(out), "",
               "## Training step", "", _train(out), ""]
     return "\n".join(lines)
@@ -191,15 +305,22 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["env", "summary"])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--part", action="append", default=[], metavar="NAME=RC",
-                        help="a part's name and exit code (summary)")
+    parser.add_argument("--part", action="append", default=[], metavar="NAME=RC:SECONDS:LIMIT",
+                        help="a part's name, exit code (or 'skipped'), seconds taken and limit")
+    parser.add_argument("--budget", type=int, default=None, help="the run's budget in seconds")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.what == "env":
         (args.out / "env.json").write_text(json.dumps(environment(), indent=1))
         return 0
-    parts = dict((item.split("=", 1)[0], int(item.split("=", 1)[1])) for item in args.part)
-    (args.out / "SUMMARY.md").write_text(summary(args.out, parts))
+    parts = {}
+    for item in args.part:
+        name, fields = item.split("=", 1)
+        rc, seconds, limit = (fields.split(":") + [None, None])[:3]
+        parts[name] = {"rc": rc if rc == "skipped" else int(rc),
+                       "seconds": int(seconds) if seconds else None,
+                       "limit": int(limit) if limit else None}
+    (args.out / "SUMMARY.md").write_text(summary(args.out, parts, args.budget))
     return 0
 
 

@@ -1,32 +1,45 @@
 #!/usr/bin/env bash
-# The one command for a lent GPU: turns it into evidence in under 9 minutes on an H100.
+# The one command for a GPU machine: evidence within a time budget (7 minutes by default).
 #
-#   bash benchmarks/gpu/run.sh OUT_DIR             # on the GPU machine
-#   bash benchmarks/gpu/run.sh --dry-run OUT_DIR   # the same parts on CPU, tiny, for CI
+#   bash benchmarks/gpu/run.sh OUT_DIR                   # on the GPU machine
+#   bash benchmarks/gpu/run.sh --budget 300 OUT_DIR      # a tighter budget, in seconds
+#   bash benchmarks/gpu/run.sh --dry-run OUT_DIR         # the same parts on CPU, tiny, for CI
 #
 # Installs vqfast without touching the machine's torch (pip --no-deps), and the wheels in
 # ./wheels (benchmarks/gpu/fetch_wheels.sh, carried along) with --no-index; without them
-# the vector-quantize-pytorch columns say it is missing. Then writes into OUT_DIR:
-#   env.json              GPU, SMs, driver, CUDA, torch, triton, numpy, Python, commit
-#   tests.xml, tests.log  the test suite on the device (junit + log)
-#   bench.json/.md/.png   the benchmark suite (python -m benchmarks), the LFQ/FSQ
-#                         benchmark (python -m benchmarks.lookup_free, d = 10..18) and the
-#                         residual/grouped/cosine one (python -m benchmarks.residual)
-#   train.json            VQ-VAE training step: eager / torch.compile / CUDA graph, the
-#                         quantizer's share, kernel launches, a sync-debug step, and the
-#                         quality benchmark's curves at batch 256 (about 150 s)
-#   SUMMARY.md            what passed, the headline ratios, what failed
+# the vector-quantize-pytorch columns say it is missing. Then runs its parts in order of
+# value, each time-boxed and cut to what is left of the budget (a part that would get
+# under 15 s is skipped), and rewrites SUMMARY.md after every part, so a run stopped at
+# any point still reports what finished:
+#   1 install, env        env.json: GPU, SMs, driver, CUDA, torch, triton, numpy, commit
+#   2 correctness         tests.xml, tests.log: every kernel against the oracle at several
+#                         shapes and dtypes, past 2**31 elements, a step under the CUDA sync
+#                         debugger, a VQ-VAE step in a CUDA graph (no JIT of every variant)
+#   3 bench               bench.json/.md/.png: seed and large shapes, vqfast vs the
+#                         reference vs vector-quantize-pytorch, bf16 and fp32; then the
+#                         statistics atomics relaxed vs acq_rel (the EMA step, one run)
+#   4 train               train.json: VQ-VAE step eager / torch.compile / CUDA graph, the
+#                         quantizer's share, kernel launches, a sync-debug step
+#   5 family              bench.*: the residual/grouped/cosine and LFQ/FSQ benchmarks
+#   6 quality             train.json: the quality benchmark's curves with the time left
+#   SUMMARY.md            parts, times, tests, headline ratios beside PREDICTION.md
 # A failing part is recorded and the others still run; the exit code is 0 only if every
-# part passed. Uses $PYTHON if set, else python3.
+# part that ran passed. Uses $PYTHON if set, else python3.
 set -uo pipefail
 
 dry_run=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-    dry_run=1
-    shift
-fi
-if [[ $# -ne 1 ]]; then
-    echo "usage: bash benchmarks/gpu/run.sh [--dry-run] OUT_DIR" >&2
+budget=420
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --dry-run) dry_run=1; shift ;;
+        --budget) budget="${2:-}"; shift 2 || break ;;
+        --budget=*) budget="${1#*=}"; shift ;;
+        -*) echo "unknown option $1" >&2; set -- ; break ;;
+        *) break ;;
+    esac
+done
+if [[ $# -ne 1 || ! "$budget" =~ ^[0-9]+$ ]]; then
+    echo "usage: bash benchmarks/gpu/run.sh [--dry-run] [--budget SECONDS] OUT_DIR" >&2
     exit 2
 fi
 mkdir -p "$1" || exit 2
@@ -35,41 +48,59 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$repo" || exit 2
 py="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+deadline=$((SECONDS + budget))
 
 summary_args=()
 failed=0
-# run_part NAME SECONDS COMMAND...: run, time-limited, record the exit code, go on.
+summarize() {
+    "$py" -m benchmarks.gpu.report summary "$out" --budget "$budget" "${summary_args[@]}" \
+        > /dev/null 2>&1 || echo "(could not write SUMMARY.md)"
+}
+# run_part NAME SECONDS COMMAND...: run within min(SECONDS, what is left), record the exit
+# code and time, rewrite the summary, go on.
 run_part() {
     local name="$1" limit="$2"
     shift 2
+    local left=$((deadline - SECONDS - 5))
+    if [[ $left -lt 15 ]]; then
+        echo "=== $name: skipped, ${left}s of the budget left"
+        summary_args+=(--part "$name=skipped:0:0")
+        summarize
+        return
+    fi
+    [[ $limit -gt $left ]] && limit=$left
     echo "=== $name (limit ${limit}s): $*"
     local start=$SECONDS
     # SIGINT first: pytest still writes its junit file when interrupted.
-    timeout -s INT -k 20 "$limit" bash -c '"$@"' "$name" "$@"
+    timeout -s INT -k 10 "$limit" bash -c '"$@"' "$name" "$@"
     local code=$?
     echo "=== $name: exit $code after $((SECONDS - start))s"
-    summary_args+=(--part "$name=$code")
+    summary_args+=(--part "$name=$code:$((SECONDS - start)):$limit")
     [[ $code -eq 0 ]] || failed=1
+    summarize
 }
 
 install() {
     if [[ $dry_run -eq 1 ]]; then  # CI installed it already; only check the import
         "$py" -c "import vqfast; print('vqfast', vqfast.__version__, 'from', vqfast.__file__)"
-        return
-    fi
-    "$py" -m pip install -q --no-deps --no-build-isolation -e . || return
-    if compgen -G "wheels/*.whl" > /dev/null; then
-        # Beside the image's packages, not over them: a folder first on PYTHONPATH.
-        rm -rf "$wheel_site"
-        "$py" -m pip install -q --no-index --no-deps --target "$wheel_site" wheels/*.whl || return
     else
-        echo "no wheels/ folder: vector-quantize-pytorch will be reported missing"
+        "$py" -m pip install -q --no-deps --no-build-isolation -e . || return
+        if compgen -G "wheels/*.whl" > /dev/null; then
+            # Beside the image's packages, not over them: a folder first on PYTHONPATH.
+            rm -rf "$wheel_site"
+            "$py" -m pip install -q --no-index --no-deps --target "$wheel_site" wheels/*.whl || return
+        else
+            echo "no wheels/ folder: vector-quantize-pytorch will be reported missing"
+        fi
     fi
-    "$py" -c "import vqfast; print('vqfast', vqfast.__version__)"
+    "$py" -m benchmarks.gpu.report env "$out"
 }
 
-tests() {
-    local selection=(tests)
+correctness() {
+    # A focused selection: the kernels against the oracle, the 2**31 cases, the launchers'
+    # limits, the sync-debug and CUDA-graph steps (tests/test_cuda.py).
+    local selection=(tests/test_cuda.py tests/test_kernels.py tests/test_launch.py
+                     tests/test_residual.py -m "not slow" -k "not property")
     if [[ $dry_run -eq 1 ]]; then  # the pipeline, not the suite (CI runs the suite itself)
         selection=(tests/test_modules.py -k "matches_oracle")
     fi
@@ -78,36 +109,56 @@ tests() {
 }
 
 bench() {
-    local size=() lfq_size=() rvq_size=()
+    local size=(--headline) ab_size=()
     if [[ $dry_run -eq 1 ]]; then
         size=(--tiny --device cpu)
-        lfq_size=(--dims 6 --n 256 --device cpu)
-        rvq_size=(--quick --device cpu)
+        ab_size=(--tiny --device cpu)
     fi
     "$py" -m benchmarks "${size[@]}" --out "$out" --name bench || return
-    "$py" -m benchmarks.lookup_free "${lfq_size[@]}" --out "$out" --merge-into bench || return
-    "$py" -m benchmarks.residual "${rvq_size[@]}" --out "$out" --merge-into bench
+    # The A/B runs the Triton path: on CPU only under the interpreter.
+    TRITON_INTERPRET=$dry_run "$py" -m benchmarks.atomics "${ab_size[@]}" --out "$out" --merge-into bench
 }
 
 train() {
     local mode=()
     [[ $dry_run -eq 1 ]] && mode=(--dry-run)
-    "$py" -m benchmarks.train "${mode[@]}" --out "$out/train.json"
+    "$py" -m benchmarks.train "${mode[@]}" --out "$out/train.json" \
+        --parts eager compiled cuda_graph quantizer_share launches no_host_sync
+}
+
+family() {
+    local lfq_size=() rvq_size=()
+    if [[ $dry_run -eq 1 ]]; then
+        lfq_size=(--dims 6 --n 256 --device cpu)
+        rvq_size=(--quick --device cpu)
+    fi
+    "$py" -m benchmarks.residual "${rvq_size[@]}" --out "$out" --merge-into bench || return
+    "$py" -m benchmarks.lookup_free "${lfq_size[@]}" --out "$out" --merge-into bench
+}
+
+quality() {
+    local mode=() seconds=$(( deadline - SECONDS - 40 ))
+    [[ $dry_run -eq 1 ]] && mode=(--dry-run)
+    [[ $seconds -lt 10 ]] && seconds=10
+    "$py" -m benchmarks.train "${mode[@]}" --out "$out/train.json" --parts quality \
+        --quality-seconds "$seconds"
 }
 
 wheel_site=/tmp/vqfast-wheels
 if [[ $dry_run -eq 0 ]] && compgen -G "wheels/*.whl" > /dev/null; then
     export PYTHONPATH="$wheel_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export dry_run out py wheel_site
-export -f install tests bench train
+export dry_run out py wheel_site deadline
+export -f install correctness bench train family quality
 
-run_part install 120 install
-run_part env 60 "$py" -m benchmarks.gpu.report env "$out"
-run_part tests 210 tests
-run_part bench 150 bench
-run_part train 300 train
-"$py" -m benchmarks.gpu.report summary "$out" "${summary_args[@]}" || failed=1
+# Limits in order of value; they add up to the default 420 s budget (quality trains for
+# what is left less a 40 s margin for its start and teardown).
+run_part install 40 install
+run_part correctness 110 correctness
+run_part bench 90 bench
+run_part train 50 train
+run_part family 50 family
+run_part quality 80 quality
 echo "=== wrote $(ls "$out" | tr '\n' ' ')"
-cat "$out/SUMMARY.md" 2>/dev/null | head -40
+cat "$out/SUMMARY.md" 2>/dev/null | head -60
 exit $failed
