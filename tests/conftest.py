@@ -10,6 +10,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "own_chaos: the test sets chaos mode itself (--chaos does not apply)")
+
+
 def pytest_addoption(parser):
     parser.addoption("--chaos", choices=("off", "reversed", "random"),
                      default=os.environ.get("VQFAST_CHAOS", "off"),
@@ -25,7 +29,8 @@ def _seed():
 @pytest.fixture(autouse=True)
 def _chaos(request):
     order = request.config.getoption("--chaos")
-    if order == "off" or os.environ.get("TRITON_INTERPRET") != "1":
+    if (order == "off" or os.environ.get("TRITON_INTERPRET") != "1"
+            or request.node.get_closest_marker("own_chaos")):
         yield
         return
     from _chaos import chaos

@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 import vqfast  # noqa: E402
 from vqfast import kernels  # noqa: E402
 from vqfast.kernels import _launch  # noqa: E402
-from _util import INTERPRETED, INTERPRETER_BROKEN  # noqa: E402
+from _util import DEVICE, INTERPRETED, INTERPRETER_BROKEN  # noqa: E402
 
 interpreted_only = pytest.mark.skipif(not INTERPRETED or INTERPRETER_BROKEN is not None,
                                       reason="runs single programs under the Triton interpreter")
@@ -163,6 +163,18 @@ def test_fsq_channel_offsets_past_2_31(no_chaos):
     assert torch.equal(grad_z[:, :, :rows], kernels.fsq_backward(grad_small, small, module.params))
 
 
+class _RecordedLaunch:
+    """Stands in for a kernel: records that the launcher got past its checks."""
+
+    def __init__(self):
+        self.launched = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launched += 1
+        return launch
+
+
 @pytest.mark.parametrize("channels,accepted", [(BIG // 2 - 1, True), (BIG // 2, False)])
 @pytest.mark.parametrize("op", ["gather_loss", "quantize_backward", "code_sums_sorted"])
 def test_one_batch_item_below_2_31_elements(op, channels, accepted, monkeypatch):
@@ -172,10 +184,12 @@ def test_one_batch_item_below_2_31_elements(op, channels, accepted, monkeypatch)
     fake = _RecordedLaunch()
     kernel = next(name for name in vars(module) if name.startswith("_") and name.endswith("_kernel"))
     monkeypatch.setattr(module, kernel, fake)
-    x = torch.empty(1, channels, 2, dtype=torch.float16)  # D * S = channels * 2, two vectors
-    codebook, idx = torch.empty(3, channels), torch.zeros(2, dtype=torch.int64)
+    x = torch.empty(1, channels, 2, dtype=torch.float16, device=DEVICE)  # D * S = channels * 2
+    codebook = torch.empty(3, channels, device=DEVICE)
+    idx = torch.zeros(2, dtype=torch.int64, device=DEVICE)
     calls = {"gather_loss": lambda: module.gather_loss(x, codebook, idx, False),
-             "quantize_backward": lambda: module.quantize_backward(x, torch.ones(()), x, codebook, idx, 1.0, 0.0),
+             "quantize_backward": lambda: module.quantize_backward(
+                 x, torch.ones((), device=DEVICE), x, codebook, idx, 1.0, 0.0),
              "code_sums_sorted": lambda: module.code_sums_sorted(x, idx, 3)}
     if accepted:
         calls[op]()
@@ -219,30 +233,19 @@ def test_residual_group_offsets_past_2_31(no_chaos):
     torch.testing.assert_close(code_sums, sums_small)
 
 
-class _RecordedLaunch:
-    """Stands in for a kernel: records that the launcher got past its checks."""
-
-    def __init__(self):
-        self.launched = 0
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launched += 1
-        return launch
-
-
 @pytest.mark.parametrize("rows,accepted", [(BIG - 1, True), (BIG, False)])
 def test_nearest_code_refuses_rows_from_2_31(rows, accepted, monkeypatch):
     module = importlib.import_module("vqfast.kernels.nearest_code")
     fake = _RecordedLaunch()
     monkeypatch.setattr(module, "_nearest_code_kernel", fake)
-    x = torch.empty(rows, 1, dtype=torch.float16)
+    x = torch.empty(rows, 1, dtype=torch.float16, device=DEVICE)
+    codebook = torch.randn(3, 1, device=DEVICE)
     if accepted:
-        module.nearest_code(x, torch.randn(3, 1))
+        module.nearest_code(x, codebook)
         assert fake.launched == 1
     else:
         with pytest.raises(ValueError, match="too large for 32-bit"):
-            module.nearest_code(x, torch.randn(3, 1))
+            module.nearest_code(x, codebook)
 
 
 @pytest.mark.parametrize("rows,accepted", [(BIG // 2 - 1, True), (BIG // 2, False)])
@@ -250,8 +253,9 @@ def test_residual_refuses_rows_times_levels_from_2_31(rows, accepted, monkeypatc
     module = importlib.import_module("vqfast.kernels.residual")
     fake = _RecordedLaunch()
     monkeypatch.setattr(module, "_residual_forward_kernel", fake)
-    x = torch.empty(rows, 1, dtype=torch.float16)
-    call = lambda: module.residual_quantize(x, torch.randn(2, 3, 1), 2, 1, False, None, None, False)  # noqa: E731
+    x = torch.empty(rows, 1, dtype=torch.float16, device=DEVICE)
+    codebooks = torch.randn(2, 3, 1, device=DEVICE)
+    call = lambda: module.residual_quantize(x, codebooks, 2, 1, False, None, None, False)  # noqa: E731
     if accepted:
         call()
         assert fake.launched == 1
@@ -265,7 +269,7 @@ def test_lfq_refuses_more_than_24_channels(d, accepted, monkeypatch):
     module = importlib.import_module("vqfast.kernels.lfq_entropy")
     fake = _RecordedLaunch()
     monkeypatch.setattr(module, "_lfq_avg_prob_kernel", fake)
-    x, lse = torch.randn(3, d), torch.zeros(3)
+    x, lse = torch.randn(3, d, device=DEVICE), torch.zeros(3, device=DEVICE)
     if accepted:
         module.lfq_avg_prob(x, lse, 1.0)
         assert fake.launched == 1
