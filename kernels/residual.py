@@ -25,6 +25,10 @@ from ._launch import launcher, PTR, TORCH_DTYPES, check_same_device, launch_conf
 from ._layout import row_offsets, vector_layout
 from .code_sums import code_sums_sorted
 from .nearest_code import PRECISIONS, codebook_prep, pick_config, running_argmin
+from ..reference import ROTATION_MIN_NORM_RATIO
+
+# Rows with |e| below this share of |q| take the straight-through gradient (the reference's rule).
+_MIN_NORM_RATIO = tl.constexpr(ROTATION_MIN_NORM_RATIO)
 
 # Launch configurations, compiled for sm_80 / sm_90 with triton 3.6 and 3.9 by the AOT
 # test (zero spills). The forward's search walks channel chunks of 16 as nearest_code's
@@ -231,8 +235,6 @@ def _residual_backward_kernel(
     if ROTATION:  # lambda R^T g, R the rotation of e^ = x^ onto q^, lambda = |q| / |e|
         ee = tl.zeros([BLOCK_N], dtype=tl.float32)
         qq = tl.zeros([BLOCK_N], dtype=tl.float32)
-        eq = tl.zeros([BLOCK_N], dtype=tl.float32)
-        eg = tl.zeros([BLOCK_N], dtype=tl.float32)
         qg = tl.zeros([BLOCK_N], dtype=tl.float32)
         for d0 in range(0, d, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
@@ -242,18 +244,30 @@ def _residual_backward_kernel(
             g = _chunk(grad_q_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask)
             ee += tl.sum(e * e, axis=1)
             qq += tl.sum(q * q, axis=1)
-            eq += tl.sum(e * q, axis=1)
-            eg += tl.sum(e * g, axis=1)
             qg += tl.sum(q * g, axis=1)
         e_norm = tl.maximum(tl.sqrt(ee), 1e-12)
         q_norm = tl.sqrt(qq)
         inv_q = 1.0 / tl.maximum(q_norm, 1e-12)
-        # w = (e^ + q^) / |e^ + q^|: its norm and w.g from the row sums
-        w_norm = tl.maximum(tl.sqrt(ee / (e_norm * e_norm) + qq * inv_q * inv_q
-                                    + 2.0 * eq / e_norm * inv_q), 1e-12)
-        wg = (eg / e_norm + qg * inv_q) / w_norm
+        # w = (e^ + q^) / |e^ + q^|: its norm and w.g summed elementwise (from the row sums,
+        # sqrt(2 + 2 cos) cancels catastrophically near e^ = -q^ and w is no unit vector).
+        ww = tl.zeros([BLOCK_N], dtype=tl.float32)
+        wg = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (dims < d)[None, :]
+            w = (_chunk(x_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask) / e_norm[:, None]
+                 + _chunk(total_ptr, total_rows + dims[None, :], mask) * inv_q[:, None])
+            ww += tl.sum(w * w, axis=1)
+            wg += tl.sum(w * _chunk(grad_q_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask), axis=1)
+        # Within rounding of antiparallel, e^ + q^ is noise and w's direction arbitrary: w = 0
+        # there (R = I - 2 e^ e^T, the exact formula's value at e^ = -q^), as the torch path.
+        w_norm = tl.sqrt(ww)
+        inv_w = tl.where(w_norm > 1e-6, 1.0 / tl.maximum(w_norm, 1e-6), 0.0)
+        wg = wg * inv_w
         quantized = tl.load(idx_ptr + (group * num_levels).to(tl.int64) * N + rows,
                             mask=row_mask, other=-1) >= 0
+        # straight through where |e| < ratio * |q| (zero rows): lambda would blow up
+        quantized = quantized & (tl.sqrt(ee) >= _MIN_NORM_RATIO * q_norm)
         lam = tl.where(quantized, q_norm / e_norm, 1.0)
     for d0 in range(0, d, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
@@ -263,7 +277,7 @@ def _residual_backward_kernel(
         if ROTATION:
             e_hat = _chunk(x_ptr, x_offsets, mask) / e_norm[:, None]
             q_hat = _chunk(total_ptr, total_rows + dims[None, :], mask) * inv_q[:, None]
-            w = (e_hat + q_hat) / w_norm[:, None]
+            w = (e_hat + q_hat) * inv_w[:, None]
             rotated = grad - 2.0 * w * wg[:, None] + 2.0 * e_hat * (qg * inv_q)[:, None]
             grad = tl.where(quantized[:, None], rotated, grad) * lam[:, None]
         grad_x = grad + (grad_scale * x_scale) * _chunk(commit_ptr, total_rows + dims[None, :], mask)

@@ -9,6 +9,8 @@ Everything accumulates in fp32.
 
 import torch
 
+from .reference import ROTATION_MIN_NORM_RATIO
+
 # 1 Mi fp32 entries (4 MiB) per chunk: big enough for an efficient matmul, small enough
 # that the temporaries stay far below the reference's [N, K] matrices. The elementwise
 # passes (gather, backward) take a quarter of it per operand: they hold several at once.
@@ -182,15 +184,21 @@ def book_of(group: int, level: int, num_levels: int, num_books: int, groups: int
 def rotation_grad(e: torch.Tensor, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The rotation trick's gradient for rows ``e, q, g: [N, d]``: ``lambda R^T g`` with
     ``lambda = |q| / |e|``, ``R`` the rotation of ``e^`` onto ``q^``:
-    ``R^T g = g - 2 r (r.g) + 2 e^ (q^.g)``, ``r = (e^ + q^) / |e^ + q^|``."""
-    e_norm = e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    ``R^T g = g - 2 r (r.g) + 2 e^ (q^.g)``, ``r = (e^ + q^) / |e^ + q^|`` (its norm summed
+    elementwise: from row sums, sqrt(2 + 2 cos) cancels near e^ = -q^); ``g`` straight
+    through where ``|e| < ROTATION_MIN_NORM_RATIO * |q|`` (``vqfast.reference``)."""
+    e_norm = e.norm(dim=1, keepdim=True)
     q_norm = q.norm(dim=1, keepdim=True)
+    degenerate = e_norm < ROTATION_MIN_NORM_RATIO * q_norm
+    e_norm = e_norm.clamp_min(1e-12)
     e_hat, q_hat = e / e_norm, q / q_norm.clamp_min(1e-12)
     r = e_hat + q_hat
-    r = r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    # within rounding of antiparallel r's direction is noise: r = 0 there (R = I - 2 e^ e^T)
+    r_norm = r.norm(dim=1, keepdim=True)
+    r = torch.where(r_norm > 1e-6, r / r_norm.clamp_min(1e-6), 0.0)
     rotated = (g - 2 * r * (r * g).sum(1, keepdim=True)
                + 2 * e_hat * (q_hat * g).sum(1, keepdim=True))
-    return rotated * (q_norm / e_norm)
+    return torch.where(degenerate, g, rotated * (q_norm / e_norm))
 
 
 def _level_weight(level_on, valid):
@@ -250,11 +258,12 @@ def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, wi
                 code = codebooks[book].index_select(0, i)
                 err = (code - r_used).pow_(2).sum(1)
                 weight = _level_weight(None if levels_on is None else levels_on[level], valid)
-                if weight is not None:
-                    err = err * weight
-                    code = code * weight[:, None]
-                    r_used = r_used * weight[:, None]
-                    idx[slot, rows] = torch.where(weight > 0, i, -1)
+                if weight is not None:  # where, not a product: 0 * inf (padding) is NaN
+                    on = weight > 0
+                    err = torch.where(on, err, 0.0)
+                    code = torch.where(on[:, None], code, 0.0)
+                    r_used = torch.where(on[:, None], r_used, 0.0)
+                    idx[slot, rows] = torch.where(on, i, -1)
                 else:
                     idx[slot, rows] = i
                 sq_err[slot] += err.sum()

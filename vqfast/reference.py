@@ -178,12 +178,21 @@ def lfq(z: torch.Tensor, entropy_loss_weight=0.1, commitment_cost=0.25, diversit
 # Plain [N, K] distances and autograd: the gradients of the fast paths are checked
 # against torch's differentiation of these formulas, not against a hand-derived rule.
 
+# Rows whose input is this much shorter than their code (|e| < ratio * |q|, zero inputs
+# included) take the straight-through gradient instead of the rotation's: its scale
+# lambda = |q| / |e| would blow up (|q| * 1e12 for a zero row in fp32, inf in fp16).
+ROTATION_MIN_NORM_RATIO = 1e-3
+
+
 def rotate_to(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """The rotation trick (Fifty et al., 2024), rows of ``e, q: [N, d]``: returns
     ``sg(lambda R) e`` with ``lambda = |q| / |e|`` and ``R`` the rotation taking ``e/|e|``
     to ``q/|q|`` (``R = I - 2 r r^T + 2 q^ e^T``, ``r = (e^ + q^) / |e^ + q^|``), built as
-    explicit ``[N, d, d]`` matrices. Its value is ``q``; ``e`` receives ``lambda R^T g``."""
+    explicit ``[N, d, d]`` matrices. Its value is ``q``; ``e`` receives ``lambda R^T g``,
+    or ``g`` straight through where ``|e| < ROTATION_MIN_NORM_RATIO * |q|``."""
+    straight = e + (q - e).detach()
     with torch.no_grad():
+        degenerate = e.norm(dim=1, keepdim=True) < ROTATION_MIN_NORM_RATIO * q.norm(dim=1, keepdim=True)
         e_norm = e.norm(dim=1, keepdim=True).clamp_min(1e-12)
         q_norm = q.norm(dim=1, keepdim=True)
         e_hat, q_hat = e / e_norm, q / q_norm.clamp_min(1e-12)
@@ -193,7 +202,7 @@ def rotate_to(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         rotation = (eye - 2 * r[:, :, None] * r[:, None, :]
                     + 2 * q_hat[:, :, None] * e_hat[:, None, :])
         scale = q_norm / e_norm
-    return scale * torch.einsum("nij,nj->ni", rotation, e)
+    return torch.where(degenerate, straight, scale * torch.einsum("nij,nj->ni", rotation, e))
 
 
 def residual_vq(x, codebooks, num_levels, *, groups=1, cosine=False, commitment_cost=0.25,
