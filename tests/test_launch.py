@@ -27,6 +27,9 @@ from vqfast import kernels  # noqa: E402
 from vqfast.kernels import _launch  # noqa: E402
 from _util import DEVICE, INTERPRETED, INTERPRETER_BROKEN  # noqa: E402
 
+# The huge tensors here are reserved, never touched: chaos mode would fill them.
+pytestmark = pytest.mark.own_chaos
+
 interpreted_only = pytest.mark.skipif(not INTERPRETED or INTERPRETER_BROKEN is not None,
                                       reason="runs single programs under the Triton interpreter")
 
@@ -143,14 +146,8 @@ def _huge_channels_first(channels, spatial, rows, dtype=torch.float16):
 S_BIG = BIG // 2 + 1
 
 
-@pytest.fixture
-def no_chaos(request):
-    if request.config.getoption("--chaos") != "off":
-        pytest.skip("the reserved tensors must stay untouched: chaos mode would fill them")
-
-
 @interpreted_only
-def test_fsq_channel_offsets_past_2_31(no_chaos):
+def test_fsq_channel_offsets_past_2_31():
     module = vqfast.FSQ([8, 5, 5])
     rows = 32
     z, small = _huge_channels_first(3, S_BIG, rows)
@@ -200,7 +197,7 @@ def test_one_batch_item_below_2_31_elements(op, channels, accepted, monkeypatch)
 
 
 @interpreted_only
-def test_lfq_row_offsets_past_2_31(no_chaos):
+def test_lfq_row_offsets_past_2_31():
     d = 16
     n = BIG // d + 16  # the last row tile lies past 2**31 elements
     x = torch.empty(n, d, dtype=torch.float16)
@@ -216,7 +213,7 @@ def test_lfq_row_offsets_past_2_31(no_chaos):
 
 
 @interpreted_only
-def test_residual_group_offsets_past_2_31(no_chaos):
+def test_residual_group_offsets_past_2_31():
     """Group 1 of 2 (4 channels each) starts at 4 * S > 2**31 elements into the batch item."""
     residual = importlib.import_module("vqfast.kernels.residual")
     rows = residual.pick_config(torch.float16, "ieee", residual.FORWARD_CONFIGS)["BLOCK_N"]
