@@ -44,6 +44,7 @@ def _fsq_forward_kernel(
     z_ptrs = z_ptr + row_offsets(rows, S, C)
     q_ptrs = q_ptr + row_offsets(rows, S, C)
     code = tl.zeros([BLOCK_N], dtype=tl.int64)
+    has_nan = tl.zeros([BLOCK_N], dtype=tl.int1)
     for c in range(0, C):
         z = tl.load(z_ptrs, mask=row_mask, other=0.0).to(tl.float32)
         half_l = tl.load(params_ptr + c)
@@ -52,10 +53,11 @@ def _fsq_forward_kernel(
         half_width = tl.load(params_ptr + 3 * C + c)
         rounded = _round_half_even(_tanh(z + shift) * half_l - offset)
         tl.store(q_ptrs, (rounded / half_width).to(q_ptr.dtype.element_ty), mask=row_mask)
-        code += (rounded + half_width).to(tl.int64) * tl.load(basis_ptr + c)
+        has_nan = has_nan | (rounded != rounded)
+        code += tl.where(rounded == rounded, rounded + half_width, 0.0).to(tl.int64) * tl.load(basis_ptr + c)
         z_ptrs += S
         q_ptrs += S
-    tl.store(codes_ptr + rows, code, mask=row_mask)
+    tl.store(codes_ptr + rows, tl.where(has_nan, -1, code), mask=row_mask)  # -1: a NaN input
 
 
 @triton.jit
@@ -92,7 +94,8 @@ def _check_params(z, params, basis):
 
 @launcher
 def fsq_forward(z, params, basis):
-    """``z: [N, C]`` or ``[B, C, S]`` -> ``quantized`` (z's layout and dtype), ``codes`` (int64 [N])."""
+    """``z: [N, C]`` or ``[B, C, S]`` -> ``quantized`` (z's layout and dtype), ``codes`` (int64 [N],
+    -1 where z has a NaN)."""
     n, c, s = _check_params(z, params, basis)
     check_same_device(z=z, params=params, basis=basis)
     q = torch.empty_like(z)

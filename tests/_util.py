@@ -78,3 +78,8 @@ def _backends():
 BACKENDS = _backends()
 # Big shapes (the seed's N=16384) take minutes in the interpreter: compiled backends only.
 BACKENDS_BIG = [b for b in BACKENDS if not (b == "triton" and INTERPRETED)]
+
+
+def tensor_state(module) -> dict:
+    """``module.state_dict()`` without its non-tensor entries (the recorded options)."""
+    return {k: v for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}

@@ -8,7 +8,7 @@ import torch
 
 import vqfast
 from vqfast import reference
-from _util import BACKENDS, DEVICE
+from _util import BACKENDS, DEVICE, tensor_state
 
 
 def _rotation_grad_oracle(x, codes, g):
@@ -93,7 +93,180 @@ def test_non_finite_padding_under_a_mask_changes_nothing(make, backend):
     out_clean = clean(z, mask=mask)
     assert torch.isfinite(out_dirty[0])
     torch.testing.assert_close(out_dirty[0], out_clean[0])
-    for key, value in clean.state_dict().items():
+    for key, value in tensor_state(clean).items():
         torch.testing.assert_close(padded.state_dict()[key], value, equal_nan=False)
     if make != "plain":
         assert int(padded.skipped_batches.sum() if hasattr(padded, "skipped_batches") else 0) == 0
+
+
+# --- item 4: a state_dict records the options that change its meaning ------------------
+
+MISMATCHED = {
+    "cosine into euclidean (EMA)": (lambda: vqfast.VectorQuantizerEMA(8, 4, 0.25, cosine=True),
+                                    lambda: vqfast.VectorQuantizerEMA(8, 4, 0.25)),
+    "euclidean into cosine (plain)": (lambda: vqfast.VectorQuantizer(8, 4, 0.25),
+                                      lambda: vqfast.VectorQuantizer(8, 4, 0.25, cosine=True)),
+    "EMA into plain": (lambda: vqfast.VectorQuantizerEMA(8, 4, 0.25),
+                       lambda: vqfast.VectorQuantizer(8, 4, 0.25)),
+    "residual euclidean into cosine": (lambda: vqfast.ResidualVQ(2, 8, 4),
+                                       lambda: vqfast.ResidualVQ(2, 8, 4, cosine=True)),
+    "residual levels/groups": (lambda: vqfast.ResidualVQ(4, 16, 8),
+                               lambda: vqfast.ResidualVQ(2, 16, 16, groups=2)),
+    "residual shared, other depth": (lambda: vqfast.ResidualVQ(2, 8, 4, shared_codebook=True),
+                                     lambda: vqfast.ResidualVQ(6, 8, 4, shared_codebook=True)),
+    "FSQ levels": (lambda: vqfast.FSQ([8, 5, 5, 5]), lambda: vqfast.FSQ([4, 4, 4, 4])),
+}
+
+
+@pytest.mark.parametrize("case", MISMATCHED)
+def test_state_of_other_options_does_not_load(case):
+    make_source, make_target = MISMATCHED[case]
+    source, target = make_source(), make_target()
+    before = {k: v.clone() for k, v in target.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match="does not load into") as error:
+        target.load_state_dict(source.state_dict())
+    assert type(source).__name__ in str(error.value) and type(target).__name__ in str(error.value)
+    for key, value in target.state_dict().items():  # nothing was copied
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, before[key]), key
+
+
+def test_states_without_recorded_options_still_load():
+    """Checkpoints saved before the options were recorded (and the original notebook's)."""
+    source = vqfast.ResidualVQ(2, 8, 4, cosine=True)
+    state = {k: v for k, v in source.state_dict().items() if k != "_extra_state"}
+    target = vqfast.ResidualVQ(2, 8, 4, cosine=True)
+    target.load_state_dict(state)
+    assert torch.equal(target.codebooks, source.codebooks)
+    same = vqfast.VectorQuantizerEMA(8, 4, 0.25)
+    same.load_state_dict(vqfast.VectorQuantizerEMA(8, 4, 0.25).state_dict())
+
+
+# --- item 5: the cosine quantizers normalise whatever codebook they hold ------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make", ["ema", "residual-ema"])
+def test_cosine_ema_with_unnormalised_codebook_picks_by_cosine(make, backend):
+    torch.manual_seed(0)
+    if make == "ema":
+        vq = vqfast.VectorQuantizerEMA(18, 5, 0.25, cosine=True, backend=backend).to(DEVICE)
+        vq.codebook.copy_(torch.randn(18, 5) * torch.rand(18, 1) * 10)
+        codebook = vq.codebook
+    else:
+        vq = vqfast.ResidualVQ(1, 18, 5, cosine=True, backend=backend).to(DEVICE)
+        vq.codebooks.copy_(torch.randn(1, 18, 5) * torch.rand(1, 18, 1) * 10)
+        codebook = vq.codebooks[0]
+    vq.eval()
+    z = torch.randn(2, 5, 9, device=DEVICE)
+    _, quantized, _, codes = vq(z)
+    rows = z.movedim(1, -1).reshape(-1, 5)
+    cosine = torch.nn.functional.normalize(rows, dim=1) @ torch.nn.functional.normalize(codebook, dim=1).T
+    assert torch.equal(codes.reshape(-1), cosine.argmax(1))
+    unit = torch.nn.functional.normalize(codebook, dim=1)[codes.reshape(-1)]
+    torch.testing.assert_close(quantized.movedim(1, -1).reshape(-1, 5), unit)
+
+
+# --- item 6: LFQ's output is exactly ±1 ------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lfq_output_is_plus_minus_one_for_large_inputs(dtype):
+    lfq = vqfast.LFQ(3)
+    z = torch.tensor([[[258.0], [-300.0], [3000.0]]]).to(dtype)
+    if dtype == torch.float32:
+        z = torch.tensor([[[3e7], [-300.0], [1e30]]])
+    z.requires_grad_()
+    _, quantized, _, codes = lfq(z)
+    assert torch.equal(quantized.detach().float(), torch.tensor([[[1.0], [-1.0], [1.0]]]))
+    assert torch.equal(lfq.decode_indices(codes), quantized.detach().float())
+    quantized.sum().backward()
+    assert torch.isfinite(z.grad.float()).all()
+
+
+# --- item 7: decode_indices validates its codes -----------------------------------------
+
+DECODERS = {
+    "VectorQuantizerEMA": (lambda: vqfast.VectorQuantizerEMA(7, 3, 0.25), 7, [1, 4]),
+    "VectorQuantizer": (lambda: vqfast.VectorQuantizer(7, 3, 0.25), 7, [1, 4]),
+    "ResidualVQ": (lambda: vqfast.ResidualVQ(2, 7, 3), 7, [1, 2, 4]),
+    "FSQ": (lambda: vqfast.FSQ([8, 5, 5, 5]), 1000, [1, 4]),
+    "LFQ": (lambda: vqfast.LFQ(4), 16, [1, 4]),
+}
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_decode_indices_rejects_bad_codes(name):
+    make, size, shape = DECODERS[name]
+    module = make()
+    good = torch.zeros(shape, dtype=torch.int64)
+    module.decode_indices(good)
+    for bad in (size, size + 500, -2):
+        with pytest.raises(ValueError, match="codes must lie in"):
+            module.decode_indices(torch.full(shape, bad, dtype=torch.int64))
+    with pytest.raises(TypeError, match="integer"):
+        module.decode_indices(good.float())
+    if name == "LFQ":  # no "not quantized" code there
+        with pytest.raises(ValueError, match="codes must lie in"):
+            module.decode_indices(torch.full(shape, -1, dtype=torch.int64))
+
+
+# --- item 8: argument checks of FSQ and LFQ ---------------------------------------------
+
+@pytest.mark.parametrize("levels,error", [([2.5, 4], ValueError), ("85", TypeError),
+                                          ([256] * 8, ValueError), ([], ValueError),
+                                          ([1, 4], ValueError), (8, TypeError)])
+def test_fsq_rejects_bad_levels(levels, error):
+    with pytest.raises(error):
+        vqfast.FSQ(levels)
+
+
+@pytest.mark.parametrize("dim", [0, -1, 2.5])
+def test_fsq_rejects_bad_dim(dim):
+    with pytest.raises(ValueError, match="dim"):
+        vqfast.FSQ([8, 5], dim=dim)
+
+
+@pytest.mark.parametrize("dim", [3.5, 0, 25, True])
+def test_lfq_rejects_bad_dim(dim):
+    with pytest.raises(ValueError, match="dim"):
+        vqfast.LFQ(dim)
+
+
+def test_lfq_warns_of_the_cost_of_a_wide_exact_entropy():
+    with pytest.warns(UserWarning, match="2\\*\\*20 codes"):
+        vqfast.LFQ(20)
+    vqfast.LFQ(20, diversity_gamma=0.0)  # no entropy over all codes: no warning
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsq_nan_input_gets_code_minus_one(backend):
+    fsq = vqfast.FSQ([8, 5, 5], backend=backend).to(DEVICE)
+    z = torch.randn(1, 3, 4, device=DEVICE)
+    z[0, 1, 2] = float("nan")
+    quantized, codes = fsq(z)
+    assert codes[0, 2] == -1 and bool((codes[0, [0, 1, 3]] >= 0).all())
+    assert torch.isnan(fsq.decode_indices(codes)[0, :, 2]).all()
+
+
+# --- item 9: an all-True mask is no mask; FSQ's projections take the input's dtype ------
+
+@pytest.mark.parametrize("make", ["ema", "residual"])
+def test_all_true_mask_gives_the_same_kmeans_init(make):
+    build = {"ema": lambda: vqfast.VectorQuantizerEMA(6, 3, 0.25, kmeans_init=True, backend="torch"),
+             "residual": lambda: vqfast.ResidualVQ(2, 6, 3, kmeans_init=True, backend="torch")}[make]
+    z = torch.randn(2, 3, 10)
+    results = []
+    for mask in (None, torch.ones(2, 10, dtype=torch.bool)):
+        torch.manual_seed(7)
+        module = build()
+        module(z, mask=mask)
+        results.append(tensor_state(module))
+    for key, value in results[0].items():
+        assert torch.equal(results[1][key], value), key
+
+
+@pytest.mark.parametrize("cast", ["half", "double"])
+def test_fsq_with_projection_cast_takes_fp32_input(cast):
+    fsq = getattr(vqfast.FSQ([8, 5, 5], dim=6, backend="torch"), cast)()
+    quantized, codes = fsq(torch.randn(2, 6, 5))
+    assert quantized.shape == (2, 6, 5) and codes.shape == (2, 5)
+    assert fsq.params.dtype == torch.float32

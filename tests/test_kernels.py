@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 import vqfast  # noqa: E402
 from vqfast import kernels, reference  # noqa: E402
-from _util import DEVICE, INTERPRETED, INTERPRETER_BROKEN, TIE_EPS, assert_nearest  # noqa: E402
+from _util import DEVICE, INTERPRETED, INTERPRETER_BROKEN, TIE_EPS, assert_nearest, tensor_state  # noqa: E402
 
 pytestmark = pytest.mark.skipif(INTERPRETER_BROKEN is not None, reason=str(INTERPRETER_BROKEN))
 
@@ -109,7 +109,7 @@ def _training_run(kind):
         loss, q, _, _ = vq(z)
         (loss + q.pow(2).sum()).backward()
     grads = [z.grad] + ([vq.codebook.grad] if kind == "plain" else [])
-    return [t.clone() for t in grads] + [t.clone() for t in vq.state_dict().values()]
+    return [t.clone() for t in grads] + [t.clone() for t in tensor_state(vq).values()]
 
 
 @pytest.mark.parametrize("kind", ["plain", "ema"])

@@ -7,7 +7,7 @@ import torch
 
 import vqfast
 from vqfast import reference
-from _util import BACKENDS, BACKENDS_BIG, DEVICE, TOL, assert_nearest, same_codes_or_ties
+from _util import BACKENDS, BACKENDS_BIG, DEVICE, TOL, assert_nearest, same_codes_or_ties, tensor_state
 
 # (B, D, spatial, K): odd shapes, the seed's image shape, every supported rank, K=1.
 SHAPES = [
@@ -192,7 +192,7 @@ def test_eval_and_no_grad_leave_ema_state(backend):
     with torch.no_grad():
         loss, q, perp, enc = vq(torch.randn(2, 4, 3, 3, device=DEVICE))
     assert not q.requires_grad
-    for key, value in vq.state_dict().items():
+    for key, value in tensor_state(vq).items():
         torch.testing.assert_close(value, state[key], rtol=0, atol=0)
     vq.train()
     with torch.no_grad():  # training mode updates the EMA even without autograd
@@ -205,13 +205,13 @@ def test_codebook_kinds_and_state_dict_round_trip():
     ema = vqfast.VectorQuantizerEMA(10, 3, 0.25)
     assert isinstance(plain.codebook, torch.nn.Parameter)
     assert [n for n, _ in ema.named_parameters()] == []
-    assert set(ema.state_dict()) == {"codebook", "ema_cluster_size", "ema_weight",
+    assert set(ema.state_dict()) == {"codebook", "ema_cluster_size", "ema_weight", "_extra_state",
                                      "ema_decay_weight", "reseeded_codes", "skipped_batches"}
     assert plain.codebook.abs().max() <= 1 / 10
     for module, cls in ((plain, vqfast.VectorQuantizer), (ema, vqfast.VectorQuantizerEMA)):
         twin = cls(10, 3, 0.25)
         twin.load_state_dict(module.state_dict())
-        for key, value in module.state_dict().items():
+        for key, value in tensor_state(module).items():
             assert torch.equal(twin.state_dict()[key], value)
 
 
@@ -255,7 +255,7 @@ def test_bad_input_raises_and_keeps_state(kind, case):
     state = copy.deepcopy(vq.state_dict())
     with pytest.raises(error, match=message):
         vq(z)
-    for key, value in vq.state_dict().items():
+    for key, value in tensor_state(vq).items():
         assert torch.equal(value, state[key])
 
 
@@ -268,7 +268,7 @@ def test_non_finite_batch_is_skipped_and_counted(bad, backend):
     z = torch.randn(2, 4, 3, 3, device=DEVICE)
     z[1, 2, 0, 1] = bad
     vq(z)
-    for key, value in vq.state_dict().items():
+    for key, value in tensor_state(vq).items():
         if key != "skipped_batches":
             assert torch.equal(value, state[key]), key
     assert int(vq.skipped_batches) == 1
@@ -276,7 +276,7 @@ def test_non_finite_batch_is_skipped_and_counted(bad, backend):
         assert vq.codebook_usage().skipped_batches == 1
     vq.eval()  # inference does not touch state, so it only propagates the value
     vq(z)
-    assert all(bool(torch.isfinite(v).all()) for v in vq.state_dict().values())
+    assert all(bool(torch.isfinite(v).all()) for v in tensor_state(vq).values())
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -289,7 +289,7 @@ def test_check_finite_raises_before_any_state_changes(backend):
     z[0, 1, 2, 2] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
         vq(z)
-    assert all(torch.equal(value, state[key]) for key, value in vq.state_dict().items())
+    assert all(torch.equal(value, state[key]) for key, value in tensor_state(vq).items())
 
 
 def test_bad_constructor_arguments():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import vqfast
 from vqfast import reference
 from vqfast.ops.residual import residual_quantize
-from _util import BACKENDS, DEVICE, TOL
+from _util import BACKENDS, DEVICE, TOL, tensor_state
 from test_no_sync import HostReads, single_rank_group  # noqa: F401 (a fixture)
 
 # (B, D, spatial, K, groups, levels): odd sizes everywhere.
@@ -172,7 +172,7 @@ def test_mask_positions_pass_through(backend):
     rvq.load_state_dict(state)
     z2 = torch.where(mask[:, None], z, 1e3 * torch.randn_like(z))
     rvq(z2, mask=mask)
-    for key, value in rvq.state_dict().items():
+    for key, value in tensor_state(rvq).items():
         torch.testing.assert_close(value, after[key], rtol=1e-6, atol=1e-6)
 
 
@@ -186,7 +186,7 @@ def test_bad_inputs_raise_before_state_changes():
         rvq(z, mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="shape"):
         rvq(z, mask=torch.ones(2, 4, dtype=torch.bool))
-    for key, value in rvq.state_dict().items():
+    for key, value in tensor_state(rvq).items():
         assert torch.equal(value, state[key])
     with pytest.raises(ValueError, match="divisible"):
         vqfast.ResidualVQ(2, 8, 7, groups=2)
@@ -399,7 +399,7 @@ def test_compiles_fullgraph_and_matches_eager(option, backend):
             results.append((loss, q, perplexity, codes, zz.grad))
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    for key, value in eager.state_dict().items():
+    for key, value in tensor_state(eager).items():
         torch.testing.assert_close(twin.state_dict()[key], value, rtol=1e-5, atol=1e-5)
 
 
@@ -511,7 +511,7 @@ def test_padding_only_batch_leaves_state(kind, backend):
     z = torch.randn(2, 6, 5, device=DEVICE, requires_grad=True)
     loss, q, perplexity, codes = module(z, mask=torch.zeros(2, 5, dtype=torch.bool, device=DEVICE))
     (loss + q.sum()).backward()
-    for key, value in module.state_dict().items():
+    for key, value in tensor_state(module).items():
         assert torch.equal(value, before[key]), key
     assert float(loss.detach()) == 0.0 and bool((codes == -1).all()) and torch.equal(q, z)
     assert bool((perplexity == 1).all())

@@ -338,14 +338,16 @@ def _fsq_constants(params: torch.Tensor, c: int):
 
 
 def fsq_forward(z: torch.Tensor, params: torch.Tensor, basis: torch.Tensor):
-    """``z: [N, C]`` or ``[B, C, S]`` -> ``quantized`` (z's layout and dtype), ``codes`` (int64 [N])."""
+    """``z: [N, C]`` or ``[B, C, S]`` -> ``quantized`` (z's layout and dtype), ``codes`` (int64 [N],
+    -1 where z has a NaN)."""
     z3 = _as_bds(z)
     c = z3.shape[1]
     half_l, offset, shift, half_width = _fsq_constants(params, c)
     rounded = torch.round(torch.tanh(z3.float() + shift) * half_l - offset)
     q = (rounded / half_width).to(z.dtype).view(z.shape)
-    codes = ((rounded + half_width).long() * basis.view(1, c, 1)).sum(1).reshape(-1)
-    return q, codes
+    nan = rounded.isnan()
+    codes = ((rounded + half_width).masked_fill(nan, 0).long() * basis.view(1, c, 1)).sum(1)
+    return q, codes.masked_fill(nan.any(1), -1).reshape(-1)  # -1: the input had a NaN
 
 
 def fsq_backward(grad_q: torch.Tensor, z: torch.Tensor, params: torch.Tensor):

@@ -1,21 +1,35 @@
 """Lookup-free quantizers: ``FSQ`` (Mentzer et al., 2023) and ``LFQ`` (MAGVIT-2, Yu et al., 2023)."""
 
 import math
+import numbers
+import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import functional as VF
 from .ops import fsq as fsq_ops
+from .modules import RecordsOptions, check_codes, keep_fp32
 from .ops import lfq as lfq_ops
+
+# Beyond this many channels LFQ's exact codebook entropy (all 2**dim codes per vector) costs
+# more than a step of most models: the constructor warns.
+LFQ_EXPENSIVE_DIM = 18
 
 
 def _project(linear: nn.Linear, z: torch.Tensor) -> torch.Tensor:
-    """A linear map over the channels of channels-first ``z: [B, C, *spatial]``."""
-    return linear(z.movedim(1, -1)).movedim(-1, 1)
+    """A linear map over the channels of channels-first ``z: [B, C, *spatial]``, in z's
+    dtype (as the VQ modules' projections: a ``.half()`` module takes fp32 inputs)."""
+    return F.linear(z.movedim(1, -1), linear.weight.to(z.dtype),
+                    linear.bias.to(z.dtype)).movedim(-1, 1)
 
 
-class FSQ(nn.Module):
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+class FSQ(RecordsOptions, nn.Module):
     """Finite scalar quantization: each channel bounded with tanh and rounded to one of
     ``levels[i]`` values; no codebook, no auxiliary loss.
 
@@ -34,9 +48,17 @@ class FSQ(nn.Module):
 
     def __init__(self, levels, *, dim=None, backend="auto"):
         super().__init__()
-        levels = [int(level) for level in levels]
-        if not levels or min(levels) < 2:
+        if isinstance(levels, (str, bytes)) or not hasattr(levels, "__len__"):
+            raise TypeError(f"levels must be a list of ints, e.g. [8, 5, 5, 5], got {levels!r}")
+        levels = list(levels)
+        if not levels or not all(_is_int(level) and level >= 2 for level in levels):
             raise ValueError(f"levels must be a non-empty list of ints >= 2, got {levels}")
+        levels = [int(level) for level in levels]
+        if math.prod(levels) >= 2**62:
+            raise ValueError(f"levels give {math.prod(levels)} codes; at most 2**62 fit the "
+                             f"int64 codes")
+        if dim is not None and not (_is_int(dim) and dim >= 1):
+            raise ValueError(f"dim must be an int >= 1 (or None), got {dim!r}")
         VF.check_backend(backend)
         self.levels = levels
         self.codebook_size = math.prod(levels)
@@ -53,6 +75,16 @@ class FSQ(nn.Module):
     def extra_repr(self):
         return f"levels={self.levels}, dim={self.dim}, codebook_size={self.codebook_size}"
 
+    def _state_options(self):
+        return {"levels": self.levels, "dim": self.dim}
+
+    def _apply(self, fn, recurse=True):  # the grid's constants stay exact (fp32, int64)
+        return keep_fp32(self, ("params",), fn, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.check_state_options(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, z):
         x = VF.channels_first("z", z, self.dim)
         if self.project_in is not None:
@@ -66,20 +98,23 @@ class FSQ(nn.Module):
 
     @torch.no_grad()
     def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
-        """int64 ``codes [B, *spatial]`` -> ``quantized [B, C, *spatial]`` (fp32)."""
-        if codes.dtype != torch.int64:
-            raise TypeError(f"codes must be int64, got {codes.dtype}")
+        """int64 ``codes [B, *spatial]`` in ``[0, prod(levels))`` -> ``quantized [B, C,
+        *spatial]`` (fp32); -1 (the code of an input with NaN) decodes to NaN. Other values
+        raise ``ValueError``."""
+        check_codes(codes, self.codebook_size)
+        codes = codes.long()
         per_channel = (1, -1, *[1] * (codes.dim() - 1))  # broadcast over [B, C, *spatial]
         levels = self.level_counts.view(per_channel)
         digits = (codes.unsqueeze(1) // self.basis.view(per_channel)) % levels
         half_width = levels // 2
         quantized = (digits - half_width).float() / half_width
+        quantized = torch.where(codes.unsqueeze(1) >= 0, quantized, float("nan"))
         if self.project_out is not None:
             quantized = _project(self.project_out, quantized)
         return quantized
 
 
-class LFQ(nn.Module):
+class LFQ(RecordsOptions, nn.Module):
     """Lookup-free quantization: ``quantized = sign(z)``, ``2**dim`` implicit codes, and the
     entropy loss of MAGVIT-2 computed exactly over all of them.
 
@@ -103,8 +138,12 @@ class LFQ(nn.Module):
     def __init__(self, dim, *, entropy_loss_weight=0.1, commitment_cost=0.25, diversity_gamma=1.0,
                  inv_temperature=100.0, backend="auto", precision="ieee"):
         super().__init__()
-        if not 1 <= dim <= 24:
-            raise ValueError(f"dim must be in [1, 24] (2**dim codes), got {dim}")
+        if not (_is_int(dim) and 1 <= dim <= 24):
+            raise ValueError(f"dim must be an int in [1, 24] (2**dim codes), got {dim!r}")
+        if dim > LFQ_EXPENSIVE_DIM and entropy_loss_weight and diversity_gamma:
+            warnings.warn(f"LFQ(dim={dim}): the exact codebook entropy sums over all 2**{dim} "
+                          f"codes for every vector (about N * 2**{dim} * {dim} multiply-adds a "
+                          f"step: minutes on a CPU); diversity_gamma=0 skips it", stacklevel=2)
         VF.check_backend(backend)
         if precision not in ("ieee", "tf32x3"):
             raise ValueError(f"precision must be 'ieee' or 'tf32x3', got {precision!r}")
@@ -124,12 +163,21 @@ class LFQ(nn.Module):
         return (f"dim={self.dim}, entropy_loss_weight={self.entropy_loss_weight}, "
                 f"commitment_cost={self.commitment_cost}, inv_temperature={self.inv_temperature}")
 
+    def _state_options(self):
+        return {"dim": self.dim}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.check_state_options(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, z):
         x3 = VF.channels_first("z", z, self.dim)
         backend = VF.resolve_backend(self.backend, z.device)
         positive = x3 > 0
         sign = torch.where(positive, 1.0, -1.0).to(z.dtype)
-        quantized = x3 + (sign - x3).detach()
+        # sign + (x - sg(x)): exactly ±1 forward (x + sg(sign - x) rounds in x's dtype: bf16
+        # z = 300 gave 0), the identity's gradient backward
+        quantized = sign + (x3 - x3.detach())
         codes = (positive.long() * self.bits.view(1, -1, 1)).sum(1)  # [B, S]
         counts = torch.zeros(self.codebook_size, dtype=torch.int32, device=z.device).scatter_add_(
             0, codes.reshape(-1), torch.ones_like(codes.reshape(-1), dtype=torch.int32))
@@ -146,6 +194,9 @@ class LFQ(nn.Module):
 
     @torch.no_grad()
     def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
-        """int64 ``codes [B, *spatial]`` -> ``quantized [B, dim, *spatial]`` (fp32, ±1)."""
+        """int64 ``codes [B, *spatial]`` in ``[0, 2**dim)`` -> ``quantized [B, dim, *spatial]``
+        (fp32, ±1). Other values raise ``ValueError``."""
+        check_codes(codes, self.codebook_size, dropped_ok=False)
+        codes = codes.long()
         bits = self.bits.view(1, -1, *[1] * (codes.dim() - 1))
         return ((codes.unsqueeze(1) // bits) % 2).float() * 2 - 1

@@ -91,14 +91,58 @@ def check_mask(mask, x: torch.Tensor, inputs: torch.Tensor):
 
 
 def real_rows(rows: torch.Tensor, flat_mask) -> torch.Tensor:
-    """``rows [N, d]`` with each masked row replaced by a random real one (for k-means):
-    same shape, so no data-dependent shapes and no host sync."""
+    """``rows [N, d]`` with each masked row replaced by a real one (for k-means), the real
+    rows taken in turn: same shape, so no data-dependent shapes and no host sync, and no
+    random draw, so an all-True mask gives exactly what no mask gives."""
     if flat_mask is None:
         return rows
     real_first = torch.argsort((~flat_mask).int(), stable=True)
     n_real = flat_mask.sum().clamp_min(1)
-    stand_in = real_first[torch.randint_like(real_first, 1 << 30) % n_real]
+    stand_in = real_first[torch.arange(rows.shape[0], device=rows.device) % n_real]
     return torch.where(flat_mask[:, None], rows, rows[stand_in])
+
+
+def check_codes(codes: torch.Tensor, num_codes: int, dropped_ok: bool = True) -> None:
+    """Codes for ``decode_indices``: an integer tensor in ``[0, num_codes)`` (or -1, "not
+    quantized", where ``dropped_ok``). Reads the range on the host (decoding is no
+    training step)."""
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise TypeError(f"codes must be an integer tensor (int64), got {codes.dtype}")
+    if codes.numel():
+        low, high = int(codes.min()), int(codes.max())
+        floor = -1 if dropped_ok else 0
+        if low < floor or high >= num_codes:
+            raise ValueError(f"codes must lie in [{floor}, {num_codes - 1}]"
+                             f"{' (-1: not quantized)' if dropped_ok else ''}, got values in "
+                             f"[{low}, {high}]")
+
+
+class RecordsOptions:
+    """The options that change what a state's tensors mean travel in its ``state_dict``
+    (``_extra_state``); loading a state into a module built otherwise (cosine into
+    euclidean, other levels or groups, another quantizer class) raises ``ValueError``
+    naming both, before any tensor is copied. Checkpoints without them (the original
+    notebook's, vqfast 0.2's) load as before."""
+
+    def _state_options(self) -> dict:
+        raise NotImplementedError
+
+    def get_extra_state(self):
+        return {"quantizer": type(self).__name__, **self._state_options()}
+
+    def set_extra_state(self, state):
+        pass  # checked in check_state_options, before anything is copied
+
+    def check_state_options(self, state_dict, prefix):
+        mine = self.get_extra_state()
+        theirs = state_dict.setdefault(prefix + "_extra_state", mine)
+        if theirs != mine:
+            show = lambda s: f"{s.get('quantizer')}({', '.join(f'{k}={v!r}' for k, v in s.items() if k != 'quantizer')})"  # noqa: E731
+            raise ValueError(f"this state_dict{f' (at {prefix!r})' if prefix else ''} was saved from "
+                             f"{show(theirs)}, which does not load into {show(mine)}: build the "
+                             f"module with the same options")
 
 
 def rows_seen(counts: torch.Tensor, flat_mask, active=None):
@@ -145,7 +189,7 @@ class Projection(nn.Linear):
         return torch.matmul(self.weight.to(x.dtype), x) + self.bias.to(x.dtype)[:, None]
 
 
-class _QuantizerBase(nn.Module):
+class _QuantizerBase(RecordsOptions, nn.Module):
     """Shared input handling: channels-first in, flat ``[N, D]`` through the fused op, back out."""
 
     _legacy_keys: dict = {}
@@ -217,7 +261,8 @@ class _QuantizerBase(nn.Module):
             return VF.quantize(z, self.codebook, self.commitment_cost, codebook_loss, update,
                                backend, self.precision)
         from .ops.residual import residual_quantize
-        codebook = F.normalize(self.codebook, dim=-1) if self.cosine and codebook_loss else self.codebook
+        # cosine: the codes as unit vectors, whatever was stored (a loaded or hand-set codebook)
+        codebook = F.normalize(self.codebook, dim=-1) if self.cosine else self.codebook
         q, loss, idx, perplexity, counts, code_sums, _ = residual_quantize(
             z, codebook.unsqueeze(0), 1, cosine=self.cosine, mask=flat_mask,
             commitment_cost=self.commitment_cost, codebook_loss=codebook_loss,
@@ -239,8 +284,10 @@ class _QuantizerBase(nn.Module):
 
     @torch.no_grad()
     def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
-        """``codes`` int64 ``[B, *spatial]`` (-1: not quantized) -> their codes, fp32
-        ``[B, D, *spatial]`` (normalised when ``cosine``, projected back with ``codebook_dim``)."""
+        """``codes`` int64 ``[B, *spatial]`` in ``[0, K)`` (-1: not quantized) -> their codes,
+        fp32 ``[B, D, *spatial]`` (normalised when ``cosine``, projected back with
+        ``codebook_dim``). Other values raise ``ValueError``."""
+        check_codes(codes, self.num_embeddings)
         codebook = self.codebook.detach().float()
         if self.cosine:
             codebook = F.normalize(codebook, dim=-1)
@@ -249,8 +296,12 @@ class _QuantizerBase(nn.Module):
             z = self.project_out(z.reshape(z.shape[0], z.shape[1], -1).contiguous())
         return z.reshape(codes.shape[0], -1, *codes.shape[1:])
 
+    def _state_options(self):
+        return {"cosine": self.cosine, "codebook_dim": None if self.project_in is None else self.code_dim}
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         rename_legacy_keys(state_dict, prefix, self._legacy_keys)
+        self.check_state_options(state_dict, prefix)
         if self.kmeans_init and prefix + "initialized" not in state_dict:
             # A codebook loaded from a checkpoint without the flag is a trained one.
             state_dict[prefix + "initialized"] = torch.tensor(True)

@@ -10,13 +10,14 @@ from torch import nn
 
 from . import functional as VF
 from . import modules
-from .modules import (Projection, _all_reduce_statistics, check_mask, keep_fp32, kmeans,
+from .modules import (Projection, RecordsOptions, _all_reduce_statistics, check_codes,
+                      check_mask, keep_fp32, kmeans,
                       kmeans_done, real_rows, rows_seen, take_kmeans_ema_state, usage_report,
                       warn_skipped, without_real_rows_nan)
 from .ops.residual import residual_quantize
 
 
-class ResidualVQ(nn.Module):
+class ResidualVQ(RecordsOptions, nn.Module):
     """Residual vector quantization (SoundStream, EnCodec, DAC), optionally grouped.
 
     Level ``l`` quantizes the residual ``r_l = x - (q_0 + ... + q_{l-1})`` of its group with
@@ -133,7 +134,13 @@ class ResidualVQ(nn.Module):
     def _apply(self, fn, recurse=True):
         return keep_fp32(self, self._FP32_STATE if self.ema else (), fn, recurse)
 
+    def _state_options(self):
+        return {"num_quantizers": self.num_quantizers, "groups": self.groups,
+                "shared_codebook": self.shared_codebook, "cosine": self.cosine, "ema": self.ema,
+                "codebook_dim": None if self.project_in is None else self.code_dim}
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.check_state_options(state_dict, prefix)
         if self.kmeans_init:
             state_dict.setdefault(prefix + "initialized", torch.tensor(True))
         else:
@@ -144,7 +151,7 @@ class ResidualVQ(nn.Module):
 
     def _codebooks(self):
         """The codebooks the lookup sees: the learned ones l2-normalised when ``cosine``."""
-        if self.cosine and not self.ema:
+        if self.cosine:  # (EMA codebooks are kept unit-norm; loaded or hand-set ones may not be)
             return F.normalize(self.codebooks, dim=-1)
         return self.codebooks
 
@@ -293,9 +300,11 @@ class ResidualVQ(nn.Module):
 
     @torch.no_grad()
     def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
-        """``codes`` int64 ``[B, G*n, *spatial]`` (the first n <= Q levels of each group, -1 =
-        not quantized) -> ``quantized [B, D, *spatial]`` fp32: the sum of those levels' codes."""
+        """``codes`` int64 ``[B, G*n, *spatial]`` (the first n <= Q levels of each group, in
+        ``[0, K)``, -1 = not quantized) -> ``quantized [B, D, *spatial]`` fp32: the sum of
+        those levels' codes. Other values raise ``ValueError``."""
         g, q = self.groups, self.num_quantizers
+        check_codes(codes, self.num_embeddings)
         if codes.dim() < 2 or codes.shape[1] % g or codes.shape[1] // g > q:
             raise ValueError(f"codes must be [B, G*n, *spatial] with G={g} and n <= {q}, got "
                              f"shape {tuple(codes.shape)}")
