@@ -22,10 +22,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 # Every kernel module lists its own launchable configurations (``aot_variants``), beside
-# the kernel and its launcher: a new kernel or config is compiled and spill-checked here.
+# the kernel and its launcher; ``vqfast.kernels.KERNEL_MODULES`` is the one registry of
+# them: a new kernel or config is compiled and spill-checked here.
 # importlib: the package re-exports launchers under their modules' names.
-KERNEL_MODULES = ("nearest_code", "gather_loss", "code_sums", "ema_update", "quantize_backward",
-                  "fsq", "lfq_entropy", "residual")
+from vqfast.kernels import KERNEL_MODULES  # noqa: E402
 TARGETS = {80: 163 * 1024, 90: 227 * 1024}  # compute capability -> max shared memory per block
 
 

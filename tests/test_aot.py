@@ -55,6 +55,18 @@ def test_every_configuration_compiles_for_both_targets(records):
     assert {(n, t) for n in names for t in ("sm_80", "sm_90")} == {(r["name"], r["target"]) for r in records}
 
 
+def test_every_kernel_module_is_in_the_registry():
+    """A module of ``vqfast.kernels`` with a ``@triton.jit`` kernel but no registry entry
+    would never be compiled here."""
+    import pkgutil
+
+    from vqfast import kernels
+    with_kernels = {m.name for m in pkgutil.iter_modules(kernels.__path__)
+                    if "@triton.jit" in (Path(kernels.__path__[0]) / f"{m.name}.py").read_text()
+                    and not m.name.startswith("_")}
+    assert with_kernels == set(kernels.KERNEL_MODULES)
+
+
 def test_shared_memory_fits(records):
     over = [f"{r['name']} {r['target']}: {r['shared']} > {r['shared_limit']}" for r in records
             if r["shared"] > r["shared_limit"]]

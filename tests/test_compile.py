@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vqfast
-from _util import BACKENDS, DEVICE
+from _util import BACKENDS, DEVICE, tensor_state
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -30,7 +30,7 @@ def test_compiled_matches_eager(kind, backend):
         torch.testing.assert_close(z_c.grad, z_e.grad)
         if kind == "plain":
             torch.testing.assert_close(compiled_module.codebook.grad, eager.codebook.grad)
-    for key, value in eager.state_dict().items():  # buffer mutations survive compilation
+    for key, value in tensor_state(eager).items():  # buffer mutations survive compilation
         torch.testing.assert_close(compiled_module.state_dict()[key], value)
 
 
@@ -67,11 +67,11 @@ def test_compiled_ema_skips_non_finite_batches(backend):
     vq = vqfast.VectorQuantizerEMA(13, 4, 0.25, backend=backend).to(DEVICE)
     compiled = torch.compile(vq, fullgraph=True, backend="aot_eager")
     compiled(torch.randn(2, 4, 3, 3, device=DEVICE))  # a finite batch updates
-    state = {k: v.clone() for k, v in vq.state_dict().items()}
+    state = {k: v.clone() for k, v in tensor_state(vq).items()}
     z = torch.randn(2, 4, 3, 3, device=DEVICE)
     z[0, 1, 2, 2] = float("nan")
     compiled(z)
-    for key, value in vq.state_dict().items():
+    for key, value in tensor_state(vq).items():
         if key != "skipped_batches":
             assert torch.equal(value, state[key]), key
     assert int(vq.skipped_batches) == 1

@@ -7,7 +7,7 @@ import torch
 
 import vqfast
 from vqfast import reference
-from _util import BACKENDS, DEVICE
+from _util import BACKENDS, DEVICE, tensor_state
 
 
 def _clusters(num_clusters, dim, n, seed=0):
@@ -79,7 +79,7 @@ def test_kmeans_init_rejects_non_finite_batch(kind, backend):
     z[1, 0, 2, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         vq(z)
-    for key, value in vq.state_dict().items():
+    for key, value in tensor_state(vq).items():
         assert torch.equal(value, state[key]), key
     vq(torch.randn(2, 3, 4, 4, device=DEVICE))  # the next, finite batch initialises
     assert bool(vq.initialized) and bool(torch.isfinite(vq.codebook).all())
@@ -114,7 +114,7 @@ def test_ema_state_stays_fp32_after_casting_the_module(cast, backend):
     for _ in range(5):
         loss, q, perplexity, _ = vq(torch.randn(2, 4, 3, 3, device=DEVICE).to(dtype))
         assert q.dtype == dtype and bool(torch.isfinite(loss)) and bool(torch.isfinite(q).all())
-    assert all(bool(torch.isfinite(v).all()) for v in vq.state_dict().values())
+    assert all(bool(torch.isfinite(v).all()) for v in tensor_state(vq).values())
     assert int(vq.skipped_batches) == 0
 
 
@@ -143,7 +143,7 @@ def test_float64_is_refused_before_kmeans_on_every_backend():
         state = copy.deepcopy(vq.state_dict())
         with pytest.raises(TypeError, match="fp32, fp16 or bf16"):
             vq(torch.randn(2, 3, 4, 4, dtype=torch.float64, device=DEVICE))
-        for key, value in vq.state_dict().items():
+        for key, value in tensor_state(vq).items():
             assert torch.equal(value, state[key]), key
         with pytest.raises(TypeError, match="fp32, fp16 or bf16"):
             vqfast.nearest_code(torch.randn(4, 3, dtype=torch.float64, device=DEVICE),

@@ -215,7 +215,7 @@ def test_lfq_row_offsets_past_2_31():
 @interpreted_only
 def test_residual_group_offsets_past_2_31():
     """Group 1 of 2 (4 channels each) starts at 4 * S > 2**31 elements into the batch item."""
-    residual = importlib.import_module("vqfast.kernels.residual")
+    residual = importlib.import_module("vqfast.kernels.residual_vq")
     rows = residual.pick_config(torch.float16, "ieee", residual.FORWARD_CONFIGS)["BLOCK_N"]
     s = BIG // 4 + 1
     x, small = _huge_channels_first(8, s, rows)
@@ -247,7 +247,7 @@ def test_nearest_code_refuses_rows_from_2_31(rows, accepted, monkeypatch):
 
 @pytest.mark.parametrize("rows,accepted", [(BIG // 2 - 1, True), (BIG // 2, False)])
 def test_residual_refuses_rows_times_levels_from_2_31(rows, accepted, monkeypatch):
-    module = importlib.import_module("vqfast.kernels.residual")
+    module = importlib.import_module("vqfast.kernels.residual_vq")
     fake = _RecordedLaunch()
     monkeypatch.setattr(module, "_residual_forward_kernel", fake)
     x = torch.empty(rows, 1, dtype=torch.float16, device=DEVICE)

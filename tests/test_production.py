@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import vqfast
-from _util import BACKENDS, DEVICE, TOL, assert_nearest
+from _util import BACKENDS, DEVICE, TOL, assert_nearest, tensor_state
 
 
 def _free_port():
@@ -31,7 +31,7 @@ def _ddp_worker(rank, world, port, batches, init_state, dead_code_threshold, que
         for batch in batches:
             vq(batch.chunk(world)[rank])
         # numpy arrays travel by value (shared tensors would die with this process)
-        queue.put((rank, {k: v.numpy().copy() for k, v in vq.state_dict().items()}))
+        queue.put((rank, {k: v.numpy().copy() for k, v in tensor_state(vq).items()}))
     finally:
         dist.destroy_process_group()
 
@@ -54,12 +54,12 @@ def test_two_process_gloo_sync_equals_one_process_on_the_whole_batch(dead_code_t
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    for key in init_state:  # both ranks hold identical buffers
+    for key in states[0]:  # both ranks hold identical buffers
         assert torch.equal(states[0][key], states[1][key]), key
     if dead_code_threshold == 0:
         for batch in batches:
             single(batch)
-        for key, value in single.state_dict().items():
+        for key, value in tensor_state(single).items():
             torch.testing.assert_close(states[0][key], value, rtol=1e-5, atol=1e-5)
 
 
@@ -135,7 +135,7 @@ def test_kmeans_init_runs_once_and_survives_checkpoints():
     twin(z)  # eval: no k-means, no update
     assert torch.equal(twin.codebook, codebook)
     seed_style = vqfast.VectorQuantizerEMA(8, 3, 0.25, kmeans_init=True)
-    seed_style.load_state_dict({k: v for k, v in vq.state_dict().items() if k != "initialized"})
+    seed_style.load_state_dict({k: v for k, v in tensor_state(vq).items() if k != "initialized"})
     assert bool(seed_style.initialized)
 
 
@@ -170,7 +170,7 @@ def _deterministic_run(backend):
         (loss + (recon - x).pow(2).mean()).backward()
         opt.step()
         opt.zero_grad()
-    return [t.clone() for t in model.state_dict().values()]
+    return [t.clone() for t in tensor_state(model).values()]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -200,5 +200,5 @@ def test_compiled_vqvae_matches_eager(decay):
             (loss + (recon - x).pow(2).mean()).backward()
         for (name, p), q in zip(eager.named_parameters(), twin.parameters()):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
-    for key, value in eager.state_dict().items():
+    for key, value in tensor_state(eager).items():
         torch.testing.assert_close(twin.state_dict()[key], value, rtol=1e-5, atol=1e-5)

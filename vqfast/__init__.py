@@ -4,7 +4,7 @@ from .functional import nearest_code
 from .lookup_free import FSQ, LFQ
 from .model import VQVAE, Decoder, Encoder, Residual, ResidualStack
 from .modules import CodebookUsage, VectorQuantizer, VectorQuantizerEMA, kmeans
-from .residual import ResidualVQ
+from .residual_vq import ResidualVQ
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modules import VectorQuantizer, VectorQuantizerEMA, rename_legacy_keys
-from .residual import ResidualVQ
+from .residual_vq import ResidualVQ
 
 
 class Residual(nn.Module):

@@ -32,6 +32,12 @@ class CodebookUsage(NamedTuple):
     reseeded_codes: int = 0
     skipped_batches: int = 0
 
+    def __repr__(self):
+        top = float(self.usage.max()) if self.usage.numel() else 0.0
+        return (f"CodebookUsage({self.alive_codes} of {self.usage.shape[-1]} codes alive, "
+                f"{self.dead_codes} dead, largest share {top:.1%}, "
+                f"{self.reseeded_codes} re-seeded, {self.skipped_batches} batches skipped)")
+
 
 @torch.no_grad()
 def kmeans(x: torch.Tensor, num_codes: int, iters: int = 10, backend: str = "auto",
@@ -134,6 +140,13 @@ class RecordsOptions:
 
     def set_extra_state(self, state):
         pass  # checked in check_state_options, before anything is copied
+
+    def cuda(self, device=None):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{type(self).__name__}.cuda(): this torch ({torch.__version__}) "
+                               f"sees no CUDA device; the quantizer runs on the CPU as it is "
+                               f"(backend='auto' takes the torch path there)")
+        return super().cuda(device)
 
     def check_state_options(self, state_dict, prefix):
         mine = self.get_extra_state()
@@ -260,7 +273,7 @@ class _QuantizerBase(RecordsOptions, nn.Module):
         if not (self.cosine or self.rotation_trick or flat_mask is not None):
             return VF.quantize(z, self.codebook, self.commitment_cost, codebook_loss, update,
                                backend, self.precision)
-        from .ops.residual import residual_quantize
+        from .ops.residual_vq import residual_quantize
         # cosine: the codes as unit vectors, whatever was stored (a loaded or hand-set codebook)
         codebook = F.normalize(self.codebook, dim=-1) if self.cosine else self.codebook
         q, loss, idx, perplexity, counts, code_sums, _ = residual_quantize(

@@ -4,7 +4,7 @@ and the straight-through ``torch.autograd.Function``."""
 import torch
 
 from .. import _torch
-from ..functional import _impl
+from .dispatch import _impl
 
 
 def fsq_params(levels, eps: float = 1e-3):

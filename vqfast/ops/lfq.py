@@ -3,7 +3,7 @@
 
 import torch
 
-from ..functional import _impl
+from .dispatch import _impl
 
 
 @torch.library.custom_op("vqfast::lfq_avg_prob", mutates_args=())

@@ -14,7 +14,7 @@ from .modules import (Projection, RecordsOptions, _all_reduce_statistics, check_
                       check_mask, keep_fp32, kmeans,
                       kmeans_done, real_rows, rows_seen, take_kmeans_ema_state, usage_report,
                       warn_skipped, without_real_rows_nan)
-from .ops.residual import residual_quantize
+from .ops.residual_vq import residual_quantize
 
 
 class ResidualVQ(RecordsOptions, nn.Module):

@@ -8,7 +8,7 @@ mask) run here too, as one group of one level: one numeric rule, one place.
 import torch
 
 from .. import _torch
-from ..functional import _impl
+from .dispatch import _impl
 
 
 @torch.library.custom_op("vqfast::residual_quantize", mutates_args=())

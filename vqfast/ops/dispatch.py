@@ -1,0 +1,87 @@
+"""Backend dispatch and the input checks every quantizer family shares: which backend
+runs an op (Triton kernels on CUDA, the torch path elsewhere), dtype and layout checks of
+the modules' inputs."""
+
+import os
+
+import torch
+
+from .. import _torch
+
+BACKENDS = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_backend(backend: str) -> None:
+    """A constructor's check of its ``backend`` option (resolved per call by ``resolve_backend``)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` -> ``triton`` for CUDA tensors, ``torch`` otherwise; checks ``triton`` is usable."""
+    check_backend(backend)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not _triton_interpreted():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {device.type}); on CPU it runs only under "
+            "the Triton interpreter (set TRITON_INTERPRET=1 before importing vqfast)")
+    return backend
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        from .. import kernels
+        return kernels
+    return _torch
+
+
+def _check_dtype(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be fp32, fp16 or bf16 (the kernels' dtypes, on every "
+                        f"backend), got {x.dtype}; cast it, e.g. x.float()")
+
+
+def check_codebook_input(x: torch.Tensor, codebook: torch.Tensor, name: str = "x") -> None:
+    """Validate a flat ``[N, D]`` input against a ``[K, D]`` codebook; raise before any work."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    _check_dtype(name, x)
+    if x.shape[-1] != codebook.shape[1]:
+        raise ValueError(f"{name} has {x.shape[-1]} channels but the codebook has embedding_dim="
+                         f"{codebook.shape[1]}")
+    if x.device != codebook.device:
+        raise ValueError(f"{name} is on {x.device} but the codebook is on {codebook.device}; "
+                         "move the module with .to(device)")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); need at least one vector")
+
+
+def channels_first(name: str, inputs, channels: int) -> torch.Tensor:
+    """Validate a quantizer's input ``[B, C, *spatial]`` (a tensor, at least one spatial dim,
+    ``channels`` channels, fp32/fp16/bf16, not empty); return it as contiguous ``[B, C, S]``
+    (a view when it already is: the kernels read channels-first in place)."""
+    if not isinstance(inputs, torch.Tensor):
+        hint = (" (torch.from_numpy(array) makes one without a copy)"
+                if type(inputs).__module__.split(".")[0] == "numpy" else "")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(inputs).__name__}{hint}")
+    if inputs.dim() < 3:
+        hint = (f"; for [N, {channels}] rows use inputs.T.unsqueeze(0) ([1, {channels}, N]) or "
+                f"vqfast.nearest_code" if inputs.dim() == 2 and inputs.shape[-1] == channels else "")
+        raise ValueError(f"{name} must be channels-first [B, C, *spatial] with at least one "
+                         f"spatial dim, got shape {tuple(inputs.shape)}{hint}")
+    if inputs.shape[1] != channels:
+        hint = (f"; it looks channels-last ([B, *spatial, C]): pass inputs.movedim(-1, 1)"
+                if inputs.shape[-1] == channels else "")
+        raise ValueError(f"{name} has {inputs.shape[1]} channels (dim 1), expected {channels}; "
+                         f"shape {tuple(inputs.shape)}{hint}")
+    _check_dtype(name, inputs)
+    if inputs.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(inputs.shape)}); need at least one vector")
+    return inputs.reshape(inputs.shape[0], channels, -1).contiguous()

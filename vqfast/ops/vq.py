@@ -1,0 +1,163 @@
+"""The single-codebook VQ family: its custom ops (``torch.library``, namespace ``vqfast``,
+with fake implementations so ``torch.compile(fullgraph=True)`` treats them as opaque calls),
+the ``torch.autograd.Function`` the modules call, and the EMA update. Each op dispatches to
+the Triton launchers in ``vqfast.kernels`` or to the torch backend in ``vqfast._torch``."""
+
+import torch
+
+from .. import _torch
+from .dispatch import _impl
+
+
+@torch.library.custom_op("vqfast::nearest_code", mutates_args=())
+def _nearest_code_op(x: torch.Tensor, codebook: torch.Tensor, backend: str,
+                     precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl(backend).nearest_code(x, codebook, precision)
+
+
+@_nearest_code_op.register_fake
+def _(x, codebook, backend, precision):
+    n = _torch.num_vectors(x)
+    return x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("vqfast::quantize", mutates_args=())
+def _quantize_op(x: torch.Tensor, codebook: torch.Tensor, with_code_sums: bool, loss_scale: float,
+                 backend: str, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                        torch.Tensor, torch.Tensor, torch.Tensor,
+                                                        torch.Tensor]:
+    impl = _impl(backend)
+    # With the EMA statistics an update follows that rewrites the codebook: the backward
+    # keeps this fp32 copy, taken in the same pass that prepares the codebook. (An output of
+    # this op, so compilers cannot move the copy into the backward, past the update.)
+    snapshot = (torch.empty(codebook.shape, dtype=torch.float32, device=codebook.device)
+                if with_code_sums else codebook.new_empty(0, dtype=torch.float32))
+    idx, _ = impl.nearest_code(x, codebook, precision, snapshot if with_code_sums else None)
+    q, loss, perplexity, counts, code_sums = impl.gather_loss(x, codebook, idx, with_code_sums,
+                                                              loss_scale)
+    if code_sums is None:
+        code_sums = x.new_empty(0, dtype=torch.float32)
+    return q, idx, loss, perplexity, counts, code_sums, snapshot
+
+
+@_quantize_op.register_fake
+def _(x, codebook, with_code_sums, loss_scale, backend, precision):
+    n = _torch.num_vectors(x)
+    sums_shape = tuple(codebook.shape) if with_code_sums else (0,)
+    scalar = x.new_empty((), dtype=torch.float32)
+    return (torch.empty_like(x), x.new_empty(n, dtype=torch.int64), scalar, scalar.clone(),
+            x.new_empty(codebook.shape[0], dtype=torch.int32),
+            x.new_empty(sums_shape, dtype=torch.float32),
+            x.new_empty(sums_shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("vqfast::quantize_backward", mutates_args=())
+def _quantize_backward_op(grad_q: torch.Tensor, grad_loss: torch.Tensor, x: torch.Tensor,
+                          codebook: torch.Tensor, idx: torch.Tensor, x_scale: float,
+                          codebook_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_x, grad_codebook = _impl(backend).quantize_backward(
+        grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale)
+    if grad_codebook is None:
+        grad_codebook = x.new_empty(0, dtype=torch.float32)
+    return grad_x, grad_codebook
+
+
+@_quantize_backward_op.register_fake
+def _(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale, backend):
+    shape = tuple(codebook.shape) if codebook_scale != 0 else (0,)
+    return torch.empty_like(x), x.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("vqfast::ema_update",
+                         mutates_args=("ema_cluster_size", "ema_weight", "codebook",
+                                       "ema_decay_weight", "skipped_batches"))
+def _ema_update_op(counts: torch.Tensor, code_sums: torch.Tensor, loss: torch.Tensor,
+                   not_finite: torch.Tensor | None, ema_cluster_size: torch.Tensor,
+                   ema_weight: torch.Tensor, codebook: torch.Tensor,
+                   ema_decay_weight: torch.Tensor, skipped_batches: torch.Tensor, decay: float,
+                   epsilon: float, backend: str, active: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    return _impl(backend).ema_update(counts, code_sums, loss, not_finite, ema_cluster_size,
+                                     ema_weight, codebook, ema_decay_weight, skipped_batches,
+                                     decay, epsilon, active)
+
+
+@_ema_update_op.register_fake
+def _(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
+      ema_decay_weight, skipped_batches, decay, epsilon, backend, active=None):
+    return loss.new_empty(ema_decay_weight.shape, dtype=torch.float32)
+
+
+# --- autograd ---------------------------------------------------------------------------
+
+class _Quantize(torch.autograd.Function):
+    """``x: [N, D]`` or channels-first ``[B, D, S]`` (N = B * S), ``codebook: [K, D]`` ->
+    ``q`` (x's layout), ``loss``, ``idx [N]``, ``perplexity``, ``counts [K]``,
+    ``code_sums`` (fp32 ``[K, D]`` per-code sums of x for the EMA update when
+    ``with_code_sums``, else an empty tensor).
+
+    ``loss = (codebook_loss + commitment_cost) * mse(q, x)``: the seed's
+    ``q_latent_loss + commitment_cost * e_latent_loss`` for ``VectorQuantizer``
+    (``codebook_loss=True``), ``commitment_cost * e_latent_loss`` for the EMA quantizer.
+    The output's value is ``q``; its gradient flows straight through to ``x``.
+
+    The backward gathers ``q`` again from the codebook in fp32 (saved: ``[K, D]``, not
+    ``[N, D]``; a copy when ``with_code_sums``, since the EMA update then rewrites it).
+    The codebook gets a gradient only when the loss is differentiated (else ``None``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, codebook, commitment_cost, codebook_loss, with_code_sums, backend,
+                precision):
+        numel = x.numel()
+        loss_scale = (float(codebook_loss) + commitment_cost) / numel
+        q, idx, loss, perplexity, counts, code_sums, snapshot = torch.ops.vqfast.quantize(
+            x, codebook.detach(), with_code_sums, loss_scale, backend, precision)
+        ctx.save_for_backward(x, snapshot if with_code_sums else codebook.detach(), idx)
+        ctx.x_scale = 2.0 * commitment_cost / numel
+        ctx.codebook_scale = 2.0 / numel if codebook_loss else 0.0
+        ctx.backend = backend
+        ctx.mark_non_differentiable(idx, perplexity, counts, code_sums)
+        ctx.set_materialize_grads(False)  # an unused loss arrives as None: no codebook grad
+        return q, loss, idx, perplexity, counts, code_sums
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_loss, grad_idx, grad_perplexity, grad_counts, grad_code_sums):
+        x, codebook, idx = ctx.saved_tensors
+        if grad_q is None:
+            grad_q = torch.zeros_like(x)
+        codebook_scale = ctx.codebook_scale if ctx.needs_input_grad[1] else 0.0
+        if grad_loss is None:  # no loss term reaches the codebook (nor x's commitment)
+            grad_loss = torch.zeros((), dtype=torch.float32, device=x.device)
+            codebook_scale = 0.0
+        grad_x, grad_codebook = torch.ops.vqfast.quantize_backward(
+            grad_q.contiguous(), grad_loss.float(), x, codebook, idx, ctx.x_scale,
+            codebook_scale, ctx.backend)
+        if codebook_scale == 0:
+            grad_codebook = None
+        return grad_x, grad_codebook, None, None, None, None, None
+
+
+def quantize(x, codebook, commitment_cost, codebook_loss, with_code_sums=False, backend="torch",
+             precision="ieee"):
+    """Differentiable nearest-code quantization of a contiguous ``x: [N, D]`` or ``[B, D, S]``.
+
+    Returns ``(q, loss, idx, perplexity, counts, code_sums)``; see ``_Quantize``.
+    """
+    return _Quantize.apply(x, codebook, commitment_cost, codebook_loss, with_code_sums, backend,
+                           precision)
+
+
+def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
+               ema_decay_weight, skipped_batches, decay, epsilon, backend, active=None):
+    """In-place EMA codebook update from this batch's ``counts [K]`` and ``code_sums [K, D]``,
+    skipped (and counted in ``skipped_batches``) when ``loss`` is not finite or
+    ``not_finite`` (a 0-d bool from the other ranks, or ``None``) is set. Returns ``applied``
+    (fp32 0-d: 1 if the update was made, else 0). Decided on the device: no host sync.
+
+    C codebooks at once: a leading ``[C]`` on every state tensor (``ema_decay_weight`` and
+    ``skipped_batches`` ``[C]``, ``applied [C]``); ``active`` (bool ``[C]``) leaves the
+    others as they are (levels dropped by quantize dropout)."""
+    return torch.ops.vqfast.ema_update(counts, code_sums, loss, not_finite, ema_cluster_size,
+                                       ema_weight, codebook, ema_decay_weight, skipped_batches,
+                                       decay, epsilon, backend, active)
