@@ -56,8 +56,10 @@ def main(argv=None):
         ops = [op for op in ops if op in args.ops]
         results += suite.run(shapes, ops, args.impls, device, dtypes)
     print()
-    print(suite.markdown(env, results))
-    for kind, path in suite.save(env, results, args.out, tag, args.name).items():
+    note = ("pipeline check (--tiny): sizes too small to measure anything; see a full or "
+            "--quick run for numbers" if args.tiny else None)
+    print(suite.markdown(env, results, note))
+    for kind, path in suite.save(env, results, args.out, tag, args.name, note).items():
         print(f"{kind}: {path}")
 
 

@@ -233,17 +233,18 @@ def device_line(env: dict) -> str:
             f"torch {env['torch']} · triton {env['triton']} · vqfast {env['vqfast']} · {env['date']}")
 
 
-def markdown(env: dict, results) -> str:
+def markdown(env: dict, results, note: str | None = None) -> str:
+    """The table of the rows that ran; the cases that could not run on this device are
+    listed once below it, by reason."""
     peaks = peaks_for(env)
-    lines = [
-        device_line(env),
-        "",
+    lines = [device_line(env), ""] + ([f"**{note}**", ""] if note else []) + [
         "| shape | op | dtype | implementation | median ms | peak MiB | speedup vs ref | memory vs ref | TFLOP/s | GB/s |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    not_run = {}
     for r in results:
         if r.skipped:
-            lines.append(f"| {r.shape} | {r.op} | {r.dtype} | {r.impl} | skipped: {r.skipped} | | | | | |")
+            not_run.setdefault(r.skipped, []).append(f"{r.shape} {r.op} {r.dtype} {r.impl}")
             continue
         tflops = _fmt(r.tflops, ".1f")
         if peaks and r.tflops:
@@ -256,100 +257,122 @@ def markdown(env: dict, results) -> str:
             f"| {r.shape} | {r.op} | {r.dtype} | {r.impl} | {r.median_ms:.3f} | {r.peak_mib:.1f} | "
             f"{_fmt(r.speedup, '.2f')}{'x' if r.speedup else ''} | {_fmt(r.memory_ratio, '.3f')} | "
             f"{tflops} | {gbps} |")
+    if not_run:
+        lines += ["", "Not run on this device:"]
+        for reason, cases in not_run.items():
+            impls = sorted({c.rsplit(" ", 1)[1] for c in cases})
+            every = all(sum(c.endswith(" " + i) for c in cases) ==
+                        sum(r.impl == i for r in results) for i in impls)
+            what = (f"{', '.join(impls)} (every case)" if every
+                    else "; ".join(cases[:8]) + (f" and {len(cases) - 8} more" if len(cases) > 8 else ""))
+            lines.append(f"- {what}: {reason}")
     return "\n".join(lines) + "\n"
 
 
-def save(env: dict, results, out_dir: Path, tag: str, name: str | None = None) -> dict:
-    """Write JSON, markdown and (for a K sweep) a log-log PNG as ``out_dir/name.*`` (default
-    name: date, device and ``tag``); return the paths."""
+def save(env: dict, results, out_dir: Path, tag: str, name: str | None = None,
+         note: str | None = None) -> dict:
+    """Write JSON, markdown and a PNG (time and peak memory, the speedup and memory ratio
+    against the reference written on vqfast's points) as ``out_dir/name.*`` (default name:
+    date, device and ``tag``); return the paths. ``note`` heads the table and the plot."""
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = env["device"].replace(" ", "-").replace("/", "-") or env["device_type"]
     stem = out_dir / (name or f"{env['date']}-{env['device_type']}-{slug}-{tag}")
     paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md")}
     paths["json"].write_text(json.dumps(
-        {"environment": env, "results": [dataclasses.asdict(r) for r in results]}, indent=1))
-    paths["md"].write_text(markdown(env, results))
+        {"environment": env, "note": note, "results": [dataclasses.asdict(r) for r in results]},
+        indent=1))
+    paths["md"].write_text(markdown(env, results, note))
     swept = [r for r in results if r.shape.startswith("K=") and r.median_ms]
     paths["png"] = stem.with_suffix(".png")
     if swept:
-        plot_k_sweep(env, swept, paths["png"])
+        plot_k_sweep(env, swept, paths["png"], note)
     else:
-        plot_bars(env, [r for r in results if r.median_ms], paths["png"])
+        plot_bars(env, [r for r in results if r.median_ms], paths["png"], note)
     return paths
 
 
-def plot_bars(env: dict, results, path: Path) -> None:
-    """Median time per (shape, op, dtype), one bar per implementation (no K sweep to plot)."""
+def _ratio_label(r) -> str:
+    """``"12.3x faster, 48x less memory"`` against the reference (the words a reader wants)."""
+    parts = []
+    if r.speedup:
+        parts.append(f"{r.speedup:.1f}x faster" if r.speedup >= 1 else f"{1 / r.speedup:.1f}x slower")
+    if r.memory_ratio:
+        inverse = 1 / r.memory_ratio
+        parts.append(f"{inverse:.0f}x less memory" if inverse >= 1.5 else f"{r.memory_ratio:.2f}x the memory")
+    return "\n".join(parts)
+
+
+def _title(env: dict, note: str | None) -> str:
+    return (f"{env['device']} · torch {env['torch']} · {env['date']}"
+            + (f"\n{note}" if note else "") + "\nratios: vqfast vs the reference, same run")
+
+
+def plot_bars(env: dict, results, path: Path, note: str | None = None) -> None:
+    """Median time and peak memory per (shape, op, dtype), one bar per implementation, each
+    vqfast bar labelled with its speedup and memory ratio against the reference."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     cases = list(dict.fromkeys((r.shape, r.op, r.dtype) for r in results))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(cases)), 3.8))
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 1.6 * len(cases)), 7.5), sharex=True)
     width = 0.8 / len(IMPLS)
     colors = dict(zip(IMPLS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for i, impl in enumerate(IMPLS):
-        times = {(r.shape, r.op, r.dtype): r.median_ms for r in results if r.impl == impl}
-        if times:
-            xs = [j + i * width for j, case in enumerate(cases) if case in times]
-            ax.bar(xs, [times[c] for c in cases if c in times], width, label=impl,
-                   color=colors[impl])
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-    ax.set_xticklabels(["\n".join(c) for c in cases], fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("median ms")
-    ax.legend(fontsize=7)
-    fig.suptitle(f"{env['device']} · torch {env['torch']} · {env['date']}", fontsize=9)
+    for ax, field, label in ((axes[0], "median_ms", "median ms"), (axes[1], "peak_mib", "peak MiB")):
+        for i, impl in enumerate(IMPLS):
+            rows = {(r.shape, r.op, r.dtype): r for r in results if r.impl == impl}
+            if not rows:
+                continue
+            xs = [j + i * width for j, case in enumerate(cases) if case in rows]
+            values = [max(getattr(rows[c], field) or 0, 1e-3) for c in cases if c in rows]
+            ax.bar(xs, values, width, label=impl, color=colors[impl])
+            if impl.startswith("vqfast") and ax is axes[0]:
+                for x, c in zip(xs, [c for c in cases if c in rows]):
+                    ax.annotate(_ratio_label(rows[c]), (x, values[xs.index(x)]), fontsize=6,
+                                ha="center", va="bottom", xytext=(0, 2), textcoords="offset points")
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+    axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+    axes[1].set_xticklabels(["\n".join(c) for c in cases], fontsize=7)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(_title(env, note), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_k_sweep(env: dict, results, path: Path) -> None:
+def plot_k_sweep(env: dict, results, path: Path, note: str | None = None) -> None:
+    """Time (top) and peak memory (bottom) against K per op; vqfast's points at the largest
+    K carry their speedup and memory ratio against the reference."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ops = sorted({r.op for r in results}, key=OPS.index)
-    fig, axes = plt.subplots(1, len(ops), figsize=(4.5 * len(ops), 3.8), squeeze=False)
+    fig, axes = plt.subplots(2, len(ops), figsize=(4.8 * len(ops), 7.5), squeeze=False)
     colors = dict(zip(IMPLS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for ax, op in zip(axes[0], ops):
-        for impl in IMPLS:
-            for dtype in sorted({r.dtype for r in results}):
-                pts = sorted((r.k, r.median_ms) for r in results
-                             if r.op == op and r.impl == impl and r.dtype == dtype)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o" if dtype == "float32" else "s",
-                            color=colors[impl], label=f"{impl} {dtype}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("K (codes), N=16384, D=64")
-        ax.set_ylabel("median ms")
-        ax.set_title(op)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{env['device']} · torch {env['torch']} · {env['date']}", fontsize=9)
+    for column, op in enumerate(ops):
+        for row, (field, label) in enumerate((("median_ms", "median ms"), ("peak_mib", "peak MiB"))):
+            ax = axes[row][column]
+            for impl in IMPLS:
+                for dtype in sorted({r.dtype for r in results}):
+                    rows = sorted((r for r in results if r.op == op and r.impl == impl
+                                   and r.dtype == dtype), key=lambda r: r.k)
+                    if not rows:
+                        continue
+                    ax.plot([r.k for r in rows], [max(getattr(r, field) or 0, 1e-3) for r in rows],
+                            marker="o" if dtype == "float32" else "s", color=colors[impl],
+                            label=f"{impl} {dtype}")
+                    if impl.startswith("vqfast") and row == 0:
+                        last = rows[-1]
+                        ax.annotate(_ratio_label(last), (last.k, last.median_ms), fontsize=7,
+                                    ha="right", va="bottom", xytext=(-4, 4), textcoords="offset points")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("K (codes), N=16384, D=64")
+            ax.set_ylabel(label)
+            ax.set_title(op)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(_title(env, note), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def save_side_report(env: dict, rows, table: str, out: Path, *, key: str, heading: str,
-                     name: str | None = None, merge_into: str | None = None) -> None:
-    """Write a side benchmark's rows (dataclasses) and markdown ``table``: into
-    ``out/merge_into.json`` (under ``key``) and ``.md`` (under ``heading``) when merging
-    (the GPU command's ``bench.*``), else as ``out/name.json`` and ``.md`` of their own."""
-    out.mkdir(parents=True, exist_ok=True)
-    records = [dataclasses.asdict(r) for r in rows]
-    if merge_into:
-        stem = out / merge_into
-        report = json.loads(stem.with_suffix(".json").read_text())
-        report[key] = records
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-        with open(stem.with_suffix(".md"), "a") as f:
-            f.write(f"\n## {heading}\n\n" + table)
-    else:
-        stem = out / (name or f"{env['date']}-{env['device_type']}-{key.replace('_', '-')}")
-        stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": records},
-                                                        indent=1))
-        stem.with_suffix(".md").write_text(table)
-    print(table)
-
