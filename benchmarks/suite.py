@@ -376,3 +376,26 @@ def plot_k_sweep(env: dict, results, path: Path, note: str | None = None) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def save_side_report(env: dict, rows, table: str, out: Path, *, key: str, heading: str,
+                     name: str | None = None, merge_into: str | None = None) -> None:
+    """Write a side benchmark's rows (dataclasses) and markdown ``table``: into
+    ``out/merge_into.json`` (under ``key``) and ``.md`` (under ``heading``) when merging
+    (the GPU command's ``bench.*``), else as ``out/name.json`` and ``.md`` of their own."""
+    out.mkdir(parents=True, exist_ok=True)
+    records = [dataclasses.asdict(r) for r in rows]
+    if merge_into:
+        stem = out / merge_into
+        report = json.loads(stem.with_suffix(".json").read_text())
+        report[key] = records
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+        with open(stem.with_suffix(".md"), "a") as f:
+            f.write(f"\n## {heading}\n\n" + table)
+    else:
+        stem = out / (name or f"{env['date']}-{env['device_type']}-{key.replace('_', '-')}")
+        stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": records},
+                                                        indent=1))
+        stem.with_suffix(".md").write_text(table)
+    print(table)
+
