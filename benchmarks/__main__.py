@@ -12,7 +12,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="seed shape and a short K sweep only (under a minute on a 2-core CPU)")
+                      help="the VQ-VAE shape and a short K sweep only (under a minute on a 2-core CPU)")
     size.add_argument("--headline", action="store_true",
                       help="the seed and large shapes, nearest code and EMA step only (the GPU "
                            "command's headline part)")

@@ -27,7 +27,7 @@ class Shape:
         return (self.n // 64, self.d, 8, 8)
 
 
-SEED = Shape("seed", 16384, 64, 512)
+SEED = Shape("vqvae", 16384, 64, 512)  # the VQ-VAE on CIFAR-10: batch 256 of 8x8 latents
 TINY = Shape("tiny", 512, 16, 64)  # --tiny: the pipeline in seconds (the GPU script's dry run)
 LARGE = Shape("large", 65536, 256, 16384)
 K_SWEEP = [Shape(f"K={k}", 16384, 64, k) for k in (256, 1024, 4096, 16384, 65536)]

@@ -1,4 +1,4 @@
-"""pytest-benchmark cases for the suite's ops at the seed shape.
+"""pytest-benchmark cases for the suite's ops at the VQ-VAE shape (N=16384, D=64, K=512).
 
 ``python -m pytest benchmarks --benchmark-enable`` measures; the default test run calls
 each case once as a smoke test (``--benchmark-disable`` in pyproject's addopts).

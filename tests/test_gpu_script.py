@@ -71,12 +71,12 @@ def test_a_run_out_of_budget_still_writes_its_summary(tmp_path):
 
 
 def test_summary_puts_measurements_beside_predictions(tmp_path):
-    rows = [dict(shape="seed", op="ema_step", dtype="bfloat16", impl=impl, median_ms=ms, peak_mib=1.0)
+    rows = [dict(shape="vqvae", op="ema_step", dtype="bfloat16", impl=impl, median_ms=ms, peak_mib=1.0)
             for impl, ms in (("vqfast[triton]", 0.1), ("reference", 0.5))]
     atomics = [dict(shape="large", dtype="bfloat16", sem="acq_rel", median_ms=1.3, vs_relaxed=1.3)]
     (tmp_path / "bench.json").write_text(json.dumps({"results": rows, "atomics": atomics}))
     text = report.summary(tmp_path, {"bench": {"rc": 0, "seconds": 80, "limit": 90}}, budget=420)
-    assert "| seed EMA step, bf16, eager | 0.2 ms | 0.1 ms | faster than predicted (0.50x" in text
+    assert "| VQ-VAE shape EMA step, bf16, eager | 0.2 ms | 0.1 ms | faster than predicted (0.50x" in text
     assert "| 2 x | 5 x | above the prediction" in text
     assert "1.3 x | above the prediction (1.08x)" in text
     assert "| large EMA step, bf16 | 1.05 ms | not measured |" in text

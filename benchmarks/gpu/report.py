@@ -219,10 +219,10 @@ def measured(out: Path) -> dict:
     bench, train = _load(out, "bench.json"), _load(out, "train.json")
     ms = lambda shape, dtype, impl="vqfast[triton]": _bench_ms(bench, shape, "ema_step", dtype, impl)  # noqa: E731
     values = {
-        "seed-ema-bf16-ms": ms("seed", "bfloat16"),
-        "seed-ema-fp32-ms": ms("seed", "float32"),
-        "seed-ema-bf16-vs-reference": _ratio(ms("seed", "bfloat16", "reference"), ms("seed", "bfloat16")),
-        "seed-ema-bf16-vs-peer": _ratio(ms("seed", "bfloat16", "vector-quantize-pytorch"), ms("seed", "bfloat16")),
+        "vqvae-ema-bf16-ms": ms("vqvae", "bfloat16"),
+        "vqvae-ema-fp32-ms": ms("vqvae", "float32"),
+        "vqvae-ema-bf16-vs-reference": _ratio(ms("vqvae", "bfloat16", "reference"), ms("vqvae", "bfloat16")),
+        "vqvae-ema-bf16-vs-peer": _ratio(ms("vqvae", "bfloat16", "vector-quantize-pytorch"), ms("vqvae", "bfloat16")),
         "large-ema-bf16-ms": ms("large", "bfloat16"),
         "large-ema-fp32-ms": ms("large", "float32"),
         "large-ema-bf16-vs-reference": _ratio(ms("large", "bfloat16", "reference"), ms("large", "bfloat16")),
