@@ -16,6 +16,7 @@ at the end), ``final.json`` (test-set NMSE) and the seed's figures as PNGs.
 """
 
 import argparse
+import copy
 import csv
 import json
 import os
@@ -193,13 +194,13 @@ def train(args, rank, world, device):
 
     model = build_model(args).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, amsgrad=False)
-    step = 0
+    step, seconds_before = 0, 0.0
     checkpoint_path = out / "checkpoint.pt"
     if args.resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+        step, seconds_before = state["step"], state.get("seconds", 0.0)
         torch.set_rng_state(state["rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
@@ -236,7 +237,8 @@ def train(args, rank, world, device):
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                     "rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "args": vars(args), "data_variance": data_variance}, checkpoint_path.with_suffix(".tmp"))
+                    "args": vars(args), "data_variance": data_variance,
+                    "seconds": time.time() - start}, checkpoint_path.with_suffix(".tmp"))
         checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
 
     from tqdm import tqdm
@@ -246,7 +248,7 @@ def train(args, rank, world, device):
     watch = CollapseWatch()
     reseeded_before = int(getattr(model.vq, "reseeded_codes", torch.zeros(())).sum())
     model.train()
-    start = time.time()
+    start = time.time() - seconds_before  # the run's elapsed time continues across resumes
     while step < args.steps:
         epoch, position = divmod(step, batches_per_epoch)
         sampler.set_epoch(epoch)
@@ -273,7 +275,8 @@ def train(args, rank, world, device):
                 0, first.detach().reshape(-1) + 1, 1)[1:].sum()  # (-1: a masked position)
             window.append(torch.stack([recon_error.detach(), perplexity.detach().float().mean(),
                                        vq_loss.detach().float(), used]))
-            if step % args.log_every == 0 or step == args.steps:
+            # the first log rows early (steps 1 and 10), so the bar shows metrics from the start
+            if step % args.log_every == 0 or step == args.steps or step in (1, 10):
                 values = torch.stack(window).cpu()
                 window.clear()
                 mean = values.mean(0).tolist()
@@ -313,6 +316,8 @@ def train(args, rank, world, device):
         (out / "final.json").write_text(json.dumps(result, indent=1))
         print(f"step {step}: test NMSE {test_nmse:.4f}")
         draw_figures(out, model, test_images, device)
+        print(f"outputs in {out}/: " + ", ".join(sorted(p.name for p in out.iterdir()
+                                                        if p.suffix in (".png", ".json", ".jsonl", ".csv", ".pt"))))
     if world > 1:  # the other ranks wait for rank 0's evaluation and figures
         dist.barrier()
     return model
@@ -354,25 +359,35 @@ def _save_image(path: Path, image: np.ndarray, title: str) -> None:
     plt.close(fig)
 
 
-def plot_curves(out: Path) -> None:
-    """Savgol-smoothed (window 201, order 7, as the seed) NMSE on a log axis and perplexity,
-    and beside them the codes each batch used (and, for the EMA quantizer, the codes alive
-    and the re-seeds per logging step), where codebook collapse shows first."""
-    import matplotlib.pyplot as plt
+def smooth(values: np.ndarray) -> np.ndarray:
+    """Savitzky-Golay smoothing sized to the series: the original's window 201 (order 7) at
+    200k steps, about a twentieth of the points (odd, order 3) on shorter runs, none under
+    15 points; clipped to the raw values' range, so a short run's fit cannot overshoot."""
     from scipy.signal import savgol_filter
+    if len(values) < 15:
+        return values
+    window = min(201, max(5, len(values) // 20 * 2 + 1))
+    order = 7 if window == 201 else 3
+    return np.clip(savgol_filter(values, window, order), values.min(), values.max())
+
+
+def plot_curves(out: Path) -> None:
+    """NMSE on a log axis and perplexity, raw (faint) and smoothed (``smooth``), and beside
+    them the codes each batch used (and, for the EMA quantizer, the codes alive and the
+    re-seeds per logging step), where codebook collapse shows first."""
+    import matplotlib.pyplot as plt
     with open(out / "steps.csv") as f:
         rows = np.array([[float(v) for v in r] for r in list(csv.reader(f))[1:]])
     if len(rows) < 3:
         print("fewer than 3 logged steps: no curves drawn")
         return
-    window = min(201, len(rows) - (1 - len(rows) % 2))  # odd, at most the series length
-    order = min(7, window - 1)
     fig, (ax_nmse, ax_perp, ax_codes) = plt.subplots(1, 3, figsize=(22, 6))
-    ax_nmse.plot(rows[:, 0], savgol_filter(rows[:, 1], window, order))
+    for ax, column, title in ((ax_nmse, 1, "NMSE"), (ax_perp, 2, "Average codebook usage (perplexity)")):
+        ax.plot(rows[:, 0], rows[:, column], color="C0", alpha=0.25, lw=0.6, label="per step")
+        ax.plot(rows[:, 0], smooth(rows[:, column]), color="C0", label="smoothed")
+        ax.set_title(f"{title}.")
+        ax.legend()
     ax_nmse.set_yscale("log")
-    ax_nmse.set_title("Smoothed NMSE.")
-    ax_perp.plot(rows[:, 0], savgol_filter(rows[:, 2], window, order))
-    ax_perp.set_title("Smoothed Average codebook usage (perplexity).")
     if rows.shape[1] > 3:
         ax_codes.plot(rows[:, 0], rows[:, 3], lw=0.5, label="codes used by the batch")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
@@ -400,7 +415,10 @@ def draw_figures(out: Path, model, test_images, device) -> None:
     reconstructions = model.decoder(quantized)
     show = lambda t: _grid((t.float().cpu() + 0.5).clamp(0, 1))  # noqa: E731
     _save_image(out / "originals.png", show(originals), "validation originals")
-    _save_image(out / "reconstructions.png", show(reconstructions), "reconstructions")
+    side_by_side = np.concatenate([show(originals), np.ones((show(originals).shape[0], 8, 3)),
+                                   show(reconstructions)], axis=1)
+    _save_image(out / "reconstructions.png", side_by_side,
+                "validation originals (left) and their reconstructions (right)")
 
     # Latents to RGB: channels-last before flattening (the seed viewed [B, D, h, w] as [N, D]).
     b, d, h, w = quantized.shape
@@ -509,11 +527,50 @@ def build_parser():
     return p
 
 
+# What a resumed run may change when given again: how long it runs (--steps, the new
+# total), where and how it runs, how often it logs (unset, they too come from the
+# checkpoint). Everything else is the run's recipe and comes from its checkpoint.
+RUN_FLAGS = {"steps", "device", "backend", "workers", "data_dir", "no_download", "log_every",
+             "checkpoint_every", "eval_batch_size"}
+THIS_INVOCATION = {"out", "resume", "plots_only"}
+
+
+def settings_from_checkpoint(args, argv, parser):
+    """For ``--resume``: the recipe saved in the run's checkpoint, with the run flags given
+    now; a recipe flag given now that contradicts the checkpoint exits naming both values."""
+    checkpoint = Path(args.out) / "checkpoint.pt"
+    if not checkpoint.is_file():
+        return args
+    saved = load_checkpoint(checkpoint, "cpu").get("args")
+    if saved is None:
+        return args
+    explicit = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for action in parser._actions:  # the same flags, without defaults: what was given
+        if action.option_strings and action.dest != "help":
+            clone = copy.copy(action)
+            clone.default = argparse.SUPPRESS
+            explicit._add_action(clone)
+    given = vars(explicit.parse_known_args(argv)[0])
+    clashes = [f"--{name.replace('_', '-')} {value!r} (the checkpoint has {saved.get(name)!r})"
+               for name, value in given.items()
+               if name not in RUN_FLAGS | THIS_INVOCATION and name in saved and saved[name] != value]
+    if clashes:
+        sys.exit(f"--resume: {checkpoint} was trained with other settings: "
+                 + "; ".join(clashes) + ". Drop these flags to continue the run as it was, "
+                 "or pass another --out to start a new one.")
+    merged = {**vars(args), **{k: v for k, v in saved.items()
+                               if k not in THIS_INVOCATION and not (k in RUN_FLAGS and k in given)}}
+    return argparse.Namespace(**merged)
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.plots_only:
         plots_only(Path(args.plots_only), args)
         return
+    if args.resume:
+        args = settings_from_checkpoint(args, sys.argv[1:] if argv is None else argv, parser)
     args.data_dir = args.data_dir or "data"
     if args.dead_code_threshold and args.decay == 0:
         sys.exit("--dead-code-threshold needs the EMA quantizer (--decay > 0)")

@@ -61,7 +61,7 @@ def test_trains_resumes_and_redraws(cifar_dir, tmp_path):
     common = ["--data-dir", str(cifar_dir), "--out", str(out)] + TINY
     train_cifar10.main(common + ["--steps", "20"])
     metrics = _metrics(out)
-    assert [m["step"] for m in metrics] == [5, 10, 15, 20]
+    assert [m["step"] for m in metrics] == [1, 5, 10, 15, 20]
     assert metrics[-1]["nmse"] < metrics[0]["nmse"], "NMSE should fall"
     final = json.loads((out / "final.json").read_text())
     assert final["steps"] == 20 and 0 < final["test_nmse"] < 2
@@ -69,7 +69,7 @@ def test_trains_resumes_and_redraws(cifar_dir, tmp_path):
         assert (out / name).stat().st_size > 0, name
 
     train_cifar10.main(common + ["--steps", "30", "--resume"])
-    assert [m["step"] for m in _metrics(out)] == [5, 10, 15, 20, 25, 30]
+    assert [m["step"] for m in _metrics(out)] == [1, 5, 10, 15, 20, 25, 30]
     assert _steps_logged(out) == list(range(1, 31))
     assert json.loads((out / "final.json").read_text())["steps"] == 30
 
@@ -112,7 +112,7 @@ def test_torchrun_two_processes(cifar_dir, tmp_path):
          str(SCRIPT), "--data-dir", str(cifar_dir), "--out", str(out), "--steps", "10"] + TINY,
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [m["step"] for m in _metrics(out)] == [5, 10]  # rank 0 logs alone
+    assert [m["step"] for m in _metrics(out)] == [1, 5, 10]  # rank 0 logs alone
     assert (out / "checkpoint.pt").exists() and (out / "curves.png").exists()
 
 
@@ -123,7 +123,7 @@ def test_bf16_autocast_and_plain_quantizer(cifar_dir, tmp_path):
     train_cifar10.main(["--data-dir", str(cifar_dir), "--out", str(out), "--steps", "10", "--bf16",
                         "--decay", "0"] + TINY)
     metrics = _metrics(out)
-    assert [m["step"] for m in metrics] == [5, 10]
+    assert [m["step"] for m in metrics] == [1, 5, 10]
     assert all(np.isfinite([m["nmse"], m["perplexity"], m["vq_loss"]]).all() for m in metrics)
 
 
@@ -154,7 +154,7 @@ def test_residual_quantizer_flags(cifar_dir, tmp_path, flags):
     model = train_cifar10.main(["--data-dir", str(cifar_dir), "--out", str(out), "--steps", "10"]
                                + flags + TINY)
     metrics = _metrics(out)
-    assert [m["step"] for m in metrics] == [5, 10]
+    assert [m["step"] for m in metrics] == [1, 5, 10]
     assert all(np.isfinite([m["nmse"], m["perplexity"], m["vq_loss"]]).all() for m in metrics)
     state = train_cifar10.torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["model"]["vq.codebooks"].shape[0] == int(flags[3]) * (2 if "--groups" in flags else 1)
@@ -188,3 +188,42 @@ def test_collapse_warning_fires_once():
                 [(100, 5.0), (200, 1.1), (300, 1.2), (400, 1.0), (500, 1.0), (600, 1.0)]]
     assert [m is not None for m in messages] == [False, False, False, True, False, False]
     assert "--kmeans-init" in messages[3]
+
+
+@pytest.mark.slow
+def test_resume_takes_the_recipe_step_count_and_time_from_the_checkpoint(cifar_dir, tmp_path):
+    out = tmp_path / "recipe-resume"
+    common = ["--data-dir", str(cifar_dir), "--out", str(out)]
+    train_cifar10.main(common + ["--steps", "10", "--kmeans-init", "--dead-code-threshold", "1",
+                                 "--num-embeddings", "24"] + TINY[:8] + TINY[10:])
+    seconds_before = _metrics(out)[-1]["seconds"]
+    # no recipe flags: kmeans_init, the threshold and K come from the checkpoint
+    train_cifar10.main(["--out", str(out), "--resume", "--steps", "15"])
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["kmeans_init"] is True and saved["dead_code_threshold"] == 1.0
+    assert saved["num_embeddings"] == 24 and saved["steps"] == 15
+    rows = _metrics(out)
+    assert [m["step"] for m in rows] == [1, 5, 10, 15]
+    assert rows[-1]["seconds"] > seconds_before  # the elapsed time goes on
+    # without --steps: the checkpoint's total, nothing left to do (not the default 200,000)
+    train_cifar10.main(["--out", str(out), "--resume"])
+    assert json.loads((out / "final.json").read_text())["steps"] == 15
+
+
+def test_resume_refuses_a_contradicting_recipe_flag(cifar_dir, tmp_path):
+    out = tmp_path / "clash"
+    out.mkdir()
+    state = {"args": {"num_embeddings": 32, "kmeans_init": True, "lr": 1e-3, "steps": 10}}
+    train_cifar10.torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(SystemExit, match=r"--num-embeddings 64 \(the checkpoint has 32\)"):
+        train_cifar10.main(["--out", str(out), "--resume", "--num-embeddings", "64"])
+
+
+@pytest.mark.parametrize("n", [3, 10, 150, 1000, 250_000])
+def test_smoothing_fits_any_length_and_stays_in_the_data_range(n):
+    rng = np.random.default_rng(0)
+    raw = np.abs(rng.normal(1.0, 0.5, n)) + np.linspace(1, 0, n)
+    raw[n // 2] = 30.0  # a spike
+    smoothed = train_cifar10.smooth(raw)
+    assert smoothed.shape == raw.shape
+    assert smoothed.min() >= raw.min() and smoothed.max() <= raw.max()
