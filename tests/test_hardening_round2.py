@@ -270,3 +270,42 @@ def test_fsq_with_projection_cast_takes_fp32_input(cast):
     quantized, codes = fsq(torch.randn(2, 6, 5))
     assert quantized.shape == (2, 6, 5) and codes.shape == (2, 5)
     assert fsq.params.dtype == torch.float32
+
+
+# --- a collapsed codebook is caught early (issue 20, item 5) -----------------------------
+
+@pytest.mark.parametrize("make", ["ema", "plain", "residual"])
+def test_warn_on_collapse_warns_once_after_the_streak(make):
+    build = {"ema": lambda: vqfast.VectorQuantizerEMA(100, 4, 0.25, backend="torch"),
+             "plain": lambda: vqfast.VectorQuantizer(100, 4, 0.25, backend="torch"),
+             "residual": lambda: vqfast.ResidualVQ(2, 100, 4, quantize_dropout=True, backend="torch")}[make]
+    vq = build().warn_on_collapse(steps=3)
+    same = torch.ones(2, 4, 6)  # every vector the same: one code in use, 1% of 100
+    import warnings as w
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        for _ in range(3):
+            vq(same)
+        assert not caught  # a streak of 3 is read one step late
+        for _ in range(3):
+            vq(same)
+    assert len(caught) == 1 and "collapsed" in str(caught[0].message)
+
+
+def test_warn_on_collapse_stays_quiet_while_codes_are_used():
+    vq = vqfast.VectorQuantizerEMA(20, 4, 0.25, backend="torch").warn_on_collapse(steps=2)
+    import warnings as w
+    with w.catch_warnings():
+        w.simplefilter("error")
+        for _ in range(6):
+            vq(torch.randn(2, 4, 50))
+        vq.eval()
+        for _ in range(4):  # eval mode does not count
+            vq(torch.ones(2, 4, 6))
+
+
+def test_codebook_usage_prints_one_line():
+    vq = vqfast.VectorQuantizerEMA(512, 4, 0.25, backend="torch")
+    vq(torch.randn(2, 4, 30))
+    text = repr(vq.codebook_usage())
+    assert "\n" not in text and "of 512 codes alive" in text and len(text) < 200

@@ -69,13 +69,18 @@ OPTIONS = {
         cosine=True, codebook_dim=3, dead_code_threshold=1.0, rotation_trick=True)),
     "residual": (vqfast.ResidualVQ, dict(ema=False, rotation_trick=True)),
     "residual+shared+ema": (vqfast.ResidualVQ, dict(shared_codebook=True, kmeans_init=True)),
+    "ema+warn_on_collapse": (vqfast.VectorQuantizerEMA, dict(warn_on_collapse=1)),
 }
 
 
 def _make(cls, kw, backend):
+    kw = dict(kw)
+    watch = kw.pop("warn_on_collapse", None)
     if cls is vqfast.ResidualVQ:
-        return cls(3, 19, 5, 0.25, backend=backend, **kw).to(DEVICE)
-    return cls(19, 5, 0.25, backend=backend, **kw).to(DEVICE)
+        module = cls(3, 19, 5, 0.25, backend=backend, **kw).to(DEVICE)
+    else:
+        module = cls(19, 5, 0.25, backend=backend, **kw).to(DEVICE)
+    return module.warn_on_collapse(watch) if watch else module
 
 
 @pytest.fixture

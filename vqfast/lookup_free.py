@@ -10,7 +10,7 @@ from torch import nn
 
 from . import functional as VF
 from .ops import fsq as fsq_ops
-from .modules import RecordsOptions, check_codes, keep_fp32
+from .modules import QuantizerCommon, check_codes, keep_fp32
 from .ops import lfq as lfq_ops
 
 # Beyond this many channels LFQ's exact codebook entropy (all 2**dim codes per vector) costs
@@ -29,7 +29,7 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-class FSQ(RecordsOptions, nn.Module):
+class FSQ(QuantizerCommon, nn.Module):
     """Finite scalar quantization: each channel bounded with tanh and rounded to one of
     ``levels[i]`` values; no codebook, no auxiliary loss.
 
@@ -114,7 +114,7 @@ class FSQ(RecordsOptions, nn.Module):
         return quantized
 
 
-class LFQ(RecordsOptions, nn.Module):
+class LFQ(QuantizerCommon, nn.Module):
     """Lookup-free quantization: ``quantized = sign(z)``, ``2**dim`` implicit codes, and the
     entropy loss of MAGVIT-2 computed exactly over all of them.
 

@@ -125,15 +125,71 @@ def check_codes(codes: torch.Tensor, num_codes: int, dropped_ok: bool = True) ->
                              f"[{low}, {high}]")
 
 
-class RecordsOptions:
-    """The options that change what a state's tensors mean travel in its ``state_dict``
+class CollapseWatch:
+    """Warns once when training has used at most ``share`` of the codes (of any codebook)
+    for ``steps`` steps in a row: the codebook has collapsed.
+
+    No host sync in the step: the streak is counted on the device, copied to the host
+    without blocking, and read one step later once the copy has landed (a CUDA event tells);
+    under ``torch.compile`` it does nothing."""
+
+    def __init__(self, steps: int, share: float = 0.02):
+        if not (isinstance(steps, int) and steps >= 1):
+            raise ValueError(f"collapse_warning_steps must be an int >= 1, got {steps!r}")
+        self.steps, self.share, self.warned = steps, share, False
+        self.streak = self.host = self.ready = None
+
+    def update(self, counts: torch.Tensor, owner: str) -> None:
+        """``counts [..., K]``: this training step's code counts (0 for codes not used)."""
+        if self.warned or torch.compiler.is_compiling():
+            return
+        if self.host is not None and (self.ready is None or self.ready.query()):
+            streak = int(self.host.numpy())  # a host copy: reading it waits for nothing
+            if streak >= self.steps:
+                self.warned = True
+                warnings.warn(f"{owner}: for {streak} training steps in a row at most "
+                              f"{self.share:.0%} of the {counts.shape[-1]} codes were used: the "
+                              f"codebook has collapsed onto a few codes. kmeans_init=True and "
+                              f"dead_code_threshold=1.0 keep it in use (README: Training "
+                              f"quality).", stacklevel=4)
+                return
+        used = (counts > 0).sum(-1).min()
+        low = used <= self.share * counts.shape[-1]
+        previous = self.streak if self.streak is not None else torch.zeros_like(used)
+        self.streak = torch.where(low, previous + 1, 0)
+        self.host = self.streak.to("cpu", non_blocking=True)
+        self.ready = None
+        if self.streak.is_cuda:
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+
+class QuantizerCommon:
+    """What every quantizer module shares.
+
+    ``warn_on_collapse(steps)``: opt in to a warning (once) when training has used at most
+    2% of the codes for ``steps`` steps in a row (``CollapseWatch``: no host sync).
+
+    The options that change what a state's tensors mean travel in its ``state_dict``
     (``_extra_state``); loading a state into a module built otherwise (cosine into
     euclidean, other levels or groups, another quantizer class) raises ``ValueError``
     naming both, before any tensor is copied. Checkpoints without them (the original
     notebook's, vqfast 0.2's) load as before."""
 
+    _collapse_watch = None
+
     def _state_options(self) -> dict:
         raise NotImplementedError
+
+    def warn_on_collapse(self, steps: int = 500, share: float = 0.02):
+        """Warn once when training has used at most ``share`` of the codes (of any codebook)
+        for ``steps`` training steps in a row. Returns the module."""
+        self._collapse_watch = CollapseWatch(steps, share)
+        return self
+
+    def _watch_usage(self, counts: torch.Tensor) -> None:
+        if self._collapse_watch is not None and self.training:
+            self._collapse_watch.update(counts, type(self).__name__)
 
     def get_extra_state(self):
         return {"quantizer": type(self).__name__, **self._state_options()}
@@ -202,7 +258,7 @@ class Projection(nn.Linear):
         return torch.matmul(self.weight.to(x.dtype), x) + self.bias.to(x.dtype)[:, None]
 
 
-class _QuantizerBase(RecordsOptions, nn.Module):
+class _QuantizerBase(QuantizerCommon, nn.Module):
     """Shared input handling: channels-first in, flat ``[N, D]`` through the fused op, back out."""
 
     _legacy_keys: dict = {}
@@ -395,7 +451,8 @@ class VectorQuantizer(_QuantizerBase):
     def forward(self, inputs, mask=None):
         x, z, flat_mask, backend = self._prepare(inputs, mask)
         self._maybe_kmeans_init(z, backend, flat_mask)
-        q, loss, idx, perplexity, _, _ = self._quantize(z, flat_mask, True, False, backend)
+        q, loss, idx, perplexity, counts, _ = self._quantize(z, flat_mask, True, False, backend)
+        self._watch_usage(counts)
         return self._outputs(inputs, x, q, loss, idx, perplexity, flat_mask)
 
 
@@ -494,6 +551,7 @@ class VectorQuantizerEMA(_QuantizerBase):
                                                                     backend)
         if update:
             self._update(z, loss.detach(), counts, code_sums, backend, flat_mask)
+        self._watch_usage(counts)
         return self._outputs(inputs, x, q, loss, idx, perplexity, flat_mask)
 
     @torch.no_grad()

@@ -10,14 +10,14 @@ from torch import nn
 
 from . import functional as VF
 from . import modules
-from .modules import (Projection, RecordsOptions, _all_reduce_statistics, check_codes,
+from .modules import (Projection, QuantizerCommon, _all_reduce_statistics, check_codes,
                       check_mask, keep_fp32, kmeans,
                       kmeans_done, real_rows, rows_seen, take_kmeans_ema_state, usage_report,
                       warn_skipped, without_real_rows_nan)
 from .ops.residual_vq import residual_quantize
 
 
-class ResidualVQ(RecordsOptions, nn.Module):
+class ResidualVQ(QuantizerCommon, nn.Module):
     """Residual vector quantization (SoundStream, EnCodec, DAC), optionally grouped.
 
     Level ``l`` quantizes the residual ``r_l = x - (q_0 + ... + q_{l-1})`` of its group with
@@ -175,6 +175,8 @@ class ResidualVQ(RecordsOptions, nn.Module):
         if update:
             self._update(z, loss.detach(), idx, counts, code_sums, snapshot, active, flat_mask,
                          backend)
+        # each group's first level (never dropped) tells whether its codebook collapsed
+        self._watch_usage(counts.view(self.groups, self.num_quantizers, -1)[:, 0])
         if self.project_out is not None:
             q = self.project_out(q)
             if flat_mask is not None:  # masked positions give back their input
