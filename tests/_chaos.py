@@ -71,6 +71,13 @@ def chaos(order: str = "random", seed: int = 0):
                (torch, "empty", _poisoning(torch.empty)),
                (torch, "empty_like", _poisoning(torch.empty_like)),
                (torch.Tensor, "new_empty", _poisoning(torch.Tensor.new_empty))]
+    with patched(patches):
+        yield
+
+
+@contextlib.contextmanager
+def patched(patches):
+    """``setattr(owner, name, value)`` for each ``(owner, name, value)``, undone on exit."""
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     try:
         for owner, name, value in patches:

@@ -25,6 +25,7 @@ pytest.importorskip("triton")
 import vqfast  # noqa: E402
 from vqfast import kernels  # noqa: E402
 from vqfast.kernels import _launch  # noqa: E402
+from _chaos import patched  # noqa: E402
 from _util import DEVICE, INTERPRETED, INTERPRETER_BROKEN  # noqa: E402
 
 # The huge tensors here are reserved, never touched: chaos mode would fill them.
@@ -124,14 +125,8 @@ def one_program(which):
             restore(self, args_dev, args_hst, kwargs, kwargs_hst)
     patches = [(InterpretedFunction, "run", clipped_run), (InterpreterBuilder, "set_grid_dim", set_grid_dim),
                (InterpreterBuilder, "set_grid_idx", set_grid_idx), (GridExecutor, "_restore_args_dev", restore_args)]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    try:
-        for owner, name, value in patches:
-            setattr(owner, name, value)
+    with patched(patches):
         yield
-    finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
 
 
 def _huge_channels_first(channels, spatial, rows, dtype=torch.float16):
