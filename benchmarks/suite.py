@@ -362,7 +362,7 @@ def plot_k_sweep(env: dict, results, path: Path, note: str | None = None) -> Non
                             marker="o" if dtype == "float32" else "s", color=colors[impl],
                             label=f"{impl} {dtype}")
                     if impl.startswith("vqfast") and row == 0:
-                        last = rows[-1]
+                        last = max((r for r in rows if r.speedup), key=lambda r: r.k, default=rows[-1])
                         ax.annotate(_ratio_label(last), (last.k, last.median_ms), fontsize=7,
                                     ha="right", va="bottom", xytext=(-4, 4), textcoords="offset points")
             ax.set_xscale("log", base=2)
