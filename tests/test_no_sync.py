@@ -70,6 +70,8 @@ OPTIONS = {
     "residual": (vqfast.ResidualVQ, dict(ema=False, rotation_trick=True)),
     "residual+shared+ema": (vqfast.ResidualVQ, dict(shared_codebook=True, kmeans_init=True)),
     "ema+warn_on_collapse": (vqfast.VectorQuantizerEMA, dict(warn_on_collapse=1)),
+    "ema+frozen": (vqfast.VectorQuantizerEMA, dict(freeze_codebook=True, kmeans_init=True)),
+    "residual+frozen": (vqfast.ResidualVQ, dict(ema=False, freeze_codebook=True)),
 }
 
 
@@ -166,8 +168,8 @@ def test_every_option_compiles_fullgraph(option, backend):
         z = torch.randn(3, 5, 4, 3, device=DEVICE, requires_grad=True)
         perplexity = _step(compiled, z)
         assert bool(torch.isfinite(perplexity).all()) and bool(torch.isfinite(z.grad).all())
-    if kw.get("kmeans_init"):
-        assert bool(vq.initialized)
+    if kw.get("kmeans_init"):  # (a frozen codebook takes no k-means init)
+        assert bool(vq.initialized) != bool(kw.get("freeze_codebook"))
 
 
 class Launches(HostReads):

@@ -97,6 +97,12 @@ class FSQ(QuantizerCommon, nn.Module):
                 codes.view(z.shape[0], *z.shape[2:]))
 
     @torch.no_grad()
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """Codes only: int64 ``[B, *spatial]`` (no autograd); ``decode_indices(encode(z))``
+        equals the output."""
+        return self.forward(z)[1]
+
+    @torch.no_grad()
     def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
         """int64 ``codes [B, *spatial]`` in ``[0, prod(levels))`` -> ``quantized [B, C,
         *spatial]`` (fp32); -1 (the code of an input with NaN) decodes to NaN. Other values
@@ -191,6 +197,13 @@ class LFQ(QuantizerCommon, nn.Module):
             loss = loss + self.entropy_loss_weight * entropy
         return (loss, quantized.reshape(z.shape), VF.perplexity(counts),
                 codes.view(z.shape[0], *z.shape[2:]))
+
+    @torch.no_grad()
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """Codes only: int64 ``[B, *spatial]``, ``sum_i [z_i > 0] 2**(dim-1-i)``, without the
+        entropy terms (no work over the ``2**dim`` codes)."""
+        x3 = VF.channels_first("z", z, self.dim)
+        return (((x3 > 0).long() * self.bits.view(1, -1, 1)).sum(1)).view(z.shape[0], *z.shape[2:])
 
     @torch.no_grad()
     def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:

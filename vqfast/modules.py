@@ -326,18 +326,38 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
         """``(q, loss, idx [N], perplexity, counts [K], code_sums [K, d])``: the fused
         single-codebook op, or, with cosine codes, the rotation trick or a mask, the
         residual op as one level of one group (those options live there, once)."""
-        if not (self.cosine or self.rotation_trick or flat_mask is not None):
-            return VF.quantize(z, self.codebook, self.commitment_cost, codebook_loss, update,
+        # frozen: the codebook takes no gradient (the loss keeps its value)
+        codebook = self.codebook.detach() if self.freeze_codebook else self.codebook
+        if not self._fused_path(flat_mask):
+            return VF.quantize(z, codebook, self.commitment_cost, codebook_loss, update,
                                backend, self.precision)
         from .ops.residual_vq import residual_quantize
         # cosine: the codes as unit vectors, whatever was stored (a loaded or hand-set codebook)
-        codebook = F.normalize(self.codebook, dim=-1) if self.cosine else self.codebook
+        codebook = F.normalize(codebook, dim=-1) if self.cosine else codebook
         q, loss, idx, perplexity, counts, code_sums, _ = residual_quantize(
             z, codebook.unsqueeze(0), 1, cosine=self.cosine, mask=flat_mask,
             commitment_cost=self.commitment_cost, codebook_loss=codebook_loss,
             rotation_trick=self.rotation_trick, with_code_sums=update, backend=backend,
             precision=self.precision)
         return q, loss, idx[0], perplexity[0], counts[0], code_sums[0] if update else code_sums
+
+    def _fused_path(self, flat_mask) -> bool:
+        """Whether the step takes the residual op (cosine, rotation trick or a mask)."""
+        return self.cosine or self.rotation_trick or flat_mask is not None
+
+    @torch.no_grad()
+    def encode(self, inputs: torch.Tensor, mask=None) -> torch.Tensor:
+        """Codes only: int64 ``[B, *spatial]`` for ``inputs [B, D, *spatial]`` (-1 where
+        ``mask`` is False). The nearest-code search alone (no gather, losses, perplexity,
+        state change or autograd), the same search the forward runs: ``decode_indices(
+        encode(x))`` equals the eval-mode output. fp32, fp16 and bf16 inputs."""
+        x, z, flat_mask, backend = self._prepare(inputs, mask)
+        if self._fused_path(flat_mask):
+            _, _, idx, _, _, _ = self._quantize(z, flat_mask, False, False, backend)
+        else:
+            idx, _ = torch.ops.vqfast.nearest_code(z, self.codebook.detach().contiguous(),
+                                                   backend, self.precision)
+        return idx.view(inputs.shape[0], *inputs.shape[2:])
 
     def _outputs(self, inputs, x, q, loss, idx, perplexity, flat_mask):
         if self.project_out is not None:
@@ -387,7 +407,7 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
         Eagerly, a batch with NaN/Inf raises before any state changes; inside a compiled
         graph (no raising there) such a batch leaves the codebook and the flag as they were.
         """
-        if not self.training or self._kmeans_done:
+        if not self.training or self._kmeans_done or self.freeze_codebook:
             return
         rows = real_rows(x.movedim(1, -1).reshape(-1, x.shape[1]).float(), flat_mask)
         if self.cosine:
@@ -428,6 +448,13 @@ class VectorQuantizer(_QuantizerBase):
             after it (factorized codes; ``codebook`` is then ``[K, d]``).
         rotation_trick: the gradient of the rotation trick (Fifty et al., 2024) instead of
             straight-through: the input receives ``|q|/|e| R^T g``, R rotating e onto q.
+        freeze_codebook: (also an attribute) training-mode forwards compute the losses and
+            the input's gradient but never change the codebook: no codebook gradient (the
+            loss keeps its value), no k-means init; the EMA quantizer skips its update.
+            For fine-tuning a decoder or a language model on a trained tokenizer.
+
+    ``encode(inputs, mask=None)``: the codes alone (nearest-code search only, no autograd),
+    ``[B, *spatial]``; ``decode_indices(encode(x))`` equals the eval-mode ``quantized``.
 
     ``forward(inputs: [B, D, *spatial], mask=None)`` returns ``(loss, quantized,
     perplexity, encodings)`` with ``loss = q_latent_loss + commitment_cost * e_latent_loss``
@@ -442,9 +469,10 @@ class VectorQuantizer(_QuantizerBase):
 
     def __init__(self, num_embeddings, embedding_dim, commitment_cost, *, return_onehot=False,
                  backend="auto", precision="ieee", kmeans_init=False, kmeans_iters=10,
-                 cosine=False, codebook_dim=None, rotation_trick=False):
+                 cosine=False, codebook_dim=None, rotation_trick=False, freeze_codebook=False):
         super().__init__(num_embeddings, embedding_dim, commitment_cost, return_onehot, backend,
                          precision, kmeans_init, kmeans_iters, cosine, codebook_dim, rotation_trick)
+        self.freeze_codebook = freeze_codebook
         self.codebook = nn.Parameter(torch.empty(num_embeddings, self.code_dim).uniform_(
             -1 / num_embeddings, 1 / num_embeddings))
 
@@ -503,9 +531,11 @@ class VectorQuantizerEMA(_QuantizerBase):
     def __init__(self, num_embeddings, embedding_dim, commitment_cost, decay=0.99, epsilon=1e-5, *,
                  return_onehot=False, backend="auto", precision="ieee", kmeans_init=False,
                  kmeans_iters=10, dead_code_threshold=0.0, sync_distributed=None,
-                 check_finite=False, cosine=False, codebook_dim=None, rotation_trick=False):
+                 check_finite=False, cosine=False, codebook_dim=None, rotation_trick=False,
+                 freeze_codebook=False):
         super().__init__(num_embeddings, embedding_dim, commitment_cost, return_onehot, backend,
                          precision, kmeans_init, kmeans_iters, cosine, codebook_dim, rotation_trick)
+        self.freeze_codebook = freeze_codebook
         if not (dead_code_threshold >= 0.0 and math.isfinite(dead_code_threshold)):
             raise ValueError(f"dead_code_threshold must be a finite number >= 0, got "
                              f"{dead_code_threshold}")
@@ -542,7 +572,7 @@ class VectorQuantizerEMA(_QuantizerBase):
 
     def forward(self, inputs, mask=None):
         x, z, flat_mask, backend = self._prepare(inputs, mask)
-        update = self.training
+        update = self.training and not self.freeze_codebook
         if update and self.check_finite and not torch.compiler.is_compiling() \
                 and not bool(torch.isfinite(x).all()):
             raise ValueError("inputs contain NaN or Inf; the EMA state was left unchanged")

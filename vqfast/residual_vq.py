@@ -51,6 +51,11 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             from the residuals of their level (EMA only; see ``VectorQuantizerEMA``).
         sync_distributed: all-reduce every level's statistics in one packed collective.
         backend, precision: as for ``VectorQuantizer``.
+        freeze_codebook: (also an attribute) training-mode forwards never change the
+            codebooks: no EMA update, no codebook gradient, no k-means init.
+
+    ``encode(x, mask=None)``: the codes alone, ``[B, G*Q, *spatial]`` (the residual search,
+    every level, no autograd); ``decode_indices(encode(x))`` equals the eval-mode output.
 
     ``forward(x: [B, D, *spatial], mask=None)`` returns ``(loss, quantized, perplexity,
     codes)``: ``quantized [B, D, *spatial]`` in x's dtype, ``perplexity`` fp32 ``[G*Q]``,
@@ -70,7 +75,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                  decay=0.99, epsilon=1e-5, *, ema=True, groups=1, shared_codebook=False,
                  quantize_dropout=False, cosine=False, codebook_dim=None, rotation_trick=False,
                  kmeans_init=False, kmeans_iters=10, dead_code_threshold=0.0,
-                 sync_distributed=None, backend="auto", precision="ieee"):
+                 sync_distributed=None, backend="auto", precision="ieee", freeze_codebook=False):
         super().__init__()
         for name, value in (("num_quantizers", num_quantizers), ("num_embeddings", num_embeddings),
                             ("embedding_dim", embedding_dim), ("groups", groups)):
@@ -96,6 +101,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         self.embedding_dim, self.groups = embedding_dim, groups
         self.commitment_cost, self.decay, self.epsilon = commitment_cost, decay, epsilon
         self.ema, self.shared_codebook = ema, shared_codebook
+        self.freeze_codebook = freeze_codebook
         self.quantize_dropout, self.cosine, self.rotation_trick = quantize_dropout, cosine, rotation_trick
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
         self.dead_code_threshold, self.sync_distributed = dead_code_threshold, sync_distributed
@@ -151,9 +157,30 @@ class ResidualVQ(QuantizerCommon, nn.Module):
 
     def _codebooks(self):
         """The codebooks the lookup sees: the learned ones l2-normalised when ``cosine``."""
+        codebooks = self.codebooks.detach() if self.freeze_codebook else self.codebooks
         if self.cosine:  # (EMA codebooks are kept unit-norm; loaded or hand-set ones may not be)
-            return F.normalize(self.codebooks, dim=-1)
-        return self.codebooks
+            return F.normalize(codebooks, dim=-1)
+        return codebooks
+
+    @torch.no_grad()
+    def encode(self, inputs: torch.Tensor, mask=None) -> torch.Tensor:
+        """Codes only: int64 ``[B, G*Q, *spatial]`` for ``inputs [B, D, *spatial]`` (-1 where
+        ``mask`` is False): the residual search of the forward, in eval mode (every level),
+        with no EMA statistics, state change or autograd. ``decode_indices(encode(x))``
+        equals the eval-mode output."""
+        x = VF.channels_first("inputs", inputs, self.embedding_dim)
+        if x.device != self.codebooks.device:
+            raise ValueError(f"inputs are on {x.device} but the codebooks are on "
+                             f"{self.codebooks.device}; move the module with .to(device)")
+        flat_mask = check_mask(mask, x, inputs)
+        backend = VF.resolve_backend(self.backend, x.device)
+        z = self.project_in(x) if self.project_in is not None else x
+        idx = residual_quantize(
+            z, self._codebooks(), self.num_quantizers, groups=self.groups, cosine=self.cosine,
+            active=None, mask=flat_mask, commitment_cost=self.commitment_cost,
+            codebook_loss=False, rotation_trick=False, with_code_sums=False, backend=backend,
+            precision=self.precision)[2]
+        return idx.view(idx.shape[0], x.shape[0], *inputs.shape[2:]).movedim(0, 1).contiguous()
 
     def forward(self, inputs, mask=None):
         x = VF.channels_first("inputs", inputs, self.embedding_dim)
@@ -163,8 +190,8 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         flat_mask = check_mask(mask, x, inputs)
         backend = VF.resolve_backend(self.backend, x.device)
         z = self.project_in(x) if self.project_in is not None else x
-        update = self.ema and self.training
-        if self.training and not self._kmeans_done:
+        update = self.ema and self.training and not self.freeze_codebook
+        if self.training and not self._kmeans_done and not self.freeze_codebook:
             self._kmeans(z, flat_mask, backend)
         active = self._active_levels(x.device) if self.training and self.quantize_dropout else None
         q, loss, idx, perplexity, counts, code_sums, snapshot = residual_quantize(
