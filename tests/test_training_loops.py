@@ -101,3 +101,94 @@ def test_encode_changes_no_state_in_training_mode():
     vq.encode(torch.randn(2, 6, 5))
     for key, value in tensor_state(vq).items():
         assert torch.equal(value, before[key]), key
+
+
+# --- gradient accumulation ------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_accumulated_micro_batches_equal_one_concatenated_batch(backend, masked):
+    torch.manual_seed(0)
+    micro = [torch.randn(2, 6, 7, device=DEVICE) for _ in range(3)]
+    masks = [torch.rand(2, 7, device=DEVICE) > 0.3 if masked else None for _ in micro]
+    accumulated = vqfast.VectorQuantizerEMA(13, 6, 0.25, backend=backend).to(DEVICE)
+    whole = vqfast.VectorQuantizerEMA(13, 6, 0.25, backend=backend).to(DEVICE)
+    whole.load_state_dict(accumulated.state_dict())
+    for _ in range(2):  # two optimizer steps of three micro-batches each
+        with accumulated.accumulate():
+            for z, mask in zip(micro, masks):
+                accumulated(z, mask=mask)
+                assert torch.equal(accumulated.ema_decay_weight, whole.ema_decay_weight)  # not yet
+        whole(torch.cat(micro), mask=torch.cat(masks) if masked else None)
+        for key, value in tensor_state(whole).items():
+            torch.testing.assert_close(tensor_state(accumulated)[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulate_with_kmeans_and_dead_codes_trains():
+    vq = vqfast.VectorQuantizerEMA(13, 6, 0.25, kmeans_init=True, dead_code_threshold=1.0,
+                                   backend="torch")
+    for _ in range(3):
+        with vq.accumulate():
+            for _ in range(2):
+                vq(torch.randn(2, 6, 9))
+    assert bool(vq.initialized) and bool(torch.isfinite(vq.codebook).all())
+    assert float(vq.ema_decay_weight) > 0
+
+
+def test_accumulate_does_not_nest_and_an_error_leaves_state():
+    vq = vqfast.VectorQuantizerEMA(13, 6, 0.25, backend="torch")
+    before = {k: v.clone() for k, v in tensor_state(vq).items()}
+    with pytest.raises(RuntimeError, match="do not nest"):
+        with vq.accumulate():
+            with vq.accumulate():
+                pass
+    with pytest.raises(KeyError):
+        with vq.accumulate():
+            vq(torch.randn(2, 6, 4))
+            raise KeyError("a failing training step")
+    for key, value in tensor_state(vq).items():
+        assert torch.equal(value, before[key]), key
+    assert vq._accumulated is None
+
+
+def test_accumulation_all_reduces_once_per_update(monkeypatch):
+    import os
+    import socket
+
+    import torch.distributed as dist
+    from vqfast import modules
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(modules, "_world_size", lambda: 2)
+        calls = []
+        original = dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (calls.append(t.numel()),
+                                                                    original(t, *a, **k))[1])
+        vq = vqfast.VectorQuantizerEMA(13, 6, 0.25, backend="torch")
+        with vq.accumulate():
+            for _ in range(4):
+                vq(torch.randn(2, 6, 5))
+        assert len(calls) == 1
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_accumulation_window_reads_nothing_on_the_host(backend):
+    from test_no_sync import HostReads
+    vq = vqfast.VectorQuantizerEMA(13, 6, 0.25, dead_code_threshold=1.0, backend=backend).to(DEVICE)
+    frozen = vqfast.ResidualVQ(2, 13, 6, freeze_codebook=True, backend=backend).to(DEVICE)
+    with HostReads() as recorder:
+        with vq.accumulate():
+            for _ in range(2):
+                z = torch.randn(2, 6, 5, device=DEVICE, requires_grad=True)
+                loss, q, _, _ = vq(z)
+                (loss + q.square().mean()).backward()
+        vq.encode(torch.randn(2, 6, 5, device=DEVICE))
+        frozen(torch.randn(2, 6, 5, device=DEVICE))
+        frozen.encode(torch.randn(2, 6, 5, device=DEVICE))
+    assert recorder.found == [], recorder.found

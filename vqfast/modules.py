@@ -1,5 +1,6 @@
 """Drop-in quantizer modules: ``VectorQuantizer`` and ``VectorQuantizerEMA``."""
 
+import contextlib
 import math
 import warnings
 from typing import NamedTuple
@@ -453,6 +454,9 @@ class VectorQuantizer(_QuantizerBase):
             loss keeps its value), no k-means init; the EMA quantizer skips its update.
             For fine-tuning a decoder or a language model on a trained tokenizer.
 
+    ``VectorQuantizerEMA.accumulate()``: a context manager for gradient accumulation (one
+    EMA update for the micro-batches inside it; see its docstring).
+
     ``encode(inputs, mask=None)``: the codes alone (nearest-code search only, no autograd),
     ``[B, *spatial]``; ``decode_indices(encode(x))`` equals the eval-mode ``quantized``.
 
@@ -579,10 +583,47 @@ class VectorQuantizerEMA(_QuantizerBase):
         self._maybe_kmeans_init(z, backend, flat_mask)
         q, loss, idx, perplexity, counts, code_sums = self._quantize(z, flat_mask, False, update,
                                                                     backend)
-        if update:
+        if update and self._accumulated is not None:  # inside accumulate(): sum, update later
+            self._accumulate(z, loss.detach(), counts, code_sums, backend, flat_mask)
+        elif update:
             self._update(z, loss.detach(), counts, code_sums, backend, flat_mask)
         self._watch_usage(counts)
         return self._outputs(inputs, x, q, loss, idx, perplexity, flat_mask)
+
+    _accumulated = None
+
+    @contextlib.contextmanager
+    def accumulate(self):
+        """Gradient accumulation: the training forwards inside the block add their per-code
+        counts and sums to one accumulator instead of moving the EMA; leaving the block
+        applies one EMA update with them (one all-reduce under ``torch.distributed``), equal
+        up to fp32 rounding to one forward of the concatenated micro-batches. A non-finite
+        micro-batch skips the whole update. k-means init runs on the first micro-batch;
+        dead-code re-seeding draws from the last one. No host sync.
+
+        ``with vq.accumulate(): for micro in batches: loss, q, _, _ = vq(micro); ...``
+        """
+        if self._accumulated is not None:
+            raise RuntimeError("accumulate() blocks do not nest")
+        self._accumulated = {}
+        try:
+            yield self
+            pending = self._accumulated
+        finally:
+            self._accumulated = None
+        if pending:
+            self._update(pending["x"], pending["loss"], pending["counts"], pending["code_sums"],
+                         pending["backend"], pending["mask"])
+
+    @torch.no_grad()
+    def _accumulate(self, x, loss, counts, code_sums, backend, flat_mask):
+        acc = self._accumulated
+        if acc:
+            counts, code_sums, loss = acc["counts"] + counts, acc["code_sums"] + code_sums, acc["loss"] + loss
+            if flat_mask is None and acc["mask"] is not None:  # a mask anywhere: count real rows
+                flat_mask = torch.ones(x.shape[0] * x.shape[2], dtype=torch.bool, device=x.device)
+        acc.update(x=x, loss=loss, counts=counts, code_sums=code_sums, backend=backend,
+                   mask=flat_mask)
 
     @torch.no_grad()
     def _update(self, x, loss, counts, code_sums, backend, flat_mask=None):
