@@ -162,12 +162,9 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             return F.normalize(codebooks, dim=-1)
         return codebooks
 
-    @torch.no_grad()
-    def encode(self, inputs: torch.Tensor, mask=None) -> torch.Tensor:
-        """Codes only: int64 ``[B, G*Q, *spatial]`` for ``inputs [B, D, *spatial]`` (-1 where
-        ``mask`` is False): the residual search of the forward, in eval mode (every level),
-        with no EMA statistics, state change or autograd. ``decode_indices(encode(x))``
-        equals the eval-mode output."""
+    def _prepare(self, inputs, mask):
+        """Validate; ``(x [B, D, S], z [B, G*d, S] (projected with codebook_dim), mask [N]
+        or None, backend)``."""
         x = VF.channels_first("inputs", inputs, self.embedding_dim)
         if x.device != self.codebooks.device:
             raise ValueError(f"inputs are on {x.device} but the codebooks are on "
@@ -175,6 +172,15 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         flat_mask = check_mask(mask, x, inputs)
         backend = VF.resolve_backend(self.backend, x.device)
         z = self.project_in(x) if self.project_in is not None else x
+        return x, z, flat_mask, backend
+
+    @torch.no_grad()
+    def encode(self, inputs: torch.Tensor, mask=None) -> torch.Tensor:
+        """Codes only: int64 ``[B, G*Q, *spatial]`` for ``inputs [B, D, *spatial]`` (-1 where
+        ``mask`` is False): the residual search of the forward, in eval mode (every level),
+        with no EMA statistics, state change or autograd. ``decode_indices(encode(x))``
+        equals the eval-mode output."""
+        x, z, flat_mask, backend = self._prepare(inputs, mask)
         idx = residual_quantize(
             z, self._codebooks(), self.num_quantizers, groups=self.groups, cosine=self.cosine,
             active=None, mask=flat_mask, commitment_cost=self.commitment_cost,
@@ -183,13 +189,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         return idx.view(idx.shape[0], x.shape[0], *inputs.shape[2:]).movedim(0, 1).contiguous()
 
     def forward(self, inputs, mask=None):
-        x = VF.channels_first("inputs", inputs, self.embedding_dim)
-        if x.device != self.codebooks.device:
-            raise ValueError(f"inputs are on {x.device} but the codebooks are on "
-                             f"{self.codebooks.device}; move the module with .to(device)")
-        flat_mask = check_mask(mask, x, inputs)
-        backend = VF.resolve_backend(self.backend, x.device)
-        z = self.project_in(x) if self.project_in is not None else x
+        x, z, flat_mask, backend = self._prepare(inputs, mask)
         update = self.ema and self.training and not self.freeze_codebook
         if self.training and not self._kmeans_done and not self.freeze_codebook:
             self._kmeans(z, flat_mask, backend)
