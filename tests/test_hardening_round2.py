@@ -309,3 +309,36 @@ def test_codebook_usage_prints_one_line():
     vq(torch.randn(2, 4, 30))
     text = repr(vq.codebook_usage())
     assert "\n" not in text and "of 512 codes alive" in text and len(text) < 200
+
+
+# --- items 12 and 13: benchmark reports in words, error hints ---------------------------
+
+def test_benchmark_table_leaves_out_what_could_not_run_and_says_ratios_in_words():
+    from benchmarks import suite
+    env = dict(device="x86_64", device_type="cpu", cpu_threads=2, torch="t", triton="t",
+               vqfast="v", date="d")
+    rows = [suite.Result("reference", "ema_step", "vqvae", 1, 1, 1, "float32", 150.0, 100.0, 1.0, 1.0),
+            suite.Result("vqfast[torch]", "ema_step", "vqvae", 1, 1, 1, "float32", 35.0, 15.3, 4.3, 0.153),
+            suite.Result("vqfast[triton]", "ema_step", "vqvae", 1, 1, 1, "float32",
+                         skipped="Triton backend needs a CUDA device")]
+    table = suite.markdown(env, rows, note="pipeline check")
+    assert "**pipeline check**" in table
+    assert "| vqvae | ema_step | float32 | vqfast[triton]" not in table
+    assert "- vqfast[triton] (every case): Triton backend needs a CUDA device" in table
+    assert suite._ratio_label(rows[1]) == "4.3x faster\n7x less memory"
+    assert suite._ratio_label(suite.Result("x", "o", "s", 1, 1, 1, "f", 1.0, 1.0, 0.5, 1.0)) \
+        == "2.0x slower\n1.00x the memory"
+
+
+def test_error_hints_for_common_mistakes():
+    vq = vqfast.VectorQuantizerEMA(8, 4, 0.25)
+    with pytest.raises(ValueError, match=r"channels-last.*movedim\(-1, 1\)"):
+        vq(torch.randn(2, 5, 5, 4))
+    with pytest.raises(ValueError, match="inputs.T.unsqueeze"):
+        vq(torch.randn(10, 4))
+    import numpy as np
+    with pytest.raises(TypeError, match="torch.from_numpy"):
+        vq(np.zeros((2, 4, 3), dtype=np.float32))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            vq.cuda()
