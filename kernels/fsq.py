@@ -41,8 +41,8 @@ def _fsq_forward_kernel(
     row_mask = rows < N
     # Channel c of each row: the pointers step by S per channel (64-bit pointers: C * S
     # may pass 2**31 elements).
-    z_ptrs = z_ptr + row_offsets(rows, S, C)
-    q_ptrs = q_ptr + row_offsets(rows, S, C)
+    offsets = row_offsets(rows, S, C)
+    z_ptrs, q_ptrs = z_ptr + offsets, q_ptr + offsets
     code = tl.zeros([BLOCK_N], dtype=tl.int64)
     has_nan = tl.zeros([BLOCK_N], dtype=tl.int1)
     for c in range(0, C):
@@ -53,8 +53,9 @@ def _fsq_forward_kernel(
         half_width = tl.load(params_ptr + 3 * C + c)
         rounded = _round_half_even(_tanh(z + shift) * half_l - offset)
         tl.store(q_ptrs, (rounded / half_width).to(q_ptr.dtype.element_ty), mask=row_mask)
-        has_nan = has_nan | (rounded != rounded)
-        code += tl.where(rounded == rounded, rounded + half_width, 0.0).to(tl.int64) * tl.load(basis_ptr + c)
+        is_nan = rounded != rounded
+        has_nan = has_nan | is_nan
+        code += tl.where(is_nan, 0.0, rounded + half_width).to(tl.int64) * tl.load(basis_ptr + c)
         z_ptrs += S
         q_ptrs += S
     tl.store(codes_ptr + rows, tl.where(has_nan, -1, code), mask=row_mask)  # -1: a NaN input

@@ -248,6 +248,8 @@ def _residual_backward_kernel(
         e_norm = tl.maximum(tl.sqrt(ee), 1e-12)
         q_norm = tl.sqrt(qq)
         inv_q = 1.0 / tl.maximum(q_norm, 1e-12)
+        # (q.g stays in the first pass: moved into the second, which reloads g, the fp32
+        # D32 variant spills 4 B on sm_80 with triton 3.6.)
         # w = (e^ + q^) / |e^ + q^|: its norm and w.g summed elementwise (from the row sums,
         # sqrt(2 + 2 cos) cancels catastrophically near e^ = -q^ and w is no unit vector).
         ww = tl.zeros([BLOCK_N], dtype=tl.float32)

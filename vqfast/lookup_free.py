@@ -5,24 +5,16 @@ import numbers
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import functional as VF
 from .ops import fsq as fsq_ops
-from .modules import QuantizerCommon, check_codes, keep_fp32
+from .modules import Projection, QuantizerCommon, check_codes, keep_fp32
 from .ops import lfq as lfq_ops
 
 # Beyond this many channels LFQ's exact codebook entropy (all 2**dim codes per vector) costs
 # more than a step of most models: the constructor warns.
 LFQ_EXPENSIVE_DIM = 18
-
-
-def _project(linear: nn.Linear, z: torch.Tensor) -> torch.Tensor:
-    """A linear map over the channels of channels-first ``z: [B, C, *spatial]``, in z's
-    dtype (as the VQ modules' projections: a ``.half()`` module takes fp32 inputs)."""
-    return F.linear(z.movedim(1, -1), linear.weight.to(z.dtype),
-                    linear.bias.to(z.dtype)).movedim(-1, 1)
 
 
 def _is_int(value) -> bool:
@@ -69,8 +61,10 @@ class FSQ(QuantizerCommon, nn.Module):
         self.register_buffer("basis", basis, persistent=False)
         self.register_buffer("level_counts", torch.tensor(levels), persistent=False)
         projected = dim is not None and dim != len(levels)
-        self.project_in = nn.Linear(self.dim, len(levels)) if projected else None
-        self.project_out = nn.Linear(len(levels), self.dim) if projected else None
+        # the VQ modules' channels-first projections (in the input's dtype: a .half() FSQ
+        # takes fp32 inputs)
+        self.project_in = Projection(self.dim, len(levels)) if projected else None
+        self.project_out = Projection(len(levels), self.dim) if projected else None
 
     def extra_repr(self):
         return f"levels={self.levels}, dim={self.dim}, codebook_size={self.codebook_size}"
@@ -81,18 +75,14 @@ class FSQ(QuantizerCommon, nn.Module):
     def _apply(self, fn, recurse=True):  # the grid's constants stay exact (fp32, int64)
         return keep_fp32(self, ("params",), fn, recurse)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self.check_state_options(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def forward(self, z):
         x = VF.channels_first("z", z, self.dim)
         if self.project_in is not None:
-            x = _project(self.project_in, x).contiguous()
+            x = self.project_in(x).contiguous()
         backend = VF.resolve_backend(self.backend, x.device)
         quantized, codes = fsq_ops.fsq(x, self.params, self.basis, backend)
         if self.project_out is not None:
-            quantized = _project(self.project_out, quantized)
+            quantized = self.project_out(quantized)
         return (quantized.reshape(z.shape[0], self.dim, *z.shape[2:]),
                 codes.view(z.shape[0], *z.shape[2:]))
 
@@ -116,7 +106,8 @@ class FSQ(QuantizerCommon, nn.Module):
         quantized = (digits - half_width).float() / half_width
         quantized = torch.where(codes.unsqueeze(1) >= 0, quantized, float("nan"))
         if self.project_out is not None:
-            quantized = _project(self.project_out, quantized)
+            quantized = self.project_out(quantized.flatten(2)).view(
+                codes.shape[0], self.dim, *codes.shape[1:])
         return quantized
 
 
@@ -172,10 +163,6 @@ class LFQ(QuantizerCommon, nn.Module):
     def _state_options(self):
         return {"dim": self.dim}
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self.check_state_options(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def forward(self, z):
         x3 = VF.channels_first("z", z, self.dim)
         backend = VF.resolve_backend(self.backend, z.device)
@@ -184,7 +171,7 @@ class LFQ(QuantizerCommon, nn.Module):
         # sign + (x - sg(x)): exactly ±1 forward (x + sg(sign - x) rounds in x's dtype: bf16
         # z = 300 gave 0), the identity's gradient backward
         quantized = sign + (x3 - x3.detach())
-        codes = (positive.long() * self.bits.view(1, -1, 1)).sum(1)  # [B, S]
+        codes = self._codes(positive)  # [B, S]
         counts = torch.zeros(self.codebook_size, dtype=torch.int32, device=z.device).scatter_add_(
             0, codes.reshape(-1), torch.ones_like(codes.reshape(-1), dtype=torch.int32))
         loss = self.commitment_cost * (x3.float() - sign.float()).pow(2).mean()
@@ -203,7 +190,12 @@ class LFQ(QuantizerCommon, nn.Module):
         """Codes only: int64 ``[B, *spatial]``, ``sum_i [z_i > 0] 2**(dim-1-i)``, without the
         entropy terms (no work over the ``2**dim`` codes)."""
         x3 = VF.channels_first("z", z, self.dim)
-        return (((x3 > 0).long() * self.bits.view(1, -1, 1)).sum(1)).view(z.shape[0], *z.shape[2:])
+        return self._codes(x3 > 0).view(z.shape[0], *z.shape[2:])
+
+    def _codes(self, positive: torch.Tensor) -> torch.Tensor:
+        """``[B, S]`` codes of ``positive = z > 0`` (bool ``[B, dim, S]``), first channel
+        most significant."""
+        return (positive.long() * self.bits.view(1, -1, 1)).sum(1)
 
     @torch.no_grad()
     def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:

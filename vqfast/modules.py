@@ -118,7 +118,7 @@ def check_codes(codes: torch.Tensor, num_codes: int, dropped_ok: bool = True) ->
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise TypeError(f"codes must be an integer tensor (int64), got {codes.dtype}")
     if codes.numel():
-        low, high = int(codes.min()), int(codes.max())
+        low, high = (int(v) for v in torch.aminmax(codes))
         floor = -1 if dropped_ok else 0
         if low < floor or high >= num_codes:
             raise ValueError(f"codes must lie in [{floor}, {num_codes - 1}]"
@@ -136,7 +136,7 @@ class CollapseWatch:
 
     def __init__(self, steps: int, share: float = 0.02):
         if not (isinstance(steps, int) and steps >= 1):
-            raise ValueError(f"collapse_warning_steps must be an int >= 1, got {steps!r}")
+            raise ValueError(f"warn_on_collapse: steps must be an int >= 1, got {steps!r}")
         self.steps, self.share, self.warned = steps, share, False
         self.streak = self.host = self.ready = None
 
@@ -196,7 +196,7 @@ class QuantizerCommon:
         return {"quantizer": type(self).__name__, **self._state_options()}
 
     def set_extra_state(self, state):
-        pass  # checked in check_state_options, before anything is copied
+        pass  # checked in _load_from_state_dict, before anything is copied
 
     def cuda(self, device=None):
         if not torch.cuda.is_available():
@@ -205,7 +205,13 @@ class QuantizerCommon:
                                f"(backend='auto' takes the torch path there)")
         return super().cuda(device)
 
-    def check_state_options(self, state_dict, prefix):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Reached through super() from the classes' own overrides, after they have only
+        # edited ``state_dict`` (legacy names, defaults): still before any tensor is copied.
+        self._check_state_options(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_state_options(self, state_dict, prefix):
         mine = self.get_extra_state()
         theirs = state_dict.setdefault(prefix + "_extra_state", mine)
         if theirs != mine:
@@ -391,7 +397,6 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         rename_legacy_keys(state_dict, prefix, self._legacy_keys)
-        self.check_state_options(state_dict, prefix)
         if self.kmeans_init and prefix + "initialized" not in state_dict:
             # A codebook loaded from a checkpoint without the flag is a trained one.
             state_dict[prefix + "initialized"] = torch.tensor(True)

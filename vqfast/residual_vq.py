@@ -146,7 +146,6 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                 "codebook_dim": None if self.project_in is None else self.code_dim}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self.check_state_options(state_dict, prefix)
         if self.kmeans_init:
             state_dict.setdefault(prefix + "initialized", torch.tensor(True))
         else:
