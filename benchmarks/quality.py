@@ -7,16 +7,20 @@ its width vs the right 20%), so test crops were never seen. Every configuration 
 same model initialisation, the same batches in the same order and the same seeds:
 
 - ``original``: the original algorithm (``vqfast.reference``, the notebook's EMA quantizer);
-- ``vqfast``: ``VectorQuantizerEMA`` with the paper's defaults;
-- ``vqfast+recipe``: k-means init + dead-code re-seeding (``kmeans_init=True,
-  dead_code_threshold=1.0``);
+- ``vqfast-original-args``: ``VectorQuantizerEMA(..., **vqfast.ORIGINAL_ALGORITHM)``, the
+  same algorithm through vqfast;
+- ``vqfast``: ``VectorQuantizerEMA`` with its defaults;
+- ``plain``: ``VectorQuantizer`` (learned codebook, the paper's non-EMA variant), defaults;
+- ``residual``: ``ResidualVQ`` with 4 levels of the same codebook size, defaults;
 - ``vector-quantize-pytorch``: its ``VectorQuantize`` (EMA, same decay and commitment);
-- ``plain``: ``VectorQuantizer`` (learned codebook, the paper's non-EMA variant).
+- ``vector-quantize-pytorch-residual``: its ``ResidualVQ`` (4 levels, same settings).
 
 Reports NMSE as the original does (MSE / variance of the training pixels) on train and
-test, perplexity, codes used, dead codes (never chosen in the last 100 steps) and seconds
-per step, mean and spread over seeds; writes JSON, a plot of the curves and a grid of test
-reconstructions. ``--quick`` checks the pipeline in seconds (tiny model, few steps).
+test (mean ± std and median over seeds), the runs that collapsed (test crops using at
+most 2% of the codes, on any level), perplexity, codes used, dead codes (never chosen in
+the last 100 steps) and seconds per step; residual configurations report the mean over
+levels. Writes JSON, a plot of the curves and a grid of test reconstructions. ``--quick``
+checks the pipeline in seconds (tiny model, few steps).
 """
 
 import argparse
@@ -36,7 +40,10 @@ import vqfast
 from vqfast import reference
 
 CROP = 32
-CONFIGS = ("original", "vqfast", "vqfast+recipe", "vector-quantize-pytorch", "plain")
+CONFIGS = ("original", "vqfast-original-args", "vqfast", "plain", "residual",
+           "vector-quantize-pytorch", "vector-quantize-pytorch-residual")
+RESIDUAL_LEVELS = 4
+COLLAPSED = 0.02  # a run whose test crops use at most this fraction of the codes
 
 
 # --- data -------------------------------------------------------------------------------
@@ -99,18 +106,26 @@ def batches(crops: Crops, batch_size: int, steps: int, seed: int):
 # --- configurations ---------------------------------------------------------------------
 
 class VQPAdapter(nn.Module):
-    """vector-quantize-pytorch's VectorQuantize behind vqfast's 4-tuple."""
+    """vector-quantize-pytorch's VectorQuantize (or ResidualVQ, ``levels`` given) behind
+    vqfast's 4-tuple; residual codes in vqfast's layout ``[B, Q, H, W]``."""
 
-    def __init__(self, k, d):
+    def __init__(self, k, d, levels=None):
         super().__init__()
-        from vector_quantize_pytorch import VectorQuantize
-        self.k = k
-        self.vq = VectorQuantize(dim=d, codebook_size=k, decay=0.99, eps=1e-5,
-                                 commitment_weight=0.25, accept_image_fmap=True)
+        import vector_quantize_pytorch as vqp
+        self.k, self.levels = k, levels
+        options = dict(dim=d, codebook_size=k, decay=0.99, eps=1e-5, commitment_weight=0.25)
+        self.vq = (vqp.VectorQuantize(**options, accept_image_fmap=True) if levels is None
+                   else vqp.ResidualVQ(num_quantizers=levels, **options))
 
     def forward(self, z):
-        quantized, codes, loss = self.vq(z)
-        return loss.reshape(()), quantized, vqfast.functional.perplexity(
+        if self.levels is None:
+            quantized, codes, loss = self.vq(z)
+        else:  # its ResidualVQ takes tokens [B, N, D]
+            b, d, h, w = z.shape
+            quantized, codes, loss = self.vq(z.flatten(2).transpose(1, 2))
+            quantized = quantized.transpose(1, 2).reshape(b, d, h, w)
+            codes = codes.transpose(1, 2).reshape(b, -1, h, w)
+        return loss.sum(), quantized, vqfast.functional.perplexity(
             torch.bincount(codes.reshape(-1), minlength=self.k)), codes
 
 
@@ -118,7 +133,8 @@ def build(config: str, args, seed: int) -> vqfast.VQVAE:
     """The seed's VQ-VAE with ``config``'s quantizer; the same init for every config."""
     torch.manual_seed(seed)
     decay = 0.0 if config == "plain" else 0.99
-    options = dict(kmeans_init=True, dead_code_threshold=1.0) if config == "vqfast+recipe" else {}
+    options = (vqfast.ORIGINAL_ALGORITHM if config in ("original", "vqfast-original-args")
+               else dict(num_quantizers=RESIDUAL_LEVELS) if config == "residual" else {})
     model = vqfast.VQVAE(args.num_hiddens, 2, args.num_residual_hiddens, args.num_embeddings,
                          args.embedding_dim, 0.25, decay, backend=args.backend, **options)
     if config == "original":
@@ -127,14 +143,25 @@ def build(config: str, args, seed: int) -> vqfast.VQVAE:
                                   "_ema_w": model.vq.ema_weight,
                                   "_ema_cluster_size": model.vq.ema_cluster_size})
         model.vq = original
-    elif config == "vector-quantize-pytorch":
-        model.vq = VQPAdapter(args.num_embeddings, args.embedding_dim)
+    elif config.startswith("vector-quantize-pytorch"):
+        model.vq = VQPAdapter(args.num_embeddings, args.embedding_dim,
+                              RESIDUAL_LEVELS if config.endswith("residual") else None)
     return model
 
 
 def _codes(out) -> torch.Tensor:
+    """``[M, L]``: each vector's code on each of the L levels (1 for a plain quantizer)."""
     codes = out[3]
-    return codes.argmax(1) if codes.dim() == 2 and codes.dtype != torch.int64 else codes.reshape(-1)
+    if codes.dim() == 2 and codes.dtype != torch.int64:  # one-hot
+        return codes.argmax(1)[:, None]
+    if codes.dim() == 4:  # residual [B, Q, H, W]
+        return codes.movedim(1, -1).reshape(-1, codes.shape[1])
+    return codes.reshape(-1, 1)
+
+
+def _used(codes: torch.Tensor) -> list:
+    """Distinct codes per level of ``[M, L]`` codes."""
+    return [int(level.unique().numel()) for level in codes.T]
 
 
 # --- one run ----------------------------------------------------------------------------
@@ -160,23 +187,26 @@ def train_one(config: str, crops: Crops, args, seed: int, device: torch.device, 
         out_of_time = deadline is not None and time.perf_counter() > deadline
         if step % args.log_every == 0 or step == args.steps or out_of_time:
             curve.append({"step": step, "nmse": float(nmse.detach()),
-                          "perplexity": float(out[2].detach()),
-                          "codes_used_100": int(torch.cat(recent).unique().numel())})
+                          "perplexity": float(out[2].detach().float().mean()),
+                          "codes_used_100": float(np.mean(_used(torch.cat(recent))))})
         if out_of_time:
             break
     seconds = time.perf_counter() - start
     test_nmse, test_codes = evaluate(model, crops, device)
     last = curve[-max(1, len(curve) // 10):]
-    used = int(torch.cat(recent).unique().numel())
+    used = float(np.mean(_used(torch.cat(recent))))
+    used_test = _used(test_codes)
+    k = args.num_embeddings
     return {
         "config": config, "seed": seed, "steps": step, "seconds_per_step": seconds / max(step, 1),
         "train_nmse": float(np.mean([c["nmse"] for c in last])),
         "train_perplexity": float(np.mean([c["perplexity"] for c in last])),
         "test_nmse": test_nmse,
-        "test_perplexity": float(vqfast.functional.perplexity(
-            torch.bincount(test_codes, minlength=args.num_embeddings))),
-        "codes_used_test": int(test_codes.unique().numel()),
-        "codes_used_last_100_steps": used, "dead_codes": args.num_embeddings - used,
+        "test_perplexity": float(np.mean([float(vqfast.functional.perplexity(
+            torch.bincount(level, minlength=k))) for level in test_codes.T])),
+        "codes_used_test": float(np.mean(used_test)), "codes_used_test_per_level": used_test,
+        "collapsed": min(used_test) <= COLLAPSED * k,
+        "codes_used_last_100_steps": used, "dead_codes": k - used,
         "curve": curve,
     }, model
 
@@ -199,16 +229,18 @@ def evaluate(model, crops: Crops, device, batch_size: int = 256):
 # --- the benchmark ----------------------------------------------------------------------
 
 def summarize(runs):
-    """Mean and spread (sample std) over seeds, per configuration."""
+    """Mean, spread (sample std) and median over seeds, and the collapsed runs, per
+    configuration."""
     table = {}
     for config in dict.fromkeys(r["config"] for r in runs):
         rows = [r for r in runs if r["config"] == config]
-        entry = {"seeds": len(rows)}
+        entry = {"seeds": len(rows), "collapsed": sum(bool(r["collapsed"]) for r in rows)}
         for key in ("train_nmse", "test_nmse", "train_perplexity", "test_perplexity",
                     "codes_used_test", "dead_codes", "seconds_per_step"):
             values = np.array([r[key] for r in rows], dtype=float)
             entry[key] = {"mean": float(values.mean()),
-                          "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+                          "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                          "median": float(np.median(values))}
         table[config] = entry
     return table
 
@@ -218,11 +250,12 @@ def markdown(summary, meta) -> str:
              f"{meta['lr']}, seeds {meta['seeds']}, {meta['device']}; crops of "
              f"{', '.join(meta['photos'])} ({meta['train_regions']} train regions, "
              f"{meta['test_crops']} test crops).", "",
-             "| configuration | test NMSE | train NMSE | perplexity train / test | codes used (test) | dead codes | s/step |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| configuration | test NMSE | test NMSE median | collapsed runs | train NMSE | perplexity train / test | codes used (test) | dead codes | s/step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for config, e in summary.items():
         f = lambda key, spec=".4f": f"{e[key]['mean']:{spec}} ± {e[key]['std']:{spec}}"  # noqa: E731
-        lines.append(f"| {config} | {f('test_nmse')} | {f('train_nmse')} | "
+        lines.append(f"| {config} | {f('test_nmse')} | {e['test_nmse']['median']:.4f} | "
+                     f"{e['collapsed']} / {e['seeds']} | {f('train_nmse')} | "
                      f"{e['train_perplexity']['mean']:.0f} / {e['test_perplexity']['mean']:.0f} | "
                      f"{f('codes_used_test', '.0f')} | {f('dead_codes', '.0f')} | "
                      f"{e['seconds_per_step']['mean']:.3f} |")
@@ -312,12 +345,12 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny model, few steps: the pipeline only")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    p.add_argument("--num-hiddens", type=int, default=128)
+    p.add_argument("--num-hiddens", type=int, default=64)
     p.add_argument("--num-residual-hiddens", type=int, default=32)
     p.add_argument("--num-embeddings", type=int, default=512)
     p.add_argument("--embedding-dim", type=int, default=64)

@@ -83,3 +83,9 @@ BACKENDS_BIG = [b for b in BACKENDS if not (b == "triton" and INTERPRETED)]
 def tensor_state(module) -> dict:
     """``module.state_dict()`` without its non-tensor entries (the recorded options)."""
     return {k: v for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+
+# The original algorithm's arguments (no k-means init, no dead-code re-seeding): what the
+# oracle tests build the modules with.
+import vqfast as _vqfast  # noqa: E402
+
+ORIGINAL = dict(_vqfast.ORIGINAL_ALGORITHM)

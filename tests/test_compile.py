@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vqfast
-from _util import BACKENDS, DEVICE, tensor_state
+from _util import ORIGINAL, BACKENDS, DEVICE, tensor_state
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -12,8 +12,8 @@ from _util import BACKENDS, DEVICE, tensor_state
 def test_compiled_matches_eager(kind, backend):
     torch._dynamo.reset()
     cls = vqfast.VectorQuantizerEMA if kind == "ema" else vqfast.VectorQuantizer
-    eager = cls(23, 6, 0.25, backend=backend).to(DEVICE)
-    compiled_module = cls(23, 6, 0.25, backend=backend).to(DEVICE)
+    eager = cls(23, 6, 0.25, backend=backend, **ORIGINAL).to(DEVICE)
+    compiled_module = cls(23, 6, 0.25, backend=backend, **ORIGINAL).to(DEVICE)
     compiled_module.load_state_dict(eager.state_dict())
     compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
     for _ in range(3):
@@ -64,7 +64,7 @@ def test_custom_ops_pass_opcheck(layout, backend):
 def test_compiled_ema_skips_non_finite_batches(backend):
     """No host sync inside the graph: the EMA update itself refuses a NaN batch on the device."""
     torch._dynamo.reset()
-    vq = vqfast.VectorQuantizerEMA(13, 4, 0.25, backend=backend).to(DEVICE)
+    vq = vqfast.VectorQuantizerEMA(13, 4, 0.25, backend=backend, **ORIGINAL).to(DEVICE)
     compiled = torch.compile(vq, fullgraph=True, backend="aot_eager")
     compiled(torch.randn(2, 4, 3, 3, device=DEVICE))  # a finite batch updates
     state = {k: v.clone() for k, v in tensor_state(vq).items()}
@@ -77,3 +77,25 @@ def test_compiled_ema_skips_non_finite_batches(backend):
     assert int(vq.skipped_batches) == 1
     compiled(torch.randn(2, 4, 3, 3, device=DEVICE))
     assert not torch.equal(vq.ema_weight, state["ema_weight"])
+
+
+@pytest.mark.parametrize("kind", ["plain", "ema", "residual"])
+def test_kmeans_and_dead_codes_compile_without_graph_breaks(kind):
+    """The default options (k-means init, dead-code re-seeding) trace in one graph and
+    train; a higher threshold than the default so that codes die within a few steps."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    vq = {"plain": lambda: vqfast.VectorQuantizer(23, 6, dead_code_threshold=4.0),
+          "ema": lambda: vqfast.VectorQuantizerEMA(23, 6, dead_code_threshold=4.0),
+          "residual": lambda: vqfast.ResidualVQ(2, 23, 6, dead_code_threshold=4.0)}[kind]().to(DEVICE)
+    compiled = torch.compile(vq, fullgraph=True, backend="aot_eager")
+    for step in range(4):
+        z = torch.randn(2, 6, 5, 7, device=DEVICE) + 3.0 * step  # a drifting input: codes die
+        z.requires_grad_()
+        loss, q, _, _ = compiled(z)
+        (loss + q.pow(2).sum()).backward()
+        assert torch.isfinite(z.grad).all()
+    assert bool(vq.initialized)  # k-means took
+    codebook = vq.codebooks if kind == "residual" else vq.codebook
+    assert torch.isfinite(codebook).all()
+    assert int(vq.reseeded_codes.sum()) > 0  # the drift killed codes, which were re-seeded

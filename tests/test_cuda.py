@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vqfast
-from _util import BACKENDS, DEVICE, INTERPRETED, assert_nearest
+from _util import ORIGINAL, BACKENDS, DEVICE, INTERPRETED, assert_nearest
 
 cuda_only = pytest.mark.skipif(INTERPRETED, reason="needs a CUDA device")
 
@@ -34,7 +34,7 @@ def test_more_than_2_31_elements(layout):
         return
     s = 64
     b = n // s + 1
-    vq = vqfast.VectorQuantizerEMA(k, d, 0.25).to(DEVICE)
+    vq = vqfast.VectorQuantizerEMA(k, d, 0.25, **ORIGINAL).to(DEVICE)
     vq.codebook.copy_(codebook)
     z = torch.randn(b, d, s, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     loss, q, perplexity, codes = vq(z)

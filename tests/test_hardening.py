@@ -7,7 +7,7 @@ import torch
 
 import vqfast
 from vqfast import reference
-from _util import BACKENDS, DEVICE, tensor_state
+from _util import ORIGINAL, BACKENDS, DEVICE, tensor_state
 
 
 def _clusters(num_clusters, dim, n, seed=0):
@@ -44,7 +44,7 @@ def test_one_step_that_uses_every_code_reports_none_dead():
     torch.manual_seed(0)
     k, d = 16, 4
     ref = reference.VectorQuantizerEMA(k, d, 0.25, 0.99)
-    vq = vqfast.VectorQuantizerEMA(k, d, 0.25, 0.99, backend="torch")
+    vq = vqfast.VectorQuantizerEMA(k, d, 0.25, 0.99, backend="torch", **ORIGINAL)
     vq.load_state_dict(ref.state_dict())
     with torch.no_grad():  # fresh state, not a trained checkpoint
         vq.ema_decay_weight.zero_()
@@ -104,7 +104,7 @@ def test_non_finite_code_never_wins_on_either_backend(bad):
 @pytest.mark.parametrize("cast", ["half", "to_bf16"])
 def test_ema_state_stays_fp32_after_casting_the_module(cast, backend):
     """Item 5: .half() moves the EMA state, it never rounds it, and training stays finite."""
-    vq = vqfast.VectorQuantizerEMA(32, 4, 0.25, backend=backend).to(DEVICE)
+    vq = vqfast.VectorQuantizerEMA(32, 4, 0.25, backend=backend, **ORIGINAL).to(DEVICE)
     codebook = vq.codebook.clone()
     vq = vq.half() if cast == "half" else vq.to(torch.bfloat16)
     dtype = torch.float16 if cast == "half" else torch.bfloat16
@@ -124,7 +124,7 @@ def test_low_precision_codebook_gradient_uses_fp32_codes(dtype, backend):
     """Item 7: the codebook gradient is taken from the fp32 codebook rows, not from q
     rounded to the input's dtype."""
     torch.manual_seed(0)
-    vq = vqfast.VectorQuantizer(13, 8, 0.25, backend=backend).to(DEVICE)
+    vq = vqfast.VectorQuantizer(13, 8, 0.25, backend=backend, **ORIGINAL).to(DEVICE)
     with torch.no_grad():
         vq.codebook.normal_().add_(0.3)  # entries far from representable in bf16
     z = torch.randn(3, 8, 5, 7, device=DEVICE).to(dtype)
@@ -152,7 +152,7 @@ def test_float64_is_refused_before_kmeans_on_every_backend():
 
 def test_overflowing_sums_are_counted_not_silent():
     """Item 9: finite inputs whose per-code sums overflow fp32 skip the update, counted."""
-    vq = vqfast.VectorQuantizerEMA(1, 2, 0.25, backend="torch")
+    vq = vqfast.VectorQuantizerEMA(1, 2, 0.25, backend="torch", **ORIGINAL)
     state = copy.deepcopy(vq.state_dict())
     vq(torch.full((4, 2, 1), 3e38))  # each finite; their sum is not
     assert int(vq.skipped_batches) == 1
@@ -181,7 +181,7 @@ def test_kmeans_checkpoint_loads_both_ways(cls):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_codebook_grad_is_none_when_only_quantized_is_used(backend):
     """Item 11: no loss term reaches the codebook -> None, not zeros."""
-    vq = vqfast.VectorQuantizer(7, 3, 0.25, backend=backend).to(DEVICE)
+    vq = vqfast.VectorQuantizer(7, 3, 0.25, backend=backend, **ORIGINAL).to(DEVICE)
     z = torch.randn(2, 3, 4, 4, device=DEVICE, requires_grad=True)
     _, q, _, _ = vq(z)
     q.sum().backward()

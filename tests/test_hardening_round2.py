@@ -8,7 +8,7 @@ import torch
 
 import vqfast
 from vqfast import reference
-from _util import BACKENDS, DEVICE, tensor_state
+from _util import ORIGINAL, BACKENDS, DEVICE, tensor_state
 
 
 def _rotation_grad_oracle(x, codes, g):
@@ -22,7 +22,7 @@ def _rotation_grad_oracle(x, codes, g):
 def _rotation_case(backend, codebook, x_rows):
     """Gradient of ``sum(quantized * g)`` for ``[N, d]`` rows through a one-code quantizer."""
     k, d = codebook.shape
-    vq = vqfast.VectorQuantizerEMA(k, d, 0.25, rotation_trick=True, backend=backend).to(DEVICE)
+    vq = vqfast.VectorQuantizerEMA(k, d, 0.25, rotation_trick=True, backend=backend, **ORIGINAL).to(DEVICE)
     vq.codebook.copy_(codebook)
     vq.eval()
     x = x_rows.T.reshape(1, d, -1).to(DEVICE).requires_grad_()
@@ -57,7 +57,7 @@ def test_rotation_trick_zero_input_falls_back_to_straight_through(backend, dtype
         pass  # the torch path computes in fp32 and returns fp16: covered the same way
     codebook = torch.tensor([[0.8, -0.6, 0.5]])
     x = torch.tensor([[0.0, 0.0, 0.0], [1e-9, 0.0, 0.0], [0.3, 0.2, -0.1]])
-    vq = vqfast.VectorQuantizerEMA(1, 3, 0.25, rotation_trick=True, backend=backend).to(DEVICE)
+    vq = vqfast.VectorQuantizerEMA(1, 3, 0.25, rotation_trick=True, backend=backend, **ORIGINAL).to(DEVICE)
     vq.codebook.copy_(codebook)
     vq.eval()
     z = x.T.reshape(1, 3, 3).to(DEVICE, dtype).requires_grad_()
@@ -77,9 +77,9 @@ def test_non_finite_padding_under_a_mask_changes_nothing(make, backend):
     """Item 2: ``-inf`` (log-mel of silence) or NaN in masked-out positions: the loss and
     the EMA step are those of the real rows alone."""
     torch.manual_seed(0)
-    build = {"ema": lambda: vqfast.VectorQuantizerEMA(7, 4, 0.25, backend=backend),
-             "plain": lambda: vqfast.VectorQuantizer(7, 4, 0.25, backend=backend),
-             "residual": lambda: vqfast.ResidualVQ(2, 7, 4, backend=backend)}[make]
+    build = {"ema": lambda: vqfast.VectorQuantizerEMA(7, 4, 0.25, backend=backend, **ORIGINAL),
+             "plain": lambda: vqfast.VectorQuantizer(7, 4, 0.25, backend=backend, **ORIGINAL),
+             "residual": lambda: vqfast.ResidualVQ(2, 7, 4, backend=backend, **ORIGINAL)}[make]
     padded, clean = build().to(DEVICE), None
     clean = build().to(DEVICE)
     clean.load_state_dict(padded.state_dict())
@@ -102,18 +102,18 @@ def test_non_finite_padding_under_a_mask_changes_nothing(make, backend):
 # --- item 4: a state_dict records the options that change its meaning ------------------
 
 MISMATCHED = {
-    "cosine into euclidean (EMA)": (lambda: vqfast.VectorQuantizerEMA(8, 4, 0.25, cosine=True),
-                                    lambda: vqfast.VectorQuantizerEMA(8, 4, 0.25)),
-    "euclidean into cosine (plain)": (lambda: vqfast.VectorQuantizer(8, 4, 0.25),
-                                      lambda: vqfast.VectorQuantizer(8, 4, 0.25, cosine=True)),
-    "EMA into plain": (lambda: vqfast.VectorQuantizerEMA(8, 4, 0.25),
-                       lambda: vqfast.VectorQuantizer(8, 4, 0.25)),
-    "residual euclidean into cosine": (lambda: vqfast.ResidualVQ(2, 8, 4),
-                                       lambda: vqfast.ResidualVQ(2, 8, 4, cosine=True)),
-    "residual levels/groups": (lambda: vqfast.ResidualVQ(4, 16, 8),
-                               lambda: vqfast.ResidualVQ(2, 16, 16, groups=2)),
-    "residual shared, other depth": (lambda: vqfast.ResidualVQ(2, 8, 4, shared_codebook=True),
-                                     lambda: vqfast.ResidualVQ(6, 8, 4, shared_codebook=True)),
+    "cosine into euclidean (EMA)": (lambda: vqfast.VectorQuantizerEMA(8, 4, 0.25, cosine=True, **ORIGINAL),
+                                    lambda: vqfast.VectorQuantizerEMA(8, 4, 0.25, **ORIGINAL)),
+    "euclidean into cosine (plain)": (lambda: vqfast.VectorQuantizer(8, 4, 0.25, **ORIGINAL),
+                                      lambda: vqfast.VectorQuantizer(8, 4, 0.25, cosine=True, **ORIGINAL)),
+    "EMA into plain": (lambda: vqfast.VectorQuantizerEMA(8, 4, 0.25, **ORIGINAL),
+                       lambda: vqfast.VectorQuantizer(8, 4, 0.25, **ORIGINAL)),
+    "residual euclidean into cosine": (lambda: vqfast.ResidualVQ(2, 8, 4, **ORIGINAL),
+                                       lambda: vqfast.ResidualVQ(2, 8, 4, cosine=True, **ORIGINAL)),
+    "residual levels/groups": (lambda: vqfast.ResidualVQ(4, 16, 8, **ORIGINAL),
+                               lambda: vqfast.ResidualVQ(2, 16, 16, groups=2, **ORIGINAL)),
+    "residual shared, other depth": (lambda: vqfast.ResidualVQ(2, 8, 4, shared_codebook=True, **ORIGINAL),
+                                     lambda: vqfast.ResidualVQ(6, 8, 4, shared_codebook=True, **ORIGINAL)),
     "FSQ levels": (lambda: vqfast.FSQ([8, 5, 5, 5]), lambda: vqfast.FSQ([4, 4, 4, 4])),
 }
 
@@ -133,13 +133,13 @@ def test_state_of_other_options_does_not_load(case):
 
 def test_states_without_recorded_options_still_load():
     """Checkpoints saved before the options were recorded (and the original notebook's)."""
-    source = vqfast.ResidualVQ(2, 8, 4, cosine=True)
+    source = vqfast.ResidualVQ(2, 8, 4, cosine=True, **ORIGINAL)
     state = {k: v for k, v in tensor_state(source).items() if k != "_extra_state"}
-    target = vqfast.ResidualVQ(2, 8, 4, cosine=True)
+    target = vqfast.ResidualVQ(2, 8, 4, cosine=True, **ORIGINAL)
     target.load_state_dict(state)
     assert torch.equal(target.codebooks, source.codebooks)
-    same = vqfast.VectorQuantizerEMA(8, 4, 0.25)
-    same.load_state_dict(vqfast.VectorQuantizerEMA(8, 4, 0.25).state_dict())
+    same = vqfast.VectorQuantizerEMA(8, 4, 0.25, **ORIGINAL)
+    same.load_state_dict(vqfast.VectorQuantizerEMA(8, 4, 0.25, **ORIGINAL).state_dict())
 
 
 # --- item 5: the cosine quantizers normalise whatever codebook they hold ------------------
@@ -149,11 +149,11 @@ def test_states_without_recorded_options_still_load():
 def test_cosine_ema_with_unnormalised_codebook_picks_by_cosine(make, backend):
     torch.manual_seed(0)
     if make == "ema":
-        vq = vqfast.VectorQuantizerEMA(18, 5, 0.25, cosine=True, backend=backend).to(DEVICE)
+        vq = vqfast.VectorQuantizerEMA(18, 5, 0.25, cosine=True, backend=backend, **ORIGINAL).to(DEVICE)
         vq.codebook.copy_(torch.randn(18, 5) * torch.rand(18, 1) * 10)
         codebook = vq.codebook
     else:
-        vq = vqfast.ResidualVQ(1, 18, 5, cosine=True, backend=backend).to(DEVICE)
+        vq = vqfast.ResidualVQ(1, 18, 5, cosine=True, backend=backend, **ORIGINAL).to(DEVICE)
         vq.codebooks.copy_(torch.randn(1, 18, 5) * torch.rand(1, 18, 1) * 10)
         codebook = vq.codebooks[0]
     vq.eval()
@@ -185,9 +185,9 @@ def test_lfq_output_is_plus_minus_one_for_large_inputs(dtype):
 # --- item 7: decode_indices validates its codes -----------------------------------------
 
 DECODERS = {
-    "VectorQuantizerEMA": (lambda: vqfast.VectorQuantizerEMA(7, 3, 0.25), 7, [1, 4]),
-    "VectorQuantizer": (lambda: vqfast.VectorQuantizer(7, 3, 0.25), 7, [1, 4]),
-    "ResidualVQ": (lambda: vqfast.ResidualVQ(2, 7, 3), 7, [1, 2, 4]),
+    "VectorQuantizerEMA": (lambda: vqfast.VectorQuantizerEMA(7, 3, 0.25, **ORIGINAL), 7, [1, 4]),
+    "VectorQuantizer": (lambda: vqfast.VectorQuantizer(7, 3, 0.25, **ORIGINAL), 7, [1, 4]),
+    "ResidualVQ": (lambda: vqfast.ResidualVQ(2, 7, 3, **ORIGINAL), 7, [1, 2, 4]),
     "FSQ": (lambda: vqfast.FSQ([8, 5, 5, 5]), 1000, [1, 4]),
     "LFQ": (lambda: vqfast.LFQ(4), 16, [1, 4]),
 }
@@ -276,9 +276,9 @@ def test_fsq_with_projection_cast_takes_fp32_input(cast):
 
 @pytest.mark.parametrize("make", ["ema", "plain", "residual"])
 def test_warn_on_collapse_warns_once_after_the_streak(make):
-    build = {"ema": lambda: vqfast.VectorQuantizerEMA(100, 4, 0.25, backend="torch"),
-             "plain": lambda: vqfast.VectorQuantizer(100, 4, 0.25, backend="torch"),
-             "residual": lambda: vqfast.ResidualVQ(2, 100, 4, quantize_dropout=True, backend="torch")}[make]
+    build = {"ema": lambda: vqfast.VectorQuantizerEMA(100, 4, 0.25, backend="torch", **ORIGINAL),
+             "plain": lambda: vqfast.VectorQuantizer(100, 4, 0.25, backend="torch", **ORIGINAL),
+             "residual": lambda: vqfast.ResidualVQ(2, 100, 4, quantize_dropout=True, backend="torch", **ORIGINAL)}[make]
     vq = build().warn_on_collapse(steps=3)
     same = torch.ones(2, 4, 6)  # every vector the same: one code in use, 1% of 100
     import warnings as w
@@ -293,7 +293,7 @@ def test_warn_on_collapse_warns_once_after_the_streak(make):
 
 
 def test_warn_on_collapse_stays_quiet_while_codes_are_used():
-    vq = vqfast.VectorQuantizerEMA(20, 4, 0.25, backend="torch").warn_on_collapse(steps=2)
+    vq = vqfast.VectorQuantizerEMA(20, 4, 0.25, backend="torch", **ORIGINAL).warn_on_collapse(steps=2)
     import warnings as w
     with w.catch_warnings():
         w.simplefilter("error")
@@ -305,7 +305,7 @@ def test_warn_on_collapse_stays_quiet_while_codes_are_used():
 
 
 def test_codebook_usage_prints_one_line():
-    vq = vqfast.VectorQuantizerEMA(512, 4, 0.25, backend="torch")
+    vq = vqfast.VectorQuantizerEMA(512, 4, 0.25, backend="torch", **ORIGINAL)
     vq(torch.randn(2, 4, 30))
     text = repr(vq.codebook_usage())
     assert "\n" not in text and "of 512 codes alive" in text and len(text) < 200
@@ -331,7 +331,7 @@ def test_benchmark_table_leaves_out_what_could_not_run_and_says_ratios_in_words(
 
 
 def test_error_hints_for_common_mistakes():
-    vq = vqfast.VectorQuantizerEMA(8, 4, 0.25)
+    vq = vqfast.VectorQuantizerEMA(8, 4, 0.25, **ORIGINAL)
     with pytest.raises(ValueError, match=r"channels-last.*movedim\(-1, 1\)"):
         vq(torch.randn(2, 5, 5, 4))
     with pytest.raises(ValueError, match="inputs.T.unsqueeze"):

@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 import vqfast  # noqa: E402
 from vqfast import kernels, reference  # noqa: E402
-from _util import DEVICE, INTERPRETED, INTERPRETER_BROKEN, TIE_EPS, assert_nearest, tensor_state  # noqa: E402
+from _util import ORIGINAL, DEVICE, INTERPRETED, INTERPRETER_BROKEN, TIE_EPS, assert_nearest, tensor_state  # noqa: E402
 
 pytestmark = pytest.mark.skipif(INTERPRETER_BROKEN is not None, reason=str(INTERPRETER_BROKEN))
 
@@ -146,7 +146,7 @@ def test_launchers_reject_bad_tensors():
 @pytest.mark.skipif(INTERPRETED, reason="needs a CUDA device")
 def test_large_shape_allocates_no_n_by_k():
     n, k, d = 65536, 16384, 256
-    vq = vqfast.VectorQuantizerEMA(k, d, 0.25).to(DEVICE)
+    vq = vqfast.VectorQuantizerEMA(k, d, 0.25, **ORIGINAL).to(DEVICE)
     z = torch.randn(n // 64, d, 8, 8, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -7,7 +7,7 @@ import torch
 
 import vqfast
 from vqfast import reference
-from _util import BACKENDS, BACKENDS_BIG, DEVICE, TOL, assert_nearest, same_codes_or_ties, tensor_state
+from _util import ORIGINAL, BACKENDS, BACKENDS_BIG, DEVICE, TOL, assert_nearest, same_codes_or_ties, tensor_state
 
 # (B, D, spatial, K): odd shapes, the seed's image shape, every supported rank, K=1.
 SHAPES = [
@@ -24,10 +24,10 @@ def _pair(kind, shape, backend, **kw):
     _, d, _, k = shape
     if kind == "ema":
         ref = reference.VectorQuantizerEMA(k, d, 0.25, 0.99, 1e-5)
-        vq = vqfast.VectorQuantizerEMA(k, d, 0.25, 0.99, 1e-5, backend=backend, **kw)
+        vq = vqfast.VectorQuantizerEMA(k, d, 0.25, 0.99, 1e-5, backend=backend, **{**ORIGINAL, **kw})
     else:
         ref = reference.VectorQuantizer(k, d, 0.25)
-        vq = vqfast.VectorQuantizer(k, d, 0.25, backend=backend, **kw)
+        vq = vqfast.VectorQuantizer(k, d, 0.25, backend=backend, **{**ORIGINAL, **kw})
     if kind != "ema":
         # The seed's uniform(-1/K, 1/K) init puts every code within rounding of every other
         # as seen from an N(0, 1) input, so the nearest code is a coin toss between ties:
@@ -128,7 +128,7 @@ def test_low_precision_inputs(kind, dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_duplicate_codes_tie_robust(backend):
     k, d = 40, 6
-    vq = vqfast.VectorQuantizer(k, d, 0.25, backend=backend).to(DEVICE)
+    vq = vqfast.VectorQuantizer(k, d, 0.25, backend=backend, **ORIGINAL).to(DEVICE)
     with torch.no_grad():
         vq.codebook[20:] = vq.codebook[:20]  # every code has an exact twin
         vq.codebook.mul_(50)
@@ -168,7 +168,7 @@ def test_torch_path_chunks_agree(monkeypatch, chunk_rows):
     z = torch.randn(4, 23, 5, 9, device=DEVICE)
 
     def run():
-        vq = vqfast.VectorQuantizer(61, 23, 0.25, backend="torch").to(DEVICE)
+        vq = vqfast.VectorQuantizer(61, 23, 0.25, backend="torch", **ORIGINAL).to(DEVICE)
         vq.load_state_dict(ref.state_dict())
         z_grad = z.clone().requires_grad_()
         loss, q, perplexity, enc = vq(z_grad)
@@ -185,7 +185,7 @@ def test_torch_path_chunks_agree(monkeypatch, chunk_rows):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eval_and_no_grad_leave_ema_state(backend):
-    vq = vqfast.VectorQuantizerEMA(16, 4, 0.25, backend=backend).to(DEVICE)
+    vq = vqfast.VectorQuantizerEMA(16, 4, 0.25, backend=backend, **ORIGINAL).to(DEVICE)
     state = copy.deepcopy(vq.state_dict())
     vq.eval()
     vq(torch.randn(2, 4, 3, 3, device=DEVICE))
@@ -201,8 +201,8 @@ def test_eval_and_no_grad_leave_ema_state(backend):
 
 
 def test_codebook_kinds_and_state_dict_round_trip():
-    plain = vqfast.VectorQuantizer(10, 3, 0.25)
-    ema = vqfast.VectorQuantizerEMA(10, 3, 0.25)
+    plain = vqfast.VectorQuantizer(10, 3, 0.25, **ORIGINAL)
+    ema = vqfast.VectorQuantizerEMA(10, 3, 0.25, **ORIGINAL)
     assert isinstance(plain.codebook, torch.nn.Parameter)
     assert [n for n, _ in ema.named_parameters()] == []
     assert set(ema.state_dict()) == {"codebook", "ema_cluster_size", "ema_weight", "_extra_state",
@@ -220,7 +220,7 @@ def test_loads_seed_state_dict_keys():
     ref.train()
     ref(torch.randn(2, 5, 4, 4))  # non-trivial EMA state
     assert set(ref.state_dict()) == {"_embedding.weight", "_ema_w", "_ema_cluster_size"}
-    vq = vqfast.VectorQuantizerEMA(12, 5, 0.25, 0.99)
+    vq = vqfast.VectorQuantizerEMA(12, 5, 0.25, 0.99, **ORIGINAL)
     vq.load_state_dict(ref.state_dict())
     assert torch.equal(vq.codebook, ref._embedding.weight)
     assert torch.equal(vq.ema_weight, ref._ema_w)
@@ -230,7 +230,7 @@ def test_loads_seed_state_dict_keys():
 
 
 def test_to_device_moves_state():
-    vq = vqfast.VectorQuantizerEMA(8, 3, 0.25).to("meta")
+    vq = vqfast.VectorQuantizerEMA(8, 3, 0.25, **ORIGINAL).to("meta")
     assert vq.codebook.device.type == "meta" and vq.ema_weight.device.type == "meta"
 
 
@@ -263,7 +263,7 @@ def test_bad_input_raises_and_keeps_state(kind, case):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e19])  # 3e19: finite, squares overflow
 def test_non_finite_batch_is_skipped_and_counted(bad, backend):
-    vq = vqfast.VectorQuantizerEMA(16, 4, 0.25, backend=backend).to(DEVICE)
+    vq = vqfast.VectorQuantizerEMA(16, 4, 0.25, backend=backend, **ORIGINAL).to(DEVICE)
     state = copy.deepcopy(vq.state_dict())
     z = torch.randn(2, 4, 3, 3, device=DEVICE)
     z[1, 2, 0, 1] = bad
@@ -283,7 +283,7 @@ def test_non_finite_batch_is_skipped_and_counted(bad, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_check_finite_raises_before_any_state_changes(backend):
     """The opt-in strict mode (k-means input is always checked: tests/test_hardening.py)."""
-    vq = vqfast.VectorQuantizerEMA(16, 4, 0.25, backend=backend, check_finite=True).to(DEVICE)
+    vq = vqfast.VectorQuantizerEMA(16, 4, 0.25, backend=backend, check_finite=True, **ORIGINAL).to(DEVICE)
     state = copy.deepcopy(vq.state_dict())
     z = torch.randn(2, 4, 3, 3, device=DEVICE)
     z[0, 1, 2, 2] = float("inf")
@@ -294,11 +294,11 @@ def test_check_finite_raises_before_any_state_changes(backend):
 
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="backend"):
-        vqfast.VectorQuantizer(4, 2, 0.25, backend="cuda")
+        vqfast.VectorQuantizer(4, 2, 0.25, backend="cuda", **ORIGINAL)
     with pytest.raises(ValueError, match="decay"):
-        vqfast.VectorQuantizerEMA(4, 2, 0.25, decay=1.5)
+        vqfast.VectorQuantizerEMA(4, 2, 0.25, decay=1.5, **ORIGINAL)
     with pytest.raises(ValueError, match=">= 1"):
-        vqfast.VectorQuantizer(0, 2, 0.25)
+        vqfast.VectorQuantizer(0, 2, 0.25, **ORIGINAL)
 
 
 def test_nearest_code_bad_input():

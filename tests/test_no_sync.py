@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import vqfast
 from vqfast import modules
-from _util import BACKENDS, DEVICE
+from _util import ORIGINAL, BACKENDS, DEVICE
 
 SYNCING_OPS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzero", "aten.item",
                "aten.bincount")
@@ -57,9 +57,11 @@ def _host_to_device(args, kwargs):
 
 
 OPTIONS = {
-    "plain": (vqfast.VectorQuantizer, {}),
+    "plain": (vqfast.VectorQuantizer, {}),  # the defaults: k-means init, dead-code re-seeding
+    "plain+original-algorithm": (vqfast.VectorQuantizer, dict(ORIGINAL)),
     "plain+kmeans": (vqfast.VectorQuantizer, dict(kmeans_init=True)),
     "ema": (vqfast.VectorQuantizerEMA, {}),
+    "ema+original-algorithm": (vqfast.VectorQuantizerEMA, dict(ORIGINAL)),
     "ema+kmeans": (vqfast.VectorQuantizerEMA, dict(kmeans_init=True)),
     "ema+dead_codes": (vqfast.VectorQuantizerEMA, dict(dead_code_threshold=2.0)),
     "ema+all": (vqfast.VectorQuantizerEMA, dict(kmeans_init=True, dead_code_threshold=1.0,
@@ -228,7 +230,7 @@ def test_kernels_per_training_step(kind, budget):
     scalars, EMA finalize, backward; plain 6 = prologue, nearest, zero-fill, gather, the
     codebook gradient's zero-fill, backward. Guards against glue creeping back in."""
     cls = vqfast.VectorQuantizerEMA if kind == "ema" else vqfast.VectorQuantizer
-    vq = cls(37, 9, 0.25, backend="triton").to(DEVICE)
+    vq = cls(37, 9, 0.25, backend="triton", **ORIGINAL).to(DEVICE)
     z = torch.randn(2, 9, 5, 3, device=DEVICE, requires_grad=True)
     grad = torch.randn_like(z)
     vq(z)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import vqfast
-from _util import BACKENDS, DEVICE, TOL, assert_nearest, tensor_state
+from _util import ORIGINAL, BACKENDS, DEVICE, TOL, assert_nearest, tensor_state
 
 
 def _free_port():
@@ -20,13 +20,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, batches, init_state, dead_code_threshold, queue):
+def _ddp_worker(rank, world, port, batches, init_state, dead_code_threshold, queue, ema=True):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(1234)  # the same re-seeding draws on every rank
-        vq = vqfast.VectorQuantizerEMA(40, 6, 0.25, backend="torch",
-                                       dead_code_threshold=dead_code_threshold)
+        cls = vqfast.VectorQuantizerEMA if ema else vqfast.VectorQuantizer
+        vq = cls(40, 6, 0.25, backend="torch", dead_code_threshold=dead_code_threshold)
         vq.load_state_dict(init_state)
         for batch in batches:
             vq(batch.chunk(world)[rank])
@@ -39,7 +39,7 @@ def _ddp_worker(rank, world, port, batches, init_state, dead_code_threshold, que
 @pytest.mark.parametrize("dead_code_threshold", [0.0, 0.5])
 def test_two_process_gloo_sync_equals_one_process_on_the_whole_batch(dead_code_threshold):
     batches = [torch.randn(4, 6, 5, 3) for _ in range(3)]
-    single = vqfast.VectorQuantizerEMA(40, 6, 0.25, backend="torch")
+    single = vqfast.VectorQuantizerEMA(40, 6, 0.25, backend="torch", **ORIGINAL)
     init_state = copy.deepcopy(single.state_dict())
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -61,6 +61,30 @@ def test_two_process_gloo_sync_equals_one_process_on_the_whole_batch(dead_code_t
             single(batch)
         for key, value in tensor_state(single).items():
             torch.testing.assert_close(states[0][key], value, rtol=1e-5, atol=1e-5)
+
+
+def test_two_process_learned_codebook_reseeds_the_same_codes_on_every_rank():
+    """The learned codebook's usage is summed over ranks and re-seeding draws rank 0's
+    rows: both ranks end with the same codebook (DDP would not re-sync it)."""
+    batches = [torch.randn(4, 6, 5, 3) + 2 * i for i in range(4)]  # drifting: codes die
+    init_state = copy.deepcopy(vqfast.VectorQuantizer(40, 6, 0.25, backend="torch",
+                                                      kmeans_init=False).state_dict())
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_worker,
+                         args=(r, 2, port, batches, init_state, 1.0, queue, False))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    states = {rank: {k: torch.from_numpy(v) for k, v in state.items()}
+              for rank, state in (queue.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    assert int(states[0]["reseeded_codes"]) > 0
 
 
 def _clustered(num_clusters=32, dim=8, per_cluster=64, seed=0):
@@ -86,16 +110,16 @@ def _train_perplexity(steps=30, **options):
 
 
 def test_dead_codes_and_kmeans_raise_codebook_usage():
-    default, vq_default = _train_perplexity()
-    reseeded, vq_reseeded = _train_perplexity(dead_code_threshold=1.0)
-    kmeans, _ = _train_perplexity(kmeans_init=True)
+    default, vq_default = _train_perplexity(**ORIGINAL)
+    reseeded, vq_reseeded = _train_perplexity(kmeans_init=False, dead_code_threshold=1.0)
+    kmeans, _ = _train_perplexity(kmeans_init=True, dead_code_threshold=0.0)
     assert reseeded > 1.5 * default, (default, reseeded)
     assert kmeans > 1.5 * default, (default, kmeans)
     assert vq_default.codebook_usage().dead_codes > vq_reseeded.codebook_usage().dead_codes
 
 
 def test_codebook_usage():
-    vq = vqfast.VectorQuantizerEMA(5, 2, 0.25)
+    vq = vqfast.VectorQuantizerEMA(5, 2, 0.25, **ORIGINAL)
     with torch.no_grad():
         vq.ema_cluster_size.copy_(torch.tensor([4.0, 0.5, 0.0, 3.5, 2.0]))
         vq.ema_decay_weight.fill_(1.0)
@@ -162,7 +186,7 @@ def test_autocast_bf16(kind, backend):
 
 def _deterministic_run(backend):
     torch.manual_seed(7)
-    model = vqfast.VQVAE(16, 1, 8, 20, 8, 0.25, 0.99, backend=backend).to(DEVICE)
+    model = vqfast.VQVAE(16, 1, 8, 20, 8, 0.25, 0.99, backend=backend, **ORIGINAL).to(DEVICE)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(2):
         x = torch.rand(2, 3, 8, 8, device=DEVICE) - 0.5
@@ -188,7 +212,7 @@ def test_deterministic_runs_are_bitwise_equal(backend):
 def test_compiled_vqvae_matches_eager(decay):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    eager = vqfast.VQVAE(16, 1, 8, 20, 8, 0.25, decay, backend="torch")
+    eager = vqfast.VQVAE(16, 1, 8, 20, 8, 0.25, decay, backend="torch", **ORIGINAL)
     twin = copy.deepcopy(eager)
     compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
     for _ in range(3):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import vqfast
 from vqfast import reference
-from _util import BACKENDS, DEVICE, TOL, assert_nearest, same_codes_or_ties, tensor_state
+from _util import ORIGINAL, BACKENDS, DEVICE, TOL, assert_nearest, same_codes_or_ties, tensor_state
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def _spread_codebook(case):
 @SETTINGS
 @given(case=cases(), backend=st.sampled_from(BACKENDS))
 def test_plain_quantizer_forward_and_gradients(case, backend):
-    vq = vqfast.VectorQuantizer(case["k"], case["d"], 0.25, backend=backend).to(DEVICE)
+    vq = vqfast.VectorQuantizer(case["k"], case["d"], 0.25, backend=backend, **ORIGINAL).to(DEVICE)
     with torch.no_grad():
         vq.codebook.copy_(_spread_codebook(case))
     z = _input(case).requires_grad_()
@@ -98,7 +98,7 @@ def test_plain_quantizer_forward_and_gradients(case, backend):
 def test_ema_state_follows_the_oracle(case, backend, steps):
     """fp32 only: the oracle computes in fp32, so compare like with like."""
     ref = reference.VectorQuantizerEMA(case["k"], case["d"], 0.25, 0.9).to(DEVICE)
-    vq = vqfast.VectorQuantizerEMA(case["k"], case["d"], 0.25, 0.9, backend=backend).to(DEVICE)
+    vq = vqfast.VectorQuantizerEMA(case["k"], case["d"], 0.25, 0.9, backend=backend, **ORIGINAL).to(DEVICE)
     with torch.no_grad():
         ref._embedding.weight.copy_(_spread_codebook(case))
     vq.load_state_dict(ref.state_dict())

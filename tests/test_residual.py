@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import vqfast
 from vqfast import reference
 from vqfast.ops.residual_vq import residual_quantize
-from _util import BACKENDS, DEVICE, TOL, tensor_state
+from _util import ORIGINAL, BACKENDS, DEVICE, TOL, tensor_state
 from test_no_sync import HostReads, single_rank_group  # noqa: F401 (a fixture)
 
 # (B, D, spatial, K, groups, levels): odd sizes everywhere.
@@ -95,7 +95,7 @@ def test_ema_steps_match_oracle(option, backend):
     opts = OPTIONS[option]
     rvq = vqfast.ResidualVQ(levels, k, d, groups=groups, shared_codebook=opts.get("shared", False),
                             cosine=opts.get("cosine", False),
-                            quantize_dropout=option == "dropout", backend=backend).to(DEVICE)
+                            quantize_dropout=option == "dropout", backend=backend, **ORIGINAL).to(DEVICE)
     codebooks, size, weight = _oracle_state(rvq)
     for step in range(5):
         z = torch.randn(b, d, *spatial, device=DEVICE)
@@ -131,7 +131,7 @@ def test_ema_steps_match_oracle(option, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_indices_and_prefixes(backend):
-    rvq = vqfast.ResidualVQ(4, 16, 10, groups=2, codebook_dim=3, backend=backend).to(DEVICE).eval()
+    rvq = vqfast.ResidualVQ(4, 16, 10, groups=2, codebook_dim=3, backend=backend, **ORIGINAL).to(DEVICE).eval()
     z = torch.randn(2, 10, 6, 5, device=DEVICE)
     _, q, _, codes = rvq(z)
     assert codes.shape == (2, 8, 6, 5) and q.shape == z.shape
@@ -148,7 +148,7 @@ def test_decode_indices_and_prefixes(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_codebook_dim_projects(backend):
-    rvq = vqfast.ResidualVQ(2, 8, 24, codebook_dim=4, ema=False, backend=backend).to(DEVICE)
+    rvq = vqfast.ResidualVQ(2, 8, 24, codebook_dim=4, ema=False, backend=backend, **ORIGINAL).to(DEVICE)
     z = torch.randn(2, 24, 7, device=DEVICE, requires_grad=True)
     loss, q, _, codes = rvq(z)
     assert rvq.codebooks.shape == (2, 8, 4) and q.shape == z.shape
@@ -159,7 +159,7 @@ def test_codebook_dim_projects(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mask_positions_pass_through(backend):
-    rvq = vqfast.ResidualVQ(3, 8, 6, codebook_dim=4, backend=backend).to(DEVICE)
+    rvq = vqfast.ResidualVQ(3, 8, 6, codebook_dim=4, backend=backend, **ORIGINAL).to(DEVICE)
     z = torch.randn(2, 6, 10, device=DEVICE)
     mask = torch.rand(2, 10, device=DEVICE) > 0.5
     state = copy.deepcopy(rvq.state_dict())
@@ -177,7 +177,7 @@ def test_mask_positions_pass_through(backend):
 
 
 def test_bad_inputs_raise_before_state_changes():
-    rvq = vqfast.ResidualVQ(2, 8, 6, backend="torch")
+    rvq = vqfast.ResidualVQ(2, 8, 6, backend="torch", **ORIGINAL)
     state = copy.deepcopy(rvq.state_dict())
     z = torch.randn(2, 6, 5)
     with pytest.raises(ValueError, match="channels"):
@@ -189,7 +189,7 @@ def test_bad_inputs_raise_before_state_changes():
     for key, value in tensor_state(rvq).items():
         assert torch.equal(value, state[key])
     with pytest.raises(ValueError, match="divisible"):
-        vqfast.ResidualVQ(2, 8, 7, groups=2)
+        vqfast.ResidualVQ(2, 8, 7, groups=2, **ORIGINAL)
     with pytest.raises(ValueError, match="ema=True"):
         vqfast.ResidualVQ(2, 8, 6, ema=False, dead_code_threshold=1.0)
 
@@ -215,7 +215,7 @@ def test_kmeans_dead_codes_and_usage(backend):
 
 
 def test_half_keeps_ema_state_fp32_and_amp():
-    rvq = vqfast.ResidualVQ(2, 8, 6, backend="torch").half()
+    rvq = vqfast.ResidualVQ(2, 8, 6, backend="torch", **ORIGINAL).half()
     assert rvq.codebooks.dtype == torch.float32 and rvq.ema_weight.dtype == torch.float32
     _, q, _, _ = rvq(torch.randn(2, 6, 5).half())
     assert q.dtype == torch.float16
@@ -248,7 +248,7 @@ def test_cross_check_vector_quantize_pytorch(cosine):
     torch.manual_seed(0)
     peer = vqp.ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, decay=0.99,
                           commitment_weight=0.25, kmeans_init=False, use_cosine_sim=cosine)
-    ours = vqfast.ResidualVQ(3, 16, 8, cosine=cosine, backend="torch")
+    ours = vqfast.ResidualVQ(3, 16, 8, cosine=cosine, backend="torch", **ORIGINAL)
     for level, layer in enumerate(peer.layers):
         _copy_peer_codebook(ours, level, layer._codebook)
     x = torch.randn(2, 8, 30)
@@ -269,7 +269,7 @@ def test_cross_check_grouped_vector_quantize_pytorch():
     groups, levels = 2, 3
     peer = vqp.GroupedResidualVQ(dim=10, groups=groups, num_quantizers=levels, codebook_size=16,
                                  decay=0.99, commitment_weight=0.25, kmeans_init=False)
-    ours = vqfast.ResidualVQ(levels, 16, 10, groups=groups, backend="torch")
+    ours = vqfast.ResidualVQ(levels, 16, 10, groups=groups, backend="torch", **ORIGINAL)
     for g, rvq in enumerate(peer.rvqs):
         for level, layer in enumerate(rvq.layers):
             _copy_peer_codebook(ours, g * levels + level, layer._codebook)
@@ -293,7 +293,7 @@ def test_cross_check_cosine_factorized_vector_quantize_pytorch():
     torch.manual_seed(0)
     peer = vqp.VectorQuantize(dim=24, codebook_size=32, codebook_dim=4, use_cosine_sim=True,
                               decay=0.99, commitment_weight=0.25, kmeans_init=False)
-    ours = vqfast.VectorQuantizerEMA(32, 24, 0.25, cosine=True, codebook_dim=4, backend="torch")
+    ours = vqfast.VectorQuantizerEMA(32, 24, 0.25, cosine=True, codebook_dim=4, backend="torch", **ORIGINAL)
     linear_in = next(m for m in peer.project_in.modules() if isinstance(m, torch.nn.Linear))
     with torch.no_grad():
         ours.codebook.copy_(peer._codebook.embed[0])
@@ -329,7 +329,7 @@ def test_low_precision_inputs(dtype, backend):
     """16-bit inputs: the search runs in x's dtype; the output is the sum of the fp32 codes
     it chose (rounded once), the loss their exact error, the codes nearest at level 0."""
     from _util import assert_nearest
-    rvq = vqfast.ResidualVQ(3, 17, 8, backend=backend).to(DEVICE).eval()
+    rvq = vqfast.ResidualVQ(3, 17, 8, backend=backend, **ORIGINAL).to(DEVICE).eval()
     z = torch.randn(2, 8, 13, device=DEVICE).to(dtype)
     loss, q, _, codes = rvq(z)
     assert q.dtype == dtype and loss.dtype == torch.float32
@@ -362,7 +362,7 @@ def test_training_step_reads_nothing_on_the_host(option, backend, request):
     kw = RVQ_OPTIONS[option]
     if kw.get("sync_distributed"):
         request.getfixturevalue("single_rank_group")
-    rvq = vqfast.ResidualVQ(3, 19, 6, backend=backend, **kw).to(DEVICE)
+    rvq = vqfast.ResidualVQ(3, 19, 6, backend=backend, **{**ORIGINAL, **kw}).to(DEVICE)
     mask = torch.rand(3, 4, 3, device=DEVICE) > 0.2
 
     def step():
@@ -383,7 +383,7 @@ def test_training_step_reads_nothing_on_the_host(option, backend, request):
 def test_compiles_fullgraph_and_matches_eager(option, backend):
     torch._dynamo.reset()
     kw = RVQ_OPTIONS[option]
-    eager = vqfast.ResidualVQ(3, 19, 6, backend=backend, **kw).to(DEVICE)
+    eager = vqfast.ResidualVQ(3, 19, 6, backend=backend, **{**ORIGINAL, **kw}).to(DEVICE)
     twin = copy.deepcopy(eager)
     compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
     for step in range(3):
@@ -410,7 +410,7 @@ def test_distributed_statistics_are_one_packed_all_reduce(single_rank_group, mon
     original = dist.all_reduce
     monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (calls.append(t.numel()),
                                                                 original(t, *a, **k))[1])
-    rvq = vqfast.ResidualVQ(4, 11, 6, groups=2, backend="torch")
+    rvq = vqfast.ResidualVQ(4, 11, 6, groups=2, backend="torch", **ORIGINAL)
     rvq(torch.randn(2, 6, 5))
     assert calls == [2 * 4 * 11 * 3 + 2 * 4 * 11 + 1]
 
@@ -445,7 +445,7 @@ def test_single_quantizer_options_match_oracle(option, kind, backend):
     the oracle with one level of one group, three training steps."""
     kw = SINGLE_OPTIONS[option]
     cls = vqfast.VectorQuantizerEMA if kind == "ema" else vqfast.VectorQuantizer
-    vq = cls(11, 7, 0.25, backend=backend, **kw).to(DEVICE)
+    vq = cls(11, 7, 0.25, backend=backend, **{**ORIGINAL, **kw}).to(DEVICE)
     if kind == "plain":
         with torch.no_grad():
             vq.codebook.normal_()
@@ -490,7 +490,7 @@ def test_single_quantizer_codebook_dim(cls):
 
 
 PADDING_ONLY = {
-    "rvq": lambda b: vqfast.ResidualVQ(3, 8, 6, groups=2, backend=b),
+    "rvq": lambda b: vqfast.ResidualVQ(3, 8, 6, groups=2, backend=b, **ORIGINAL),
     "rvq+shared+dropout+dead": lambda b: vqfast.ResidualVQ(
         3, 8, 6, shared_codebook=True, quantize_dropout=True, dead_code_threshold=1.0, backend=b),
     "rvq+kmeans+cosine": lambda b: vqfast.ResidualVQ(2, 8, 6, kmeans_init=True, cosine=True,

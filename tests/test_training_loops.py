@@ -4,16 +4,16 @@ import pytest
 import torch
 
 import vqfast
-from _util import BACKENDS, DEVICE, TOL, tensor_state
+from _util import ORIGINAL, BACKENDS, DEVICE, TOL, tensor_state
 
 QUANTIZERS = {
-    "plain": lambda b, **kw: vqfast.VectorQuantizer(13, 6, 0.25, backend=b, **kw),
-    "ema": lambda b, **kw: vqfast.VectorQuantizerEMA(13, 6, 0.25, backend=b, **kw),
+    "plain": lambda b, **kw: vqfast.VectorQuantizer(13, 6, 0.25, backend=b, **{**ORIGINAL, **kw}),
+    "ema": lambda b, **kw: vqfast.VectorQuantizerEMA(13, 6, 0.25, backend=b, **{**ORIGINAL, **kw}),
     "ema+kmeans+dead": lambda b, **kw: vqfast.VectorQuantizerEMA(
         13, 6, 0.25, kmeans_init=True, dead_code_threshold=1.0, backend=b, **kw),
     "cosine+codebook_dim": lambda b, **kw: vqfast.VectorQuantizerEMA(
-        13, 6, 0.25, cosine=True, codebook_dim=4, backend=b, **kw),
-    "residual-ema": lambda b, **kw: vqfast.ResidualVQ(3, 13, 6, backend=b, **kw),
+        13, 6, 0.25, cosine=True, codebook_dim=4, backend=b, **{**ORIGINAL, **kw}),
+    "residual-ema": lambda b, **kw: vqfast.ResidualVQ(3, 13, 6, backend=b, **{**ORIGINAL, **kw}),
     "residual-learned+kmeans": lambda b, **kw: vqfast.ResidualVQ(
         2, 13, 6, ema=False, kmeans_init=True, backend=b, **kw),
 }
@@ -45,13 +45,13 @@ def test_frozen_codebook_stays_bit_identical(name, backend):
 
 def test_freezing_is_an_attribute_and_the_loss_keeps_its_value():
     torch.manual_seed(0)
-    vq = vqfast.VectorQuantizer(13, 6, 0.25, backend="torch")
+    vq = vqfast.VectorQuantizer(13, 6, 0.25, backend="torch", **ORIGINAL)
     z = torch.randn(2, 6, 5)
     live = vq(z)[0]
     vq.freeze_codebook = True
     frozen = vq(z)[0]
     assert torch.equal(live.detach(), frozen.detach())
-    ema = vqfast.VectorQuantizerEMA(13, 6, 0.25, backend="torch")
+    ema = vqfast.VectorQuantizerEMA(13, 6, 0.25, backend="torch", **ORIGINAL)
     ema.freeze_codebook = True
     before = ema.codebook.clone()
     ema(z)
@@ -60,9 +60,9 @@ def test_freezing_is_an_attribute_and_the_loss_keeps_its_value():
 
 ENCODERS = {
     **{k: v for k, v in QUANTIZERS.items()},
-    "masked": lambda b: vqfast.VectorQuantizerEMA(13, 6, 0.25, backend=b),
-    "rotation": lambda b: vqfast.VectorQuantizer(13, 6, 0.25, rotation_trick=True, backend=b),
-    "grouped-shared": lambda b: vqfast.ResidualVQ(2, 13, 6, groups=2, shared_codebook=True, backend=b),
+    "masked": lambda b: vqfast.VectorQuantizerEMA(13, 6, 0.25, backend=b, **ORIGINAL),
+    "rotation": lambda b: vqfast.VectorQuantizer(13, 6, 0.25, rotation_trick=True, backend=b, **ORIGINAL),
+    "grouped-shared": lambda b: vqfast.ResidualVQ(2, 13, 6, groups=2, shared_codebook=True, backend=b, **ORIGINAL),
     "fsq": lambda b: vqfast.FSQ([5, 4, 3, 3, 2, 2], backend=b),
     "lfq": lambda b: vqfast.LFQ(6, backend=b),
 }
@@ -111,8 +111,8 @@ def test_accumulated_micro_batches_equal_one_concatenated_batch(backend, masked)
     torch.manual_seed(0)
     micro = [torch.randn(2, 6, 7, device=DEVICE) for _ in range(3)]
     masks = [torch.rand(2, 7, device=DEVICE) > 0.3 if masked else None for _ in micro]
-    accumulated = vqfast.VectorQuantizerEMA(13, 6, 0.25, backend=backend).to(DEVICE)
-    whole = vqfast.VectorQuantizerEMA(13, 6, 0.25, backend=backend).to(DEVICE)
+    accumulated = vqfast.VectorQuantizerEMA(13, 6, 0.25, backend=backend, **ORIGINAL).to(DEVICE)
+    whole = vqfast.VectorQuantizerEMA(13, 6, 0.25, backend=backend, **ORIGINAL).to(DEVICE)
     whole.load_state_dict(accumulated.state_dict())
     for _ in range(2):  # two optimizer steps of three micro-batches each
         with accumulated.accumulate():
@@ -136,7 +136,7 @@ def test_accumulate_with_kmeans_and_dead_codes_trains():
 
 
 def test_accumulate_does_not_nest_and_an_error_leaves_state():
-    vq = vqfast.VectorQuantizerEMA(13, 6, 0.25, backend="torch")
+    vq = vqfast.VectorQuantizerEMA(13, 6, 0.25, backend="torch", **ORIGINAL)
     before = {k: v.clone() for k, v in tensor_state(vq).items()}
     with pytest.raises(RuntimeError, match="do not nest"):
         with vq.accumulate():
@@ -168,7 +168,7 @@ def test_accumulation_all_reduces_once_per_update(monkeypatch):
         original = dist.all_reduce
         monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (calls.append(t.numel()),
                                                                     original(t, *a, **k))[1])
-        vq = vqfast.VectorQuantizerEMA(13, 6, 0.25, backend="torch")
+        vq = vqfast.VectorQuantizerEMA(13, 6, 0.25, backend="torch", **ORIGINAL)
         with vq.accumulate():
             for _ in range(4):
                 vq(torch.randn(2, 6, 5))
@@ -180,8 +180,9 @@ def test_accumulation_all_reduces_once_per_update(monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_accumulation_window_reads_nothing_on_the_host(backend):
     from test_no_sync import HostReads
-    vq = vqfast.VectorQuantizerEMA(13, 6, 0.25, dead_code_threshold=1.0, backend=backend).to(DEVICE)
-    frozen = vqfast.ResidualVQ(2, 13, 6, freeze_codebook=True, backend=backend).to(DEVICE)
+    vq = vqfast.VectorQuantizerEMA(13, 6, 0.25, kmeans_init=False, dead_code_threshold=1.0,
+                                   backend=backend).to(DEVICE)
+    frozen = vqfast.ResidualVQ(2, 13, 6, freeze_codebook=True, backend=backend, **ORIGINAL).to(DEVICE)
     with HostReads() as recorder:
         with vq.accumulate():
             for _ in range(2):

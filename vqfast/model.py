@@ -121,9 +121,6 @@ class VQVAE(nn.Module):
             self.vq = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost, decay,
                                          epsilon, **quantizer_options)
         else:
-            if quantizer_options.get("dead_code_threshold"):
-                raise ValueError("dead_code_threshold needs the EMA quantizer (decay > 0)")
-            quantizer_options.pop("dead_code_threshold", None)
             self.vq = VectorQuantizer(num_embeddings, embedding_dim, commitment_cost,
                                       **quantizer_options)
         self.decoder = Decoder(embedding_dim, num_hiddens, num_residual_layers,

@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import types
 import warnings
 from typing import NamedTuple
 
@@ -253,7 +254,8 @@ def take_kmeans_ema_state(module: nn.Module, centroids: torch.Tensor, sizes: tor
     at least 1), taken only where ``finite``: ``ema_cluster_size = sizes``, ``ema_weight =
     centroids * sizes``, ``ema_decay_weight = 1`` (trained-state bias correction)."""
     module.ema_cluster_size.copy_(torch.where(finite, sizes, module.ema_cluster_size))
-    module.ema_weight.copy_(torch.where(finite, centroids * sizes[..., None], module.ema_weight))
+    if getattr(module, "ema_weight", None) is not None:  # (a learned codebook tracks usage only)
+        module.ema_weight.copy_(torch.where(finite, centroids * sizes[..., None], module.ema_weight))
     module.ema_decay_weight.copy_(torch.where(finite, 1.0, module.ema_decay_weight))
 
 
@@ -272,8 +274,12 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
 
     def __init__(self, num_embeddings, embedding_dim, commitment_cost, return_onehot, backend,
                  precision, kmeans_init, kmeans_iters, cosine=False, codebook_dim=None,
-                 rotation_trick=False):
+                 rotation_trick=False, dead_code_threshold=0.0):
         super().__init__()
+        if not (dead_code_threshold >= 0.0 and math.isfinite(dead_code_threshold)):
+            raise ValueError(f"dead_code_threshold must be a finite number >= 0, got "
+                             f"{dead_code_threshold}")
+        self.dead_code_threshold = dead_code_threshold
         if num_embeddings < 1 or embedding_dim < 1:
             raise ValueError(f"num_embeddings and embedding_dim must be >= 1, got "
                              f"{num_embeddings} and {embedding_dim}")
@@ -432,7 +438,65 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
         self._kmeans_done = kmeans_done(finite)
 
     def _after_kmeans(self, centroids, counts, finite):
-        pass
+        take_kmeans_ema_state(self, centroids, counts.float().clamp_min(1), finite)
+
+    def _syncing(self) -> bool:
+        return _world_size() > 1
+
+    def corrected_cluster_size(self) -> torch.Tensor:
+        """``[K]`` EMA cluster sizes divided by ``1 - decay**t`` (Adam's bias correction):
+        after one step, each code's count in that batch, not 1% of it."""
+        return self.ema_cluster_size / self.ema_decay_weight.clamp_min(1e-30)
+
+    @torch.no_grad()
+    def _reseed_dead_codes(self, x: torch.Tensor, apply: torch.Tensor, flat_mask=None) -> None:
+        # Branch-free: every code draws a candidate row; the dead ones take it.
+        dead = (self.corrected_cluster_size() < self.dead_code_threshold) & apply
+        b, _, s = x.shape
+        picks = torch.randint(b * s, (self.num_embeddings,), device=x.device)
+        samples = x[picks // s, :, picks % s].float()  # [K, D]
+        if self.cosine:
+            samples = F.normalize(samples, dim=-1)
+        real = flat_mask[picks] if flat_mask is not None else None  # a masked row is no candidate
+        if self._syncing():  # synced state: the same dead codes everywhere, rank 0's rows
+            dist.broadcast(samples, 0)
+            if real is not None:
+                dist.broadcast(real, 0)
+        if real is not None:
+            dead = dead & real
+        size = max(self.dead_code_threshold, 1.0) * self.ema_decay_weight
+        self.codebook.copy_(torch.where(dead[:, None], samples.to(self.codebook.dtype),
+                                        self.codebook))
+        if "ema_weight" in self._buffers:
+            self.ema_weight.copy_(torch.where(dead[:, None], samples * size, self.ema_weight))
+        self.ema_cluster_size.copy_(torch.where(dead, size, self.ema_cluster_size))
+        self.reseeded_codes.add_(dead.sum())
+
+    def _register_usage_state(self, ema_weight=None):
+        """The EMA statistics buffers (fp32): ``ema_cluster_size [K]`` (and ``ema_weight
+        [K, d]`` when given), ``ema_decay_weight`` and the ``reseeded_codes`` counter."""
+        self.register_buffer("ema_cluster_size", torch.zeros(self.num_embeddings))
+        if ema_weight is not None:
+            self.register_buffer("ema_weight", ema_weight)
+        self.register_buffer("ema_decay_weight", torch.tensor(0.0))
+        self.register_buffer("reseeded_codes", torch.tensor(0, dtype=torch.int64))
+
+    @staticmethod
+    def _default_trained_state(state_dict, prefix, num_embeddings):
+        """Checkpoints from before the usage buffers (the seed's, vqfast 0.2's) hold trained
+        state: each code starts as used once per batch."""
+        state_dict.setdefault(prefix + "ema_cluster_size", torch.ones(num_embeddings))
+        state_dict.setdefault(prefix + "ema_decay_weight", torch.tensor(1.0))
+        state_dict.setdefault(prefix + "reseeded_codes", torch.tensor(0, dtype=torch.int64))
+
+
+#: The original algorithm's arguments (van den Oord et al.; the notebook): random init,
+#: no k-means, no dead-code re-seeding. ``VectorQuantizerEMA(K, D, 0.25, 0.99,
+#: **vqfast.ORIGINAL_ALGORITHM)`` is the notebook's quantizer; it can collapse the codebook.
+ORIGINAL_ALGORITHM = types.MappingProxyType({"kmeans_init": False, "dead_code_threshold": 0.0})
+
+#: EMA decay of the learned-codebook quantizer's per-code usage (for dead-code re-seeding).
+USAGE_DECAY = 0.99
 
 
 class VectorQuantizer(_QuantizerBase):
@@ -448,6 +512,14 @@ class VectorQuantizer(_QuantizerBase):
         precision: Triton dot precision for fp32 inputs, see ``vqfast.nearest_code``.
         kmeans_init: initialise the codebook from the first training batch with
             ``kmeans_iters`` Lloyd iterations (on rank 0's batch, broadcast to all ranks).
+            On by default: with ``dead_code_threshold`` it keeps the codebook from
+            collapsing onto a few codes (README: Training quality).
+        dead_code_threshold: codes whose usage (an EMA, decay ``USAGE_DECAY``, of how many
+            vectors chose them per training batch, bias-corrected) falls below it are
+            re-seeded at the next training forward, before its lookup, from random rows of
+            that batch (rank 0's: every rank re-seeds the same codes), starting at a usage of ``max(dead_code_threshold, 1)``. Decided on the
+            device: no host sync. Default 1.0; 0 turns it off. The original algorithm is
+            ``**vqfast.ORIGINAL_ALGORITHM`` (``kmeans_init=False, dead_code_threshold=0``).
         cosine: l2-normalise inputs and codes; nearest = largest cosine similarity
             (ViT-VQGAN); the output is the normalised code.
         codebook_dim: d; learned projections ``D -> d`` before the lookup and ``d -> D``
@@ -471,26 +543,68 @@ class VectorQuantizer(_QuantizerBase):
     the identity). ``mask`` (bool ``[B, *spatial]``, True = a real position): masked
     positions take no part in the losses, counts or perplexity; their code is -1 and
     their output the input. ``codebook`` is an ``nn.Parameter`` ``[K, D]`` initialised
-    ``uniform(-1/K, 1/K)``.
+    ``uniform(-1/K, 1/K)`` (then k-means). Buffers (fp32 whatever the module is cast to):
+    ``ema_cluster_size [K]`` (the usage EMA), ``ema_decay_weight`` (``1 - decay**t``),
+    ``reseeded_codes`` (int64); ``codebook_usage()`` reports them.
     """
 
     _legacy_keys = {"_embedding.weight": "codebook"}
 
-    def __init__(self, num_embeddings, embedding_dim, commitment_cost, *, return_onehot=False,
-                 backend="auto", precision="ieee", kmeans_init=False, kmeans_iters=10,
-                 cosine=False, codebook_dim=None, rotation_trick=False, freeze_codebook=False):
+    _FP32_STATE = ("ema_cluster_size", "ema_decay_weight")
+
+    def __init__(self, num_embeddings, embedding_dim, commitment_cost=0.25, *,
+                 return_onehot=False, backend="auto", precision="ieee", kmeans_init=True,
+                 kmeans_iters=10, dead_code_threshold=1.0, cosine=False, codebook_dim=None,
+                 rotation_trick=False, freeze_codebook=False):
         super().__init__(num_embeddings, embedding_dim, commitment_cost, return_onehot, backend,
-                         precision, kmeans_init, kmeans_iters, cosine, codebook_dim, rotation_trick)
+                         precision, kmeans_init, kmeans_iters, cosine, codebook_dim, rotation_trick,
+                         dead_code_threshold)
         self.freeze_codebook = freeze_codebook
         self.codebook = nn.Parameter(torch.empty(num_embeddings, self.code_dim).uniform_(
             -1 / num_embeddings, 1 / num_embeddings))
+        self._register_usage_state()
+
+    def _apply(self, fn, recurse=True):
+        return keep_fp32(self, self._FP32_STATE, fn, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._default_trained_state(state_dict, prefix, self.num_embeddings)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, inputs, mask=None):
         x, z, flat_mask, backend = self._prepare(inputs, mask)
         self._maybe_kmeans_init(z, backend, flat_mask)
+        tracking = self.training and not self.freeze_codebook and self.dead_code_threshold > 0
+        if tracking:  # before the op saves the codebook for its backward
+            self._reseed_dead_codes(z, self.ema_decay_weight > 0, flat_mask)
         q, loss, idx, perplexity, counts, _ = self._quantize(z, flat_mask, True, False, backend)
+        if tracking:
+            self._track_usage(counts)
         self._watch_usage(counts)
         return self._outputs(inputs, x, q, loss, idx, perplexity, flat_mask)
+
+    @torch.no_grad()
+    def _track_usage(self, counts):
+        """The per-code usage EMA (``USAGE_DECAY``), on the device, counts summed over ranks
+        so that every rank re-seeds the same codes. The dead codes it finds are re-seeded
+        at the next training forward, from its rows, before the codebook is used (the
+        parameter must not change between a forward and its backward)."""
+        counts = counts.float()
+        if self._syncing():
+            dist.all_reduce(counts)
+        seen = counts.sum() > 0  # a batch of padding alone leaves the usage as it is
+        decay = torch.where(seen, USAGE_DECAY, 1.0)
+        self.ema_cluster_size.mul_(decay).add_(counts * (1 - decay))
+        self.ema_decay_weight.mul_(decay).add_(1 - decay)
+
+    @torch.no_grad()
+    def codebook_usage(self, threshold: float | None = None) -> CodebookUsage:
+        """Per-code usage (an EMA of each code's count per training batch, decay
+        ``USAGE_DECAY``, tracked when ``dead_code_threshold > 0``), dead and alive codes and
+        re-seeds (host sync). Dead: bias-corrected usage below ``threshold`` (default
+        ``dead_code_threshold`` if set, else 1)."""
+        return usage_report(self.ema_cluster_size, self.corrected_cluster_size(),
+                            threshold or self.dead_code_threshold or 1.0, self.reseeded_codes, 0)
 
 
 class VectorQuantizerEMA(_QuantizerBase):
@@ -509,7 +623,9 @@ class VectorQuantizerEMA(_QuantizerBase):
             EMA cluster size fell below it are re-seeded from random rows of the current batch
             (rank 0's, broadcast, so every rank makes the same choice), starting at a size
             of ``max(dead_code_threshold, 1)`` so that a used code survives. Decided on the
-            device: no host sync. Off by default (the seed's behaviour).
+            device: no host sync. Default 1.0 (with ``kmeans_init=True``, the default: the
+            pair that keeps the codebook in use); ``**vqfast.ORIGINAL_ALGORITHM``
+            (``kmeans_init=False, dead_code_threshold=0``) is the paper's algorithm.
         sync_distributed: all-reduce the per-code counts and sums across ranks (one packed
             collective) before the EMA finalize, so every rank applies the same, global update.
             ``None`` (default): on when ``torch.distributed`` is initialised with more than one rank.
@@ -537,32 +653,26 @@ class VectorQuantizerEMA(_QuantizerBase):
                     "_ema_cluster_size": "ema_cluster_size"}
     _FP32_STATE = ("codebook", "ema_cluster_size", "ema_weight", "ema_decay_weight")
 
-    def __init__(self, num_embeddings, embedding_dim, commitment_cost, decay=0.99, epsilon=1e-5, *,
-                 return_onehot=False, backend="auto", precision="ieee", kmeans_init=False,
-                 kmeans_iters=10, dead_code_threshold=0.0, sync_distributed=None,
-                 check_finite=False, cosine=False, codebook_dim=None, rotation_trick=False,
-                 freeze_codebook=False):
+    def __init__(self, num_embeddings, embedding_dim, commitment_cost=0.25, decay=0.99,
+                 epsilon=1e-5, *, return_onehot=False, backend="auto", precision="ieee",
+                 kmeans_init=True, kmeans_iters=10, dead_code_threshold=1.0,
+                 sync_distributed=None, check_finite=False, cosine=False, codebook_dim=None,
+                 rotation_trick=False, freeze_codebook=False):
         super().__init__(num_embeddings, embedding_dim, commitment_cost, return_onehot, backend,
-                         precision, kmeans_init, kmeans_iters, cosine, codebook_dim, rotation_trick)
+                         precision, kmeans_init, kmeans_iters, cosine, codebook_dim, rotation_trick,
+                         dead_code_threshold)
         self.freeze_codebook = freeze_codebook
-        if not (dead_code_threshold >= 0.0 and math.isfinite(dead_code_threshold)):
-            raise ValueError(f"dead_code_threshold must be a finite number >= 0, got "
-                             f"{dead_code_threshold}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         if not epsilon > 0.0 or not math.isfinite(epsilon):
             raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
-        self.dead_code_threshold = dead_code_threshold
         self.sync_distributed = sync_distributed
         self.check_finite = check_finite
         self.decay = decay
         self.epsilon = epsilon
         codebook = torch.randn(num_embeddings, self.code_dim)
         self.register_buffer("codebook", F.normalize(codebook, dim=-1) if cosine else codebook)
-        self.register_buffer("ema_cluster_size", torch.zeros(num_embeddings))
-        self.register_buffer("ema_weight", torch.randn(num_embeddings, self.code_dim))
-        self.register_buffer("ema_decay_weight", torch.tensor(0.0))
-        self.register_buffer("reseeded_codes", torch.tensor(0, dtype=torch.int64))
+        self._register_usage_state(ema_weight=torch.randn(num_embeddings, self.code_dim))
         self.register_buffer("skipped_batches", torch.tensor(0, dtype=torch.int64))
 
     def extra_repr(self):
@@ -573,9 +683,7 @@ class VectorQuantizerEMA(_QuantizerBase):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         rename_legacy_keys(state_dict, prefix, self._legacy_keys)
-        # Checkpoints from before these buffers (the seed's, vqfast 0.1's) hold trained state.
-        state_dict.setdefault(prefix + "ema_decay_weight", torch.tensor(1.0))
-        state_dict.setdefault(prefix + "reseeded_codes", torch.tensor(0, dtype=torch.int64))
+        self._default_trained_state(state_dict, prefix, self.num_embeddings)
         state_dict.setdefault(prefix + "skipped_batches", torch.tensor(0, dtype=torch.int64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -650,36 +758,6 @@ class VectorQuantizerEMA(_QuantizerBase):
     def _syncing(self) -> bool:
         wanted = self.sync_distributed is None or bool(self.sync_distributed)
         return wanted and _world_size() > 1
-
-    def _after_kmeans(self, centroids, counts, finite):
-        take_kmeans_ema_state(self, centroids, counts.float().clamp_min(1), finite)
-
-    def corrected_cluster_size(self) -> torch.Tensor:
-        """``[K]`` EMA cluster sizes divided by ``1 - decay**t`` (Adam's bias correction):
-        after one step, each code's count in that batch, not 1% of it."""
-        return self.ema_cluster_size / self.ema_decay_weight.clamp_min(1e-30)
-
-    @torch.no_grad()
-    def _reseed_dead_codes(self, x: torch.Tensor, apply: torch.Tensor, flat_mask=None) -> None:
-        # Branch-free: every code draws a candidate row; the dead ones take it.
-        dead = (self.corrected_cluster_size() < self.dead_code_threshold) & apply
-        b, _, s = x.shape
-        picks = torch.randint(b * s, (self.num_embeddings,), device=x.device)
-        samples = x[picks // s, :, picks % s].float()  # [K, D]
-        if self.cosine:
-            samples = F.normalize(samples, dim=-1)
-        real = flat_mask[picks] if flat_mask is not None else None  # a masked row is no candidate
-        if self._syncing():  # synced buffers: the same dead codes everywhere, rank 0's rows
-            dist.broadcast(samples, 0)
-            if real is not None:
-                dist.broadcast(real, 0)
-        if real is not None:
-            dead = dead & real
-        size = max(self.dead_code_threshold, 1.0) * self.ema_decay_weight
-        self.codebook.copy_(torch.where(dead[:, None], samples, self.codebook))
-        self.ema_weight.copy_(torch.where(dead[:, None], samples * size, self.ema_weight))
-        self.ema_cluster_size.copy_(torch.where(dead, size, self.ema_cluster_size))
-        self.reseeded_codes.add_(dead.sum())
 
     @torch.no_grad()
     def codebook_usage(self, threshold: float | None = None) -> CodebookUsage:

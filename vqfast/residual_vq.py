@@ -46,9 +46,11 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         rotation_trick: the rotation trick's gradient (Fifty et al., 2024) instead of
             straight-through.
         kmeans_init, kmeans_iters: codebooks from k-means of the first training batch,
-            level by level on its residuals.
+            level by level on its residuals (on by default).
         dead_code_threshold: re-seed codes whose bias-corrected EMA size falls below it
             from the residuals of their level (EMA only; see ``VectorQuantizerEMA``).
+            Default: 1.0 with ``ema``, else 0. The defaults keep every level's codebook in
+            use (README: Training quality); ``**vqfast.ORIGINAL_ALGORITHM`` turns both off.
         sync_distributed: all-reduce every level's statistics in one packed collective.
         backend, precision: as for ``VectorQuantizer``.
         freeze_codebook: (also an attribute) training-mode forwards never change the
@@ -74,7 +76,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
     def __init__(self, num_quantizers, num_embeddings, embedding_dim, commitment_cost=0.25,
                  decay=0.99, epsilon=1e-5, *, ema=True, groups=1, shared_codebook=False,
                  quantize_dropout=False, cosine=False, codebook_dim=None, rotation_trick=False,
-                 kmeans_init=False, kmeans_iters=10, dead_code_threshold=0.0,
+                 kmeans_init=True, kmeans_iters=10, dead_code_threshold=None,
                  sync_distributed=None, backend="auto", precision="ieee", freeze_codebook=False):
         super().__init__()
         for name, value in (("num_quantizers", num_quantizers), ("num_embeddings", num_embeddings),
@@ -89,6 +91,8 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         if not epsilon > 0.0 or not math.isfinite(epsilon):
             raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
+        if dead_code_threshold is None:
+            dead_code_threshold = 1.0 if ema else 0.0
         if not (dead_code_threshold >= 0.0 and math.isfinite(dead_code_threshold)):
             raise ValueError(f"dead_code_threshold must be a finite number >= 0, got "
                              f"{dead_code_threshold}")
