@@ -43,7 +43,8 @@ def statistics_semantics(sem: str):
 
 def ema_step_ms(shape, dtype, device) -> float:
     torch.manual_seed(0)
-    vq = vqfast.VectorQuantizerEMA(shape.k, shape.d, 0.25, backend="triton").to(device)
+    vq = vqfast.VectorQuantizerEMA(shape.k, shape.d, 0.25, backend="triton",
+                                   **vqfast.ORIGINAL_ALGORITHM).to(device)
     spatial = 8
     z = torch.randn(shape.n // spatial**2, shape.d, spatial, spatial, device=device,
                     dtype=dtype, requires_grad=True)

@@ -72,11 +72,12 @@ class Row:
 def setup_vqfast(case: Case, precision: str = "ieee"):
     if case.levels == 1 and case.groups == 1:
         module = vqfast.VectorQuantizerEMA(case.k, case.d, 0.25, cosine=case.cosine,
-                                           codebook_dim=case.codebook_dim, precision=precision)
-    else:
+                                           codebook_dim=case.codebook_dim, precision=precision,
+                                           **vqfast.ORIGINAL_ALGORITHM)
+    else:  # the algorithm the peer runs here (no k-means, no re-seeding)
         module = vqfast.ResidualVQ(case.levels, case.k, case.d, groups=case.groups,
                                    cosine=case.cosine, codebook_dim=case.codebook_dim,
-                                   precision=precision)
+                                   precision=precision, **vqfast.ORIGINAL_ALGORITHM)
 
     def step(x):
         loss, q, _, _ = module(x)
@@ -93,7 +94,8 @@ class _LevelLoop(torch.nn.Module):
         self.case = case
         width = case.d // case.groups
         self.levels = torch.nn.ModuleList(
-            vqfast.VectorQuantizerEMA(case.k, width, 0.25) for _ in range(case.groups * case.levels))
+            vqfast.VectorQuantizerEMA(case.k, width, 0.25, **vqfast.ORIGINAL_ALGORITHM)
+            for _ in range(case.groups * case.levels))
 
     def forward(self, x):
         width, outs, loss = self.case.d // self.case.groups, [], 0.0

@@ -84,7 +84,8 @@ def _module(impl: str, shape: Shape, ema: bool):
         return _vqp(shape, ema)
     backend = impl[len("vqfast["):-1]
     cls = vqfast.VectorQuantizerEMA if ema else vqfast.VectorQuantizer
-    return cls(shape.k, shape.d, 0.25, backend=backend)
+    # the algorithm the reference and the peer run here (no k-means, no re-seeding)
+    return cls(shape.k, shape.d, 0.25, backend=backend, **vqfast.ORIGINAL_ALGORITHM)
 
 
 def _first(out):

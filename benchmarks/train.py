@@ -215,8 +215,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 50, 3 dry run)")
     parser.add_argument("--num-hiddens", type=int, default=None)
     parser.add_argument("--num-embeddings", type=int, default=512)
-    parser.add_argument("--kmeans-init", action="store_true")
-    parser.add_argument("--dead-code-threshold", type=float, default=0.0)
+    parser.add_argument("--kmeans-init", action=argparse.BooleanOptionalAction, default=True,
+                        help="k-means init (default on, as the quantizers)")
+    parser.add_argument("--dead-code-threshold", type=float, default=1.0,
+                        help="dead-code re-seeding threshold (default 1, as the quantizers)")
     parser.add_argument("--quality-seconds", type=float, default=150.0,
                         help="time budget of the quality part, shared by its configurations")
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))

@@ -3,7 +3,9 @@
 Defaults are the paper's / the seed's: batch 256, 200,000 updates, Adam lr 1e-4,
 hiddens 128 / residual hiddens 32 / 2 residual layers, D = 64, K = 512, commitment 0.25,
 EMA decay 0.99 (``--decay 0`` is the seed's plain quantizer). The seed reached
-NMSE 0.053 and perplexity ~254 at 200k steps.
+NMSE 0.053 and perplexity ~254 at 200k steps. The quantizer takes vqfast's defaults,
+k-means init and dead-code re-seeding, which keep the codebook in use;
+``--original-algorithm`` turns both off (the paper's algorithm).
 
     python examples/train_cifar10.py --out runs/cifar10
     torchrun --nproc_per_node=8 examples/train_cifar10.py --out runs/cifar10
@@ -120,10 +122,10 @@ def setup_distributed(device_arg: str):
 # --- training ---------------------------------------------------------------------------
 
 def build_model(args):
-    options = dict(backend=args.backend, kmeans_init=getattr(args, "kmeans_init", False),
+    options = dict(backend=args.backend, kmeans_init=getattr(args, "kmeans_init", True),
                    kmeans_iters=getattr(args, "kmeans_iters", 10))
-    if args.decay > 0:
-        options["dead_code_threshold"] = getattr(args, "dead_code_threshold", 0.0)
+    if getattr(args, "dead_code_threshold", None) is not None:
+        options["dead_code_threshold"] = args.dead_code_threshold
     for name in ("cosine", "codebook_dim", "rotation_trick"):
         if getattr(args, name, None):
             options[name] = getattr(args, name)
@@ -161,7 +163,8 @@ class CollapseWatch:
             self.warned = True
             return (f"step {step}: perplexity has stayed below {self.level} for "
                     f"{step - self.since} steps: the codebook has collapsed onto a few codes. "
-                    "Try --kmeans-init --dead-code-threshold 1 (see the README's quality table).")
+                    "k-means init and --dead-code-threshold 1 (the defaults) avoid this; see "
+                    "the README's quality table.")
         return None
 
 
@@ -489,13 +492,15 @@ def build_parser():
     p.add_argument("--num-embeddings", type=int, default=512)
     p.add_argument("--commitment-cost", type=float, default=0.25)
     p.add_argument("--decay", type=float, default=0.99, help="EMA decay; 0 = the seed's plain quantizer")
-    p.add_argument("--kmeans-init", action="store_true",
-                   help="codebook from k-means of the first batch (recommended, with "
-                        "--dead-code-threshold 1; off by default to reproduce the paper)")
+    p.add_argument("--kmeans-init", action=argparse.BooleanOptionalAction, default=True,
+                   help="codebook from k-means of the first batch (default: on)")
     p.add_argument("--kmeans-iters", type=int, default=10)
-    p.add_argument("--dead-code-threshold", type=float, default=0.0,
-                   help="re-seed EMA codes whose (bias-corrected) cluster size falls below it "
-                        "(EMA quantizer only; 0 = off, the paper's)")
+    p.add_argument("--dead-code-threshold", type=float, default=None,
+                   help="re-seed codes whose (bias-corrected) usage per batch falls below it "
+                        "(default 1; 0 = off; learned residual codebooks do not re-seed)")
+    p.add_argument("--original-algorithm", action="store_true",
+                   help="the paper's algorithm: no k-means init, no re-seeding (it can "
+                        "collapse the codebook onto a few codes)")
     p.add_argument("--quantizer", default="vq", choices=["vq", "rvq"],
                    help="vq: one codebook (the paper's); rvq: residual VQ (vqfast.ResidualVQ)")
     p.add_argument("--num-quantizers", type=int, default=4, help="residual levels (--quantizer rvq)")
@@ -563,6 +568,19 @@ def settings_from_checkpoint(args, argv, parser):
     return argparse.Namespace(**merged)
 
 
+def resolve_codebook_options(args) -> None:
+    """``--original-algorithm`` and the threshold's default (1; 0 for learned residual
+    codebooks, which do not re-seed), in place."""
+    learned_rvq = args.quantizer == "rvq" and args.decay == 0
+    if args.original_algorithm:
+        args.kmeans_init, args.dead_code_threshold = False, 0.0
+    elif args.dead_code_threshold is None:
+        args.dead_code_threshold = 0.0 if learned_rvq else 1.0
+    if args.dead_code_threshold and learned_rvq:
+        sys.exit("--dead-code-threshold: learned residual codebooks do not re-seed; use the "
+                 "EMA quantizer (--decay > 0) or --dead-code-threshold 0")
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -572,8 +590,7 @@ def main(argv=None):
     if args.resume:
         args = settings_from_checkpoint(args, sys.argv[1:] if argv is None else argv, parser)
     args.data_dir = args.data_dir or "data"
-    if args.dead_code_threshold and args.decay == 0:
-        sys.exit("--dead-code-threshold needs the EMA quantizer (--decay > 0)")
+    resolve_codebook_options(args)
     for name in ("steps", "batch_size", "log_every", "checkpoint_every", "eval_batch_size"):
         if getattr(args, name) < 1:
             sys.exit(f"--{name.replace('_', '-')} must be >= 1")

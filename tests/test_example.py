@@ -187,7 +187,29 @@ def test_collapse_warning_fires_once():
     messages = [watch.update(step, perplexity) for step, perplexity in
                 [(100, 5.0), (200, 1.1), (300, 1.2), (400, 1.0), (500, 1.0), (600, 1.0)]]
     assert [m is not None for m in messages] == [False, False, False, True, False, False]
-    assert "--kmeans-init" in messages[3]
+    assert "k-means init" in messages[3] and "defaults" in messages[3]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], (True, 1.0)),
+    (["--decay", "0"], (True, 1.0)),  # the learned codebook re-seeds too
+    (["--quantizer", "rvq", "--decay", "0"], (True, 0.0)),
+    (["--original-algorithm"], (False, 0.0)),
+    (["--no-kmeans-init", "--dead-code-threshold", "2"], (False, 2.0)),
+])
+def test_codebook_options_default_to_kmeans_and_reseeding(flags, expected):
+    args = train_cifar10.build_parser().parse_args(flags)
+    train_cifar10.resolve_codebook_options(args)
+    assert (args.kmeans_init, args.dead_code_threshold) == expected
+    vq = train_cifar10.build_model(args).vq
+    assert (vq.kmeans_init, vq.dead_code_threshold) == expected
+
+
+def test_reseeding_a_learned_residual_codebook_is_refused_in_one_line():
+    args = train_cifar10.build_parser().parse_args(["--quantizer", "rvq", "--decay", "0",
+                                                    "--dead-code-threshold", "1"])
+    with pytest.raises(SystemExit, match="learned residual codebooks do not re-seed"):
+        train_cifar10.resolve_codebook_options(args)
 
 
 @pytest.mark.slow

@@ -18,6 +18,15 @@ def test_crops_split_train_and_test_by_region():
     assert torch.equal(first, again)  # the same data order for every configuration
 
 
+def test_summary_counts_collapsed_runs_and_medians():
+    runs = [{"config": "a", "collapsed": c, "test_nmse": v, "train_nmse": v, "train_perplexity": 1,
+             "test_perplexity": 1, "codes_used_test": 1, "dead_codes": 0, "seconds_per_step": 1}
+            for c, v in ((True, 1.0), (False, 0.1), (False, 0.2))]
+    entry = quality.summarize(runs)["a"]
+    assert entry["collapsed"] == 1 and entry["seeds"] == 3
+    assert entry["test_nmse"]["median"] == 0.2
+
+
 def test_original_config_starts_from_vqfast_init():
     args = quality.parse_args(["--quick"])
     original = quality.build("original", args, seed=5)
@@ -30,10 +39,17 @@ def test_original_config_starts_from_vqfast_init():
 def test_quick_run_writes_json_table_and_figures(tmp_path):
     quality.main(["--quick", "--out", str(tmp_path), "--name", "q"])
     report = json.loads((tmp_path / "q.json").read_text())
-    assert set(report["summary"]) >= {"original", "vqfast", "vqfast+recipe", "plain"}
+    assert set(report["summary"]) >= {"original", "vqfast-original-args", "vqfast", "plain",
+                                      "residual"}
     for run in report["runs"]:
         assert run["steps"] == 30 and run["curve"][-1]["step"] == 30
         assert 0 < run["test_nmse"] < 10
-    assert "| vqfast+recipe |" in (tmp_path / "q.md").read_text()
+        levels = 4 if run["config"].endswith("residual") else 1
+        assert len(run["codes_used_test_per_level"]) == levels
+        assert run["collapsed"] == (min(run["codes_used_test_per_level"]) <= 0.02 * 32)
+    for entry in report["summary"].values():
+        assert 0 <= entry["collapsed"] <= entry["seeds"] and "median" in entry["test_nmse"]
+    table = (tmp_path / "q.md").read_text()
+    assert "| residual |" in table and "collapsed runs" in table
     for name in ("q-curves.png", "q-grid.png"):
         assert (tmp_path / name).stat().st_size > 0
