@@ -74,7 +74,17 @@ OPTIONS = {
     "ema+warn_on_collapse": (vqfast.VectorQuantizerEMA, dict(warn_on_collapse=1)),
     "ema+frozen": (vqfast.VectorQuantizerEMA, dict(freeze_codebook=True, kmeans_init=True)),
     "residual+frozen": (vqfast.ResidualVQ, dict(ema=False, freeze_codebook=True)),
+    "plain+channel_last+codebook_dim": (vqfast.VectorQuantizer, dict(channel_last=True,
+                                                                      codebook_dim=3)),
+    "ema+channel_last": (vqfast.VectorQuantizerEMA, dict(channel_last=True)),
+    "residual+channel_last": (vqfast.ResidualVQ, dict(channel_last=True, groups=1)),
 }
+
+
+def _inputs(vq):
+    """A [3, 5, 4, 3] batch in the module's layout (channel-last: [3, 4, 3, 5])."""
+    shape = (3, 4, 3, 5) if vq.channel_last else (3, 5, 4, 3)
+    return torch.randn(*shape, device=DEVICE, requires_grad=True)
 
 
 def _make(cls, kw, backend):
@@ -122,8 +132,8 @@ def test_training_step_reads_nothing_on_the_host(option, backend, deterministic,
     if kw.get("sync_distributed"):
         request.getfixturevalue("single_rank_group")
     vq = _make(cls, kw, backend)
-    _step(vq, torch.randn(3, 5, 4, 3, device=DEVICE, requires_grad=True))  # k-means: once
-    z = torch.randn(3, 5, 4, 3, device=DEVICE, requires_grad=True)
+    _step(vq, _inputs(vq))  # k-means: once
+    z = _inputs(vq)
     with HostReads() as recorder:
         _step(vq, z)
     assert recorder.found == [], recorder.found
@@ -167,10 +177,10 @@ def test_every_option_compiles_fullgraph(option, backend):
     vq = _make(cls, kw, backend)
     compiled = torch.compile(vq, fullgraph=True, backend="aot_eager")
     for _ in range(3):
-        z = torch.randn(3, 5, 4, 3, device=DEVICE, requires_grad=True)
+        z = _inputs(vq)
         perplexity = _step(compiled, z)
         assert bool(torch.isfinite(perplexity).all()) and bool(torch.isfinite(z.grad).all())
-    if kw.get("kmeans_init"):  # (a frozen codebook takes no k-means init)
+    if vq.kmeans_init:  # (a frozen codebook takes no k-means init)
         assert bool(vq.initialized) != bool(kw.get("freeze_codebook"))
 
 

@@ -193,3 +193,93 @@ def test_an_accumulation_window_reads_nothing_on_the_host(backend):
         frozen(torch.randn(2, 6, 5, device=DEVICE))
         frozen.encode(torch.randn(2, 6, 5, device=DEVICE))
     assert recorder.found == [], recorder.found
+
+
+# --- channel-last inputs ----------------------------------------------------------------
+
+LAYOUTS = {
+    "plain": lambda b, **kw: vqfast.VectorQuantizer(13, 6, 0.25, backend=b, **ORIGINAL, **kw),
+    "ema+codebook_dim": lambda b, **kw: vqfast.VectorQuantizerEMA(
+        13, 6, 0.25, codebook_dim=4, backend=b, **ORIGINAL, **kw),
+    "ema+cosine+rotation": lambda b, **kw: vqfast.VectorQuantizerEMA(
+        13, 6, 0.25, cosine=True, rotation_trick=True, backend=b, **ORIGINAL, **kw),
+    "residual+groups": lambda b, **kw: vqfast.ResidualVQ(3, 13, 6, groups=2, backend=b,
+                                                         **ORIGINAL, **kw),
+    "fsq": lambda b, **kw: vqfast.FSQ([5, 4, 3], dim=6, backend=b, **kw),
+    "lfq": lambda b, **kw: vqfast.LFQ(6, backend=b, **kw),
+}
+MASKABLE = ["plain", "ema+codebook_dim", "residual+groups"]
+
+
+def _same_in_layout(first, last):
+    """Channels-first outputs ``first`` equal channel-last ``last`` (channels moved last)."""
+    for a, b in zip(first, last):
+        if a.dim() >= 2 and a.shape != b.shape:
+            a = a.movedim(1, -1)
+        if a.dtype == torch.int64:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind, masked", [(k, False) for k in LAYOUTS] + [(k, True) for k in MASKABLE])
+def test_channel_last_equals_channels_first_read_in_place(kind, masked, backend):
+    """[B, *spatial, D] in and out: outputs, codes, gradients and state equal the
+    channels-first module's (itself tested against the oracle), three training steps; the
+    inputs are read in place."""
+    torch.manual_seed(0)
+    first = LAYOUTS[kind](backend).to(DEVICE)
+    last = LAYOUTS[kind](backend, channel_last=True).to(DEVICE)
+    last.load_state_dict(first.state_dict())
+    for _ in range(3):
+        x = torch.randn(2, 6, 5, 3, device=DEVICE)
+        xl = x.movedim(1, -1).contiguous()
+        assert last._vectors_of("inputs", xl, 6).data_ptr() == xl.data_ptr()  # no copy
+        x.requires_grad_()
+        xl.requires_grad_()
+        options = {}
+        if masked:
+            mask = torch.rand(2, 5, 3, device=DEVICE) > 0.3
+            options = dict(mask=mask)
+        out_first, out_last = first(x, **options), last(xl, **options)
+        _same_in_layout(out_first, out_last)
+        quantized = 0 if kind == "fsq" else 1
+        weight = torch.randn_like(x)  # the same weights in each layout
+        for out, w in ((out_first, weight), (out_last, weight.movedim(1, -1))):
+            loss = 0 if kind == "fsq" else out[0]
+            (loss + (out[quantized] * w).sum()).backward()
+        torch.testing.assert_close(x.grad.movedim(1, -1), xl.grad, **TOL[torch.float32])
+    for key, value in tensor_state(first).items():
+        torch.testing.assert_close(tensor_state(last)[key], value, **TOL[torch.float32])
+    first.eval()
+    last.eval()
+    x = torch.randn(2, 6, 5, 3, device=DEVICE)
+    xl = x.movedim(1, -1).contiguous()
+    codes_first, codes_last = first.encode(x), last.encode(xl)
+    _same_in_layout([codes_first], [codes_last])
+    _same_in_layout([first.decode_indices(codes_first)], [last.decode_indices(codes_last)])
+    if masked:
+        mask = torch.rand(2, 5, 3, device=DEVICE) > 0.3
+        _same_in_layout([first.encode(x, mask=mask)], [last.encode(xl, mask=mask)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channel_last_tokens_match_the_oracle(backend):
+    """Transformer tokens [B, N, D] through VectorQuantizerEMA(channel_last=True) against
+    the original algorithm's oracle fed [B, D, N]: outputs and EMA state, three steps."""
+    from vqfast import reference
+    ref = reference.VectorQuantizerEMA(13, 6, 0.25, 0.99, 1e-5).to(DEVICE)
+    vq = vqfast.VectorQuantizerEMA(13, 6, 0.25, 0.99, 1e-5, backend=backend, channel_last=True,
+                                   **ORIGINAL).to(DEVICE)
+    vq.load_state_dict(ref.state_dict())
+    for _ in range(3):
+        tokens = torch.randn(3, 7, 6, device=DEVICE)
+        loss_r, q_r, perplexity_r, _ = ref(tokens.transpose(1, 2))
+        loss, q, perplexity, codes = vq(tokens)
+        assert codes.shape == (3, 7)
+        torch.testing.assert_close(q, q_r.transpose(1, 2), **TOL[torch.float32])
+        torch.testing.assert_close(loss, loss_r, **TOL[torch.float32])
+        torch.testing.assert_close(perplexity, perplexity_r, **TOL[torch.float32])
+    torch.testing.assert_close(vq.codebook, ref._embedding.weight.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vq.ema_cluster_size, ref._ema_cluster_size, rtol=1e-5, atol=1e-5)

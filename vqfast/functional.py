@@ -6,8 +6,8 @@ checks in ``vqfast.ops.dispatch``."""
 import torch
 
 from . import _torch
-from .ops.dispatch import (BACKENDS, FLOAT_DTYPES, PRECISIONS, channels_first, check_backend,  # noqa: F401
-                           check_codebook_input, resolve_backend)
+from .ops.dispatch import (BACKENDS, FLOAT_DTYPES, PRECISIONS, channels_first, channels_last,  # noqa: F401
+                           check_backend, check_codebook_input, resolve_backend)
 from .ops.vq import ema_update, quantize  # noqa: F401
 
 perplexity = _torch.perplexity

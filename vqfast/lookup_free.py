@@ -30,6 +30,8 @@ class FSQ(QuantizerCommon, nn.Module):
         dim: if given, inputs have ``dim`` channels: a learned linear projection maps them to
             ``len(levels)`` before quantizing and back after (as in the paper).
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+        channel_last: ``z [B, *spatial, C]`` (tokens ``[B, N, C]``) in and out, codes ``[B,
+            *spatial]``; read in place.
 
     ``forward(z: [B, C, *spatial])`` (``C = dim or len(levels)``) returns ``(quantized,
     codes)``: ``quantized`` in z's shape and dtype, each channel on the grid
@@ -38,8 +40,9 @@ class FSQ(QuantizerCommon, nn.Module):
     in ``[0, prod(levels))``. ``decode_indices(codes)`` gives ``quantized`` back.
     """
 
-    def __init__(self, levels, *, dim=None, backend="auto"):
+    def __init__(self, levels, *, dim=None, backend="auto", channel_last=False):
         super().__init__()
+        self.channel_last = bool(channel_last)
         if isinstance(levels, (str, bytes)) or not hasattr(levels, "__len__"):
             raise TypeError(f"levels must be a list of ints, e.g. [8, 5, 5, 5], got {levels!r}")
         levels = list(levels)
@@ -76,15 +79,14 @@ class FSQ(QuantizerCommon, nn.Module):
         return keep_fp32(self, ("params",), fn, recurse)
 
     def forward(self, z):
-        x = VF.channels_first("z", z, self.dim)
+        x = self._vectors_of("z", z, self.dim)
         if self.project_in is not None:
             x = self.project_in(x).contiguous()
         backend = VF.resolve_backend(self.backend, x.device)
         quantized, codes = fsq_ops.fsq(x, self.params, self.basis, backend)
         if self.project_out is not None:
             quantized = self.project_out(quantized)
-        return (quantized.reshape(z.shape[0], self.dim, *z.shape[2:]),
-                codes.view(z.shape[0], *z.shape[2:]))
+        return quantized.reshape(z.shape), codes.view(self._positions(z))
 
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:
@@ -108,7 +110,7 @@ class FSQ(QuantizerCommon, nn.Module):
         if self.project_out is not None:
             quantized = self.project_out(quantized.flatten(2)).view(
                 codes.shape[0], self.dim, *codes.shape[1:])
-        return quantized
+        return self._channels_first_in_layout(quantized)
 
 
 class LFQ(QuantizerCommon, nn.Module):
@@ -123,6 +125,8 @@ class LFQ(QuantizerCommon, nn.Module):
             inv_temperature * <x, c>)`` over the codes ``c`` in ``{-1, 1}^d``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``; precision: the Triton dot precision
             for fp32 inputs (``"ieee"`` default, ``"tf32x3"``; ``"tf32"`` would round the logits).
+        channel_last: ``z [B, *spatial, dim]`` (tokens ``[B, N, dim]``) in and out, codes
+            ``[B, *spatial]``; read in place.
 
     ``forward(z: [B, dim, *spatial])`` returns ``(loss, quantized, perplexity, codes)``:
     ``quantized`` = +1 where ``z > 0`` else -1, in z's dtype, with a straight-through
@@ -133,8 +137,9 @@ class LFQ(QuantizerCommon, nn.Module):
     """
 
     def __init__(self, dim, *, entropy_loss_weight=0.1, commitment_cost=0.25, diversity_gamma=1.0,
-                 inv_temperature=100.0, backend="auto", precision="ieee"):
+                 inv_temperature=100.0, backend="auto", precision="ieee", channel_last=False):
         super().__init__()
+        self.channel_last = bool(channel_last)
         if not (_is_int(dim) and 1 <= dim <= 24):
             raise ValueError(f"dim must be an int in [1, 24] (2**dim codes), got {dim!r}")
         if dim > LFQ_EXPENSIVE_DIM and entropy_loss_weight and diversity_gamma:
@@ -164,7 +169,7 @@ class LFQ(QuantizerCommon, nn.Module):
         return {"dim": self.dim}
 
     def forward(self, z):
-        x3 = VF.channels_first("z", z, self.dim)
+        x3 = self._vectors_of("z", z, self.dim)
         backend = VF.resolve_backend(self.backend, z.device)
         positive = x3 > 0
         sign = torch.where(positive, 1.0, -1.0).to(z.dtype)
@@ -183,14 +188,14 @@ class LFQ(QuantizerCommon, nn.Module):
                     rows, self.inv_temperature, backend, self.precision)
             loss = loss + self.entropy_loss_weight * entropy
         return (loss, quantized.reshape(z.shape), VF.perplexity(counts),
-                codes.view(z.shape[0], *z.shape[2:]))
+                codes.view(self._positions(z)))
 
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         """Codes only: int64 ``[B, *spatial]``, ``sum_i [z_i > 0] 2**(dim-1-i)``, without the
         entropy terms (no work over the ``2**dim`` codes)."""
-        x3 = VF.channels_first("z", z, self.dim)
-        return self._codes(x3 > 0).view(z.shape[0], *z.shape[2:])
+        x3 = self._vectors_of("z", z, self.dim)
+        return self._codes(x3 > 0).view(self._positions(z))
 
     def _codes(self, positive: torch.Tensor) -> torch.Tensor:
         """``[B, S]`` codes of ``positive = z > 0`` (bool ``[B, dim, S]``), first channel
@@ -204,4 +209,4 @@ class LFQ(QuantizerCommon, nn.Module):
         check_codes(codes, self.codebook_size, dropped_ok=False)
         codes = codes.long()
         bits = self.bits.view(1, -1, *[1] * (codes.dim() - 1))
-        return ((codes.unsqueeze(1) // bits) % 2).float() * 2 - 1
+        return self._channels_first_in_layout(((codes.unsqueeze(1) // bits) % 2).float() * 2 - 1)

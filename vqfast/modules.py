@@ -81,15 +81,16 @@ def rename_legacy_keys(state_dict, prefix: str, renames: dict) -> None:
                 break
 
 
-def check_mask(mask, x: torch.Tensor, inputs: torch.Tensor):
-    """``mask`` bool ``[B, *spatial]`` (True = a real position) -> contiguous ``[N]`` in the
-    rows' order of ``x: [B, D, S]``; ``None`` stays ``None``."""
+def check_mask(mask, x: torch.Tensor, positions):
+    """``mask`` bool of the inputs' ``positions`` shape (``[B, *spatial]``; True = a real
+    position) -> contiguous ``[N]`` in the rows' order of ``x: [B, D, S]``; ``None`` stays
+    ``None``."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor, got "
                         f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-    expected = (inputs.shape[0], *inputs.shape[2:])
+    expected = tuple(positions)
     if tuple(mask.shape) != expected:
         raise ValueError(f"mask must have shape [B, *spatial] = {list(expected)}, got "
                          f"{list(mask.shape)}")
@@ -179,6 +180,35 @@ class QuantizerCommon:
     notebook's, vqfast 0.2's) load as before."""
 
     _collapse_watch = None
+    #: ``[B, *spatial, D]`` inputs and outputs instead of ``[B, D, *spatial]`` (read in place)
+    channel_last = False
+
+    def _vectors_of(self, name: str, inputs, channels: int) -> torch.Tensor:
+        """Validated inputs as contiguous ``[B, C, S]`` (channel-last: ``[N, C, 1]``, the
+        rows, which is that layout with ``S = 1``); a view when already contiguous."""
+        check = VF.channels_last if self.channel_last else VF.channels_first
+        return check(name, inputs, channels)
+
+    def _positions(self, inputs: torch.Tensor) -> tuple:
+        """The shape of the inputs' vector positions: codes and masks have it."""
+        if self.channel_last:
+            return tuple(inputs.shape[:-1])
+        return (inputs.shape[0], *inputs.shape[2:])
+
+    def _in_layout(self, t: torch.Tensor, positions) -> torch.Tensor:
+        """Contiguous ``[B, C, S]`` (or ``[N, C, 1]`` channel-last) back in the inputs'
+        layout, a view."""
+        if self.channel_last:
+            return t.view(*positions, t.shape[1])
+        return t.view(positions[0], t.shape[1], *positions[1:])
+
+    def _rows_in_layout(self, rows: torch.Tensor) -> torch.Tensor:
+        """Decoded codes ``[*positions, C]`` in the inputs' layout."""
+        return rows if self.channel_last else rows.movedim(-1, 1)
+
+    def _channels_first_in_layout(self, t: torch.Tensor) -> torch.Tensor:
+        """Decoded codes ``[B, C, *spatial]`` in the inputs' layout."""
+        return t.movedim(1, -1) if self.channel_last else t
 
     def _state_options(self) -> dict:
         raise NotImplementedError
@@ -264,7 +294,10 @@ class Projection(nn.Linear):
     (``codebook_dim``'s projections; no transpose copies)."""
 
     def forward(self, x):
-        return torch.matmul(self.weight.to(x.dtype), x) + self.bias.to(x.dtype)[:, None]
+        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        if x.shape[-1] == 1:  # rows [N, C, 1] (channel-last inputs): one GEMM, not N
+            return F.linear(x.squeeze(-1), weight, bias).unsqueeze(-1)
+        return torch.matmul(weight, x) + bias[:, None]
 
 
 class _QuantizerBase(QuantizerCommon, nn.Module):
@@ -274,8 +307,9 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
 
     def __init__(self, num_embeddings, embedding_dim, commitment_cost, return_onehot, backend,
                  precision, kmeans_init, kmeans_iters, cosine=False, codebook_dim=None,
-                 rotation_trick=False, dead_code_threshold=0.0):
+                 rotation_trick=False, dead_code_threshold=0.0, channel_last=False):
         super().__init__()
+        self.channel_last = bool(channel_last)
         if not (dead_code_threshold >= 0.0 and math.isfinite(dead_code_threshold)):
             raise ValueError(f"dead_code_threshold must be a finite number >= 0, got "
                              f"{dead_code_threshold}")
@@ -314,9 +348,10 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
                 f"commitment_cost={self.commitment_cost}, backend={self.backend!r}")
 
     def _vectors(self, inputs: torch.Tensor):
-        """Validate ``inputs: [B, D, *spatial]``; return ``x: [B, D, S]`` (a view when
-        ``inputs`` is contiguous: the kernels read channels-first in place) and the backend."""
-        x = VF.channels_first("inputs", inputs, self.embedding_dim)
+        """Validate ``inputs: [B, D, *spatial]`` (``[B, *spatial, D]`` channel-last); return
+        ``x: [B, D, S]`` (``[N, D, 1]``; a view when ``inputs`` is contiguous: the kernels read
+        either layout in place) and the backend."""
+        x = self._vectors_of("inputs", inputs, self.embedding_dim)
         if x.device != self.codebook.device:
             raise ValueError(f"inputs are on {x.device} but the codebook is on "
                              f"{self.codebook.device}; move the module with .to(device)")
@@ -331,7 +366,7 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
         """Validate; ``(x [B, D, S], z [B, d, S] (projected when codebook_dim), mask [N] or
         None, backend)``."""
         x, backend = self._vectors(inputs)
-        flat_mask = check_mask(mask, x, inputs)
+        flat_mask = check_mask(mask, x, self._positions(inputs))
         z = self.project_in(x) if self.project_in is not None else x
         return x, z, flat_mask, backend
 
@@ -370,7 +405,7 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
         else:
             idx, _ = torch.ops.vqfast.nearest_code(z, self.codebook.detach().contiguous(),
                                                    backend, self.precision)
-        return idx.view(inputs.shape[0], *inputs.shape[2:])
+        return idx.view(self._positions(inputs))
 
     def _outputs(self, inputs, x, q, loss, idx, perplexity, flat_mask):
         if self.project_out is not None:
@@ -381,7 +416,7 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
             encodings = F.one_hot(idx.clamp_min(0), self.num_embeddings).float()
             encodings = encodings * (idx >= 0)[:, None]
         else:
-            encodings = idx.view(inputs.shape[0], *inputs.shape[2:])
+            encodings = idx.view(self._positions(inputs))
         return loss, q.to(inputs.dtype).view(inputs.shape), perplexity, encodings
 
     @torch.no_grad()
@@ -393,10 +428,10 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
         codebook = self.codebook.detach().float()
         if self.cosine:
             codebook = F.normalize(codebook, dim=-1)
-        z = (F.embedding(codes.clamp_min(0), codebook) * (codes >= 0)[..., None]).movedim(-1, 1)
+        rows = F.embedding(codes.clamp_min(0), codebook) * (codes >= 0)[..., None]
         if self.project_out is not None:
-            z = self.project_out(z.reshape(z.shape[0], z.shape[1], -1).contiguous())
-        return z.reshape(codes.shape[0], -1, *codes.shape[1:])
+            rows = self.project_out(rows.reshape(-1, rows.shape[-1], 1)).view(*codes.shape, -1)
+        return self._rows_in_layout(rows)
 
     def _state_options(self):
         return {"cosine": self.cosine, "codebook_dim": None if self.project_in is None else self.code_dim}
@@ -530,6 +565,10 @@ class VectorQuantizer(_QuantizerBase):
             the input's gradient but never change the codebook: no codebook gradient (the
             loss keeps its value), no k-means init; the EMA quantizer skips its update.
             For fine-tuning a decoder or a language model on a trained tokenizer.
+        channel_last: inputs ``[B, *spatial, D]`` (transformer tokens ``[B, N, D]``) instead
+            of ``[B, D, *spatial]``; ``quantized`` has the inputs' shape, codes and ``mask``
+            are ``[B, *spatial]``, ``decode_indices`` returns ``[B, *spatial, D]``. Read in
+            place (the rows layout) on both backends: no transpose copy.
 
     ``VectorQuantizerEMA.accumulate()``: a context manager for gradient accumulation (one
     EMA update for the micro-batches inside it; see its docstring).
@@ -555,10 +594,10 @@ class VectorQuantizer(_QuantizerBase):
     def __init__(self, num_embeddings, embedding_dim, commitment_cost=0.25, *,
                  return_onehot=False, backend="auto", precision="ieee", kmeans_init=True,
                  kmeans_iters=10, dead_code_threshold=1.0, cosine=False, codebook_dim=None,
-                 rotation_trick=False, freeze_codebook=False):
+                 rotation_trick=False, freeze_codebook=False, channel_last=False):
         super().__init__(num_embeddings, embedding_dim, commitment_cost, return_onehot, backend,
                          precision, kmeans_init, kmeans_iters, cosine, codebook_dim, rotation_trick,
-                         dead_code_threshold)
+                         dead_code_threshold, channel_last)
         self.freeze_codebook = freeze_codebook
         self.codebook = nn.Parameter(torch.empty(num_embeddings, self.code_dim).uniform_(
             -1 / num_embeddings, 1 / num_embeddings))
@@ -657,10 +696,10 @@ class VectorQuantizerEMA(_QuantizerBase):
                  epsilon=1e-5, *, return_onehot=False, backend="auto", precision="ieee",
                  kmeans_init=True, kmeans_iters=10, dead_code_threshold=1.0,
                  sync_distributed=None, check_finite=False, cosine=False, codebook_dim=None,
-                 rotation_trick=False, freeze_codebook=False):
+                 rotation_trick=False, freeze_codebook=False, channel_last=False):
         super().__init__(num_embeddings, embedding_dim, commitment_cost, return_onehot, backend,
                          precision, kmeans_init, kmeans_iters, cosine, codebook_dim, rotation_trick,
-                         dead_code_threshold)
+                         dead_code_threshold, channel_last)
         self.freeze_codebook = freeze_codebook
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")

@@ -55,6 +55,8 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         backend, precision: as for ``VectorQuantizer``.
         freeze_codebook: (also an attribute) training-mode forwards never change the
             codebooks: no EMA update, no codebook gradient, no k-means init.
+        channel_last: inputs ``[B, *spatial, D]`` (tokens ``[B, N, D]``), codes ``[B,
+            *spatial, G*Q]``, masks ``[B, *spatial]``; read in place, no transpose copy.
 
     ``encode(x, mask=None)``: the codes alone, ``[B, G*Q, *spatial]`` (the residual search,
     every level, no autograd); ``decode_indices(encode(x))`` equals the eval-mode output.
@@ -77,8 +79,10 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                  decay=0.99, epsilon=1e-5, *, ema=True, groups=1, shared_codebook=False,
                  quantize_dropout=False, cosine=False, codebook_dim=None, rotation_trick=False,
                  kmeans_init=True, kmeans_iters=10, dead_code_threshold=None,
-                 sync_distributed=None, backend="auto", precision="ieee", freeze_codebook=False):
+                 sync_distributed=None, backend="auto", precision="ieee", freeze_codebook=False,
+                 channel_last=False):
         super().__init__()
+        self.channel_last = bool(channel_last)
         for name, value in (("num_quantizers", num_quantizers), ("num_embeddings", num_embeddings),
                             ("embedding_dim", embedding_dim), ("groups", groups)):
             if not isinstance(value, int) or value < 1:
@@ -168,11 +172,11 @@ class ResidualVQ(QuantizerCommon, nn.Module):
     def _prepare(self, inputs, mask):
         """Validate; ``(x [B, D, S], z [B, G*d, S] (projected with codebook_dim), mask [N]
         or None, backend)``."""
-        x = VF.channels_first("inputs", inputs, self.embedding_dim)
+        x = self._vectors_of("inputs", inputs, self.embedding_dim)
         if x.device != self.codebooks.device:
             raise ValueError(f"inputs are on {x.device} but the codebooks are on "
                              f"{self.codebooks.device}; move the module with .to(device)")
-        flat_mask = check_mask(mask, x, inputs)
+        flat_mask = check_mask(mask, x, self._positions(inputs))
         backend = VF.resolve_backend(self.backend, x.device)
         z = self.project_in(x) if self.project_in is not None else x
         return x, z, flat_mask, backend
@@ -189,7 +193,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             active=None, mask=flat_mask, commitment_cost=self.commitment_cost,
             codebook_loss=False, rotation_trick=False, with_code_sums=False, backend=backend,
             precision=self.precision)[2]
-        return idx.view(idx.shape[0], x.shape[0], *inputs.shape[2:]).movedim(0, 1).contiguous()
+        return self._codes_in_layout(idx, inputs)
 
     def forward(self, inputs, mask=None):
         x, z, flat_mask, backend = self._prepare(inputs, mask)
@@ -211,8 +215,14 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             q = self.project_out(q)
             if flat_mask is not None:  # masked positions give back their input
                 q = torch.where(flat_mask.view(x.shape[0], 1, -1), q, x)
-        codes = idx.view(idx.shape[0], x.shape[0], *inputs.shape[2:]).movedim(0, 1)
-        return loss, q.to(inputs.dtype).view(inputs.shape), perplexity, codes.contiguous()
+        return loss, q.to(inputs.dtype).view(inputs.shape), perplexity, self._codes_in_layout(idx, inputs)
+
+    def _codes_in_layout(self, idx: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """``idx [G*Q, N]`` -> ``[B, G*Q, *spatial]`` (channel-last ``[B, *spatial, G*Q]``)."""
+        positions = self._positions(inputs)
+        if self.channel_last:
+            return idx.t().contiguous().view(*positions, idx.shape[0])
+        return idx.view(idx.shape[0], *positions).movedim(0, 1).contiguous()
 
     def _active_levels(self, device) -> torch.Tensor:
         """Quantize dropout: n uniform in 1..Q, drawn on the device (no host sync); rank
@@ -337,6 +347,8 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         those levels' codes. Other values raise ``ValueError``."""
         g, q = self.groups, self.num_quantizers
         check_codes(codes, self.num_embeddings)
+        if self.channel_last:  # [B, *spatial, G*n] -> [B, G*n, *spatial]
+            codes = codes.movedim(-1, 1) if codes.dim() >= 2 else codes
         if codes.dim() < 2 or codes.shape[1] % g or codes.shape[1] // g > q:
             raise ValueError(f"codes must be [B, G*n, *spatial] with G={g} and n <= {q}, got "
                              f"shape {tuple(codes.shape)}")
@@ -354,7 +366,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         z = torch.cat(out, -1).movedim(-1, 1)  # [B, G*d, S]
         if self.project_out is not None:
             z = self.project_out(z.contiguous())
-        return z.reshape(codes.shape[0], -1, *codes.shape[2:])
+        return self._channels_first_in_layout(z.reshape(codes.shape[0], -1, *codes.shape[2:]))
 
     @torch.no_grad()
     def codebook_usage(self, threshold: float | None = None):

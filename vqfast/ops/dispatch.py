@@ -77,7 +77,8 @@ def channels_first(name: str, inputs, channels: int) -> torch.Tensor:
         raise ValueError(f"{name} must be channels-first [B, C, *spatial] with at least one "
                          f"spatial dim, got shape {tuple(inputs.shape)}{hint}")
     if inputs.shape[1] != channels:
-        hint = (f"; it looks channels-last ([B, *spatial, C]): pass inputs.movedim(-1, 1)"
+        hint = (f"; it looks channels-last ([B, *spatial, C]): build the quantizer with "
+                f"channel_last=True (read in place) or pass inputs.movedim(-1, 1)"
                 if inputs.shape[-1] == channels else "")
         raise ValueError(f"{name} has {inputs.shape[1]} channels (dim 1), expected {channels}; "
                          f"shape {tuple(inputs.shape)}{hint}")
@@ -85,3 +86,25 @@ def channels_first(name: str, inputs, channels: int) -> torch.Tensor:
     if inputs.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(inputs.shape)}); need at least one vector")
     return inputs.reshape(inputs.shape[0], channels, -1).contiguous()
+
+
+def channels_last(name: str, inputs, channels: int) -> torch.Tensor:
+    """Validate a ``channel_last=True`` quantizer's input ``[B, *spatial, C]`` (``[B, N, C]``
+    tokens, or ``[N, C]`` rows); return it as contiguous ``[N, C, 1]``: rows, which is the
+    channels-first layout with ``S = 1`` (a view when it already is: the kernels and the
+    torch path read it in place, no transpose)."""
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(inputs).__name__}")
+    if inputs.dim() < 2:
+        raise ValueError(f"{name} must be channels-last [B, *spatial, C] (channel_last=True), "
+                         f"got shape {tuple(inputs.shape)}")
+    if inputs.shape[-1] != channels:
+        hint = (f"; it looks channels-first ([B, C, *spatial]): build the quantizer with "
+                f"channel_last=False or pass inputs.movedim(1, -1)"
+                if inputs.dim() > 2 and inputs.shape[1] == channels else "")
+        raise ValueError(f"{name} has {inputs.shape[-1]} channels (last dim), expected "
+                         f"{channels}; shape {tuple(inputs.shape)}{hint}")
+    _check_dtype(name, inputs)
+    if inputs.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(inputs.shape)}); need at least one vector")
+    return inputs.reshape(-1, channels, 1).contiguous()
