@@ -105,14 +105,23 @@ def test_encode_changes_no_state_in_training_mode():
 
 # --- gradient accumulation ------------------------------------------------------------
 
+ACCUMULATING = {
+    "ema": lambda b: vqfast.VectorQuantizerEMA(13, 6, 0.25, backend=b, **ORIGINAL),
+    "residual": lambda b: vqfast.ResidualVQ(3, 13, 6, groups=2, backend=b, **ORIGINAL),
+    "residual+shared": lambda b: vqfast.ResidualVQ(2, 13, 6, shared_codebook=True, backend=b,
+                                                   **ORIGINAL),
+}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("masked", [False, True])
-def test_accumulated_micro_batches_equal_one_concatenated_batch(backend, masked):
+@pytest.mark.parametrize("kind", ACCUMULATING)
+def test_accumulated_micro_batches_equal_one_concatenated_batch(kind, backend, masked):
     torch.manual_seed(0)
     micro = [torch.randn(2, 6, 7, device=DEVICE) for _ in range(3)]
     masks = [torch.rand(2, 7, device=DEVICE) > 0.3 if masked else None for _ in micro]
-    accumulated = vqfast.VectorQuantizerEMA(13, 6, 0.25, backend=backend, **ORIGINAL).to(DEVICE)
-    whole = vqfast.VectorQuantizerEMA(13, 6, 0.25, backend=backend, **ORIGINAL).to(DEVICE)
+    accumulated = ACCUMULATING[kind](backend).to(DEVICE)
+    whole = ACCUMULATING[kind](backend).to(DEVICE)
     whole.load_state_dict(accumulated.state_dict())
     for _ in range(2):  # two optimizer steps of three micro-batches each
         with accumulated.accumulate():
@@ -124,15 +133,19 @@ def test_accumulated_micro_batches_equal_one_concatenated_batch(backend, masked)
             torch.testing.assert_close(tensor_state(accumulated)[key], value, rtol=1e-5, atol=1e-6)
 
 
-def test_accumulate_with_kmeans_and_dead_codes_trains():
-    vq = vqfast.VectorQuantizerEMA(13, 6, 0.25, kmeans_init=True, dead_code_threshold=1.0,
-                                   backend="torch")
-    for _ in range(3):
+@pytest.mark.parametrize("kind", ["ema", "residual+dropout"])
+def test_accumulate_with_kmeans_and_dead_codes_trains(kind):
+    vq = (vqfast.VectorQuantizerEMA(13, 6, 0.25, dead_code_threshold=3.0, backend="torch")
+          if kind == "ema" else
+          vqfast.ResidualVQ(3, 13, 6, quantize_dropout=True, dead_code_threshold=3.0,
+                            backend="torch"))
+    for step in range(4):
         with vq.accumulate():
             for _ in range(2):
-                vq(torch.randn(2, 6, 9))
-    assert bool(vq.initialized) and bool(torch.isfinite(vq.codebook).all())
-    assert float(vq.ema_decay_weight) > 0
+                vq(torch.randn(2, 6, 9) + step)  # drifting: codes die and are re-seeded
+    codebook = vq.codebook if kind == "ema" else vq.codebooks
+    assert bool(vq.initialized) and bool(torch.isfinite(codebook).all())
+    assert bool((vq.ema_decay_weight > 0).all()) and int(vq.reseeded_codes.sum()) > 0
 
 
 def test_accumulate_does_not_nest_and_an_error_leaves_state():
@@ -168,11 +181,13 @@ def test_accumulation_all_reduces_once_per_update(monkeypatch):
         original = dist.all_reduce
         monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (calls.append(t.numel()),
                                                                     original(t, *a, **k))[1])
-        vq = vqfast.VectorQuantizerEMA(13, 6, 0.25, backend="torch", **ORIGINAL)
-        with vq.accumulate():
-            for _ in range(4):
-                vq(torch.randn(2, 6, 5))
-        assert len(calls) == 1
+        for vq in (vqfast.VectorQuantizerEMA(13, 6, 0.25, backend="torch", **ORIGINAL),
+                   vqfast.ResidualVQ(3, 13, 6, backend="torch", **ORIGINAL)):
+            calls.clear()
+            with vq.accumulate():
+                for _ in range(4):
+                    vq(torch.randn(2, 6, 5))
+            assert len(calls) == 1, type(vq).__name__
     finally:
         dist.destroy_process_group()
 
@@ -183,12 +198,15 @@ def test_an_accumulation_window_reads_nothing_on_the_host(backend):
     vq = vqfast.VectorQuantizerEMA(13, 6, 0.25, kmeans_init=False, dead_code_threshold=1.0,
                                    backend=backend).to(DEVICE)
     frozen = vqfast.ResidualVQ(2, 13, 6, freeze_codebook=True, backend=backend, **ORIGINAL).to(DEVICE)
+    rvq = vqfast.ResidualVQ(3, 13, 6, quantize_dropout=True, kmeans_init=False,
+                            backend=backend).to(DEVICE)
     with HostReads() as recorder:
-        with vq.accumulate():
-            for _ in range(2):
-                z = torch.randn(2, 6, 5, device=DEVICE, requires_grad=True)
-                loss, q, _, _ = vq(z)
-                (loss + q.square().mean()).backward()
+        for module in (vq, rvq):
+            with module.accumulate():
+                for _ in range(2):
+                    z = torch.randn(2, 6, 5, device=DEVICE, requires_grad=True)
+                    loss, q, _, _ = module(z)
+                    (loss + q.square().mean()).backward()
         vq.encode(torch.randn(2, 6, 5, device=DEVICE))
         frozen(torch.randn(2, 6, 5, device=DEVICE))
         frozen.encode(torch.randn(2, 6, 5, device=DEVICE))

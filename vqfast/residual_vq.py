@@ -1,6 +1,7 @@
 """``ResidualVQ``: residual, grouped, shared-codebook, cosine and factorized VQ, every
 level of every group in one fused launch (SoundStream, EnCodec, DAC, ViT-VQGAN)."""
 
+import contextlib
 import math
 
 import torch
@@ -207,8 +208,13 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             codebook_loss=not self.ema, rotation_trick=self.rotation_trick,
             with_code_sums=update, backend=backend, precision=self.precision)
         if update:
-            self._update(z, loss.detach(), idx, counts, code_sums, snapshot, active, flat_mask,
-                         backend)
+            stats = dict(z=z, loss=loss.detach(), idx=idx, counts=counts, code_sums=code_sums,
+                         snapshot=snapshot, books_on=self._book_active(active),
+                         masked=flat_mask is not None, backend=backend)
+            if self._accumulated is not None:  # inside accumulate(): sum, update later
+                self._accumulate(stats)
+            else:
+                self._update(**stats)
         # each group's first level (never dropped) tells whether its codebook collapsed
         self._watch_usage(counts.view(self.groups, self.num_quantizers, -1)[:, 0])
         if self.project_out is not None:
@@ -249,14 +255,52 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             return t
         return t.view(self.groups, self.num_quantizers, *t.shape[1:]).sum(1)
 
+    _accumulated = None
+
+    @contextlib.contextmanager
+    def accumulate(self):
+        """Gradient accumulation (``ema=True``): the training forwards inside the block add
+        every level's counts and sums to one accumulator; leaving it applies one EMA update
+        (one packed all-reduce under ``torch.distributed``), equal up to fp32 rounding to
+        one forward of the concatenated micro-batches. A codebook that any micro-batch used
+        (quantize dropout, masks) is updated; a non-finite micro-batch skips the update.
+        k-means init runs on the first micro-batch, dead-code re-seeding draws from the
+        last one's residuals. No host sync.
+
+        ``with rvq.accumulate(): for micro in batches: loss, q, _, _ = rvq(micro); ...``
+        """
+        if self._accumulated is not None:
+            raise RuntimeError("accumulate() blocks do not nest")
+        self._accumulated = {}
+        try:
+            yield self
+            pending = self._accumulated
+        finally:
+            self._accumulated = None
+        if pending:
+            self._update(**pending)
+
+    def _accumulate(self, stats: dict) -> None:
+        acc = self._accumulated
+        if acc:
+            for key in ("loss", "counts", "code_sums"):
+                stats[key] = acc[key] + stats[key]
+            on, seen = acc["books_on"], stats["books_on"]
+            stats["books_on"] = None if on is None or seen is None else on | seen
+            stats["masked"] = acc["masked"] or stats["masked"]
+        acc.update(stats)
+
     @torch.no_grad()
-    def _update(self, z, loss, idx, counts, code_sums, snapshot, active, flat_mask, backend):
+    def _update(self, z, loss, idx, counts, code_sums, snapshot, books_on, masked, backend):
+        """The EMA update of every codebook from per-level ``counts`` and ``code_sums``
+        (``books_on``: bool ``[G*C]`` of the codebooks the batch used, None for all;
+        ``masked``: whether a mask took part), then dead-code re-seeding."""
         counts, code_sums = self._per_book(counts), self._per_book(code_sums)
         not_finite = None
         if self._syncing():
             counts, code_sums, not_finite = _all_reduce_statistics(counts, code_sums,
                                                                    ~torch.isfinite(loss))
-        book_active = rows_seen(counts, flat_mask, self._book_active(active))
+        book_active = rows_seen(counts, True if masked else None, books_on)
         applied = VF.ema_update(counts, code_sums, loss, not_finite, self.ema_cluster_size,
                                 self.ema_weight, self.codebooks, self.ema_decay_weight,
                                 self.skipped_batches, self.decay, self.epsilon, backend,
