@@ -301,3 +301,77 @@ def test_channel_last_tokens_match_the_oracle(backend):
         torch.testing.assert_close(perplexity, perplexity_r, **TOL[torch.float32])
     torch.testing.assert_close(vq.codebook, ref._embedding.weight.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(vq.ema_cluster_size, ref._ema_cluster_size, rtol=1e-5, atol=1e-5)
+
+
+# --- loss breakdown ---------------------------------------------------------------------
+
+BREAKDOWN = {
+    "plain": lambda b: vqfast.VectorQuantizer(13, 6, 0.3, backend=b, **ORIGINAL),
+    "plain+cosine+codebook_dim": lambda b: vqfast.VectorQuantizer(
+        13, 6, 0.3, cosine=True, codebook_dim=4, backend=b, **ORIGINAL),
+    "ema": lambda b: vqfast.VectorQuantizerEMA(13, 6, 0.3, backend=b, **ORIGINAL),
+    "residual-learned": lambda b: vqfast.ResidualVQ(3, 13, 6, 0.3, ema=False, groups=2,
+                                                    backend=b, **ORIGINAL),
+    "residual-ema": lambda b: vqfast.ResidualVQ(2, 13, 6, 0.3, backend=b, **ORIGINAL),
+    "lfq": lambda b: vqfast.LFQ(6, commitment_cost=0.3, backend=b),
+    "fsq": lambda b: vqfast.FSQ([5, 4, 3], dim=6, backend=b),
+}
+
+
+def _grads(term, tensors):
+    grads = torch.autograd.grad(term, tensors, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", BREAKDOWN)
+def test_loss_breakdown_sums_to_the_loss_and_splits_its_gradient(kind, backend):
+    """The terms add up to the loss, value and gradient; the commitment term moves only the
+    input, the codebook term only the codebook; against the oracle's terms for the plain
+    quantizer."""
+    torch.manual_seed(0)
+    vq = BREAKDOWN[kind](backend).to(DEVICE)
+    x = torch.randn(2, 6, 5, 3, device=DEVICE, requires_grad=True)
+    out = vq(x, return_loss_breakdown=True)
+    terms = out[-1]
+    assert isinstance(terms, vqfast.LossBreakdown)
+    if kind == "fsq":
+        assert all(float(t) == 0 for t in terms) and len(out) == 3
+        return
+    loss = out[0]
+    torch.testing.assert_close(sum(terms), loss.float(), rtol=1e-6, atol=1e-6)
+    params = [x] + [p for p in vq.parameters() if p.requires_grad]
+    total = _grads(loss, params)
+    parts = [_grads(t, params) if t.requires_grad else [torch.zeros_like(p) for p in params]
+             for t in terms]
+    for i, g in enumerate(total):
+        torch.testing.assert_close(sum(part[i] for part in parts), g, rtol=1e-5, atol=1e-6)
+    codebook = [i for i, p in enumerate(params) if p is getattr(vq, "codebook", None)
+                or p is getattr(vq, "codebooks", None)]
+    commitment, codebook_term = parts[0], parts[1]
+    for i in codebook:
+        assert float(commitment[i].abs().max()) == 0  # the commitment term leaves the codebook
+    assert float(codebook_term[0].abs().max()) == 0  # the codebook term leaves the input
+    if kind.startswith("plain") or kind.startswith("residual"):
+        ratio = terms.codebook / terms.commitment
+        expected = 0.0 if kind.endswith("ema") else 1 / 0.3  # mse(q, sg x) = mse(sg q, x)
+        torch.testing.assert_close(ratio, torch.tensor(expected, device=DEVICE), rtol=1e-4, atol=1e-6)
+    if kind == "ema":
+        assert float(terms.codebook) == 0
+    if kind == "lfq":
+        assert float(terms.entropy) != 0 and float(terms.diversity) != 0
+
+
+def test_loss_breakdown_matches_the_oracle_terms():
+    from vqfast import reference
+    ref = reference.VectorQuantizer(13, 6, 0.3)
+    with torch.no_grad():
+        ref._embedding.weight.normal_()
+    vq = vqfast.VectorQuantizer(13, 6, 0.3, backend="torch", **ORIGINAL)
+    vq.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 6, 5, 3)
+    _, quantized, _, _, terms = vq(x, return_loss_breakdown=True)
+    flat = x.movedim(1, -1).reshape(-1, 6)
+    q = quantized.detach().movedim(1, -1).reshape(-1, 6)
+    torch.testing.assert_close(terms.commitment, 0.3 * torch.nn.functional.mse_loss(flat, q))
+    torch.testing.assert_close(terms.codebook, torch.nn.functional.mse_loss(q, flat))

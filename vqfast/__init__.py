@@ -3,13 +3,13 @@
 from .functional import nearest_code
 from .lookup_free import FSQ, LFQ
 from .model import VQVAE, Decoder, Encoder, Residual, ResidualStack
-from .modules import (ORIGINAL_ALGORITHM, CodebookUsage, VectorQuantizer, VectorQuantizerEMA,
-                      kmeans)
+from .modules import (ORIGINAL_ALGORITHM, CodebookUsage, LossBreakdown, VectorQuantizer,
+                      VectorQuantizerEMA, kmeans)
 from .residual_vq import ResidualVQ
 
 __version__ = "0.1.0"
 
 __all__ = ["VectorQuantizer", "VectorQuantizerEMA", "nearest_code", "VQVAE", "Encoder", "Decoder",
            "Residual", "ResidualStack", "CodebookUsage", "kmeans", "FSQ", "LFQ", "ResidualVQ",
-           "ORIGINAL_ALGORITHM",
+           "ORIGINAL_ALGORITHM", "LossBreakdown",
            "__version__"]

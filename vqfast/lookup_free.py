@@ -9,7 +9,7 @@ from torch import nn
 
 from . import functional as VF
 from .ops import fsq as fsq_ops
-from .modules import Projection, QuantizerCommon, check_codes, keep_fp32
+from .modules import LossBreakdown, Projection, QuantizerCommon, check_codes, keep_fp32
 from .ops import lfq as lfq_ops
 
 # Beyond this many channels LFQ's exact codebook entropy (all 2**dim codes per vector) costs
@@ -32,6 +32,9 @@ class FSQ(QuantizerCommon, nn.Module):
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
         channel_last: ``z [B, *spatial, C]`` (tokens ``[B, N, C]``) in and out, codes ``[B,
             *spatial]``; read in place.
+
+    ``forward(z, return_loss_breakdown=True)`` appends a ``vqfast.LossBreakdown`` of zeros
+    (FSQ has no loss), for loops that log every quantizer alike.
 
     ``forward(z: [B, C, *spatial])`` (``C = dim or len(levels)``) returns ``(quantized,
     codes)``: ``quantized`` in z's shape and dtype, each channel on the grid
@@ -78,7 +81,7 @@ class FSQ(QuantizerCommon, nn.Module):
     def _apply(self, fn, recurse=True):  # the grid's constants stay exact (fp32, int64)
         return keep_fp32(self, ("params",), fn, recurse)
 
-    def forward(self, z):
+    def forward(self, z, return_loss_breakdown=False):
         x = self._vectors_of("z", z, self.dim)
         if self.project_in is not None:
             x = self.project_in(x).contiguous()
@@ -86,7 +89,10 @@ class FSQ(QuantizerCommon, nn.Module):
         quantized, codes = fsq_ops.fsq(x, self.params, self.basis, backend)
         if self.project_out is not None:
             quantized = self.project_out(quantized)
-        return quantized.reshape(z.shape), codes.view(self._positions(z))
+        outputs = quantized.reshape(z.shape), codes.view(self._positions(z))
+        if return_loss_breakdown:  # FSQ has no loss: every term is 0
+            return (*outputs, LossBreakdown.of(quantized))
+        return outputs
 
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:
@@ -128,6 +134,10 @@ class LFQ(QuantizerCommon, nn.Module):
         channel_last: ``z [B, *spatial, dim]`` (tokens ``[B, N, dim]``) in and out, codes
             ``[B, *spatial]``; read in place.
 
+    ``forward(z, return_loss_breakdown=True)`` appends a ``vqfast.LossBreakdown``:
+    ``commitment``, ``entropy`` (the weighted per-sample entropy) and ``diversity`` (minus
+    the weighted ``diversity_gamma`` times the codebook entropy), summing to ``loss``.
+
     ``forward(z: [B, dim, *spatial])`` returns ``(loss, quantized, perplexity, codes)``:
     ``quantized`` = +1 where ``z > 0`` else -1, in z's dtype, with a straight-through
     gradient; ``codes`` int64 ``[B, *spatial]``, ``sum_i [z_i > 0] 2**(dim-1-i)`` (the first
@@ -168,7 +178,7 @@ class LFQ(QuantizerCommon, nn.Module):
     def _state_options(self):
         return {"dim": self.dim}
 
-    def forward(self, z):
+    def forward(self, z, return_loss_breakdown=False):
         x3 = self._vectors_of("z", z, self.dim)
         backend = VF.resolve_backend(self.backend, z.device)
         positive = x3 > 0
@@ -179,16 +189,23 @@ class LFQ(QuantizerCommon, nn.Module):
         codes = self._codes(positive)  # [B, S]
         counts = torch.zeros(self.codebook_size, dtype=torch.int32, device=z.device).scatter_add_(
             0, codes.reshape(-1), torch.ones_like(codes.reshape(-1), dtype=torch.int32))
-        loss = self.commitment_cost * (x3.float() - sign.float()).pow(2).mean()
+        commitment = self.commitment_cost * (x3.float() - sign.float()).pow(2).mean()
+        loss, entropy, diversity = commitment, None, None
         if self.entropy_loss_weight:
             rows = x3.movedim(1, -1).reshape(-1, self.dim)
-            entropy = lfq_ops.per_sample_entropy(rows, self.inv_temperature)
+            entropy = self.entropy_loss_weight * lfq_ops.per_sample_entropy(
+                rows, self.inv_temperature)
+            loss = loss + entropy
             if self.diversity_gamma:
-                entropy = entropy - self.diversity_gamma * lfq_ops.codebook_entropy(
-                    rows, self.inv_temperature, backend, self.precision)
-            loss = loss + self.entropy_loss_weight * entropy
-        return (loss, quantized.reshape(z.shape), VF.perplexity(counts),
-                codes.view(self._positions(z)))
+                diversity = -self.entropy_loss_weight * self.diversity_gamma * \
+                    lfq_ops.codebook_entropy(rows, self.inv_temperature, backend, self.precision)
+                loss = loss + diversity
+        outputs = (loss, quantized.reshape(z.shape), VF.perplexity(counts),
+                   codes.view(self._positions(z)))
+        if return_loss_breakdown:
+            return (*outputs, LossBreakdown.of(loss, commitment=commitment, entropy=entropy,
+                                               diversity=diversity))
+        return outputs
 
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,30 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+class LossBreakdown(NamedTuple):
+    """The terms of a quantizer's loss (``forward(..., return_loss_breakdown=True)``), 0-d
+    fp32 tensors that sum to the loss, each with its own gradient (for logging, or for
+    weighting the terms differently):
+
+    - ``commitment``: ``commitment_cost * mse(x, sg(q))``, the encoder's pull towards its
+      codes (gradient to the input only);
+    - ``codebook``: ``mse(sg(x), q)``, the learned codebook's pull towards the inputs
+      (gradient to the codebook only; 0 for EMA codebooks);
+    - ``entropy`` and ``diversity``: LFQ's weighted per-sample entropy and its minus
+      ``diversity_gamma`` times the codebook entropy (0 elsewhere).
+    """
+
+    commitment: torch.Tensor
+    codebook: torch.Tensor
+    entropy: torch.Tensor
+    diversity: torch.Tensor
+
+    @classmethod
+    def of(cls, like: torch.Tensor, commitment=None, codebook=None, entropy=None, diversity=None):
+        zero = like.new_zeros((), dtype=torch.float32)
+        return cls(*(zero if t is None else t for t in (commitment, codebook, entropy, diversity)))
+
+
 class CodebookUsage(NamedTuple):
     """What ``codebook_usage()`` reports.
 
@@ -573,6 +597,10 @@ class VectorQuantizer(_QuantizerBase):
     ``VectorQuantizerEMA.accumulate()``: a context manager for gradient accumulation (one
     EMA update for the micro-batches inside it; see its docstring).
 
+    ``forward(..., return_loss_breakdown=True)`` appends a ``LossBreakdown`` (commitment and
+    codebook terms, each with its own gradient, summing to ``loss``; for the learned
+    codebook it costs a second search).
+
     ``encode(inputs, mask=None)``: the codes alone (nearest-code search only, no autograd),
     ``[B, *spatial]``; ``decode_indices(encode(x))`` equals the eval-mode ``quantized``.
 
@@ -610,7 +638,7 @@ class VectorQuantizer(_QuantizerBase):
         self._default_trained_state(state_dict, prefix, self.num_embeddings)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, inputs, mask=None):
+    def forward(self, inputs, mask=None, return_loss_breakdown=False):
         x, z, flat_mask, backend = self._prepare(inputs, mask)
         self._maybe_kmeans_init(z, backend, flat_mask)
         tracking = self.training and not self.freeze_codebook and self.dead_code_threshold > 0
@@ -620,7 +648,14 @@ class VectorQuantizer(_QuantizerBase):
         if tracking:
             self._track_usage(counts)
         self._watch_usage(counts)
-        return self._outputs(inputs, x, q, loss, idx, perplexity, flat_mask)
+        outputs = self._outputs(inputs, x, q, loss, idx, perplexity, flat_mask)
+        if not return_loss_breakdown:
+            return outputs
+        # the commitment term alone, with its own gradient (to the input only): the same
+        # search without the codebook loss (a second pass, only when asked for)
+        commitment = self._quantize(z, flat_mask, False, False, backend)[1]
+        return (*outputs, LossBreakdown.of(loss, commitment=commitment.float(),
+                                           codebook=(loss - commitment).float()))
 
     @torch.no_grad()
     def _track_usage(self, counts):
@@ -726,7 +761,7 @@ class VectorQuantizerEMA(_QuantizerBase):
         state_dict.setdefault(prefix + "skipped_batches", torch.tensor(0, dtype=torch.int64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, inputs, mask=None):
+    def forward(self, inputs, mask=None, return_loss_breakdown=False):
         x, z, flat_mask, backend = self._prepare(inputs, mask)
         update = self.training and not self.freeze_codebook
         if update and self.check_finite and not torch.compiler.is_compiling() \
@@ -740,7 +775,10 @@ class VectorQuantizerEMA(_QuantizerBase):
         elif update:
             self._update(z, loss.detach(), counts, code_sums, backend, flat_mask)
         self._watch_usage(counts)
-        return self._outputs(inputs, x, q, loss, idx, perplexity, flat_mask)
+        outputs = self._outputs(inputs, x, q, loss, idx, perplexity, flat_mask)
+        if return_loss_breakdown:
+            return (*outputs, LossBreakdown.of(loss, commitment=loss.float()))
+        return outputs
 
     _accumulated = None
 

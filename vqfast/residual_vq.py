@@ -11,7 +11,7 @@ from torch import nn
 
 from . import functional as VF
 from . import modules
-from .modules import (Projection, QuantizerCommon, _all_reduce_statistics, check_codes,
+from .modules import (LossBreakdown, Projection, QuantizerCommon, _all_reduce_statistics, check_codes,
                       check_mask, keep_fp32, kmeans,
                       kmeans_done, real_rows, rows_seen, take_kmeans_ema_state, usage_report,
                       warn_skipped, without_real_rows_nan)
@@ -58,6 +58,10 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             codebooks: no EMA update, no codebook gradient, no k-means init.
         channel_last: inputs ``[B, *spatial, D]`` (tokens ``[B, N, D]``), codes ``[B,
             *spatial, G*Q]``, masks ``[B, *spatial]``; read in place, no transpose copy.
+
+    ``forward(..., return_loss_breakdown=True)`` appends a ``vqfast.LossBreakdown`` (the
+    commitment and codebook terms summed over levels, each with its own gradient, summing
+    to ``loss``; with learned codebooks it costs a second residual search).
 
     ``encode(x, mask=None)``: the codes alone, ``[B, G*Q, *spatial]`` (the residual search,
     every level, no autograd); ``decode_indices(encode(x))`` equals the eval-mode output.
@@ -196,7 +200,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             precision=self.precision)[2]
         return self._codes_in_layout(idx, inputs)
 
-    def forward(self, inputs, mask=None):
+    def forward(self, inputs, mask=None, return_loss_breakdown=False):
         x, z, flat_mask, backend = self._prepare(inputs, mask)
         update = self.ema and self.training and not self.freeze_codebook
         if self.training and not self._kmeans_done and not self.freeze_codebook:
@@ -221,7 +225,21 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             q = self.project_out(q)
             if flat_mask is not None:  # masked positions give back their input
                 q = torch.where(flat_mask.view(x.shape[0], 1, -1), q, x)
-        return loss, q.to(inputs.dtype).view(inputs.shape), perplexity, self._codes_in_layout(idx, inputs)
+        outputs = (loss, q.to(inputs.dtype).view(inputs.shape), perplexity,
+                   self._codes_in_layout(idx, inputs))
+        if not return_loss_breakdown:
+            return outputs
+        if self.ema:
+            return (*outputs, LossBreakdown.of(loss, commitment=loss.float()))
+        # the commitment terms alone (gradient to the input only): the same levels searched
+        # again without the codebook loss (a second pass, only when asked for)
+        commitment = residual_quantize(
+            z, self._codebooks(), self.num_quantizers, groups=self.groups, cosine=self.cosine,
+            active=active, mask=flat_mask, commitment_cost=self.commitment_cost,
+            codebook_loss=False, rotation_trick=False, with_code_sums=False, backend=backend,
+            precision=self.precision)[1]
+        return (*outputs, LossBreakdown.of(loss, commitment=commitment.float(),
+                                           codebook=(loss - commitment).float()))
 
     def _codes_in_layout(self, idx: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """``idx [G*Q, N]`` -> ``[B, G*Q, *spatial]`` (channel-last ``[B, *spatial, G*Q]``)."""
