@@ -47,3 +47,24 @@ def test_residual_speedups_pair_rows_of_the_same_arithmetic(monkeypatch):
         expected = by_impl[peer].median_ms / by_impl[impl].median_ms
         assert by_impl[impl].speedup_vs_peer == pytest.approx(expected)
     assert torch.backends.cuda.matmul.allow_tf32 is False  # restored after the peer's steps
+
+
+def test_encode_benchmark_rows_agree_on_the_codes():
+    """The encode benchmark at a tiny size: every implementation ran, and vqfast's encode
+    and eval-mode forward return the same codes (what the benchmark times is the same work)."""
+    from benchmarks import encode
+    case = dataclasses.replace(encode.QUICK[0], n=64, k=16)
+    rows = encode.run([case], torch.device("cpu"), progress=lambda line: None)
+    assert [r.impl for r in rows] == list(encode.IMPLS)
+    for r in rows:
+        assert r.skipped is None or r.skipped.startswith("vector-quantize-pytorch"), r.skipped
+        if r.median_ms:
+            assert r.vectors_per_s == pytest.approx(64 / (r.median_ms / 1e3)) and r.peak_mib >= 0
+    x = torch.randn(case.shape)
+    module, encode_fn = encode.setup_encode(case)
+    module.eval()
+    torch.manual_seed(0)
+    forward_module, forward_fn = encode.setup_forward(case)
+    forward_module.load_state_dict(module.state_dict())
+    forward_module.eval()
+    assert torch.equal(encode_fn(x), forward_fn(x))

@@ -36,8 +36,10 @@ def test_dry_run_writes_every_file(tmp_path):
     assert {r["impl"] for r in bench["results"] if r["median_ms"]} >= {"reference", "vqfast[torch]"}
     assert any(r["impl"] == "vqfast (exact)" and r["median_ms"] for r in bench["lookup_free"])
     assert any(r["impl"] == "vqfast" and r["median_ms"] for r in bench["residual"])
+    assert any(r["impl"] == "vqfast encode" and r["vectors_per_s"] for r in bench["encode"])
     assert {r["sem"] for r in bench["atomics"] if r["median_ms"]} == {"relaxed", "acq_rel"}
-    failed = [r for part in ("results", "lookup_free", "residual", "atomics") for r in bench[part]
+    failed = [r for part in ("results", "lookup_free", "residual", "atomics", "encode")
+              for r in bench[part]
               if (r["skipped"] or "").startswith("error")]
     assert failed == [], failed  # a case that raised (not one skipped for a missing peer)
     assert "Lookup-free" in (out / "bench.md").read_text()

@@ -20,7 +20,7 @@
 #                         statistics atomics relaxed vs acq_rel (the EMA step, one run)
 #   4 train               train.json: VQ-VAE step eager / torch.compile / CUDA graph, the
 #                         quantizer's share, kernel launches, a sync-debug step
-#   5 family              bench.*: the residual/grouped/cosine and LFQ/FSQ benchmarks
+#   5 family              bench.*: the residual/grouped/cosine, encode and LFQ/FSQ benchmarks
 #   6 quality             train.json: the quality benchmark's curves with the time left
 #   SUMMARY.md            parts, times, tests, headline ratios beside PREDICTION.md
 # A failing part is recorded and the others still run; the exit code is 0 only if every
@@ -133,6 +133,7 @@ family() {
         rvq_size=(--quick --device cpu)
     fi
     "$py" -m benchmarks.residual "${rvq_size[@]}" --out "$out" --merge-into bench || return
+    "$py" -m benchmarks.encode "${rvq_size[@]}" --out "$out" --merge-into bench || return
     "$py" -m benchmarks.lookup_free "${lfq_size[@]}" --out "$out" --merge-into bench
 }
 
