@@ -130,10 +130,11 @@ def test_bad_constructor_arguments():
         vqfast.LFQ(4, precision="tf32")
 
 
-@pytest.mark.parametrize("cls,args", [(vqfast.FSQ, ([8, 5, 5],)), (vqfast.LFQ, (6,))])
-def test_compiles_fullgraph(cls, args):
+@pytest.mark.parametrize("cls,args,kw", [(vqfast.FSQ, ([8, 5, 5],), {}), (vqfast.LFQ, (6,), {}),
+                                         (vqfast.LFQ, (6,), dict(spherical=True))])
+def test_compiles_fullgraph(cls, args, kw):
     torch._dynamo.reset()
-    quantizer = cls(*args)
+    quantizer = cls(*args, **kw)
     compiled = torch.compile(quantizer, fullgraph=True, backend="aot_eager")
     z = torch.randn(2, quantizer.dim, 3, 5, requires_grad=True)
     eager_out, compiled_out = quantizer(z), compiled(z)
@@ -161,3 +162,70 @@ def test_lookup_free_benchmark_pipeline(tmp_path):
     exact = [r for r in rows if r["impl"] == "vqfast (exact)"]
     assert exact and exact[0]["entropy_error"] == 0 and exact[0]["median_ms"] > 0
     assert {r["quantizer"] for r in rows} == {"lfq", "fsq"}
+
+
+# --- binary spherical quantization (LFQ(spherical=True)) ---------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dim", [1, 2, 5, 9])
+@pytest.mark.parametrize("inv_temperature", [1.0, 100.0])
+def test_bsq_matches_brute_force_oracle(dim, inv_temperature, backend):
+    bsq = vqfast.LFQ(dim, inv_temperature=inv_temperature, spherical=True,
+                     backend=backend).to(DEVICE)
+    z = torch.randn(3, dim, 37, device=DEVICE).requires_grad_()
+    loss, q, _, codes = bsq(z)
+    rows = z.movedim(1, -1).reshape(-1, dim)
+    loss_ref, q_ref, codes_ref, _, _ = reference.bsq(rows.double(), inv_temperature=inv_temperature)
+    assert torch.equal(codes.reshape(-1), codes_ref)
+    torch.testing.assert_close(q.movedim(1, -1).reshape(-1, dim), q_ref.float())
+    assert torch.allclose(q.detach().norm(dim=1), torch.ones(()))  # on the unit sphere
+    torch.testing.assert_close(loss, loss_ref.float(), rtol=1e-4, atol=1e-5)
+    (g,) = torch.autograd.grad(loss + (q * torch.linspace(-1, 1, q.numel()).view_as(q)).sum(), z)
+    (g_ref,) = torch.autograd.grad(
+        loss_ref + (q_ref * torch.linspace(-1, 1, q.numel()).view_as(q).movedim(1, -1)
+                    .reshape(-1, dim).double()).sum(), z)
+    # (d = 1: the normalisation's gradient is 0 exactly; fp32 leaves ~1e-4 / |z| of rounding)
+    torch.testing.assert_close(g, g_ref.float(), rtol=1e-3,
+                               atol=5e-4 * float(g_ref.abs().max()) + 2e-4)
+    torch.testing.assert_close(bsq.decode_indices(codes), q.detach())
+
+
+def test_bsq_exact_entropy_against_the_group_factorised_approximation():
+    """The paper's approximation sums the entropies of groups of bits: equal to the exact
+    entropy with one group, above it (subadditivity) with more, and its gradient differs."""
+    d = 8
+    z = torch.randn(400, d, dtype=torch.float64)
+    z[:, 4:] += 0.8 * z[:, :4]  # correlated bit groups: the approximation overestimates
+    z.requires_grad_()
+    *_, exact = reference.bsq(z, inv_temperature=10.0)
+    one_group = reference.bsq_grouped_codebook_entropy(z, 1, inv_temperature=10.0)
+    two_groups = reference.bsq_grouped_codebook_entropy(z, 2, inv_temperature=10.0)
+    torch.testing.assert_close(one_group, exact)
+    assert float(two_groups) > float(exact) + 1e-3
+    ours = lfq_ops.codebook_entropy(
+        torch.nn.functional.normalize(z.detach().float(), dim=1) / d**0.5, 10.0, "torch")
+    torch.testing.assert_close(ours, exact.float(), rtol=1e-5, atol=1e-6)
+    (g_exact,) = torch.autograd.grad(exact, z)
+    (g_approx,) = torch.autograd.grad(two_groups, z)
+    cosine = torch.nn.functional.cosine_similarity(g_exact.flatten(), g_approx.flatten(), dim=0)
+    assert float(cosine) < 0.999
+
+
+def test_bsq_agrees_with_vector_quantize_pytorch():
+    """vector-quantize-pytorch's LFQ(spherical=True) has the same codes and entropies."""
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    d = 7
+    z = torch.randn(4, d, 6, 5)
+    peer = vqp.LFQ(dim=d, codebook_size=2**d, frac_per_sample_entropy=1.0, channel_first=True,
+                   spherical=True)
+    (q_peer, codes_peer, _), breakdown = peer(z, return_loss_breakdown=True)
+    ours = vqfast.LFQ(d, spherical=True, backend="torch")
+    _, q, _, codes = ours(z)
+    assert torch.equal(codes, codes_peer)
+    torch.testing.assert_close(q, q_peer)
+    rows = z.movedim(1, -1).reshape(-1, d)
+    u = torch.nn.functional.normalize(rows, dim=1) / d**0.5
+    torch.testing.assert_close(lfq_ops.codebook_entropy(u, 100.0, "torch"),
+                               breakdown.batch_entropy, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lfq_ops.per_sample_entropy(u, 100.0),
+                               breakdown.per_sample_entropy, rtol=1e-3, atol=1e-5)

@@ -5,6 +5,7 @@ import numbers
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import functional as VF
@@ -133,6 +134,13 @@ class LFQ(QuantizerCommon, nn.Module):
             for fp32 inputs (``"ieee"`` default, ``"tf32x3"``; ``"tf32"`` would round the logits).
         channel_last: ``z [B, *spatial, dim]`` (tokens ``[B, N, dim]``) in and out, codes
             ``[B, *spatial]``; read in place.
+        spherical: binary spherical quantization (BSQ, Zhao et al. 2024): each vector is
+            l2-normalised, ``u = z / |z|``, and quantized to ``sign(u) / sqrt(d)`` on the unit
+            sphere; the codes ``c`` are ``{-1, 1}^d / sqrt(d)``, ``p(c|u) = softmax_c(2 *
+            inv_temperature * <u, c>)``, the commitment ``mse(u, q)``, and the codebook
+            entropy is exact over all ``2**d`` codes (not the paper's group-factorised
+            approximation, ``vqfast.reference.bsq_grouped_codebook_entropy``). The gradient
+            flows through the normalisation (straight-through on ``u``).
 
     ``forward(z, return_loss_breakdown=True)`` appends a ``vqfast.LossBreakdown``:
     ``commitment``, ``entropy`` (the weighted per-sample entropy) and ``diversity`` (minus
@@ -147,15 +155,17 @@ class LFQ(QuantizerCommon, nn.Module):
     """
 
     def __init__(self, dim, *, entropy_loss_weight=0.1, commitment_cost=0.25, diversity_gamma=1.0,
-                 inv_temperature=100.0, backend="auto", precision="ieee", channel_last=False):
+                 inv_temperature=100.0, backend="auto", precision="ieee", channel_last=False,
+                 spherical=False):
         super().__init__()
         self.channel_last = bool(channel_last)
+        self.spherical = bool(spherical)
         if not (_is_int(dim) and 1 <= dim <= 24):
             raise ValueError(f"dim must be an int in [1, 24] (2**dim codes), got {dim!r}")
         if dim > LFQ_EXPENSIVE_DIM and entropy_loss_weight and diversity_gamma:
             warnings.warn(f"LFQ(dim={dim}): the exact codebook entropy sums over all 2**{dim} "
-                          f"codes for every vector (about N * 2**{dim} * {dim} multiply-adds a "
-                          f"step: minutes on a CPU); diversity_gamma=0 skips it", stacklevel=2)
+                          f"codes for every vector (about N * 2**{dim} multiply-adds a step, "
+                          f"and [2**{dim}] floats); diversity_gamma=0 skips it", stacklevel=2)
         VF.check_backend(backend)
         if precision not in ("ieee", "tf32x3"):
             raise ValueError(f"precision must be 'ieee' or 'tf32x3', got {precision!r}")
@@ -173,7 +183,8 @@ class LFQ(QuantizerCommon, nn.Module):
 
     def extra_repr(self):
         return (f"dim={self.dim}, entropy_loss_weight={self.entropy_loss_weight}, "
-                f"commitment_cost={self.commitment_cost}, inv_temperature={self.inv_temperature}")
+                f"commitment_cost={self.commitment_cost}, inv_temperature={self.inv_temperature}"
+                + (", spherical=True" if self.spherical else ""))
 
     def _state_options(self):
         return {"dim": self.dim}
@@ -182,9 +193,12 @@ class LFQ(QuantizerCommon, nn.Module):
         x3 = self._vectors_of("z", z, self.dim)
         backend = VF.resolve_backend(self.backend, z.device)
         positive = x3 > 0
-        sign = torch.where(positive, 1.0, -1.0).to(z.dtype)
-        # sign + (x - sg(x)): exactly ±1 forward (x + sg(sign - x) rounds in x's dtype: bf16
-        # z = 300 gave 0), the identity's gradient backward
+        scale = 1.0 / math.sqrt(self.dim) if self.spherical else 1.0
+        if self.spherical:  # onto the unit sphere; the codes are ±1/sqrt(d)
+            x3 = F.normalize(x3.float(), dim=1).to(z.dtype)
+        sign = torch.where(positive, scale, -scale).to(z.dtype)
+        # sign + (x - sg(x)): exactly the code forward (x + sg(sign - x) rounds in x's dtype:
+        # bf16 z = 300 gave 0), the identity's gradient backward
         quantized = sign + (x3 - x3.detach())
         codes = self._codes(positive)  # [B, S]
         counts = torch.zeros(self.codebook_size, dtype=torch.int32, device=z.device).scatter_add_(
@@ -192,7 +206,8 @@ class LFQ(QuantizerCommon, nn.Module):
         commitment = self.commitment_cost * (x3.float() - sign.float()).pow(2).mean()
         loss, entropy, diversity = commitment, None, None
         if self.entropy_loss_weight:
-            rows = x3.movedim(1, -1).reshape(-1, self.dim)
+            # <x, c> with c = s * scale, s in {-1, 1}^d: the ±1 entropies of x * scale
+            rows = x3.movedim(1, -1).reshape(-1, self.dim) * scale
             entropy = self.entropy_loss_weight * lfq_ops.per_sample_entropy(
                 rows, self.inv_temperature)
             loss = loss + entropy
@@ -226,4 +241,6 @@ class LFQ(QuantizerCommon, nn.Module):
         check_codes(codes, self.codebook_size, dropped_ok=False)
         codes = codes.long()
         bits = self.bits.view(1, -1, *[1] * (codes.dim() - 1))
-        return self._channels_first_in_layout(((codes.unsqueeze(1) // bits) % 2).float() * 2 - 1)
+        scale = 1.0 / math.sqrt(self.dim) if self.spherical else 1.0
+        return self._channels_first_in_layout(
+            (((codes.unsqueeze(1) // bits) % 2).float() * 2 - 1) * scale)

@@ -174,6 +174,52 @@ def lfq(z: torch.Tensor, entropy_loss_weight=0.1, commitment_cost=0.25, diversit
     return loss, quantized, codes, per_sample_entropy, codebook_entropy
 
 
+def bsq(z: torch.Tensor, entropy_loss_weight=0.1, commitment_cost=0.25, diversity_gamma=1.0,
+        inv_temperature=100.0):
+    """Binary spherical quantization (Zhao et al. 2024) of channels-last ``z: [N, d]`` by
+    brute force over all ``2**d`` codes ``{-1, 1}^d / sqrt(d)`` (small d only).
+
+    ``u = z / |z|``, ``q = sign(u) / sqrt(d)`` with a straight-through gradient on ``u``;
+    ``p(c|u) = softmax_c(2 * inv_temperature * <u, c>)``; ``loss = entropy_loss_weight *
+    (mean_u H(p(.|u)) - diversity_gamma * H(mean_u p(.|u))) + commitment_cost * mse(u, q)``.
+    Returns ``(loss, quantized, codes, per_sample_entropy, codebook_entropy)``.
+    """
+    x = z if z.dtype == torch.float64 else z.float()
+    d = x.shape[1]
+    u = F.normalize(x, dim=1)
+    codebook = lfq_code_matrix(d, x.device).to(x.dtype) / d**0.5
+    logits = 2 * inv_temperature * u @ codebook.t()
+    prob = torch.softmax(logits, dim=1)
+    per_sample_entropy = -(prob * torch.log_softmax(logits, dim=1)).sum(1).mean()
+    avg = prob.mean(0)
+    codebook_entropy = -(avg * torch.log(avg.clamp_min(torch.finfo(x.dtype).tiny))).sum()
+    q = torch.where(u > 0, 1.0, -1.0).to(x.dtype) / d**0.5
+    loss = (entropy_loss_weight * (per_sample_entropy - diversity_gamma * codebook_entropy)
+            + commitment_cost * F.mse_loss(u, q))
+    bits = 2 ** torch.arange(d - 1, -1, -1, device=x.device)
+    codes = ((u > 0).long() * bits).sum(1)
+    return loss, u + (q - u).detach(), codes, per_sample_entropy, codebook_entropy
+
+
+def bsq_grouped_codebook_entropy(z: torch.Tensor, groups: int, inv_temperature=100.0):
+    """The BSQ paper's approximation of the codebook entropy: the d bits split into
+    ``groups`` equal groups, ``sum_g H(mean_u p_g(.|u))`` over each group's marginal code
+    distribution (an upper bound of the exact ``H(mean_u p(.|u))``: entropy is subadditive;
+    equal to it with one group)."""
+    x = z if z.dtype == torch.float64 else z.float()
+    d = x.shape[1]
+    if d % groups:
+        raise ValueError(f"d={d} is not divisible by groups={groups}")
+    u = F.normalize(x, dim=1)
+    w = d // groups
+    codebook = lfq_code_matrix(w, x.device).to(x.dtype) / d**0.5
+    total = x.new_zeros(())
+    for g in range(groups):
+        avg = torch.softmax(2 * inv_temperature * u[:, g * w:(g + 1) * w] @ codebook.t(), 1).mean(0)
+        total = total - (avg * torch.log(avg.clamp_min(torch.finfo(x.dtype).tiny))).sum()
+    return total
+
+
 # --- residual, grouped and cosine VQ (SoundStream, EnCodec, DAC, ViT-VQGAN) -------------
 # Plain [N, K] distances and autograd: the gradients of the fast paths are checked
 # against torch's differentiation of these formulas, not against a hand-derived rule.
