@@ -7,7 +7,8 @@ codebook or C of them (residual levels, groups) at once: program axis 1 picks th
    (``decay_weight = 1 - decay**t`` for the bias-corrected sizes, the skipped-batch count).
 2. ``_ema_finalize_kernel`` (one program per block of codes):
    ``size = decay * size + (1 - decay) * count``; Laplace smoothing with the total ``n``:
-   ``size = (size + eps) / (n + K * eps) * n``; ``ema_weight = decay * ema_weight +
+   ``size = (size + eps) / (n + K * eps) * n`` (K: the codebook's own size when codebooks
+   of several sizes are padded to one, the padding left untouched); ``ema_weight = decay * ema_weight +
    (1 - decay) * code_sums``; ``codebook = ema_weight / size``. All in place, fp32 math,
    and only where ``apply`` is set: decided on the device, never read by the host.
 """
@@ -26,17 +27,21 @@ SCALARS_CONFIG = dict(BLOCK_REDUCE=1024, num_warps=4)
 
 @triton.jit
 def _ema_scalars_kernel(
-    counts_ptr, size_ptr, loss_ptr, flag_ptr, active_ptr, scalars_ptr, decay_weight_ptr,
-    skipped_ptr, K, decay,
+    counts_ptr, size_ptr, loss_ptr, flag_ptr, active_ptr, num_codes_ptr, scalars_ptr,
+    decay_weight_ptr, skipped_ptr, K, decay,
     BLOCK_REDUCE: tl.constexpr, HAS_FLAG: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+    HAS_NUM_CODES: tl.constexpr,
 ):
     book = tl.program_id(0)
     counts_ptr += book.to(tl.int64) * K
     size_ptr += book.to(tl.int64) * K
+    num_codes = K
+    if HAS_NUM_CODES:  # this codebook's own size (the rest is padding)
+        num_codes = tl.load(num_codes_ptr + book)
     lanes = tl.arange(0, BLOCK_REDUCE)
     total = tl.zeros([BLOCK_REDUCE], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_REDUCE):
-        mask = k0 + lanes < K
+        mask = k0 + lanes < num_codes
         size = tl.load(size_ptr + k0 + lanes, mask=mask, other=0.0)
         count = tl.load(counts_ptr + k0 + lanes, mask=mask, other=0).to(tl.float32)
         total += size * decay + (1.0 - decay) * count
@@ -47,8 +52,9 @@ def _ema_scalars_kernel(
     apply = finite
     if HAS_ACTIVE:  # a level dropped this batch keeps its state
         apply = apply & (tl.load(active_ptr + book) != 0)
-    tl.store(scalars_ptr + 2 * book, apply.to(tl.float32))
-    tl.store(scalars_ptr + 2 * book + 1, tl.sum(total, axis=0))
+    tl.store(scalars_ptr + 3 * book, apply.to(tl.float32))
+    tl.store(scalars_ptr + 3 * book + 1, tl.sum(total, axis=0))
+    tl.store(scalars_ptr + 3 * book + 2, num_codes.to(tl.float32))
     weight = tl.load(decay_weight_ptr + book)
     tl.store(decay_weight_ptr + book, tl.where(apply, weight * decay + (1.0 - decay), weight))
     tl.store(skipped_ptr + book, tl.load(skipped_ptr + book) + tl.where(finite, 0, 1).to(tl.int64))
@@ -68,13 +74,14 @@ def _ema_finalize_kernel(
     weight_ptr += book_offset
     codebook_ptr += book_offset
     codes = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    # Not applied: an empty code range, so nothing below stores.
-    code_mask = codes < tl.where(tl.load(scalars_ptr + 2 * book) != 0, K, 0)
-    total = tl.load(scalars_ptr + 2 * book + 1)
+    # Not applied: an empty code range, so nothing below stores; padding codes never store.
+    num_codes = tl.load(scalars_ptr + 3 * book + 2)
+    code_mask = codes < tl.where(tl.load(scalars_ptr + 3 * book) != 0, num_codes.to(tl.int32), 0)
+    total = tl.load(scalars_ptr + 3 * book + 1)
     count = tl.load(counts_ptr + codes, mask=code_mask, other=0).to(tl.float32)
     size = tl.load(size_ptr + codes, mask=code_mask, other=0.0).to(tl.float32)
     size = size * decay + (1.0 - decay) * count
-    size = (size + epsilon) / (total + K * epsilon) * total
+    size = (size + epsilon) / (total + num_codes * epsilon) * total
     tl.store(size_ptr + codes, size.to(size_ptr.dtype.element_ty), mask=code_mask)
 
     code_offsets = codes.to(tl.int64)[:, None] * D
@@ -92,7 +99,7 @@ def _ema_finalize_kernel(
 
 @launcher
 def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
-               ema_decay_weight, skipped_batches, decay, epsilon, active=None):
+               ema_decay_weight, skipped_batches, decay, epsilon, active=None, num_codes=None):
     """In place on ``ema_cluster_size [K]``, ``ema_weight [K, D]``, ``codebook [K, D]``,
     ``ema_decay_weight`` (fp32 0-d) and ``skipped_batches`` (int64 0-d); returns ``applied``
     (fp32 0-d: 1 if the update was made, else 0). C codebooks: a leading ``[C]`` on all of
@@ -100,7 +107,8 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
 
     ``counts``: int32 ``[K]``; ``code_sums``: fp32 ``[K, D]``; ``loss``: fp32 0-d, the
     batch's (a non-finite loss skips the update); ``not_finite``: 0-d bool or ``None``, a
-    flag from the other ranks. Everything is read on the device: no host sync.
+    flag from the other ranks. ``num_codes`` (int32 ``[C]`` or ``None``): each codebook's
+    own size, the codes past it padding. Everything is read on the device: no host sync.
     """
     *lead, k, d = codebook.shape
     books = lead[0] if lead else 1
@@ -116,13 +124,15 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
                          f"{tuple(code_sums.shape)}, ema_cluster_size "
                          f"{tuple(ema_cluster_size.shape)}, counts {tuple(counts.shape)}, "
                          f"ema_decay_weight {tuple(ema_decay_weight.shape)}")
-    scalars = torch.empty(books, 2, dtype=torch.float32, device=codebook.device)  # apply, n
+    scalars = torch.empty(books, 3, dtype=torch.float32, device=codebook.device)  # apply, n, K
     _ema_scalars_kernel[(books,)](
         counts, ema_cluster_size, loss.reshape(1),
         not_finite.to(torch.int32).reshape(1) if not_finite is not None else counts,
         active.to(torch.int32) if active is not None else counts,
+        num_codes.to(torch.int32) if num_codes is not None else counts,
         scalars, ema_decay_weight, skipped_batches, k, float(decay),
-        HAS_FLAG=not_finite is not None, HAS_ACTIVE=active is not None, **SCALARS_CONFIG)
+        HAS_FLAG=not_finite is not None, HAS_ACTIVE=active is not None,
+        HAS_NUM_CODES=num_codes is not None, **SCALARS_CONFIG)
     config = launch_config(CONFIG, d)
     _ema_finalize_kernel[(triton.cdiv(k, config["BLOCK_K"]), books)](
         counts, code_sums, scalars, ema_cluster_size, ema_weight, codebook,
@@ -132,14 +142,15 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
 
 def aot_variants():
     """Every launchable configuration, for the ahead-of-time compile test."""
-    for has_flag, has_active in itertools.product((True, False), (True, False)):
+    for has_flag, has_active, has_num in itertools.product(*[(True, False)] * 3):
         sig = {"counts_ptr": "*i32", "size_ptr": "*fp32", "loss_ptr": "*fp32",
-               "flag_ptr": "*i32", "active_ptr": "*i32", "scalars_ptr": "*fp32",
-               "decay_weight_ptr": "*fp32", "skipped_ptr": "*i64", "K": "i32", "decay": "fp32"}
+               "flag_ptr": "*i32", "active_ptr": "*i32", "num_codes_ptr": "*i32",
+               "scalars_ptr": "*fp32", "decay_weight_ptr": "*fp32", "skipped_ptr": "*i64",
+               "K": "i32", "decay": "fp32"}
         consts, options = split_options(SCALARS_CONFIG)
-        consts.update(HAS_FLAG=has_flag, HAS_ACTIVE=has_active)
-        yield (f"ema_scalars[flag={has_flag},active={has_active}]", _ema_scalars_kernel, sig,
-               consts, options)
+        consts.update(HAS_FLAG=has_flag, HAS_ACTIVE=has_active, HAS_NUM_CODES=has_num)
+        yield (f"ema_scalars[flag={has_flag},active={has_active},num_codes={has_num}]",
+               _ema_scalars_kernel, sig, consts, options)
     for cfg, options in streaming_configs(CONFIG):
         sig = {"counts_ptr": "*i32", "code_sums_ptr": "*fp32", "scalars_ptr": "*fp32",
                "size_ptr": "*fp32", "weight_ptr": "*fp32", "codebook_ptr": "*fp32",

@@ -521,3 +521,79 @@ def test_padding_only_batch_leaves_state(kind, backend):
     assert not torch.equal(state["ema_cluster_size"], before["ema_cluster_size"])
     if "initialized" in state:
         assert bool(state["initialized"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ema", [True, False], ids=["ema", "learned"])
+def test_per_level_codebook_sizes_match_the_oracle(ema, backend):
+    """num_embeddings=(11, 7, 5): three training steps against the oracle with codebooks
+    of those sizes (outputs, codes, loss, gradients; EMA state per codebook), padding rows
+    untouched and never chosen."""
+    sizes, groups, levels, d = (11, 7, 5), 2, 3, 8
+    rvq = vqfast.ResidualVQ(levels, sizes, d, groups=groups, ema=ema, backend=backend,
+                            **ORIGINAL).to(DEVICE)
+    assert rvq.codebooks.shape == (groups * levels, 11, d // groups)
+    book_k = [sizes[b % levels] for b in range(groups * levels)]
+    books = [rvq.codebooks.detach()[b, :k].double().clone() for b, k in enumerate(book_k)]
+    size = [rvq.ema_cluster_size[b, :k].double().clone() for b, k in enumerate(book_k)] if ema else None
+    weight = [rvq.ema_weight[b, :k].double().clone() for b, k in enumerate(book_k)] if ema else None
+    for step in range(3):
+        z = torch.randn(2, d, 7, 5, device=DEVICE)
+        mask = torch.rand(2, 7, 5, device=DEVICE) > 0.3 if step == 2 else None
+        x = z.clone().requires_grad_()
+        loss, q, _, codes = rvq(x, mask=mask)
+        ref_books = [b.clone().requires_grad_() for b in books]
+        x_ref = _flat(z).double().requires_grad_()
+        out_r, loss_r, idx_r, _, counts_r, sums_r = reference.residual_vq(
+            x_ref, ref_books, levels, groups=groups, ema=ema,
+            mask=mask.reshape(-1) if mask is not None else None)
+        assert torch.equal(codes.movedim(1, 0).reshape(groups * levels, -1), idx_r)
+        torch.testing.assert_close(_flat(q), out_r.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss.double(), loss_r, rtol=1e-5, atol=1e-6)
+        weight_q = torch.randn_like(q)
+        (loss + (q * weight_q).sum()).backward()
+        (loss_r + (out_r * _flat(weight_q).double()).sum()).backward()
+        torch.testing.assert_close(_flat(x.grad).double(), x_ref.grad, rtol=1e-4, atol=1e-5)
+        if ema:
+            for b, k in enumerate(book_k):
+                size[b], weight[b], books[b] = reference.ema_step(
+                    size[b], weight[b], counts_r[b, :k].double(), sums_r[b, :k], 0.99, 1e-5)
+                torch.testing.assert_close(rvq.ema_cluster_size[b, :k].double(), size[b],
+                                           rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(rvq.codebooks[b, :k].double(), books[b],
+                                           rtol=1e-4, atol=1e-5)
+                assert float(rvq.ema_cluster_size[b, k:].abs().sum()) == 0  # padding untouched
+        else:
+            for b, k in enumerate(book_k):
+                torch.testing.assert_close(rvq.codebooks.grad[b, :k].double(), ref_books[b].grad,
+                                           rtol=1e-4, atol=1e-5)
+                assert float(rvq.codebooks.grad[b, k:].abs().sum()) == 0
+            with torch.no_grad():
+                rvq.codebooks -= 0.1 * rvq.codebooks.grad
+                books = [rvq.codebooks.detach()[b, :k].double().clone() for b, k in enumerate(book_k)]
+            rvq.codebooks.grad = None
+    assert float(rvq.codebooks.detach()[~rvq.real_codes].abs().sum()) == 0
+    rvq.eval()
+    z = torch.randn(2, d, 7, 5, device=DEVICE)
+    codes = rvq.encode(z)
+    torch.testing.assert_close(rvq.decode_indices(codes), rvq(z)[1].float(), rtol=1e-5, atol=1e-5)
+    bad = codes.clone()
+    bad[:, 2] = 6  # level 2 has 5 codes
+    with pytest.raises(ValueError, match="level 2"):
+        rvq.decode_indices(bad)
+
+
+def test_per_level_sizes_with_kmeans_dead_codes_and_usage():
+    rvq = vqfast.ResidualVQ(2, (16, 6), 4, backend="torch", dead_code_threshold=2.0)
+    for step in range(6):
+        rvq(torch.randn(3, 4, 50) + step)
+    assert bool(rvq.initialized)
+    assert float(rvq.codebooks[~rvq.real_codes].abs().sum()) == 0  # padding never re-seeded
+    usage = rvq.codebook_usage()
+    assert [u.usage.shape[0] for u in usage] == [16, 6]
+    with pytest.raises(ValueError, match="one int >= 1 per level"):
+        vqfast.ResidualVQ(2, (16, 6, 3), 4)
+    with pytest.raises(ValueError, match="one size"):
+        vqfast.ResidualVQ(2, (16, 6), 4, shared_codebook=True)
+    with pytest.raises(ValueError, match="num_embeddings"):  # the state says which sizes
+        vqfast.ResidualVQ(2, 16, 4).load_state_dict(rvq.state_dict())

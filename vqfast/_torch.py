@@ -118,7 +118,7 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
 
 
 def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
-               ema_decay_weight, skipped_batches, decay, epsilon, active=None):
+               ema_decay_weight, skipped_batches, decay, epsilon, active=None, num_codes=None):
     """In place: decay the EMA statistics towards this batch's, Laplace-smooth, renormalise;
     count the update in ``ema_decay_weight`` (``1 - decay**t``) or, when the batch's ``loss``
     is not finite (or a rank flagged ``not_finite``), leave the state and count a skipped
@@ -126,19 +126,31 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
 
     One codebook (``counts [K]``, ``code_sums [K, D]``, 0-d ``ema_decay_weight`` and
     ``skipped_batches``) or C of them (a leading ``[C]`` on every state tensor, ``applied
-    [C]``); ``active`` (bool ``[C]`` or ``None``) leaves the inactive ones untouched.
+    [C]``); ``active`` (bool ``[C]`` or ``None``) leaves the inactive ones untouched;
+    ``num_codes`` (int32 ``[C]`` or ``None``): codebook c's codes past ``num_codes[c]`` are
+    padding (left as they are; the smoothing counts ``num_codes[c]`` codes).
     """
-    num_codes = codebook.shape[-2]
+    k = codebook.shape[-2]
+    real = None
+    if num_codes is not None:
+        real = torch.arange(k, device=codebook.device) < num_codes[:, None]  # [C, K]
+        num_codes = num_codes.float()[:, None]
+    else:
+        num_codes = k
     finite = torch.isfinite(loss)
     if not_finite is not None:
         finite = finite & ~not_finite
     apply = finite if active is None else finite & active
     size = ema_cluster_size.float() * decay + (1 - decay) * counts.float()
+    if real is not None:
+        size = torch.where(real, size, 0.0)
     total = size.sum(-1, keepdim=True)  # n of the Laplace smoothing: the sum of the decayed sizes
     size = (size + epsilon) / (total + num_codes * epsilon) * total
     weight = ema_weight.float() * decay + (1 - decay) * code_sums
     codebook_new = weight / size.unsqueeze(-1)
     per_code = apply.unsqueeze(-1)
+    if real is not None:
+        per_code = per_code & real
     ema_cluster_size.copy_(torch.where(per_code, size, ema_cluster_size))
     ema_weight.copy_(torch.where(per_code.unsqueeze(-1), weight, ema_weight))
     codebook.copy_(torch.where(per_code.unsqueeze(-1), codebook_new, codebook))

@@ -256,7 +256,8 @@ def residual_vq(x, codebooks, num_levels, *, groups=1, cosine=False, commitment_
     """Residual (and grouped) VQ of ``x: [N, D]`` by brute force.
 
     ``codebooks: [G * C, K, D / G]`` with ``C = num_levels`` (one codebook per level) or
-    ``C = 1`` (shared by the levels of a group). Group ``g`` owns channels
+    ``C = 1`` (shared by the levels of a group); or a list of ``G * C`` codebooks ``[K_c,
+    D / G]`` of their own sizes (statistics are then padded to the largest K). Group ``g`` owns channels
     ``g * D/G .. (g+1) * D/G``. Level ``l`` quantizes the residual
     ``r_l = x_g - sg(q_0 + ... + q_{l-1})`` (l2-normalised to ``r~_l`` when ``cosine``;
     the codes are taken as they come) by the nearest code of ``r~_l``. Only the first
@@ -273,7 +274,8 @@ def residual_vq(x, codebooks, num_levels, *, groups=1, cosine=False, commitment_
     sq_err [G*Q], counts [G*Q, K], code_sums [G*Q, K, D/G])`` (statistics detached).
     """
     n, dim = x.shape
-    books, k, d = codebooks.shape
+    books, d = len(codebooks), codebooks[0].shape[1]
+    k = max(book.shape[0] for book in codebooks)
     shared = books == groups and num_levels > 1
     active = num_levels if active_levels is None else int(active_levels)
     valid = torch.ones(n, dtype=torch.bool, device=x.device) if mask is None else mask
@@ -301,7 +303,7 @@ def residual_vq(x, codebooks, num_levels, *, groups=1, cosine=False, commitment_
             slot = g * num_levels + level
             idx[slot] = torch.where(valid, i, -1)
             sq_err[slot] = err.detach() * valid.sum() * dim
-            onehot = F.one_hot(i, k).to(x.dtype) * weight
+            onehot = F.one_hot(i, k).to(x.dtype) * weight  # (padded to the largest K)
             counts[slot] = onehot.sum(0).long()
             code_sums[slot] = onehot.t() @ r_used.detach()
             total = total + q

@@ -28,7 +28,10 @@ class ResidualVQ(QuantizerCommon, nn.Module):
 
     Args:
         num_quantizers: Q, the levels per group.
-        num_embeddings: K, codes per codebook.
+        num_embeddings: K, codes per codebook; or a tuple of Q sizes, one per level (e.g.
+            ``(1024, 512, 256)``): the codebooks are then stored padded to the largest,
+            ``codebooks [G*Q, max K, d]`` (and the EMA buffers alike), rows past a level's
+            size zero and never chosen; all levels still run in one fused launch.
         embedding_dim: D, the input channels.
         commitment_cost: beta. ``ema=True``: ``loss = beta * sum_l mse(r_l, q_l)``;
             ``ema=False``: ``loss = sum_l mse(q_l, sg(r_l)) + beta * mse(sg(q_l), r_l)``
@@ -88,6 +91,16 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                  channel_last=False):
         super().__init__()
         self.channel_last = bool(channel_last)
+        level_sizes = None
+        if isinstance(num_embeddings, (tuple, list)):
+            level_sizes = tuple(num_embeddings)
+            if len(level_sizes) != num_quantizers or not all(
+                    isinstance(k, int) and k >= 1 for k in level_sizes):
+                raise ValueError(f"num_embeddings as a tuple needs one int >= 1 per level "
+                                 f"(num_quantizers={num_quantizers}), got {num_embeddings!r}")
+            if shared_codebook and len(set(level_sizes)) > 1:
+                raise ValueError("shared_codebook: the levels share one codebook, so one size")
+            num_embeddings = max(level_sizes)
         for name, value in (("num_quantizers", num_quantizers), ("num_embeddings", num_embeddings),
                             ("embedding_dim", embedding_dim), ("groups", groups)):
             if not isinstance(value, int) or value < 1:
@@ -125,9 +138,16 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             self.project_in = Projection(embedding_dim, groups * codebook_dim)
             self.project_out = Projection(groups * codebook_dim, embedding_dim)
         books = groups * (1 if shared_codebook else num_quantizers)
+        self.level_sizes = level_sizes if level_sizes and len(set(level_sizes)) > 1 else None
         codebooks = torch.randn(books, num_embeddings, self.code_dim)
         if cosine:
             codebooks = F.normalize(codebooks, dim=-1)
+        if self.level_sizes is not None:  # per book: its size, and which rows are codes
+            sizes = torch.tensor(self.level_sizes * groups, dtype=torch.int32)
+            self.register_buffer("book_sizes", sizes, persistent=False)
+            self.register_buffer("real_codes", torch.arange(num_embeddings) < sizes[:, None],
+                                 persistent=False)
+            codebooks = codebooks * self.real_codes[..., None]
         if ema:
             self.register_buffer("codebooks", codebooks)
             self.register_buffer("ema_cluster_size", torch.zeros(books, num_embeddings))
@@ -146,7 +166,8 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         return self.codebooks.shape[0]
 
     def extra_repr(self):
-        return (f"num_quantizers={self.num_quantizers}, num_embeddings={self.num_embeddings}, "
+        return (f"num_quantizers={self.num_quantizers}, "
+                f"num_embeddings={self.level_sizes or self.num_embeddings}, "
                 f"embedding_dim={self.embedding_dim}, groups={self.groups}, ema={self.ema}, "
                 f"cosine={self.cosine}, code_dim={self.code_dim}, backend={self.backend!r}")
 
@@ -155,6 +176,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
 
     def _state_options(self):
         return {"num_quantizers": self.num_quantizers, "groups": self.groups,
+                **({"num_embeddings": list(self.level_sizes)} if self.level_sizes else {}),
                 "shared_codebook": self.shared_codebook, "cosine": self.cosine, "ema": self.ema,
                 "codebook_dim": None if self.project_in is None else self.code_dim}
 
@@ -171,7 +193,9 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         """The codebooks the lookup sees: the learned ones l2-normalised when ``cosine``."""
         codebooks = self.codebooks.detach() if self.freeze_codebook else self.codebooks
         if self.cosine:  # (EMA codebooks are kept unit-norm; loaded or hand-set ones may not be)
-            return F.normalize(codebooks, dim=-1)
+            codebooks = F.normalize(codebooks, dim=-1)
+        if self.level_sizes is not None:  # padding rows: infinitely far, never chosen
+            codebooks = torch.where(self.real_codes[..., None], codebooks, float("inf"))
         return codebooks
 
     def _prepare(self, inputs, mask):
@@ -322,7 +346,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         applied = VF.ema_update(counts, code_sums, loss, not_finite, self.ema_cluster_size,
                                 self.ema_weight, self.codebooks, self.ema_decay_weight,
                                 self.skipped_batches, self.decay, self.epsilon, backend,
-                                book_active)
+                                book_active, num_codes=getattr(self, "book_sizes", None))
         if self.cosine:
             self.codebooks.copy_(torch.where(applied[:, None, None] > 0,
                                              F.normalize(self.codebooks, dim=-1), self.codebooks))
@@ -364,6 +388,8 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             dist.broadcast(samples, 0)
             dist.broadcast(used, 0)
         dead = (self.corrected_cluster_size() < self.dead_code_threshold) & applied[:, None] & used
+        if self.level_sizes is not None:
+            dead = dead & self.real_codes
         size = max(self.dead_code_threshold, 1.0) * self.ema_decay_weight[:, None]
         self.codebooks.copy_(torch.where(dead[..., None], samples, self.codebooks))
         self.ema_weight.copy_(torch.where(dead[..., None], samples * size[..., None],
@@ -377,18 +403,18 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         d = self.code_dim
         rows = z.movedim(1, -1).reshape(-1, z.shape[1]).float()
         rows = real_rows(rows, flat_mask)
-        centroids = torch.empty_like(self.codebooks)
-        sizes = torch.empty(self.codebooks.shape[:2], device=z.device)
+        centroids = torch.zeros_like(self.codebooks)  # (padding rows stay 0)
+        sizes = torch.zeros(self.codebooks.shape[:2], device=z.device)
         for g in range(self.groups):
             residual = rows[:, g * d:(g + 1) * d]
             for level in range(1 if self.shared_codebook else self.num_quantizers):
                 book = g if self.shared_codebook else g * self.num_quantizers + level
                 used = F.normalize(residual, dim=-1) if self.cosine else residual
-                c, counts = kmeans(used, self.num_embeddings, self.kmeans_iters, backend,
-                                   self.precision)
+                k = self.level_sizes[level] if self.level_sizes else self.num_embeddings
+                c, counts = kmeans(used, k, self.kmeans_iters, backend, self.precision)
                 if self.cosine:
                     c = F.normalize(c, dim=-1)
-                centroids[book], sizes[book] = c, counts.float().clamp_min(1)
+                centroids[book, :k], sizes[book, :k] = c, counts.float().clamp_min(1)
                 nearest, _ = VF.nearest_code(used, c, backend=backend, precision=self.precision)
                 residual = residual - c[nearest]
         centroids = without_real_rows_nan(centroids, flat_mask)
@@ -415,6 +441,13 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             raise ValueError(f"codes must be [B, G*n, *spatial] with G={g} and n <= {q}, got "
                              f"shape {tuple(codes.shape)}")
         n = codes.shape[1] // g
+        if self.level_sizes is not None and codes.numel():
+            per_level = codes.reshape(codes.shape[0], g, n, -1)
+            for level in range(n):
+                high = int(per_level[:, :, level].max())
+                if high >= self.level_sizes[level]:
+                    raise ValueError(f"codes of level {level} must lie in [-1, "
+                                     f"{self.level_sizes[level] - 1}], got up to {high}")
         codebooks = self._codebooks().detach().float()
         flat = codes.view(codes.shape[0], g, n, -1)  # [B, G, n, S]
         out = []
@@ -439,8 +472,10 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         if threshold is None:
             threshold = self.dead_code_threshold or 1.0
         corrected = self.corrected_cluster_size()
-        reports = [usage_report(self.ema_cluster_size[b], corrected[b], threshold,
+        sizes = ([self.level_sizes[b % self.num_quantizers] for b in range(self.num_books)]
+                 if self.level_sizes else [self.num_embeddings] * self.num_books)
+        reports = [usage_report(self.ema_cluster_size[b, :k], corrected[b, :k], threshold,
                                 self.reseeded_codes[b], self.skipped_batches[b])
-                   for b in range(self.num_books)]
+                   for b, k in enumerate(sizes)]
         warn_skipped(max(r.skipped_batches for r in reports))
         return reports

@@ -75,16 +75,16 @@ def _ema_update_op(counts: torch.Tensor, code_sums: torch.Tensor, loss: torch.Te
                    not_finite: torch.Tensor | None, ema_cluster_size: torch.Tensor,
                    ema_weight: torch.Tensor, codebook: torch.Tensor,
                    ema_decay_weight: torch.Tensor, skipped_batches: torch.Tensor, decay: float,
-                   epsilon: float, backend: str, active: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+                   epsilon: float, backend: str, active: torch.Tensor | None = None,
+                   num_codes: torch.Tensor | None = None) -> torch.Tensor:
     return _impl(backend).ema_update(counts, code_sums, loss, not_finite, ema_cluster_size,
                                      ema_weight, codebook, ema_decay_weight, skipped_batches,
-                                     decay, epsilon, active)
+                                     decay, epsilon, active, num_codes)
 
 
 @_ema_update_op.register_fake
 def _(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
-      ema_decay_weight, skipped_batches, decay, epsilon, backend, active=None):
+      ema_decay_weight, skipped_batches, decay, epsilon, backend, active=None, num_codes=None):
     return loss.new_empty(ema_decay_weight.shape, dtype=torch.float32)
 
 
@@ -149,7 +149,8 @@ def quantize(x, codebook, commitment_cost, codebook_loss, with_code_sums=False, 
 
 
 def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
-               ema_decay_weight, skipped_batches, decay, epsilon, backend, active=None):
+               ema_decay_weight, skipped_batches, decay, epsilon, backend, active=None,
+               num_codes=None):
     """In-place EMA codebook update from this batch's ``counts [K]`` and ``code_sums [K, D]``,
     skipped (and counted in ``skipped_batches``) when ``loss`` is not finite or
     ``not_finite`` (a 0-d bool from the other ranks, or ``None``) is set. Returns ``applied``
@@ -157,7 +158,9 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
 
     C codebooks at once: a leading ``[C]`` on every state tensor (``ema_decay_weight`` and
     ``skipped_batches`` ``[C]``, ``applied [C]``); ``active`` (bool ``[C]``) leaves the
-    others as they are (levels dropped by quantize dropout)."""
+    others as they are (levels dropped by quantize dropout). ``num_codes`` (int32 ``[C]``
+    or ``None``): codebook c holds only its first ``num_codes[c]`` codes (padded to K): the
+    rest keep their state and the smoothing counts ``num_codes[c]`` codes."""
     return torch.ops.vqfast.ema_update(counts, code_sums, loss, not_finite, ema_cluster_size,
                                        ema_weight, codebook, ema_decay_weight, skipped_batches,
-                                       decay, epsilon, backend, active)
+                                       decay, epsilon, backend, active, num_codes)
