@@ -78,6 +78,7 @@ OPTIONS = {
                                                                       codebook_dim=3)),
     "ema+channel_last": (vqfast.VectorQuantizerEMA, dict(channel_last=True)),
     "residual+channel_last": (vqfast.ResidualVQ, dict(channel_last=True, groups=1)),
+    "residual+per-level-sizes": (vqfast.ResidualVQ, dict(num_embeddings=(19, 11, 7))),
 }
 
 
@@ -91,7 +92,7 @@ def _make(cls, kw, backend):
     kw = dict(kw)
     watch = kw.pop("warn_on_collapse", None)
     if cls is vqfast.ResidualVQ:
-        module = cls(3, 19, 5, 0.25, backend=backend, **kw).to(DEVICE)
+        module = cls(3, kw.pop("num_embeddings", 19), 5, 0.25, backend=backend, **kw).to(DEVICE)
     else:
         module = cls(19, 5, 0.25, backend=backend, **kw).to(DEVICE)
     return module.warn_on_collapse(watch) if watch else module
