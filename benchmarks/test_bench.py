@@ -68,3 +68,12 @@ def test_encode_benchmark_rows_agree_on_the_codes():
     forward_module.load_state_dict(module.state_dict())
     forward_module.eval()
     assert torch.equal(encode_fn(x), forward_fn(x))
+
+
+def test_sim_vq_benchmark_runs_both_sides():
+    from benchmarks import sim_vq
+    case = dataclasses.replace(sim_vq.QUICK[0], n=256, k=16)
+    rows = sim_vq.run([case], torch.device("cpu"), progress=lambda line: None)
+    assert [r.impl for r in rows] == ["vqfast", sim_vq.PEER]
+    assert rows[0].median_ms and rows[0].peak_mib >= 0
+    assert rows[1].median_ms or rows[1].skipped.endswith("not installed")

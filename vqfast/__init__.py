@@ -6,10 +6,11 @@ from .model import VQVAE, Decoder, Encoder, Residual, ResidualStack
 from .modules import (ORIGINAL_ALGORITHM, CodebookUsage, LossBreakdown, VectorQuantizer,
                       VectorQuantizerEMA, kmeans)
 from .residual_vq import ResidualVQ
+from .sim_vq import SimVQ
 
 __version__ = "0.1.0"
 
 __all__ = ["VectorQuantizer", "VectorQuantizerEMA", "nearest_code", "VQVAE", "Encoder", "Decoder",
            "Residual", "ResidualStack", "CodebookUsage", "kmeans", "FSQ", "LFQ", "ResidualVQ",
-           "ORIGINAL_ALGORITHM", "LossBreakdown",
+           "ORIGINAL_ALGORITHM", "LossBreakdown", "SimVQ",
            "__version__"]

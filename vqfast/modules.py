@@ -376,9 +376,9 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
         ``x: [B, D, S]`` (``[N, D, 1]``; a view when ``inputs`` is contiguous: the kernels read
         either layout in place) and the backend."""
         x = self._vectors_of("inputs", inputs, self.embedding_dim)
-        if x.device != self.codebook.device:
+        if x.device != self._device():
             raise ValueError(f"inputs are on {x.device} but the codebook is on "
-                             f"{self.codebook.device}; move the module with .to(device)")
+                             f"{self._device()}; move the module with .to(device)")
         return x, VF.resolve_backend(self.backend, x.device)
 
     def nearest(self, x: torch.Tensor):
@@ -394,12 +394,17 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
         z = self.project_in(x) if self.project_in is not None else x
         return x, z, flat_mask, backend
 
-    def _quantize(self, z, flat_mask, codebook_loss, update, backend):
+    def _device(self) -> torch.device:
+        return self.codebook.device
+
+    def _quantize(self, z, flat_mask, codebook_loss, update, backend, codebook=None):
         """``(q, loss, idx [N], perplexity, counts [K], code_sums [K, d])``: the fused
         single-codebook op, or, with cosine codes, the rotation trick or a mask, the
-        residual op as one level of one group (those options live there, once)."""
+        residual op as one level of one group (those options live there, once).
+        ``codebook``: the codes to use (default ``self.codebook``)."""
+        codebook = self.codebook if codebook is None else codebook
         # frozen: the codebook takes no gradient (the loss keeps its value)
-        codebook = self.codebook.detach() if self.freeze_codebook else self.codebook
+        codebook = codebook.detach() if self.freeze_codebook else codebook
         if not self._fused_path(flat_mask):
             return VF.quantize(z, codebook, self.commitment_cost, codebook_loss, update,
                                backend, self.precision)

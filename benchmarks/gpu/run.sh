@@ -134,6 +134,7 @@ family() {
     fi
     "$py" -m benchmarks.residual "${rvq_size[@]}" --out "$out" --merge-into bench || return
     "$py" -m benchmarks.encode "${rvq_size[@]}" --out "$out" --merge-into bench || return
+    "$py" -m benchmarks.sim_vq "${rvq_size[@]}" --out "$out" --merge-into bench || return
     "$py" -m benchmarks.lookup_free "${lfq_size[@]}" --out "$out" --merge-into bench
 }
 
