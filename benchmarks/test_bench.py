@@ -77,3 +77,13 @@ def test_sim_vq_benchmark_runs_both_sides():
     assert [r.impl for r in rows] == ["vqfast", sim_vq.PEER]
     assert rows[0].median_ms and rows[0].peak_mib >= 0
     assert rows[1].median_ms or rows[1].skipped.endswith("not installed")
+
+
+def test_ibq_benchmark_streams_and_skips_what_would_not_fit():
+    from benchmarks import ibq
+    small, large = ibq.Case(64, 8, 32), ibq.Case(64, 8, 4096)
+    rows = ibq.run([small, large], torch.device("cpu"),
+                   budget_bytes=ibq.PLAIN_TENSORS * 64 * 1024 * 4, progress=lambda line: None)
+    assert [r.impl for r in rows] == ["vqfast (streamed)", ibq.PLAIN] * 2
+    assert rows[1].median_ms and rows[0].speedup_vs_plain
+    assert rows[3].skipped.startswith("needs ~") and rows[2].median_ms

@@ -38,7 +38,10 @@ def test_dry_run_writes_every_file(tmp_path):
     assert any(r["impl"] == "vqfast" and r["median_ms"] for r in bench["residual"])
     assert any(r["impl"] == "vqfast encode" and r["vectors_per_s"] for r in bench["encode"])
     assert {r["sem"] for r in bench["atomics"] if r["median_ms"]} == {"relaxed", "acq_rel"}
-    failed = [r for part in ("results", "lookup_free", "residual", "atomics", "encode")
+    assert any(r["impl"] == "vqfast" and r["median_ms"] for r in bench["sim_vq"])
+    assert any(r["impl"] == "vqfast (streamed)" and r["median_ms"] for r in bench["ibq"])
+    failed = [r for part in ("results", "lookup_free", "residual", "atomics", "encode", "sim_vq",
+                             "ibq")
               for r in bench[part]
               if (r["skipped"] or "").startswith("error")]
     assert failed == [], failed  # a case that raised (not one skipped for a missing peer)

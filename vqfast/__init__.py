@@ -7,10 +7,12 @@ from .modules import (ORIGINAL_ALGORITHM, CodebookUsage, LossBreakdown, VectorQu
                       VectorQuantizerEMA, kmeans)
 from .residual_vq import ResidualVQ
 from .sim_vq import SimVQ
+from .ibq import IndexBackpropVQ
 
 __version__ = "0.1.0"
 
 __all__ = ["VectorQuantizer", "VectorQuantizerEMA", "nearest_code", "VQVAE", "Encoder", "Decoder",
            "Residual", "ResidualStack", "CodebookUsage", "kmeans", "FSQ", "LFQ", "ResidualVQ",
            "ORIGINAL_ALGORITHM", "LossBreakdown", "SimVQ",
+           "IndexBackpropVQ",
            "__version__"]

@@ -186,6 +186,22 @@ def simvq(x: torch.Tensor, basis: torch.Tensor, weight: torch.Tensor, commitment
     return x + (q - x).detach(), loss, idx
 
 
+def ibq(x: torch.Tensor, codebook: torch.Tensor, commitment_cost=0.25, scale=1.0):
+    """Index backpropagation quantization (Shi et al., 2024) of ``x: [N, D]`` with plain
+    ``[N, K]`` logits: ``p = softmax(scale * x @ E^T)``, ``idx = argmax``, the output
+    ``(onehot(idx) - sg(p) + p) @ E`` (value ``E[idx]``, gradient through the softmax to
+    ``x`` and every code); ``loss = mse(E[idx], sg(x)) + commitment_cost * mse(sg(E[idx]),
+    x)``. Returns ``(out, loss, idx)``."""
+    logits = scale * x @ codebook.t()
+    p = torch.softmax(logits, dim=1)
+    idx = logits.argmax(1)
+    onehot = F.one_hot(idx, codebook.shape[0]).to(p.dtype)
+    out = (onehot - p.detach() + p) @ codebook
+    q = codebook[idx]
+    loss = F.mse_loss(q, x.detach()) + commitment_cost * F.mse_loss(q.detach(), x)
+    return out, loss, idx
+
+
 def bsq(z: torch.Tensor, entropy_loss_weight=0.1, commitment_cost=0.25, diversity_gamma=1.0,
         inv_temperature=100.0):
     """Binary spherical quantization (Zhao et al. 2024) of channels-last ``z: [N, d]`` by

@@ -20,7 +20,7 @@
 #                         statistics atomics relaxed vs acq_rel (the EMA step, one run)
 #   4 train               train.json: VQ-VAE step eager / torch.compile / CUDA graph, the
 #                         quantizer's share, kernel launches, a sync-debug step
-#   5 family              bench.*: the residual/grouped/cosine, encode and LFQ/FSQ benchmarks
+#   5 family              bench.*: residual/grouped/cosine, encode, SimVQ, IBQ, LFQ/FSQ
 #   6 quality             train.json: the quality benchmark's curves with the time left
 #   SUMMARY.md            parts, times, tests, headline ratios beside PREDICTION.md
 # A failing part is recorded and the others still run; the exit code is 0 only if every
@@ -135,6 +135,7 @@ family() {
     "$py" -m benchmarks.residual "${rvq_size[@]}" --out "$out" --merge-into bench || return
     "$py" -m benchmarks.encode "${rvq_size[@]}" --out "$out" --merge-into bench || return
     "$py" -m benchmarks.sim_vq "${rvq_size[@]}" --out "$out" --merge-into bench || return
+    "$py" -m benchmarks.ibq "${rvq_size[@]}" --out "$out" --merge-into bench || return
     "$py" -m benchmarks.lookup_free "${lfq_size[@]}" --out "$out" --merge-into bench
 }
 
@@ -159,8 +160,8 @@ run_part install 40 install
 run_part correctness 110 correctness
 run_part bench 90 bench
 run_part train 50 train
-run_part family 50 family
-run_part quality 80 quality
+run_part family 80 family
+run_part quality 50 quality
 echo "=== wrote $(ls "$out" | tr '\n' ' ')"
 cat "$out/SUMMARY.md" 2>/dev/null | head -60
 exit $failed
