@@ -9,16 +9,14 @@ the median time, vectors per second and peak memory. fp32 everywhere; on CUDA al
 inputs (vqfast keeps its codebook fp32 and accumulates distances in fp32).
 """
 
-import argparse
 import dataclasses
-from pathlib import Path
 
 import torch
 
 import vqfast
 
-from .measure import median_seconds, peak_extra_bytes
-from .suite import device_line, environment, save_side_report
+from .suite import (environment, measure_into, pick_device, save_side_report, side_parser,
+                    side_table, speedup_cell)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,21 +98,18 @@ def run(cases, device, dtypes=(torch.float32,), progress=print):
             for impl, setup in IMPLS.items():
                 row = Row(case.name, impl, case.n, case.d, case.k, case.levels,
                           str(dtype).removeprefix("torch."))
-                try:
+
+                def make_step(setup=setup, x=x):
                     module, encode = setup(case)
                     module.to(device).eval()
 
-                    def step(encode=encode):
+                    def step():
                         with torch.inference_mode():
                             return encode(x)
-                    step()
-                    row.median_ms = median_seconds(step, device) * 1e3
+                    return step
+                measure_into(row, make_step, device)
+                if row.median_ms:
                     row.vectors_per_s = case.n / (row.median_ms / 1e3)
-                    row.peak_mib = peak_extra_bytes(step, device) / 2**20
-                except LookupError as reason:
-                    row.skipped = str(reason)
-                except Exception as error:  # one failing case must not end the run
-                    row.skipped = f"error: {type(error).__name__}: {str(error)[:120]}"
                 progress(f"{case.name:<16} {row.dtype:<9} {impl:<24} "
                          + (f"{row.median_ms:10.2f} ms" if row.median_ms else row.skipped))
                 case_rows.append(row)
@@ -129,31 +124,20 @@ def run(cases, device, dtypes=(torch.float32,), progress=print):
 
 
 def markdown(env, rows) -> str:
-    lines = [device_line(env), "",
-             "| case | N | D | K | levels | dtype | implementation | ms | vectors/s | peak MiB | speedup vs peer |",
-             "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        head = f"| {r.case} | {r.n} | {r.d} | {r.k} | {r.levels} | {r.dtype} | {r.impl} |"
-        if r.skipped:
-            lines.append(f"{head} skipped: {r.skipped} | | | |")
-            continue
-        speedup = f"{r.speedup_vs_peer:.1f}x" if r.speedup_vs_peer else ""
-        lines.append(f"{head} {r.median_ms:.2f} | {r.vectors_per_s / 1e6:.2f} M | "
-                     f"{r.peak_mib:.1f} | {speedup} |")
-    return "\n".join(lines) + "\n"
+    return side_table(env, rows, [
+        ("case", lambda r: r.case), ("N", lambda r: str(r.n)), ("D", lambda r: str(r.d)),
+        ("K", lambda r: str(r.k)), ("levels", lambda r: str(r.levels)),
+        ("dtype", lambda r: r.dtype), ("implementation", lambda r: r.impl)], [
+        ("ms", lambda r: f"{r.median_ms:.2f}"),
+        ("vectors/s", lambda r: f"{r.vectors_per_s / 1e6:.2f} M"),
+        ("peak MiB", lambda r: f"{r.peak_mib:.1f}"),
+        ("speedup vs peer", lambda r: speedup_cell(r.speedup_vs_peer, ".1f"))])
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.encode", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="the three cases at N = 512, K <= 64")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
-    parser.add_argument("--name", default=None)
-    parser.add_argument("--merge-into", default=None, metavar="STEM",
-                        help="add the results to OUT/STEM.json (key encode) and STEM.md")
-    args = parser.parse_args(argv)
-    device = (torch.device("cuda" if torch.cuda.is_available() else "cpu")
-              if args.device == "auto" else torch.device(args.device))
+    args = side_parser("python -m benchmarks.encode", __doc__, "encode",
+                       ("--quick", "the three cases at N = 512, K <= 64")).parse_args(argv)
+    device = pick_device(args.device)
     env = environment(device)
     dtypes = (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
     rows = run(QUICK if args.quick else CASES, device, dtypes)

@@ -8,17 +8,15 @@ one run: median time and peak memory. The plain one is not run where its ``[N, K
 tensors would not fit (its estimate is reported), and an out-of-memory is reported as such.
 """
 
-import argparse
 import dataclasses
-from pathlib import Path
 
 import torch
 
 import vqfast
 from vqfast import reference
 
-from .measure import median_seconds, peak_extra_bytes
-from .suite import device_line, environment, save_side_report
+from .suite import (environment, measure_into, pick_device, save_side_report, side_parser,
+                    side_table, speedup_cell)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +68,7 @@ def run(cases, device, budget_bytes: float, progress=print):
             if impl == PLAIN and need > budget_bytes:
                 row.skipped = f"needs ~{need / 2**30:.0f} GiB: not run"
             else:
-                try:
-                    row.median_ms = median_seconds(step, device) * 1e3
-                    row.peak_mib = peak_extra_bytes(step, device) / 2**20
-                except torch.OutOfMemoryError:
-                    row.skipped = "out of memory"
-                except Exception as error:  # one failing case must not end the run
-                    row.skipped = f"error: {type(error).__name__}: {str(error)[:120]}"
+                measure_into(row, lambda step=step: step, device)
             progress(f"K={case.k:<7} {impl:<20} "
                      + (f"{row.median_ms:10.1f} ms" if row.median_ms else row.skipped))
             case_rows.append(row)
@@ -90,33 +82,20 @@ def run(cases, device, budget_bytes: float, progress=print):
 
 
 def markdown(env, rows) -> str:
-    lines = [device_line(env), "",
-             "| N | D | K | implementation | fwd+bwd ms | peak MiB | vs plain |",
-             "|---:|---:|---:|---|---:|---:|---:|"]
-    for r in rows:
-        head = f"| {r.n} | {r.d} | {r.k} | {r.impl} |"
-        if r.skipped:
-            lines.append(f"{head} {r.skipped} | | |")
-            continue
-        speedup = f"{r.speedup_vs_plain:.2f}x" if r.speedup_vs_plain else ""
-        lines.append(f"{head} {r.median_ms:.1f} | {r.peak_mib:.1f} | {speedup} |")
-    return "\n".join(lines) + "\n"
+    return side_table(env, rows, [
+        ("N", lambda r: str(r.n)), ("D", lambda r: str(r.d)), ("K", lambda r: str(r.k)),
+        ("implementation", lambda r: r.impl)], [
+        ("fwd+bwd ms", lambda r: f"{r.median_ms:.1f}"), ("peak MiB", lambda r: f"{r.peak_mib:.1f}"),
+        ("vs plain", lambda r: speedup_cell(r.speedup_vs_plain))])
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ibq", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="N = 128, K <= 512")
-    parser.add_argument("--device", default="auto")
+    parser = side_parser("python -m benchmarks.ibq", __doc__, "ibq", ("--quick", "N = 128, K <= 512"))
     parser.add_argument("--memory-budget-gib", type=float, default=None,
                         help="run the plain [N, K] implementation only below this estimate "
                              "(default: 8 GiB on CPU, the GPU's memory on CUDA)")
-    parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
-    parser.add_argument("--name", default=None)
-    parser.add_argument("--merge-into", default=None, metavar="STEM",
-                        help="add the results to OUT/STEM.json (key ibq) and STEM.md")
     args = parser.parse_args(argv)
-    device = (torch.device("cuda" if torch.cuda.is_available() else "cpu")
-              if args.device == "auto" else torch.device(args.device))
+    device = pick_device(args.device)
     budget = (args.memory_budget_gib * 2**30 if args.memory_budget_gib is not None
               else torch.cuda.get_device_properties(device).total_memory
               if device.type == "cuda" else 8 * 2**30)

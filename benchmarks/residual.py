@@ -11,18 +11,16 @@ default ``allow_tf32=False``); two more rows run both on TF32 tensor cores (vqfa
 each speedup measured against the peer in the same arithmetic.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import functools
-from pathlib import Path
 
 import torch
 
 import vqfast
 
-from .measure import median_seconds, peak_extra_bytes
-from .suite import device_line, environment, save_side_report
+from .suite import (environment, measure_into, pick_device, save_side_report, side_parser,
+                    side_table, speedup_cell)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,20 +166,17 @@ def run(cases, device, progress=print):
         for impl, (setup, matmul) in impls.items():
             row = Row(case.name, impl, case.n, case.d, case.k, case.levels, case.groups,
                       matmul=matmul)
-            try:
+
+            def make_step(setup=setup):
                 module, forward = setup(case)
                 module.to(device).train()
                 z = x.clone().requires_grad_()
 
-                def step(forward=forward, z=z):
+                def step():
                     q, loss = forward(z)
                     (loss + q.float().mean()).backward()
-                row.median_ms = median_seconds(step, device) * 1e3
-                row.peak_mib = peak_extra_bytes(step, device) / 2**20
-            except LookupError as reason:
-                row.skipped = str(reason)
-            except Exception as error:  # one failing case must not end the run
-                row.skipped = f"error: {type(error).__name__}: {str(error)[:120]}"
+                return step
+            measure_into(row, make_step, device)
             progress(f"{case.name:<20} {impl:<30} "
                      + (f"{row.median_ms:10.2f} ms" if row.median_ms else row.skipped))
             case_rows.append(row)
@@ -197,30 +192,18 @@ def run(cases, device, progress=print):
 
 
 def markdown(env, rows) -> str:
-    lines = [device_line(env), "",
-             "| case | N | D | K | levels x groups | implementation | fwd+bwd ms | peak MiB | speedup vs peer |",
-             "|---|---:|---:|---:|---|---|---:|---:|---:|"]
-    for r in rows:
-        head = f"| {r.case} | {r.n} | {r.d} | {r.k} | {r.levels} x {r.groups} | {r.impl} |"
-        if r.skipped:
-            lines.append(f"{head} skipped: {r.skipped} | | |")
-            continue
-        speedup = f"{r.speedup_vs_peer:.2f}x" if r.speedup_vs_peer else ""
-        lines.append(f"{head} {r.median_ms:.2f} | {r.peak_mib:.1f} | {speedup} |")
-    return "\n".join(lines) + "\n"
+    return side_table(env, rows, [
+        ("case", lambda r: r.case), ("N", lambda r: str(r.n)), ("D", lambda r: str(r.d)),
+        ("K", lambda r: str(r.k)), ("levels x groups", lambda r: f"{r.levels} x {r.groups}"),
+        ("implementation", lambda r: r.impl)], [
+        ("fwd+bwd ms", lambda r: f"{r.median_ms:.2f}"), ("peak MiB", lambda r: f"{r.peak_mib:.1f}"),
+        ("speedup vs peer", lambda r: speedup_cell(r.speedup_vs_peer))])
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.residual", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="the three cases at N = 512, K <= 64")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
-    parser.add_argument("--name", default=None)
-    parser.add_argument("--merge-into", default=None, metavar="STEM",
-                        help="add the results to OUT/STEM.json (key residual) and STEM.md")
-    args = parser.parse_args(argv)
-    device = (torch.device("cuda" if torch.cuda.is_available() else "cpu")
-              if args.device == "auto" else torch.device(args.device))
+    args = side_parser("python -m benchmarks.residual", __doc__, "residual",
+                       ("--quick", "the three cases at N = 512, K <= 64")).parse_args(argv)
+    device = pick_device(args.device)
     env = environment(device)
     rows = run(QUICK if args.quick else CASES, device)
     save_side_report(env, rows, markdown(env, rows), args.out, key="residual",

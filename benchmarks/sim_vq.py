@@ -7,16 +7,14 @@ vqfast (the projected codebook once per step, then the fused single-codebook op:
 side by side in one run.
 """
 
-import argparse
 import dataclasses
-from pathlib import Path
 
 import torch
 
 import vqfast
 
-from .measure import median_seconds, peak_extra_bytes
-from .suite import device_line, environment, save_side_report
+from .suite import (environment, measure_into, pick_device, save_side_report, side_parser,
+                    side_table, speedup_cell)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +82,7 @@ def run(cases, device, progress=print):
                 def step(module=module, z=z):
                     q, _, loss = module(z)
                     (loss + q.float().mean()).backward()
-            try:
-                row.median_ms = median_seconds(step, device) * 1e3
-                row.peak_mib = peak_extra_bytes(step, device) / 2**20
-            except Exception as error:  # one failing case must not end the run
-                row.skipped = f"error: {type(error).__name__}: {str(error)[:120]}"
+            measure_into(row, lambda step=step: step, device)
             progress(f"{case.name:<16} {impl:<24} "
                      + (f"{row.median_ms:10.2f} ms" if row.median_ms else row.skipped))
             case_rows.append(row)
@@ -101,30 +95,17 @@ def run(cases, device, progress=print):
 
 
 def markdown(env, rows) -> str:
-    lines = [device_line(env), "",
-             "| case | N | D | K | implementation | fwd+bwd ms | peak MiB | speedup vs peer |",
-             "|---|---:|---:|---:|---|---:|---:|---:|"]
-    for r in rows:
-        head = f"| {r.case} | {r.n} | {r.d} | {r.k} | {r.impl} |"
-        if r.skipped:
-            lines.append(f"{head} skipped: {r.skipped} | | |")
-            continue
-        speedup = f"{r.speedup_vs_peer:.1f}x" if r.speedup_vs_peer else ""
-        lines.append(f"{head} {r.median_ms:.1f} | {r.peak_mib:.1f} | {speedup} |")
-    return "\n".join(lines) + "\n"
+    return side_table(env, rows, [
+        ("case", lambda r: r.case), ("N", lambda r: str(r.n)), ("D", lambda r: str(r.d)),
+        ("K", lambda r: str(r.k)), ("implementation", lambda r: r.impl)], [
+        ("fwd+bwd ms", lambda r: f"{r.median_ms:.1f}"), ("peak MiB", lambda r: f"{r.peak_mib:.1f}"),
+        ("speedup vs peer", lambda r: speedup_cell(r.speedup_vs_peer, ".1f"))])
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.sim_vq", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="both cases at N = 256, K <= 64")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
-    parser.add_argument("--name", default=None)
-    parser.add_argument("--merge-into", default=None, metavar="STEM",
-                        help="add the results to OUT/STEM.json (key sim_vq) and STEM.md")
-    args = parser.parse_args(argv)
-    device = (torch.device("cuda" if torch.cuda.is_available() else "cpu")
-              if args.device == "auto" else torch.device(args.device))
+    args = side_parser("python -m benchmarks.sim_vq", __doc__, "sim_vq",
+                       ("--quick", "both cases at N = 256, K <= 64")).parse_args(argv)
+    device = pick_device(args.device)
     env = environment(device)
     rows = run(QUICK if args.quick else CASES, device)
     save_side_report(env, rows, markdown(env, rows), args.out, key="sim_vq",

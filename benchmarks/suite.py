@@ -1,5 +1,6 @@
 """Benchmark cases: shapes x ops x implementations, measured side by side in one run."""
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -400,3 +401,62 @@ def save_side_report(env: dict, rows, table: str, out: Path, *, key: str, headin
         stem.with_suffix(".md").write_text(table)
     print(table)
 
+
+
+# --- the side benchmarks' shared command line and measurement -----------------------------
+
+def side_parser(prog: str, description: str, key: str,
+                size_flag=("--quick", "small shapes: the pipeline only")) -> argparse.ArgumentParser:
+    """The command line every side benchmark takes: a size flag, ``--device``, ``--out``,
+    ``--name`` and ``--merge-into`` (the GPU command's ``bench.*``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(size_flag[0], action="store_true", help=size_flag[1])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--merge-into", default=None, metavar="STEM",
+                        help=f"add the results to OUT/STEM.json (key {key}) and STEM.md")
+    return parser
+
+
+def pick_device(name: str) -> torch.device:
+    """``"auto"``: CUDA when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def measure_into(row, make_step, device: torch.device) -> None:
+    """``row.median_ms`` and ``row.peak_mib`` of the step ``make_step()`` returns; what
+    stops it goes to ``row.skipped`` (a missing peer, out of memory, an error: one failing
+    case must not end the run)."""
+    try:
+        step = make_step()
+        row.median_ms = median_seconds(step, device) * 1e3
+        row.peak_mib = peak_extra_bytes(step, device) / 2**20
+    except LookupError as reason:
+        row.skipped = str(reason)
+    except torch.OutOfMemoryError:
+        row.skipped = "out of memory"
+    except Exception as error:
+        row.skipped = f"error: {type(error).__name__}: {str(error)[:120]}"
+
+
+def side_table(env: dict, rows, ident, measured) -> str:
+    """A side benchmark's markdown table: ``ident`` and ``measured`` are ``[(header,
+    row -> str)]``; a skipped row shows its reason in place of the measured cells."""
+    lines = [device_line(env), "",
+             "| " + " | ".join(h for h, _ in ident + measured) + " |",
+             "|" + "---|" * len(ident) + "---:|" * len(measured)]
+    for r in rows:
+        head = "| " + " | ".join(f(r) for _, f in ident) + " |"
+        if r.skipped:
+            lines.append(f"{head} skipped: {r.skipped} |" + " |" * (len(measured) - 1))
+        else:
+            lines.append(f"{head} " + " | ".join(f(r) for _, f in measured) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def speedup_cell(value, spec=".2f") -> str:
+    return f"{value:{spec}}x" if value else ""

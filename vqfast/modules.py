@@ -204,6 +204,23 @@ class QuantizerCommon:
     notebook's, vqfast 0.2's) load as before."""
 
     _collapse_watch = None
+    _accumulated = None  # inside accumulate(): the summed statistics, ``_update``'s kwargs
+
+    @contextlib.contextmanager
+    def _accumulation_window(self):
+        """The ``accumulate()`` block of the EMA quantizers: the forwards inside it sum
+        into ``_accumulated`` (``_accumulate``); leaving it calls ``_update(**pending)``."""
+        if self._accumulated is not None:
+            raise RuntimeError("accumulate() blocks do not nest")
+        self._accumulated = {}
+        try:
+            yield self
+            pending = self._accumulated
+        finally:
+            self._accumulated = None
+        if pending:
+            self._update(**pending)
+
     #: ``[B, *spatial, D]`` inputs and outputs instead of ``[B, D, *spatial]`` (read in place)
     channel_last = False
 
@@ -785,9 +802,6 @@ class VectorQuantizerEMA(_QuantizerBase):
             return (*outputs, LossBreakdown.of(loss, commitment=loss.float()))
         return outputs
 
-    _accumulated = None
-
-    @contextlib.contextmanager
     def accumulate(self):
         """Gradient accumulation: the training forwards inside the block add their per-code
         counts and sums to one accumulator instead of moving the EMA; leaving the block
@@ -798,27 +812,17 @@ class VectorQuantizerEMA(_QuantizerBase):
 
         ``with vq.accumulate(): for micro in batches: loss, q, _, _ = vq(micro); ...``
         """
-        if self._accumulated is not None:
-            raise RuntimeError("accumulate() blocks do not nest")
-        self._accumulated = {}
-        try:
-            yield self
-            pending = self._accumulated
-        finally:
-            self._accumulated = None
-        if pending:
-            self._update(pending["x"], pending["loss"], pending["counts"], pending["code_sums"],
-                         pending["backend"], pending["mask"])
+        return self._accumulation_window()
 
     @torch.no_grad()
     def _accumulate(self, x, loss, counts, code_sums, backend, flat_mask):
         acc = self._accumulated
         if acc:
             counts, code_sums, loss = acc["counts"] + counts, acc["code_sums"] + code_sums, acc["loss"] + loss
-            if flat_mask is None and acc["mask"] is not None:  # a mask anywhere: count real rows
+            if flat_mask is None and acc["flat_mask"] is not None:  # a mask anywhere: count real rows
                 flat_mask = torch.ones(x.shape[0] * x.shape[2], dtype=torch.bool, device=x.device)
         acc.update(x=x, loss=loss, counts=counts, code_sums=code_sums, backend=backend,
-                   mask=flat_mask)
+                   flat_mask=flat_mask)
 
     @torch.no_grad()
     def _update(self, x, loss, counts, code_sums, backend, flat_mask=None):

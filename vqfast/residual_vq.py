@@ -1,7 +1,6 @@
 """``ResidualVQ``: residual, grouped, shared-codebook, cosine and factorized VQ, every
 level of every group in one fused launch (SoundStream, EnCodec, DAC, ViT-VQGAN)."""
 
-import contextlib
 import math
 
 import torch
@@ -297,9 +296,6 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             return t
         return t.view(self.groups, self.num_quantizers, *t.shape[1:]).sum(1)
 
-    _accumulated = None
-
-    @contextlib.contextmanager
     def accumulate(self):
         """Gradient accumulation (``ema=True``): the training forwards inside the block add
         every level's counts and sums to one accumulator; leaving it applies one EMA update
@@ -311,16 +307,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
 
         ``with rvq.accumulate(): for micro in batches: loss, q, _, _ = rvq(micro); ...``
         """
-        if self._accumulated is not None:
-            raise RuntimeError("accumulate() blocks do not nest")
-        self._accumulated = {}
-        try:
-            yield self
-            pending = self._accumulated
-        finally:
-            self._accumulated = None
-        if pending:
-            self._update(**pending)
+        return self._accumulation_window()
 
     def _accumulate(self, stats: dict) -> None:
         acc = self._accumulated

@@ -77,8 +77,8 @@ def channels_first(name: str, inputs, channels: int) -> torch.Tensor:
         raise ValueError(f"{name} must be channels-first [B, C, *spatial] with at least one "
                          f"spatial dim, got shape {tuple(inputs.shape)}{hint}")
     if inputs.shape[1] != channels:
-        hint = (f"; it looks channels-last ([B, *spatial, C]): build the quantizer with "
-                f"channel_last=True (read in place) or pass inputs.movedim(-1, 1)"
+        hint = ("; it looks channels-last ([B, *spatial, C]): build the quantizer with "
+                "channel_last=True (read in place) or pass inputs.movedim(-1, 1)"
                 if inputs.shape[-1] == channels else "")
         raise ValueError(f"{name} has {inputs.shape[1]} channels (dim 1), expected {channels}; "
                          f"shape {tuple(inputs.shape)}{hint}")
@@ -99,8 +99,8 @@ def channels_last(name: str, inputs, channels: int) -> torch.Tensor:
         raise ValueError(f"{name} must be channels-last [B, *spatial, C] (channel_last=True), "
                          f"got shape {tuple(inputs.shape)}")
     if inputs.shape[-1] != channels:
-        hint = (f"; it looks channels-first ([B, C, *spatial]): build the quantizer with "
-                f"channel_last=False or pass inputs.movedim(1, -1)"
+        hint = ("; it looks channels-first ([B, C, *spatial]): build the quantizer with "
+                "channel_last=False or pass inputs.movedim(1, -1)"
                 if inputs.dim() > 2 and inputs.shape[1] == channels else "")
         raise ValueError(f"{name} has {inputs.shape[-1]} channels (last dim), expected "
                          f"{channels}; shape {tuple(inputs.shape)}{hint}")
