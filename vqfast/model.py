@@ -99,9 +99,9 @@ class VQVAE(nn.Module):
     ``forward(x: [B, C, H, W])`` returns ``(vq_loss, x_recon, perplexity)``; with
     ``return_codes=True`` also the codes ``int64 [B, H/4, W/4]`` from the same pass.
 
-    The paper's defaults (no k-means init, no dead-code re-seeding) reproduce the original
-    and can collapse the codebook to a few codes; ``kmeans_init=True,
-    dead_code_threshold=1.0`` avoids that (see the README's quality table).
+    The quantizer takes vqfast's defaults, k-means init and dead-code re-seeding, which
+    keep the codebook in use (the README's quality table); ``**vqfast.ORIGINAL_ALGORITHM``
+    is the paper's algorithm, which collapses it onto a few dozen codes.
     """
 
     _legacy_keys = {"_encoder.": "encoder.", "_pre_vq_conv.": "pre_vq_conv.",
