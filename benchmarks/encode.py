@@ -129,7 +129,7 @@ def markdown(env, rows) -> str:
         ("K", lambda r: str(r.k)), ("levels", lambda r: str(r.levels)),
         ("dtype", lambda r: r.dtype), ("implementation", lambda r: r.impl)], [
         ("ms", lambda r: f"{r.median_ms:.2f}"),
-        ("vectors/s", lambda r: f"{r.vectors_per_s / 1e6:.2f} M"),
+        ("vectors/s", lambda r: f"{r.vectors_per_s:,.0f}"),
         ("peak MiB", lambda r: f"{r.peak_mib:.1f}"),
         ("speedup vs peer", lambda r: speedup_cell(r.speedup_vs_peer, ".1f"))])
 
