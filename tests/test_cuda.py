@@ -57,7 +57,7 @@ def test_module_precisions_match_the_oracle(kind, precision, backend):
     b, d, s, k = (64, 64, 64, 512) if not INTERPRETED else (2, 9, 21, 37)
     torch.manual_seed(0)
     cls = vqfast.VectorQuantizerEMA if kind == "ema" else vqfast.VectorQuantizer
-    vq = cls(k, d, 0.25, backend=backend, precision=precision).to(DEVICE)
+    vq = cls(k, d, 0.25, backend=backend, precision=precision, **ORIGINAL).to(DEVICE)
     with torch.no_grad():
         vq.codebook.normal_()
     codebook = vq.codebook.detach().clone()
