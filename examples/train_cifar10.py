@@ -497,7 +497,8 @@ def build_parser():
     p.add_argument("--kmeans-iters", type=int, default=10)
     p.add_argument("--dead-code-threshold", type=float, default=None,
                    help="re-seed codes whose (bias-corrected) usage per batch falls below it "
-                        "(default 1; 0 = off; learned residual codebooks do not re-seed)")
+                        "(default: the quantizer's, 0.5 for the EMA one and 1 otherwise; "
+                        "0 = off; learned residual codebooks do not re-seed)")
     p.add_argument("--original-algorithm", action="store_true",
                    help="the paper's algorithm: no k-means init, no re-seeding (it can "
                         "collapse the codebook onto a few codes)")
@@ -569,13 +570,11 @@ def settings_from_checkpoint(args, argv, parser):
 
 
 def resolve_codebook_options(args) -> None:
-    """``--original-algorithm`` and the threshold's default (1; 0 for learned residual
-    codebooks, which do not re-seed), in place."""
+    """``--original-algorithm`` in place; without a threshold the quantizer's own
+    default applies (``None``)."""
     learned_rvq = args.quantizer == "rvq" and args.decay == 0
     if args.original_algorithm:
         args.kmeans_init, args.dead_code_threshold = False, 0.0
-    elif args.dead_code_threshold is None:
-        args.dead_code_threshold = 0.0 if learned_rvq else 1.0
     if args.dead_code_threshold and learned_rvq:
         sys.exit("--dead-code-threshold: learned residual codebooks do not re-seed; use the "
                  "EMA quantizer (--decay > 0) or --dead-code-threshold 0")

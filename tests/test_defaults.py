@@ -21,10 +21,10 @@ def _far_clusters(k=16, d=6, n=512, seed=0):
 
 
 def test_defaults_are_kmeans_init_and_dead_code_reseeding():
-    for vq in (vqfast.VectorQuantizer(8, 4), vqfast.VectorQuantizerEMA(8, 4),
-               vqfast.ResidualVQ(2, 8, 4), vqfast.VQVAE(8, 1, 4, 8, 4).vq,
-               vqfast.VQVAE(8, 1, 4, 8, 4, decay=0.99).vq):
-        assert vq.kmeans_init and vq.dead_code_threshold == 1.0, type(vq).__name__
+    for vq, threshold in ((vqfast.VectorQuantizer(8, 4), 1.0), (vqfast.VectorQuantizerEMA(8, 4), 0.5),
+                          (vqfast.ResidualVQ(2, 8, 4), 1.0), (vqfast.VQVAE(8, 1, 4, 8, 4).vq, 1.0),
+                          (vqfast.VQVAE(8, 1, 4, 8, 4, decay=0.99).vq, 0.5)):
+        assert vq.kmeans_init and vq.dead_code_threshold == threshold, type(vq).__name__
     learned = vqfast.ResidualVQ(2, 8, 4, ema=False)
     assert learned.kmeans_init and learned.dead_code_threshold == 0.0
     original = vqfast.VectorQuantizerEMA(8, 4, **vqfast.ORIGINAL_ALGORITHM)

@@ -191,8 +191,9 @@ def test_collapse_warning_fires_once():
 
 
 @pytest.mark.parametrize("flags, expected", [
-    ([], (True, 1.0)),
+    ([], (True, 0.5)),  # the EMA quantizer's default
     (["--decay", "0"], (True, 1.0)),  # the learned codebook re-seeds too
+    (["--quantizer", "rvq"], (True, 1.0)),
     (["--quantizer", "rvq", "--decay", "0"], (True, 0.0)),
     (["--original-algorithm"], (False, 0.0)),
     (["--no-kmeans-init", "--dead-code-threshold", "2"], (False, 2.0)),
@@ -200,7 +201,6 @@ def test_collapse_warning_fires_once():
 def test_codebook_options_default_to_kmeans_and_reseeding(flags, expected):
     args = train_cifar10.build_parser().parse_args(flags)
     train_cifar10.resolve_codebook_options(args)
-    assert (args.kmeans_init, args.dead_code_threshold) == expected
     vq = train_cifar10.build_model(args).vq
     assert (vq.kmeans_init, vq.dead_code_threshold) == expected
 
