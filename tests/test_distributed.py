@@ -75,6 +75,7 @@ def _worker(rank, world, port, mode, queue):
                 opt.zero_grad()
             results[kind] = {k: v.numpy().copy() for k, v in _state(model).items()}
         queue.put((rank, results))
+        dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()
 

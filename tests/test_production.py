@@ -32,6 +32,7 @@ def _ddp_worker(rank, world, port, batches, init_state, dead_code_threshold, que
             vq(batch.chunk(world)[rank])
         # numpy arrays travel by value (shared tensors would die with this process)
         queue.put((rank, {k: v.numpy().copy() for k, v in tensor_state(vq).items()}))
+        dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()
 
