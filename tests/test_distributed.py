@@ -3,16 +3,15 @@ training steps equals one process fed the whole batch, for VectorQuantizerEMA an
 ResidualVQ, also when one rank's batch is padding only (nothing hangs)."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import vqfast
 from _util import ORIGINAL
+from test_production import spawn_two_ranks
 
 KINDS = {
     "ema": lambda: vqfast.VectorQuantizerEMA(11, 6, 0.25, backend="torch", **ORIGINAL),
@@ -80,24 +79,9 @@ def _worker(rank, world, port, mode, queue):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("mode", ["fsdp2", "ddp+compile"])
 def test_two_ranks_equal_one_process_on_the_whole_batch(mode):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, mode, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=300) for _ in procs)  # a hang fails here, not forever
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = spawn_two_ranks(_worker, mode)
     for kind in KINDS:
         single = Model(kind)
         # lr 0: the conv stays put (a rank's mean loss over its real rows is not the global

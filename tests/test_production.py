@@ -20,7 +20,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, batches, init_state, dead_code_threshold, queue, ema=True):
+def _ddp_worker(rank, world, port, batches, init_state, dead_code_threshold, ema, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -37,24 +37,34 @@ def _ddp_worker(rank, world, port, batches, init_state, dead_code_threshold, que
         dist.destroy_process_group()
 
 
+def spawn_two_ranks(worker, *args):
+    """Run ``worker(rank, 2, port, *args, queue)`` on 2 spawned processes; each puts
+    ``(rank, result)`` on the queue. Returns ``{rank: result}`` once both exited cleanly."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=worker, args=(r, 2, port, *args, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=300) for _ in procs)  # a hang fails here, not forever
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
+def _two_rank_states(batches, init_state, dead_code_threshold, ema=True):
+    results = spawn_two_ranks(_ddp_worker, batches, init_state, dead_code_threshold, ema)
+    return {rank: {k: torch.from_numpy(v) for k, v in state.items()}
+            for rank, state in results.items()}
+
+
 @pytest.mark.parametrize("dead_code_threshold", [0.0, 0.5])
 def test_two_process_gloo_sync_equals_one_process_on_the_whole_batch(dead_code_threshold):
     batches = [torch.randn(4, 6, 5, 3) for _ in range(3)]
     single = vqfast.VectorQuantizerEMA(40, 6, 0.25, backend="torch", **ORIGINAL)
     init_state = copy.deepcopy(single.state_dict())
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker,
-                         args=(r, 2, port, batches, init_state, dead_code_threshold, queue))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    states = {rank: {k: torch.from_numpy(v) for k, v in state.items()}
-              for rank, state in (queue.get(timeout=120) for _ in procs)}
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    states = _two_rank_states(batches, init_state, dead_code_threshold)
     for key in states[0]:  # both ranks hold identical buffers
         assert torch.equal(states[0][key], states[1][key]), key
     if dead_code_threshold == 0:
@@ -70,19 +80,7 @@ def test_two_process_learned_codebook_reseeds_the_same_codes_on_every_rank():
     batches = [torch.randn(4, 6, 5, 3) + 2 * i for i in range(4)]  # drifting: codes die
     init_state = copy.deepcopy(vqfast.VectorQuantizer(40, 6, 0.25, backend="torch",
                                                       kmeans_init=False).state_dict())
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker,
-                         args=(r, 2, port, batches, init_state, 1.0, queue, False))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    states = {rank: {k: torch.from_numpy(v) for k, v in state.items()}
-              for rank, state in (queue.get(timeout=120) for _ in procs)}
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    states = _two_rank_states(batches, init_state, 1.0, ema=False)
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
     assert int(states[0]["reseeded_codes"]) > 0

@@ -91,7 +91,8 @@ class IndexBackpropVQ(QuantizerCommon, nn.Module):
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
         """Codes only: int64 ``[B, *spatial]``, the streamed argmax of the logits."""
         rows = self._rows(inputs).float()
-        idx, _, _ = ibq_forward(rows, self.codebook.detach().float(), self.logit_scale)
+        idx = ibq_forward(rows, self.codebook.detach().float(), self.logit_scale,
+                          argmax_only=True)
         return idx.view(self._positions(inputs))
 
     @torch.no_grad()

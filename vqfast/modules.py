@@ -236,13 +236,6 @@ class QuantizerCommon:
             return tuple(inputs.shape[:-1])
         return (inputs.shape[0], *inputs.shape[2:])
 
-    def _in_layout(self, t: torch.Tensor, positions) -> torch.Tensor:
-        """Contiguous ``[B, C, S]`` (or ``[N, C, 1]`` channel-last) back in the inputs'
-        layout, a view."""
-        if self.channel_last:
-            return t.view(*positions, t.shape[1])
-        return t.view(positions[0], t.shape[1], *positions[1:])
-
     def _rows_in_layout(self, rows: torch.Tensor) -> torch.Tensor:
         """Decoded codes ``[*positions, C]`` in the inputs' layout."""
         return rows if self.channel_last else rows.movedim(-1, 1)
@@ -598,8 +591,9 @@ class VectorQuantizer(_QuantizerBase):
         dead_code_threshold: codes whose usage (an EMA, decay ``USAGE_DECAY``, of how many
             vectors chose them per training batch, bias-corrected) falls below it are
             re-seeded at the next training forward, before its lookup, from random rows of
-            that batch (rank 0's: every rank re-seeds the same codes), starting at a usage of ``max(dead_code_threshold, 1)``. Decided on the
-            device: no host sync. Default 1.0; 0 turns it off. The original algorithm is
+            that batch (rank 0's: every rank re-seeds the same codes), starting at a usage
+            of ``max(dead_code_threshold, 1)``. Decided on the device: no host sync.
+            Default 1.0; 0 turns it off. The original algorithm is
             ``**vqfast.ORIGINAL_ALGORITHM`` (``kmeans_init=False, dead_code_threshold=0``).
         cosine: l2-normalise inputs and codes; nearest = largest cosine similarity
             (ViT-VQGAN); the output is the normalised code.

@@ -216,12 +216,17 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         with no EMA statistics, state change or autograd. ``decode_indices(encode(x))``
         equals the eval-mode output."""
         x, z, flat_mask, backend = self._prepare(inputs, mask)
-        idx = residual_quantize(
-            z, self._codebooks(), self.num_quantizers, groups=self.groups, cosine=self.cosine,
-            active=None, mask=flat_mask, commitment_cost=self.commitment_cost,
-            codebook_loss=False, rotation_trick=False, with_code_sums=False, backend=backend,
-            precision=self.precision)[2]
+        idx = self._plain_search(z, None, flat_mask, backend)[2]
         return self._codes_in_layout(idx, inputs)
+
+    def _plain_search(self, z, active, flat_mask, backend):
+        """The residual search with no codebook loss, rotation or statistics: the codes
+        (``encode``) and the commitment terms alone (the loss breakdown)."""
+        return residual_quantize(
+            z, self._codebooks(), self.num_quantizers, groups=self.groups, cosine=self.cosine,
+            active=active, mask=flat_mask, commitment_cost=self.commitment_cost,
+            codebook_loss=False, rotation_trick=False, with_code_sums=False, backend=backend,
+            precision=self.precision)
 
     def forward(self, inputs, mask=None, return_loss_breakdown=False):
         x, z, flat_mask, backend = self._prepare(inputs, mask)
@@ -256,11 +261,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             return (*outputs, LossBreakdown.of(loss, commitment=loss.float()))
         # the commitment terms alone (gradient to the input only): the same levels searched
         # again without the codebook loss (a second pass, only when asked for)
-        commitment = residual_quantize(
-            z, self._codebooks(), self.num_quantizers, groups=self.groups, cosine=self.cosine,
-            active=active, mask=flat_mask, commitment_cost=self.commitment_cost,
-            codebook_loss=False, rotation_trick=False, with_code_sums=False, backend=backend,
-            precision=self.precision)[1]
+        commitment = self._plain_search(z, active, flat_mask, backend)[1]
         return (*outputs, LossBreakdown.of(loss, commitment=commitment.float(),
                                            codebook=(loss - commitment).float()))
 
@@ -459,8 +460,8 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         if threshold is None:
             threshold = self.dead_code_threshold or 1.0
         corrected = self.corrected_cluster_size()
-        sizes = ([self.level_sizes[b % self.num_quantizers] for b in range(self.num_books)]
-                 if self.level_sizes else [self.num_embeddings] * self.num_books)
+        sizes = (self.book_sizes.tolist() if self.level_sizes
+                 else [self.num_embeddings] * self.num_books)
         reports = [usage_report(self.ema_cluster_size[b, :k], corrected[b, :k], threshold,
                                 self.reseeded_codes[b], self.skipped_batches[b])
                    for b, k in enumerate(sizes)]

@@ -25,28 +25,30 @@ def _code_tiles(k: int, n: int):
 
 
 @torch.no_grad()
-def ibq_forward(x: torch.Tensor, codebook: torch.Tensor, scale: float):
+def ibq_forward(x: torch.Tensor, codebook: torch.Tensor, scale: float, argmax_only=False):
     """``x fp32 [N, D]``, ``codebook fp32 [K, D]`` -> ``idx int64 [N]`` (argmax of the
-    logits), ``lse fp32 [N]`` (their log-sum-exp) and ``soft fp32 [N, D]`` (``p @ E``)."""
+    logits), ``lse fp32 [N]`` (their log-sum-exp) and ``soft fp32 [N, D]`` (``p @ E``);
+    with ``argmax_only`` (encoding) ``idx`` alone, no exponentials."""
     n = x.shape[0]
-    best = torch.full((n,), -float("inf"), device=x.device)
+    best = torch.full((n,), -float("inf"), device=x.device)  # the running max of the logits
     idx = torch.zeros(n, dtype=torch.int64, device=x.device)
-    running_max = torch.full((n,), -float("inf"), device=x.device)
-    running_sum = torch.zeros(n, device=x.device)
-    soft = torch.zeros_like(x)
+    running_sum = torch.zeros(n, device=x.device)  # sum of exp(logit - best)
+    soft = torch.zeros_like(x)  # sum of exp(logit - best) * code
     for c0, c1 in _code_tiles(codebook.shape[0], n):
         logits = (x @ codebook[c0:c1].t()).mul_(scale)  # [N, tile]
         value, where = logits.max(1)
         better = value > best  # strictly: the first maximum wins, as argmax
-        best = torch.where(better, value, best)
         idx = torch.where(better, where + c0, idx)
-        new_max = torch.maximum(running_max, value)
-        rescale = torch.exp(running_max - new_max)
-        weights = torch.exp(logits - new_max[:, None])
-        running_sum = running_sum * rescale + weights.sum(1)
-        soft = soft * rescale[:, None] + weights @ codebook[c0:c1]
-        running_max = new_max
-    return idx, running_max + torch.log(running_sum), soft / running_sum[:, None]
+        new_best = torch.where(better, value, best)
+        if not argmax_only:
+            rescale = torch.exp(best - new_best)
+            weights = torch.exp(logits - new_best[:, None])
+            running_sum = running_sum * rescale + weights.sum(1)
+            soft = soft * rescale[:, None] + weights @ codebook[c0:c1]
+        best = new_best
+    if argmax_only:
+        return idx
+    return idx, best + torch.log(running_sum), soft / running_sum[:, None]
 
 
 @torch.no_grad()
