@@ -189,11 +189,16 @@ class LFQ(QuantizerCommon, nn.Module):
     def _state_options(self):
         return {"dim": self.dim}
 
+    @property
+    def _code_scale(self) -> float:
+        """A code's value per channel: 1, or ``1/sqrt(d)`` on the unit sphere (BSQ)."""
+        return 1.0 / math.sqrt(self.dim) if self.spherical else 1.0
+
     def forward(self, z, return_loss_breakdown=False):
         x3 = self._vectors_of("z", z, self.dim)
         backend = VF.resolve_backend(self.backend, z.device)
         positive = x3 > 0
-        scale = 1.0 / math.sqrt(self.dim) if self.spherical else 1.0
+        scale = self._code_scale
         if self.spherical:  # onto the unit sphere; the codes are ±1/sqrt(d)
             x3 = F.normalize(x3.float(), dim=1).to(z.dtype)
         sign = torch.where(positive, scale, -scale).to(z.dtype)
@@ -241,6 +246,6 @@ class LFQ(QuantizerCommon, nn.Module):
         check_codes(codes, self.codebook_size, dropped_ok=False)
         codes = codes.long()
         bits = self.bits.view(1, -1, *[1] * (codes.dim() - 1))
-        scale = 1.0 / math.sqrt(self.dim) if self.spherical else 1.0
+        scale = self._code_scale
         return self._channels_first_in_layout(
             (((codes.unsqueeze(1) // bits) % 2).float() * 2 - 1) * scale)
