@@ -10,14 +10,16 @@ from .gather_loss import gather_loss
 from .lfq_entropy import lfq_avg_prob, lfq_entropy_backward
 from .nearest_code import nearest_code
 from .quantize_backward import quantize_backward
+from .residual_scalar import residual_fsq_backward, residual_scalar_forward
 from .residual_vq import residual_backward, residual_quantize
 
 # The registry of kernel modules: each lists its launchable configurations
 # (``aot_variants()``), which the ahead-of-time test compiles and checks for both targets.
 # tests/test_aot.py fails if a module holding a @triton.jit kernel is missing here.
 KERNEL_MODULES = ("nearest_code", "gather_loss", "code_sums", "ema_update", "quantize_backward",
-                  "fsq", "lfq_entropy", "residual_vq")
+                  "fsq", "lfq_entropy", "residual_vq", "residual_scalar")
 
 __all__ = ["nearest_code", "gather_loss", "ema_update", "quantize_backward", "fsq_forward",
            "fsq_backward", "lfq_avg_prob", "lfq_entropy_backward", "residual_quantize",
-           "residual_backward", "KERNEL_MODULES"]
+           "residual_backward", "residual_scalar_forward", "residual_fsq_backward",
+           "KERNEL_MODULES"]

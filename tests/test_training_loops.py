@@ -65,6 +65,8 @@ ENCODERS = {
     "grouped-shared": lambda b: vqfast.ResidualVQ(2, 13, 6, groups=2, shared_codebook=True, backend=b, **ORIGINAL),
     "fsq": lambda b: vqfast.FSQ([5, 4, 3, 3, 2, 2], backend=b),
     "lfq": lambda b: vqfast.LFQ(6, backend=b),
+    "residual-fsq": lambda b: vqfast.ResidualFSQ([5, 4, 3], 3, groups=2, backend=b),
+    "residual-lfq": lambda b: vqfast.ResidualLFQ(6, 3, groups=2, backend=b),
 }
 
 
@@ -81,7 +83,7 @@ def test_decode_of_encode_is_the_eval_output(name, backend, dtype):
     with torch.inference_mode():
         codes = vq.encode(z, mask=mask) if mask is not None else vq.encode(z)
         out = vq(z, mask=mask) if mask is not None else vq(z)
-    quantized, forward_codes = (out[0], out[1]) if name == "fsq" else (out[1], out[3])
+    quantized, forward_codes = (out[0], out[1]) if name.endswith("fsq") else (out[1], out[3])
     assert torch.equal(codes, forward_codes)
     decoded = vq.decode_indices(codes)
     if mask is not None:  # masked positions give back their input
@@ -225,6 +227,9 @@ LAYOUTS = {
                                                          **ORIGINAL, **kw),
     "fsq": lambda b, **kw: vqfast.FSQ([5, 4, 3], dim=6, backend=b, **kw),
     "lfq": lambda b, **kw: vqfast.LFQ(6, backend=b, **kw),
+    "residual-fsq": lambda b, **kw: vqfast.ResidualFSQ([5, 4], 2, dim=6, groups=2, backend=b, **kw),
+    "residual-lfq": lambda b, **kw: vqfast.ResidualLFQ(6, 2, codebook_dim=2, groups=2, backend=b,
+                                                       **kw),
 }
 MASKABLE = ["plain", "ema+codebook_dim", "residual+groups"]
 
@@ -262,10 +267,10 @@ def test_channel_last_equals_channels_first_read_in_place(kind, masked, backend)
             options = dict(mask=mask)
         out_first, out_last = first(x, **options), last(xl, **options)
         _same_in_layout(out_first, out_last)
-        quantized = 0 if kind == "fsq" else 1
+        quantized = 0 if kind.endswith("fsq") else 1
         weight = torch.randn_like(x)  # the same weights in each layout
         for out, w in ((out_first, weight), (out_last, weight.movedim(1, -1))):
-            loss = 0 if kind == "fsq" else out[0]
+            loss = 0 if kind.endswith("fsq") else out[0]
             (loss + (out[quantized] * w).sum()).backward()
         torch.testing.assert_close(x.grad.movedim(1, -1), xl.grad, **TOL[torch.float32])
     for key, value in tensor_state(first).items():
@@ -315,6 +320,8 @@ BREAKDOWN = {
     "residual-ema": lambda b: vqfast.ResidualVQ(2, 13, 6, 0.3, backend=b, **ORIGINAL),
     "lfq": lambda b: vqfast.LFQ(6, commitment_cost=0.3, backend=b),
     "fsq": lambda b: vqfast.FSQ([5, 4, 3], dim=6, backend=b),
+    "residual-fsq": lambda b: vqfast.ResidualFSQ([5, 4, 3], 2, groups=2, backend=b),
+    "residual-lfq": lambda b: vqfast.ResidualLFQ(6, 2, groups=3, commitment_cost=0.3, backend=b),
 }
 
 
@@ -335,7 +342,7 @@ def test_loss_breakdown_sums_to_the_loss_and_splits_its_gradient(kind, backend):
     out = vq(x, return_loss_breakdown=True)
     terms = out[-1]
     assert isinstance(terms, vqfast.LossBreakdown)
-    if kind == "fsq":
+    if kind.endswith("fsq"):
         assert all(float(t) == 0 for t in terms) and len(out) == 3
         return
     loss = out[0]
@@ -352,13 +359,13 @@ def test_loss_breakdown_sums_to_the_loss_and_splits_its_gradient(kind, backend):
     for i in codebook:
         assert float(commitment[i].abs().max()) == 0  # the commitment term leaves the codebook
     assert float(codebook_term[0].abs().max()) == 0  # the codebook term leaves the input
-    if kind.startswith("plain") or kind.startswith("residual"):
+    if kind.startswith("plain") or kind in ("residual-learned", "residual-ema"):
         ratio = terms.codebook / terms.commitment
         expected = 0.0 if kind.endswith("ema") else 1 / 0.3  # mse(q, sg x) = mse(sg q, x)
         torch.testing.assert_close(ratio, torch.tensor(expected, device=DEVICE), rtol=1e-4, atol=1e-6)
     if kind == "ema":
         assert float(terms.codebook) == 0
-    if kind == "lfq":
+    if kind.endswith("lfq"):
         assert float(terms.entropy) != 0 and float(terms.diversity) != 0
 
 

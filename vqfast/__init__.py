@@ -5,6 +5,7 @@ from .lookup_free import FSQ, LFQ
 from .model import VQVAE, Decoder, Encoder, Residual, ResidualStack
 from .modules import (ORIGINAL_ALGORITHM, CodebookUsage, LossBreakdown, VectorQuantizer,
                       VectorQuantizerEMA, kmeans)
+from .residual_lookup_free import ResidualFSQ, ResidualLFQ
 from .residual_vq import ResidualVQ
 from .sim_vq import SimVQ
 from .ibq import IndexBackpropVQ
@@ -14,5 +15,5 @@ __version__ = "0.1.0"
 __all__ = ["VectorQuantizer", "VectorQuantizerEMA", "nearest_code", "VQVAE", "Encoder", "Decoder",
            "Residual", "ResidualStack", "CodebookUsage", "kmeans", "FSQ", "LFQ", "ResidualVQ",
            "ORIGINAL_ALGORITHM", "LossBreakdown", "SimVQ",
-           "IndexBackpropVQ",
+           "IndexBackpropVQ", "ResidualFSQ", "ResidualLFQ",
            "__version__"]

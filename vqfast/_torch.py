@@ -440,3 +440,62 @@ def lfq_entropy_backward(x, lse, g, coef, inv_temperature, precision="ieee"):
             r = own * (other @ weights)  # [rows, 2**w]
             grad[rows, lo:hi] = r @ codes - torch.tanh(scaled[rows, lo:hi]) * r.sum(1, keepdim=True)
     return grad * (coef * scale)
+
+
+# --- residual FSQ / residual LFQ ----------------------------------------------------------
+
+def _residual_levels(z, params, scales, groups):
+    """``z`` as fp32 ``[B, G, C, S]`` and the per-channel constants as broadcasts."""
+    z3 = _as_bds(z)
+    b, channels, s = z3.shape
+    c = channels // groups
+    consts = [p.view(1, 1, c, 1) for p in params]
+    return z3.float().view(b, groups, c, s), consts, [sc.view(1, 1, c, 1) for sc in scales]
+
+
+def residual_scalar_forward(z, params, basis, scales, active, groups, sign, store_residuals):
+    """``z: [N, G*C]`` or ``[B, G*C, S]`` -> ``quantized`` (z's layout and dtype: the sum of
+    the levels), ``codes`` int64 ``[G*Q, N]`` (-1: a dropped level, or FSQ of a NaN input),
+    ``residuals`` fp32 ``[G*Q, N, C]`` (each level's input; empty unless
+    ``store_residuals``). ``sign``: LFQ's levels (``params`` unused) instead of FSQ's."""
+    r, (half_l, offset, shift, half_width), level_scales = _residual_levels(z, params, scales, groups)
+    b, _, c, s = r.shape
+    total = torch.zeros_like(r)
+    codes, residuals, nan = [], [], torch.zeros_like(r[:, :, 0], dtype=torch.bool)
+    for level, scale in enumerate(level_scales):
+        on = level < active
+        residuals.append(r)
+        if sign:
+            positive = r > 0
+            q = torch.where(positive, scale, -scale)
+            digit = positive.long()
+        else:
+            rounded = torch.round(torch.tanh(r / scale + shift) * half_l - offset)
+            q = rounded / half_width * scale
+            is_nan = rounded.isnan()
+            nan = nan | is_nan.any(2)
+            digit = (rounded + half_width).masked_fill(is_nan, 0).long()
+        q = torch.where(on, q, 0.0)
+        total, r = total + q, r - q
+        codes.append(torch.where(on, (digit * basis.view(1, 1, c, 1)).sum(2), -1))  # [B, G, S]
+    codes = torch.stack(codes, 2).masked_fill(nan[:, :, None], -1)  # [B, G, Q, S]
+    codes = codes.permute(1, 2, 0, 3).reshape(-1, b * s)
+    if store_residuals:  # [B, G, C, S] per level -> rows [G*Q, N, C]
+        rows = torch.stack(residuals, 2).permute(1, 2, 0, 4, 3).reshape(-1, b * s, c)
+    else:
+        rows = r.new_empty(0)
+    return total.view(_as_bds(z).shape).to(z.dtype).view(z.shape), codes, rows.contiguous()
+
+
+def residual_fsq_backward(grad_q, z, params, scales, active, groups):
+    """The straight-through gradient of every active level's bound: ``grad_z`` (z's layout
+    and dtype)."""
+    r, (half_l, offset, shift, half_width), level_scales = _residual_levels(z, params, scales, groups)
+    slope = torch.zeros_like(r)
+    for level, scale in enumerate(level_scales):
+        on = level < active
+        t = torch.tanh(r / scale + shift)
+        slope = slope + torch.where(on, (1 - t * t) * (half_l / half_width), 0.0)
+        r = r - torch.where(on, torch.round(t * half_l - offset) / half_width * scale, 0.0)
+    grad = _as_bds(grad_q).float().view(r.shape) * slope
+    return grad.view(_as_bds(z).shape).to(z.dtype).view(z.shape)

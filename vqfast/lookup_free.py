@@ -22,6 +22,27 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_levels(levels) -> list:
+    """FSQ's ``levels`` as a list of ints >= 2 whose product fits the int64 codes."""
+    if isinstance(levels, (str, bytes)) or not hasattr(levels, "__len__"):
+        raise TypeError(f"levels must be a list of ints, e.g. [8, 5, 5, 5], got {levels!r}")
+    levels = list(levels)
+    if not levels or not all(_is_int(level) and level >= 2 for level in levels):
+        raise ValueError(f"levels must be a non-empty list of ints >= 2, got {levels}")
+    levels = [int(level) for level in levels]
+    if math.prod(levels) >= 2**62:
+        raise ValueError(f"levels give {math.prod(levels)} codes; at most 2**62 fit the "
+                         f"int64 codes")
+    return levels
+
+
+def check_count(name: str, value, low: int = 1):
+    """An int option ``>= low`` (None passes through)."""
+    if value is not None and not (_is_int(value) and value >= low):
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
 class FSQ(QuantizerCommon, nn.Module):
     """Finite scalar quantization: each channel bounded with tanh and rounded to one of
     ``levels[i]`` values; no codebook, no auxiliary loss.
@@ -47,17 +68,8 @@ class FSQ(QuantizerCommon, nn.Module):
     def __init__(self, levels, *, dim=None, backend="auto", channel_last=False):
         super().__init__()
         self.channel_last = bool(channel_last)
-        if isinstance(levels, (str, bytes)) or not hasattr(levels, "__len__"):
-            raise TypeError(f"levels must be a list of ints, e.g. [8, 5, 5, 5], got {levels!r}")
-        levels = list(levels)
-        if not levels or not all(_is_int(level) and level >= 2 for level in levels):
-            raise ValueError(f"levels must be a non-empty list of ints >= 2, got {levels}")
-        levels = [int(level) for level in levels]
-        if math.prod(levels) >= 2**62:
-            raise ValueError(f"levels give {math.prod(levels)} codes; at most 2**62 fit the "
-                             f"int64 codes")
-        if dim is not None and not (_is_int(dim) and dim >= 1):
-            raise ValueError(f"dim must be an int >= 1 (or None), got {dim!r}")
+        levels = check_levels(levels)
+        check_count("dim", dim)
         VF.check_backend(backend)
         self.levels = levels
         self.codebook_size = math.prod(levels)

@@ -240,6 +240,24 @@ class QuantizerCommon:
         """Decoded codes ``[*positions, C]`` in the inputs' layout."""
         return rows if self.channel_last else rows.movedim(-1, 1)
 
+    def _codes_in_layout(self, idx: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Per-level codes ``idx [L, N]`` -> ``[B, L, *spatial]`` (channel-last ``[B,
+        *spatial, L]``)."""
+        positions = self._positions(inputs)
+        if self.channel_last:
+            return idx.t().contiguous().view(*positions, idx.shape[0])
+        return idx.view(idx.shape[0], *positions).movedim(0, 1).contiguous()
+
+    def _level_codes(self, codes: torch.Tensor, groups: int, num_levels: int) -> torch.Tensor:
+        """``decode_indices``' per-level codes in the inputs' layout -> ``[B, G, n, S]`` (the
+        first ``n <= num_levels`` levels of each group); raises on another shape."""
+        if self.channel_last and codes.dim() >= 2:  # [B, *spatial, G*n] -> [B, G*n, *spatial]
+            codes = codes.movedim(-1, 1)
+        if codes.dim() < 2 or codes.shape[1] % groups or codes.shape[1] // groups > num_levels:
+            raise ValueError(f"codes must be [B, G*n, *spatial] with G={groups} and n <= "
+                             f"{num_levels}, got shape {tuple(codes.shape)}")
+        return codes.reshape(codes.shape[0], groups, codes.shape[1] // groups, -1)
+
     def _channels_first_in_layout(self, t: torch.Tensor) -> torch.Tensor:
         """Decoded codes ``[B, C, *spatial]`` in the inputs' layout."""
         return t.movedim(1, -1) if self.channel_last else t

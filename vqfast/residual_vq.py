@@ -265,13 +265,6 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         return (*outputs, LossBreakdown.of(loss, commitment=commitment.float(),
                                            codebook=(loss - commitment).float()))
 
-    def _codes_in_layout(self, idx: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """``idx [G*Q, N]`` -> ``[B, G*Q, *spatial]`` (channel-last ``[B, *spatial, G*Q]``)."""
-        positions = self._positions(inputs)
-        if self.channel_last:
-            return idx.t().contiguous().view(*positions, idx.shape[0])
-        return idx.view(idx.shape[0], *positions).movedim(0, 1).contiguous()
-
     def _active_levels(self, device) -> torch.Tensor:
         """Quantize dropout: n uniform in 1..Q, drawn on the device (no host sync); rank
         0's draw when the statistics are synced."""

@@ -1,0 +1,295 @@
+"""Residual lookup-free quantizers: ``ResidualFSQ`` and ``ResidualLFQ``, optionally grouped,
+with quantize dropout; every level of every group in one fused launch."""
+
+import math
+
+import torch
+from torch import nn
+
+from . import functional as VF
+from .lookup_free import LFQ_EXPENSIVE_DIM, check_count, check_levels
+from .modules import LossBreakdown, Projection, QuantizerCommon, check_codes, keep_fp32
+from .ops import fsq as fsq_ops
+from .ops import lfq as lfq_ops
+from .ops import residual_scalar as ops
+from .reference import residual_fsq_scales
+
+
+class _ResidualScalar(QuantizerCommon, nn.Module):
+    """What the two residual lookup-free quantizers share: the group layout, the projections,
+    quantize dropout and the codes' layout."""
+
+    def _setup(self, dim, width, num_quantizers, groups, quantize_dropout, backend, channel_last):
+        check_count("num_quantizers", num_quantizers)
+        check_count("groups", groups)
+        check_count("dim", dim)
+        VF.check_backend(backend)
+        self.channel_last = bool(channel_last)
+        self.num_quantizers, self.groups = num_quantizers, groups
+        self.quantize_dropout = bool(quantize_dropout)
+        self.backend = backend
+        self.dim = dim or width
+        projected = self.dim != width
+        self.project_in = Projection(self.dim, width) if projected else None
+        self.project_out = Projection(width, self.dim) if projected else None
+        self.register_buffer("all_levels", torch.tensor(num_quantizers), persistent=False)
+
+    def _inputs(self, z):
+        """Validated ``z`` as ``[B, G*C, S]`` (projected), and its backend."""
+        x = self._vectors_of("z", z, self.dim)
+        if self.project_in is not None:
+            x = self.project_in(x).contiguous()
+        return x, VF.resolve_backend(self.backend, x.device)
+
+    def _active_levels(self) -> torch.Tensor:
+        """The levels this forward runs: all, or in training with ``quantize_dropout`` the
+        first n, n uniform in 1..Q, drawn on the device (no host sync)."""
+        if self.training and self.quantize_dropout and torch.is_grad_enabled():
+            return torch.randint(1, self.num_quantizers + 1, (), device=self.all_levels.device)
+        return self.all_levels
+
+    def _output(self, quantized, z):
+        if self.project_out is not None:
+            quantized = self.project_out(quantized)
+        return quantized.reshape(z.shape)
+
+    def _decoded(self, per_level, codes, like_codes):
+        """``per_level [B, G, n, S, C]`` values (0 where not quantized) summed over the levels
+        -> ``[B, D, *spatial]`` in the inputs' layout."""
+        b, g, _, s, c = per_level.shape
+        total = per_level.sum(2).permute(0, 1, 3, 2).reshape(b, g * c, s)
+        if self.project_out is not None:
+            total = self.project_out(total)
+        spatial = like_codes.shape[2:] if not self.channel_last else like_codes.shape[1:-1]
+        return self._channels_first_in_layout(total.reshape(b, -1, *spatial))
+
+
+class ResidualFSQ(_ResidualScalar):
+    """Residual finite scalar quantization (as in the FSQ paper's and vector-quantize-pytorch's
+    ``ResidualFSQ``), optionally grouped: level ``l`` quantizes the residual ``r_l = z -
+    (q_0 + ... + q_{l-1})`` with FSQ at scale ``s_l = (2 * (L // 2)) ** -l`` per channel,
+    ``q_l = s_l * fsq(r_l / s_l)``, so each level refines the last one's rounding step.
+
+    Args:
+        levels: FSQ values per channel, e.g. ``(8, 5, 5, 5)``; each level has
+            ``prod(levels)`` codes.
+        num_quantizers: Q, the levels (per group).
+        dim: if given, inputs have ``dim`` channels: a learned linear projection maps them to
+            ``G * len(levels)`` before quantizing and back after.
+        groups: G; group ``g`` quantizes channels ``g*C .. (g+1)*C`` (``C = len(levels)``)
+            with its own Q levels.
+        quantize_dropout: in training, each batch runs the first n levels, n uniform in
+            1..Q (SoundStream); the dropped levels get code -1.
+        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+        channel_last: ``z [B, *spatial, D]`` (tokens ``[B, N, D]``) in and out, codes
+            ``[B, *spatial, G*Q]``; read in place.
+
+    ``forward(z: [B, D, *spatial])`` (``D = dim or G * len(levels)``) returns ``(quantized,
+    codes)``: ``quantized`` in z's shape and dtype, the sum of the levels, with the gradient
+    of every level's bound (straight through the rounding, as FSQ); ``codes`` int64 ``[B,
+    G*Q, *spatial]`` (level ``l`` of group ``g`` at ``g*Q + l``), each FSQ's mixed radix
+    code in ``[0, prod(levels))``, -1 for a dropped level or an input with NaN. One fused
+    launch each way for all levels and groups. ``return_loss_breakdown=True`` appends a
+    ``vqfast.LossBreakdown`` of zeros (no loss). ``decode_indices(codes)`` sums the levels'
+    values back.
+    """
+
+    def __init__(self, levels, num_quantizers, *, dim=None, groups=1, quantize_dropout=False,
+                 backend="auto", channel_last=False):
+        super().__init__()
+        self.levels = check_levels(levels)
+        self._setup(dim, groups * len(self.levels), num_quantizers, groups, quantize_dropout,
+                    backend, channel_last)
+        self.codebook_size = math.prod(self.levels)
+        params, basis = fsq_ops.fsq_params(self.levels)
+        self.register_buffer("params", params, persistent=False)
+        self.register_buffer("basis", basis, persistent=False)
+        self.register_buffer("scales", residual_fsq_scales(self.levels, num_quantizers),
+                             persistent=False)
+        self.register_buffer("level_counts", torch.tensor(self.levels), persistent=False)
+
+    def extra_repr(self):
+        return (f"levels={self.levels}, num_quantizers={self.num_quantizers}, "
+                f"groups={self.groups}, dim={self.dim}")
+
+    def _state_options(self):
+        return {"levels": self.levels, "num_quantizers": self.num_quantizers,
+                "groups": self.groups, "dim": self.dim}
+
+    def _apply(self, fn, recurse=True):  # the grid's constants stay exact (fp32, int64)
+        return keep_fp32(self, ("params", "scales"), fn, recurse)
+
+    def forward(self, z, return_loss_breakdown=False):
+        x, backend = self._inputs(z)
+        quantized, codes = ops.residual_fsq(x, self.params, self.basis, self.scales,
+                                            self._active_levels(), self.groups, backend)
+        outputs = self._output(quantized, z), self._codes_in_layout(codes, z)
+        if return_loss_breakdown:  # no loss: every term is 0
+            return (*outputs, LossBreakdown.of(quantized))
+        return outputs
+
+    @torch.no_grad()
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """Codes only, every level: int64 ``[B, G*Q, *spatial]``; ``decode_indices(encode(z))``
+        equals the eval-mode output."""
+        x, backend = self._inputs(z)
+        codes = ops.residual_fsq(x, self.params, self.basis, self.scales, self.all_levels,
+                                 self.groups, backend)[1]
+        return self._codes_in_layout(codes, z)
+
+    @torch.no_grad()
+    def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """int64 ``codes [B, G*n, *spatial]`` (the first ``n <= Q`` levels of each group, in
+        ``[0, prod(levels))``, -1 = not quantized) -> ``quantized [B, D, *spatial]`` fp32.
+        Other values raise ``ValueError``."""
+        check_codes(codes, self.codebook_size)
+        flat = self._level_codes(codes.long(), self.groups, self.num_quantizers)[..., None]
+        digits = (flat.clamp_min(0) // self.basis) % self.level_counts  # [B, G, n, S, C]
+        half_width = self.level_counts // 2
+        n = flat.shape[2]
+        values = (digits - half_width).float() / half_width * self.scales[:n, None, :]
+        return self._decoded(torch.where(flat >= 0, values, 0.0), flat, codes)
+
+
+class ResidualLFQ(_ResidualScalar):
+    """Residual lookup-free quantization (vector-quantize-pytorch's ``ResidualLFQ``),
+    optionally grouped: level ``l`` quantizes the residual ``r_l = z - (q_0 + ... +
+    q_{l-1})`` to ``q_l = sign(r_l) * 2**-l``, with LFQ's entropy loss over its ``2**d``
+    scaled codes computed exactly (streamed, never ``[N, 2**d]``).
+
+    Args:
+        dim: D, the input channels.
+        num_quantizers: Q, the levels (per group).
+        codebook_dim: d, bits per level and group: learned projections ``D -> G * d`` before
+            quantizing and back after; default ``D / G`` (no projection). At most 24.
+        groups: G; group ``g`` quantizes channels ``g*d .. (g+1)*d`` with its own levels.
+        entropy_loss_weight, commitment_cost, diversity_gamma, inv_temperature: as for
+            ``LFQ``, per level, with ``p(c|r_l) = softmax_c(2 * inv_temperature * <r_l,
+            c>)`` over the level's codes ``c in {-1, 1}^d * 2**-l``.
+        quantize_dropout: in training, each batch runs the first n levels, n uniform in
+            1..Q; dropped levels get code -1 and add no loss.
+        backend, precision: as for ``LFQ``.
+        channel_last: ``z [B, *spatial, D]`` in and out, codes ``[B, *spatial, G*Q]``.
+
+    ``forward(z: [B, D, *spatial])`` returns ``(loss, quantized, perplexity, codes)``:
+    ``loss = sum_l [mean_g entropy_loss_weight * (H_sample - diversity_gamma * H_codebook)
+    + commitment_cost * sum_g |r_l - q_l|^2 / (N * G*d)]`` (``vqfast.reference.residual_lfq``);
+    ``quantized`` in z's shape and dtype, the sum of the levels, with the identity's
+    gradient (straight-through on the sum, as ``ResidualVQ``); ``perplexity`` fp32
+    ``[G*Q]``; ``codes`` int64 ``[B, G*Q, *spatial]``, each level's LFQ code (first channel
+    most significant). The levels run in one fused launch; the codebook entropy streams
+    each level's codes. ``return_loss_breakdown=True`` appends a ``vqfast.LossBreakdown``
+    (commitment, entropy, diversity, summed over the levels).
+    """
+
+    def __init__(self, dim, num_quantizers, *, codebook_dim=None, groups=1,
+                 entropy_loss_weight=0.1, commitment_cost=0.25, diversity_gamma=1.0,
+                 inv_temperature=100.0, quantize_dropout=False, backend="auto",
+                 precision="ieee", channel_last=False):
+        super().__init__()
+        check_count("dim", dim)
+        check_count("codebook_dim", codebook_dim)
+        if codebook_dim is None and dim % groups:
+            raise ValueError(f"dim={dim} is not divisible by groups={groups}")
+        bits = codebook_dim or dim // max(groups, 1)
+        if not 1 <= bits <= 24:
+            raise ValueError(f"bits per level (codebook_dim, or dim / groups) must be in [1, 24] "
+                             f"(2**bits codes), got {bits}")
+        if precision not in ("ieee", "tf32x3"):
+            raise ValueError(f"precision must be 'ieee' or 'tf32x3', got {precision!r}")
+        if not inv_temperature > 0:
+            raise ValueError(f"inv_temperature must be > 0, got {inv_temperature}")
+        if bits > LFQ_EXPENSIVE_DIM and entropy_loss_weight and diversity_gamma:
+            import warnings
+            warnings.warn(f"ResidualLFQ with {bits} bits per level: the exact codebook entropy "
+                          f"sums over all 2**{bits} codes for every vector and level; "
+                          f"diversity_gamma=0 skips it", stacklevel=2)
+        self._setup(dim, groups * bits, num_quantizers, groups, quantize_dropout, backend,
+                    channel_last)
+        self.code_dim = bits
+        self.codebook_size = 2**bits
+        self.entropy_loss_weight, self.commitment_cost = entropy_loss_weight, commitment_cost
+        self.diversity_gamma, self.inv_temperature = diversity_gamma, inv_temperature
+        self.precision = precision
+        self.register_buffer("bits", 2 ** torch.arange(bits - 1, -1, -1), persistent=False)
+        level_scales = 2.0 ** -torch.arange(num_quantizers, dtype=torch.float64)
+        self.register_buffer("scales", level_scales[:, None].expand(-1, bits).float().contiguous(),
+                             persistent=False)
+
+    def extra_repr(self):
+        return (f"dim={self.dim}, num_quantizers={self.num_quantizers}, groups={self.groups}, "
+                f"code_dim={self.code_dim}, entropy_loss_weight={self.entropy_loss_weight}, "
+                f"commitment_cost={self.commitment_cost}")
+
+    def _state_options(self):
+        return {"dim": self.dim, "num_quantizers": self.num_quantizers, "groups": self.groups,
+                "codebook_dim": self.code_dim}
+
+    def _apply(self, fn, recurse=True):
+        return keep_fp32(self, ("scales",), fn, recurse)
+
+    def forward(self, z, return_loss_breakdown=False):
+        x, backend = self._inputs(z)
+        active = self._active_levels()
+        g, q, d = self.groups, self.num_quantizers, self.code_dim
+        total, codes, residuals = ops.residual_sign_levels(x, self.bits, self.scales, active,
+                                                           g, True, backend)
+        # each level's input with the identity's gradient to x: r_l = x_g - sg(q_0 + ...)
+        x_rows = x.movedim(1, -1).reshape(-1, g, d).transpose(0, 1).float()  # [G, N, d]
+        x_rows = x_rows.repeat_interleave(q, 0)  # [G*Q, N, d]
+        rows = x_rows + (residuals - x_rows).detach()
+        on = (torch.arange(q, device=x.device) < active).repeat(g).float()  # [G*Q]
+        scale = self.scales[:, 0].repeat(g)[:, None, None]
+        signs = torch.where(residuals > 0, scale, -scale)
+        n = rows.shape[1]
+        commitment = self.commitment_cost * (
+            ((rows - signs) ** 2).sum((1, 2)) * on).sum() / (n * g * d)
+        loss, entropy, diversity = commitment, None, None
+        if self.entropy_loss_weight:
+            scaled = rows * scale  # <r, c * s> = <r * s, c>: the ±1 entropies of r * s
+            weight = self.entropy_loss_weight / g
+            entropy = weight * (lfq_ops.per_sample_entropy(scaled, self.inv_temperature) * on).sum()
+            loss = loss + entropy
+            if self.diversity_gamma:
+                book = torch.stack([lfq_ops.codebook_entropy(scaled[slot], self.inv_temperature,
+                                                             backend, self.precision)
+                                    for slot in range(g * q)])
+                diversity = -weight * self.diversity_gamma * (book * on).sum()
+                loss = loss + diversity
+        # the sum of the levels forward, the identity's gradient backward
+        quantized = total + (x - x.detach())
+        outputs = (loss, self._output(quantized, z), self._perplexity(codes),
+                   self._codes_in_layout(codes, z))
+        if return_loss_breakdown:
+            return (*outputs, LossBreakdown.of(loss, commitment=commitment, entropy=entropy,
+                                               diversity=diversity))
+        return outputs
+
+    def _perplexity(self, codes: torch.Tensor) -> torch.Tensor:
+        """Per level ``[G*Q]``, from the code counts (1 for a dropped level)."""
+        used = codes >= 0
+        counts = torch.zeros(codes.shape[0], self.codebook_size, device=codes.device).scatter_add_(
+            1, codes.clamp_min(0), used.float())
+        probs = counts / counts.sum(1, keepdim=True).clamp_min(1)
+        return torch.exp(-(probs * torch.log(probs + 1e-10)).sum(1))
+
+    @torch.no_grad()
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """Codes only, every level: int64 ``[B, G*Q, *spatial]``, without the entropy terms
+        (no work over the ``2**d`` codes)."""
+        x, backend = self._inputs(z)
+        codes = ops.residual_sign_levels(x, self.bits, self.scales, self.all_levels,
+                                         self.groups, False, backend)[1]
+        return self._codes_in_layout(codes, z)
+
+    @torch.no_grad()
+    def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """int64 ``codes [B, G*n, *spatial]`` (the first ``n <= Q`` levels of each group, in
+        ``[0, 2**d)``, -1 = not quantized) -> ``quantized [B, D, *spatial]`` fp32. Other
+        values raise ``ValueError``."""
+        check_codes(codes, self.codebook_size)
+        flat = self._level_codes(codes.long(), self.groups, self.num_quantizers)[..., None]
+        n = flat.shape[2]
+        signs = ((flat.clamp_min(0) // self.bits) % 2).float() * 2 - 1  # [B, G, n, S, d]
+        values = signs * self.scales[:n, None, :]
+        return self._decoded(torch.where(flat >= 0, values, 0.0), flat, codes)
