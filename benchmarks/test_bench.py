@@ -87,3 +87,12 @@ def test_ibq_benchmark_streams_and_skips_what_would_not_fit():
     assert [r.impl for r in rows] == ["vqfast (streamed)", ibq.PLAIN] * 2
     assert rows[1].median_ms and rows[0].speedup_vs_plain
     assert rows[3].skipped.startswith("needs ~") and rows[2].median_ms
+
+
+def test_residual_lookup_free_benchmark_runs_both_sides():
+    from benchmarks import residual_lookup_free as rlf
+    cases = [dataclasses.replace(c, n=256) for c in rlf.QUICK]
+    rows = rlf.run(cases, torch.device("cpu"), progress=lambda line: None)
+    assert [r.impl for r in rows] == ["vqfast", rlf.PEER] * 2
+    assert all(r.median_ms and r.peak_mib is not None for r in rows)
+    assert all(r.speedup_vs_peer for r in rows)

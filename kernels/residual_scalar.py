@@ -15,7 +15,8 @@ read on the device) add nothing and get code -1. ``STORE_RESIDUALS`` also writes
 level's input ``r_l`` as rows ``[G*Q, N, C]`` (LFQ's entropy terms read them).
 
 The FSQ backward recomputes the residuals and sums each level's straight-through bound
-derivative: ``grad_z = grad * sum_l (1 - tanh^2(r_l / s_l + shift)) * half_l / half_width``.
+derivative: ``grad_z = grad * sum_l (1 - tanh^2(r_l / s_l + shift)) * half_l / half_width``
+(``STORE_SLOPE`` writes that sum from the forward instead, for callers that keep it).
 """
 
 import torch
@@ -32,9 +33,9 @@ CONFIG = dict(BLOCK_N=128, num_warps=4)
 @triton.jit
 def _residual_scalar_forward_kernel(
     z_ptr, params_ptr, basis_ptr, scales_ptr, active_ptr, q_ptr, codes_ptr, residuals_ptr,
-    N, C, S, Q,
-    SIGN: tl.constexpr, STORE_RESIDUALS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
+    slope_ptr, N, C, S, Q,
+    SIGN: tl.constexpr, STORE_RESIDUALS: tl.constexpr, STORE_SLOPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     group = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -49,6 +50,7 @@ def _residual_scalar_forward_kernel(
     for c in range(0, C):
         r = tl.load(z_ptr + offsets, mask=row_mask, other=0.0).to(tl.float32)
         total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        slope = tl.zeros([BLOCK_N], dtype=tl.float32)
         basis = tl.load(basis_ptr + c)
         half_l = tl.load(params_ptr + c)
         offset = tl.load(params_ptr + C + c)
@@ -65,8 +67,11 @@ def _residual_scalar_forward_kernel(
                 q = tl.where(positive, s, -s)
                 digit = positive.to(tl.int64)
             else:
-                rounded = _round_half_even(_tanh(r / s + shift) * half_l - offset)
+                t = _tanh(r / s + shift)
+                rounded = _round_half_even(t * half_l - offset)
                 q = rounded / half_width * s
+                if STORE_SLOPE:
+                    slope += tl.where(level < active, (1.0 - t * t) * (half_l / half_width), 0.0)
                 is_nan = rounded != rounded
                 has_nan = has_nan | is_nan
                 digit = tl.where(is_nan, 0.0, rounded + half_width).to(tl.int64)
@@ -75,6 +80,8 @@ def _residual_scalar_forward_kernel(
             total += q
             r = r - q
         tl.store(q_ptr + offsets, total.to(q_ptr.dtype.element_ty), mask=row_mask)
+        if STORE_SLOPE:
+            tl.store(slope_ptr + offsets, slope, mask=row_mask)
         offsets += S
     codes = tl.where(has_nan[:, None] | (levels[None, :] >= active), -1, codes)
     code_offsets = (group * Q + levels[None, :]).to(tl.int64) * N + rows[:, None]
@@ -133,22 +140,26 @@ def _check(z, params, basis, scales, active, groups):
 
 
 @launcher
-def residual_scalar_forward(z, params, basis, scales, active, groups, sign, store_residuals):
+def residual_scalar_forward(z, params, basis, scales, active, groups, sign, store_residuals,
+                            store_slope=False):
     """``z: [N, G*C]`` or ``[B, G*C, S]`` -> ``quantized`` (z's layout and dtype: the sum of
     the levels), ``codes`` int64 ``[G*Q, N]`` (-1: a dropped level, or FSQ of a NaN input),
     ``residuals`` fp32 ``[G*Q, N, C]`` (each level's input; empty unless
-    ``store_residuals``). ``sign``: LFQ's levels (``params`` unused) instead of FSQ's."""
+    ``store_residuals``), ``slope`` fp32 in z's layout (FSQ: the summed bound derivative of
+    the active levels, the backward's factor; empty unless ``store_slope``). ``sign``:
+    LFQ's levels (``params`` unused) instead of FSQ's."""
     n, c, s, q_levels = _check(z, params, basis, scales, active, groups)
+    slope = torch.empty(z.shape if store_slope else (0,), dtype=torch.float32, device=z.device)
     quantized = torch.empty_like(z)
     codes = torch.empty(groups * q_levels, n, dtype=torch.int64, device=z.device)
     residuals = torch.empty((groups * q_levels, n, c) if store_residuals else (0,),
                             dtype=torch.float32, device=z.device)
     grid = (triton.cdiv(n, CONFIG["BLOCK_N"]), groups)
     _residual_scalar_forward_kernel[grid](
-        z, params, basis, scales, active, quantized, codes, residuals, n, c, s, q_levels,
+        z, params, basis, scales, active, quantized, codes, residuals, slope, n, c, s, q_levels,
         SIGN=bool(sign), STORE_RESIDUALS=bool(store_residuals),
-        BLOCK_Q=next_power_of_2(q_levels), **CONFIG)
-    return quantized, codes, residuals
+        STORE_SLOPE=bool(store_slope) and not sign, BLOCK_Q=next_power_of_2(q_levels), **CONFIG)
+    return quantized, codes, residuals, slope
 
 
 @launcher
@@ -174,11 +185,13 @@ def aot_variants():
     for dtype in PTR:
         sig = {"z_ptr": PTR[dtype], "params_ptr": "*fp32", "basis_ptr": "*i64",
                "scales_ptr": "*fp32", "active_ptr": "*i64", "q_ptr": PTR[dtype],
-               "codes_ptr": "*i64", "residuals_ptr": "*fp32", "N": "i32", "C": "i32",
-               "S": "i32", "Q": "i32"}
+               "codes_ptr": "*i64", "residuals_ptr": "*fp32", "slope_ptr": "*fp32", "N": "i32",
+               "C": "i32", "S": "i32", "Q": "i32"}
         for sign, block_q in ((False, 4), (False, 16), (True, 8), (True, 16)):
-            flags = dict(consts, SIGN=sign, STORE_RESIDUALS=sign, BLOCK_Q=block_q)
-            yield (f"residual_scalar_forward[{dtype},sign={sign},levels<={block_q}]",
+            flags = dict(consts, SIGN=sign, STORE_RESIDUALS=sign, STORE_SLOPE=block_q == 16 and not sign,
+                         BLOCK_Q=block_q)
+            name = f"{dtype},sign={sign},levels<={block_q},slope={flags['STORE_SLOPE']}"
+            yield (f"residual_scalar_forward[{name}]",
                    _residual_scalar_forward_kernel, sig, flags, options)
         sig = {"grad_q_ptr": PTR[dtype], "z_ptr": PTR[dtype], "params_ptr": "*fp32",
                "scales_ptr": "*fp32", "active_ptr": "*i64", "grad_z_ptr": PTR[dtype],

@@ -206,9 +206,15 @@ def test_custom_ops_pass_opcheck(backend):
     active = torch.tensor(2, device=DEVICE)
     z = torch.randn(2, 6, 5, device=DEVICE)
     ops = torch.ops.vqfast
-    for sign, store in ((False, False), (True, True)):
+    for sign, store, slope in ((False, False, True), (False, False, False), (True, True, False)):
         torch.library.opcheck(ops.residual_scalar_forward.default,
-                              (z, params, basis, scales, active, 2, sign, store, backend))
+                              (z, params, basis, scales, active, 2, sign, store, slope, backend))
+    # the forward's slope is the fused backward's factor
+    slope = ops.residual_scalar_forward(z, params, basis, scales, active, 2, False, False, True,
+                                        backend)[3]
+    grad = torch.randn_like(z)
+    torch.testing.assert_close(
+        ops.residual_fsq_backward(grad, z, params, scales, active, 2, backend), grad * slope)
     torch.library.opcheck(ops.residual_fsq_backward.default,
                           (torch.randn_like(z), z, params, scales, active, 2, backend))
 

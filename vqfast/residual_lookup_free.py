@@ -101,6 +101,9 @@ class ResidualFSQ(_ResidualScalar):
         self._setup(dim, groups * len(self.levels), num_quantizers, groups, quantize_dropout,
                     backend, channel_last)
         self.codebook_size = math.prod(self.levels)
+        if self.codebook_size >= 2**53:
+            raise ValueError(f"levels give {self.codebook_size} codes per level; ResidualFSQ "
+                             f"takes at most 2**53")
         params, basis = fsq_ops.fsq_params(self.levels)
         self.register_buffer("params", params, persistent=False)
         self.register_buffer("basis", basis, persistent=False)

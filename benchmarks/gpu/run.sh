@@ -20,7 +20,7 @@
 #                         statistics atomics relaxed vs acq_rel (the EMA step, one run)
 #   4 train               train.json: VQ-VAE step eager / torch.compile / CUDA graph, the
 #                         quantizer's share, kernel launches, a sync-debug step
-#   5 family              bench.*: residual/grouped/cosine, encode, SimVQ, IBQ, LFQ/FSQ
+#   5 family              bench.*: residual/grouped/cosine, encode, SimVQ, IBQ, LFQ/FSQ, residual FSQ/LFQ
 #   6 quality             train.json: the quality benchmark's curves with the time left
 #   SUMMARY.md            parts, times, tests, headline ratios beside PREDICTION.md
 # A failing part is recorded and the others still run; the exit code is 0 only if every
@@ -136,6 +136,8 @@ family() {
     "$py" -m benchmarks.encode "${rvq_size[@]}" --out "$out" --merge-into bench || return
     "$py" -m benchmarks.sim_vq "${rvq_size[@]}" --out "$out" --merge-into bench || return
     "$py" -m benchmarks.ibq "${rvq_size[@]}" --out "$out" --merge-into bench || return
+    "$py" -m benchmarks.residual_lookup_free "${rvq_size[@]}" --out "$out" --merge-into bench \
+        || return
     "$py" -m benchmarks.lookup_free "${lfq_size[@]}" --out "$out" --merge-into bench
 }
 

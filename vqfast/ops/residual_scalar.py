@@ -15,18 +15,19 @@ def _num_levels(scales: torch.Tensor, groups: int) -> int:
 @torch.library.custom_op("vqfast::residual_scalar_forward", mutates_args=())
 def _residual_scalar_forward_op(
         z: torch.Tensor, params: torch.Tensor, basis: torch.Tensor, scales: torch.Tensor,
-        active: torch.Tensor, groups: int, sign: bool, store_residuals: bool,
-        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        active: torch.Tensor, groups: int, sign: bool, store_residuals: bool, store_slope: bool,
+        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _impl(backend).residual_scalar_forward(z, params, basis, scales, active, groups,
-                                                  sign, store_residuals)
+                                                  sign, store_residuals, store_slope)
 
 
 @_residual_scalar_forward_op.register_fake
-def _(z, params, basis, scales, active, groups, sign, store_residuals, backend):
+def _(z, params, basis, scales, active, groups, sign, store_residuals, store_slope, backend):
     n, slots = _torch.num_vectors(z), _num_levels(scales, groups)
     shape = (slots, n, params.shape[1]) if store_residuals else (0,)
     return (torch.empty_like(z), z.new_empty(slots, n, dtype=torch.int64),
-            z.new_empty(shape, dtype=torch.float32))
+            z.new_empty(shape, dtype=torch.float32),
+            z.new_empty(z.shape if store_slope and not sign else (0,), dtype=torch.float32))
 
 
 @torch.library.custom_op("vqfast::residual_fsq_backward", mutates_args=())
@@ -43,22 +44,29 @@ def _(grad_q, z, params, scales, active, groups, backend):
 
 class _ResidualFSQ(torch.autograd.Function):
     """``z: [N, G*C]`` or ``[B, G*C, S]`` -> ``quantized`` (z's layout), ``codes [G*Q, N]``;
-    the gradient is the sum of the active levels' bound gradients."""
+    the gradient is the sum of the active levels' bound gradients: recomputed from z by
+    the fused backward on the Triton path; kept from the forward on the torch path (where
+    the recomputed tanh would cost as much as the forward)."""
 
     @staticmethod
     def forward(ctx, z, params, basis, scales, active, groups, backend):
-        q, codes, _ = torch.ops.vqfast.residual_scalar_forward(
-            z, params, basis, scales, active, groups, False, False, backend)
-        ctx.save_for_backward(z, params, scales, active)
-        ctx.groups, ctx.backend = groups, backend
+        keep = backend == "torch"
+        q, codes, _, slope = torch.ops.vqfast.residual_scalar_forward(
+            z, params, basis, scales, active, groups, False, False, keep, backend)
+        ctx.save_for_backward(slope if keep else z, params, scales, active)
+        ctx.groups, ctx.backend, ctx.keep = groups, backend, keep
         ctx.mark_non_differentiable(codes)
         return q, codes
 
     @staticmethod
     def backward(ctx, grad_q, grad_codes):
-        z, params, scales, active = ctx.saved_tensors
-        grad_z = torch.ops.vqfast.residual_fsq_backward(grad_q.contiguous(), z, params, scales,
-                                                         active, ctx.groups, ctx.backend)
+        saved, params, scales, active = ctx.saved_tensors
+        if ctx.keep:
+            grad_z = (grad_q.float() * saved).to(grad_q.dtype)
+        else:
+            grad_z = torch.ops.vqfast.residual_fsq_backward(grad_q.contiguous(), saved, params,
+                                                             scales, active, ctx.groups,
+                                                             ctx.backend)
         return grad_z, None, None, None, None, None, None
 
 
@@ -76,4 +84,5 @@ def residual_sign_levels(z, basis, scales, active, groups=1, store_residuals=Tru
     (z's layout and dtype), codes [G*Q, N], residuals fp32 [G*Q, N, C])``."""
     params = scales.new_zeros(4, scales.shape[1])
     return torch.ops.vqfast.residual_scalar_forward(z.detach(), params, basis, scales, active,
-                                                    groups, True, store_residuals, backend)
+                                                    groups, True, store_residuals, False,
+                                                    backend)[:3]
