@@ -7,6 +7,7 @@ from .modules import (ORIGINAL_ALGORITHM, CodebookUsage, LossBreakdown, VectorQu
                       VectorQuantizerEMA, kmeans)
 from .residual_lookup_free import ResidualFSQ, ResidualLFQ
 from .residual_vq import ResidualVQ
+from .multiscale_vq import MultiScaleResidualVQ
 from .sim_vq import SimVQ
 from .ibq import IndexBackpropVQ
 
@@ -15,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = ["VectorQuantizer", "VectorQuantizerEMA", "nearest_code", "VQVAE", "Encoder", "Decoder",
            "Residual", "ResidualStack", "CodebookUsage", "kmeans", "FSQ", "LFQ", "ResidualVQ",
            "ORIGINAL_ALGORITHM", "LossBreakdown", "SimVQ",
-           "IndexBackpropVQ", "ResidualFSQ", "ResidualLFQ",
+           "IndexBackpropVQ", "ResidualFSQ", "ResidualLFQ", "MultiScaleResidualVQ",
            "__version__"]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modules import VectorQuantizer, VectorQuantizerEMA, rename_legacy_keys
+from .multiscale_vq import MultiScaleResidualVQ
 from .residual_vq import ResidualVQ
 
 
@@ -94,7 +95,9 @@ class VQVAE(nn.Module):
     ``dead_code_threshold`` (EMA only), ``cosine``, ``codebook_dim``, ``rotation_trick``,
     ...), passed on as they are. ``num_quantizers=Q`` (keyword) picks ``ResidualVQ`` with
     Q levels (EMA when ``decay > 0``; its options too: ``groups``, ``shared_codebook``,
-    ``quantize_dropout``, ...); its codes are ``[B, G*Q, H/4, W/4]``.
+    ``quantize_dropout``, ...); its codes are ``[B, G*Q, H/4, W/4]``. ``scales=(1, 2, ...)``
+    (keyword) picks VAR's ``MultiScaleResidualVQ`` (EMA when ``decay > 0``); its codes are
+    ``[B, L]``, every scale's in sequence, and the finest scale must be ``(H/4, W/4)``.
 
     ``forward(x: [B, C, H, W])`` returns ``(vq_loss, x_recon, perplexity)``; with
     ``return_codes=True`` also the codes ``int64 [B, H/4, W/4]`` from the same pass.
@@ -109,11 +112,16 @@ class VQVAE(nn.Module):
 
     def __init__(self, num_hiddens=128, num_residual_layers=2, num_residual_hiddens=32,
                  num_embeddings=512, embedding_dim=64, commitment_cost=0.25, decay=0.0, *,
-                 in_channels=3, epsilon=1e-5, num_quantizers=None, **quantizer_options):
+                 in_channels=3, epsilon=1e-5, num_quantizers=None, scales=None,
+                 **quantizer_options):
         super().__init__()
         self.encoder = Encoder(in_channels, num_hiddens, num_residual_layers, num_residual_hiddens)
         self.pre_vq_conv = nn.Conv2d(num_hiddens, embedding_dim, kernel_size=1, stride=1)
-        if num_quantizers is not None:
+        if scales is not None:
+            self.vq = MultiScaleResidualVQ(num_embeddings, embedding_dim, scales, commitment_cost,
+                                           decay if decay > 0 else 0.99, epsilon, ema=decay > 0,
+                                           **quantizer_options)
+        elif num_quantizers is not None:
             self.vq = ResidualVQ(num_quantizers, num_embeddings, embedding_dim, commitment_cost,
                                  decay if decay > 0 else 0.99, epsilon, ema=decay > 0,
                                  **quantizer_options)
@@ -159,6 +167,8 @@ class VQVAE(nn.Module):
     def decode_indices(self, indices):
         """Code indices ``int64 [B, h, w]`` (``[B, G*Q, h, w]`` for a residual quantizer)
         -> images ``[B, C, 4h, 4w]``."""
+        if isinstance(self.vq, MultiScaleResidualVQ):  # (it checks [B, L] and the range)
+            return self.decoder(self.vq.decode_indices(indices))
         residual = isinstance(self.vq, ResidualVQ)
         if indices.dtype != torch.int64 or indices.dim() != 3 + residual:
             shape = "[B, G*Q, h, w]" if residual else "[B, h, w]"

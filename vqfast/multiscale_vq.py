@@ -1,0 +1,320 @@
+"""``MultiScaleResidualVQ``: VAR's multi-scale residual quantizer (Tian et al., 2024), one
+codebook shared by the scales, each scale's nearest-code search on the fused path."""
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional as VF
+from . import modules
+from .lookup_free import _is_int, check_count
+from .modules import (LossBreakdown, QuantizerCommon, _all_reduce_statistics, check_codes,
+                      keep_fp32, kmeans, kmeans_done, take_kmeans_ema_state)
+
+UPSAMPLING = ("bicubic", "bilinear", "nearest")
+
+
+class Phi(nn.Conv2d):
+    """VAR's ``quant_resi`` refinement of an upsampled scale: ``h * (1 - ratio) +
+    conv3x3(h) * ratio`` (``ratio = 0``: the identity)."""
+
+    def __init__(self, dim: int, ratio: float):
+        super().__init__(dim, dim, kernel_size=3, padding=1)
+        self.ratio = abs(ratio)
+
+    def forward(self, h):
+        if self.ratio == 0:
+            return h
+        return h * (1 - self.ratio) + super().forward(h) * self.ratio
+
+
+def phi_ticks(count: int) -> np.ndarray:
+    """Where VAR places ``count`` shared ``Phi`` s on ``[0, 1]`` (scale ``s`` of ``S`` takes
+    the one nearest ``s / (S - 1)``)."""
+    if count == 4:
+        return np.linspace(1 / 3 / count, 1 - 1 / 3 / count, count)
+    return np.linspace(1 / 2 / count, 1 - 1 / 2 / count, count)
+
+
+class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
+    """Multi-scale residual VQ of VAR (Tian et al., 2024, "Visual Autoregressive Modeling"),
+    for feature maps ``[B, D, H, W]``.
+
+    Scale ``s`` (coarse to fine) area-downsamples the residual ``f_rest`` to ``h_s x w_s``,
+    takes each position's nearest code (one codebook shared by all scales; the fused
+    search, never ``[N, K]``), upsamples the codes back to ``H x W`` (``upsample``), refines
+    them with a shared 3x3 conv ``Phi`` (``quant_resi``) and adds them to ``f_hat``
+    (subtracting them from ``f_rest``). A scale of the input's size is not resampled.
+
+    Args:
+        num_embeddings: K, codes (VAR: 4096).
+        embedding_dim: D, the input channels (VAR: 32).
+        scales: sizes coarse to fine, ints (square) or ``(h, w)`` pairs, at most the input's
+            size (VAR's ``patch_nums``, for 16 x 16 latents).
+        commitment_cost: beta. ``loss = mean_s [beta * mse(sg(f_hat_s), f) + mse(f_hat_s,
+            sg(f))]`` over the running sums ``f_hat_s`` (VAR's): the second term trains the
+            codebook (learned) and the ``Phi`` convs.
+        decay, epsilon: the EMA decay and Laplace smoothing (``ema=True``).
+        ema: EMA codebook (buffers, one update per step from every scale's statistics) or
+            a learned one (VAR's, an ``nn.Parameter``).
+        quant_resi: the ``Phi`` ratio (VAR: 0.5; 0 = no conv).
+        share_quant_resi: how many ``Phi`` s the scales share (VAR: 4); 0 = one per scale.
+        upsample: ``"bicubic"`` (VAR), ``"bilinear"`` or ``"nearest"``.
+        kmeans_init, kmeans_iters: the codebook from k-means of the first training batch's
+            vectors (on by default).
+        dead_code_threshold: ``ema=True`` only: re-seed codes whose bias-corrected EMA size
+            falls below it from the finest scale's residuals (default 0.5 with ``ema``, else 0).
+        sync_distributed: all-reduce the EMA statistics over ranks (default: when initialised).
+        backend, precision: as for ``VectorQuantizer``.
+        channel_last: ``[B, H, W, D]`` in and out.
+
+    ``forward(f: [B, D, H, W])`` returns ``(loss, quantized, perplexity, codes)``:
+    ``quantized`` = ``f_hat`` forward, the identity's gradient to ``f`` (VAR's
+    straight-through), in f's dtype; ``perplexity`` of every scale's codes together;
+    ``codes`` int64 ``[B, L]``, ``L = sum_s h_s * w_s``: each scale's codes row-major, coarse
+    to fine (VAR's token sequence). ``decode_indices(codes)`` rebuilds ``f_hat`` at the
+    finest scale's size; ``codes_per_scale(codes)`` splits them into ``[B, h_s, w_s]``.
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, scales=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+                 commitment_cost=0.25, decay=0.99, epsilon=1e-5, *, ema=False, quant_resi=0.5,
+                 share_quant_resi=4, upsample="bicubic", kmeans_init=True, kmeans_iters=10,
+                 dead_code_threshold=None, sync_distributed=None, backend="auto",
+                 precision="ieee", channel_last=False):
+        super().__init__()
+        check_count("num_embeddings", num_embeddings)
+        check_count("embedding_dim", embedding_dim)
+        check_count("share_quant_resi", share_quant_resi, low=0)
+        self.scales = self._check_scales(scales)
+        if upsample not in UPSAMPLING:
+            raise ValueError(f"upsample must be one of {UPSAMPLING}, got {upsample!r}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if dead_code_threshold is None:
+            dead_code_threshold = 0.5 if ema else 0.0
+        if not (dead_code_threshold >= 0 and math.isfinite(dead_code_threshold)):
+            raise ValueError(f"dead_code_threshold must be a finite number >= 0, got "
+                             f"{dead_code_threshold}")
+        if dead_code_threshold > 0 and not ema:
+            raise ValueError("dead_code_threshold needs ema=True (it reads the EMA cluster sizes)")
+        if precision not in VF.PRECISIONS:
+            raise ValueError(f"precision must be one of {VF.PRECISIONS}, got {precision!r}")
+        VF.check_backend(backend)
+        self.channel_last = bool(channel_last)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.commitment_cost, self.decay, self.epsilon = commitment_cost, decay, epsilon
+        self.ema, self.upsample = ema, upsample
+        self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
+        self.dead_code_threshold, self.sync_distributed = dead_code_threshold, sync_distributed
+        self.backend, self.precision = backend, precision
+        count = share_quant_resi or len(self.scales)
+        self.share_quant_resi = share_quant_resi
+        self.quant_resi = nn.ModuleList(Phi(embedding_dim, quant_resi) for _ in range(count))
+        ticks = phi_ticks(count)
+        last = max(len(self.scales) - 1, 1)
+        self._phi_of_scale = [int(np.argmin(np.abs(ticks - s / last)))
+                              for s in range(len(self.scales))]
+        codebook = torch.empty(num_embeddings, embedding_dim).uniform_(
+            -1 / num_embeddings, 1 / num_embeddings)  # VAR's init
+        if ema:
+            self.register_buffer("codebook", codebook)
+            self.register_buffer("ema_cluster_size", torch.zeros(num_embeddings))
+            self.register_buffer("ema_weight", codebook.clone())
+            self.register_buffer("ema_decay_weight", torch.zeros(()))
+            self.register_buffer("reseeded_codes", torch.zeros((), dtype=torch.int64))
+            self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.int64))
+        else:
+            self.codebook = nn.Parameter(codebook)
+        self._kmeans_done = not kmeans_init
+        if kmeans_init:
+            self.register_buffer("initialized", torch.tensor(False))
+
+    @staticmethod
+    def _check_scales(scales):
+        if isinstance(scales, (str, bytes)) or not hasattr(scales, "__len__") or not scales:
+            raise ValueError(f"scales must be a non-empty sequence of sizes, got {scales!r}")
+        sizes = []
+        for s in scales:
+            pair = (s, s) if _is_int(s) else tuple(s) if hasattr(s, "__len__") else None
+            if pair is None or len(pair) != 2 or not all(_is_int(v) and v >= 1 for v in pair):
+                raise ValueError(f"each scale must be an int >= 1 or an (h, w) pair, got {s!r}")
+            sizes.append((int(pair[0]), int(pair[1])))
+        return sizes
+
+    def extra_repr(self):
+        return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
+                f"scales={self.scales}, ema={self.ema}, upsample={self.upsample!r}")
+
+    def _state_options(self):
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "scales": [list(s) for s in self.scales], "ema": self.ema,
+                "share_quant_resi": self.share_quant_resi}
+
+    def _apply(self, fn, recurse=True):
+        state = ("codebook", "ema_cluster_size", "ema_weight", "ema_decay_weight")
+        return keep_fp32(self, state if self.ema else (), fn, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.kmeans_init:
+            state_dict.setdefault(prefix + "initialized", torch.tensor(True))
+        else:
+            state_dict.pop(prefix + "initialized", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.kmeans_init:
+            self._kmeans_done = bool(self.initialized)
+
+    @property
+    def sequence_length(self) -> int:
+        """L, the codes per image: ``sum_s h_s * w_s``."""
+        return sum(h * w for h, w in self.scales)
+
+    def _features(self, inputs):
+        """Validated ``[B, D, H, W]`` fp32 (channel-last inputs moved)."""
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
+            layout = "[B, H, W, D]" if self.channel_last else "[B, D, H, W]"
+            shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            raise ValueError(f"inputs must be feature maps {layout}, got {shape}")
+        f = self._vectors_of("inputs", inputs, self.embedding_dim)  # (checks channels, dtype)
+        f = inputs.movedim(-1, 1) if self.channel_last else inputs
+        h, w = f.shape[2:]
+        if any(sh > h or sw > w for sh, sw in self.scales):
+            raise ValueError(f"scales {self.scales} must not exceed the input's size {h} x {w}")
+        if f.device != self.codebook.device:
+            raise ValueError(f"inputs are on {f.device} but the codebook is on "
+                             f"{self.codebook.device}; move the module with .to(device)")
+        return f.float()
+
+    def _up(self, h, size):
+        """A scale's codes ``[B, D, h_s, w_s]`` at the input's ``size``, then its ``Phi``."""
+        if tuple(h.shape[2:]) == tuple(size):
+            return h
+        align = {} if self.upsample == "nearest" else {"align_corners": False}
+        return F.interpolate(h, size=size, mode=self.upsample, **align)
+
+    def forward(self, inputs, return_loss_breakdown=False):
+        f = self._features(inputs)
+        b, d, height, width = f.shape
+        backend = VF.resolve_backend(self.backend, f.device)
+        if self.training and not self._kmeans_done:
+            self._kmeans(f, backend)
+        update = self.ema and self.training
+        codebook = self.codebook
+        f_rest = f.detach()
+        f_hat = torch.zeros_like(f)
+        codes, commitment, codebook_term = [], 0.0, 0.0
+        counts = code_sums = rows = None
+        for s, size in enumerate(self.scales):
+            rest = f_rest if size == (height, width) else F.interpolate(f_rest, size=size, mode="area")
+            rest = rest.reshape(b, d, -1).contiguous()
+            _, idx, _, _, n_s, sums_s, _ = torch.ops.vqfast.quantize(
+                rest, codebook.detach(), update, 1.0, backend, self.precision)
+            counts = n_s if counts is None else counts + n_s
+            if update:
+                code_sums = sums_s if code_sums is None else code_sums + sums_s
+            codes.append(idx.view(b, -1))
+            h = F.embedding(idx.view(b, *size), codebook).permute(0, 3, 1, 2)
+            h = self.quant_resi[self._phi_of_scale[s]](self._up(h, (height, width)))
+            f_hat = f_hat + h
+            f_rest = f_rest - h.detach()
+            commitment = commitment + F.mse_loss(f_hat.detach(), f)
+            codebook_term = codebook_term + F.mse_loss(f_hat, f.detach())
+            rows = rest
+        n = len(self.scales)
+        commitment = self.commitment_cost * commitment / n
+        codebook_term = codebook_term / n
+        loss = commitment + codebook_term
+        if update:
+            self._update(counts, code_sums, loss.detach(), rows, backend)
+        self._watch_usage(counts)
+        quantized = f + (f_hat - f).detach()  # VAR's straight-through
+        if self.channel_last:
+            quantized = quantized.movedim(1, -1)
+        outputs = (loss, quantized.to(inputs.dtype), VF.perplexity(counts), torch.cat(codes, 1))
+        if return_loss_breakdown:
+            return (*outputs, LossBreakdown.of(loss, commitment=commitment, codebook=codebook_term))
+        return outputs
+
+    @torch.no_grad()
+    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Codes only: int64 ``[B, L]`` (the forward's search, no state change, no autograd);
+        ``decode_indices(encode(f))`` equals the eval-mode output."""
+        training = self.training
+        self.eval()
+        try:
+            return self.forward(inputs)[3]
+        finally:
+            self.train(training)
+
+    def codes_per_scale(self, codes: torch.Tensor) -> list:
+        """int64 ``[B, L]`` -> one ``[B, h_s, w_s]`` per scale."""
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 2 \
+                or codes.shape[1] != self.sequence_length:
+            shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
+            raise ValueError(f"codes must be [B, {self.sequence_length}] (the scales' codes "
+                             f"in sequence), got {shape}")
+        parts = codes.split([h * w for h, w in self.scales], dim=1)
+        return [p.reshape(codes.shape[0], h, w) for p, (h, w) in zip(parts, self.scales)]
+
+    @torch.no_grad()
+    def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """int64 ``codes [B, L]`` in ``[0, K)`` -> ``f_hat [B, D, H, W]`` fp32 at the finest
+        scale's size (``[B, H, W, D]`` with ``channel_last``). Other values raise
+        ``ValueError``."""
+        per_scale = self.codes_per_scale(codes)
+        check_codes(codes, self.num_embeddings, dropped_ok=False)
+        size = self.scales[-1]
+        codebook = self.codebook.detach().float()
+        f_hat = 0.0
+        for s, c in enumerate(per_scale):
+            h = F.embedding(c, codebook).permute(0, 3, 1, 2)
+            f_hat = f_hat + self.quant_resi[self._phi_of_scale[s]](self._up(h, size))
+        return self._channels_first_in_layout(f_hat)
+
+    def _syncing(self) -> bool:
+        wanted = self.sync_distributed is None or bool(self.sync_distributed)
+        return self.ema and wanted and modules._world_size() > 1
+
+    @torch.no_grad()
+    def _update(self, counts, code_sums, loss, rows, backend):
+        """One EMA update from every scale's counts and sums, then dead-code re-seeding from
+        the finest scale's residuals ``rows [B, D, S]``."""
+        not_finite = None
+        if self._syncing():
+            counts, code_sums, not_finite = _all_reduce_statistics(counts, code_sums,
+                                                                   ~torch.isfinite(loss))
+        applied = VF.ema_update(counts, code_sums, loss, not_finite, self.ema_cluster_size,
+                                self.ema_weight, self.codebook, self.ema_decay_weight,
+                                self.skipped_batches, self.decay, self.epsilon, backend)
+        if self.dead_code_threshold > 0:
+            flat = rows.movedim(1, -1).reshape(-1, rows.shape[1])
+            samples = flat[torch.randint(flat.shape[0], (self.num_embeddings,), device=flat.device)]
+            if self._syncing():
+                dist.broadcast(samples, 0)
+            corrected = self.ema_cluster_size / self.ema_decay_weight.clamp_min(1e-30)
+            dead = (corrected < self.dead_code_threshold) & (applied > 0)
+            size = max(self.dead_code_threshold, 1.0) * self.ema_decay_weight
+            self.codebook.copy_(torch.where(dead[:, None], samples, self.codebook))
+            self.ema_weight.copy_(torch.where(dead[:, None], samples * size, self.ema_weight))
+            self.ema_cluster_size.copy_(torch.where(dead, size, self.ema_cluster_size))
+            self.reseeded_codes.add_(dead.sum())
+
+    @torch.no_grad()
+    def _kmeans(self, f, backend):
+        """The codebook from k-means of the batch's vectors (rank 0's)."""
+        rows = f.movedim(1, -1).reshape(-1, f.shape[1])
+        centroids, counts = kmeans(rows, self.num_embeddings, self.kmeans_iters, backend,
+                                   self.precision)
+        sizes = counts.float().clamp_min(1)
+        if modules._world_size() > 1:
+            dist.broadcast(centroids, 0)
+            dist.broadcast(sizes, 0)
+        finite = torch.isfinite(centroids).all()
+        self.codebook.data.copy_(torch.where(finite, centroids, self.codebook.data))
+        if self.ema:
+            take_kmeans_ema_state(self, centroids, sizes, finite)
+        self.initialized.copy_(finite)
+        self._kmeans_done = kmeans_done(finite)
