@@ -133,6 +133,8 @@ def build_model(args):
         options.update(num_quantizers=args.num_quantizers, groups=args.groups,
                        shared_codebook=args.shared_codebook,
                        quantize_dropout=args.quantize_dropout)
+    if getattr(args, "quantizer", "vq") == "multiscale":
+        options.update(scales=tuple(args.scales))
     return vqfast.VQVAE(args.num_hiddens, args.num_residual_layers, args.num_residual_hiddens,
                         args.num_embeddings, args.embedding_dim, args.commitment_cost, args.decay,
                         **options)
@@ -502,8 +504,12 @@ def build_parser():
     p.add_argument("--original-algorithm", action="store_true",
                    help="the paper's algorithm: no k-means init, no re-seeding (it can "
                         "collapse the codebook onto a few codes)")
-    p.add_argument("--quantizer", default="vq", choices=["vq", "rvq"],
-                   help="vq: one codebook (the paper's); rvq: residual VQ (vqfast.ResidualVQ)")
+    p.add_argument("--quantizer", default="vq", choices=["vq", "rvq", "multiscale"],
+                   help="vq: one codebook (the paper's); rvq: residual VQ (vqfast.ResidualVQ); "
+                        "multiscale: VAR's multi-scale residual VQ (vqfast.MultiScaleResidualVQ)")
+    p.add_argument("--scales", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8],
+                   help="(--quantizer multiscale) token map sizes, coarse to fine; the last is "
+                        "the latent's: images / 4 (8 for CIFAR-10)")
     p.add_argument("--num-quantizers", type=int, default=4, help="residual levels (--quantizer rvq)")
     p.add_argument("--groups", type=int, default=1, help="channel groups (--quantizer rvq)")
     p.add_argument("--shared-codebook", action="store_true",
@@ -572,7 +578,13 @@ def settings_from_checkpoint(args, argv, parser):
 def resolve_codebook_options(args) -> None:
     """``--original-algorithm`` in place; without a threshold the quantizer's own
     default applies (``None``)."""
-    learned_rvq = args.quantizer == "rvq" and args.decay == 0
+    learned_rvq = args.quantizer in ("rvq", "multiscale") and args.decay == 0
+    if args.quantizer == "multiscale":
+        unsupported = [f"--{name.replace('_', '-')}" for name in ("cosine", "codebook_dim",
+                                                                    "rotation_trick")
+                       if getattr(args, name, None)]
+        if unsupported:
+            sys.exit(f"{', '.join(unsupported)}: not options of --quantizer multiscale")
     if args.original_algorithm:
         args.kmeans_init, args.dead_code_threshold = False, 0.0
     if args.dead_code_threshold and learned_rvq:

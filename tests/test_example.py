@@ -161,6 +161,24 @@ def test_residual_quantizer_flags(cifar_dir, tmp_path, flags):
     assert (out / "reconstructions.png").stat().st_size > 0
 
 
+def test_multiscale_quantizer_trains_and_decodes(cifar_dir, tmp_path):
+    """--quantizer multiscale (VAR's) trains with a learned codebook and one in EMA."""
+    for flags in (["--decay", "0"], []):
+        out = tmp_path / f"multiscale{len(flags)}"
+        train_cifar10.main(["--data-dir", str(cifar_dir), "--out", str(out), "--steps", "5",
+                            "--quantizer", "multiscale", "--scales", "1", "2", "4", "8"]
+                           + flags + TINY)
+        state = train_cifar10.torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+        assert bool(state["vq.initialized"]) and ("vq.ema_cluster_size" in state) == (not flags)
+        assert state["vq._extra_state"]["quantizer"] == "MultiScaleResidualVQ"
+        metrics = _metrics(out)
+        assert all(np.isfinite([m["nmse"], m["perplexity"], m["vq_loss"]]).all() for m in metrics)
+        assert (out / "reconstructions.png").stat().st_size > 0
+    args = train_cifar10.build_parser().parse_args(["--quantizer", "multiscale", "--cosine"])
+    with pytest.raises(SystemExit, match="--cosine: not options of --quantizer multiscale"):
+        train_cifar10.resolve_codebook_options(args)
+
+
 class _Payload:
     """Stands for code someone hid in a checkpoint: unpickling would construct it."""
 
@@ -195,6 +213,8 @@ def test_collapse_warning_fires_once():
     (["--decay", "0"], (True, 1.0)),  # the learned codebook re-seeds too
     (["--quantizer", "rvq"], (True, 1.0)),
     (["--quantizer", "rvq", "--decay", "0"], (True, 0.0)),
+    (["--quantizer", "multiscale"], (True, 0.5)),
+    (["--quantizer", "multiscale", "--decay", "0"], (True, 0.0)),
     (["--original-algorithm"], (False, 0.0)),
     (["--no-kmeans-init", "--dead-code-threshold", "2"], (False, 2.0)),
 ])
