@@ -96,3 +96,11 @@ def test_residual_lookup_free_benchmark_runs_both_sides():
     assert [r.impl for r in rows] == ["vqfast", rlf.PEER] * 2
     assert all(r.median_ms and r.peak_mib is not None for r in rows)
     assert all(r.speedup_vs_peer for r in rows)
+
+
+def test_multiscale_benchmark_runs_both_sides():
+    from benchmarks import multiscale
+    case = dataclasses.replace(multiscale.QUICK[0], k=16, scales=(1, 2, 4), size=4)
+    rows = multiscale.run([case], torch.device("cpu"), progress=lambda line: None)
+    assert [r.impl for r in rows] == ["vqfast", multiscale.PLAIN]
+    assert all(r.median_ms and r.speedup_vs_plain for r in rows)

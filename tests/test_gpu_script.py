@@ -40,10 +40,11 @@ def test_dry_run_writes_every_file(tmp_path):
     assert {r["sem"] for r in bench["atomics"] if r["median_ms"]} == {"relaxed", "acq_rel"}
     assert any(r["impl"] == "vqfast" and r["median_ms"] for r in bench["sim_vq"])
     assert any(r["impl"] == "vqfast (streamed)" and r["median_ms"] for r in bench["ibq"])
+    assert any(r["impl"] == "vqfast" and r["median_ms"] for r in bench["multiscale"])
     assert {r["case"] for r in bench["residual_lookup_free"]
             if r["impl"] == "vqfast" and r["median_ms"]} == {"audio codec FSQ", "tokenizer LFQ"}
     failed = [r for part in ("results", "lookup_free", "residual", "atomics", "encode", "sim_vq",
-                             "ibq", "residual_lookup_free")
+                             "ibq", "residual_lookup_free", "multiscale")
               for r in bench[part]
               if (r["skipped"] or "").startswith("error")]
     assert failed == [], failed  # a case that raised (not one skipped for a missing peer)

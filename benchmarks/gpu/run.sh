@@ -20,7 +20,7 @@
 #                         statistics atomics relaxed vs acq_rel (the EMA step, one run)
 #   4 train               train.json: VQ-VAE step eager / torch.compile / CUDA graph, the
 #                         quantizer's share, kernel launches, a sync-debug step
-#   5 family              bench.*: residual/grouped/cosine, encode, SimVQ, IBQ, LFQ/FSQ, residual FSQ/LFQ
+#   5 family              bench.*: residual/grouped/cosine, encode, SimVQ, IBQ, LFQ/FSQ, residual FSQ/LFQ, VAR
 #   6 quality             train.json: the quality benchmark's curves with the time left
 #   SUMMARY.md            parts, times, tests, headline ratios beside PREDICTION.md
 # A failing part is recorded and the others still run; the exit code is 0 only if every
@@ -100,7 +100,8 @@ correctness() {
     # A focused selection: the kernels against the oracle, the 2**31 cases, the launchers'
     # limits, the sync-debug and CUDA-graph steps (tests/test_cuda.py).
     local selection=(tests/test_cuda.py tests/test_kernels.py tests/test_launch.py
-                     tests/test_residual.py -m "not slow" -k "not property")
+                     tests/test_residual.py tests/test_residual_lookup_free.py
+                     tests/test_multiscale.py -m "not slow" -k "not property")
     if [[ $dry_run -eq 1 ]]; then  # the pipeline, not the suite (CI runs the suite itself)
         selection=(tests/test_modules.py -k "matches_oracle")
     fi
@@ -138,6 +139,7 @@ family() {
     "$py" -m benchmarks.ibq "${rvq_size[@]}" --out "$out" --merge-into bench || return
     "$py" -m benchmarks.residual_lookup_free "${rvq_size[@]}" --out "$out" --merge-into bench \
         || return
+    "$py" -m benchmarks.multiscale "${rvq_size[@]}" --out "$out" --merge-into bench || return
     "$py" -m benchmarks.lookup_free "${lfq_size[@]}" --out "$out" --merge-into bench
 }
 
