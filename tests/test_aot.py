@@ -51,7 +51,8 @@ def test_every_configuration_compiles_for_both_targets(records):
     for kernel in ("codebook_prep", "nearest_code", "gather_loss", "code_sums_sorted",
                    "ema_scalars", "ema_finalize", "quantize_backward", "fsq_forward",
                    "fsq_backward", "lfq_avg_prob", "lfq_entropy_backward",
-                   "residual_scalar_forward", "residual_fsq_backward"):  # the registry cannot silently lose a kernel
+                   "residual_scalar_forward", "residual_fsq_backward", "ibq_forward",
+                   "ibq_backward_x", "ibq_backward_codebook"):  # the registry cannot silently lose a kernel
         assert any(n.startswith(kernel + "[") for n in names), kernel
     assert {(n, t) for n in names for t in ("sm_80", "sm_90")} == {(r["name"], r["target"]) for r in records}
 

@@ -6,19 +6,22 @@ import torch
 
 import vqfast
 from vqfast import reference
-from vqfast.ops import ibq as ibq_ops
-from _util import DEVICE, TOL, tensor_state
+from _util import BACKENDS, DEVICE, TOL, tensor_state
+
+PATHS = [("torch", None), ("torch", 7)] + [("triton", None)] * ("triton" in BACKENDS)
 
 
-@pytest.mark.parametrize("tile", [None, 7], ids=["one-tile", "many-tiles"])
-@pytest.mark.parametrize("shape, scale", [((3, 7, (11,), 13), 1.0), ((2, 5, (3, 4), 301), 4.0)])
-def test_ibq_matches_the_oracle(shape, scale, tile, monkeypatch):
+@pytest.mark.parametrize("backend, tile", PATHS, ids=["torch-one-tile", "torch-many-tiles",
+                                                      "triton"][:len(PATHS)])
+@pytest.mark.parametrize("shape, scale", [((3, 7, (29,), 13), 1.0), ((2, 5, (3, 4), 301), 4.0),
+                                          ((2, 40, (5,), 70), 0.5)])
+def test_ibq_matches_the_oracle(shape, scale, backend, tile, monkeypatch):
     if tile is not None:  # tiles of 7 codes x N rows: the running max, sum and argmax carry
-        monkeypatch.setattr(ibq_ops, "_TILE_ELEMENTS", 7 * shape[0] * shape[2][0] * (
+        monkeypatch.setattr(vqfast._torch, "_IBQ_TILE_ELEMENTS", 7 * shape[0] * shape[2][0] * (
             shape[2][1] if len(shape[2]) > 1 else 1))
     b, d, spatial, k = shape
     torch.manual_seed(0)
-    vq = vqfast.IndexBackpropVQ(k, d, 0.3, logit_scale=scale).to(DEVICE)
+    vq = vqfast.IndexBackpropVQ(k, d, 0.3, logit_scale=scale, backend=backend).to(DEVICE)
     z = torch.randn(b, d, *spatial, device=DEVICE, requires_grad=True)
     loss, q, perplexity, codes = vq(z)
     rows = z.detach().movedim(1, -1).reshape(-1, d).double().requires_grad_()
@@ -46,13 +49,13 @@ def test_ibq_never_builds_the_logits(monkeypatch):
     """The largest tensor a step allocates is a tile, not [N, K]: shrink the tile budget
     and the forward and backward still agree with one tile."""
     torch.manual_seed(0)
-    vq = vqfast.IndexBackpropVQ(64, 4)
+    vq = vqfast.IndexBackpropVQ(64, 4, backend="torch")
     z = torch.randn(2, 4, 10, requires_grad=True)
     loss, q, _, codes = vq(z)
     (loss + q.square().sum()).backward()
     grads = (z.grad.clone(), vq.codebook.grad.clone())
     z.grad, vq.codebook.grad = None, None
-    monkeypatch.setattr(ibq_ops, "_TILE_ELEMENTS", 20)  # one code per tile
+    monkeypatch.setattr(vqfast._torch, "_IBQ_TILE_ELEMENTS", 20)  # one code per tile
     sizes = []
     real_matmul = torch.Tensor.__matmul__
     monkeypatch.setattr(torch.Tensor, "__matmul__",
@@ -97,3 +100,22 @@ def test_ibq_compiles_fullgraph_and_reads_nothing_on_the_host():
         loss, q, _, _ = vq(torch.randn(2, 4, 9, requires_grad=True))
         (loss + q.sum()).backward()
     assert recorder.found == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ibq_custom_ops_pass_opcheck(backend):
+    x, book = torch.randn(9, 5, device=DEVICE), torch.randn(13, 5, device=DEVICE)
+    ops = torch.ops.vqfast
+    for argmax_only in (False, True):
+        torch.library.opcheck(ops.ibq_forward.default, (x, book, 2.0, argmax_only, backend))
+    idx, lse, soft = ops.ibq_forward(x, book, 2.0, False, backend)
+    torch.library.opcheck(ops.ibq_backward.default,
+                          (torch.randn_like(x), x, book, idx, lse, soft, 2.0, backend))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton path is not available here")
+def test_ibq_kernels_take_rows_up_to_128_wide():
+    wide = vqfast.IndexBackpropVQ(16, 129, backend="triton").to(DEVICE)
+    with pytest.raises(ValueError, match="D <= 128"):
+        wide(torch.randn(2, 129, 3, device=DEVICE))
+    assert vqfast.IndexBackpropVQ(16, 129)._backend(torch.device("cuda")) == "torch"

@@ -520,3 +520,59 @@ def residual_fsq_backward(grad_q, z, params, scales, active, groups):
         r.sub_(rounded.mul_(on * scale / half_width))
     grad = _as_bds(grad_q).float().view(r.shape) * slope
     return grad.view(_as_bds(z).shape).to(z.dtype).view(z.shape)
+
+
+# --- IBQ: the softmax over all codes, streamed over code tiles -----------------------------
+
+_IBQ_TILE_ELEMENTS = 1 << 22  # logits per tile: rows x codes
+
+
+def _ibq_code_tiles(k: int, n: int):
+    codes = max(1, min(k, _IBQ_TILE_ELEMENTS // max(n, 1)))
+    for c0 in range(0, k, codes):
+        yield c0, min(k, c0 + codes)
+
+
+@torch.no_grad()
+def ibq_forward(x: torch.Tensor, codebook: torch.Tensor, scale: float, argmax_only=False):
+    """``x fp32 [N, D]``, ``codebook fp32 [K, D]`` -> ``idx int64 [N]`` (argmax of the
+    logits), ``lse fp32 [N]`` (their log-sum-exp) and ``soft fp32 [N, D]`` (``p @ E``);
+    with ``argmax_only`` (encoding) the last two empty, no exponentials."""
+    n = x.shape[0]
+    best = torch.full((n,), -float("inf"), device=x.device)  # the running max of the logits
+    idx = torch.zeros(n, dtype=torch.int64, device=x.device)
+    running_sum = torch.zeros(n, device=x.device)  # sum of exp(logit - best)
+    soft = torch.zeros_like(x)  # sum of exp(logit - best) * code
+    for c0, c1 in _ibq_code_tiles(codebook.shape[0], n):
+        logits = (x @ codebook[c0:c1].t()).mul_(scale)  # [N, tile]
+        value, where = logits.max(1)
+        better = value > best  # strictly: the first maximum wins, as argmax
+        idx = torch.where(better, where + c0, idx)
+        new_best = torch.where(better, value, best)
+        if not argmax_only:
+            rescale = torch.exp(best - new_best)
+            weights = torch.exp(logits - new_best[:, None])
+            running_sum = running_sum * rescale + weights.sum(1)
+            soft = soft * rescale[:, None] + weights @ codebook[c0:c1]
+        best = new_best
+    if argmax_only:
+        return idx, x.new_empty(0), x.new_empty(0)
+    return idx, best + torch.log(running_sum), soft / running_sum[:, None]
+
+
+@torch.no_grad()
+def ibq_backward(grad: torch.Tensor, x: torch.Tensor, codebook: torch.Tensor, idx, lse, soft,
+                 scale: float):
+    """``(grad_x fp32 [N, D], grad_codebook fp32 [K, D])`` of the output for its gradient
+    ``grad [N, D]``, the logits recomputed tile by tile."""
+    n = x.shape[0]
+    centre = (soft * grad).sum(1)  # u_n . g_n
+    grad_x = torch.zeros_like(x)
+    grad_codebook = torch.zeros_like(codebook).index_add_(0, idx, grad)  # onehot^T g
+    for c0, c1 in _ibq_code_tiles(codebook.shape[0], n):
+        book = codebook[c0:c1]
+        p = (x @ book.t()).mul_(scale).sub_(lse[:, None]).exp_()  # [N, tile]
+        dlogits = p.mul_((grad @ book.t()).sub_(centre[:, None])).mul_(scale)
+        grad_x.addmm_(dlogits, book)
+        grad_codebook[c0:c1] += dlogits.t() @ x
+    return grad_x, grad_codebook

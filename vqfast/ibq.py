@@ -7,7 +7,7 @@ from torch import nn
 
 from . import functional as VF
 from .modules import LossBreakdown, QuantizerCommon, check_codes
-from .ops.ibq import ibq_forward, index_backprop
+from .ops.ibq import IBQ_MAX_KERNEL_DIM, ibq_codes, index_backprop
 
 
 class IndexBackpropVQ(QuantizerCommon, nn.Module):
@@ -20,14 +20,15 @@ class IndexBackpropVQ(QuantizerCommon, nn.Module):
     streams the logits in tiles of codes (a running max, sum and argmax forward; the
     backward recomputes them): memory ``O(N * D + K * D)``, never the ``[N, K]`` logits
     that other implementations build (1 GiB per 1,024 vectors at K = 262,144 in fp32).
-    Deterministic. The streamed torch path runs on every device (no fused Triton kernel
-    yet).
+    Deterministic. On CUDA fused Triton kernels stream it as flash attention does (one
+    forward launch, two backward launches; rows of ``D <= 128``, wider ones take the torch
+    path with ``backend="auto"``); elsewhere the torch path streams tiles of codes.
 
     Args:
         num_embeddings: K. embedding_dim: D.
         commitment_cost: beta: ``loss = mse(E[idx], sg(x)) + beta * mse(sg(E[idx]), x)``.
         logit_scale: the softmax's inverse temperature.
-        channel_last, freeze_codebook: as for ``VectorQuantizer``.
+        channel_last, freeze_codebook, backend: as for ``VectorQuantizer``.
 
     ``forward(inputs: [B, D, *spatial], return_loss_breakdown=False)`` returns ``(loss,
     quantized, perplexity, codes)``; ``codebook`` is an ``nn.Parameter [K, D]`` initialised
@@ -36,7 +37,7 @@ class IndexBackpropVQ(QuantizerCommon, nn.Module):
     """
 
     def __init__(self, num_embeddings, embedding_dim, commitment_cost=0.25, *, logit_scale=1.0,
-                 channel_last=False, freeze_codebook=False):
+                 channel_last=False, freeze_codebook=False, backend="auto"):
         super().__init__()
         if not (isinstance(num_embeddings, int) and isinstance(embedding_dim, int)
                 and num_embeddings >= 1 and embedding_dim >= 1):
@@ -46,7 +47,9 @@ class IndexBackpropVQ(QuantizerCommon, nn.Module):
             raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.commitment_cost, self.logit_scale = commitment_cost, float(logit_scale)
+        VF.check_backend(backend)
         self.channel_last, self.freeze_codebook = bool(channel_last), freeze_codebook
+        self.backend = backend
         self.codebook = nn.Parameter(torch.randn(num_embeddings, embedding_dim)
                                      * embedding_dim ** -0.5)
 
@@ -64,6 +67,12 @@ class IndexBackpropVQ(QuantizerCommon, nn.Module):
                              f"{self.codebook.device}; move the module with .to(device)")
         return x.movedim(1, -1).reshape(-1, self.embedding_dim)  # a view when channel-last
 
+    def _backend(self, device) -> str:
+        backend = VF.resolve_backend(self.backend, device)
+        if backend == "triton" and self.backend == "auto" and self.embedding_dim > IBQ_MAX_KERNEL_DIM:
+            return "torch"  # (the kernels hold a whole row in registers)
+        return backend
+
     def _in_layout_rows(self, rows, inputs):
         """Rows ``[N, D]`` back in the inputs' layout and shape."""
         if self.channel_last:
@@ -73,7 +82,7 @@ class IndexBackpropVQ(QuantizerCommon, nn.Module):
     def forward(self, inputs, return_loss_breakdown=False):
         rows = self._rows(inputs)
         codebook = self.codebook.detach() if self.freeze_codebook else self.codebook
-        out, idx = index_backprop(rows, codebook, self.logit_scale)
+        out, idx = index_backprop(rows, codebook, self.logit_scale, self._backend(rows.device))
         q = codebook[idx].float()
         commitment = self.commitment_cost * F.mse_loss(rows.float(), q.detach())
         codebook_term = F.mse_loss(q, rows.detach().float())
@@ -90,9 +99,8 @@ class IndexBackpropVQ(QuantizerCommon, nn.Module):
     @torch.no_grad()
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
         """Codes only: int64 ``[B, *spatial]``, the streamed argmax of the logits."""
-        rows = self._rows(inputs).float()
-        idx = ibq_forward(rows, self.codebook.detach().float(), self.logit_scale,
-                          argmax_only=True)
+        rows = self._rows(inputs)
+        idx = ibq_codes(rows, self.codebook, self.logit_scale, self._backend(rows.device))
         return idx.view(self._positions(inputs))
 
     @torch.no_grad()

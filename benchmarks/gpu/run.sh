@@ -101,7 +101,7 @@ correctness() {
     # limits, the sync-debug and CUDA-graph steps (tests/test_cuda.py).
     local selection=(tests/test_cuda.py tests/test_kernels.py tests/test_launch.py
                      tests/test_residual.py tests/test_residual_lookup_free.py
-                     tests/test_multiscale.py -m "not slow" -k "not property")
+                     tests/test_multiscale.py tests/test_ibq.py -m "not slow" -k "not property")
     if [[ $dry_run -eq 1 ]]; then  # the pipeline, not the suite (CI runs the suite itself)
         selection=(tests/test_modules.py -k "matches_oracle")
     fi

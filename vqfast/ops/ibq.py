@@ -10,85 +10,73 @@ With ``g`` the output's gradient, ``u = p @ E`` and ``v_nk = e_k . g_n``:
 ``dlogits_nk = p_nk * (v_nk - u_n . g_n)``; ``grad_x = scale * dlogits @ E``;
 ``grad_E = onehot(idx)^T g + scale * dlogits^T x``.
 
-The torch path below runs on every device; a fused Triton kernel is not written yet.
+Two backends behind custom ops: the fused Triton kernels (``vqfast.kernels.ibq``, rows of
+``D <= 128``) and the torch path (``vqfast._torch``: tiles of codes x all rows, any D, any
+device).
 """
 
 import torch
 
-_TILE_ELEMENTS = 1 << 22  # logits per tile: rows x codes
+from .dispatch import _impl
+
+IBQ_MAX_KERNEL_DIM = 128
 
 
-def _code_tiles(k: int, n: int):
-    codes = max(1, min(k, _TILE_ELEMENTS // max(n, 1)))
-    for c0 in range(0, k, codes):
-        yield c0, min(k, c0 + codes)
+@torch.library.custom_op("vqfast::ibq_forward", mutates_args=())
+def _ibq_forward_op(x: torch.Tensor, codebook: torch.Tensor, scale: float, argmax_only: bool,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _impl(backend).ibq_forward(x, codebook, scale, argmax_only)
 
 
-@torch.no_grad()
-def ibq_forward(x: torch.Tensor, codebook: torch.Tensor, scale: float, argmax_only=False):
-    """``x fp32 [N, D]``, ``codebook fp32 [K, D]`` -> ``idx int64 [N]`` (argmax of the
-    logits), ``lse fp32 [N]`` (their log-sum-exp) and ``soft fp32 [N, D]`` (``p @ E``);
-    with ``argmax_only`` (encoding) ``idx`` alone, no exponentials."""
+@_ibq_forward_op.register_fake
+def _(x, codebook, scale, argmax_only, backend):
     n = x.shape[0]
-    best = torch.full((n,), -float("inf"), device=x.device)  # the running max of the logits
-    idx = torch.zeros(n, dtype=torch.int64, device=x.device)
-    running_sum = torch.zeros(n, device=x.device)  # sum of exp(logit - best)
-    soft = torch.zeros_like(x)  # sum of exp(logit - best) * code
-    for c0, c1 in _code_tiles(codebook.shape[0], n):
-        logits = (x @ codebook[c0:c1].t()).mul_(scale)  # [N, tile]
-        value, where = logits.max(1)
-        better = value > best  # strictly: the first maximum wins, as argmax
-        idx = torch.where(better, where + c0, idx)
-        new_best = torch.where(better, value, best)
-        if not argmax_only:
-            rescale = torch.exp(best - new_best)
-            weights = torch.exp(logits - new_best[:, None])
-            running_sum = running_sum * rescale + weights.sum(1)
-            soft = soft * rescale[:, None] + weights @ codebook[c0:c1]
-        best = new_best
-    if argmax_only:
-        return idx
-    return idx, best + torch.log(running_sum), soft / running_sum[:, None]
+    return (x.new_empty(n, dtype=torch.int64), x.new_empty(0 if argmax_only else n),
+            x.new_empty((0,) if argmax_only else tuple(x.shape)))
 
 
-@torch.no_grad()
-def ibq_backward(grad: torch.Tensor, x: torch.Tensor, codebook: torch.Tensor, idx, lse, soft,
-                 scale: float):
-    """``(grad_x fp32 [N, D], grad_codebook fp32 [K, D])`` of the output for its gradient
-    ``grad [N, D]``, the logits recomputed tile by tile."""
-    n = x.shape[0]
-    centre = (soft * grad).sum(1)  # u_n . g_n
-    grad_x = torch.zeros_like(x)
-    grad_codebook = torch.zeros_like(codebook).index_add_(0, idx, grad)  # onehot^T g
-    for c0, c1 in _code_tiles(codebook.shape[0], n):
-        book = codebook[c0:c1]
-        p = (x @ book.t()).mul_(scale).sub_(lse[:, None]).exp_()  # [N, tile]
-        dlogits = p.mul_((grad @ book.t()).sub_(centre[:, None])).mul_(scale)
-        grad_x.addmm_(dlogits, book)
-        grad_codebook[c0:c1] += dlogits.t() @ x
-    return grad_x, grad_codebook
+@torch.library.custom_op("vqfast::ibq_backward", mutates_args=())
+def _ibq_backward_op(grad: torch.Tensor, x: torch.Tensor, codebook: torch.Tensor,
+                     idx: torch.Tensor, lse: torch.Tensor, soft: torch.Tensor, scale: float,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl(backend).ibq_backward(grad, x, codebook, idx, lse, soft, scale)
+
+
+@_ibq_backward_op.register_fake
+def _(grad, x, codebook, idx, lse, soft, scale, backend):
+    return torch.empty_like(x), torch.empty_like(codebook)
 
 
 class IndexBackprop(torch.autograd.Function):
     """``(out [N, D], idx [N])`` of rows ``x [N, D]`` and ``codebook [K, D]`` (fp32)."""
 
     @staticmethod
-    def forward(ctx, x, codebook, scale):
-        x32, book32 = x.detach().float(), codebook.detach().float()
-        idx, lse, soft = ibq_forward(x32, book32, scale)
+    def forward(ctx, x, codebook, scale, backend):
+        x32 = x.detach().float().contiguous()
+        book32 = codebook.detach().float().contiguous()
+        idx, lse, soft = torch.ops.vqfast.ibq_forward(x32, book32, scale, False, backend)
         ctx.save_for_backward(x32, book32, idx, lse, soft)
-        ctx.scale = scale
+        ctx.scale, ctx.backend = scale, backend
         ctx.mark_non_differentiable(idx)
         return book32[idx].to(x.dtype), idx
 
     @staticmethod
     def backward(ctx, grad_out, grad_idx):
         x, codebook, idx, lse, soft = ctx.saved_tensors
-        grad_x, grad_codebook = ibq_backward(grad_out.float(), x, codebook, idx, lse, soft,
-                                             ctx.scale)
-        return grad_x.to(grad_out.dtype), grad_codebook, None
+        grad_x, grad_codebook = torch.ops.vqfast.ibq_backward(
+            grad_out.float().contiguous(), x, codebook, idx, lse, soft, ctx.scale, ctx.backend)
+        return grad_x.to(grad_out.dtype), grad_codebook, None, None
 
 
-def index_backprop(x: torch.Tensor, codebook: torch.Tensor, scale: float = 1.0):
+def index_backprop(x: torch.Tensor, codebook: torch.Tensor, scale: float = 1.0,
+                   backend: str = "torch"):
     """IBQ of rows ``x [N, D]`` with ``codebook [K, D]``: ``(out [N, D], idx int64 [N])``."""
-    return IndexBackprop.apply(x, codebook, scale)
+    return IndexBackprop.apply(x, codebook, scale, backend)
+
+
+def ibq_codes(x: torch.Tensor, codebook: torch.Tensor, scale: float = 1.0,
+              backend: str = "torch") -> torch.Tensor:
+    """The argmax alone (no exponentials): int64 ``[N]``."""
+    return torch.ops.vqfast.ibq_forward(x.detach().float().contiguous(),
+                                        codebook.detach().float().contiguous(), scale, True,
+                                        backend)[0]
