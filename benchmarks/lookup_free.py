@@ -4,7 +4,9 @@ LFQ's codebook entropy needs the probability of every one of the ``2**d`` codes 
 vector. vqfast streams the codes (exact, ``[2**d]`` memory); vector-quantize-pytorch
 materialises ``[N, 2**d]`` probabilities, or a random fraction of the rows of it with
 ``frac_per_sample_entropy < 1``. Per case: forward + backward time, peak memory, and the
-peer's error in the codebook entropy against vqfast's exact value (same inputs).
+peer's error in the codebook entropy against vqfast's exact value (same inputs). BSQ
+(``LFQ(spherical=True)``: the vectors on the unit sphere, codes ``±1/sqrt(d)``) runs the
+same comparison against the peer's ``LFQ(spherical=True)``.
 """
 
 import argparse
@@ -38,27 +40,32 @@ def _peer(kind: str, d: int, frac: float = 1.0):
         import vector_quantize_pytorch as vqp
     except ImportError:
         return None
-    if kind == "lfq":
+    if kind in ("lfq", "bsq"):
         return vqp.LFQ(dim=d, codebook_size=2**d, entropy_loss_weight=0.1,
-                       commitment_loss_weight=0.25, frac_per_sample_entropy=frac, channel_first=True)
+                       commitment_loss_weight=0.25, frac_per_sample_entropy=frac, channel_first=True,
+                       spherical=kind == "bsq")
     return vqp.FSQ(levels=[8, 5, 5, 5], channel_first=True)
 
 
-def lfq_cases(dims, n, device, progress=print):
+def lfq_cases(dims, n, device, progress=print, kind="lfq"):
+    """LFQ (``kind="lfq"``) or BSQ (``"bsq"``) at each of ``dims``."""
     rows = []
+    spherical = kind == "bsq"
     for d in dims:
         generator = torch.Generator().manual_seed(d)
         z = (0.1 * torch.randn(n // 64, d, 8, 8, generator=generator)).to(device)
         flat = z.movedim(1, -1).reshape(-1, d)
+        if spherical:  # the entropy of u = z / |z| against codes ±1/sqrt(d)
+            flat = torch.nn.functional.normalize(flat, dim=1) / d**0.5
         backend = "triton" if device.type == "cuda" else "torch"
         exact = float(lfq_ops.codebook_entropy(flat, 100.0, backend))
-        ours = vqfast.LFQ(d).to(device)
+        ours = vqfast.LFQ(d, spherical=spherical).to(device)
         impls = [("vqfast (exact)", ours, 1.0)]
         for frac in (1.0, 0.25):
             impls.append((f"vector-quantize-pytorch (frac_per_sample_entropy={frac})",
-                          _peer("lfq", d, frac), frac))
+                          _peer(kind, d, frac), frac))
         for name, module, frac in impls:
-            row = Row("lfq", name, d, n)
+            row = Row(kind, name, d, n)
             if module is None:
                 row.skipped = "vector-quantize-pytorch not installed"
             elif name.startswith("vector") and 4 * n * frac * 2**d * 4 > memory_budget(device):
@@ -84,7 +91,7 @@ def lfq_cases(dims, n, device, progress=print):
                     row.entropy_error = abs(row.codebook_entropy - exact) / exact
                 except Exception as error:  # record it, go on
                     row.skipped = f"error: {type(error).__name__}: {str(error)[:100]}"
-            progress(f"lfq d={d:>2} {name:<58} "
+            progress(f"{kind} d={d:>2} {name:<58} "
                      + (f"{row.median_ms:10.2f} ms" if row.median_ms else row.skipped))
             rows.append(row)
     return rows
@@ -131,6 +138,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.lookup_free", description=__doc__)
     parser.add_argument("--dims", type=int, nargs="+", default=[10, 14, 16, 18])
     parser.add_argument("--n", type=int, default=16384)
+    parser.add_argument("--bsq-dims", type=int, nargs="+", default=[10, 16])
+    parser.add_argument("--quantizers", nargs="+", choices=["lfq", "bsq", "fsq"],
+                        default=["lfq", "bsq", "fsq"])
     parser.add_argument("--quick", action="store_true", help="d = 8, 10 at N = 1024")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
@@ -140,11 +150,17 @@ def main(argv=None):
                              "instead of writing files of their own (the GPU command's bench.*)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.dims, args.n = [8, 10], 1024
+        args.dims, args.bsq_dims, args.n = [8, 10], [8], 1024
     device = (torch.device("cuda" if torch.cuda.is_available() else "cpu")
               if args.device == "auto" else torch.device(args.device))
     env = environment(device)
-    rows = lfq_cases(args.dims, args.n, device) + fsq_cases(args.n, device)
+    rows = []
+    if "lfq" in args.quantizers:
+        rows += lfq_cases(args.dims, args.n, device)
+    if "bsq" in args.quantizers:
+        rows += lfq_cases(args.bsq_dims, args.n, device, kind="bsq")
+    if "fsq" in args.quantizers:
+        rows += fsq_cases(args.n, device)
     save_side_report(env, rows, markdown(env, rows), args.out, key="lookup_free",
                      heading="Lookup-free quantizers", name=args.name, merge_into=args.merge_into)
 

@@ -16,8 +16,8 @@ import torch
 import vqfast
 from vqfast import reference
 
-from .suite import (environment, measure_into, pick_device, save_side_report, side_parser,
-                    side_table, speedup_cell)
+from .suite import (environment, measure_into, pick_device, save_side_report, set_speedups,
+                    side_parser, side_table, speedup_cell)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +79,7 @@ def run(cases, device, progress=print):
             progress(f"{case.name:<12} {impl:<22} "
                      + (f"{row.median_ms:10.2f} ms" if row.median_ms else str(row.skipped)))
             case_rows.append(row)
-        plain = next((r for r in case_rows if r.impl == PLAIN and r.median_ms), None)
-        for row in case_rows:
-            if plain and row.median_ms:
-                row.speedup_vs_plain = plain.median_ms / row.median_ms
+        set_speedups(case_rows, PLAIN, "speedup_vs_plain")
         rows += case_rows
     return rows
 

@@ -13,8 +13,8 @@ import torch
 
 import vqfast
 
-from .suite import (environment, measure_into, pick_device, save_side_report, side_parser,
-                    side_table, speedup_cell)
+from .suite import (environment, measure_into, pick_device, save_side_report, set_speedups,
+                    side_parser, side_table, speedup_cell)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +86,7 @@ def run(cases, device, progress=print):
             progress(f"{case.name:<16} {impl:<24} "
                      + (f"{row.median_ms:10.2f} ms" if row.median_ms else row.skipped))
             case_rows.append(row)
-        peer = next((r for r in case_rows if r.impl == PEER and r.median_ms), None)
-        for row in case_rows:
-            if peer and row.median_ms:
-                row.speedup_vs_peer = peer.median_ms / row.median_ms
+        set_speedups(case_rows, PEER)
         rows += case_rows
     return rows
 

@@ -460,3 +460,12 @@ def side_table(env: dict, rows, ident, measured) -> str:
 
 def speedup_cell(value, spec=".2f") -> str:
     return f"{value:{spec}}x" if value else ""
+
+
+def set_speedups(case_rows, baseline: str, field: str = "speedup_vs_peer") -> None:
+    """``row.<field> = baseline's time / row's time`` for every timed row of one case, the
+    baseline being the timed row whose ``impl`` is ``baseline`` (none: left empty)."""
+    base = next((r for r in case_rows if r.impl == baseline and r.median_ms), None)
+    for row in case_rows:
+        if base and row.median_ms:
+            setattr(row, field, base.median_ms / row.median_ms)

@@ -104,3 +104,13 @@ def test_multiscale_benchmark_runs_both_sides():
     rows = multiscale.run([case], torch.device("cpu"), progress=lambda line: None)
     assert [r.impl for r in rows] == ["vqfast", multiscale.PLAIN]
     assert all(r.median_ms and r.speedup_vs_plain for r in rows)
+
+
+def test_lookup_free_benchmark_has_a_bsq_row_with_the_exact_entropy():
+    from benchmarks import lookup_free
+    rows = lookup_free.lfq_cases([6], 128, torch.device("cpu"), progress=lambda line: None,
+                                 kind="bsq")
+    ours = next(r for r in rows if r.impl == "vqfast (exact)")
+    peer = next(r for r in rows if r.impl.endswith("=1.0)"))
+    assert ours.quantizer == "bsq" and ours.median_ms
+    assert peer.entropy_error < 1e-4  # the peer's unsampled entropy is the exact one

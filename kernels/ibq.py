@@ -51,6 +51,16 @@ def _tile(ptr, index, mask, dims, D):
 
 
 @triton.jit
+def _code_logits(x, codebook_ptr, k0, dims, K, D, scale, BLOCK_K: tl.constexpr):
+    """Codes ``k0 .. k0 + BLOCK_K``: their mask, their tile ``e`` and the logits ``scale * x
+    @ e^T`` of the rows ``x``."""
+    codes = k0 + tl.arange(0, BLOCK_K)
+    code_mask = codes < K
+    e = _tile(codebook_ptr, codes, code_mask, dims, D)
+    return code_mask, e, tl.dot(x, tl.trans(e), input_precision="ieee") * scale
+
+
+@triton.jit
 def _ibq_forward_kernel(
     x_ptr, codebook_ptr, idx_ptr, lse_ptr, soft_ptr, N, K, D, scale,
     ARGMAX_ONLY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -65,10 +75,7 @@ def _ibq_forward_kernel(
     running_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     soft = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        codes = k0 + tl.arange(0, BLOCK_K)
-        code_mask = codes < K
-        e = _tile(codebook_ptr, codes, code_mask, dims, D)
-        logits = tl.dot(x, tl.trans(e), input_precision="ieee") * scale
+        code_mask, e, logits = _code_logits(x, codebook_ptr, k0, dims, K, D, scale, BLOCK_K)
         logits = tl.where(code_mask[None, :], logits, float("-inf"))
         tile_max = tl.max(logits, axis=1)
         tile_arg = tl.argmax(logits, axis=1, tie_break_left=True)
@@ -103,10 +110,7 @@ def _ibq_backward_x_kernel(
     centre = tl.sum(_tile(soft_ptr, rows, row_mask, dims, D) * g, axis=1)  # g . (p @ E)
     grad_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        codes = k0 + tl.arange(0, BLOCK_K)
-        code_mask = codes < K
-        e = _tile(codebook_ptr, codes, code_mask, dims, D)
-        logits = tl.dot(x, tl.trans(e), input_precision="ieee") * scale
+        code_mask, e, logits = _code_logits(x, codebook_ptr, k0, dims, K, D, scale, BLOCK_K)
         p = tl.where(code_mask[None, :], tl.exp(logits - lse[:, None]), 0.0)
         ge = tl.dot(g, tl.trans(e), input_precision="ieee")
         dlogits = p * (ge - centre[:, None]) * scale

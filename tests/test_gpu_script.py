@@ -34,7 +34,8 @@ def test_dry_run_writes_every_file(tmp_path):
     assert int(junit.find("testsuite").get("tests")) > 0
     bench = json.loads((out / "bench.json").read_text())
     assert {r["impl"] for r in bench["results"] if r["median_ms"]} >= {"reference", "vqfast[torch]"}
-    assert any(r["impl"] == "vqfast (exact)" and r["median_ms"] for r in bench["lookup_free"])
+    assert {r["quantizer"] for r in bench["lookup_free"]
+            if r["impl"] == "vqfast (exact)" and r["median_ms"]} == {"lfq", "bsq"}
     assert any(r["impl"] == "vqfast" and r["median_ms"] for r in bench["residual"])
     assert any(r["impl"] == "vqfast encode" and r["vectors_per_s"] for r in bench["encode"])
     assert {r["sem"] for r in bench["atomics"] if r["median_ms"]} == {"relaxed", "acq_rel"}

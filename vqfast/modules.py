@@ -323,6 +323,27 @@ def without_real_rows_nan(centroids: torch.Tensor, flat_mask) -> torch.Tensor:
     return torch.where(flat_mask.any(), centroids, float("nan"))
 
 
+def check_codebook_options(*, ema: bool, decay: float, epsilon: float, dead_code_threshold,
+                           default_threshold: float, precision: str, backend: str) -> float:
+    """The EMA, re-seeding, precision and backend options of a codebook quantizer, checked
+    before anything is built; returns the dead-code threshold (``None``: the default)."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay}")
+    if not epsilon > 0.0 or not math.isfinite(epsilon):
+        raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
+    if dead_code_threshold is None:
+        dead_code_threshold = default_threshold
+    if not (dead_code_threshold >= 0.0 and math.isfinite(dead_code_threshold)):
+        raise ValueError(f"dead_code_threshold must be a finite number >= 0, got "
+                         f"{dead_code_threshold}")
+    if dead_code_threshold > 0 and not ema:
+        raise ValueError("dead_code_threshold needs ema=True (it reads the EMA cluster sizes)")
+    if precision not in VF.PRECISIONS:
+        raise ValueError(f"precision must be one of {VF.PRECISIONS}, got {precision!r}")
+    VF.check_backend(backend)
+    return dead_code_threshold
+
+
 def kmeans_done(initialized: torch.Tensor) -> bool:
     """Whether k-means init is over: eagerly, whether it took (else the next training batch
     tries again; one host read, on the steps before it took); inside a compiled graph,

@@ -1,8 +1,6 @@
 """``MultiScaleResidualVQ``: VAR's multi-scale residual quantizer (Tian et al., 2024), one
 codebook shared by the scales, each scale's nearest-code search on the fused path."""
 
-import math
-
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -12,8 +10,9 @@ from torch import nn
 from . import functional as VF
 from . import modules
 from .lookup_free import _is_int, check_count
-from .modules import (LossBreakdown, QuantizerCommon, _all_reduce_statistics, check_codes,
-                      keep_fp32, kmeans, kmeans_done, take_kmeans_ema_state)
+from .modules import (LossBreakdown, QuantizerCommon, _all_reduce_statistics,
+                      check_codebook_options, check_codes, keep_fp32, kmeans, kmeans_done,
+                      take_kmeans_ema_state)
 
 UPSAMPLING = ("bicubic", "bilinear", "nearest")
 
@@ -92,18 +91,9 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
         self.scales = self._check_scales(scales)
         if upsample not in UPSAMPLING:
             raise ValueError(f"upsample must be one of {UPSAMPLING}, got {upsample!r}")
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        if dead_code_threshold is None:
-            dead_code_threshold = 0.5 if ema else 0.0
-        if not (dead_code_threshold >= 0 and math.isfinite(dead_code_threshold)):
-            raise ValueError(f"dead_code_threshold must be a finite number >= 0, got "
-                             f"{dead_code_threshold}")
-        if dead_code_threshold > 0 and not ema:
-            raise ValueError("dead_code_threshold needs ema=True (it reads the EMA cluster sizes)")
-        if precision not in VF.PRECISIONS:
-            raise ValueError(f"precision must be one of {VF.PRECISIONS}, got {precision!r}")
-        VF.check_backend(backend)
+        dead_code_threshold = check_codebook_options(
+            ema=ema, decay=decay, epsilon=epsilon, dead_code_threshold=dead_code_threshold,
+            default_threshold=0.5 if ema else 0.0, precision=precision, backend=backend)
         self.channel_last = bool(channel_last)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.commitment_cost, self.decay, self.epsilon = commitment_cost, decay, epsilon

@@ -1,8 +1,6 @@
 """``ResidualVQ``: residual, grouped, shared-codebook, cosine and factorized VQ, every
 level of every group in one fused launch (SoundStream, EnCodec, DAC, ViT-VQGAN)."""
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -11,7 +9,7 @@ from torch import nn
 from . import functional as VF
 from . import modules
 from .modules import (LossBreakdown, Projection, QuantizerCommon, _all_reduce_statistics, check_codes,
-                      check_mask, keep_fp32, kmeans,
+                      check_codebook_options, check_mask, keep_fp32, kmeans,
                       kmeans_done, real_rows, rows_seen, take_kmeans_ema_state, usage_report,
                       warn_skipped, without_real_rows_nan)
 from .ops.residual_vq import residual_quantize
@@ -108,20 +106,9 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             raise ValueError(f"embedding_dim={embedding_dim} is not divisible by groups={groups}")
         if codebook_dim is not None and (not isinstance(codebook_dim, int) or codebook_dim < 1):
             raise ValueError(f"codebook_dim must be an int >= 1, got {codebook_dim!r}")
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        if not epsilon > 0.0 or not math.isfinite(epsilon):
-            raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
-        if dead_code_threshold is None:
-            dead_code_threshold = 1.0 if ema else 0.0
-        if not (dead_code_threshold >= 0.0 and math.isfinite(dead_code_threshold)):
-            raise ValueError(f"dead_code_threshold must be a finite number >= 0, got "
-                             f"{dead_code_threshold}")
-        if dead_code_threshold > 0 and not ema:
-            raise ValueError("dead_code_threshold needs ema=True (it reads the EMA cluster sizes)")
-        if precision not in VF.PRECISIONS:
-            raise ValueError(f"precision must be one of {VF.PRECISIONS}, got {precision!r}")
-        VF.check_backend(backend)
+        dead_code_threshold = check_codebook_options(
+            ema=ema, decay=decay, epsilon=epsilon, dead_code_threshold=dead_code_threshold,
+            default_threshold=1.0 if ema else 0.0, precision=precision, backend=backend)
         self.num_quantizers, self.num_embeddings = num_quantizers, num_embeddings
         self.embedding_dim, self.groups = embedding_dim, groups
         self.commitment_cost, self.decay, self.epsilon = commitment_cost, decay, epsilon

@@ -130,7 +130,7 @@ train() {
 family() {
     local lfq_size=() rvq_size=()
     if [[ $dry_run -eq 1 ]]; then
-        lfq_size=(--dims 6 --n 256 --device cpu)
+        lfq_size=(--dims 6 --bsq-dims 6 --n 256 --device cpu)
         rvq_size=(--quick --device cpu)
     fi
     "$py" -m benchmarks.residual "${rvq_size[@]}" --out "$out" --merge-into bench || return
