@@ -344,6 +344,22 @@ def check_codebook_options(*, ema: bool, decay: float, epsilon: float, dead_code
     return dead_code_threshold
 
 
+def adopt_kmeans(module: nn.Module, codebook: torch.Tensor, centroids: torch.Tensor,
+                 sizes: torch.Tensor) -> None:
+    """Rank 0's k-means codes (``centroids``, cluster ``sizes`` at least 1) on every rank,
+    taken only where all are finite: the ``codebook``, the EMA state that agrees with them,
+    and the module's ``initialized`` flag (no host read inside a compiled graph)."""
+    if _world_size() > 1:
+        dist.broadcast(centroids, 0)
+        dist.broadcast(sizes, 0)
+    finite = torch.isfinite(centroids).all()
+    codebook.data.copy_(torch.where(finite, centroids, codebook.data))
+    if getattr(module, "ema_cluster_size", None) is not None:
+        take_kmeans_ema_state(module, centroids, sizes, finite)
+    module.initialized.copy_(finite)
+    module._kmeans_done = kmeans_done(finite)
+
+
 def kmeans_done(initialized: torch.Tensor) -> bool:
     """Whether k-means init is over: eagerly, whether it took (else the next training batch
     tries again; one host read, on the steps before it took); inside a compiled graph,
@@ -541,17 +557,7 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
         if self.cosine:
             centroids = F.normalize(centroids, dim=-1)
         centroids = without_real_rows_nan(centroids, flat_mask)
-        if _world_size() > 1:
-            dist.broadcast(centroids, 0)
-            dist.broadcast(counts, 0)
-        finite = torch.isfinite(centroids).all()
-        self.codebook.data.copy_(torch.where(finite, centroids, self.codebook.data))
-        self._after_kmeans(centroids, counts, finite)
-        self.initialized.copy_(finite)
-        self._kmeans_done = kmeans_done(finite)
-
-    def _after_kmeans(self, centroids, counts, finite):
-        take_kmeans_ema_state(self, centroids, counts.float().clamp_min(1), finite)
+        adopt_kmeans(self, self.codebook, centroids, counts.float().clamp_min(1))
 
     def _syncing(self) -> bool:
         return _world_size() > 1

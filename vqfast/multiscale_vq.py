@@ -10,9 +10,8 @@ from torch import nn
 from . import functional as VF
 from . import modules
 from .lookup_free import _is_int, check_count
-from .modules import (LossBreakdown, QuantizerCommon, _all_reduce_statistics,
-                      check_codebook_options, check_codes, keep_fp32, kmeans, kmeans_done,
-                      take_kmeans_ema_state)
+from .modules import (LossBreakdown, QuantizerCommon, _all_reduce_statistics, adopt_kmeans,
+                      check_codebook_options, check_codes, keep_fp32, kmeans)
 
 UPSAMPLING = ("bicubic", "bilinear", "nearest")
 
@@ -298,13 +297,4 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
         rows = f.movedim(1, -1).reshape(-1, f.shape[1])
         centroids, counts = kmeans(rows, self.num_embeddings, self.kmeans_iters, backend,
                                    self.precision)
-        sizes = counts.float().clamp_min(1)
-        if modules._world_size() > 1:
-            dist.broadcast(centroids, 0)
-            dist.broadcast(sizes, 0)
-        finite = torch.isfinite(centroids).all()
-        self.codebook.data.copy_(torch.where(finite, centroids, self.codebook.data))
-        if self.ema:
-            take_kmeans_ema_state(self, centroids, sizes, finite)
-        self.initialized.copy_(finite)
-        self._kmeans_done = kmeans_done(finite)
+        adopt_kmeans(self, self.codebook, centroids, counts.float().clamp_min(1))

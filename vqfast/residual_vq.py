@@ -8,10 +8,10 @@ from torch import nn
 
 from . import functional as VF
 from . import modules
-from .modules import (LossBreakdown, Projection, QuantizerCommon, _all_reduce_statistics, check_codes,
-                      check_codebook_options, check_mask, keep_fp32, kmeans,
-                      kmeans_done, real_rows, rows_seen, take_kmeans_ema_state, usage_report,
-                      warn_skipped, without_real_rows_nan)
+from .modules import (LossBreakdown, Projection, QuantizerCommon, _all_reduce_statistics,
+                      adopt_kmeans, check_codebook_options, check_codes, check_mask, keep_fp32,
+                      kmeans, real_rows, rows_seen, usage_report, warn_skipped,
+                      without_real_rows_nan)
 from .ops.residual_vq import residual_quantize
 
 
@@ -386,15 +386,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                 nearest, _ = VF.nearest_code(used, c, backend=backend, precision=self.precision)
                 residual = residual - c[nearest]
         centroids = without_real_rows_nan(centroids, flat_mask)
-        if modules._world_size() > 1:
-            dist.broadcast(centroids, 0)
-            dist.broadcast(sizes, 0)
-        finite = torch.isfinite(centroids).all()
-        self.codebooks.data.copy_(torch.where(finite, centroids, self.codebooks.data))
-        if self.ema:
-            take_kmeans_ema_state(self, centroids, sizes, finite)
-        self.initialized.copy_(finite)
-        self._kmeans_done = kmeans_done(finite)
+        adopt_kmeans(self, self.codebooks, centroids, sizes)
 
     @torch.no_grad()
     def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:

@@ -161,11 +161,11 @@ export -f install correctness bench train family quality
 # Limits in order of value; they add up to the default 420 s budget (quality trains for
 # what is left less a 40 s margin for its start and teardown).
 run_part install 40 install
-run_part correctness 110 correctness
+run_part correctness 120 correctness
 run_part bench 90 bench
 run_part train 50 train
-run_part family 80 family
-run_part quality 50 quality
+run_part family 90 family
+run_part quality 30 quality
 echo "=== wrote $(ls "$out" | tr '\n' ' ')"
 cat "$out/SUMMARY.md" 2>/dev/null | head -60
 exit $failed
