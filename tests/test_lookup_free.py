@@ -157,11 +157,13 @@ def test_codebook_entropy_agrees_with_vector_quantize_pytorch():
 @pytest.mark.slow
 def test_lookup_free_benchmark_pipeline(tmp_path):
     from benchmarks import lookup_free
-    lookup_free.main(["--dims", "6", "--n", "256", "--out", str(tmp_path), "--name", "lf"])
+    lookup_free.main(["--dims", "6", "--bsq-dims", "5", "--n", "256", "--out", str(tmp_path),
+                      "--name", "lf"])
     rows = __import__("json").loads((tmp_path / "lf.json").read_text())["results"]
     exact = [r for r in rows if r["impl"] == "vqfast (exact)"]
     assert exact and exact[0]["entropy_error"] == 0 and exact[0]["median_ms"] > 0
-    assert {r["quantizer"] for r in rows} == {"lfq", "fsq"}
+    assert {r["quantizer"] for r in rows} == {"lfq", "bsq", "fsq"}
+    assert all(r["entropy_error"] == 0 for r in exact)
 
 
 # --- binary spherical quantization (LFQ(spherical=True)) ---------------------------------
