@@ -55,6 +55,9 @@ def test_learned_matches_the_oracle(upsample, share, backend):
     vq.eval()
     f = torch.randn(2, 6, 5, 7, device=DEVICE)
     torch.testing.assert_close(vq.decode_indices(vq.encode(f)), vq(f)[1], **TOL[torch.float32])
+    maps = vq.codes_per_scale(vq.encode(f))
+    assert [tuple(m.shape[1:]) for m in maps] == vq.scales
+    torch.testing.assert_close(vq.decode_indices(maps), vq(f)[1], **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -127,6 +130,8 @@ def test_errors_name_the_problem():
         vq.decode_indices(torch.zeros(2, 20, dtype=torch.int64))
     with pytest.raises(ValueError, match="lie in"):
         vq.decode_indices(torch.full((2, 21), 16))
+    with pytest.raises(ValueError, match="per-scale codes"):
+        vq.decode_indices([torch.zeros(2, 1, 1, dtype=torch.int64)])
     with pytest.raises(ValueError, match="state_dict"):
         vqfast.MultiScaleResidualVQ(16, 4, scales=(1, 4)).load_state_dict(vq.state_dict())
 

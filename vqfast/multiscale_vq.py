@@ -249,10 +249,17 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
         return [p.reshape(codes.shape[0], h, w) for p, (h, w) in zip(parts, self.scales)]
 
     @torch.no_grad()
-    def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
-        """int64 ``codes [B, L]`` in ``[0, K)`` -> ``f_hat [B, D, H, W]`` fp32 at the finest
-        scale's size (``[B, H, W, D]`` with ``channel_last``). Other values raise
-        ``ValueError``."""
+    def decode_indices(self, codes) -> torch.Tensor:
+        """int64 ``codes [B, L]`` in ``[0, K)``, or the per-scale maps ``[B, h_s, w_s]`` as a
+        list (``codes_per_scale``'s) -> ``f_hat [B, D, H, W]`` fp32 at the finest scale's
+        size (``[B, H, W, D]`` with ``channel_last``). Other values raise ``ValueError``."""
+        if isinstance(codes, (list, tuple)):
+            if len(codes) != len(self.scales) or not all(
+                    isinstance(c, torch.Tensor) and tuple(c.shape[1:]) == s
+                    for c, s in zip(codes, self.scales)):
+                raise ValueError(f"per-scale codes must be {len(self.scales)} maps [B, h, w] "
+                                 f"of sizes {self.scales}")
+            codes = torch.cat([c.reshape(c.shape[0], -1) for c in codes], 1)
         per_scale = self.codes_per_scale(codes)
         check_codes(codes, self.num_embeddings, dropped_ok=False)
         size = self.scales[-1]
