@@ -13,7 +13,10 @@ same model initialisation, the same batches in the same order and the same seeds
 - ``plain``: ``VectorQuantizer`` (learned codebook, the paper's non-EMA variant), defaults;
 - ``residual``: ``ResidualVQ`` with 4 levels of the same codebook size, defaults;
 - ``vector-quantize-pytorch``: its ``VectorQuantize`` (EMA, same decay and commitment);
-- ``vector-quantize-pytorch-residual``: its ``ResidualVQ`` (4 levels, same settings).
+- ``vector-quantize-pytorch-residual``: its ``ResidualVQ`` (4 levels, same settings);
+- ``multiscale`` / ``multiscale-ema``: ``MultiScaleResidualVQ`` (VAR's) at scales 1, 2, 4,
+  8 with its defaults, learned codebook (VAR's) or EMA; its codes of every scale count
+  as one level (85 tokens per crop where the others have 64 per level).
 
 Reports NMSE as the original does (MSE / variance of the training pixels) on train and
 test (mean ± std and median over seeds), the runs that collapsed (test crops using at
@@ -41,8 +44,10 @@ from vqfast import reference
 
 CROP = 32
 CONFIGS = ("original", "vqfast-original-args", "vqfast", "plain", "residual",
-           "vector-quantize-pytorch", "vector-quantize-pytorch-residual")
+           "vector-quantize-pytorch", "vector-quantize-pytorch-residual", "multiscale",
+           "multiscale-ema")
 RESIDUAL_LEVELS = 4
+SCALES = (1, 2, 4, 8)  # VAR's multi-scale quantizer on the 8 x 8 latents of 32 x 32 crops
 COLLAPSED = 0.02  # a run whose test crops use at most this fraction of the codes
 
 
@@ -132,9 +137,10 @@ class VQPAdapter(nn.Module):
 def build(config: str, args, seed: int) -> vqfast.VQVAE:
     """The seed's VQ-VAE with ``config``'s quantizer; the same init for every config."""
     torch.manual_seed(seed)
-    decay = 0.0 if config == "plain" else 0.99
+    decay = 0.0 if config in ("plain", "multiscale") else 0.99
     options = (vqfast.ORIGINAL_ALGORITHM if config in ("original", "vqfast-original-args")
-               else dict(num_quantizers=RESIDUAL_LEVELS) if config == "residual" else {})
+               else dict(num_quantizers=RESIDUAL_LEVELS) if config == "residual"
+               else dict(scales=SCALES) if config.startswith("multiscale") else {})
     model = vqfast.VQVAE(args.num_hiddens, 2, args.num_residual_hiddens, args.num_embeddings,
                          args.embedding_dim, 0.25, decay, backend=args.backend, **options)
     if config == "original":
