@@ -50,7 +50,8 @@ class Row:
 
 
 def _steps(case: Case, device):
-    vq = vqfast.MultiScaleResidualVQ(case.k, case.d, case.scales, kmeans_init=False).to(device)
+    vq = vqfast.MultiScaleResidualVQ(case.k, case.d, case.scales, ema=False,
+                                     kmeans_init=False).to(device)
     with torch.no_grad():
         vq.codebook.normal_()
     f = torch.randn(case.batch, case.d, case.size, case.size, device=device,

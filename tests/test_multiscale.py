@@ -14,7 +14,7 @@ SCALES = (1, 2, 3, (4, 5), (5, 7))
 
 
 def _make(backend, **kw):
-    options = dict(scales=SCALES, kmeans_init=False, backend=backend)
+    options = dict(scales=SCALES, kmeans_init=False, ema=False, backend=backend)
     options.update(kw)
     vq = vqfast.MultiScaleResidualVQ(37, 6, **options).to(DEVICE)
     if not vq.ema:
@@ -120,7 +120,8 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="upsample"):
         vqfast.MultiScaleResidualVQ(16, 4, upsample="area")
     with pytest.raises(ValueError, match="ema=True"):
-        vqfast.MultiScaleResidualVQ(16, 4, dead_code_threshold=1.0)
+        vqfast.MultiScaleResidualVQ(16, 4, ema=False, dead_code_threshold=1.0)
+    assert vqfast.MultiScaleResidualVQ(16, 4).ema  # the default (README: Training quality)
     vq = vqfast.MultiScaleResidualVQ(16, 4, scales=(1, 2, 4), kmeans_init=False)
     with pytest.raises(ValueError, match="exceed"):
         vq(torch.randn(2, 4, 3, 3))
