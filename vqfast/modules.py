@@ -292,7 +292,14 @@ class QuantizerCommon:
         # Reached through super() from the classes' own overrides, after they have only
         # edited ``state_dict`` (legacy names, defaults): still before any tensor is copied.
         self._check_state_options(state_dict, prefix)
+        kmeans_init = getattr(self, "kmeans_init", None)
+        if kmeans_init:  # a codebook loaded from a checkpoint without the flag is a trained one
+            state_dict.setdefault(prefix + "initialized", torch.tensor(True))
+        elif kmeans_init is not None:  # a k-means checkpoint loads into a module without it
+            state_dict.pop(prefix + "initialized", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if kmeans_init:
+            self._kmeans_done = bool(self.initialized)  # at load time, not in the step
 
     def _check_state_options(self, state_dict, prefix):
         mine = self.get_extra_state()
@@ -532,14 +539,7 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         rename_legacy_keys(state_dict, prefix, self._legacy_keys)
-        if self.kmeans_init and prefix + "initialized" not in state_dict:
-            # A codebook loaded from a checkpoint without the flag is a trained one.
-            state_dict[prefix + "initialized"] = torch.tensor(True)
-        if not self.kmeans_init:  # a k-means checkpoint loads into a module without it
-            state_dict.pop(prefix + "initialized", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.kmeans_init:
-            self._kmeans_done = bool(self.initialized)  # at load time, not in the step
 
     @torch.no_grad()
     def _maybe_kmeans_init(self, x: torch.Tensor, backend: str, flat_mask=None) -> None:

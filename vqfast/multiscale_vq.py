@@ -149,15 +149,6 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
         state = ("codebook", "ema_cluster_size", "ema_weight", "ema_decay_weight")
         return keep_fp32(self, state if self.ema else (), fn, recurse)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.kmeans_init:
-            state_dict.setdefault(prefix + "initialized", torch.tensor(True))
-        else:
-            state_dict.pop(prefix + "initialized", None)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.kmeans_init:
-            self._kmeans_done = bool(self.initialized)
-
     @property
     def sequence_length(self) -> int:
         """L, the codes per image: ``sum_s h_s * w_s``."""

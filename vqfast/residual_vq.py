@@ -166,15 +166,6 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                 "shared_codebook": self.shared_codebook, "cosine": self.cosine, "ema": self.ema,
                 "codebook_dim": None if self.project_in is None else self.code_dim}
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.kmeans_init:
-            state_dict.setdefault(prefix + "initialized", torch.tensor(True))
-        else:
-            state_dict.pop(prefix + "initialized", None)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.kmeans_init:
-            self._kmeans_done = bool(self.initialized)
-
     def _codebooks(self):
         """The codebooks the lookup sees: the learned ones l2-normalised when ``cosine``."""
         codebooks = self.codebooks.detach() if self.freeze_codebook else self.codebooks
