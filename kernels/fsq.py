@@ -33,6 +33,14 @@ def _round_half_even(x):
 
 
 @triton.jit
+def channel_params(params_ptr, C, c):
+    """Channel ``c``'s constants from ``params`` fp32 ``[4, C]``: half_l, offset, shift,
+    half_width."""
+    return (tl.load(params_ptr + c), tl.load(params_ptr + C + c), tl.load(params_ptr + 2 * C + c),
+            tl.load(params_ptr + 3 * C + c))
+
+
+@triton.jit
 def _fsq_forward_kernel(
     z_ptr, params_ptr, basis_ptr, q_ptr, codes_ptr, N, C, S,
     BLOCK_N: tl.constexpr,
@@ -47,10 +55,7 @@ def _fsq_forward_kernel(
     has_nan = tl.zeros([BLOCK_N], dtype=tl.int1)
     for c in range(0, C):
         z = tl.load(z_ptrs, mask=row_mask, other=0.0).to(tl.float32)
-        half_l = tl.load(params_ptr + c)
-        offset = tl.load(params_ptr + C + c)
-        shift = tl.load(params_ptr + 2 * C + c)
-        half_width = tl.load(params_ptr + 3 * C + c)
+        half_l, offset, shift, half_width = channel_params(params_ptr, C, c)
         rounded = _round_half_even(_tanh(z + shift) * half_l - offset)
         tl.store(q_ptrs, (rounded / half_width).to(q_ptr.dtype.element_ty), mask=row_mask)
         is_nan = rounded != rounded
@@ -73,9 +78,7 @@ def _fsq_backward_kernel(
     for c in range(0, C):
         z = tl.load(z_ptrs, mask=row_mask, other=0.0).to(tl.float32)
         grad = tl.load(grad_q_ptrs, mask=row_mask, other=0.0).to(tl.float32)
-        half_l = tl.load(params_ptr + c)
-        shift = tl.load(params_ptr + 2 * C + c)
-        half_width = tl.load(params_ptr + 3 * C + c)
+        half_l, _, shift, half_width = channel_params(params_ptr, C, c)
         t = _tanh(z + shift)
         tl.store(grad_z_ptrs,
                  (grad * (1.0 - t * t) * (half_l / half_width)).to(grad_z_ptr.dtype.element_ty),

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ._launch import PTR, check_same_device, launcher, next_power_of_2, split_options
 from ._layout import row_offsets, vector_layout
-from .fsq import _round_half_even, _tanh
+from .fsq import _round_half_even, _tanh, channel_params
 
 CONFIG = dict(BLOCK_N=128, num_warps=4)
 
@@ -52,10 +52,7 @@ def _residual_scalar_forward_kernel(
         total = tl.zeros([BLOCK_N], dtype=tl.float32)
         slope = tl.zeros([BLOCK_N], dtype=tl.float32)
         basis = tl.load(basis_ptr + c)
-        half_l = tl.load(params_ptr + c)
-        offset = tl.load(params_ptr + C + c)
-        shift = tl.load(params_ptr + 2 * C + c)
-        half_width = tl.load(params_ptr + 3 * C + c)
+        half_l, offset, shift, half_width = channel_params(params_ptr, C, c)
         for level in range(0, Q):
             s = tl.load(scales_ptr + level * C + c)
             if STORE_RESIDUALS:  # rows [G*Q, N, C]
@@ -101,10 +98,7 @@ def _residual_fsq_backward_kernel(
     for c in range(0, C):
         r = tl.load(z_ptr + offsets, mask=row_mask, other=0.0).to(tl.float32)
         grad = tl.load(grad_q_ptr + offsets, mask=row_mask, other=0.0).to(tl.float32)
-        half_l = tl.load(params_ptr + c)
-        offset = tl.load(params_ptr + C + c)
-        shift = tl.load(params_ptr + 2 * C + c)
-        half_width = tl.load(params_ptr + 3 * C + c)
+        half_l, offset, shift, half_width = channel_params(params_ptr, C, c)
         slope = tl.zeros([BLOCK_N], dtype=tl.float32)
         for level in range(0, Q):
             s = tl.load(scales_ptr + level * C + c)

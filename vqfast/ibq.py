@@ -73,12 +73,6 @@ class IndexBackpropVQ(QuantizerCommon, nn.Module):
             return "torch"  # (the kernels hold a whole row in registers)
         return backend
 
-    def _in_layout_rows(self, rows, inputs):
-        """Rows ``[N, D]`` back in the inputs' layout and shape."""
-        if self.channel_last:
-            return rows.view(inputs.shape)
-        return rows.view(inputs.shape[0], -1, self.embedding_dim).movedim(-1, 1).reshape(inputs.shape)
-
     def forward(self, inputs, return_loss_breakdown=False):
         rows = self._rows(inputs)
         codebook = self.codebook.detach() if self.freeze_codebook else self.codebook
@@ -90,7 +84,8 @@ class IndexBackpropVQ(QuantizerCommon, nn.Module):
         counts = torch.zeros(self.num_embeddings, dtype=torch.int32, device=idx.device)
         counts.scatter_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
         self._watch_usage(counts)
-        outputs = (loss, self._in_layout_rows(out.to(inputs.dtype), inputs),
+        out = out.to(inputs.dtype).view(*self._positions(inputs), self.embedding_dim)
+        outputs = (loss, self._rows_in_layout(out).contiguous(),
                    VF.perplexity(counts), idx.view(self._positions(inputs)))
         if return_loss_breakdown:
             return (*outputs, LossBreakdown.of(loss, commitment=commitment, codebook=codebook_term))

@@ -1,7 +1,6 @@
 """Lookup-free quantizers: ``FSQ`` (Mentzer et al., 2023) and ``LFQ`` (MAGVIT-2, Yu et al., 2023)."""
 
 import math
-import numbers
 import warnings
 
 import torch
@@ -10,16 +9,13 @@ from torch import nn
 
 from . import functional as VF
 from .ops import fsq as fsq_ops
-from .modules import LossBreakdown, Projection, QuantizerCommon, check_codes, keep_fp32
+from .modules import (LossBreakdown, Projection, QuantizerCommon, _is_int, check_codes, check_count,
+                      keep_fp32)
 from .ops import lfq as lfq_ops
 
 # Beyond this many channels LFQ's exact codebook entropy (all 2**dim codes per vector) costs
 # more than a step of most models: the constructor warns.
 LFQ_EXPENSIVE_DIM = 18
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_levels(levels) -> list:
@@ -34,13 +30,6 @@ def check_levels(levels) -> list:
         raise ValueError(f"levels give {math.prod(levels)} codes; at most 2**62 fit the "
                          f"int64 codes")
     return levels
-
-
-def check_count(name: str, value, low: int = 1):
-    """An int option ``>= low`` (None passes through)."""
-    if value is not None and not (_is_int(value) and value >= low):
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 class FSQ(QuantizerCommon, nn.Module):

@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import numbers
 import types
 import warnings
 from typing import NamedTuple
@@ -248,15 +249,17 @@ class QuantizerCommon:
             return idx.t().contiguous().view(*positions, idx.shape[0])
         return idx.view(idx.shape[0], *positions).movedim(0, 1).contiguous()
 
-    def _level_codes(self, codes: torch.Tensor, groups: int, num_levels: int) -> torch.Tensor:
-        """``decode_indices``' per-level codes in the inputs' layout -> ``[B, G, n, S]`` (the
-        first ``n <= num_levels`` levels of each group); raises on another shape."""
+    def _level_codes(self, codes: torch.Tensor, groups: int, num_levels: int):
+        """``decode_indices``' per-level codes in the inputs' layout -> ``([B, G, n, S],
+        spatial)`` (the first ``n <= num_levels`` levels of each group, and the positions'
+        spatial shape); raises on another shape."""
         if self.channel_last and codes.dim() >= 2:  # [B, *spatial, G*n] -> [B, G*n, *spatial]
             codes = codes.movedim(-1, 1)
         if codes.dim() < 2 or codes.shape[1] % groups or codes.shape[1] // groups > num_levels:
             raise ValueError(f"codes must be [B, G*n, *spatial] with G={groups} and n <= "
                              f"{num_levels}, got shape {tuple(codes.shape)}")
-        return codes.reshape(codes.shape[0], groups, codes.shape[1] // groups, -1)
+        flat = codes.reshape(codes.shape[0], groups, codes.shape[1] // groups, -1)
+        return flat, tuple(codes.shape[2:])
 
     def _channels_first_in_layout(self, t: torch.Tensor) -> torch.Tensor:
         """Decoded codes ``[B, C, *spatial]`` in the inputs' layout."""
@@ -330,6 +333,17 @@ def without_real_rows_nan(centroids: torch.Tensor, flat_mask) -> torch.Tensor:
     return torch.where(flat_mask.any(), centroids, float("nan"))
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_count(name: str, value, low: int = 1):
+    """An int option ``>= low`` (None passes through)."""
+    if value is not None and not (_is_int(value) and value >= low):
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
 def check_codebook_options(*, ema: bool, decay: float, epsilon: float, dead_code_threshold,
                            default_threshold: float, precision: str, backend: str) -> float:
     """The EMA, re-seeding, precision and backend options of a codebook quantizer, checked
@@ -365,6 +379,36 @@ def adopt_kmeans(module: nn.Module, codebook: torch.Tensor, centroids: torch.Ten
         take_kmeans_ema_state(module, centroids, sizes, finite)
     module.initialized.copy_(finite)
     module._kmeans_done = kmeans_done(finite)
+
+
+@torch.no_grad()
+def reseed_dead_codes(module: nn.Module, x: torch.Tensor, apply: torch.Tensor, flat_mask=None,
+                      cosine: bool = False) -> None:
+    """Re-seed ``module``'s one codebook in place: codes whose ``corrected_cluster_size()``
+    is below its ``dead_code_threshold`` (where ``apply``) take a random row of ``x [B, D,
+    S]`` (rank 0's when ``module._syncing()``; never a row ``flat_mask`` leaves out),
+    starting at a size of ``max(dead_code_threshold, 1)``. Branch-free: every code draws a
+    candidate row; the dead ones take it. No host sync."""
+    dead = (module.corrected_cluster_size() < module.dead_code_threshold) & apply
+    b, _, s = x.shape
+    picks = torch.randint(b * s, (module.num_embeddings,), device=x.device)
+    samples = x[picks // s, :, picks % s].float()  # [K, D]
+    if cosine:
+        samples = F.normalize(samples, dim=-1)
+    real = flat_mask[picks] if flat_mask is not None else None  # a masked row is no candidate
+    if module._syncing():  # synced state: the same dead codes everywhere, rank 0's rows
+        dist.broadcast(samples, 0)
+        if real is not None:
+            dist.broadcast(real, 0)
+    if real is not None:
+        dead = dead & real
+    size = max(module.dead_code_threshold, 1.0) * module.ema_decay_weight
+    module.codebook.copy_(torch.where(dead[:, None], samples.to(module.codebook.dtype),
+                                      module.codebook))
+    if "ema_weight" in module._buffers:
+        module.ema_weight.copy_(torch.where(dead[:, None], samples * size, module.ema_weight))
+    module.ema_cluster_size.copy_(torch.where(dead, size, module.ema_cluster_size))
+    module.reseeded_codes.add_(dead.sum())
 
 
 def kmeans_done(initialized: torch.Tensor) -> bool:
@@ -569,27 +613,7 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
 
     @torch.no_grad()
     def _reseed_dead_codes(self, x: torch.Tensor, apply: torch.Tensor, flat_mask=None) -> None:
-        # Branch-free: every code draws a candidate row; the dead ones take it.
-        dead = (self.corrected_cluster_size() < self.dead_code_threshold) & apply
-        b, _, s = x.shape
-        picks = torch.randint(b * s, (self.num_embeddings,), device=x.device)
-        samples = x[picks // s, :, picks % s].float()  # [K, D]
-        if self.cosine:
-            samples = F.normalize(samples, dim=-1)
-        real = flat_mask[picks] if flat_mask is not None else None  # a masked row is no candidate
-        if self._syncing():  # synced state: the same dead codes everywhere, rank 0's rows
-            dist.broadcast(samples, 0)
-            if real is not None:
-                dist.broadcast(real, 0)
-        if real is not None:
-            dead = dead & real
-        size = max(self.dead_code_threshold, 1.0) * self.ema_decay_weight
-        self.codebook.copy_(torch.where(dead[:, None], samples.to(self.codebook.dtype),
-                                        self.codebook))
-        if "ema_weight" in self._buffers:
-            self.ema_weight.copy_(torch.where(dead[:, None], samples * size, self.ema_weight))
-        self.ema_cluster_size.copy_(torch.where(dead, size, self.ema_cluster_size))
-        self.reseeded_codes.add_(dead.sum())
+        reseed_dead_codes(self, x, apply, flat_mask, self.cosine)
 
     def _register_usage_state(self, ema_weight=None):
         """The EMA statistics buffers (fp32): ``ema_cluster_size [K]`` (and ``ema_weight

@@ -3,15 +3,14 @@ codebook shared by the scales, each scale's nearest-code search on the fused pat
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from . import functional as VF
 from . import modules
-from .lookup_free import _is_int, check_count
-from .modules import (LossBreakdown, QuantizerCommon, _all_reduce_statistics, adopt_kmeans,
-                      check_codebook_options, check_codes, keep_fp32, kmeans)
+from .modules import (LossBreakdown, QuantizerCommon, _all_reduce_statistics, _is_int,
+                      adopt_kmeans, check_codebook_options, check_codes, check_count, keep_fp32,
+                      kmeans, reseed_dead_codes)
 
 UPSAMPLING = ("bicubic", "bilinear", "nearest")
 
@@ -160,7 +159,7 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
             layout = "[B, H, W, D]" if self.channel_last else "[B, D, H, W]"
             shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
             raise ValueError(f"inputs must be feature maps {layout}, got {shape}")
-        f = self._vectors_of("inputs", inputs, self.embedding_dim)  # (checks channels, dtype)
+        self._vectors_of("inputs", inputs, self.embedding_dim)  # checks channels and dtype
         f = inputs.movedim(-1, 1) if self.channel_last else inputs
         h, w = f.shape[2:]
         if any(sh > h or sw > w for sh, sw in self.scales):
@@ -171,7 +170,8 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
         return f.float()
 
     def _up(self, h, size):
-        """A scale's codes ``[B, D, h_s, w_s]`` at the input's ``size``, then its ``Phi``."""
+        """A scale's codes ``[B, D, h_s, w_s]`` upsampled to ``size`` (as they are if already
+        that size)."""
         if tuple(h.shape[2:]) == tuple(size):
             return h
         align = {} if self.upsample == "nearest" else {"align_corners": False}
@@ -279,17 +279,11 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
                                 self.ema_weight, self.codebook, self.ema_decay_weight,
                                 self.skipped_batches, self.decay, self.epsilon, backend)
         if self.dead_code_threshold > 0:
-            flat = rows.movedim(1, -1).reshape(-1, rows.shape[1])
-            samples = flat[torch.randint(flat.shape[0], (self.num_embeddings,), device=flat.device)]
-            if self._syncing():
-                dist.broadcast(samples, 0)
-            corrected = self.ema_cluster_size / self.ema_decay_weight.clamp_min(1e-30)
-            dead = (corrected < self.dead_code_threshold) & (applied > 0)
-            size = max(self.dead_code_threshold, 1.0) * self.ema_decay_weight
-            self.codebook.copy_(torch.where(dead[:, None], samples, self.codebook))
-            self.ema_weight.copy_(torch.where(dead[:, None], samples * size, self.ema_weight))
-            self.ema_cluster_size.copy_(torch.where(dead, size, self.ema_cluster_size))
-            self.reseeded_codes.add_(dead.sum())
+            reseed_dead_codes(self, rows, applied > 0)
+
+    def corrected_cluster_size(self) -> torch.Tensor:
+        """``[K]`` EMA cluster sizes divided by ``1 - decay**t`` (see ``VectorQuantizerEMA``)."""
+        return self.ema_cluster_size / self.ema_decay_weight.clamp_min(1e-30)
 
     @torch.no_grad()
     def _kmeans(self, f, backend):

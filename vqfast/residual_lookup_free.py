@@ -2,13 +2,15 @@
 with quantize dropout; every level of every group in one fused launch."""
 
 import math
+import warnings
 
 import torch
 from torch import nn
 
 from . import functional as VF
-from .lookup_free import LFQ_EXPENSIVE_DIM, check_count, check_levels
-from .modules import LossBreakdown, Projection, QuantizerCommon, check_codes, keep_fp32
+from .lookup_free import LFQ_EXPENSIVE_DIM, check_levels
+from .modules import (LossBreakdown, Projection, QuantizerCommon, check_codes, check_count,
+                      keep_fp32)
 from .ops import fsq as fsq_ops
 from .ops import lfq as lfq_ops
 from .ops import residual_scalar as ops
@@ -53,14 +55,20 @@ class _ResidualScalar(QuantizerCommon, nn.Module):
             quantized = self.project_out(quantized)
         return quantized.reshape(z.shape)
 
-    def _decoded(self, per_level, codes, like_codes):
-        """``per_level [B, G, n, S, C]`` values (0 where not quantized) summed over the levels
-        -> ``[B, D, *spatial]`` in the inputs' layout."""
+    @torch.no_grad()
+    def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """int64 ``codes [B, G*n, *spatial]`` (the first ``n <= Q`` levels of each group, in
+        ``[0, codebook_size)``, -1 = not quantized) -> ``quantized [B, D, *spatial]`` fp32:
+        the sum of those levels' values. Other values raise ``ValueError``."""
+        check_codes(codes, self.codebook_size)
+        flat, spatial = self._level_codes(codes.long(), self.groups, self.num_quantizers)
+        flat = flat[..., None]  # [B, G, n, S, 1]
+        values = self._level_values(flat.clamp_min(0)) * self.scales[:flat.shape[2], None, :]
+        per_level = torch.where(flat >= 0, values, 0.0)  # [B, G, n, S, C]
         b, g, _, s, c = per_level.shape
         total = per_level.sum(2).permute(0, 1, 3, 2).reshape(b, g * c, s)
         if self.project_out is not None:
             total = self.project_out(total)
-        spatial = like_codes.shape[2:] if not self.channel_last else like_codes.shape[1:-1]
         return self._channels_first_in_layout(total.reshape(b, -1, *spatial))
 
 
@@ -140,18 +148,11 @@ class ResidualFSQ(_ResidualScalar):
                                  self.groups, backend)[1]
         return self._codes_in_layout(codes, z)
 
-    @torch.no_grad()
-    def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
-        """int64 ``codes [B, G*n, *spatial]`` (the first ``n <= Q`` levels of each group, in
-        ``[0, prod(levels))``, -1 = not quantized) -> ``quantized [B, D, *spatial]`` fp32.
-        Other values raise ``ValueError``."""
-        check_codes(codes, self.codebook_size)
-        flat = self._level_codes(codes.long(), self.groups, self.num_quantizers)[..., None]
-        digits = (flat.clamp_min(0) // self.basis) % self.level_counts  # [B, G, n, S, C]
+    def _level_values(self, codes: torch.Tensor) -> torch.Tensor:
+        """A level's grid values ``[..., C]`` of its codes ``[..., 1]`` (before its scale)."""
+        digits = (codes // self.basis) % self.level_counts
         half_width = self.level_counts // 2
-        n = flat.shape[2]
-        values = (digits - half_width).float() / half_width * self.scales[:n, None, :]
-        return self._decoded(torch.where(flat >= 0, values, 0.0), flat, codes)
+        return (digits - half_width).float() / half_width
 
 
 class ResidualLFQ(_ResidualScalar):
@@ -203,7 +204,6 @@ class ResidualLFQ(_ResidualScalar):
         if not inv_temperature > 0:
             raise ValueError(f"inv_temperature must be > 0, got {inv_temperature}")
         if bits > LFQ_EXPENSIVE_DIM and entropy_loss_weight and diversity_gamma:
-            import warnings
             warnings.warn(f"ResidualLFQ with {bits} bits per level: the exact codebook entropy "
                           f"sums over all 2**{bits} codes for every vector and level; "
                           f"diversity_gamma=0 skips it", stacklevel=2)
@@ -285,14 +285,6 @@ class ResidualLFQ(_ResidualScalar):
                                          self.groups, False, backend)[1]
         return self._codes_in_layout(codes, z)
 
-    @torch.no_grad()
-    def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
-        """int64 ``codes [B, G*n, *spatial]`` (the first ``n <= Q`` levels of each group, in
-        ``[0, 2**d)``, -1 = not quantized) -> ``quantized [B, D, *spatial]`` fp32. Other
-        values raise ``ValueError``."""
-        check_codes(codes, self.codebook_size)
-        flat = self._level_codes(codes.long(), self.groups, self.num_quantizers)[..., None]
-        n = flat.shape[2]
-        signs = ((flat.clamp_min(0) // self.bits) % 2).float() * 2 - 1  # [B, G, n, S, d]
-        values = signs * self.scales[:n, None, :]
-        return self._decoded(torch.where(flat >= 0, values, 0.0), flat, codes)
+    def _level_values(self, codes: torch.Tensor) -> torch.Tensor:
+        """A level's signs ``[..., d]`` of its codes ``[..., 1]`` (before its scale ``2**-l``)."""
+        return ((codes // self.bits) % 2).float() * 2 - 1

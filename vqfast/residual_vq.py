@@ -386,21 +386,15 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         those levels' codes. Other values raise ``ValueError``."""
         g, q = self.groups, self.num_quantizers
         check_codes(codes, self.num_embeddings)
-        if self.channel_last:  # [B, *spatial, G*n] -> [B, G*n, *spatial]
-            codes = codes.movedim(-1, 1) if codes.dim() >= 2 else codes
-        if codes.dim() < 2 or codes.shape[1] % g or codes.shape[1] // g > q:
-            raise ValueError(f"codes must be [B, G*n, *spatial] with G={g} and n <= {q}, got "
-                             f"shape {tuple(codes.shape)}")
-        n = codes.shape[1] // g
+        flat, spatial = self._level_codes(codes, g, q)  # [B, G, n, S]
+        n = flat.shape[2]
         if self.level_sizes is not None and codes.numel():
-            per_level = codes.reshape(codes.shape[0], g, n, -1)
             for level in range(n):
-                high = int(per_level[:, :, level].max())
+                high = int(flat[:, :, level].max())
                 if high >= self.level_sizes[level]:
                     raise ValueError(f"codes of level {level} must lie in [-1, "
                                      f"{self.level_sizes[level] - 1}], got up to {high}")
         codebooks = self._codebooks().detach().float()
-        flat = codes.view(codes.shape[0], g, n, -1)  # [B, G, n, S]
         out = []
         for group in range(g):
             total = 0
@@ -412,7 +406,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         z = torch.cat(out, -1).movedim(-1, 1)  # [B, G*d, S]
         if self.project_out is not None:
             z = self.project_out(z.contiguous())
-        return self._channels_first_in_layout(z.reshape(codes.shape[0], -1, *codes.shape[2:]))
+        return self._channels_first_in_layout(z.reshape(flat.shape[0], -1, *spatial))
 
     @torch.no_grad()
     def codebook_usage(self, threshold: float | None = None):

@@ -65,9 +65,10 @@ def codebook_entropy(x, inv_temperature, backend="torch", precision="ieee"):
 
 
 def per_sample_entropy(x, inv_temperature):
-    """``mean_n H(p(.|x_n))`` of ``x: [..., N, d]`` (``[...]``) in closed form: the code distribution of a vector factorises
-    into independent channels, ``p(c_i = 1) = sigmoid(4 * inv_temperature * x_i)``, so its
-    entropy is the sum of binary entropies ``sigma(t) softplus(-t) + sigma(-t) softplus(t)``."""
+    """``mean_n H(p(.|x_n))`` of ``x: [..., N, d]`` (``[...]``) in closed form: the code
+    distribution of a vector factorises into independent channels, ``p(c_i = 1) =
+    sigmoid(4 * inv_temperature * x_i)``, so its entropy is the sum of binary entropies
+    ``sigma(t) softplus(-t) + sigma(-t) softplus(t)``."""
     t = x.float() * (4.0 * inv_temperature)
     softplus = torch.nn.functional.softplus
     return (torch.sigmoid(t) * softplus(-t) + torch.sigmoid(-t) * softplus(t)).sum(-1).mean(-1)
