@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as VF
-from .modules import LossBreakdown, QuantizerCommon, check_codes
+from .modules import LossBreakdown, QuantizerCommon, check_codes, check_number
 from .ops.ibq import IBQ_MAX_KERNEL_DIM, ibq_codes, index_backprop
 
 
@@ -43,8 +43,8 @@ class IndexBackpropVQ(QuantizerCommon, nn.Module):
                 and num_embeddings >= 1 and embedding_dim >= 1):
             raise ValueError(f"num_embeddings and embedding_dim must be ints >= 1, got "
                              f"{num_embeddings!r} and {embedding_dim!r}")
-        if not logit_scale > 0:
-            raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
+        check_number("commitment_cost", commitment_cost)
+        check_number("logit_scale", logit_scale, above=True)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.commitment_cost, self.logit_scale = commitment_cost, float(logit_scale)
         VF.check_backend(backend)

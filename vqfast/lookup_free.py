@@ -10,7 +10,7 @@ from torch import nn
 from . import functional as VF
 from .ops import fsq as fsq_ops
 from .modules import (LossBreakdown, Projection, QuantizerCommon, _is_int, check_codes, check_count,
-                      keep_fp32)
+                      check_number, keep_fp32)
 from .ops import lfq as lfq_ops
 
 # Beyond this many channels LFQ's exact codebook entropy (all 2**dim codes per vector) costs
@@ -18,18 +18,38 @@ from .ops import lfq as lfq_ops
 LFQ_EXPENSIVE_DIM = 18
 
 
+# FSQ's bound reaches ``(1 + 1e-3) * (L - 1) / 2``: past L = 1001 it rounds to a value
+# beyond the grid (codes outside [0, prod(levels))), so larger levels are refused.
+FSQ_MAX_LEVEL = 1001
+
+
 def check_levels(levels) -> list:
-    """FSQ's ``levels`` as a list of ints >= 2 whose product fits the int64 codes."""
+    """FSQ's ``levels`` as a list of ints in ``[2, FSQ_MAX_LEVEL]`` whose product fits the
+    int64 codes."""
     if isinstance(levels, (str, bytes)) or not hasattr(levels, "__len__"):
         raise TypeError(f"levels must be a list of ints, e.g. [8, 5, 5, 5], got {levels!r}")
     levels = list(levels)
-    if not levels or not all(_is_int(level) and level >= 2 for level in levels):
-        raise ValueError(f"levels must be a non-empty list of ints >= 2, got {levels}")
+    if not levels or not all(_is_int(level) and 2 <= level <= FSQ_MAX_LEVEL for level in levels):
+        raise ValueError(f"levels must be a non-empty list of ints in [2, {FSQ_MAX_LEVEL}] (FSQ's "
+                         f"bound, (1 + 1e-3) * (L - 1) / 2, passes the grid above {FSQ_MAX_LEVEL}), "
+                         f"got {levels}")
     levels = [int(level) for level in levels]
     if math.prod(levels) >= 2**62:
         raise ValueError(f"levels give {math.prod(levels)} codes; at most 2**62 fit the "
                          f"int64 codes")
     return levels
+
+
+def check_lfq_options(*, entropy_loss_weight, commitment_cost, diversity_gamma, inv_temperature,
+                      precision) -> None:
+    """LFQ's (and ``ResidualLFQ``'s) loss options and precision, checked before anything is
+    built."""
+    check_number("entropy_loss_weight", entropy_loss_weight)
+    check_number("commitment_cost", commitment_cost)
+    check_number("diversity_gamma", diversity_gamma)
+    check_number("inv_temperature", inv_temperature, above=True)
+    if precision not in ("ieee", "tf32x3"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32x3', got {precision!r}")
 
 
 class FSQ(QuantizerCommon, nn.Module):
@@ -168,10 +188,9 @@ class LFQ(QuantizerCommon, nn.Module):
                           f"codes for every vector (about N * 2**{dim} multiply-adds a step, "
                           f"and [2**{dim}] floats); diversity_gamma=0 skips it", stacklevel=2)
         VF.check_backend(backend)
-        if precision not in ("ieee", "tf32x3"):
-            raise ValueError(f"precision must be 'ieee' or 'tf32x3', got {precision!r}")
-        if not inv_temperature > 0:
-            raise ValueError(f"inv_temperature must be > 0, got {inv_temperature}")
+        check_lfq_options(entropy_loss_weight=entropy_loss_weight, commitment_cost=commitment_cost,
+                          diversity_gamma=diversity_gamma, inv_temperature=inv_temperature,
+                          precision=precision)
         self.dim = dim
         self.codebook_size = 2**dim
         self.entropy_loss_weight = entropy_loss_weight

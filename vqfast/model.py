@@ -166,9 +166,9 @@ class VQVAE(nn.Module):
     @torch.no_grad()
     def decode_indices(self, indices):
         """Code indices ``int64 [B, h, w]`` (``[B, G*Q, h, w]`` for a residual quantizer)
-        -> images ``[B, C, 4h, 4w]``."""
+        -> images ``[B, C, 4h, 4w]`` in the decoder's dtype."""
         if isinstance(self.vq, MultiScaleResidualVQ):  # (it checks [B, L] and the range)
-            return self.decoder(self.vq.decode_indices(indices))
+            return self._decode(self.vq.decode_indices(indices))
         residual = isinstance(self.vq, ResidualVQ)
         if indices.dtype != torch.int64 or indices.dim() != 3 + residual:
             shape = "[B, G*Q, h, w]" if residual else "[B, h, w]"
@@ -176,7 +176,11 @@ class VQVAE(nn.Module):
         low = -1 if residual else 0
         if indices.numel() and (int(indices.min()) < low or int(indices.max()) >= self.vq.num_embeddings):
             raise ValueError(f"indices must lie in [{low}, {self.vq.num_embeddings})")
-        return self.decoder(self.vq.decode_indices(indices))
+        return self._decode(self.vq.decode_indices(indices))
+
+    def _decode(self, quantized):
+        """The decoder of fp32 decoded codes, in the decoder's dtype (a ``.half()`` model)."""
+        return self.decoder(quantized.to(self.pre_vq_conv.weight.dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         rename_legacy_keys(state_dict, prefix, self._legacy_keys)

@@ -164,6 +164,7 @@ class CollapseWatch:
     def __init__(self, steps: int, share: float = 0.02):
         if not (isinstance(steps, int) and steps >= 1):
             raise ValueError(f"warn_on_collapse: steps must be an int >= 1, got {steps!r}")
+        check_number("warn_on_collapse: share", share, above=True, high=1.0)
         self.steps, self.share, self.warned = steps, share, False
         self.streak = self.host = self.ready = None
 
@@ -344,6 +345,16 @@ def check_count(name: str, value, low: int = 1):
     return value
 
 
+def check_number(name: str, value, low: float = 0.0, *, above: bool = False, high=None):
+    """A float option: a finite real ``>= low`` (``> low`` where ``above``; ``<= high`` when
+    given). Returns it as it came."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= low if above else value < low) or (high is not None and value > high):
+        bound = f"{'>' if above else '>='} {low}" + ("" if high is None else f" and <= {high}")
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return value
+
+
 def check_codebook_options(*, ema: bool, decay: float, epsilon: float, dead_code_threshold,
                            default_threshold: float, precision: str, backend: str) -> float:
     """The EMA, re-seeding, precision and backend options of a codebook quantizer, checked
@@ -454,6 +465,7 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
             raise ValueError(f"dead_code_threshold must be a finite number >= 0, got "
                              f"{dead_code_threshold}")
         self.dead_code_threshold = dead_code_threshold
+        check_number("commitment_cost", commitment_cost)
         if num_embeddings < 1 or embedding_dim < 1:
             raise ValueError(f"num_embeddings and embedding_dim must be >= 1, got "
                              f"{num_embeddings} and {embedding_dim}")

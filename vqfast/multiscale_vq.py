@@ -9,8 +9,8 @@ from torch import nn
 from . import functional as VF
 from . import modules
 from .modules import (LossBreakdown, QuantizerCommon, _all_reduce_statistics, _is_int,
-                      adopt_kmeans, check_codebook_options, check_codes, check_count, keep_fp32,
-                      kmeans, reseed_dead_codes)
+                      adopt_kmeans, check_codebook_options, check_codes, check_count, check_number,
+                      keep_fp32, kmeans, reseed_dead_codes)
 
 UPSAMPLING = ("bicubic", "bilinear", "nearest")
 
@@ -26,7 +26,9 @@ class Phi(nn.Conv2d):
     def forward(self, h):
         if self.ratio == 0:
             return h
-        return h * (1 - self.ratio) + super().forward(h) * self.ratio
+        # in h's dtype (fp32: the EMA codebook stays fp32 when the module is cast to half)
+        conv = self._conv_forward(h, self.weight.to(h.dtype), self.bias.to(h.dtype))
+        return h * (1 - self.ratio) + conv * self.ratio
 
 
 def phi_ticks(count: int) -> np.ndarray:
@@ -50,8 +52,8 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
     Args:
         num_embeddings: K, codes (VAR: 4096).
         embedding_dim: D, the input channels (VAR: 32).
-        scales: sizes coarse to fine, ints (square) or ``(h, w)`` pairs, at most the input's
-            size (VAR's ``patch_nums``, for 16 x 16 latents).
+        scales: sizes coarse to fine, ints (square) or ``(h, w)`` pairs, at most
+            ``input_size`` (VAR's ``patch_nums``, for 16 x 16 latents).
         commitment_cost: beta. ``loss = mean_s [beta * mse(sg(f_hat_s), f) + mse(f_hat_s,
             sg(f))]`` over the running sums ``f_hat_s`` (VAR's): the second term trains the
             codebook (learned) and the ``Phi`` convs.
@@ -70,25 +72,39 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
         sync_distributed: all-reduce the EMA statistics over ranks (default: when initialised).
         backend, precision: as for ``VectorQuantizer``.
         channel_last: ``[B, H, W, D]`` in and out.
+        input_size: ``(H, W)`` (or an int, square) of the feature maps the module takes;
+            default the finest scale's size (VAR's). Inputs of another size are refused, so
+            the codes alone say what ``decode_indices`` rebuilds: ``f_hat`` at this size.
 
-    ``forward(f: [B, D, H, W])`` returns ``(loss, quantized, perplexity, codes)``:
+    ``forward(f: [B, D, H, W], mask=None, return_loss_breakdown=False)`` (the argument order
+    of the other quantizers) returns ``(loss, quantized, perplexity, codes)``:
     ``quantized`` = ``f_hat`` forward, the identity's gradient to ``f`` (VAR's
     straight-through), in f's dtype; ``perplexity`` of every scale's codes together;
     ``codes`` int64 ``[B, L]``, ``L = sum_s h_s * w_s``: each scale's codes row-major, coarse
-    to fine (VAR's token sequence). ``decode_indices(codes)`` rebuilds ``f_hat`` at the
-    finest scale's size; ``codes_per_scale(codes)`` splits them into ``[B, h_s, w_s]``.
+    to fine (VAR's token sequence). ``decode_indices(codes)`` rebuilds ``f_hat`` at
+    ``input_size``: ``decode_indices(encode(f))`` equals the eval-mode output;
+    ``codes_per_scale(codes)`` splits them into ``[B, h_s, w_s]``. ``mask`` must be
+    ``None``: each scale averages neighbouring positions, so no position can be left out
+    (a mask raises ``ValueError`` before any state changes).
     """
 
     def __init__(self, num_embeddings, embedding_dim, scales=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
                  commitment_cost=0.25, decay=0.99, epsilon=1e-5, *, ema=True, quant_resi=0.5,
                  share_quant_resi=4, upsample="bicubic", kmeans_init=True, kmeans_iters=10,
                  dead_code_threshold=None, sync_distributed=None, backend="auto",
-                 precision="ieee", channel_last=False):
+                 precision="ieee", channel_last=False, input_size=None):
         super().__init__()
         check_count("num_embeddings", num_embeddings)
         check_count("embedding_dim", embedding_dim)
         check_count("share_quant_resi", share_quant_resi, low=0)
+        check_number("commitment_cost", commitment_cost)
+        check_number("quant_resi", quant_resi, -1.0, high=1.0)  # (VAR takes its magnitude)
         self.scales = self._check_scales(scales)
+        self.input_size = self.scales[-1] if input_size is None else \
+            self._check_scales([input_size], "input_size")[0]
+        if any(sh > self.input_size[0] or sw > self.input_size[1] for sh, sw in self.scales):
+            raise ValueError(f"scales {self.scales} must not exceed input_size "
+                             f"{self.input_size}")
         if upsample not in UPSAMPLING:
             raise ValueError(f"upsample must be one of {UPSAMPLING}, got {upsample!r}")
         dead_code_threshold = check_codebook_options(
@@ -124,14 +140,15 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
             self.register_buffer("initialized", torch.tensor(False))
 
     @staticmethod
-    def _check_scales(scales):
+    def _check_scales(scales, name="scales"):
         if isinstance(scales, (str, bytes)) or not hasattr(scales, "__len__") or not scales:
-            raise ValueError(f"scales must be a non-empty sequence of sizes, got {scales!r}")
+            raise ValueError(f"{name} must be a non-empty sequence of sizes, got {scales!r}")
         sizes = []
         for s in scales:
             pair = (s, s) if _is_int(s) else tuple(s) if hasattr(s, "__len__") else None
             if pair is None or len(pair) != 2 or not all(_is_int(v) and v >= 1 for v in pair):
-                raise ValueError(f"each scale must be an int >= 1 or an (h, w) pair, got {s!r}")
+                raise ValueError(f"each of {name} must be an int >= 1 or an (h, w) pair, got "
+                                 f"{s!r}")
             sizes.append((int(pair[0]), int(pair[1])))
         return sizes
 
@@ -153,8 +170,8 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
         """L, the codes per image: ``sum_s h_s * w_s``."""
         return sum(h * w for h, w in self.scales)
 
-    def _features(self, inputs):
-        """Validated ``[B, D, H, W]`` fp32 (channel-last inputs moved)."""
+    def _features(self, inputs, mask=None):
+        """Validated ``[B, D, H, W]`` fp32 (channel-last inputs moved); ``mask`` refused."""
         if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
             layout = "[B, H, W, D]" if self.channel_last else "[B, D, H, W]"
             shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
@@ -164,6 +181,14 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
         h, w = f.shape[2:]
         if any(sh > h or sw > w for sh, sw in self.scales):
             raise ValueError(f"scales {self.scales} must not exceed the input's size {h} x {w}")
+        if (h, w) != self.input_size:
+            raise ValueError(f"inputs are {h} x {w} but the module was built for "
+                             f"{self.input_size[0]} x {self.input_size[1]} (input_size, default "
+                             f"the finest scale): build it with input_size=({h}, {w})")
+        if mask is not None:
+            raise ValueError("MultiScaleResidualVQ takes no mask: its scales average "
+                             "neighbouring positions, so none can be left out (crop the "
+                             "feature maps instead)")
         if f.device != self.codebook.device:
             raise ValueError(f"inputs are on {f.device} but the codebook is on "
                              f"{self.codebook.device}; move the module with .to(device)")
@@ -177,8 +202,8 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
         align = {} if self.upsample == "nearest" else {"align_corners": False}
         return F.interpolate(h, size=size, mode=self.upsample, **align)
 
-    def forward(self, inputs, return_loss_breakdown=False):
-        f = self._features(inputs)
+    def forward(self, inputs, mask=None, return_loss_breakdown=False):
+        f = self._features(inputs, mask)
         b, d, height, width = f.shape
         backend = VF.resolve_backend(self.backend, f.device)
         if self.training and not self._kmeans_done:
@@ -193,7 +218,7 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
             rest = f_rest if size == (height, width) else F.interpolate(f_rest, size=size, mode="area")
             rest = rest.reshape(b, d, -1).contiguous()
             _, idx, _, _, n_s, sums_s, _ = torch.ops.vqfast.quantize(
-                rest, codebook.detach(), update, 1.0, backend, self.precision)
+                rest, codebook.detach().float(), update, 1.0, backend, self.precision)
             counts = n_s if counts is None else counts + n_s
             if update:
                 code_sums = sums_s if code_sums is None else code_sums + sums_s
@@ -221,13 +246,13 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
         return outputs
 
     @torch.no_grad()
-    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+    def encode(self, inputs: torch.Tensor, mask=None) -> torch.Tensor:
         """Codes only: int64 ``[B, L]`` (the forward's search, no state change, no autograd);
         ``decode_indices(encode(f))`` equals the eval-mode output."""
         training = self.training
         self.eval()
         try:
-            return self.forward(inputs)[3]
+            return self.forward(inputs, mask)[3]
         finally:
             self.train(training)
 
@@ -244,8 +269,9 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
     @torch.no_grad()
     def decode_indices(self, codes) -> torch.Tensor:
         """int64 ``codes [B, L]`` in ``[0, K)``, or the per-scale maps ``[B, h_s, w_s]`` as a
-        list (``codes_per_scale``'s) -> ``f_hat [B, D, H, W]`` fp32 at the finest scale's
-        size (``[B, H, W, D]`` with ``channel_last``). Other values raise ``ValueError``."""
+        list (``codes_per_scale``'s) -> ``f_hat [B, D, H, W]`` fp32 at ``input_size`` (the
+        eval-mode output's shape; ``[B, H, W, D]`` with ``channel_last``). Other values raise
+        ``ValueError``."""
         if isinstance(codes, (list, tuple)):
             if len(codes) != len(self.scales) or not all(
                     isinstance(c, torch.Tensor) and tuple(c.shape[1:]) == s
@@ -255,7 +281,7 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
             codes = torch.cat([c.reshape(c.shape[0], -1) for c in codes], 1)
         per_scale = self.codes_per_scale(codes)
         check_codes(codes, self.num_embeddings, dropped_ok=False)
-        size = self.scales[-1]
+        size = self.input_size
         codebook = self.codebook.detach().float()
         f_hat = 0.0
         for s, c in enumerate(per_scale):

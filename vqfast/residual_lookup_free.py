@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import functional as VF
-from .lookup_free import LFQ_EXPENSIVE_DIM, check_levels
+from .lookup_free import LFQ_EXPENSIVE_DIM, check_levels, check_lfq_options
 from .modules import (LossBreakdown, Projection, QuantizerCommon, check_codes, check_count,
                       keep_fp32)
 from .ops import fsq as fsq_ops
@@ -193,16 +193,16 @@ class ResidualLFQ(_ResidualScalar):
         super().__init__()
         check_count("dim", dim)
         check_count("codebook_dim", codebook_dim)
+        check_count("groups", groups)
         if codebook_dim is None and dim % groups:
             raise ValueError(f"dim={dim} is not divisible by groups={groups}")
-        bits = codebook_dim or dim // max(groups, 1)
+        bits = codebook_dim or dim // groups
         if not 1 <= bits <= 24:
             raise ValueError(f"bits per level (codebook_dim, or dim / groups) must be in [1, 24] "
                              f"(2**bits codes), got {bits}")
-        if precision not in ("ieee", "tf32x3"):
-            raise ValueError(f"precision must be 'ieee' or 'tf32x3', got {precision!r}")
-        if not inv_temperature > 0:
-            raise ValueError(f"inv_temperature must be > 0, got {inv_temperature}")
+        check_lfq_options(entropy_loss_weight=entropy_loss_weight, commitment_cost=commitment_cost,
+                          diversity_gamma=diversity_gamma, inv_temperature=inv_temperature,
+                          precision=precision)
         if bits > LFQ_EXPENSIVE_DIM and entropy_loss_weight and diversity_gamma:
             warnings.warn(f"ResidualLFQ with {bits} bits per level: the exact codebook entropy "
                           f"sums over all 2**{bits} codes for every vector and level; "

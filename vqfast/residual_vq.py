@@ -9,8 +9,8 @@ from torch import nn
 from . import functional as VF
 from . import modules
 from .modules import (LossBreakdown, Projection, QuantizerCommon, _all_reduce_statistics,
-                      adopt_kmeans, check_codebook_options, check_codes, check_mask, keep_fp32,
-                      kmeans, real_rows, rows_seen, usage_report, warn_skipped,
+                      adopt_kmeans, check_codebook_options, check_codes, check_mask, check_number,
+                      keep_fp32, kmeans, real_rows, rows_seen, usage_report, warn_skipped,
                       without_real_rows_nan)
 from .ops.residual_vq import residual_quantize
 
@@ -106,6 +106,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             raise ValueError(f"embedding_dim={embedding_dim} is not divisible by groups={groups}")
         if codebook_dim is not None and (not isinstance(codebook_dim, int) or codebook_dim < 1):
             raise ValueError(f"codebook_dim must be an int >= 1, got {codebook_dim!r}")
+        check_number("commitment_cost", commitment_cost)
         dead_code_threshold = check_codebook_options(
             ema=ema, decay=decay, epsilon=epsilon, dead_code_threshold=dead_code_threshold,
             default_threshold=1.0 if ema else 0.0, precision=precision, backend=backend)

@@ -1,0 +1,148 @@
+"""Regression tests for the third adversarial review (issue 30), one or more per item, on
+both backends where a kernel is involved. Each failed on the code before its fix; the
+numeric ones compare with float64 oracles written here from the papers."""
+
+import math
+
+import pytest
+import torch
+
+import vqfast
+from _util import BACKENDS, DEVICE, tensor_state
+
+
+def _state(module):
+    return {k: v.clone() for k, v in tensor_state(module).items()}
+
+
+def _same_state(module, before):
+    after = tensor_state(module)
+    return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+# --- item 4: MultiScaleResidualVQ decodes to the eval output's shape ------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multiscale_decode_has_the_eval_output_shape(backend):
+    torch.manual_seed(0)
+    vq = vqfast.MultiScaleResidualVQ(11, 3, scales=(1, 2), input_size=(3, 5), backend=backend,
+                                     kmeans_init=False).to(DEVICE).eval()
+    f = torch.randn(2, 3, 3, 5, device=DEVICE)
+    out = vq(f)[1]
+    assert out.shape == f.shape
+    torch.testing.assert_close(vq.decode_indices(vq.encode(f)), out, rtol=1e-5, atol=1e-5)
+    # without input_size the module takes the finest scale's size, and refuses others
+    small = vqfast.MultiScaleResidualVQ(11, 3, scales=(1, 2), backend=backend).to(DEVICE)
+    before = _state(small)
+    with pytest.raises(ValueError, match="input_size"):
+        small(f)
+    assert _same_state(small, before)
+    with pytest.raises(ValueError, match="exceed"):
+        vqfast.MultiScaleResidualVQ(11, 3, scales=(1, 4), input_size=3)
+
+
+# --- item 5: MultiScaleResidualVQ (EMA) cast to half / bfloat16 ----------------------------
+
+@pytest.mark.parametrize("ema", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_multiscale_runs_cast_to_half(dtype, ema):
+    torch.manual_seed(0)
+    vq = vqfast.MultiScaleResidualVQ(13, 4, scales=(1, (2, 3)), ema=ema, backend="torch").to(dtype)
+    if ema:
+        assert vq.codebook.dtype == torch.float32  # EMA state is kept in fp32
+    f = torch.randn(3, 4, 2, 3, dtype=dtype, requires_grad=True)
+    loss, q, _, _ = vq(f)
+    (loss + q.float().square().sum()).backward()
+    assert q.dtype == dtype and bool(torch.isfinite(f.grad).all())
+    vq.eval()
+    decoded = vq.decode_indices(vq.encode(f))
+    torch.testing.assert_close(decoded, vq(f)[1].float(), rtol=0, atol=3e-2)
+
+
+@pytest.mark.parametrize("scales", [None, (1, 2, 4)])
+def test_vqvae_ema_cast_to_half_trains_and_decodes(scales):
+    torch.manual_seed(0)
+    model = vqfast.VQVAE(8, 1, 4, 16, 4, decay=0.99, scales=scales, backend="torch").half()
+    x = torch.rand(2, 3, 16, 16).half()
+    loss, recon, _ = model(x)
+    (loss + recon.float().square().mean()).backward()
+    model.eval()
+    assert torch.equal(model.decode_indices(model.encode(x)), model(x)[1])
+
+
+# --- item 6: MultiScaleResidualVQ's second positional argument is the mask -----------------
+
+def test_multiscale_mask_is_the_second_argument_and_refused_untouched():
+    torch.manual_seed(0)
+    vq = vqfast.MultiScaleResidualVQ(11, 3, scales=(1, 3), backend="torch")
+    f = torch.randn(2, 3, 3, 3)
+    before = _state(vq)
+    for call in (lambda: vq(f, torch.ones(2, 3, 3, dtype=torch.bool)),
+                 lambda: vq(f, mask=torch.ones(2, 3, 3, dtype=torch.bool)),
+                 lambda: vq.encode(f, torch.ones(2, 3, 3, dtype=torch.bool))):
+        with pytest.raises(ValueError, match="mask"):
+            call()
+        assert _same_state(vq, before) and not vq._kmeans_done
+    assert len(vq(f, None, True)) == 5  # (loss, quantized, perplexity, codes, breakdown)
+
+
+# --- item 7: FSQ levels past 1001 --------------------------------------------------------
+
+@pytest.mark.parametrize("levels", [[1002], [3, 1003], [2048, 2]])
+def test_fsq_refuses_levels_past_its_bound(levels):
+    for build in (lambda: vqfast.FSQ(levels), lambda: vqfast.ResidualFSQ(levels, 2)):
+        with pytest.raises(ValueError, match="1001"):
+            build()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("levels", [[1001], [1000, 3], [2, 1001]])
+def test_fsq_codes_are_valid_up_to_the_limit(levels, backend):
+    torch.manual_seed(0)
+    z = torch.cat([torch.randn(2, len(levels), 7) * 3,
+                   torch.full((1, len(levels), 7), 1e6), torch.full((1, len(levels), 7), -1e6)])
+    z = z.to(DEVICE)
+    fsq = vqfast.FSQ(levels, backend=backend).to(DEVICE)
+    quantized, codes = fsq(z)
+    assert int(codes.min()) >= 0 and int(codes.max()) < fsq.codebook_size
+    torch.testing.assert_close(fsq.decode_indices(codes), quantized)
+    rfsq = vqfast.ResidualFSQ(levels, 3, backend=backend).to(DEVICE)
+    quantized, codes = rfsq(z)
+    assert int(codes.min()) >= 0 and int(codes.max()) < rfsq.codebook_size
+    torch.testing.assert_close(rfsq.decode_indices(codes), quantized, rtol=1e-5, atol=1e-5)
+
+
+# --- item 8: ResidualLFQ(groups=0) -------------------------------------------------------
+
+@pytest.mark.parametrize("groups", [0, -2])
+def test_residual_lfq_bad_groups_is_a_value_error(groups):
+    with pytest.raises(ValueError, match="groups"):
+        vqfast.ResidualLFQ(4, 2, groups=groups)
+
+
+# --- item 9: float options are finite and in range ----------------------------------------
+
+_BAD_FLOAT_OPTIONS = [
+    ("logit_scale", lambda v: vqfast.IndexBackpropVQ(8, 3, logit_scale=v), [math.inf, math.nan, 0.0]),
+    ("commitment_cost", lambda v: vqfast.IndexBackpropVQ(8, 3, v), [math.nan, -1.0]),
+    ("inv_temperature", lambda v: vqfast.LFQ(3, inv_temperature=v), [math.inf, math.nan, -1.0]),
+    ("inv_temperature", lambda v: vqfast.ResidualLFQ(4, 2, inv_temperature=v), [math.inf]),
+    ("entropy_loss_weight", lambda v: vqfast.LFQ(3, entropy_loss_weight=v), [math.nan, -0.1]),
+    ("diversity_gamma", lambda v: vqfast.ResidualLFQ(4, 2, diversity_gamma=v), [math.inf]),
+    ("commitment_cost", lambda v: vqfast.LFQ(3, commitment_cost=v, spherical=True), [math.nan]),
+    ("quant_resi", lambda v: vqfast.MultiScaleResidualVQ(8, 3, quant_resi=v), [math.nan, 2.0]),
+    ("commitment_cost", lambda v: vqfast.MultiScaleResidualVQ(8, 3, commitment_cost=v), [math.inf]),
+    ("commitment_cost", lambda v: vqfast.ResidualVQ(2, 8, 4, v), [math.nan]),
+    ("commitment_cost", lambda v: vqfast.VectorQuantizer(8, 4, v), [math.inf]),
+    ("commitment_cost", lambda v: vqfast.VectorQuantizerEMA(8, 4, v), [-0.5]),
+    ("commitment_cost", lambda v: vqfast.SimVQ(8, 4, v), [math.nan]),
+    ("share", lambda v: vqfast.FSQ([3, 3]).warn_on_collapse(5, v), [math.nan, 0.0, 1.5]),
+]
+
+
+@pytest.mark.parametrize("name, build, values", _BAD_FLOAT_OPTIONS,
+                         ids=[f"{case[0]}-{i}" for i, case in enumerate(_BAD_FLOAT_OPTIONS)])
+def test_float_options_must_be_finite_and_in_range(name, build, values):
+    for value in values:
+        with pytest.raises(ValueError, match=name):
+            build(value)
