@@ -146,3 +146,36 @@ def test_float_options_must_be_finite_and_in_range(name, build, values):
     for value in values:
         with pytest.raises(ValueError, match=name):
             build(value)
+
+
+# --- item 13: residual decode_indices never guesses the codes' layout ---------------------
+
+def _residual_quantizers():
+    torch.manual_seed(0)
+    return {"ResidualVQ": vqfast.ResidualVQ(4, 9, 6, groups=1, backend="torch",
+                                            kmeans_init=False).eval(),
+            "ResidualFSQ": vqfast.ResidualFSQ([3, 5], 4, dim=6, backend="torch").eval(),
+            "ResidualLFQ": vqfast.ResidualLFQ(6, 4, codebook_dim=3, backend="torch").eval()}
+
+
+@pytest.mark.parametrize("name", ["ResidualVQ", "ResidualFSQ", "ResidualLFQ"])
+@pytest.mark.parametrize("t", [3, 4])
+def test_residual_decode_refuses_codes_that_fit_either_layout(name, t):
+    """A user's ``[B, T, Q]`` tokens (levels last, ``T <= Q``) used to decode as T levels at
+    Q positions: refused, and decoded right with ``levels_dim=-1``."""
+    module = _residual_quantizers()[name]
+    x = torch.randn(2, 6, t)
+    out = module(x)[-3 if name != "ResidualFSQ" else 0]
+    codes = module.encode(x)  # [2, Q=4, T]
+    tokens = codes.transpose(1, 2).contiguous()  # [2, T, Q]: levels last
+    with pytest.raises(ValueError, match="levels_dim"):
+        module.decode_indices(tokens)
+    torch.testing.assert_close(module.decode_indices(tokens, levels_dim=-1), out)
+    torch.testing.assert_close(module.decode_indices(codes, levels_dim=1), out)
+    if t != 4:  # its own layout is unambiguous unless the positions are G*Q too
+        torch.testing.assert_close(module.decode_indices(codes), out)
+    else:
+        with pytest.raises(ValueError, match="levels_dim"):
+            module.decode_indices(codes)
+    with pytest.raises(ValueError, match="levels_dim"):
+        module.decode_indices(codes, levels_dim=2)

@@ -164,11 +164,12 @@ class VQVAE(nn.Module):
             self.vq.train(training)
 
     @torch.no_grad()
-    def decode_indices(self, indices):
+    def decode_indices(self, indices, **options):
         """Code indices ``int64 [B, h, w]`` (``[B, G*Q, h, w]`` for a residual quantizer)
-        -> images ``[B, C, 4h, 4w]`` in the decoder's dtype."""
+        -> images ``[B, C, 4h, 4w]`` in the decoder's dtype. ``options`` go to the
+        quantizer's ``decode_indices`` (``levels_dim`` for a residual one)."""
         if isinstance(self.vq, MultiScaleResidualVQ):  # (it checks [B, L] and the range)
-            return self._decode(self.vq.decode_indices(indices))
+            return self._decode(self.vq.decode_indices(indices, **options))
         residual = isinstance(self.vq, ResidualVQ)
         if indices.dtype != torch.int64 or indices.dim() != 3 + residual:
             shape = "[B, G*Q, h, w]" if residual else "[B, h, w]"
@@ -176,7 +177,7 @@ class VQVAE(nn.Module):
         low = -1 if residual else 0
         if indices.numel() and (int(indices.min()) < low or int(indices.max()) >= self.vq.num_embeddings):
             raise ValueError(f"indices must lie in [{low}, {self.vq.num_embeddings})")
-        return self._decode(self.vq.decode_indices(indices))
+        return self._decode(self.vq.decode_indices(indices, **options))
 
     def _decode(self, quantized):
         """The decoder of fp32 decoded codes, in the decoder's dtype (a ``.half()`` model)."""

@@ -250,11 +250,23 @@ class QuantizerCommon:
             return idx.t().contiguous().view(*positions, idx.shape[0])
         return idx.view(idx.shape[0], *positions).movedim(0, 1).contiguous()
 
-    def _level_codes(self, codes: torch.Tensor, groups: int, num_levels: int):
-        """``decode_indices``' per-level codes in the inputs' layout -> ``([B, G, n, S],
-        spatial)`` (the first ``n <= num_levels`` levels of each group, and the positions'
-        spatial shape); raises on another shape."""
-        if self.channel_last and codes.dim() >= 2:  # [B, *spatial, G*n] -> [B, G*n, *spatial]
+    def _level_codes(self, codes: torch.Tensor, groups: int, num_levels: int, levels_dim=None):
+        """``decode_indices``' per-level codes -> ``([B, G, n, S], spatial)`` (the first ``n
+        <= num_levels`` levels of each group, and the positions' spatial shape); raises on
+        another shape. ``levels_dim``: the codes' level axis, 1 (``[B, G*n, *spatial]``) or
+        -1 (``[B, *spatial, G*n]``); ``None``: the inputs' layout, refused where the other
+        axis of codes with spatial dims also holds ``G*Q`` entries (either layout fits)."""
+        if levels_dim not in (None, 1, -1):
+            raise ValueError(f"levels_dim must be 1, -1 or None, got {levels_dim!r}")
+        if levels_dim is None:
+            levels_dim = -1 if self.channel_last else 1
+            other = -levels_dim
+            if codes.dim() >= 3 and codes.shape[other] == groups * num_levels:
+                raise ValueError(
+                    f"codes of shape {tuple(codes.shape)} could hold the levels on axis 1 "
+                    f"([B, G*n, *spatial]) or on the last axis ([B, *spatial, G*n]), both "
+                    f"{groups * num_levels} long: say which with levels_dim=1 or levels_dim=-1")
+        if levels_dim == -1 and codes.dim() >= 2:  # [B, *spatial, G*n] -> [B, G*n, *spatial]
             codes = codes.movedim(-1, 1)
         if codes.dim() < 2 or codes.shape[1] % groups or codes.shape[1] // groups > num_levels:
             raise ValueError(f"codes must be [B, G*n, *spatial] with G={groups} and n <= "

@@ -56,12 +56,14 @@ class _ResidualScalar(QuantizerCommon, nn.Module):
         return quantized.reshape(z.shape)
 
     @torch.no_grad()
-    def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode_indices(self, codes: torch.Tensor, *, levels_dim=None) -> torch.Tensor:
         """int64 ``codes [B, G*n, *spatial]`` (the first ``n <= Q`` levels of each group, in
         ``[0, codebook_size)``, -1 = not quantized) -> ``quantized [B, D, *spatial]`` fp32:
-        the sum of those levels' values. Other values raise ``ValueError``."""
+        the sum of those levels' values. Other values raise ``ValueError``. ``levels_dim``:
+        as for ``ResidualVQ.decode_indices`` (ambiguous shapes are refused, not guessed)."""
         check_codes(codes, self.codebook_size)
-        flat, spatial = self._level_codes(codes.long(), self.groups, self.num_quantizers)
+        flat, spatial = self._level_codes(codes.long(), self.groups, self.num_quantizers,
+                                          levels_dim)
         flat = flat[..., None]  # [B, G, n, S, 1]
         values = self._level_values(flat.clamp_min(0)) * self.scales[:flat.shape[2], None, :]
         per_level = torch.where(flat >= 0, values, 0.0)  # [B, G, n, S, C]

@@ -381,13 +381,17 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         adopt_kmeans(self, self.codebooks, centroids, sizes)
 
     @torch.no_grad()
-    def decode_indices(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode_indices(self, codes: torch.Tensor, *, levels_dim=None) -> torch.Tensor:
         """``codes`` int64 ``[B, G*n, *spatial]`` (the first n <= Q levels of each group, in
-        ``[0, K)``, -1 = not quantized) -> ``quantized [B, D, *spatial]`` fp32: the sum of
-        those levels' codes. Other values raise ``ValueError``."""
+        ``[0, K)``, -1 = not quantized; ``[B, *spatial, G*n]`` with ``channel_last``) ->
+        ``quantized [B, D, *spatial]`` fp32: the sum of those levels' codes. Other values
+        raise ``ValueError``. ``levels_dim=1`` or ``-1`` names the codes' level axis (levels
+        last: ``[B, *spatial, G*n]``, as a ``[B, T, Q]`` token tensor); without it, codes
+        whose other axis is also ``G*Q`` long (``[B, T, Q]`` with ``T = G*Q``, ...) are
+        refused rather than guessed."""
         g, q = self.groups, self.num_quantizers
         check_codes(codes, self.num_embeddings)
-        flat, spatial = self._level_codes(codes, g, q)  # [B, G, n, S]
+        flat, spatial = self._level_codes(codes, g, q, levels_dim)  # [B, G, n, S]
         n = flat.shape[2]
         if self.level_sizes is not None and codes.numel():
             for level in range(n):
