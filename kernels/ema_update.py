@@ -11,6 +11,11 @@ codebook or C of them (residual levels, groups) at once: program axis 1 picks th
    of several sizes are padded to one, the padding left untouched); ``ema_weight = decay * ema_weight +
    (1 - decay) * code_sums``; ``codebook = ema_weight / size``. All in place, fp32 math,
    and only where ``apply`` is set: decided on the device, never read by the host.
+   With ``RESEED`` it also re-seeds the dead codes in the same pass (the dead-code rule of
+   ``VectorQuantizerEMA``): a code whose bias-corrected size ``size / decay_weight`` fell
+   below ``threshold`` takes a random row of this batch's ``x`` (Philox, keyed by a seed
+   on the device that the scalars kernel advances once per update), starting at a size
+   of ``start * decay_weight``; ``reseeded`` counts them.
 """
 
 import itertools
@@ -19,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launcher, launch_config, split_options, streaming_configs
+from . import _launch
+from ._launch import PTR, launcher, launch_config, split_options, streaming_configs
+from ._layout import row_offsets, vector_layout
 
 CONFIG = dict(BLOCK_K=32, MAX_BLOCK_D=64, num_warps=4)
 SCALARS_CONFIG = dict(BLOCK_REDUCE=1024, num_warps=4)
@@ -28,9 +35,9 @@ SCALARS_CONFIG = dict(BLOCK_REDUCE=1024, num_warps=4)
 @triton.jit
 def _ema_scalars_kernel(
     counts_ptr, size_ptr, loss_ptr, flag_ptr, active_ptr, num_codes_ptr, scalars_ptr,
-    decay_weight_ptr, skipped_ptr, K, decay,
+    decay_weight_ptr, skipped_ptr, seed_ptr, K, decay,
     BLOCK_REDUCE: tl.constexpr, HAS_FLAG: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-    HAS_NUM_CODES: tl.constexpr,
+    HAS_NUM_CODES: tl.constexpr, RESEED: tl.constexpr,
 ):
     book = tl.program_id(0)
     counts_ptr += book.to(tl.int64) * K
@@ -58,13 +65,17 @@ def _ema_scalars_kernel(
     weight = tl.load(decay_weight_ptr + book)
     tl.store(decay_weight_ptr + book, tl.where(apply, weight * decay + (1.0 - decay), weight))
     tl.store(skipped_ptr + book, tl.load(skipped_ptr + book) + tl.where(finite, 0, 1).to(tl.int64))
+    if RESEED:  # this update's random rows: a new Philox key (read by the finalize launch)
+        tl.store(seed_ptr, tl.load(seed_ptr) + 1)
 
 
 @triton.jit
 def _ema_finalize_kernel(
     counts_ptr, code_sums_ptr, scalars_ptr, size_ptr, weight_ptr, codebook_ptr,
-    K, D, decay, epsilon,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, seed_ptr, decay_weight_ptr, reseeded_ptr,
+    K, D, N, S, decay, epsilon, threshold, start,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RESEED: tl.constexpr,
+    STATS_SEM: tl.constexpr,
 ):
     book = tl.program_id(1)
     counts_ptr += book.to(tl.int64) * K
@@ -82,6 +93,13 @@ def _ema_finalize_kernel(
     size = tl.load(size_ptr + codes, mask=code_mask, other=0.0).to(tl.float32)
     size = size * decay + (1.0 - decay) * count
     size = (size + epsilon) / (total + num_codes * epsilon) * total
+    if RESEED:  # (one codebook) dead: bias-corrected size below the threshold
+        decay_weight = tl.load(decay_weight_ptr)
+        dead = code_mask & (size / tl.maximum(decay_weight, 1e-30) < threshold)
+        rows = (tl.randint(tl.load(seed_ptr), codes).to(tl.int64) % N).to(tl.int64)
+        sample_offsets = row_offsets(rows, S, D)
+        size = tl.where(dead, start * decay_weight, size)
+        tl.atomic_add(reseeded_ptr, tl.sum(dead.to(tl.int64), axis=0), sem=STATS_SEM)
     tl.store(size_ptr + codes, size.to(size_ptr.dtype.element_ty), mask=code_mask)
 
     code_offsets = codes.to(tl.int64)[:, None] * D
@@ -92,14 +110,21 @@ def _ema_finalize_kernel(
         weight = tl.load(weight_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         sums = tl.load(code_sums_ptr + offsets, mask=mask, other=0.0)
         weight = weight * decay + (1.0 - decay) * sums
+        code = weight / size[:, None]
+        if RESEED:  # a dead code becomes the sampled row, weighted by its new size
+            reseed = dead[:, None] & mask
+            sample = tl.load(x_ptr + sample_offsets[:, None] + dims[None, :].to(tl.int64) * S,
+                             mask=reseed, other=0.0).to(tl.float32)
+            code = tl.where(reseed, sample, code)
+            weight = tl.where(reseed, sample * size[:, None], weight)
         tl.store(weight_ptr + offsets, weight.to(weight_ptr.dtype.element_ty), mask=mask)
-        tl.store(codebook_ptr + offsets, (weight / size[:, None]).to(codebook_ptr.dtype.element_ty),
-                 mask=mask)
+        tl.store(codebook_ptr + offsets, code.to(codebook_ptr.dtype.element_ty), mask=mask)
 
 
 @launcher
 def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
-               ema_decay_weight, skipped_batches, decay, epsilon, active=None, num_codes=None):
+               ema_decay_weight, skipped_batches, decay, epsilon, active=None, num_codes=None,
+               x=None, seed=None, reseeded=None, threshold=0.0):
     """In place on ``ema_cluster_size [K]``, ``ema_weight [K, D]``, ``codebook [K, D]``,
     ``ema_decay_weight`` (fp32 0-d) and ``skipped_batches`` (int64 0-d); returns ``applied``
     (fp32 0-d: 1 if the update was made, else 0). C codebooks: a leading ``[C]`` on all of
@@ -109,6 +134,10 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
     batch's (a non-finite loss skips the update); ``not_finite``: 0-d bool or ``None``, a
     flag from the other ranks. ``num_codes`` (int32 ``[C]`` or ``None``): each codebook's
     own size, the codes past it padding. Everything is read on the device: no host sync.
+
+    Dead-code re-seeding in the same launch (one codebook; ``threshold > 0``): ``x`` (this
+    batch's ``[N, D]`` or ``[B, D, S]``), ``seed`` (int64 ``[1]``, advanced once per
+    update) and ``reseeded`` (int64 0-d, the count) as ``VectorQuantizerEMA`` keeps them.
     """
     *lead, k, d = codebook.shape
     books = lead[0] if lead else 1
@@ -124,35 +153,53 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
                          f"{tuple(code_sums.shape)}, ema_cluster_size "
                          f"{tuple(ema_cluster_size.shape)}, counts {tuple(counts.shape)}, "
                          f"ema_decay_weight {tuple(ema_decay_weight.shape)}")
+    reseed = threshold > 0
+    n, s = 1, 1
+    if reseed:
+        if lead or x is None or seed is None or reseeded is None:
+            raise ValueError("re-seeding takes one codebook, x, seed and reseeded")
+        n, dx, s = vector_layout("x", x)
+        if dx != d or seed.shape != (1,) or seed.dtype != torch.int64:
+            raise ValueError(f"x must have D={d} channels and seed be int64 [1], got x "
+                             f"{tuple(x.shape)}, seed {seed.dtype} {tuple(seed.shape)}")
     scalars = torch.empty(books, 3, dtype=torch.float32, device=codebook.device)  # apply, n, K
     _ema_scalars_kernel[(books,)](
         counts, ema_cluster_size, loss.reshape(1),
         not_finite.to(torch.int32).reshape(1) if not_finite is not None else counts,
         active.to(torch.int32) if active is not None else counts,
         num_codes.to(torch.int32) if num_codes is not None else counts,
-        scalars, ema_decay_weight, skipped_batches, k, float(decay),
+        scalars, ema_decay_weight, skipped_batches, seed if reseed else counts, k, float(decay),
         HAS_FLAG=not_finite is not None, HAS_ACTIVE=active is not None,
-        HAS_NUM_CODES=num_codes is not None, **SCALARS_CONFIG)
+        HAS_NUM_CODES=num_codes is not None, RESEED=reseed, **SCALARS_CONFIG)
     config = launch_config(CONFIG, d)
     _ema_finalize_kernel[(triton.cdiv(k, config["BLOCK_K"]), books)](
         counts, code_sums, scalars, ema_cluster_size, ema_weight, codebook,
-        k, d, float(decay), float(epsilon), **config)
+        *((x, seed, ema_decay_weight, reseeded) if reseed else (codebook,) * 4),
+        k, d, n, s, float(decay), float(epsilon), float(threshold), max(float(threshold), 1.0),
+        RESEED=reseed, STATS_SEM=_launch.STATS_SEM, **config)
     return scalars[:, 0].view(ema_decay_weight.shape)
 
 
 def aot_variants():
     """Every launchable configuration, for the ahead-of-time compile test."""
-    for has_flag, has_active, has_num in itertools.product(*[(True, False)] * 3):
+    for has_flag, has_active, has_num, reseed in itertools.product(*[(True, False)] * 4):
         sig = {"counts_ptr": "*i32", "size_ptr": "*fp32", "loss_ptr": "*fp32",
                "flag_ptr": "*i32", "active_ptr": "*i32", "num_codes_ptr": "*i32",
                "scalars_ptr": "*fp32", "decay_weight_ptr": "*fp32", "skipped_ptr": "*i64",
-               "K": "i32", "decay": "fp32"}
+               "seed_ptr": "*i64" if reseed else "*i32", "K": "i32", "decay": "fp32"}
         consts, options = split_options(SCALARS_CONFIG)
-        consts.update(HAS_FLAG=has_flag, HAS_ACTIVE=has_active, HAS_NUM_CODES=has_num)
-        yield (f"ema_scalars[flag={has_flag},active={has_active},num_codes={has_num}]",
-               _ema_scalars_kernel, sig, consts, options)
-    for cfg, options in streaming_configs(CONFIG):
+        consts.update(HAS_FLAG=has_flag, HAS_ACTIVE=has_active, HAS_NUM_CODES=has_num,
+                      RESEED=reseed)
+        yield (f"ema_scalars[flag={has_flag},active={has_active},num_codes={has_num},"
+               f"reseed={reseed}]", _ema_scalars_kernel, sig, consts, options)
+    for (cfg, options), x_dtype in itertools.product(streaming_configs(CONFIG), (None, *PTR)):
+        reseed = x_dtype is not None
         sig = {"counts_ptr": "*i32", "code_sums_ptr": "*fp32", "scalars_ptr": "*fp32",
                "size_ptr": "*fp32", "weight_ptr": "*fp32", "codebook_ptr": "*fp32",
-               "K": "i32", "D": "i32", "decay": "fp32", "epsilon": "fp32"}
-        yield f"ema_finalize[D{cfg['BLOCK_D']}]", _ema_finalize_kernel, sig, cfg, options
+               "x_ptr": PTR[x_dtype] if reseed else "*fp32",
+               "seed_ptr": "*i64" if reseed else "*fp32", "decay_weight_ptr": "*fp32",
+               "reseeded_ptr": "*i64" if reseed else "*fp32",
+               "K": "i32", "D": "i32", "N": "i32", "S": "i32", "decay": "fp32",
+               "epsilon": "fp32", "threshold": "fp32", "start": "fp32"}
+        yield (f"ema_finalize[D{cfg['BLOCK_D']},reseed={x_dtype}]", _ema_finalize_kernel, sig,
+               dict(cfg, RESEED=reseed, STATS_SEM=_launch.STATS_SEM), options)

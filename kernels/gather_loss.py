@@ -80,11 +80,12 @@ def _gather_loss_kernel(
 
 @launcher
 def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with_code_sums: bool,
-                loss_scale: float = 1.0):
+                loss_scale: float = 1.0, code_sums: torch.Tensor | None = None):
     """``x: [N, D]`` or ``[B, D, S]``, ``codebook: [K, D]``, ``idx: int64 [N]`` ->
     ``q`` (x's shape and dtype), ``loss`` (fp32 0-d: ``loss_scale * sum((q - x)^2)``),
     ``perplexity`` (fp32 0-d), ``counts`` (int32 [K]), ``code_sums`` (fp32 [K, D], the
-    per-code sums of x; ``None`` unless ``with_code_sums``).
+    per-code sums of x; ``None`` unless ``with_code_sums``), accumulated into ``code_sums``
+    if given (zeroed already: ``nearest_code(..., zero=)`` does it in its codebook pass).
 
     Under ``torch.are_deterministic_algorithms_enabled()`` the code sums come from the
     sort-based kernel instead of fp32 atomics, so they are bitwise reproducible.
@@ -103,7 +104,10 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
     loss = torch.empty((), dtype=torch.float32, device=x.device)
     perplexity = torch.empty((), dtype=torch.float32, device=x.device)
     atomic = with_code_sums and not torch.are_deterministic_algorithms_enabled()
-    code_sums = torch.zeros(k, d, dtype=torch.float32, device=x.device) if atomic else None
+    if not atomic:
+        code_sums = None
+    elif code_sums is None:
+        code_sums = torch.zeros(k, d, dtype=torch.float32, device=x.device)
     _gather_loss_kernel[grid](
         x, codebook, idx, q, partial_err, counts_and_ticket,
         code_sums if atomic else counts_and_ticket, counts_and_ticket[k:], loss, perplexity,

@@ -68,12 +68,15 @@ def _search_operands(codebook: torch.Tensor):
 
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee",
-                 snapshot: torch.Tensor | None = None):
+                 snapshot: torch.Tensor | None = None, zero: torch.Tensor | None = None):
     """``x: [N, D]`` or ``[B, D, S]``, ``codebook: [K, D]`` -> ``idx: int64 [N]``, ``sqdist: fp32 [N]``;
-    ``snapshot`` (fp32 ``[K, D]``), if given, receives a copy of the codebook."""
+    ``snapshot`` (fp32 ``[K, D]``), if given, receives a copy of the codebook; ``zero``, if
+    given, is zeroed."""
     del precision  # torch's own matmul precision setting applies on this path
     if snapshot is not None:
         snapshot.copy_(codebook)
+    if zero is not None:
+        zero.zero_()
     codebook_sqnorm, codebook_t = _search_operands(codebook.float())
     num = num_vectors(x)
     idx = torch.empty(num, dtype=torch.int64, device=x.device)
@@ -89,14 +92,18 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
 
 
 def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with_code_sums: bool,
-                loss_scale: float = 1.0):
+                loss_scale: float = 1.0, code_sums: torch.Tensor | None = None):
     """``q = codebook[idx]`` in x's layout and dtype, ``loss = loss_scale * sum((q - x)^2)``
     (exact form, fp32 0-d), the perplexity of the code usage (fp32 0-d), per-code ``counts``
-    (int32 [K]) and, if asked, per-code sums of x (fp32 [K, D], else ``None``)."""
+    (int32 [K]) and, if asked, per-code sums of x (fp32 [K, D], else ``None``; added into
+    ``code_sums`` if given, zeroed already)."""
     codebook = codebook.float()
     q = torch.empty_like(x)
     sq_err = torch.zeros((), dtype=torch.float32, device=x.device)
-    code_sums = torch.zeros(codebook.shape, dtype=torch.float32, device=x.device) if with_code_sums else None
+    if not with_code_sums:
+        code_sums = None
+    elif code_sums is None:
+        code_sums = torch.zeros(codebook.shape, dtype=torch.float32, device=x.device)
     for rows, where in _chunks(x, x.shape[1], _CHUNK_ELEMENTS // 4):
         x_chunk = _get(x, where)
         q_chunk = codebook.index_select(0, idx[rows])
@@ -118,7 +125,8 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
 
 
 def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
-               ema_decay_weight, skipped_batches, decay, epsilon, active=None, num_codes=None):
+               ema_decay_weight, skipped_batches, decay, epsilon, active=None, num_codes=None,
+               x=None, seed=None, reseeded=None, threshold=0.0):
     """In place: decay the EMA statistics towards this batch's, Laplace-smooth, renormalise;
     count the update in ``ema_decay_weight`` (``1 - decay**t``) or, when the batch's ``loss``
     is not finite (or a rank flagged ``not_finite``), leave the state and count a skipped
@@ -129,6 +137,9 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
     [C]``); ``active`` (bool ``[C]`` or ``None``) leaves the inactive ones untouched;
     ``num_codes`` (int32 ``[C]`` or ``None``): codebook c's codes past ``num_codes[c]`` are
     padding (left as they are; the smoothing counts ``num_codes[c]`` codes).
+
+    ``threshold > 0``: then dead-code re-seeding of the one codebook from random rows of
+    ``x`` (``take_samples``; ``seed`` is the Triton kernels' Philox key, unused here).
     """
     k = codebook.shape[-2]
     real = None
@@ -157,7 +168,25 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
     ema_decay_weight.copy_(torch.where(apply, ema_decay_weight * decay + (1 - decay),
                                        ema_decay_weight))
     skipped_batches.add_((~finite).long())
+    if threshold > 0:
+        dead = (ema_cluster_size / ema_decay_weight.clamp_min(1e-30) < threshold) & apply
+        b, _, s = x.shape if x.dim() == 3 else (x.shape[0], x.shape[1], 1)
+        picks = torch.randint(b * s, (k,), device=x.device)
+        samples = x.view(b, -1, s)[picks // s, :, picks % s].float()
+        take_samples(dead, samples, max(threshold, 1.0) * ema_decay_weight, codebook,
+                     ema_weight, ema_cluster_size, reseeded)
     return torch.broadcast_to(apply, ema_decay_weight.shape).float()
+
+
+def take_samples(dead, samples, size, codebook, ema_weight, cluster_size, reseeded) -> None:
+    """Re-seed the ``dead`` codes (bool ``[K]``) in place: ``codebook = samples [K, D]``,
+    ``ema_weight = samples * size`` (when not ``None``), ``cluster_size = size``; count
+    them in ``reseeded``."""
+    codebook.copy_(torch.where(dead[:, None], samples.to(codebook.dtype), codebook))
+    if ema_weight is not None:
+        ema_weight.copy_(torch.where(dead[:, None], samples * size, ema_weight))
+    cluster_size.copy_(torch.where(dead, size, cluster_size))
+    reseeded.add_(dead.sum())
 
 
 def quantize_backward(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale):

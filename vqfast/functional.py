@@ -8,7 +8,7 @@ import torch
 from . import _torch
 from .ops.dispatch import (BACKENDS, FLOAT_DTYPES, PRECISIONS, channels_first, channels_last,  # noqa: F401
                            check_backend, check_codebook_input, resolve_backend)
-from .ops.vq import ema_update, quantize  # noqa: F401
+from .ops.vq import _nearest_code_op, ema_update, quantize  # noqa: F401
 
 perplexity = _torch.perplexity
 
@@ -31,5 +31,5 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, backend: str = "auto",
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     backend = resolve_backend(backend, x.device)
-    return torch.ops.vqfast.nearest_code(x.contiguous(), codebook.detach().contiguous(), backend,
+    return _nearest_code_op(x.contiguous(), codebook.detach().contiguous(), backend,
                                          precision)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import _torch
 from . import functional as VF
 
 
@@ -425,13 +426,9 @@ def reseed_dead_codes(module: nn.Module, x: torch.Tensor, apply: torch.Tensor, f
             dist.broadcast(real, 0)
     if real is not None:
         dead = dead & real
-    size = max(module.dead_code_threshold, 1.0) * module.ema_decay_weight
-    module.codebook.copy_(torch.where(dead[:, None], samples.to(module.codebook.dtype),
-                                      module.codebook))
-    if "ema_weight" in module._buffers:
-        module.ema_weight.copy_(torch.where(dead[:, None], samples * size, module.ema_weight))
-    module.ema_cluster_size.copy_(torch.where(dead, size, module.ema_cluster_size))
-    module.reseeded_codes.add_(dead.sum())
+    _torch.take_samples(dead, samples, max(module.dead_code_threshold, 1.0) * module.ema_decay_weight,
+                        module.codebook, module._buffers.get("ema_weight"),
+                        module.ema_cluster_size, module.reseeded_codes)
 
 
 def kmeans_done(initialized: torch.Tensor) -> bool:
@@ -859,6 +856,10 @@ class VectorQuantizerEMA(_QuantizerBase):
         self.register_buffer("codebook", F.normalize(codebook, dim=-1) if cosine else codebook)
         self._register_usage_state(ema_weight=torch.randn(num_embeddings, self.code_dim))
         self.register_buffer("skipped_batches", torch.tensor(0, dtype=torch.int64))
+        # The Triton update's Philox key for re-seeding (advanced on the device per update;
+        # torch's seed, so torch.manual_seed fixes it; no random draw). Not saved.
+        self.register_buffer("_reseed_key", torch.tensor([torch.initial_seed() % 2**62]),
+                             persistent=False)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, decay={self.decay}, epsilon={self.epsilon}"
@@ -920,14 +921,20 @@ class VectorQuantizerEMA(_QuantizerBase):
         if self._syncing():  # every rank skips (or applies) the same batches
             counts, code_sums, not_finite = _all_reduce_statistics(
                 counts, code_sums, ~torch.isfinite(loss))
+        # re-seeding in the update's own pass, unless it needs the steps between them
+        # (renormalised codes, masked rows, rank 0's rows)
+        fused = (self.dead_code_threshold > 0 and not self.cosine and flat_mask is None
+                 and not_finite is None)
         applied = VF.ema_update(counts, code_sums, loss, not_finite, self.ema_cluster_size,
                                 self.ema_weight, self.codebook, self.ema_decay_weight,
                                 self.skipped_batches, self.decay, self.epsilon, backend,
-                                rows_seen(counts, flat_mask))
+                                rows_seen(counts, flat_mask),
+                                reseed=(x, self._reseed_key, self.reseeded_codes,
+                                        self.dead_code_threshold) if fused else None)
         if self.cosine:  # the EMA of unit vectors is not one: back onto the sphere
             self.codebook.copy_(torch.where(applied > 0, F.normalize(self.codebook, dim=-1),
                                             self.codebook))
-        if self.dead_code_threshold > 0:
+        if self.dead_code_threshold > 0 and not fused:
             self._reseed_dead_codes(x, applied > 0, flat_mask)
 
     def _syncing(self) -> bool:

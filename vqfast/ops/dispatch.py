@@ -35,6 +35,39 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+class CustomOp:
+    """A vqfast op: registered with ``torch.library`` (``torch.ops.vqfast.<name>``, what
+    ``torch.compile``, ``torch.export`` and ``opcheck`` see, with its fake), and called
+    directly in eager mode. The custom op's dispatch (filling defaults, the autograd
+    wrapper, the dispatcher) costs more host time than a kernel launch, and in eager it
+    decides nothing: the ops carry no autograd of their own (the ``autograd.Function``s
+    around them do) and their implementations dispatch on the backend themselves."""
+
+    def __init__(self, name: str, fn, mutates_args):
+        self.fn = fn
+        self.op = torch.library.custom_op(f"vqfast::{name}", mutates_args=mutates_args)(fn)
+
+    def register_fake(self, fake):
+        return self.op.register_fake(fake)
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling() or any(
+                isinstance(a, torch.Tensor) and type(a) not in _PLAIN for a in args):
+            return self.op(*args)  # traced (or fake / functional tensors): the registered op
+        if torch.is_grad_enabled():  # as the op: its outputs never carry a graph
+            with torch.no_grad():
+                return self.fn(*args)
+        return self.fn(*args)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def custom_op(name: str, mutates_args=()):
+    """``@custom_op("name")`` on an op's implementation: a ``CustomOp``."""
+    return lambda fn: CustomOp(name, fn, mutates_args)
+
+
 def _impl(backend: str):
     if backend == "triton":
         from .. import kernels

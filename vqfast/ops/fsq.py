@@ -4,7 +4,7 @@ and the straight-through ``torch.autograd.Function``."""
 import torch
 
 from .. import _torch
-from .dispatch import _impl
+from .dispatch import _impl, custom_op
 
 
 def fsq_params(levels, eps: float = 1e-3):
@@ -20,7 +20,7 @@ def fsq_params(levels, eps: float = 1e-3):
     return params, basis
 
 
-@torch.library.custom_op("vqfast::fsq_forward", mutates_args=())
+@custom_op("fsq_forward", mutates_args=())
 def _fsq_forward_op(z: torch.Tensor, params: torch.Tensor, basis: torch.Tensor,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return _impl(backend).fsq_forward(z, params, basis)
@@ -31,7 +31,7 @@ def _(z, params, basis, backend):
     return torch.empty_like(z), z.new_empty(_torch.num_vectors(z), dtype=torch.int64)
 
 
-@torch.library.custom_op("vqfast::fsq_backward", mutates_args=())
+@custom_op("fsq_backward", mutates_args=())
 def _fsq_backward_op(grad_q: torch.Tensor, z: torch.Tensor, params: torch.Tensor,
                      backend: str) -> torch.Tensor:
     return _impl(backend).fsq_backward(grad_q, z, params)
@@ -48,7 +48,7 @@ class _FSQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, params, basis, backend):
-        q, codes = torch.ops.vqfast.fsq_forward(z, params, basis, backend)
+        q, codes = _fsq_forward_op(z, params, basis, backend)
         ctx.save_for_backward(z, params)
         ctx.backend = backend
         ctx.mark_non_differentiable(codes)
@@ -57,7 +57,7 @@ class _FSQ(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q, grad_codes):
         z, params = ctx.saved_tensors
-        grad_z = torch.ops.vqfast.fsq_backward(grad_q.contiguous(), z, params, ctx.backend)
+        grad_z = _fsq_backward_op(grad_q.contiguous(), z, params, ctx.backend)
         return grad_z, None, None, None
 
 

@@ -17,12 +17,12 @@ device).
 
 import torch
 
-from .dispatch import _impl
+from .dispatch import _impl, custom_op
 
 IBQ_MAX_KERNEL_DIM = 128
 
 
-@torch.library.custom_op("vqfast::ibq_forward", mutates_args=())
+@custom_op("ibq_forward", mutates_args=())
 def _ibq_forward_op(x: torch.Tensor, codebook: torch.Tensor, scale: float, argmax_only: bool,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _impl(backend).ibq_forward(x, codebook, scale, argmax_only)
@@ -35,7 +35,7 @@ def _(x, codebook, scale, argmax_only, backend):
             x.new_empty((0,) if argmax_only else tuple(x.shape)))
 
 
-@torch.library.custom_op("vqfast::ibq_backward", mutates_args=())
+@custom_op("ibq_backward", mutates_args=())
 def _ibq_backward_op(grad: torch.Tensor, x: torch.Tensor, codebook: torch.Tensor,
                      idx: torch.Tensor, lse: torch.Tensor, soft: torch.Tensor, scale: float,
                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +54,7 @@ class IndexBackprop(torch.autograd.Function):
     def forward(ctx, x, codebook, scale, backend):
         x32 = x.detach().float().contiguous()
         book32 = codebook.detach().float().contiguous()
-        idx, lse, soft = torch.ops.vqfast.ibq_forward(x32, book32, scale, False, backend)
+        idx, lse, soft = _ibq_forward_op(x32, book32, scale, False, backend)
         ctx.save_for_backward(x32, book32, idx, lse, soft)
         ctx.scale, ctx.backend = scale, backend
         ctx.mark_non_differentiable(idx)
@@ -63,7 +63,7 @@ class IndexBackprop(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_idx):
         x, codebook, idx, lse, soft = ctx.saved_tensors
-        grad_x, grad_codebook = torch.ops.vqfast.ibq_backward(
+        grad_x, grad_codebook = _ibq_backward_op(
             grad_out.float().contiguous(), x, codebook, idx, lse, soft, ctx.scale, ctx.backend)
         return grad_x.to(grad_out.dtype), grad_codebook, None, None
 
@@ -77,6 +77,6 @@ def index_backprop(x: torch.Tensor, codebook: torch.Tensor, scale: float = 1.0,
 def ibq_codes(x: torch.Tensor, codebook: torch.Tensor, scale: float = 1.0,
               backend: str = "torch") -> torch.Tensor:
     """The argmax alone (no exponentials): int64 ``[N]``."""
-    return torch.ops.vqfast.ibq_forward(x.detach().float().contiguous(),
+    return _ibq_forward_op(x.detach().float().contiguous(),
                                         codebook.detach().float().contiguous(), scale, True,
                                         backend)[0]

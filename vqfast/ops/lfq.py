@@ -3,10 +3,10 @@
 
 import torch
 
-from .dispatch import _impl
+from .dispatch import _impl, custom_op
 
 
-@torch.library.custom_op("vqfast::lfq_avg_prob", mutates_args=())
+@custom_op("lfq_avg_prob", mutates_args=())
 def _lfq_avg_prob_op(x: torch.Tensor, lse: torch.Tensor, inv_temperature: float, backend: str,
                      precision: str) -> torch.Tensor:
     return _impl(backend).lfq_avg_prob(x, lse, inv_temperature, precision)
@@ -17,7 +17,7 @@ def _(x, lse, inv_temperature, backend, precision):
     return x.new_empty(2 ** x.shape[1], dtype=torch.float32)
 
 
-@torch.library.custom_op("vqfast::lfq_entropy_backward", mutates_args=())
+@custom_op("lfq_entropy_backward", mutates_args=())
 def _lfq_entropy_backward_op(x: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, coef: float,
                              inv_temperature: float, backend: str, precision: str) -> torch.Tensor:
     return _impl(backend).lfq_entropy_backward(x, lse, g, coef, inv_temperature, precision)
@@ -43,7 +43,7 @@ class _CodebookEntropy(torch.autograd.Function):
     def forward(ctx, x, inv_temperature, backend, precision):
         x = x.detach().contiguous()
         lse = log_partition(x, inv_temperature)
-        avg = torch.ops.vqfast.lfq_avg_prob(x, lse, inv_temperature, backend, precision)
+        avg = _lfq_avg_prob_op(x, lse, inv_temperature, backend, precision)
         ctx.save_for_backward(x, lse, avg)
         ctx.inv_temperature, ctx.backend, ctx.precision = inv_temperature, backend, precision
         return -torch.special.xlogy(avg, avg).sum()
@@ -53,7 +53,7 @@ class _CodebookEntropy(torch.autograd.Function):
         x, lse, avg = ctx.saved_tensors
         # dH/d avg[c] = -(log avg[c] + 1); where avg[c] underflows to 0 every p_n(c) is 0 too
         g = -(torch.log(avg.clamp_min(torch.finfo(torch.float32).tiny)) + 1)
-        grad = torch.ops.vqfast.lfq_entropy_backward(x, lse, g, 1.0 / x.shape[0],
+        grad = _lfq_entropy_backward_op(x, lse, g, 1.0 / x.shape[0],
                                                      ctx.inv_temperature, ctx.backend,
                                                      ctx.precision)
         return (grad * grad_entropy).to(x.dtype), None, None, None

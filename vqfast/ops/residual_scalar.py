@@ -5,14 +5,14 @@
 import torch
 
 from .. import _torch
-from .dispatch import _impl
+from .dispatch import _impl, custom_op
 
 
 def _num_levels(scales: torch.Tensor, groups: int) -> int:
     return groups * scales.shape[0]
 
 
-@torch.library.custom_op("vqfast::residual_scalar_forward", mutates_args=())
+@custom_op("residual_scalar_forward", mutates_args=())
 def _residual_scalar_forward_op(
         z: torch.Tensor, params: torch.Tensor, basis: torch.Tensor, scales: torch.Tensor,
         active: torch.Tensor, groups: int, sign: bool, store_residuals: bool, store_slope: bool,
@@ -30,7 +30,7 @@ def _(z, params, basis, scales, active, groups, sign, store_residuals, store_slo
             z.new_empty(z.shape if store_slope and not sign else (0,), dtype=torch.float32))
 
 
-@torch.library.custom_op("vqfast::residual_fsq_backward", mutates_args=())
+@custom_op("residual_fsq_backward", mutates_args=())
 def _residual_fsq_backward_op(grad_q: torch.Tensor, z: torch.Tensor, params: torch.Tensor,
                               scales: torch.Tensor, active: torch.Tensor, groups: int,
                               backend: str) -> torch.Tensor:
@@ -51,7 +51,7 @@ class _ResidualFSQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, params, basis, scales, active, groups, backend):
         keep = backend == "torch"
-        q, codes, _, slope = torch.ops.vqfast.residual_scalar_forward(
+        q, codes, _, slope = _residual_scalar_forward_op(
             z, params, basis, scales, active, groups, False, False, keep, backend)
         ctx.save_for_backward(slope if keep else z, params, scales, active)
         ctx.groups, ctx.backend, ctx.keep = groups, backend, keep
@@ -64,7 +64,7 @@ class _ResidualFSQ(torch.autograd.Function):
         if ctx.keep:
             grad_z = (grad_q.float() * saved).to(grad_q.dtype)
         else:
-            grad_z = torch.ops.vqfast.residual_fsq_backward(grad_q.contiguous(), saved, params,
+            grad_z = _residual_fsq_backward_op(grad_q.contiguous(), saved, params,
                                                              scales, active, ctx.groups,
                                                              ctx.backend)
         return grad_z, None, None, None, None, None, None
@@ -83,6 +83,6 @@ def residual_sign_levels(z, basis, scales, active, groups=1, store_residuals=Tru
     """Residual LFQ's levels of ``z`` in one launch, no autograd: ``(sum of the levels
     (z's layout and dtype), codes [G*Q, N], residuals fp32 [G*Q, N, C])``."""
     params = scales.new_zeros(4, scales.shape[1])
-    return torch.ops.vqfast.residual_scalar_forward(z.detach(), params, basis, scales, active,
+    return _residual_scalar_forward_op(z.detach(), params, basis, scales, active,
                                                     groups, True, store_residuals, False,
                                                     backend)[:3]

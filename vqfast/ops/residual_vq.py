@@ -8,10 +8,10 @@ mask) run here too, as one group of one level: one numeric rule, one place.
 import torch
 
 from .. import _torch
-from .dispatch import _impl
+from .dispatch import _impl, custom_op
 
 
-@torch.library.custom_op("vqfast::residual_quantize", mutates_args=())
+@custom_op("residual_quantize", mutates_args=())
 def _residual_quantize_op(x: torch.Tensor, codebooks: torch.Tensor, num_levels: int, groups: int,
                           cosine: bool, active: torch.Tensor | None, mask: torch.Tensor | None,
                           with_code_sums: bool, backend: str, precision: str
@@ -41,7 +41,7 @@ def _(x, codebooks, num_levels, groups, cosine, active, mask, with_code_sums, ba
             x.new_empty(tuple(codebooks.shape) if with_code_sums else (0,), dtype=torch.float32))
 
 
-@torch.library.custom_op("vqfast::residual_backward", mutates_args=())
+@custom_op("residual_backward", mutates_args=())
 def _residual_backward_op(grad_q: torch.Tensor, grad_scale: torch.Tensor, x: torch.Tensor,
                           codebooks: torch.Tensor, idx: torch.Tensor, num_levels: int,
                           groups: int, cosine: bool, rotation_trick: bool, x_scale: float,
@@ -83,7 +83,7 @@ class _ResidualQuantize(torch.autograd.Function):
     def forward(ctx, x, codebooks, num_levels, groups, cosine, active, mask, commitment_cost,
                 codebook_loss, rotation_trick, with_code_sums, backend, precision):
         dim = x.shape[1]
-        q, idx, sq_err, counts, code_sums, snapshot = torch.ops.vqfast.residual_quantize(
+        q, idx, sq_err, counts, code_sums, snapshot = _residual_quantize_op(
             x, codebooks.detach(), num_levels, groups, cosine, active, mask, with_code_sums,
             backend, precision)
         # Rows that count: a device value with a mask (no host sync), else a constant.
@@ -111,7 +111,7 @@ class _ResidualQuantize(torch.autograd.Function):
         if grad_loss is None:
             grad_loss = torch.zeros((), dtype=torch.float32, device=x.device)
             codebook_scale = 0.0
-        grad_x, grad_codebooks = torch.ops.vqfast.residual_backward(
+        grad_x, grad_codebooks = _residual_backward_op(
             grad_q.contiguous(), grad_loss.float() / n_valid, x, codebooks, idx, num_levels,
             groups, cosine, rotation_trick, ctx.x_scale, codebook_scale, backend)
         return (grad_x, grad_codebooks if codebook_scale != 0 else None,

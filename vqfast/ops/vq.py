@@ -6,10 +6,10 @@ the Triton launchers in ``vqfast.kernels`` or to the torch backend in ``vqfast._
 import torch
 
 from .. import _torch
-from .dispatch import _impl
+from .dispatch import _impl, custom_op
 
 
-@torch.library.custom_op("vqfast::nearest_code", mutates_args=())
+@custom_op("nearest_code", mutates_args=())
 def _nearest_code_op(x: torch.Tensor, codebook: torch.Tensor, backend: str,
                      precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     return _impl(backend).nearest_code(x, codebook, precision)
@@ -21,7 +21,7 @@ def _(x, codebook, backend, precision):
     return x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=torch.float32)
 
 
-@torch.library.custom_op("vqfast::quantize", mutates_args=())
+@custom_op("quantize", mutates_args=())
 def _quantize_op(x: torch.Tensor, codebook: torch.Tensor, with_code_sums: bool, loss_scale: float,
                  backend: str, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                         torch.Tensor, torch.Tensor, torch.Tensor,
@@ -32,9 +32,11 @@ def _quantize_op(x: torch.Tensor, codebook: torch.Tensor, with_code_sums: bool, 
     # this op, so compilers cannot move the copy into the backward, past the update.)
     snapshot = (torch.empty(codebook.shape, dtype=torch.float32, device=codebook.device)
                 if with_code_sums else codebook.new_empty(0, dtype=torch.float32))
-    idx, _ = impl.nearest_code(x, codebook, precision, snapshot if with_code_sums else None)
+    # ... and zeroes the code sums' accumulator in that pass too (no fill of its own)
+    sums = torch.empty_like(snapshot) if with_code_sums else None
+    idx, _ = impl.nearest_code(x, codebook, precision, snapshot if with_code_sums else None, sums)
     q, loss, perplexity, counts, code_sums = impl.gather_loss(x, codebook, idx, with_code_sums,
-                                                              loss_scale)
+                                                              loss_scale, sums)
     if code_sums is None:
         code_sums = x.new_empty(0, dtype=torch.float32)
     return q, idx, loss, perplexity, counts, code_sums, snapshot
@@ -51,7 +53,7 @@ def _(x, codebook, with_code_sums, loss_scale, backend, precision):
             x.new_empty(sums_shape, dtype=torch.float32))
 
 
-@torch.library.custom_op("vqfast::quantize_backward", mutates_args=())
+@custom_op("quantize_backward", mutates_args=())
 def _quantize_backward_op(grad_q: torch.Tensor, grad_loss: torch.Tensor, x: torch.Tensor,
                           codebook: torch.Tensor, idx: torch.Tensor, x_scale: float,
                           codebook_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,23 +70,27 @@ def _(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale, backend):
     return torch.empty_like(x), x.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("vqfast::ema_update",
-                         mutates_args=("ema_cluster_size", "ema_weight", "codebook",
-                                       "ema_decay_weight", "skipped_batches"))
+@custom_op("ema_update",
+           mutates_args=("ema_cluster_size", "ema_weight", "codebook", "ema_decay_weight",
+                         "skipped_batches", "seed", "reseeded"))
 def _ema_update_op(counts: torch.Tensor, code_sums: torch.Tensor, loss: torch.Tensor,
                    not_finite: torch.Tensor | None, ema_cluster_size: torch.Tensor,
                    ema_weight: torch.Tensor, codebook: torch.Tensor,
                    ema_decay_weight: torch.Tensor, skipped_batches: torch.Tensor, decay: float,
                    epsilon: float, backend: str, active: torch.Tensor | None = None,
-                   num_codes: torch.Tensor | None = None) -> torch.Tensor:
+                   num_codes: torch.Tensor | None = None, x: torch.Tensor | None = None,
+                   seed: torch.Tensor | None = None, reseeded: torch.Tensor | None = None,
+                   threshold: float = 0.0) -> torch.Tensor:
     return _impl(backend).ema_update(counts, code_sums, loss, not_finite, ema_cluster_size,
                                      ema_weight, codebook, ema_decay_weight, skipped_batches,
-                                     decay, epsilon, active, num_codes)
+                                     decay, epsilon, active, num_codes, x, seed, reseeded,
+                                     threshold)
 
 
 @_ema_update_op.register_fake
 def _(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
-      ema_decay_weight, skipped_batches, decay, epsilon, backend, active=None, num_codes=None):
+      ema_decay_weight, skipped_batches, decay, epsilon, backend, active=None, num_codes=None,
+      x=None, seed=None, reseeded=None, threshold=0.0):
     return loss.new_empty(ema_decay_weight.shape, dtype=torch.float32)
 
 
@@ -111,7 +117,7 @@ class _Quantize(torch.autograd.Function):
                 precision):
         numel = x.numel()
         loss_scale = (float(codebook_loss) + commitment_cost) / numel
-        q, idx, loss, perplexity, counts, code_sums, snapshot = torch.ops.vqfast.quantize(
+        q, idx, loss, perplexity, counts, code_sums, snapshot = _quantize_op(
             x, codebook.detach(), with_code_sums, loss_scale, backend, precision)
         ctx.save_for_backward(x, snapshot if with_code_sums else codebook.detach(), idx)
         ctx.x_scale = 2.0 * commitment_cost / numel
@@ -130,7 +136,7 @@ class _Quantize(torch.autograd.Function):
         if grad_loss is None:  # no loss term reaches the codebook (nor x's commitment)
             grad_loss = torch.zeros((), dtype=torch.float32, device=x.device)
             codebook_scale = 0.0
-        grad_x, grad_codebook = torch.ops.vqfast.quantize_backward(
+        grad_x, grad_codebook = _quantize_backward_op(
             grad_q.contiguous(), grad_loss.float(), x, codebook, idx, ctx.x_scale,
             codebook_scale, ctx.backend)
         if codebook_scale == 0:
@@ -150,7 +156,7 @@ def quantize(x, codebook, commitment_cost, codebook_loss, with_code_sums=False, 
 
 def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
                ema_decay_weight, skipped_batches, decay, epsilon, backend, active=None,
-               num_codes=None):
+               num_codes=None, reseed=None):
     """In-place EMA codebook update from this batch's ``counts [K]`` and ``code_sums [K, D]``,
     skipped (and counted in ``skipped_batches``) when ``loss`` is not finite or
     ``not_finite`` (a 0-d bool from the other ranks, or ``None``) is set. Returns ``applied``
@@ -160,7 +166,11 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
     ``skipped_batches`` ``[C]``, ``applied [C]``); ``active`` (bool ``[C]``) leaves the
     others as they are (levels dropped by quantize dropout). ``num_codes`` (int32 ``[C]``
     or ``None``): codebook c holds only its first ``num_codes[c]`` codes (padded to K): the
-    rest keep their state and the smoothing counts ``num_codes[c]`` codes."""
-    return torch.ops.vqfast.ema_update(counts, code_sums, loss, not_finite, ema_cluster_size,
-                                       ema_weight, codebook, ema_decay_weight, skipped_batches,
-                                       decay, epsilon, backend, active, num_codes)
+    rest keep their state and the smoothing counts ``num_codes[c]`` codes.
+
+    ``reseed``: ``(x, seed, reseeded, threshold)`` re-seeds dead codes in the same pass
+    (one codebook, Triton backend: see ``vqfast.kernels.ema_update``), else ``None``."""
+    x, seed, reseeded, threshold = reseed if reseed is not None else (None, None, None, 0.0)
+    return _ema_update_op(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight,
+                          codebook, ema_decay_weight, skipped_batches, decay, epsilon, backend,
+                          active, num_codes, x, seed, reseeded, threshold)

@@ -1,0 +1,276 @@
+"""Host cost of one eager training step: what Python, autograd and dispatch cost per step,
+and how many GPU kernels the step issues.
+
+At small shapes a GPU finishes a quantizer's kernels in tens of microseconds, so an eager
+step costs what the host spends issuing it. This benchmark measures that on the CPU: every
+Triton launch is replaced by the work triton does on a cache hit (its argument binder,
+specialisation and cache key: what each launch costs the host once the kernel is
+compiled), tensors are tiny CPU stand-ins, and each step's thread CPU time is taken
+(median over ``--steps``). The torch-only implementations (the original algorithm,
+vector-quantize-pytorch) run their real torch ops on the same tiny tensors.
+
+``kernels`` counts what a GPU would run per step: the Triton launches plus every other
+aten compute op (allocations, views and metadata ops are free). The step is forward,
+backward and codebook update: ``out = vq(x)``, then ``torch.autograd.backward`` of the
+loss and the quantized output with preallocated gradients (so the benchmark's own glue
+adds no ops).
+
+    python -m benchmarks.host --out benchmarks/results
+"""
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# The real @triton.jit functions (their binders), not the interpreter's.
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("benchmarks.host needs TRITON_INTERPRET unset (it stubs compiled launches)")
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import vqfast  # noqa: E402
+from vqfast import reference  # noqa: E402
+
+# Ops that launch nothing on a GPU: allocation, views, metadata.
+FREE_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach",
+            "alias", "lift_fresh", "_unsafe_view", "view", "as_strided", "t", "expand",
+            "unsqueeze", "squeeze", "permute", "transpose", "slice", "select", "reshape",
+            "_reshape_alias", "movedim", "unbind", "split", "split_with_sizes", "chunk",
+            "narrow", "view_as", "_to_copy_noop", "set_", "resize_", "is_same_size",
+            "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
+            "_has_compatible_shallow_copy_type", "record_stream"}
+
+
+class _Launches:
+    """Triton's cache-hit work in place of each launch, counted per kernel."""
+
+    def __init__(self):
+        self.count = collections.Counter()
+        self._binders = {}
+        self._cache = {}
+        self.excluded_ns = 0  # the stubs' own bookkeeping, not part of the host cost
+
+    @contextlib.contextmanager
+    def stubbed(self):
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime import jit
+        from vqfast.ops import dispatch
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+        launches = self
+
+        def run(fn, *args, grid, warmup, **kwargs):
+            kwargs["debug"] = kwargs.get("debug", fn.debug)
+            binder = launches._binders.get(fn)
+            if binder is None:
+                binder = launches._binders[fn] = jit.create_function_from_signature(
+                    fn.signature, fn.params, backend)
+            bound_args, specialization, options = binder(*args, **kwargs)
+            key = jit.compute_cache_key(launches._cache, specialization, options)
+            launches._cache.setdefault(key, fn)
+            if callable(grid):
+                grid = grid(bound_args)
+            launches.count[fn.__name__] += 1
+            start = time.thread_time_ns()
+            for arg in args:  # valid codes and counts for the torch ops that follow (0s)
+                if isinstance(arg, torch.Tensor) and arg.dtype in (torch.int32, torch.int64):
+                    arg.detach().numpy().fill(0)
+            launches.excluded_ns += time.thread_time_ns() - start
+            return None
+
+        saved_run, saved_interp = jit.JITFunction.run, dispatch._triton_interpreted
+        jit.JITFunction.run = run
+        dispatch._triton_interpreted = lambda: True  # backend="triton" on CPU stand-ins
+        try:
+            yield self
+        finally:
+            jit.JITFunction.run, dispatch._triton_interpreted = saved_run, saved_interp
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__.rstrip("_") if func.overloadpacket.__name__ != "set_" \
+            else "set_"
+        if not func.is_view and name not in FREE_OPS and func.overloadpacket.__name__ not in FREE_OPS:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+# --- the cases -----------------------------------------------------------------------------
+
+B, H, W, D, K = 2, 4, 4, 64, 512  # tiny stand-ins: N = 32 vectors, the VQ-VAE's D and K
+
+
+def _vqp_ema():
+    try:
+        from vector_quantize_pytorch import VectorQuantize
+    except ImportError:
+        return None
+    return VectorQuantize(dim=D, codebook_size=K, decay=0.99, eps=1e-5, commitment_weight=0.25,
+                          kmeans_init=False, accept_image_fmap=True, rotation_trick=False)
+
+
+def _cases():
+    """(name, module builder, input shape, implementation kind)."""
+    image = (B, D, H, W)
+    return [
+        ("VectorQuantizerEMA (defaults)", lambda b: vqfast.VectorQuantizerEMA(K, D, backend=b), image, "vqfast"),
+        ("VectorQuantizer (defaults)", lambda b: vqfast.VectorQuantizer(K, D, backend=b), image, "vqfast"),
+        ("VectorQuantizerEMA (original algorithm)",
+         lambda b: vqfast.VectorQuantizerEMA(K, D, backend=b, **vqfast.ORIGINAL_ALGORITHM), image, "vqfast"),
+        ("ResidualVQ (8 levels)", lambda b: vqfast.ResidualVQ(8, K, D, backend=b), image, "vqfast"),
+        ("FSQ (8, 5, 5, 5)", lambda b: vqfast.FSQ([8, 5, 5, 5], dim=D, backend=b), image, "vqfast"),
+        ("LFQ (d = 10)", lambda b: vqfast.LFQ(10, backend=b), (B, 10, H, W), "vqfast"),
+        ("SimVQ", lambda b: vqfast.SimVQ(K, D, backend=b), image, "vqfast"),
+        ("IndexBackpropVQ", lambda b: vqfast.IndexBackpropVQ(K, D, backend=b), image, "vqfast"),
+        ("MultiScaleResidualVQ (scales 1, 2, 4)",
+         lambda b: vqfast.MultiScaleResidualVQ(K, D, scales=(1, 2, 4), backend=b), image, "vqfast"),
+        ("original EMA (vqfast.reference)", lambda b: reference.VectorQuantizerEMA(K, D, 0.25, 0.99),
+         image, "torch"),
+        ("original VQ (vqfast.reference)", lambda b: reference.VectorQuantizer(K, D, 0.25), image,
+         "torch"),
+        ("vector-quantize-pytorch VectorQuantize (EMA)", lambda b: _vqp_ema(), image, "torch"),
+    ]
+
+
+def _loss_and_output(out, x):
+    """The differentiable loss (``None`` for FSQ) and the quantized output, whichever
+    library's tuple ``out`` is."""
+    tensors = [t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    q = next(t for t in tensors if t.shape == x.shape)
+    loss = next((t for t in tensors if t.dim() == 0 and t.requires_grad), None)
+    return loss, q
+
+
+def _step(module, x, grads):
+    loss, q = _loss_and_output(module(x), x)
+    if grads[0] is None:  # first call: the gradients of the outputs, kept for every step
+        grads[:] = [torch.randn_like(q), None if loss is None else torch.ones_like(loss)]
+    outputs = (q,) if loss is None else (q, loss)
+    torch.autograd.backward(outputs, grads[:len(outputs)])
+
+
+def _clear_grads(x, params) -> None:
+    """A step's gradients are new tensors, not accumulated into the last step's."""
+    x.grad = None
+    for p in params:
+        p.grad = None
+
+
+def _set_backend(module, backend: str) -> None:
+    for m in module.modules():
+        if isinstance(getattr(m, "backend", None), str):
+            m.backend = backend
+
+
+def measure(name, build, shape, kind, steps: int, launches: _Launches):
+    module = build("torch")
+    if module is None:
+        return None
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    x = torch.randn(*shape, requires_grad=True)
+    grads = [None, None]
+    _step(module, x, grads)  # k-means init on the real torch path (the stubs compute nothing)
+    if kind == "vqfast":
+        _set_backend(module, "triton")
+    for _ in range(10):  # warm-up
+        _step(module, x, grads)
+    counting = _CountOps()
+    launches.count.clear()
+    _clear_grads(x, params)
+    with counting:
+        _step(module, x, grads)
+    triton_launches = sum(launches.count.values())
+    samples = []
+    for _ in range(steps):
+        _clear_grads(x, params)
+        launches.excluded_ns = 0
+        start = time.thread_time_ns()
+        _step(module, x, grads)
+        samples.append(time.thread_time_ns() - start - launches.excluded_ns)
+    other = sum(counting.ops.values())
+    return {"name": name, "kind": kind, "host_us": statistics.median(samples) / 1e3,
+            "triton_launches": triton_launches, "other_ops": other,
+            "kernels": triton_launches + other, "ops": dict(counting.ops)}
+
+
+def run(steps: int = 300, progress=print, names=None):
+    torch.set_num_threads(1)
+    launches = _Launches()
+    rows = []
+    with launches.stubbed():
+        for name, build, shape, kind in _cases():
+            if names and name not in names:
+                continue
+            torch.manual_seed(0)
+            row = measure(name, build, shape, kind, steps, launches)
+            if row is not None:
+                rows.append(row)
+                progress(f"{name}: {row['host_us']:.0f} us, {row['kernels']} kernels")
+    base = next((r for r in rows if r["name"].startswith("original EMA")), None)
+    for row in rows:
+        row["vs_original_ema"] = base["host_us"] / row["host_us"] if base else None
+    return rows
+
+
+def environment() -> dict:
+    import triton
+    return {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "triton": triton.__version__, "python": platform.python_version(), "threads": 1,
+            "date": time.strftime("%Y-%m-%d"), "shape": f"[{B}, {D}, {H}, {W}], K={K}"}
+
+
+def markdown(env: dict, rows) -> str:
+    lines = [f"Host cost of one eager training step (forward, backward, update) on "
+             f"{env['machine']}, 1 thread, torch {env['torch']}, triton {env['triton']}; "
+             f"Triton launches stubbed at triton's cache-hit work, tiny CPU stand-in tensors "
+             f"{env['shape']}. Kernels: what a GPU would run per step.", "",
+             "| step | host time (us) | vs the original EMA step | GPU kernels (Triton + other) |",
+             "|---|---:|---|---:|"]
+    for r in rows:
+        ratio = r["vs_original_ema"]
+        if ratio is None:
+            words = ""
+        elif ratio >= 1:
+            words = f"{ratio:.1f}x less host time"
+        else:
+            words = f"{1 / ratio:.1f}x more host time"
+        lines.append(f"| {r['name']} | {r['host_us']:.0f} | {words} | {r['kernels']} "
+                     f"({r['triton_launches']} + {r['other_ops']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300, help="timed steps per case (median)")
+    parser.add_argument("--out", type=Path, help="write host-<date>.json and .md here")
+    parser.add_argument("--case", action="append", help="only this case (repeatable)")
+    args = parser.parse_args(argv)
+    rows = run(args.steps, names=args.case)
+    env = environment()
+    text = markdown(env, rows)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = args.out / f"{env['date']}-cpu-host"
+        stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows},
+                                                        indent=1))
+        stem.with_suffix(".md").write_text(text)
+        print(f"saved to {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()
