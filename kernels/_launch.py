@@ -42,17 +42,34 @@ def in_device_guard() -> bool:
 
 
 def launcher(fn):
-    """Decorate a kernel launcher: it runs under ``device_guard`` of its first tensor argument."""
+    """Decorate a kernel launcher: it runs under ``device_guard`` of its first tensor argument.
+
+    Cheap on the host (it runs at every launch): a launcher called from another runs in
+    its guard as it is."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        first = next((a for a in itertools.chain(args, kwargs.values())
-                      if isinstance(a, torch.Tensor)), None)
+        if getattr(_guard, "depth", 0):  # called by a launcher: already guarded
+            return fn(*args, **kwargs)
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else next(
+            (a for a in itertools.chain(args, kwargs.values()) if isinstance(a, torch.Tensor)),
+            None)
         if first is None:
             raise TypeError(f"{fn.__name__} takes tensors, got none")
-        with device_guard(first.device):
+        if first.device.type == "cuda":
+            with device_guard(first.device):
+                return fn(*args, **kwargs)
+        _guard.depth = 1  # (CPU tensors: the Triton interpreter)
+        try:
             return fn(*args, **kwargs)
+        finally:
+            _guard.depth = 0
     wrapper.is_launcher = True
     return wrapper
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for grids (``triton.cdiv`` costs microseconds per call from Python)."""
+    return -(-a // b)
 
 
 def check_matrix(name: str, t: torch.Tensor, dtypes=FLOAT_DTYPES) -> None:

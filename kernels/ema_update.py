@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import PTR, launcher, launch_config, split_options, streaming_configs
+from ._launch import cdiv, PTR, launcher, launch_config, split_options, streaming_configs
 from ._layout import row_offsets, vector_layout
 
 CONFIG = dict(BLOCK_K=32, MAX_BLOCK_D=64, num_warps=4)
@@ -172,7 +172,7 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
         HAS_FLAG=not_finite is not None, HAS_ACTIVE=active is not None,
         HAS_NUM_CODES=num_codes is not None, RESEED=reseed, **SCALARS_CONFIG)
     config = launch_config(CONFIG, d)
-    _ema_finalize_kernel[(triton.cdiv(k, config["BLOCK_K"]), books)](
+    _ema_finalize_kernel[(cdiv(k, config["BLOCK_K"]), books)](
         counts, code_sums, scalars, ema_cluster_size, ema_weight, codebook,
         *((x, seed, ema_decay_weight, reseeded) if reseed else (codebook,) * 4),
         k, d, n, s, float(decay), float(epsilon), float(threshold), max(float(threshold), 1.0),

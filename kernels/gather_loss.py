@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import (launcher, PTR, check_codebook, check_rows, check_same_device, launch_config,
+from ._launch import (cdiv, launcher, PTR, check_codebook, check_rows, check_same_device, launch_config,
                       streaming_configs)
 from ._layout import check_item_offsets, row_offsets, vector_layout
 from .code_sums import code_sums_sorted
@@ -97,7 +97,7 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
     k = codebook.shape[0]
     check_rows("idx", idx, n, torch.int64)
     config = launch_config(CONFIG, d)
-    grid = (triton.cdiv(n, config["BLOCK_N"]),)
+    grid = (cdiv(n, config["BLOCK_N"]),)
     q = torch.empty_like(x)
     partial_err = torch.empty(grid[0], dtype=torch.float32, device=x.device)
     counts_and_ticket = torch.zeros(k + 1, dtype=torch.int32, device=x.device)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (launcher, PTR, TORCH_DTYPES, check_codebook, check_same_device, launch_config,
+from ._launch import (cdiv, launcher, PTR, TORCH_DTYPES, check_codebook, check_same_device, launch_config,
                       streaming_configs)
 from ._layout import row_offsets, vector_layout
 
@@ -141,7 +141,7 @@ def codebook_prep(codebook: torch.Tensor, dtype: torch.dtype, snapshot: torch.Te
                                                                 device=codebook.device)
     sqnorm = torch.empty(k, dtype=torch.float32, device=codebook.device)
     config = launch_config(PREP_CONFIG, d)
-    _codebook_prep_kernel[(triton.cdiv(k, config["BLOCK_K"]),)](
+    _codebook_prep_kernel[(cdiv(k, config["BLOCK_K"]),)](
         codebook, cast, sqnorm, snapshot if snapshot is not None else sqnorm,
         zero if zero is not None else sqnorm, k, d, WRITE_CAST=cast is not codebook,
         WRITE_SNAPSHOT=snapshot is not None, WRITE_ZERO=zero is not None, **config)
@@ -187,7 +187,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
     codebook, codebook_sqnorm = codebook_prep(codebook, x.dtype, snapshot, zero)
     idx = torch.empty(n, dtype=torch.int64, device=x.device)
     sqdist = torch.empty(n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, config["BLOCK_N"]),)
+    grid = (cdiv(n, config["BLOCK_N"]),)
     _nearest_code_kernel[grid](
         x, codebook, codebook_sqnorm, idx, sqdist, n, k, d, s,
         INPUT_PRECISION=precision if x.dtype == torch.float32 else "ieee",

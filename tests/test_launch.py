@@ -86,10 +86,16 @@ def test_device_guard_enters_the_tensors_cuda_device(monkeypatch):
 
     @_launch.launcher
     def fake_launcher(name, x, *, y):
-        return name
+        assert _launch.in_device_guard()
+        return inner(y=x)
+
+    @_launch.launcher
+    def inner(*, y):  # called by a launcher: runs in its guard, no second one
+        assert _launch.in_device_guard()
+        return y.device
     monkeypatch.setattr(_launch, "device_guard", lambda d: (entered.append(d), contextlib.nullcontext())[1])
-    fake_launcher("a", torch.zeros(1, device="meta"), y=1)
-    assert entered[-1] == torch.device("meta")
+    assert fake_launcher("a", torch.zeros(1, device="meta"), y=1) == torch.device("meta")
+    assert len(entered) == 1 and not _launch.in_device_guard()  # no CUDA device to enter
 
 
 # --- offsets past 2**31 -------------------------------------------------------------------
