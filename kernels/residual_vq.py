@@ -27,9 +27,6 @@ from .code_sums import code_sums_sorted
 from .nearest_code import PRECISIONS, codebook_prep, pick_config, running_argmin
 from ..reference import ROTATION_MIN_NORM_RATIO
 
-# Rows with |e| below this share of |q| take the straight-through gradient (the reference's rule).
-_MIN_NORM_RATIO = tl.constexpr(ROTATION_MIN_NORM_RATIO)
-
 # Launch configurations, compiled for sm_80 / sm_90 with triton 3.6 and 3.9 by the AOT
 # test (zero spills). The forward's search walks channel chunks of 16 as nearest_code's
 # does, with tiles a notch smaller (the level's epilogue shares its registers); the
@@ -174,6 +171,7 @@ def _residual_backward_kernel(
     x_scale, codebook_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, COSINE: tl.constexpr,
     ROTATION: tl.constexpr, GRADS: tl.constexpr, STATS_SEM: tl.constexpr,
+    MIN_NORM_RATIO: tl.constexpr,
 ):
     group = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -268,8 +266,9 @@ def _residual_backward_kernel(
         wg = wg * inv_w
         quantized = tl.load(idx_ptr + (group * num_levels).to(tl.int64) * N + rows,
                             mask=row_mask, other=-1) >= 0
-        # straight through where |e| < ratio * |q| (zero rows): lambda would blow up
-        quantized = quantized & (tl.sqrt(ee) >= _MIN_NORM_RATIO * q_norm)
+        # straight through where |e| < MIN_NORM_RATIO * |q| (zero rows): lambda would blow up.
+        # (A parameter: triton 3.8's interpreter cannot multiply a global constexpr by a tensor.)
+        quantized = quantized & (tl.sqrt(ee) >= MIN_NORM_RATIO * q_norm)
         lam = tl.where(quantized, q_norm / e_norm, 1.0)
     for d0 in range(0, d, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
@@ -389,7 +388,7 @@ def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups,
         residuals if residuals is not None else grad_scale, scratch[0], scratch[1],
         n, dim, s, k, d, num_levels, books // groups, float(x_scale), float(codebook_scale),
         COSINE=cosine, ROTATION=rotation_trick, GRADS=grads, STATS_SEM=_launch.STATS_SEM,
-        **config)
+        MIN_NORM_RATIO=ROTATION_MIN_NORM_RATIO, **config)
     if grads == STORE_RESIDUALS:
         slot_books = _books(groups, num_levels, books)
         per_slot = _sorted_sums(residuals, idx, slot_books, k, codebooks,
@@ -431,6 +430,6 @@ def aot_variants():
                    "d": "i32", "num_levels": "i32", "books_per_group": "i32", "x_scale": "fp32",
                    "codebook_scale": "fp32"}
             consts = dict(cfg, COSINE=cosine, ROTATION=rotation, GRADS=grads,
-                          STATS_SEM=_launch.STATS_SEM)
+                          STATS_SEM=_launch.STATS_SEM, MIN_NORM_RATIO=ROTATION_MIN_NORM_RATIO)
             yield (f"residual_backward[{dtype},D{cfg['BLOCK_D']},cosine={cosine},"
                    f"rotation={rotation}]", _residual_backward_kernel, sig, consts, options)
