@@ -131,6 +131,15 @@ def test_state_of_other_options_does_not_load(case):
             assert torch.equal(value, before[key]), key
 
 
+def test_state_of_another_class_names_the_class_and_other_options_name_the_option():
+    with pytest.raises(ValueError, match="it is the state of a VectorQuantizerEMA, not of a "
+                                         "VectorQuantizer: load it into a VectorQuantizerEMA"):
+        vqfast.VectorQuantizer(8, 4).load_state_dict(vqfast.VectorQuantizerEMA(8, 4).state_dict())
+    with pytest.raises(ValueError, match=r"they differ in cosine=False \(this module: True\)"):
+        vqfast.VectorQuantizerEMA(8, 4, cosine=True).load_state_dict(
+            vqfast.VectorQuantizerEMA(8, 4).state_dict())
+
+
 def test_states_without_recorded_options_still_load():
     """Checkpoints saved before the options were recorded (and the original notebook's)."""
     source = vqfast.ResidualVQ(2, 8, 4, cosine=True, **ORIGINAL)

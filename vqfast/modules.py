@@ -323,9 +323,16 @@ class QuantizerCommon:
         theirs = state_dict.setdefault(prefix + "_extra_state", mine)
         if theirs != mine:
             show = lambda s: f"{s.get('quantizer')}({', '.join(f'{k}={v!r}' for k, v in s.items() if k != 'quantizer')})"  # noqa: E731
+            if theirs.get("quantizer") != mine.get("quantizer"):
+                fix = (f"it is the state of a {theirs.get('quantizer')}, not of a "
+                       f"{mine.get('quantizer')}: load it into a {theirs.get('quantizer')}")
+            else:
+                differ = ", ".join(f"{k}={theirs.get(k)!r} (this module: {mine.get(k)!r})"
+                                   for k in sorted(set(theirs) | set(mine))
+                                   if theirs.get(k) != mine.get(k))
+                fix = f"build the module with the same options; they differ in {differ}"
             raise ValueError(f"this state_dict{f' (at {prefix!r})' if prefix else ''} was saved from "
-                             f"{show(theirs)}, which does not load into {show(mine)}: build the "
-                             f"module with the same options")
+                             f"{show(theirs)}, which does not load into {show(mine)}: {fix}")
 
 
 def rows_seen(counts: torch.Tensor, flat_mask, active=None):
