@@ -234,3 +234,55 @@ def test_rotation_trick_backward_under_triton_38_interpreter():
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# --- item 10: warn_on_collapse on FSQ, LFQ / BSQ, ResidualFSQ and ResidualLFQ -------------
+
+_IMPLICIT = {  # 512 codes each: 2% is 10 codes
+    "FSQ": lambda b: vqfast.FSQ([8, 8, 8], backend=b),
+    "LFQ": lambda b: vqfast.LFQ(9, backend=b),
+    "BSQ": lambda b: vqfast.LFQ(9, spherical=True, backend=b),
+    "ResidualFSQ": lambda b: vqfast.ResidualFSQ([8, 8, 8], 2, quantize_dropout=True, backend=b),
+    "ResidualLFQ": lambda b: vqfast.ResidualLFQ(9, 2, quantize_dropout=True, backend=b),
+}
+
+
+def _train_steps(module, z, steps):
+    for _ in range(steps):
+        out = module(z)
+        loss = out[0] if isinstance(out[0], torch.Tensor) and out[0].dim() == 0 else out[0].sum()
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(_IMPLICIT))
+def test_warn_on_collapse_watches_implicit_codebooks(name, backend):
+    import warnings
+    torch.manual_seed(0)
+    channels = 3 if "FSQ" in name else 9
+    module = _IMPLICIT[name](backend).to(DEVICE).warn_on_collapse(steps=3)
+    same = torch.full((2, channels, 5), 0.3, device=DEVICE, requires_grad=True)  # one code
+    spread = (torch.randn(3, channels, 41, device=DEVICE) * 2).requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train_steps(module, spread, 5)  # many codes: quiet
+        _train_steps(module, same, 3)
+        assert not [w for w in caught if "collapsed" in str(w.message)]  # read one step late
+        _train_steps(module, same, 3)
+    collapsed = [w for w in caught if "collapsed" in str(w.message)]
+    assert len(collapsed) == 1 and "512 codes" in str(collapsed[0].message)
+    assert name.replace("BSQ", "LFQ") in str(collapsed[0].message)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(_IMPLICIT))
+def test_warn_on_collapse_of_implicit_codebooks_reads_nothing_on_the_host(name, backend):
+    from test_no_sync import HostReads
+    channels = 3 if "FSQ" in name else 9
+    module = _IMPLICIT[name](backend).to(DEVICE).warn_on_collapse(steps=1)
+    z = torch.randn(2, channels, 7, device=DEVICE, requires_grad=True)
+    _train_steps(module, z, 1)
+    with HostReads() as recorder:
+        _train_steps(module, z, 2)
+    assert recorder.found == []
+    assert module._collapse_watch.streak is not None  # it counted

@@ -109,6 +109,7 @@ class FSQ(QuantizerCommon, nn.Module):
             x = self.project_in(x).contiguous()
         backend = VF.resolve_backend(self.backend, x.device)
         quantized, codes = fsq_ops.fsq(x, self.params, self.basis, backend)
+        self._watch_codes(codes.view(1, -1), self.codebook_size)
         if self.project_out is not None:
             quantized = self.project_out(quantized)
         outputs = quantized.reshape(z.shape), codes.view(self._positions(z))
@@ -228,6 +229,7 @@ class LFQ(QuantizerCommon, nn.Module):
         codes = self._codes(positive)  # [B, S]
         counts = torch.zeros(self.codebook_size, dtype=torch.int32, device=z.device).scatter_add_(
             0, codes.reshape(-1), torch.ones_like(codes.reshape(-1), dtype=torch.int32))
+        self._watch_usage(counts)
         commitment = self.commitment_cost * (x3.float() - sign.float()).pow(2).mean()
         loss, entropy, diversity = commitment, None, None
         if self.entropy_loss_weight:

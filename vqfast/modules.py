@@ -169,8 +169,9 @@ class CollapseWatch:
         self.steps, self.share, self.warned = steps, share, False
         self.streak = self.host = self.ready = None
 
-    def update(self, counts: torch.Tensor, owner: str) -> None:
-        """``counts [..., K]``: this training step's code counts (0 for codes not used)."""
+    def update(self, used_codes, num_codes: int, owner: str) -> None:
+        """``used_codes()``: 0-d, the fewest codes any codebook used in this training step,
+        of its ``num_codes`` (called only while watching)."""
         if self.warned or torch.compiler.is_compiling():
             return
         if self.host is not None and (self.ready is None or self.ready.query()):
@@ -178,13 +179,13 @@ class CollapseWatch:
             if streak >= self.steps:
                 self.warned = True
                 warnings.warn(f"{owner}: for {streak} training steps in a row at most "
-                              f"{self.share:.0%} of the {counts.shape[-1]} codes were used: the "
+                              f"{self.share:.0%} of the {num_codes} codes were used: the "
                               f"codebook has collapsed onto a few codes. k-means init and "
                               f"dead-code re-seeding (the defaults) keep it in use (README: "
                               f"Training quality).", stacklevel=4)
                 return
-        used = (counts > 0).sum(-1).min()
-        low = used <= self.share * counts.shape[-1]
+        used = used_codes()
+        low = used <= self.share * num_codes
         previous = self.streak if self.streak is not None else torch.zeros_like(used)
         self.streak = torch.where(low, previous + 1, 0)
         self.host = self.streak.to("cpu", non_blocking=True)
@@ -289,8 +290,22 @@ class QuantizerCommon:
         return self
 
     def _watch_usage(self, counts: torch.Tensor) -> None:
+        """The collapse watch of a training step's code counts ``[..., K]``."""
         if self._collapse_watch is not None and self.training:
-            self._collapse_watch.update(counts, type(self).__name__)
+            self._collapse_watch.update(lambda: (counts > 0).sum(-1).min(), counts.shape[-1],
+                                        type(self).__name__)
+
+    def _watch_codes(self, codes: torch.Tensor, num_codes: int) -> None:
+        """The collapse watch of codebooks too large to count (FSQ's, LFQ's): a training
+        step's codes ``[C, N]`` (C codebooks; -1 = none), their distinct values counted by
+        sorting, on the device."""
+        if self._collapse_watch is not None and self.training:
+            def used_codes():
+                ordered = codes.sort(-1).values
+                first = torch.ones_like(ordered, dtype=torch.bool)  # first of its value
+                first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+                return (first & (ordered >= 0)).sum(-1).min()
+            self._collapse_watch.update(used_codes, num_codes, type(self).__name__)
 
     def get_extra_state(self):
         return {"quantizer": type(self).__name__, **self._state_options()}

@@ -50,6 +50,11 @@ class _ResidualScalar(QuantizerCommon, nn.Module):
             return torch.randint(1, self.num_quantizers + 1, (), device=self.all_levels.device)
         return self.all_levels
 
+    def _watch_levels(self, codes: torch.Tensor) -> None:
+        """The collapse watch of each group's first level (never dropped), codes ``[G*Q, N]``."""
+        self._watch_codes(codes.view(self.groups, self.num_quantizers, -1)[:, 0],
+                          self.codebook_size)
+
     def _output(self, quantized, z):
         if self.project_out is not None:
             quantized = self.project_out(quantized)
@@ -136,6 +141,7 @@ class ResidualFSQ(_ResidualScalar):
         x, backend = self._inputs(z)
         quantized, codes = ops.residual_fsq(x, self.params, self.basis, self.scales,
                                             self._active_levels(), self.groups, backend)
+        self._watch_levels(codes)
         outputs = self._output(quantized, z), self._codes_in_layout(codes, z)
         if return_loss_breakdown:  # no loss: every term is 0
             return (*outputs, LossBreakdown.of(quantized))
@@ -239,6 +245,7 @@ class ResidualLFQ(_ResidualScalar):
         g, q, d = self.groups, self.num_quantizers, self.code_dim
         total, codes, residuals = ops.residual_sign_levels(x, self.bits, self.scales, active,
                                                            g, True, backend)
+        self._watch_levels(codes)
         # each level's input with the identity's gradient to x: r_l = x_g - sg(q_0 + ...)
         x_rows = x.movedim(1, -1).reshape(-1, g, d).transpose(0, 1).float()  # [G, N, d]
         x_rows = x_rows.repeat_interleave(q, 0)  # [G*Q, N, d]
