@@ -286,3 +286,70 @@ def test_warn_on_collapse_of_implicit_codebooks_reads_nothing_on_the_host(name, 
         _train_steps(module, z, 2)
     assert recorder.found == []
     assert module._collapse_watch.streak is not None  # it counted
+
+
+# --- items 1-2: BSQ's normalisation at zero and at extreme norms ---------------------------
+
+def _bsq_oracle(rows, inv_temperature=5.0, weight=0.1, commitment_cost=0.25, gamma=1.0):
+    """BSQ's loss (Zhao et al. 2024; MAGVIT-2's entropy terms, exact over all 2**d codes)
+    of float64 rows ``[N, d]``: ``u = z / |z|``, codes ``{-1, 1}^d / sqrt(d)``,
+    ``p(c|u) = softmax_c(2 * inv_temperature * <u, c>)``."""
+    n, d = rows.shape
+    u = rows / rows.norm(dim=1, keepdim=True)
+    bits = (torch.arange(2**d)[:, None] >> torch.arange(d - 1, -1, -1)) & 1
+    codes = (bits.double() * 2 - 1) / math.sqrt(d)
+    p = torch.softmax(2 * inv_temperature * u @ codes.T, dim=1)
+    per_sample = -torch.special.xlogy(p, p).sum(1).mean()
+    average = p.mean(0)
+    codebook = -torch.special.xlogy(average, average).sum()
+    q = torch.where(u > 0, 1.0, -1.0).double() / math.sqrt(d)
+    commitment = commitment_cost * (u - q).pow(2).mean()
+    return commitment + weight * (per_sample - gamma * codebook)
+
+
+def _bsq(backend):
+    return vqfast.LFQ(5, spherical=True, inv_temperature=5.0, backend=backend).to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bsq_is_scale_free_at_extreme_norms(backend):
+    """Scaling one vector by 1e-14 or 1e20 changes neither the loss nor the direction of
+    its gradient (BSQ reads z / |z| only); both match the float64 oracle."""
+    torch.manual_seed(0)
+    rows = torch.randn(7, 5, dtype=torch.float64)
+    rows[1] *= 1e-14
+    rows[4] *= 1e20
+    rows[5] *= 1e-30
+    z = rows.T.reshape(1, 5, 7).float().to(DEVICE).requires_grad_()
+    loss = _bsq(backend)(z)[0]
+    loss.backward()
+    ref_rows = rows.clone().requires_grad_()
+    loss_ref = _bsq_oracle(ref_rows)
+    loss_ref.backward()
+    torch.testing.assert_close(loss.double().cpu(), loss_ref.detach(), rtol=1e-5, atol=1e-6)
+    grad = z.grad.cpu()[0].T.double()
+    scale = ref_rows.grad.norm(dim=1)  # the true gradient, ~1 / |z| per row
+    error = (grad - ref_rows.grad).norm(dim=1) / scale
+    assert bool((error < 1e-3).all()), error
+    plain = rows.clone()
+    plain[1] /= 1e-14
+    plain[4] /= 1e20
+    plain[5] /= 1e-30
+    unscaled = _bsq(backend)(plain.T.reshape(1, 5, 7).float().to(DEVICE))[0]
+    torch.testing.assert_close(loss.detach(), unscaled, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_bsq_zero_vector_gets_a_finite_gradient(dtype, backend):
+    torch.manual_seed(0)
+    z = torch.randn(2, 5, 3, device=DEVICE)
+    z[0, :, 1] = 0.0  # one padded / dead position
+    z = z.to(dtype).requires_grad_()
+    loss, quantized, _, codes = _bsq(backend)(z)
+    (loss + quantized.float().sum()).backward()
+    assert bool(torch.isfinite(z.grad).all())
+    assert float(z.grad[0, :, 1].abs().max()) == 0.0  # the zero vector's gradient is 0
+    others = z.grad.float().abs().amax((0, 1))
+    assert float(others.max()) < 100  # and the others' stay ordinary
+    assert int(codes[0, 1]) == 0 and bool(torch.isfinite(loss))

@@ -4,7 +4,6 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import functional as VF
@@ -38,6 +37,18 @@ def check_levels(levels) -> list:
         raise ValueError(f"levels give {math.prod(levels)} codes; at most 2**62 fit the "
                          f"int64 codes")
     return levels
+
+
+def unit_vectors(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``x / |x|`` along ``dim`` for every finite nonzero vector, whatever its norm (each
+    vector first divided by its largest magnitude, constant for autograd: the direction is
+    scale-free, so its value and gradient are exactly those of ``x / |x|``, without
+    overflow above ~1.8e19 or a clamp below 1e-12); a zero vector stays 0 with gradient 0
+    (``F.normalize`` passes ``1 / 1e-12`` there)."""
+    peak = x.detach().abs().amax(dim, keepdim=True)
+    scaled = x / torch.where(peak > 0, peak, 1.0)
+    norm = torch.linalg.vector_norm(scaled, dim=dim, keepdim=True)
+    return torch.where(norm > 0, scaled / torch.where(norm > 0, norm, 1.0), 0.0)
 
 
 def check_lfq_options(*, entropy_loss_weight, commitment_cost, diversity_gamma, inv_temperature,
@@ -162,7 +173,9 @@ class LFQ(QuantizerCommon, nn.Module):
             inv_temperature * <u, c>)``, the commitment ``mse(u, q)``, and the codebook
             entropy is exact over all ``2**d`` codes (not the paper's group-factorised
             approximation, ``vqfast.reference.bsq_grouped_codebook_entropy``). The gradient
-            flows through the normalisation (straight-through on ``u``).
+            flows through the normalisation (straight-through on ``u``); ``u`` is exactly
+            ``z / |z|`` at any finite nonzero norm (``unit_vectors``), and a zero vector has
+            ``u = 0`` and gradient 0.
 
     ``forward(z, return_loss_breakdown=True)`` appends a ``vqfast.LossBreakdown``:
     ``commitment``, ``entropy`` (the weighted per-sample entropy) and ``diversity`` (minus
@@ -221,7 +234,7 @@ class LFQ(QuantizerCommon, nn.Module):
         positive = x3 > 0
         scale = self._code_scale
         if self.spherical:  # onto the unit sphere; the codes are ±1/sqrt(d)
-            x3 = F.normalize(x3.float(), dim=1).to(z.dtype)
+            x3 = unit_vectors(x3.float()).to(z.dtype)
         sign = torch.where(positive, scale, -scale).to(z.dtype)
         # sign + (x - sg(x)): exactly the code forward (x + sg(sign - x) rounds in x's dtype:
         # bf16 z = 300 gave 0), the identity's gradient backward
