@@ -80,12 +80,14 @@ def _gather_loss_kernel(
 
 @launcher
 def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with_code_sums: bool,
-                loss_scale: float = 1.0, code_sums: torch.Tensor | None = None):
+                loss_scale: float = 1.0, code_sums: torch.Tensor | None = None,
+                counts: torch.Tensor | None = None):
     """``x: [N, D]`` or ``[B, D, S]``, ``codebook: [K, D]``, ``idx: int64 [N]`` ->
     ``q`` (x's shape and dtype), ``loss`` (fp32 0-d: ``loss_scale * sum((q - x)^2)``),
     ``perplexity`` (fp32 0-d), ``counts`` (int32 [K]), ``code_sums`` (fp32 [K, D], the
     per-code sums of x; ``None`` unless ``with_code_sums``), accumulated into ``code_sums``
-    if given (zeroed already: ``nearest_code(..., zero=)`` does it in its codebook pass).
+    and ``counts`` (int32 ``[K + 1]``: the counts and the programs' ticket) if given, zeroed
+    already (``nearest_code(..., zero=)`` does it in its codebook pass).
 
     Under ``torch.are_deterministic_algorithms_enabled()`` the code sums come from the
     sort-based kernel instead of fp32 atomics, so they are bitwise reproducible.
@@ -100,7 +102,11 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
     grid = (cdiv(n, config["BLOCK_N"]),)
     q = torch.empty_like(x)
     partial_err = torch.empty(grid[0], dtype=torch.float32, device=x.device)
-    counts_and_ticket = torch.zeros(k + 1, dtype=torch.int32, device=x.device)
+    counts_and_ticket = (counts if counts is not None
+                         else torch.zeros(k + 1, dtype=torch.int32, device=x.device))
+    if counts_and_ticket.shape != (k + 1,) or counts_and_ticket.dtype != torch.int32:
+        raise ValueError(f"counts must be int32 [{k + 1}], got {counts_and_ticket.dtype} "
+                         f"{tuple(counts_and_ticket.shape)}")
     loss = torch.empty((), dtype=torch.float32, device=x.device)
     perplexity = torch.empty((), dtype=torch.float32, device=x.device)
     atomic = with_code_sums and not torch.are_deterministic_algorithms_enabled()

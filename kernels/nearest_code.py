@@ -105,12 +105,16 @@ def _nearest_code_kernel(
 
 @triton.jit
 def _codebook_prep_kernel(
-    codebook_ptr, cast_ptr, sqnorm_ptr, snapshot_ptr, zero_ptr, K, D,
+    codebook_ptr, cast_ptr, sqnorm_ptr, snapshot_ptr, zero_ptr, zero_counts_ptr, K, D,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_CAST: tl.constexpr,
-    WRITE_SNAPSHOT: tl.constexpr, WRITE_ZERO: tl.constexpr,
+    WRITE_SNAPSHOT: tl.constexpr, WRITE_ZERO: tl.constexpr, ZERO_ROWS: tl.constexpr,
 ):
     codes = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     code_mask = codes < K
+    if WRITE_ZERO:  # the next launches' accumulators (counts + a ticket, and zero_ptr's [K, D])
+        tl.store(zero_counts_ptr + codes, tl.zeros_like(codes), mask=codes < K + 1)
+        if tl.program_id(0) == 0:
+            tl.store(zero_counts_ptr + K, 0)
     code_offsets = codes.to(tl.int64)[:, None] * D
     sqnorm = tl.zeros([BLOCK_K], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -119,7 +123,7 @@ def _codebook_prep_kernel(
         code = tl.load(codebook_ptr + code_offsets + dims[None, :], mask=mask, other=0.0)
         if WRITE_SNAPSHOT:
             tl.store(snapshot_ptr + code_offsets + dims[None, :], code.to(tl.float32), mask=mask)
-        if WRITE_ZERO:  # the next launch's per-code accumulators: no fill launch of their own
+        if ZERO_ROWS:  # no fill launches of their own
             tl.store(zero_ptr + code_offsets + dims[None, :], tl.zeros_like(code).to(tl.float32),
                      mask=mask)
         if WRITE_CAST:  # the norms are taken of the rounded codes the dot sees
@@ -132,10 +136,10 @@ def _codebook_prep_kernel(
 
 @launcher
 def codebook_prep(codebook: torch.Tensor, dtype: torch.dtype, snapshot: torch.Tensor | None = None,
-                  zero: torch.Tensor | None = None):
+                  zero: tuple | None = None):
     """One pass over ``codebook [K, D]``: ``(codebook in dtype, fp32 squared norms [K])``,
     the norms of the rounded codes; writes an fp32 copy into ``snapshot`` and zeros into
-    ``zero`` (fp32 ``[K, D]``) if given."""
+    ``zero = (fp32 [K, D] or None, int32 [K + 1])`` if given."""
     k, d = codebook.shape
     cast = codebook if codebook.dtype == dtype else torch.empty(k, d, dtype=dtype,
                                                                 device=codebook.device)
@@ -143,8 +147,10 @@ def codebook_prep(codebook: torch.Tensor, dtype: torch.dtype, snapshot: torch.Te
     config = launch_config(PREP_CONFIG, d)
     _codebook_prep_kernel[(cdiv(k, config["BLOCK_K"]),)](
         codebook, cast, sqnorm, snapshot if snapshot is not None else sqnorm,
-        zero if zero is not None else sqnorm, k, d, WRITE_CAST=cast is not codebook,
-        WRITE_SNAPSHOT=snapshot is not None, WRITE_ZERO=zero is not None, **config)
+        *((zero[0] if zero[0] is not None else sqnorm, zero[1]) if zero is not None
+          else (sqnorm, sqnorm)), k, d, WRITE_CAST=cast is not codebook,
+        WRITE_SNAPSHOT=snapshot is not None, WRITE_ZERO=zero is not None,
+        ZERO_ROWS=zero is not None and zero[0] is not None, **config)
     return cast, sqnorm
 
 
@@ -157,11 +163,12 @@ def pick_config(dtype: torch.dtype, precision: str = "ieee", configs=None) -> di
 
 @launcher
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee",
-                 snapshot: torch.Tensor | None = None, zero: torch.Tensor | None = None):
+                 snapshot: torch.Tensor | None = None, zero: tuple | None = None):
     """``x: [N, D]`` or ``[B, D, S]``, ``codebook: [K, D]`` -> ``idx: int64 [N]``, ``sqdist: fp32 [N]``.
 
     ``snapshot`` (fp32 ``[K, D]``), if given, receives a copy of the codebook (same launch);
-    ``zero`` (fp32 ``[K, D]``), if given, is zeroed there too (``gather_loss``'s code sums).
+    ``zero = (fp32 [K, D] or None, int32 [K + 1])``, if given, is zeroed there too (``gather_loss``'s
+    accumulators, or the codebook gradient's: no fill launches of their own).
 
     The dot runs in x's dtype (the codebook is rounded to it for fp16/bf16 inputs) with
     fp32 accumulation; ``precision`` applies to fp32 inputs (see ``vqfast.nearest_code``).
@@ -179,10 +186,12 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
         raise ValueError(f"too large for 32-bit indices / tile offsets: N={n}, K={k}, D={d}, S={s}")
     # The dot's operands share x's dtype: the codebook is rounded once per call (not per
     # tile), and its norms are taken of the rounded codes the dot sees.
-    for name, t in (("snapshot", snapshot), ("zero", zero)):
-        if t is not None and (t.shape != codebook.shape or t.dtype != torch.float32
-                              or not t.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous fp32 {list(codebook.shape)}, got "
+    for name, t, shape, dtype in (("snapshot", snapshot, codebook.shape, torch.float32),
+                                  *((("zero", zero[0], codebook.shape, torch.float32),
+                                     ("zero counts", zero[1], (k + 1,), torch.int32))
+                                    if zero is not None else ())):
+        if t is not None and (t.shape != shape or t.dtype != dtype or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous {dtype} {list(shape)}, got "
                              f"{t.dtype} {tuple(t.shape)}")
     codebook, codebook_sqnorm = codebook_prep(codebook, x.dtype, snapshot, zero)
     idx = torch.empty(n, dtype=torch.int64, device=x.device)
@@ -209,12 +218,17 @@ def aot_variants():
                    "S": "i32"}
             consts = dict(config, INPUT_PRECISION=precision, UPCAST_DOT=False)
             yield f"nearest_code[{dtype},{precision}]", _nearest_code_kernel, sig, consts, options
-    for dtype, (cfg, options), cast, snapshot, zero in itertools.product(
-            PTR, streaming_configs(PREP_CONFIG), (True, False), (True, False), (True, False)):
-        if (cast and dtype == "fp32") or (zero and not snapshot):  # zero: with the EMA's snapshot
+    # (snapshot, zero, rows): the search alone; quantize's eval pass, its learned-codebook
+    # pass with a gradient, its EMA pass
+    passes = ((False, False, False), (False, True, False), (False, True, True), (True, True, True))
+    for dtype, (cfg, options), cast, (snapshot, zero, rows) in itertools.product(
+            PTR, streaming_configs(PREP_CONFIG), (True, False), passes):
+        if cast and dtype == "fp32":
             continue
         sig = {"codebook_ptr": "*fp32", "cast_ptr": PTR[dtype], "sqnorm_ptr": "*fp32",
-               "snapshot_ptr": "*fp32", "zero_ptr": "*fp32", "K": "i32", "D": "i32"}
+               "snapshot_ptr": "*fp32", "zero_ptr": "*fp32",
+               "zero_counts_ptr": "*i32" if zero else "*fp32", "K": "i32", "D": "i32"}
         yield (f"codebook_prep[{dtype},D{cfg['BLOCK_D']},cast={cast},snapshot={snapshot},"
-               f"zero={zero}]", _codebook_prep_kernel, sig,
-               dict(cfg, WRITE_CAST=cast, WRITE_SNAPSHOT=snapshot, WRITE_ZERO=zero), options)
+               f"zero={zero},rows={rows}]", _codebook_prep_kernel, sig,
+               dict(cfg, WRITE_CAST=cast, WRITE_SNAPSHOT=snapshot, WRITE_ZERO=zero,
+                    ZERO_ROWS=rows), options)

@@ -52,12 +52,15 @@ def _quantize_backward_kernel(
 
 
 @launcher
-def quantize_backward(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale):
+def quantize_backward(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale,
+                      grad_codebook=None):
     """Gradients of the quantizer: ``grad_x`` (x's shape and dtype) and ``grad_codebook``
     (fp32 ``[K, D]``, ``None`` when ``codebook_scale == 0``), from ``q = codebook[idx]``
     in fp32.
 
-    Deterministic mode takes the codebook gradient from the sort-based segment sums.
+    ``grad_codebook`` (fp32 ``[K, D]``, zeroed), if given, receives the codebook gradient
+    (added into it) and is returned. Deterministic mode takes the codebook gradient from
+    the sort-based segment sums.
     """
     n, d, s = vector_layout("x", x)
     check_item_offsets("x", d, s)
@@ -71,8 +74,13 @@ def quantize_backward(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_sca
     with_grad = codebook_scale != 0
     atomic = with_grad and not torch.are_deterministic_algorithms_enabled()
     grad_x = torch.empty_like(x)
-    grad_codebook = (torch.zeros(num_codes, d, dtype=torch.float32, device=x.device)
-                     if atomic else None)
+    if not atomic:
+        grad_codebook = None
+    elif grad_codebook is None:
+        grad_codebook = torch.zeros(num_codes, d, dtype=torch.float32, device=x.device)
+    elif grad_codebook.shape != (num_codes, d) or grad_codebook.dtype != torch.float32:
+        raise ValueError(f"grad_codebook must be fp32 [{num_codes}, {d}], got "
+                         f"{grad_codebook.dtype} {tuple(grad_codebook.shape)}")
     config = launch_config(CONFIG, d)
     grid = (cdiv(n, config["BLOCK_N"]),)
     _quantize_backward_kernel[grid](

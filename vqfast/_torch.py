@@ -68,15 +68,16 @@ def _search_operands(codebook: torch.Tensor):
 
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee",
-                 snapshot: torch.Tensor | None = None, zero: torch.Tensor | None = None):
+                 snapshot: torch.Tensor | None = None, zero: tuple | None = None):
     """``x: [N, D]`` or ``[B, D, S]``, ``codebook: [K, D]`` -> ``idx: int64 [N]``, ``sqdist: fp32 [N]``;
-    ``snapshot`` (fp32 ``[K, D]``), if given, receives a copy of the codebook; ``zero``, if
-    given, is zeroed."""
+    ``snapshot`` (fp32 ``[K, D]``), if given, receives a copy of the codebook; the tensors
+    of ``zero``, if given, are zeroed."""
     del precision  # torch's own matmul precision setting applies on this path
     if snapshot is not None:
         snapshot.copy_(codebook)
-    if zero is not None:
-        zero.zero_()
+    for t in zero or ():
+        if t is not None:
+            t.zero_()
     codebook_sqnorm, codebook_t = _search_operands(codebook.float())
     num = num_vectors(x)
     idx = torch.empty(num, dtype=torch.int64, device=x.device)
@@ -92,11 +93,12 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
 
 
 def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with_code_sums: bool,
-                loss_scale: float = 1.0, code_sums: torch.Tensor | None = None):
+                loss_scale: float = 1.0, code_sums: torch.Tensor | None = None,
+                counts: torch.Tensor | None = None):
     """``q = codebook[idx]`` in x's layout and dtype, ``loss = loss_scale * sum((q - x)^2)``
     (exact form, fp32 0-d), the perplexity of the code usage (fp32 0-d), per-code ``counts``
     (int32 [K]) and, if asked, per-code sums of x (fp32 [K, D], else ``None``; added into
-    ``code_sums`` if given, zeroed already)."""
+    ``code_sums`` and ``counts`` (int32 ``[K + 1]``) if given, zeroed already)."""
     codebook = codebook.float()
     q = torch.empty_like(x)
     sq_err = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -113,7 +115,8 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
         sq_err += q_chunk.sub_(x_chunk).pow_(2).sum()
     # Not bincount: on CUDA it reads max(idx) on the host. A 1-D scatter_add_ is
     # deterministic, and integer sums are exact.
-    counts = torch.zeros(codebook.shape[0], dtype=torch.int32, device=x.device).scatter_add_(
+    counts = (counts[:-1] if counts is not None else torch.zeros(
+        codebook.shape[0], dtype=torch.int32, device=x.device)).scatter_add_(
         0, idx, torch.ones_like(idx, dtype=torch.int32))
     return q, sq_err * loss_scale, perplexity(counts), counts, code_sums
 
@@ -189,18 +192,21 @@ def take_samples(dead, samples, size, codebook, ema_weight, cluster_size, reseed
     reseeded.add_(dead.sum())
 
 
-def quantize_backward(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale):
+def quantize_backward(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale,
+                      grad_codebook=None):
     """Straight-through + commitment gradient for x; scatter-added codebook gradient.
 
     With ``q[n] = codebook[idx[n]]`` gathered in fp32 (never the output rounded to x's dtype):
     ``grad_x = grad_q + grad_loss * x_scale * (x - q)`` (x's layout and dtype);
     ``grad_codebook[k] = grad_loss * codebook_scale * sum_{idx[n] == k} (q[n] - x[n])``
-    (fp32 ``[K, D]``; ``None`` when ``codebook_scale == 0``).
+    (fp32 ``[K, D]``, added into ``grad_codebook`` if given, zeroed; ``None`` when
+    ``codebook_scale == 0``).
     """
     codebook = codebook.float()
     grad_x = torch.empty_like(x)
-    grad_codebook = None
-    if codebook_scale != 0:
+    if codebook_scale == 0:
+        grad_codebook = None
+    elif grad_codebook is None:
         grad_codebook = torch.zeros(codebook.shape, dtype=torch.float32, device=x.device)
     x_coef = -(grad_loss * x_scale)
     for rows, where in _chunks(x, x.shape[1], _CHUNK_ELEMENTS // 4):
@@ -593,15 +599,41 @@ def ibq_forward(x: torch.Tensor, codebook: torch.Tensor, scale: float, argmax_on
 def ibq_backward(grad: torch.Tensor, x: torch.Tensor, codebook: torch.Tensor, idx, lse, soft,
                  scale: float):
     """``(grad_x fp32 [N, D], grad_codebook fp32 [K, D])`` of the output for its gradient
-    ``grad [N, D]``, the logits recomputed tile by tile."""
+    ``grad [N, D]``, the logits recomputed tile by tile.
+
+    The centre ``c_n = sum_k p_nk (g_n . e_k) / sum_k p_nk`` is summed from the same ``g .
+    e_k`` as the ``dlogits = p (g . e_k - c)`` it centres (not ``g . (p @ E)`` from the
+    forward's running sum, which rounds otherwise): where p is one-hot in fp32 the softmax
+    path's gradient is then exactly 0, as it truly is (at ``logit_scale = 1e4`` the
+    difference of roundings, times the scale, was most of the input's gradient); dividing
+    by the recomputed p's own sum keeps the centring exact where that sum is not 1 to
+    within the logits' rounding. ``grad_x = scale * (sum_k p_k (g . e_k) e_k / sum_k p_k -
+    c (p @ E))`` in the first pass; the codebook's needs the final ``c``, so a second pass
+    recomputes the tiles (kept when there is only one)."""
     n = x.shape[0]
-    centre = (soft * grad).sum(1)  # u_n . g_n
-    grad_x = torch.zeros_like(x)
+    tiles = list(_ibq_code_tiles(codebook.shape[0], n))
+    total = torch.zeros(n, device=x.device)  # sum_k p_k
+    centre = torch.zeros(n, device=x.device)
+    weighted = torch.zeros_like(x)  # sum_k p_k (g . e_k) e_k
+    kept = None
+    for c0, c1 in tiles:
+        p, ge = _ibq_tile(grad, x, codebook[c0:c1], lse, scale)
+        pg = p * ge
+        total += p.sum(1)
+        centre += pg.sum(1)
+        weighted.addmm_(pg, codebook[c0:c1])
+        kept = (p, ge) if len(tiles) == 1 else None
+    grad_x = weighted.sub_(centre[:, None] * soft).mul_((scale / total)[:, None])
+    centre /= total
     grad_codebook = torch.zeros_like(codebook).index_add_(0, idx, grad)  # onehot^T g
-    for c0, c1 in _ibq_code_tiles(codebook.shape[0], n):
-        book = codebook[c0:c1]
-        p = (x @ book.t()).mul_(scale).sub_(lse[:, None]).exp_()  # [N, tile]
-        dlogits = p.mul_((grad @ book.t()).sub_(centre[:, None])).mul_(scale)
-        grad_x.addmm_(dlogits, book)
+    for c0, c1 in tiles:
+        p, ge = kept or _ibq_tile(grad, x, codebook[c0:c1], lse, scale)
+        dlogits = p.mul_(ge.sub_(centre[:, None])).mul_(scale)
         grad_codebook[c0:c1] += dlogits.t() @ x
     return grad_x, grad_codebook
+
+
+def _ibq_tile(grad, x, book, lse, scale):
+    """A tile of codes ``book [tile, D]``: ``p [N, tile]`` (recomputed softmax) and ``g .
+    e_k [N, tile]``."""
+    return (x @ book.t()).mul_(scale).sub_(lse[:, None]).exp_(), grad @ book.t()

@@ -23,51 +23,65 @@ def _(x, codebook, backend, precision):
 
 @custom_op("quantize", mutates_args=())
 def _quantize_op(x: torch.Tensor, codebook: torch.Tensor, with_code_sums: bool, loss_scale: float,
-                 backend: str, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                        torch.Tensor, torch.Tensor, torch.Tensor,
-                                                        torch.Tensor]:
+                 backend: str, precision: str, codebook_grad: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                            torch.Tensor, torch.Tensor]:
     impl = _impl(backend)
+    k, d = codebook.shape
     # With the EMA statistics an update follows that rewrites the codebook: the backward
     # keeps this fp32 copy, taken in the same pass that prepares the codebook. (An output of
     # this op, so compilers cannot move the copy into the backward, past the update.)
-    snapshot = (torch.empty(codebook.shape, dtype=torch.float32, device=codebook.device)
+    snapshot = (torch.empty((k, d), dtype=torch.float32, device=codebook.device)
                 if with_code_sums else codebook.new_empty(0, dtype=torch.float32))
-    # ... and zeroes the code sums' accumulator in that pass too (no fill of its own)
-    sums = torch.empty_like(snapshot) if with_code_sums else None
-    idx, _ = impl.nearest_code(x, codebook, precision, snapshot if with_code_sums else None, sums)
-    q, loss, perplexity, counts, code_sums = impl.gather_loss(x, codebook, idx, with_code_sums,
-                                                              loss_scale, sums)
-    if code_sums is None:
+    # That pass also zeroes the accumulators (no fill launches of their own): the counts,
+    # and the code sums or the codebook gradient's [K, D], which the backward adds into.
+    rows = (torch.empty((k, d), dtype=torch.float32, device=x.device)
+            if with_code_sums or codebook_grad else None)
+    counts = torch.empty(k + 1, dtype=torch.int32, device=x.device)
+    idx, _ = impl.nearest_code(x, codebook, precision, snapshot if with_code_sums else None,
+                               (rows, counts))
+    q, loss, perplexity, counts, code_sums = impl.gather_loss(
+        x, codebook, idx, with_code_sums, loss_scale, rows if with_code_sums else None, counts)
+    if codebook_grad:
+        code_sums = rows
+    elif code_sums is None:
         code_sums = x.new_empty(0, dtype=torch.float32)
     return q, idx, loss, perplexity, counts, code_sums, snapshot
 
 
 @_quantize_op.register_fake
-def _(x, codebook, with_code_sums, loss_scale, backend, precision):
+def _(x, codebook, with_code_sums, loss_scale, backend, precision, codebook_grad=False):
     n = _torch.num_vectors(x)
-    sums_shape = tuple(codebook.shape) if with_code_sums else (0,)
+    sums_shape = tuple(codebook.shape) if with_code_sums or codebook_grad else (0,)
     scalar = x.new_empty((), dtype=torch.float32)
     return (torch.empty_like(x), x.new_empty(n, dtype=torch.int64), scalar, scalar.clone(),
             x.new_empty(codebook.shape[0], dtype=torch.int32),
             x.new_empty(sums_shape, dtype=torch.float32),
-            x.new_empty(sums_shape, dtype=torch.float32))
+            x.new_empty(tuple(codebook.shape) if with_code_sums else (0,), dtype=torch.float32))
 
 
-@custom_op("quantize_backward", mutates_args=())
+@custom_op("quantize_backward", mutates_args=("grad_codebook_out",))
 def _quantize_backward_op(grad_q: torch.Tensor, grad_loss: torch.Tensor, x: torch.Tensor,
                           codebook: torch.Tensor, idx: torch.Tensor, x_scale: float,
-                          codebook_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                          codebook_scale: float, backend: str,
+                          grad_codebook_out: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     grad_x, grad_codebook = _impl(backend).quantize_backward(
-        grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale)
-    if grad_codebook is None:
+        grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale, grad_codebook_out)
+    if grad_codebook is not None and grad_codebook_out is not None \
+            and grad_codebook is not grad_codebook_out:  # (deterministic mode: sorted sums)
+        grad_codebook_out.copy_(grad_codebook)
+    if grad_codebook is None or grad_codebook_out is not None:
         grad_codebook = x.new_empty(0, dtype=torch.float32)
     return grad_x, grad_codebook
 
 
 @_quantize_backward_op.register_fake
-def _(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale, backend):
-    shape = tuple(codebook.shape) if codebook_scale != 0 else (0,)
-    return torch.empty_like(x), x.new_empty(shape, dtype=torch.float32)
+def _(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_scale, backend,
+      grad_codebook_out=None):
+    into = codebook_scale == 0 or grad_codebook_out is not None
+    return torch.empty_like(x), x.new_empty((0,) if into else tuple(codebook.shape),
+                                            dtype=torch.float32)
 
 
 @custom_op("ema_update",
@@ -100,7 +114,8 @@ class _Quantize(torch.autograd.Function):
     """``x: [N, D]`` or channels-first ``[B, D, S]`` (N = B * S), ``codebook: [K, D]`` ->
     ``q`` (x's layout), ``loss``, ``idx [N]``, ``perplexity``, ``counts [K]``,
     ``code_sums`` (fp32 ``[K, D]`` per-code sums of x for the EMA update when
-    ``with_code_sums``, else an empty tensor).
+    ``with_code_sums``, else an empty tensor, or, when the codebook takes a gradient, the
+    zeroed accumulator the backward adds it into).
 
     ``loss = (codebook_loss + commitment_cost) * mse(q, x)``: the seed's
     ``q_latent_loss + commitment_cost * e_latent_loss`` for ``VectorQuantizer``
@@ -117,9 +132,13 @@ class _Quantize(torch.autograd.Function):
                 precision):
         numel = x.numel()
         loss_scale = (float(codebook_loss) + commitment_cost) / numel
+        codebook_grad = bool(codebook_loss) and ctx.needs_input_grad[1]
         q, idx, loss, perplexity, counts, code_sums, snapshot = _quantize_op(
-            x, codebook.detach(), with_code_sums, loss_scale, backend, precision)
+            x, codebook.detach(), with_code_sums, loss_scale, backend, precision, codebook_grad)
         ctx.save_for_backward(x, snapshot if with_code_sums else codebook.detach(), idx)
+        # zeroed in the forward's codebook pass; one backward adds into it (a second one,
+        # with retain_graph, takes a new one)
+        ctx.grad_codebook = code_sums if codebook_grad else None
         ctx.x_scale = 2.0 * commitment_cost / numel
         ctx.codebook_scale = 2.0 / numel if codebook_loss else 0.0
         ctx.backend = backend
@@ -136,11 +155,15 @@ class _Quantize(torch.autograd.Function):
         if grad_loss is None:  # no loss term reaches the codebook (nor x's commitment)
             grad_loss = torch.zeros((), dtype=torch.float32, device=x.device)
             codebook_scale = 0.0
+        into = ctx.grad_codebook if codebook_scale != 0 else None
+        ctx.grad_codebook = None
         grad_x, grad_codebook = _quantize_backward_op(
             grad_q.contiguous(), grad_loss.float(), x, codebook, idx, ctx.x_scale,
-            codebook_scale, ctx.backend)
+            codebook_scale, ctx.backend, into)
         if codebook_scale == 0:
             grad_codebook = None
+        elif into is not None:
+            grad_codebook = into
         return grad_x, grad_codebook, None, None, None, None, None
 
 
