@@ -9,8 +9,12 @@ Shaped as attention with ``Q = x`` and ``K = V = E``, so written as flash attent
   running ``p @ E`` rescaled as the max moves; writes ``idx``, ``lse`` and ``soft = p @ E``
   (``ARGMAX_ONLY``: the codes alone, no exponentials);
 - backward to the input, one program per ``BLOCK_N`` rows: the logits recomputed tile by
-  tile, ``dlogits = p * (g . e_k - g . soft) * scale``, ``grad_x = dlogits @ E``; also
-  writes ``centre = g . soft`` per row;
+  tile, ``centre = sum_k p_k (g . e_k) / sum_k p_k`` summed in the same pass as the ``g .
+  e_k`` it centres (so the softmax path's gradient is exactly 0 where p is one-hot in fp32;
+  ``g . soft`` rounds otherwise, an error times ``scale``; dividing by the recomputed p's
+  own sum keeps the centring exact where it is not 1 to within the logits' rounding),
+  ``grad_x = scale * (sum_k p_k (g . e_k) e_k / sum_k p_k - centre * soft)`` (``=
+  dlogits @ E``, ``dlogits = p * (g . e_k - centre) * scale``); also writes ``centre``;
 - backward to the codebook, one program per ``BLOCK_K`` codes over all row tiles:
   ``grad_E = dlogits^T @ x + onehot^T @ g``.
 
@@ -107,14 +111,19 @@ def _ibq_backward_x_kernel(
     x = _tile(x_ptr, rows, row_mask, dims, D)
     g = _tile(grad_ptr, rows, row_mask, dims, D)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    centre = tl.sum(_tile(soft_ptr, rows, row_mask, dims, D) * g, axis=1)  # g . (p @ E)
-    grad_x = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum_k p_k
+    centre = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum_k p_k (g . e_k)
+    weighted = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)  # sum_k p_k (g . e_k) e_k
     for k0 in range(0, K, BLOCK_K):
         code_mask, e, logits = _code_logits(x, codebook_ptr, k0, dims, K, D, scale, BLOCK_K)
         p = tl.where(code_mask[None, :], tl.exp(logits - lse[:, None]), 0.0)
-        ge = tl.dot(g, tl.trans(e), input_precision="ieee")
-        dlogits = p * (ge - centre[:, None]) * scale
-        grad_x += tl.dot(dlogits, e, input_precision="ieee")
+        pg = p * tl.dot(g, tl.trans(e), input_precision="ieee")
+        total += tl.sum(p, axis=1)
+        centre += tl.sum(pg, axis=1)
+        weighted += tl.dot(pg, e, input_precision="ieee")
+    soft = _tile(soft_ptr, rows, row_mask, dims, D)  # p @ E
+    grad_x = (weighted - centre[:, None] * soft) * (scale / total)[:, None]
+    centre = centre / total
     out = rows.to(tl.int64)[:, None] * D + dims[None, :]
     tl.store(grad_x_ptr + out, grad_x, mask=row_mask[:, None] & (dims < D)[None, :])
     tl.store(centre_ptr + rows, centre, mask=row_mask)

@@ -353,3 +353,42 @@ def test_bsq_zero_vector_gets_a_finite_gradient(dtype, backend):
     others = z.grad.float().abs().amax((0, 1))
     assert float(others.max()) < 100  # and the others' stay ordinary
     assert int(codes[0, 1]) == 0 and bool(torch.isfinite(loss))
+
+
+# --- item 3: IBQ's softmax-path gradient where the softmax is saturated --------------------
+
+def _ibq_oracle(x, codebook, scale, g):
+    """The paper's ``(onehot - sg(p) + p) @ E`` (Shi et al. 2024) in float64: the gradients
+    of ``sum(out * g)`` to the rows ``x [N, D]`` and the codebook ``[K, D]``."""
+    x = x.double().requires_grad_()
+    book = codebook.double().requires_grad_()
+    p = torch.softmax(scale * x @ book.T, dim=1)
+    onehot = torch.nn.functional.one_hot(p.argmax(1), book.shape[0]).double()
+    ((onehot - p.detach() + p) @ book * g.double()).sum().backward()
+    return x.grad, book.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1.0, 1e2, 1e3, 1e4])
+def test_ibq_gradient_matches_the_paper_at_large_logit_scale(scale, backend):
+    from vqfast.ops.ibq import index_backprop
+    torch.manual_seed(0)
+    x = torch.randn(13, 5, device=DEVICE, requires_grad=True)
+    codebook = (torch.randn(37, 5, device=DEVICE) / 5 ** 0.5).requires_grad_()
+    g = torch.randn(13, 5, device=DEVICE)
+    out, idx = index_backprop(x, codebook, scale, backend)
+    (out * g).sum().backward()
+    grad_x, grad_book = _ibq_oracle(x.detach().cpu(), codebook.detach().cpu(), scale, g.cpu())
+    assert torch.equal(idx.cpu(), (x.detach() @ codebook.detach().T).argmax(1).cpu())
+    p = torch.softmax(scale * x.detach() @ codebook.detach().T, dim=1)
+    saturated = (p.max(1).values == 1.0).cpu()  # one-hot in fp32: the true gradient is ~0
+    if scale == 1e4:
+        assert bool(saturated.all())
+    assert bool((x.grad.cpu()[saturated] == 0).all())
+    # fp32's floor: the centring cancels |g . e| ~ 1 to eps, times the scale
+    g_norm = g.cpu().double().norm(dim=1)
+    floors = (1e-7 * scale * g_norm, 1e-7 * scale * g_norm.max() * x.detach().cpu().norm(dim=1).sum())
+    for got, want, floor in ((x.grad.cpu().double(), grad_x, floors[0]),
+                             (codebook.grad.cpu().double(), grad_book, floors[1])):
+        error = (got - want).norm(dim=1)
+        assert bool((error <= 2e-4 * want.norm(dim=1) + floor).all()), (error, want.norm(dim=1))
