@@ -235,12 +235,36 @@ def device_line(env: dict) -> str:
             f"torch {env['torch']} · triton {env['triton']} · vqfast {env['vqfast']} · {env['date']}")
 
 
+def _times(value: float) -> str:
+    return f"{value:.1f}x" if value < 20 else f"{value:.0f}x"
+
+
+def time_vs_reference(speedup) -> str:
+    """``"3.5x faster"`` / ``"1.4x slower"`` / ``"1x"`` (``speedup``: the reference's time
+    over this row's), as the README's tables say it."""
+    if not speedup:
+        return ""
+    if round(speedup, 2) == 1:
+        return "1x"
+    return f"{_times(speedup)} faster" if speedup > 1 else f"{_times(1 / speedup)} slower"
+
+
+def memory_vs_reference(ratio) -> str:
+    """``"11.6x less"`` / ``"2.0x more"`` / ``"1x"`` (``ratio``: this row's peak memory over
+    the reference's)."""
+    if not ratio:
+        return ""
+    if round(ratio, 2) == 1:
+        return "1x"
+    return f"{_times(1 / ratio)} less" if ratio < 1 else f"{_times(ratio)} more"
+
+
 def markdown(env: dict, results, note: str | None = None) -> str:
     """The table of the rows that ran; the cases that could not run on this device are
     listed once below it, by reason."""
     peaks = peaks_for(env)
     lines = [device_line(env), ""] + ([f"**{note}**", ""] if note else []) + [
-        "| shape | op | dtype | implementation | median ms | peak MiB | speedup vs ref | memory vs ref | TFLOP/s | GB/s |",
+        "| shape | op | dtype | implementation | median ms | peak MiB | vs the original: time | vs the original: memory | TFLOP/s | GB/s |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     not_run = {}
@@ -257,7 +281,7 @@ def markdown(env: dict, results, note: str | None = None) -> str:
             gbps += f" ({100 * r.gbps / (1e3 * peaks['tbps']):.0f}%)"
         lines.append(
             f"| {r.shape} | {r.op} | {r.dtype} | {r.impl} | {r.median_ms:.3f} | {r.peak_mib:.1f} | "
-            f"{_fmt(r.speedup, '.2f')}{'x' if r.speedup else ''} | {_fmt(r.memory_ratio, '.3f')} | "
+            f"{time_vs_reference(r.speedup)} | {memory_vs_reference(r.memory_ratio)} | "
             f"{tflops} | {gbps} |")
     if not_run:
         lines += ["", "Not run on this device:"]

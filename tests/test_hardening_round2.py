@@ -339,6 +339,25 @@ def test_benchmark_table_leaves_out_what_could_not_run_and_says_ratios_in_words(
         == "2.0x slower\n1.00x the memory"
 
 
+def test_benchmark_table_states_ratios_in_the_readmes_words():
+    from benchmarks import suite
+    env = dict(device="x86_64", device_type="cpu", cpu_threads=2, torch="t", triton="t",
+               vqfast="v", date="d")
+    rows = [suite.Result("reference", "nearest", "vqvae", 1, 1, 1, "float32", 100.3, 96.0, 1.0, 1.0),
+            suite.Result("vqfast[torch]", "nearest", "vqvae", 1, 1, 1, "float32", 28.7, 8.3,
+                         100.3 / 28.7, 8.3 / 96.0),
+            suite.Result("vqp", "nearest", "vqvae", 1, 1, 1, "float32", 258.9, 196.1,
+                         100.3 / 258.9, 196.1 / 96.0),
+            suite.Result("vqfast[torch]", "nearest", "K=16384", 1, 1, 1, "float32", 1.0, 24.3,
+                         7.6, 24.3 / 3076.0)]
+    table = suite.markdown(env, rows)
+    assert "vs the original: time | vs the original: memory" in table
+    assert "| 100.300 | 96.0 | 1x | 1x |" in table
+    assert "| 3.5x faster | 11.6x less |" in table  # as the README writes it, not 0.087
+    assert "| 2.6x slower | 2.0x more |" in table
+    assert "| 7.6x faster | 127x less |" in table
+
+
 def test_error_hints_for_common_mistakes():
     vq = vqfast.VectorQuantizerEMA(8, 4, 0.25, **ORIGINAL)
     with pytest.raises(ValueError, match=r"channels-last.*movedim\(-1, 1\)"):
