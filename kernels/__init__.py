@@ -4,7 +4,7 @@ Same signatures as the torch backend (``vqfast._torch``). CUDA tensors, or CPU t
 under the Triton interpreter (``TRITON_INTERPRET=1`` set before import).
 """
 
-from .ema_update import ema_update
+from .ema_update import ema_update, reseed_codes
 from .fsq import fsq_backward, fsq_forward
 from .gather_loss import gather_loss
 from .ibq import ibq_backward, ibq_forward
@@ -20,7 +20,7 @@ from .residual_vq import residual_backward, residual_quantize
 KERNEL_MODULES = ("nearest_code", "gather_loss", "code_sums", "ema_update", "quantize_backward",
                   "fsq", "lfq_entropy", "residual_vq", "residual_scalar", "ibq")
 
-__all__ = ["nearest_code", "gather_loss", "ema_update", "quantize_backward", "fsq_forward",
+__all__ = ["nearest_code", "gather_loss", "ema_update", "reseed_codes", "quantize_backward", "fsq_forward",
            "fsq_backward", "lfq_avg_prob", "lfq_entropy_backward", "residual_quantize",
            "residual_backward", "residual_scalar_forward", "residual_fsq_backward", "ibq_forward",
            "ibq_backward",

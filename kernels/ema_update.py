@@ -180,6 +180,52 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
     return scalars[:, 0].view(ema_decay_weight.shape)
 
 
+@triton.jit
+def _reseed_codes_kernel(
+    size_ptr, decay_weight_ptr, codebook_ptr, x_ptr, seed_ptr, reseeded_ptr,
+    K, D, N, S, threshold, start,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STATS_SEM: tl.constexpr,
+):
+    codes = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    code_mask = codes < K
+    weight = tl.load(decay_weight_ptr)
+    size = tl.load(size_ptr + codes, mask=code_mask, other=0.0)
+    tracked = size * 0.0 + weight > 0  # (as a block: any usage seen yet)
+    dead = code_mask & tracked & (size / tl.maximum(weight, 1e-30) < threshold)
+    rows = tl.randint(tl.load(seed_ptr), codes).to(tl.int64) % N
+    sample_offsets = row_offsets(rows, S, D)
+    tl.store(size_ptr + codes, start * weight + size * 0.0, mask=dead)
+    tl.atomic_add(reseeded_ptr, tl.sum(dead.to(tl.int64), axis=0), sem=STATS_SEM)
+    code_offsets = codes.to(tl.int64)[:, None] * D
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        mask = dead[:, None] & (dims[None, :] < D)
+        sample = tl.load(x_ptr + sample_offsets[:, None] + dims[None, :].to(tl.int64) * S,
+                         mask=mask, other=0.0)
+        tl.store(codebook_ptr + code_offsets + dims[None, :],
+                 sample.to(codebook_ptr.dtype.element_ty), mask=mask)
+
+
+@launcher
+def reseed_codes(size, decay_weight, codebook, x, seed, reseeded, threshold):
+    """Dead-code re-seeding of a learned codebook, one launch, in place: the codes whose
+    bias-corrected usage ``size / decay_weight`` (fp32 ``[K]`` and 0-d; none before any
+    usage was seen) is below ``threshold`` take a random row of ``x`` (``[N, D]`` or
+    ``[B, D, S]``; Philox keyed by ``seed``, int64 ``[1]``, which ``gather_loss(...,
+    usage=)`` advances) into ``codebook [K, D]``, with a usage of ``max(threshold, 1) *
+    decay_weight``; ``reseeded`` (int64 0-d) counts them. No host sync.
+    """
+    n, d, s = vector_layout("x", x)
+    k = codebook.shape[0]
+    if codebook.shape != (k, d) or not codebook.is_contiguous() or size.shape != (k,):
+        raise ValueError(f"codebook must be a contiguous [K, {d}] and size [K], got codebook "
+                         f"{tuple(codebook.shape)}, size {tuple(size.shape)}")
+    config = launch_config(CONFIG, d)
+    _reseed_codes_kernel[(cdiv(k, config["BLOCK_K"]),)](
+        size, decay_weight, codebook, x, seed, reseeded, k, d, n, s, float(threshold),
+        max(float(threshold), 1.0), STATS_SEM=_launch.STATS_SEM, **config)
+
+
 def aot_variants():
     """Every launchable configuration, for the ahead-of-time compile test."""
     for has_flag, has_active, has_num, reseed in itertools.product(*[(True, False)] * 4):
@@ -203,3 +249,12 @@ def aot_variants():
                "epsilon": "fp32", "threshold": "fp32", "start": "fp32"}
         yield (f"ema_finalize[D{cfg['BLOCK_D']},reseed={x_dtype}]", _ema_finalize_kernel, sig,
                dict(cfg, RESEED=reseed, STATS_SEM=_launch.STATS_SEM), options)
+    # an fp32 codebook, or one cast with the module (.half(), .bfloat16())
+    dtypes = [(x, "fp32") for x in PTR] + [("fp16", "fp16"), ("bf16", "bf16")]
+    for (cfg, options), (x_dtype, book_dtype) in itertools.product(streaming_configs(CONFIG),
+                                                                    dtypes):
+        sig = {"size_ptr": "*fp32", "decay_weight_ptr": "*fp32", "codebook_ptr": PTR[book_dtype],
+               "x_ptr": PTR[x_dtype], "seed_ptr": "*i64", "reseeded_ptr": "*i64", "K": "i32",
+               "D": "i32", "N": "i32", "S": "i32", "threshold": "fp32", "start": "fp32"}
+        yield (f"reseed_codes[D{cfg['BLOCK_D']},x={x_dtype},codebook={book_dtype}]",
+               _reseed_codes_kernel, sig, dict(cfg, STATS_SEM=_launch.STATS_SEM), options)

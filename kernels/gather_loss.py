@@ -27,10 +27,10 @@ BLOCK_REDUCE = 512  # the last program's reduction width
 @triton.jit
 def _gather_loss_kernel(
     x_ptr, codebook_ptr, idx_ptr, q_ptr, partial_err_ptr, counts_ptr, code_sums_ptr,
-    ticket_ptr, loss_ptr, perplexity_ptr,
-    N, D, S, K, loss_scale,
+    ticket_ptr, loss_ptr, perplexity_ptr, usage_ptr, usage_weight_ptr, seed_ptr,
+    N, D, S, K, loss_scale, usage_decay,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_REDUCE: tl.constexpr,
-    ATOMIC_CODE_SUMS: tl.constexpr, STATS_SEM: tl.constexpr,
+    ATOMIC_CODE_SUMS: tl.constexpr, STATS_SEM: tl.constexpr, TRACK_USAGE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -75,19 +75,32 @@ def _gather_loss_kernel(
                             cache_modifier=".cg")
             p = count.to(tl.float32) / N
             entropy += p * tl.log(p + 1e-10)
+            if TRACK_USAGE:  # the usage EMA of a learned codebook (for its dead-code rule)
+                usage_mask = k0 + lanes < K
+                usage = tl.load(usage_ptr + k0 + lanes, mask=usage_mask, other=0.0)
+                usage = usage * usage_decay + (1.0 - usage_decay) * count.to(tl.float32)
+                tl.store(usage_ptr + k0 + lanes, usage, mask=usage_mask)
         tl.store(perplexity_ptr, tl.exp(-tl.sum(entropy, axis=0)))
+        if TRACK_USAGE:  # ... its bias correction, and the next re-seeding's Philox key
+            weight = tl.load(usage_weight_ptr)
+            tl.store(usage_weight_ptr, weight * usage_decay + (1.0 - usage_decay))
+            tl.store(seed_ptr, tl.load(seed_ptr) + 1)
 
 
 @launcher
 def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with_code_sums: bool,
                 loss_scale: float = 1.0, code_sums: torch.Tensor | None = None,
-                counts: torch.Tensor | None = None):
+                counts: torch.Tensor | None = None, usage=None):
     """``x: [N, D]`` or ``[B, D, S]``, ``codebook: [K, D]``, ``idx: int64 [N]`` ->
     ``q`` (x's shape and dtype), ``loss`` (fp32 0-d: ``loss_scale * sum((q - x)^2)``),
     ``perplexity`` (fp32 0-d), ``counts`` (int32 [K]), ``code_sums`` (fp32 [K, D], the
     per-code sums of x; ``None`` unless ``with_code_sums``), accumulated into ``code_sums``
     and ``counts`` (int32 ``[K + 1]``: the counts and the programs' ticket) if given, zeroed
     already (``nearest_code(..., zero=)`` does it in its codebook pass).
+
+    ``usage = (size, decay_weight, seed, decay)``, if given, also moves a learned codebook's
+    usage EMA (fp32 ``size [K]`` and 0-d ``decay_weight``) by this batch's counts and
+    advances the re-seeding key (int64 ``seed [1]``), in the same launch.
 
     Under ``torch.are_deterministic_algorithms_enabled()`` the code sums come from the
     sort-based kernel instead of fp32 atomics, so they are bitwise reproducible.
@@ -117,9 +130,10 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
     _gather_loss_kernel[grid](
         x, codebook, idx, q, partial_err, counts_and_ticket,
         code_sums if atomic else counts_and_ticket, counts_and_ticket[k:], loss, perplexity,
-        n, d, s, k, float(loss_scale),
+        *(usage[:3] if usage is not None else (loss, loss, loss)),
+        n, d, s, k, float(loss_scale), float(usage[3]) if usage is not None else 0.0,
         BLOCK_REDUCE=BLOCK_REDUCE, ATOMIC_CODE_SUMS=atomic,
-        STATS_SEM=_launch.STATS_SEM, **config)
+        STATS_SEM=_launch.STATS_SEM, TRACK_USAGE=usage is not None, **config)
     if with_code_sums and not atomic:
         code_sums = code_sums_sorted(x, idx, k)
     return q, loss, perplexity, counts_and_ticket[:k], code_sums
@@ -127,13 +141,16 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
 
 def aot_variants():
     """Every launchable configuration, for the ahead-of-time compile test."""
-    for dtype, (cfg, options), atomic in itertools.product(PTR, streaming_configs(CONFIG),
-                                                            (True, False)):
+    for dtype, (cfg, options), (atomic, usage) in itertools.product(
+            PTR, streaming_configs(CONFIG), ((True, False), (False, False), (False, True))):
         sig = {"x_ptr": PTR[dtype], "codebook_ptr": "*fp32", "idx_ptr": "*i64", "q_ptr": PTR[dtype],
                "partial_err_ptr": "*fp32", "counts_ptr": "*i32",
                "code_sums_ptr": "*fp32" if atomic else "*i32", "ticket_ptr": "*i32",
-               "loss_ptr": "*fp32", "perplexity_ptr": "*fp32", "N": "i32", "D": "i32", "S": "i32",
-               "K": "i32", "loss_scale": "fp32"}
-        yield (f"gather_loss[{dtype},D{cfg['BLOCK_D']},atomic={atomic}]", _gather_loss_kernel,
-               sig, dict(cfg, BLOCK_REDUCE=BLOCK_REDUCE, ATOMIC_CODE_SUMS=atomic,
-                                 STATS_SEM=_launch.STATS_SEM), options)
+               "loss_ptr": "*fp32", "perplexity_ptr": "*fp32", "usage_ptr": "*fp32",
+               "usage_weight_ptr": "*fp32", "seed_ptr": "*i64" if usage else "*fp32",
+               "N": "i32", "D": "i32", "S": "i32", "K": "i32", "loss_scale": "fp32",
+               "usage_decay": "fp32"}
+        yield (f"gather_loss[{dtype},D{cfg['BLOCK_D']},atomic={atomic},usage={usage}]",
+               _gather_loss_kernel, sig,
+               dict(cfg, BLOCK_REDUCE=BLOCK_REDUCE, ATOMIC_CODE_SUMS=atomic,
+                    STATS_SEM=_launch.STATS_SEM, TRACK_USAGE=usage), options)

@@ -128,3 +128,58 @@ def test_codebook_gradient_accumulator_zeroed_once_per_backward(backend, determi
     ref(x)[0].backward()
     torch.testing.assert_close(grads[0], ref._embedding.weight.grad)
     torch.testing.assert_close(grads[1], grads[0])
+
+
+def _train(vq, batches, mask):
+    torch.manual_seed(1)
+    for x in batches:
+        loss, q, _, _ = vq(x, mask=torch.ones(x.shape[0], x.shape[2], dtype=torch.bool,
+                                              device=x.device) if mask else None)
+        (loss + q.sum()).backward()
+    return vq.codebook_usage(), {k: v.clone() for k, v in vq.state_dict().items()
+                                 if isinstance(v, torch.Tensor)}
+
+
+def test_learned_codebook_fused_tracking_gives_the_step_by_step_state():
+    """Eagerly, a learned codebook re-seeds in one launch and moves its usage EMA in the
+    op's own pass; the state equals the step-by-step flow's (taken with an all-True mask),
+    between steps too."""
+    batches = [torch.randn(2, 6, 9, device=DEVICE) for _ in range(4)]
+    runs = []
+    for mask in (False, True):
+        torch.manual_seed(0)
+        vq = vqfast.VectorQuantizer(16, 6, backend="torch", kmeans_init=False,
+                                    dead_code_threshold=3.0).to(DEVICE)
+        runs.append(_train(vq, batches, mask))
+    (usage_a, state_a), (usage_b, state_b) = runs
+    assert usage_a.reseeded_codes == usage_b.reseeded_codes > 0
+    for name in state_a:
+        torch.testing.assert_close(state_a[name], state_b[name], msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_reseed_codes_and_usage_follow_the_dead_code_rule(backend):
+    """The usage EMA moved in the op's pass, then the re-seeding launch, against the rule."""
+    from vqfast.ops.vq import quantize, reseed_codes
+    k, d, decay, threshold = 21, 5, 0.9, 2.0
+    x = torch.randn(2, d, 7, device=DEVICE)
+    size = torch.rand(k, device=DEVICE) * 4
+    book = torch.randn(k, d, device=DEVICE)
+    weight, seed = torch.tensor(0.5, device=DEVICE), torch.tensor([3], device=DEVICE)
+    counts = quantize(x, book, 0.25, True, backend=backend,
+                      usage=(size_t := size.clone(), weight, seed, decay))[4]
+    expected_size = size * decay + (1 - decay) * counts.float()
+    torch.testing.assert_close(size_t, expected_size)
+    expected_weight = 0.5 * decay + (1 - decay)
+    torch.testing.assert_close(weight, torch.tensor(expected_weight, device=DEVICE))
+    assert int(seed) == (4 if backend == "triton" else 3)  # the kernels' key moves on
+    reseeded = torch.tensor(0, device=DEVICE)
+    new_book = book.clone()
+    reseed_codes(size_t, weight, new_book, x, seed, reseeded, threshold, backend)
+    dead = expected_size / expected_weight < threshold
+    assert int(reseeded) == int(dead.sum()) > 0
+    torch.testing.assert_close(size_t[~dead], expected_size[~dead])
+    torch.testing.assert_close(size_t[dead], torch.full_like(size_t[dead], threshold * expected_weight))
+    assert torch.equal(new_book[~dead], book[~dead])
+    rows = x.movedim(1, -1).reshape(-1, d)
+    assert all(bool((rows == new_book[c]).all(1).any()) for c in dead.nonzero().flatten().tolist())

@@ -94,11 +94,13 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
 
 def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with_code_sums: bool,
                 loss_scale: float = 1.0, code_sums: torch.Tensor | None = None,
-                counts: torch.Tensor | None = None):
+                counts: torch.Tensor | None = None, usage=None):
     """``q = codebook[idx]`` in x's layout and dtype, ``loss = loss_scale * sum((q - x)^2)``
     (exact form, fp32 0-d), the perplexity of the code usage (fp32 0-d), per-code ``counts``
     (int32 [K]) and, if asked, per-code sums of x (fp32 [K, D], else ``None``; added into
-    ``code_sums`` and ``counts`` (int32 ``[K + 1]``) if given, zeroed already)."""
+    ``code_sums`` and ``counts`` (int32 ``[K + 1]``) if given, zeroed already);
+    ``usage = (size, decay_weight, seed, decay)``: a learned codebook's usage EMA moved by
+    the counts, in place (``seed`` is the Triton kernels')."""
     codebook = codebook.float()
     q = torch.empty_like(x)
     sq_err = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -118,6 +120,10 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
     counts = (counts[:-1] if counts is not None else torch.zeros(
         codebook.shape[0], dtype=torch.int32, device=x.device)).scatter_add_(
         0, idx, torch.ones_like(idx, dtype=torch.int32))
+    if usage is not None:
+        size, decay_weight, _, decay = usage
+        size.mul_(decay).add_(counts.float() * (1 - decay))
+        decay_weight.mul_(decay).add_(1 - decay)
     return q, sq_err * loss_scale, perplexity(counts), counts, code_sums
 
 
@@ -179,6 +185,17 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
         take_samples(dead, samples, max(threshold, 1.0) * ema_decay_weight, codebook,
                      ema_weight, ema_cluster_size, reseeded)
     return torch.broadcast_to(apply, ema_decay_weight.shape).float()
+
+
+def reseed_codes(size, decay_weight, codebook, x, seed, reseeded, threshold):
+    """A learned codebook's dead-code re-seeding, in place (the Triton launcher's rule; its
+    Philox ``seed`` is unused here: rows from torch's generator)."""
+    dead = (size / decay_weight.clamp_min(1e-30) < threshold) & (decay_weight > 0)
+    b, _, s = x.shape if x.dim() == 3 else (x.shape[0], x.shape[1], 1)
+    picks = torch.randint(b * s, (size.shape[0],), device=x.device)
+    samples = x.view(b, -1, s)[picks // s, :, picks % s].float()
+    take_samples(dead, samples, max(threshold, 1.0) * decay_weight, codebook, None, size,
+                 reseeded)
 
 
 def take_samples(dead, samples, size, codebook, ema_weight, cluster_size, reseeded) -> None:

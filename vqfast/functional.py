@@ -8,7 +8,7 @@ import torch
 from . import _torch
 from .ops.dispatch import (BACKENDS, FLOAT_DTYPES, PRECISIONS, channels_first, channels_last,  # noqa: F401
                            check_backend, check_codebook_input, resolve_backend)
-from .ops.vq import _nearest_code_op, ema_update, quantize  # noqa: F401
+from .ops.vq import _nearest_code_op, ema_update, quantize, reseed_codes  # noqa: F401
 
 perplexity = _torch.perplexity
 

@@ -556,17 +556,18 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
     def _device(self) -> torch.device:
         return self.codebook.device
 
-    def _quantize(self, z, flat_mask, codebook_loss, update, backend, codebook=None):
+    def _quantize(self, z, flat_mask, codebook_loss, update, backend, codebook=None, usage=None):
         """``(q, loss, idx [N], perplexity, counts [K], code_sums [K, d])``: the fused
         single-codebook op, or, with cosine codes, the rotation trick or a mask, the
         residual op as one level of one group (those options live there, once).
-        ``codebook``: the codes to use (default ``self.codebook``)."""
+        ``codebook``: the codes to use (default ``self.codebook``); ``usage``: see
+        ``vqfast.functional.quantize`` (the plain op only)."""
         codebook = self.codebook if codebook is None else codebook
         # frozen: the codebook takes no gradient (the loss keeps its value)
         codebook = codebook.detach() if self.freeze_codebook else codebook
         if not self._fused_path(flat_mask):
             return VF.quantize(z, codebook, self.commitment_cost, codebook_loss, update,
-                               backend, self.precision)
+                               backend, self.precision, usage)
         from .ops.residual_vq import residual_quantize
         # cosine: the codes as unit vectors, whatever was stored (a loaded or hand-set codebook)
         codebook = F.normalize(codebook, dim=-1) if self.cosine else codebook
@@ -666,6 +667,10 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
             self.register_buffer("ema_weight", ema_weight)
         self.register_buffer("ema_decay_weight", torch.tensor(0.0))
         self.register_buffer("reseeded_codes", torch.tensor(0, dtype=torch.int64))
+        # The Triton kernels' re-seeding state, not saved: the Philox key (advanced on the
+        # device; from torch's seed, so torch.manual_seed fixes it, without a random draw).
+        self.register_buffer("_reseed_key", torch.tensor([torch.initial_seed() % 2**62]),
+                             persistent=False)
 
     @staticmethod
     def _default_trained_state(state_dict, prefix, num_embeddings):
@@ -770,10 +775,21 @@ class VectorQuantizer(_QuantizerBase):
         x, z, flat_mask, backend = self._prepare(inputs, mask)
         self._maybe_kmeans_init(z, backend, flat_mask)
         tracking = self.training and not self.freeze_codebook and self.dead_code_threshold > 0
-        if tracking:  # before the op saves the codebook for its backward
+        # eagerly, re-seeding is one launch and the usage EMA rides on the op's own pass,
+        # unless steps between are needed (the residual op's options, counts from every rank)
+        fused = (tracking and not self._fused_path(flat_mask) and not self._syncing()
+                 and not torch.compiler.is_compiling())
+        if fused:  # before the op saves the codebook for its backward
+            VF.reseed_codes(self.ema_cluster_size, self.ema_decay_weight, self.codebook.detach(),
+                            z, self._reseed_key, self.reseeded_codes, self.dead_code_threshold,
+                            backend)
+        elif tracking:
             self._reseed_dead_codes(z, self.ema_decay_weight > 0, flat_mask)
-        q, loss, idx, perplexity, counts, _ = self._quantize(z, flat_mask, True, False, backend)
-        if tracking:
+        usage = ((self.ema_cluster_size, self.ema_decay_weight, self._reseed_key, USAGE_DECAY)
+                 if fused else None)
+        q, loss, idx, perplexity, counts, _ = self._quantize(z, flat_mask, True, False, backend,
+                                                             usage=usage)
+        if tracking and not fused:
             self._track_usage(counts)
         self._watch_usage(counts)
         outputs = self._outputs(inputs, x, q, loss, idx, perplexity, flat_mask)
@@ -878,10 +894,6 @@ class VectorQuantizerEMA(_QuantizerBase):
         self.register_buffer("codebook", F.normalize(codebook, dim=-1) if cosine else codebook)
         self._register_usage_state(ema_weight=torch.randn(num_embeddings, self.code_dim))
         self.register_buffer("skipped_batches", torch.tensor(0, dtype=torch.int64))
-        # The Triton update's Philox key for re-seeding (advanced on the device per update;
-        # torch's seed, so torch.manual_seed fixes it; no random draw). Not saved.
-        self.register_buffer("_reseed_key", torch.tensor([torch.initial_seed() % 2**62]),
-                             persistent=False)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, decay={self.decay}, epsilon={self.epsilon}"

@@ -21,9 +21,11 @@ def _(x, codebook, backend, precision):
     return x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=torch.float32)
 
 
-@custom_op("quantize", mutates_args=())
+@custom_op("quantize", mutates_args=("usage", "usage_weight", "usage_seed"))
 def _quantize_op(x: torch.Tensor, codebook: torch.Tensor, with_code_sums: bool, loss_scale: float,
-                 backend: str, precision: str, codebook_grad: bool = False
+                 backend: str, precision: str, codebook_grad: bool = False,
+                 usage: torch.Tensor | None = None, usage_weight: torch.Tensor | None = None,
+                 usage_seed: torch.Tensor | None = None, usage_decay: float = 0.0
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                             torch.Tensor, torch.Tensor]:
     impl = _impl(backend)
@@ -41,7 +43,8 @@ def _quantize_op(x: torch.Tensor, codebook: torch.Tensor, with_code_sums: bool, 
     idx, _ = impl.nearest_code(x, codebook, precision, snapshot if with_code_sums else None,
                                (rows, counts))
     q, loss, perplexity, counts, code_sums = impl.gather_loss(
-        x, codebook, idx, with_code_sums, loss_scale, rows if with_code_sums else None, counts)
+        x, codebook, idx, with_code_sums, loss_scale, rows if with_code_sums else None, counts,
+        (usage, usage_weight, usage_seed, usage_decay) if usage is not None else None)
     if codebook_grad:
         code_sums = rows
     elif code_sums is None:
@@ -50,7 +53,8 @@ def _quantize_op(x: torch.Tensor, codebook: torch.Tensor, with_code_sums: bool, 
 
 
 @_quantize_op.register_fake
-def _(x, codebook, with_code_sums, loss_scale, backend, precision, codebook_grad=False):
+def _(x, codebook, with_code_sums, loss_scale, backend, precision, codebook_grad=False,
+      usage=None, usage_weight=None, usage_seed=None, usage_decay=0.0):
     n = _torch.num_vectors(x)
     sums_shape = tuple(codebook.shape) if with_code_sums or codebook_grad else (0,)
     scalar = x.new_empty((), dtype=torch.float32)
@@ -108,6 +112,24 @@ def _(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codeboo
     return loss.new_empty(ema_decay_weight.shape, dtype=torch.float32)
 
 
+@custom_op("reseed_codes", mutates_args=("size", "codebook", "reseeded"))
+def _reseed_codes_op(size: torch.Tensor, decay_weight: torch.Tensor, codebook: torch.Tensor,
+                     x: torch.Tensor, seed: torch.Tensor, reseeded: torch.Tensor,
+                     threshold: float, backend: str) -> None:
+    _impl(backend).reseed_codes(size, decay_weight, codebook, x, seed, reseeded, threshold)
+
+
+@_reseed_codes_op.register_fake
+def _(size, decay_weight, codebook, x, seed, reseeded, threshold, backend):
+    return None
+
+
+def reseed_codes(size, decay_weight, codebook, x, seed, reseeded, threshold, backend):
+    """A learned codebook's dead-code re-seeding from random rows of ``x``, in place, one
+    launch on the Triton backend (see ``vqfast.kernels.reseed_codes``)."""
+    _reseed_codes_op(size, decay_weight, codebook, x, seed, reseeded, threshold, backend)
+
+
 # --- autograd ---------------------------------------------------------------------------
 
 class _Quantize(torch.autograd.Function):
@@ -129,12 +151,13 @@ class _Quantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, codebook, commitment_cost, codebook_loss, with_code_sums, backend,
-                precision):
+                precision, usage):
         numel = x.numel()
         loss_scale = (float(codebook_loss) + commitment_cost) / numel
         codebook_grad = bool(codebook_loss) and ctx.needs_input_grad[1]
         q, idx, loss, perplexity, counts, code_sums, snapshot = _quantize_op(
-            x, codebook.detach(), with_code_sums, loss_scale, backend, precision, codebook_grad)
+            x, codebook.detach(), with_code_sums, loss_scale, backend, precision, codebook_grad,
+            *(usage if usage is not None else (None, None, None, 0.0)))
         ctx.save_for_backward(x, snapshot if with_code_sums else codebook.detach(), idx)
         # zeroed in the forward's codebook pass; one backward adds into it (a second one,
         # with retain_graph, takes a new one)
@@ -164,17 +187,19 @@ class _Quantize(torch.autograd.Function):
             grad_codebook = None
         elif into is not None:
             grad_codebook = into
-        return grad_x, grad_codebook, None, None, None, None, None
+        return grad_x, grad_codebook, None, None, None, None, None, None
 
 
 def quantize(x, codebook, commitment_cost, codebook_loss, with_code_sums=False, backend="torch",
-             precision="ieee"):
+             precision="ieee", usage=None):
     """Differentiable nearest-code quantization of a contiguous ``x: [N, D]`` or ``[B, D, S]``.
 
     Returns ``(q, loss, idx, perplexity, counts, code_sums)``; see ``_Quantize``.
+    ``usage = (size, decay_weight, seed, decay)``: also move a learned codebook's usage EMA
+    by this batch's counts, in place, in the same pass (``vqfast.kernels.gather_loss``).
     """
     return _Quantize.apply(x, codebook, commitment_cost, codebook_loss, with_code_sums, backend,
-                           precision)
+                           precision, usage)
 
 
 def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
