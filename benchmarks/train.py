@@ -1,8 +1,9 @@
 """``python -m benchmarks.train``: VQ-VAE training throughput on synthetic CIFAR-shaped data.
 
 Times one full training step (encoder, quantizer, decoder, backward, Adam, EMA update) of
-the seed's VQ-VAE three ways: eager, ``torch.compile`` and, on CUDA, replayed from one
-CUDA graph. Also measures the quantizer's share of the eager step, counts the kernels one
+the original notebook's VQ-VAE three ways: eager, ``torch.compile`` and, on CUDA, replayed
+from one CUDA graph; each is the steady step, timed after ``--warmup-steps`` untimed steps
+(k-means on the first, compilation, autotuning, the first re-seeds). Also measures the quantizer's share of the eager step, counts the kernels one
 quantizer training step launches (CUDA profiler), runs an eager step under
 ``torch.cuda.set_sync_debug_mode("error")`` (a host sync raises), and checks that graph
 replays track eager training on the same batches. Writes one JSON file.
@@ -13,6 +14,7 @@ replays track eager training on the same batches. Writes one JSON file.
 import argparse
 import copy
 import json
+import statistics
 import time
 import traceback
 from pathlib import Path
@@ -26,10 +28,11 @@ from .measure import median_seconds, quiet_stderr
 
 
 def _model(args, device):
+    """The VQ-VAE with the EMA quantizer: its own default threshold unless one is given."""
     torch.manual_seed(0)
+    options = {} if args.dead_code_threshold is None else {"dead_code_threshold": args.dead_code_threshold}
     return vqfast.VQVAE(args.num_hiddens, 2, 32, args.num_embeddings, 64, 0.25, 0.99,
-                        kmeans_init=args.kmeans_init,
-                        dead_code_threshold=args.dead_code_threshold).to(device)
+                        kmeans_init=args.kmeans_init, **options).to(device)
 
 
 def _optimizer(model, device):
@@ -55,22 +58,32 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _steps_per_second(step, batches, device, steps):
-    for x in batches[:2]:  # warm-up (k-means, compilation, autotuning)
-        step(x)
-    _sync(device)
+def _steady(step, batches, device, args) -> dict:
+    """The steady step: ``args.warmup_steps`` untimed steps (k-means on the first,
+    compilation, autotuning, the first re-seeds; their time is reported apart), then the
+    median of ``args.steps`` timed steps (a median: a step slowed by another job on the
+    machine does not move it) and their mean."""
     start = time.perf_counter()
-    for i in range(steps):
+    for i in range(args.warmup_steps):
         step(batches[i % len(batches)])
     _sync(device)
-    return steps / (time.perf_counter() - start)
+    warmup_s = time.perf_counter() - start
+    times = []
+    for i in range(args.steps):
+        start = time.perf_counter()
+        step(batches[(args.warmup_steps + i) % len(batches)])
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"steps_per_s": 1 / median, "step_ms": median * 1e3,
+            "mean_step_ms": 1e3 * sum(times) / len(times), "timed_steps": args.steps,
+            "warmup_steps": args.warmup_steps, "warmup_s": warmup_s}
 
 
 def eager(args, device, batches):
     model = _model(args, device)
     opt = _optimizer(model, device)
-    return {"steps_per_s": _steps_per_second(lambda x: _step(model, opt, x), batches, device,
-                                             args.steps)}
+    return _steady(lambda x: _step(model, opt, x), batches, device, args)
 
 
 def compiled(args, device, batches):
@@ -82,8 +95,8 @@ def compiled(args, device, batches):
     _step(model_c, opt, batches[0])
     _sync(device)
     compile_s = time.perf_counter() - start
-    rate = _steps_per_second(lambda x: _step(model_c, opt, x), batches, device, args.steps)
-    return {"steps_per_s": rate, "backend": backend, "first_step_s": compile_s}
+    return {**_steady(lambda x: _step(model_c, opt, x), batches, device, args),
+            "backend": backend, "first_step_s": compile_s}
 
 
 def cuda_graph(args, device, batches):
@@ -120,8 +133,7 @@ def cuda_graph(args, device, batches):
     def replay(x):
         static_x.copy_(x)
         graph.replay()
-    rate = _steps_per_second(replay, batches, device, args.steps)
-    return {"steps_per_s": rate, "graph_vs_eager_losses": losses,
+    return {**_steady(replay, batches, device, args), "graph_vs_eager_losses": losses,
             "max_relative_loss_difference": drift, "matches_eager": drift < 1e-2}
 
 
@@ -217,14 +229,17 @@ def main(argv=None):
     parser.add_argument("--num-embeddings", type=int, default=512)
     parser.add_argument("--kmeans-init", action=argparse.BooleanOptionalAction, default=True,
                         help="k-means init (default on, as the quantizers)")
-    parser.add_argument("--dead-code-threshold", type=float, default=1.0,
-                        help="dead-code re-seeding threshold (default 1, as the quantizers)")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="untimed steps before the timed ones (default 10, 3 dry run)")
+    parser.add_argument("--dead-code-threshold", type=float, default=None,
+                        help="dead-code re-seeding threshold (default: the EMA quantizer's own, 0.5)")
     parser.add_argument("--quality-seconds", type=float, default=150.0,
                         help="time budget of the quality part, shared by its configurations")
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
     args = parser.parse_args(argv)
     args.batch_size = args.batch_size or (8 if args.dry_run else 256)
     args.steps = args.steps or (3 if args.dry_run else 50)
+    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (3 if args.dry_run else 10)
     args.num_hiddens = args.num_hiddens or (32 if args.dry_run else 128)
     device = (torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
               if args.device == "auto" else torch.device(args.device))

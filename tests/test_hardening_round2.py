@@ -358,6 +358,26 @@ def test_benchmark_table_states_ratios_in_the_readmes_words():
     assert "| 7.6x faster | 127x less |" in table
 
 
+def test_cpu_timings_run_on_the_threads_the_report_names():
+    from benchmarks import measure
+    seen = set()
+    measure.median_seconds(lambda: seen.add(torch.get_num_threads()), torch.device("cpu"))
+    assert seen == {torch.get_num_threads()}  # torch.utils.benchmark's Timer alone runs one
+
+
+def test_train_benchmark_times_the_steady_step_with_the_quantizers_default(tmp_path):
+    from benchmarks import train
+    out = tmp_path / "train.json"
+    assert train.main(["--dry-run", "--out", str(out), "--parts", "eager", "--steps", "2",
+                       "--warmup-steps", "2"]) == 0
+    eager = __import__("json").loads(out.read_text())["parts"]["eager"]
+    assert eager["warmup_steps"] == 2 and eager["timed_steps"] == 2
+    assert eager["step_ms"] == pytest.approx(1e3 / eager["steps_per_s"])
+    args = __import__("argparse").Namespace(num_hiddens=8, num_embeddings=16, kmeans_init=True,
+                                            dead_code_threshold=None)
+    assert train._model(args, torch.device("cpu")).vq.dead_code_threshold == 0.5
+
+
 def test_error_hints_for_common_mistakes():
     vq = vqfast.VectorQuantizerEMA(8, 4, 0.25, **ORIGINAL)
     with pytest.raises(ValueError, match=r"channels-last.*movedim\(-1, 1\)"):

@@ -162,6 +162,9 @@ def _train(out: Path) -> str:
         part = parts.get(name, {})
         value = (f"{part['steps_per_s']:.1f} steps/s" if "steps_per_s" in part
                  else part.get("skipped") or part.get("error", "not run"))
+        if "step_ms" in part:
+            value += (f" ({part['step_ms']:.3f} ms, the median of {part['timed_steps']} steps "
+                      f"after {part['warmup_steps']} warm-up steps)")
         lines.append(f"- {name}: {value}")
     share = parts.get("quantizer_share", {})
     if "quantizer_share" in share:
