@@ -82,9 +82,13 @@ def check_matrix(name: str, t: torch.Tensor, dtypes=FLOAT_DTYPES) -> None:
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"tensors must share one device, got {devices}")
+    first = None
+    for t in tensors.values():  # (every launch runs this: no dict or set on the way)
+        if first is None:
+            first = t.device
+        elif t.device != first:
+            devices = {name: t.device for name, t in tensors.items()}
+            raise ValueError(f"tensors must share one device, got {devices}")
 
 
 def check_codebook(codebook: torch.Tensor, dim: int) -> None:

@@ -629,15 +629,17 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
         rename_legacy_keys(state_dict, prefix, self._legacy_keys)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    @torch.no_grad()
     def _maybe_kmeans_init(self, x: torch.Tensor, backend: str, flat_mask=None) -> None:
         """On the first training batch: the codebook from k-means of rank 0's batch.
 
         Eagerly, a batch with NaN/Inf raises before any state changes; inside a compiled
         graph (no raising there) such a batch leaves the codebook and the flag as they were.
         """
-        if not self.training or self._kmeans_done or self.freeze_codebook:
-            return
+        if self.training and not self._kmeans_done and not self.freeze_codebook:
+            self._kmeans_init(x, backend, flat_mask)
+
+    @torch.no_grad()
+    def _kmeans_init(self, x: torch.Tensor, backend: str, flat_mask=None) -> None:
         rows = real_rows(x.movedim(1, -1).reshape(-1, x.shape[1]).float(), flat_mask)
         if self.cosine:
             rows = F.normalize(rows, dim=-1)

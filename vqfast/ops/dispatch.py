@@ -51,9 +51,10 @@ class CustomOp:
         return self.op.register_fake(fake)
 
     def __call__(self, *args):
-        if torch.compiler.is_compiling() or any(
-                isinstance(a, torch.Tensor) and type(a) not in _PLAIN for a in args):
-            return self.op(*args)  # traced (or fake / functional tensors): the registered op
+        # traced, or fake / functional tensors (the first argument is one: every op's first
+        # argument is a tensor): the registered op
+        if torch.compiler.is_compiling() or type(args[0]) not in _PLAIN:
+            return self.op(*args)
         if torch.is_grad_enabled():  # as the op: its outputs never carry a graph
             with torch.no_grad():
                 return self.fn(*args)
