@@ -1,7 +1,7 @@
 """The VQ-VAE of van den Oord et al. (ResNet encoder / decoder) on vqfast's quantizers.
 
-Layer for layer the seed notebook's ``Model``; its state_dicts (``_encoder.``,
-``_pre_vq_conv.``, ``_vq_vae.``, ``_decoder.`` and the seed's inner names) load as they are.
+Layer for layer the original notebook's ``Model``; its state_dicts (``_encoder.``,
+``_pre_vq_conv.``, ``_vq_vae.``, ``_decoder.`` and the notebook's inner names) load as they are.
 """
 
 import torch
@@ -16,7 +16,7 @@ from .residual_vq import ResidualVQ
 class Residual(nn.Module):
     """``x + Conv1x1(ReLU(Conv3x3(ReLU(x))))``, both convolutions without bias.
 
-    The seed used ``nn.ReLU(True)``, whose in-place update also rewrote the skip input;
+    The original notebook used ``nn.ReLU(True)``, whose in-place update also rewrote the skip input;
     here the skip carries ``x`` itself, as the architecture intends.
     """
 
@@ -87,7 +87,7 @@ class Decoder(nn.Module):
 class VQVAE(nn.Module):
     """VQ-VAE: encoder, 1x1 pre-quantization conv, vector quantizer, decoder.
 
-    Args are the seed's, in its order: ``num_hiddens`` (128), ``num_residual_layers`` (2),
+    Args are the original notebook's, in its order: ``num_hiddens`` (128), ``num_residual_layers`` (2),
     ``num_residual_hiddens`` (32), ``num_embeddings`` K (512), ``embedding_dim`` D (64),
     ``commitment_cost`` (0.25), ``decay``: > 0 picks ``VectorQuantizerEMA``, 0 the plain
     ``VectorQuantizer``. Keyword-only: ``in_channels`` (3), ``epsilon``, and any option of

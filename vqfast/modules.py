@@ -97,7 +97,7 @@ def rename_legacy_keys(state_dict, prefix: str, renames: dict) -> None:
     """Rewrite ``prefix + old`` keys of ``state_dict`` to ``prefix + new`` in place.
 
     ``renames`` maps an old key (or key prefix ending in ``.``) to the new one, so a
-    checkpoint of the seed notebook (or zalando's pytorch-vq-vae) loads into vqfast.
+    checkpoint of the original notebook (zalando's pytorch-vq-vae) loads into vqfast.
     """
     for key in [k for k in state_dict if k.startswith(prefix)]:
         local = key[len(prefix):]
@@ -676,7 +676,7 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
 
     @staticmethod
     def _default_trained_state(state_dict, prefix, num_embeddings):
-        """Checkpoints from before the usage buffers (the seed's, vqfast 0.2's) hold trained
+        """Checkpoints from before the usage buffers (the notebook's, vqfast 0.2's) hold trained
         state: each code starts as used once per batch."""
         state_dict.setdefault(prefix + "ema_cluster_size", torch.ones(num_embeddings))
         state_dict.setdefault(prefix + "ema_decay_weight", torch.tensor(1.0))
@@ -699,7 +699,7 @@ class VectorQuantizer(_QuantizerBase):
         num_embeddings: K, the number of codes.
         embedding_dim: D, the channel count of the inputs.
         commitment_cost: beta, the weight of the commitment (encoder) loss.
-        return_onehot: return the seed's ``[N, K]`` one-hot as ``encodings`` instead of
+        return_onehot: return the original notebook's ``[N, K]`` one-hot as ``encodings`` instead of
             int64 indices shaped ``[B, *spatial]``.
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
         precision: Triton dot precision for fp32 inputs, see ``vqfast.nearest_code``.

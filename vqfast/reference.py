@@ -1,15 +1,16 @@
-"""The seed's quantizers, written plainly: the oracle of every test and the benchmark baseline.
+"""The original notebook's quantizers, written plainly: the reference implementation every
+test compares against and the benchmark baseline.
 
 This is the algorithm of the original notebook (matmul distances, an ``[N, K]`` one-hot,
 a dense ``[K, N] @ [N, D]`` matmul for the EMA sums) with its bugs fixed:
 
-- the nearest code is the ``argmin`` of the distances (the seed took the ``argmax``);
-- the EMA state lives in buffers updated in place (the seed re-created ``nn.Parameter`` s
+- the nearest code is the ``argmin`` of the distances (the notebook took the ``argmax``);
+- the EMA state lives in buffers updated in place (the notebook re-created ``nn.Parameter`` s
   every step, which breaks optimizers, ``state_dict`` identity and device placement);
 - low-precision inputs are computed in fp32 and the output is cast back.
 
-Attribute names are the seed's (``_embedding``, ``_ema_w``, ``_ema_cluster_size``), so
-a state_dict of this module is a seed-layout state_dict. Do not optimise this file.
+Attribute names are the notebook's (``_embedding``, ``_ema_w``, ``_ema_cluster_size``), so
+a state_dict of this module is a notebook-layout state_dict. Do not optimise this file.
 """
 
 import torch
@@ -28,7 +29,7 @@ def _unflatten(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_code(flat_input: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-    """The seed's distances, ``[N, K]`` materialised, and their argmin (not argmax): int64 ``[N]``."""
+    """The notebook's distances, ``[N, K]`` materialised, and their argmin (not argmax): int64 ``[N]``."""
     distances = (torch.sum(flat_input**2, dim=1, keepdim=True)
                  + torch.sum(embedding**2, dim=1)
                  - 2 * torch.matmul(flat_input, embedding.t()))
@@ -49,7 +50,7 @@ def _perplexity(encodings: torch.Tensor) -> torch.Tensor:
 
 
 class VectorQuantizer(nn.Module):
-    """The seed's plain quantizer (codebook loss), ``[N, K]`` matrices and all."""
+    """The notebook's plain quantizer (codebook loss), ``[N, K]`` matrices and all."""
 
     def __init__(self, num_embeddings, embedding_dim, commitment_cost):
         super().__init__()
@@ -72,7 +73,7 @@ class VectorQuantizer(nn.Module):
 
 
 class VectorQuantizerEMA(nn.Module):
-    """The seed's EMA quantizer (no codebook loss), with its state updated in place."""
+    """The notebook's EMA quantizer (no codebook loss), with its state updated in place."""
 
     def __init__(self, num_embeddings, embedding_dim, commitment_cost, decay, epsilon=1e-5):
         super().__init__()
@@ -267,7 +268,7 @@ def lfq(z: torch.Tensor, entropy_loss_weight=0.1, commitment_cost=0.25, diversit
     per_sample_entropy, codebook_entropy)``; ``quantized = sign(z)`` (+1 where ``z > 0``)
     with a straight-through gradient.
     """
-    x = z if z.dtype == torch.float64 else z.float()  # float64 in: an exact oracle
+    x = z if z.dtype == torch.float64 else z.float()  # float64 in: an exact reference
     codebook = lfq_code_matrix(x.shape[1], x.device).to(x.dtype)
     logits = 2 * inv_temperature * x @ codebook.t()
     prob = torch.softmax(logits, dim=1)
@@ -452,7 +453,7 @@ def residual_vq(x, codebooks, num_levels, *, groups=1, cosine=False, commitment_
 
 
 def ema_step(cluster_size, ema_weight, counts, code_sums, decay, epsilon, cosine=False):
-    """One EMA update of a codebook (the seed's formulas): ``cluster_size [K]``,
+    """One EMA update of a codebook (the original notebook's formulas): ``cluster_size [K]``,
     ``ema_weight [K, d]`` and this batch's ``counts [K]``, ``code_sums [K, d]`` ->
     ``(cluster_size, ema_weight, codebook)``; the codes re-normalised when ``cosine``."""
     size = cluster_size * decay + (1 - decay) * counts

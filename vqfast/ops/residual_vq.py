@@ -63,7 +63,7 @@ def _(grad_q, grad_scale, x, codebooks, idx, num_levels, groups, cosine, rotatio
 
 
 def level_perplexity(counts: torch.Tensor) -> torch.Tensor:
-    """``[L, K]`` per-level code counts -> fp32 ``[L]`` perplexities (the seed's formula;
+    """``[L, K]`` per-level code counts -> fp32 ``[L]`` perplexities (the notebook's formula;
     1 for a level that quantized nothing)."""
     p = counts.float() / counts.sum(1, keepdim=True).clamp_min(1)
     return torch.exp(-torch.sum(p * torch.log(p + 1e-10), dim=1))
@@ -72,7 +72,7 @@ def level_perplexity(counts: torch.Tensor) -> torch.Tensor:
 class _ResidualQuantize(torch.autograd.Function):
     """``x: [B, D, S]`` (or ``[N, D]``), ``codebooks: [G * C, K, D / G]`` -> ``(q, loss, idx
     [G*Q, N], perplexity [G*Q], counts [G*Q, K], code_sums, snapshot)``; see
-    ``vqfast.reference.residual_vq`` for the definition (its oracle).
+    ``vqfast.reference.residual_vq`` for the definition (its reference implementation).
 
     ``loss = (codebook_loss + commitment_cost) * sum_{g,l} sq_err / (n_valid * D)``; the
     backward gathers the codes again from ``codebooks`` (the fp32 snapshot when an EMA

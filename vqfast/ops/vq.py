@@ -139,7 +139,7 @@ class _Quantize(torch.autograd.Function):
     ``with_code_sums``, else an empty tensor, or, when the codebook takes a gradient, the
     zeroed accumulator the backward adds it into).
 
-    ``loss = (codebook_loss + commitment_cost) * mse(q, x)``: the seed's
+    ``loss = (codebook_loss + commitment_cost) * mse(q, x)``: the original notebook's
     ``q_latent_loss + commitment_cost * e_latent_loss`` for ``VectorQuantizer``
     (``codebook_loss=True``), ``commitment_cost * e_latent_loss`` for the EMA quantizer.
     The output's value is ``q``; its gradient flows straight through to ``x``.
