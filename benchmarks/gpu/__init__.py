@@ -1,1 +1,1 @@
-"""The one command for a lent GPU (``run.sh``) and its bookkeeping (``report``)."""
+"""The one command for a GPU machine (``run.sh``) and its bookkeeping (``report``)."""

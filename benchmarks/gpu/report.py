@@ -4,8 +4,8 @@
     python -m benchmarks.gpu.report summary OUT_DIR --budget 420 --part correctness=0:95:110 ...
 
 A part is ``NAME=EXIT:SECONDS:LIMIT`` (``NAME=skipped:0:0`` when the budget ran out first).
-The summary holds each headline figure measured beside its prediction in
-``benchmarks/gpu/PREDICTION.md`` (its "Headline figures" table), in words.
+The summary holds each main figure measured beside its prediction in
+``benchmarks/gpu/PREDICTION.md`` (its "Main figures" table), in words.
 """
 
 import argparse
@@ -124,7 +124,7 @@ def _bench(out: Path) -> str:
             continue
         if impl == "vqfast[torch]" and (by.get((shape, op, dtype, "vqfast[triton]"))
                                         or {}).get("median_ms"):
-            continue  # on a GPU the headline is the Triton path
+            continue  # on a GPU the main row is the Triton path
         ref = by.get((shape, op, dtype, "reference"), {})
         peer = by.get((shape, op, dtype, "vector-quantize-pytorch"), {})
         vs_ref = f"{ref['median_ms'] / r['median_ms']:.1f}x" if ref.get("median_ms") else "n/a"
@@ -137,7 +137,7 @@ def _bench(out: Path) -> str:
               for r in results if (r.get("skipped") or "").startswith("error")]
     residual = json.loads(path.read_text()).get("residual", [])
     if residual:
-        lines += ["", "| residual case | implementation | fwd+bwd ms | peak MiB | vs peer |",
+        lines += ["", "| residual case | implementation | fwd+bwd ms | peak MiB | vs vector-quantize-pytorch |",
                   "|---|---|---:|---:|---:|"]
         for r in residual:
             if r["median_ms"] is None:
@@ -189,11 +189,11 @@ def _train(out: Path) -> str:
 
 
 def predictions(path: Path = PREDICTION) -> list:
-    """The rows ``(id, figure, predicted, unit)`` of PREDICTION.md's "Headline figures" table."""
+    """The rows ``(id, figure, predicted, unit)`` of PREDICTION.md's "Main figures" table."""
     rows, inside = [], False
     for line in path.read_text().splitlines():
         if line.startswith("## "):
-            inside = line.strip() == "## Headline figures"
+            inside = line.strip() == "## Main figures"
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if inside and len(cells) == 4 and cells[0] not in ("id", "") and not cells[0].startswith("-"):
@@ -218,7 +218,7 @@ def _ratio(a, b):
 
 
 def measured(out: Path) -> dict:
-    """Each headline figure's id -> its value in this run (absent if not measured)."""
+    """Each main figure's id -> its value in this run (absent if not measured)."""
     bench, train = _load(out, "bench.json"), _load(out, "train.json")
     ms = lambda shape, dtype, impl="vqfast[triton]": _bench_ms(bench, shape, "ema_step", dtype, impl)  # noqa: E731
     values = {
@@ -298,7 +298,7 @@ def summary(out: Path, parts: dict, budget: int | None = None) -> str:
     lines += ["", "## Predicted (benchmarks/gpu/PREDICTION.md) vs measured", "",
               predicted_vs_measured(out), "",
               "## Tests on the device", "", _tests(out), "",
-              "## Headline ratios (one run, side by side)", "", _bench(out), "",
+              "## Main ratios (one run, side by side)", "", _bench(out), "",
               "## Training step", "", _train(out), ""]
     return "\n".join(lines)
 
