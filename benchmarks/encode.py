@@ -128,7 +128,7 @@ def markdown(env, rows) -> str:
         ("ms", lambda r: f"{r.median_ms:.2f}"),
         ("vectors/s", lambda r: f"{r.vectors_per_s:,.0f}"),
         ("peak MiB", lambda r: f"{r.peak_mib:.1f}"),
-        ("speedup vs peer", lambda r: speedup_cell(r.speedup_vs_peer, ".1f"))])
+        ("speedup vs vector-quantize-pytorch", lambda r: speedup_cell(r.speedup_vs_peer, ".1f"))])
 
 
 def main(argv=None):

@@ -197,7 +197,7 @@ def markdown(env, rows) -> str:
         ("K", lambda r: str(r.k)), ("levels x groups", lambda r: f"{r.levels} x {r.groups}"),
         ("implementation", lambda r: r.impl)], [
         ("fwd+bwd ms", lambda r: f"{r.median_ms:.2f}"), ("peak MiB", lambda r: f"{r.peak_mib:.1f}"),
-        ("speedup vs peer", lambda r: speedup_cell(r.speedup_vs_peer))])
+        ("speedup vs vector-quantize-pytorch", lambda r: speedup_cell(r.speedup_vs_peer))])
 
 
 def main(argv=None):

@@ -110,7 +110,7 @@ def markdown(env, rows) -> str:
         ("channels / bits", lambda r: str(r.bits)), ("levels", lambda r: str(r.levels)),
         ("implementation", lambda r: r.impl)], [
         ("fwd+bwd ms", lambda r: f"{r.median_ms:.1f}"), ("peak MiB", lambda r: f"{r.peak_mib:.1f}"),
-        ("speedup vs peer", lambda r: speedup_cell(r.speedup_vs_peer, ".1f"))])
+        ("speedup vs vector-quantize-pytorch", lambda r: speedup_cell(r.speedup_vs_peer, ".1f"))])
 
 
 def main(argv=None):

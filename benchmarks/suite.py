@@ -54,8 +54,8 @@ class Skip(Exception):
 
 
 def memory_budget(device: torch.device) -> float:
-    """Bytes a peer's ``[N, K]`` matrices may take before its case is skipped: 8 GiB on a
-    CPU (more takes minutes per call), 80% of the free memory on a GPU."""
+    """Bytes another implementation's ``[N, K]`` matrices may take before its case is
+    skipped: 8 GiB on a CPU (more takes minutes per call), 80% of the free memory on a GPU."""
     return 8 << 30 if device.type == "cpu" else 0.8 * torch.cuda.mem_get_info(device)[0]
 
 
