@@ -54,6 +54,23 @@ def test_custom_ops_pass_opcheck(layout, backend):
         (ops.ema_update.default, (counts, sums, loss, torch.tensor(True, device=DEVICE), *state(),
                                   0.9, 1e-5, backend)),
     ]
+    # the thin eager step's options: the learned codebook's gradient accumulator and usage
+    # EMA, its re-seeding launch, the EMA update's fused re-seeding
+    usage = lambda: (torch.rand(11, device=DEVICE), torch.tensor(0.5, device=DEVICE),  # noqa: E731
+                     torch.tensor([3], device=DEVICE), 0.9)
+    key, reseeded = torch.tensor([5], device=DEVICE), torch.tensor(0, device=DEVICE)
+    checks += [
+        (ops.quantize.default, (x, codebook, False, 0.2, backend, "ieee", True, *usage())),
+        (ops.quantize_backward.default,
+         (torch.randn_like(x), torch.tensor(0.5, device=DEVICE), x, codebook, idx, 0.1, 0.2,
+          backend, torch.zeros(11, 5, device=DEVICE))),
+        (ops.reseed_codes.default, (*usage()[:2], codebook.clone(), x, key.clone(),
+                                    reseeded.clone(), 1e9 if backend == "triton" else 0.0,
+                                    backend)),
+        (ops.ema_update.default, (counts, sums, loss, None, *state(), 0.9, 1e-5, backend, None,
+                                  None, x, key.clone(), reseeded.clone(),
+                                  1e9 if backend == "triton" else 0.0)),
+    ]
     if layout == "rows":
         checks.append((ops.nearest_code.default, (x, codebook, backend, "ieee")))
     for op, args in checks:
