@@ -22,6 +22,11 @@ def quiet_stderr():
         os.close(saved)
 
 
+# CPU times are taken on one thread (torch.utils.benchmark's default): two threads on a
+# machine other jobs share wait on each other and vary tenfold. The reports say so.
+CPU_TIMING_THREADS = 1
+
+
 def median_seconds(fn, device: torch.device) -> float:
     """Median wall time of ``fn()`` after warm-up: ``do_bench`` on CUDA, ``torch.utils.benchmark`` on CPU."""
     if device.type == "cuda":
@@ -29,9 +34,23 @@ def median_seconds(fn, device: torch.device) -> float:
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
     from torch.utils.benchmark import Timer
     fn()
-    # Timer runs on one thread unless told: time on the threads the process has (and says)
-    return Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+    return Timer("fn()", globals={"fn": fn}, num_threads=CPU_TIMING_THREADS
                  ).blocked_autorange(min_run_time=0.5).median
+
+
+@contextlib.contextmanager
+def timing_threads(device: torch.device):
+    """Run the body on ``CPU_TIMING_THREADS`` threads on a CPU (as ``median_seconds``
+    times), so every time in one report is taken the same way."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(CPU_TIMING_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _walk(nodes):

@@ -12,7 +12,7 @@ import torch
 import vqfast
 from vqfast import reference
 
-from .measure import median_seconds, peak_extra_bytes
+from .measure import CPU_TIMING_THREADS, median_seconds, peak_extra_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +209,7 @@ def environment(device: torch.device) -> dict:
     return {
         "device": name,
         "device_type": device.type,
-        "cpu_threads": torch.get_num_threads(),
+        "cpu_threads": CPU_TIMING_THREADS,  # the threads CPU times are taken on
         "torch": torch.__version__,
         "triton": triton_version,
         "vqfast": vqfast.__version__,
@@ -231,7 +231,8 @@ def _fmt(value, spec):
 
 def device_line(env: dict) -> str:
     """The line every report starts with: machine, threads, versions, date."""
-    return (f"**Device** {env['device']} ({env['device_type']}, {env['cpu_threads']} threads) · "
+    threads = f"{env['cpu_threads']} thread{'s' if env['cpu_threads'] != 1 else ''}"
+    return (f"**Device** {env['device']} ({env['device_type']}, {threads}) · "
             f"torch {env['torch']} · triton {env['triton']} · vqfast {env['vqfast']} · {env['date']}")
 
 

@@ -359,10 +359,15 @@ def test_benchmark_table_states_ratios_in_the_readmes_words():
 
 
 def test_cpu_timings_run_on_the_threads_the_report_names():
-    from benchmarks import measure
-    seen = set()
-    measure.median_seconds(lambda: seen.add(torch.get_num_threads()), torch.device("cpu"))
-    assert seen == {torch.get_num_threads()}  # torch.utils.benchmark's Timer alone runs one
+    from benchmarks import measure, suite
+    seen = []
+    cpu = torch.device("cpu")
+    measure.median_seconds(lambda: seen.append(torch.get_num_threads()), cpu)
+    with measure.timing_threads(cpu):
+        seen.append(torch.get_num_threads())
+    timed = set(seen[1:])  # the first call is median_seconds' untimed warm-up
+    assert timed == {measure.CPU_TIMING_THREADS} == {suite.environment(cpu)["cpu_threads"]}
+    assert "(cpu, 1 thread)" in suite.device_line(suite.environment(cpu))
 
 
 def test_train_benchmark_times_the_steady_step_with_the_quantizers_default(tmp_path):
