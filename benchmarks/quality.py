@@ -1,8 +1,8 @@
 """``python -m benchmarks.quality``: does a VQ-VAE trained with vqfast learn well on real images?
 
-Trains the seed's VQ-VAE on 32x32 crops of the colour photographs that ship inside pip
-packages (scikit-image's ``skimage.data``; scikit-learn's sample images when installed),
-no download. Train and test come from different regions of each photo (the left 80% of
+Trains the original notebook's VQ-VAE on 32x32 crops of the colour photographs that ship
+inside pip packages (scikit-image's ``skimage.data``; scikit-learn's sample images when
+installed), no download. Train and test come from different regions of each photo (the left 80% of
 its width vs the right 20%), so test crops were never seen. Every configuration gets the
 same model initialisation, the same batches in the same order and the same seeds:
 
@@ -79,18 +79,28 @@ class Crops:
     names: list
 
 
+def channels_first(image: np.ndarray) -> torch.Tensor:
+    """A photograph ``uint8 [H, W, 3+]`` as ``uint8 [3, H, W]`` (an alpha channel dropped)."""
+    return torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1)  # a writable copy
+
+
+def tiles(x: torch.Tensor, stride: int = CROP) -> torch.Tensor:
+    """Every ``CROP x CROP`` window of ``x [3, H, W]`` that fits, ``stride`` apart, row by
+    row: ``[n, 3, CROP, CROP]`` in ``x``'s dtype."""
+    return (x.unfold(1, CROP, stride).unfold(2, CROP, stride)
+            .permute(1, 2, 0, 3, 4).reshape(-1, x.shape[0], CROP, CROP))
+
+
 def load_crops(train_fraction: float = 0.8) -> Crops:
-    regions, tiles, names = [], [], []
+    regions, test_tiles, names = [], [], []
     for name, image in photographs().items():
-        x = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float() / 255 - 0.5
+        x = channels_first(image).float() / 255 - 0.5
         split = int(x.shape[2] * train_fraction) // CROP * CROP
         regions.append(x[:, :, :split])
-        test = x[:, : x.shape[1] // CROP * CROP, split: split + (x.shape[2] - split) // CROP * CROP]
-        tiles.append(test.unfold(1, CROP, CROP).unfold(2, CROP, CROP)
-                     .permute(1, 2, 0, 3, 4).reshape(-1, 3, CROP, CROP))
+        test_tiles.append(tiles(x[:, :, split:]))
         names.append(name)
     variance = float(torch.cat([r.reshape(3, -1) for r in regions], 1).var())
-    return Crops(regions, torch.cat(tiles), variance, names)
+    return Crops(regions, torch.cat(test_tiles), variance, names)
 
 
 def batches(crops: Crops, batch_size: int, steps: int, seed: int):
@@ -135,7 +145,7 @@ class VQPAdapter(nn.Module):
 
 
 def build(config: str, args, seed: int) -> vqfast.VQVAE:
-    """The seed's VQ-VAE with ``config``'s quantizer; the same init for every config."""
+    """The original notebook's VQ-VAE with ``config``'s quantizer; the same init for every config."""
     torch.manual_seed(seed)
     decay = 0.0 if config in ("plain", "multiscale") else 0.99
     options = (vqfast.ORIGINAL_ALGORITHM if config in ("original", "vqfast-original-args")

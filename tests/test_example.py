@@ -1,11 +1,15 @@
 """examples/train_cifar10.py end to end on a tiny CIFAR-format fixture (CPU, a few steps)."""
 
+import hashlib
 import importlib.util
+import io
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +60,7 @@ def test_reads_official_format(cifar_dir):
 
 
 @pytest.mark.slow
-def test_trains_resumes_and_redraws(cifar_dir, tmp_path):
+def test_trains_resumes_and_redraws(cifar_dir, tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--data-dir", str(cifar_dir), "--out", str(out)] + TINY
     train_cifar10.main(common + ["--steps", "20"])
@@ -78,6 +82,7 @@ def test_trains_resumes_and_redraws(cifar_dir, tmp_path):
     train_cifar10.main(["--plots-only", str(out), "--device", "cpu"])
     for name in FIGURES:
         assert (out / name).stat().st_size > 0, name
+    assert f"figures of step 30 saved to {out}/: curves.png" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -93,14 +98,102 @@ def test_resume_is_the_same_run(cifar_dir, tmp_path):
         assert row_a["nmse"] == pytest.approx(row_b["nmse"], rel=1e-4)
 
 
-def test_missing_data_offline_says_how_to_provide_it(tmp_path, monkeypatch):
-    with pytest.raises(SystemExit, match="--data-dir"):
-        train_cifar10.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), "--no-download",
-                            "--device", "cpu"])
-    monkeypatch.setitem(sys.modules, "torchvision", None)  # no downloader available
-    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
-    with pytest.raises(SystemExit, match="torchvision.*--data-dir|--data-dir"):
-        train_cifar10.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), "--device", "cpu"])
+def test_missing_data_offline_says_how_to_provide_it(tmp_path):
+    with pytest.raises(SystemExit, match="--data-dir.*--data photos") as error:
+        train_cifar10.main(["--data", "cifar10", "--data-dir", str(tmp_path), "--out",
+                            str(tmp_path / "run"), "--no-download", "--device", "cpu"])
+    assert "standard library" in str(error.value) and "pip install" not in str(error.value)
+
+
+def _tarball(tmp_path, members):
+    """A gzipped tar of ``{name: bytes}`` and its md5."""
+    archive = tmp_path / "served" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return archive, hashlib.md5(archive.read_bytes()).hexdigest()
+
+
+def test_download_checks_the_md5_then_extracts_with_the_standard_library(cifar_dir, tmp_path):
+    members = {f"cifar-10-batches-py/{name}": (cifar_dir / "cifar-10-batches-py" / name).read_bytes()
+               for name in train_cifar10.TRAIN_FILES + train_cifar10.TEST_FILES}
+    archive, md5 = _tarball(tmp_path, members)
+    url = archive.as_uri()
+    with pytest.raises(train_cifar10.DataNotFound, match="md5"):
+        train_cifar10.download_cifar(tmp_path / "bad", url=url, md5="0" * 32)
+    assert not (tmp_path / "bad" / archive.name).exists()  # a bad archive is not kept
+    train_cifar10.download_cifar(tmp_path / "data", url=url, md5=md5)
+    train, test = train_cifar10.load_cifar(tmp_path / "data", download=False)
+    assert train.shape == (200, 3, 32, 32) and test.shape == (50, 3, 32, 32)
+    assert train_cifar10.CIFAR_MD5 == "c58f30108f718f92721af3b95e74349a"
+
+
+def test_download_refuses_an_archive_that_writes_outside_its_folder(tmp_path):
+    archive, md5 = _tarball(tmp_path, {"../escaped": b"x"})
+    with pytest.raises(train_cifar10.DataNotFound, match="escaped"):
+        train_cifar10.download_cifar(tmp_path / "data", url=archive.as_uri(), md5=md5)
+    assert not (tmp_path / "escaped").exists()
+
+
+def test_photos_are_split_by_photo():
+    train, test = train_cifar10.load_photos()
+    assert train.dtype == test.dtype == train_cifar10.torch.uint8
+    assert train.shape[1:] == test.shape[1:] == (3, 32, 32)
+    assert len(train) > 10_000 and len(test) == 342  # chelsea 9 x 14 tiles, coffee 12 x 18
+    from benchmarks import quality
+    photos = quality.photographs()
+    first_test = quality.tiles(quality.channels_first(photos[train_cifar10.TEST_PHOTOS[0]]))[0]
+    assert train_cifar10.torch.equal(test[0], first_test)
+
+
+def test_without_cifar_the_photos_train_and_every_output_says_not_cifar(tmp_path, capsys):
+    out = tmp_path / "photos"
+    model = train_cifar10.main(["--data-dir", str(tmp_path / "empty"), "--out", str(out),
+                                "--steps", "12", "--log-every", "6"] + TINY[:8] + TINY[10:])
+    printed = capsys.readouterr().out
+    assert "CIFAR-10 is not in" in printed and "NOT CIFAR-10" in printed
+    assert "device: cpu" in printed and "s/step (steps 2-11)" in printed
+    assert "checkpoint saved to" in printed and "figures saved to" in printed
+    final = json.loads((out / "final.json").read_text())
+    assert final["data"] == "photos" and final["steps"] == 12
+    assert 1 <= final["test_codes_used"] <= 32 and final["test_perplexity"] >= 1
+    assert json.loads((out / "args.json").read_text())["data"] == "photos"  # resumes on the same data
+    assert model is not None
+    for name in FIGURES:
+        assert (out / name).stat().st_size > 0, name
+    assert not (out / "codebook_umap.png").exists()  # UMAP only with --umap
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(cifar_dir, tmp_path, monkeypatch, capsys):
+    """SIGTERM (as Ctrl-C) mid-run: the step finishes, the checkpoint is saved, the run
+    stops with a line saying how to resume; --resume then finishes it."""
+    out = tmp_path / "stopped"
+    common = ["--data-dir", str(cifar_dir), "--out", str(out)] + TINY
+    batches = {"n": 0}
+    to_model_range = train_cifar10.to_model_range
+
+    def signalled_at_step_7(images, device):
+        batches["n"] += 1
+        if batches["n"] == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return to_model_range(images, device)
+
+    monkeypatch.setattr(train_cifar10, "to_model_range", signalled_at_step_7)
+    with pytest.raises(SystemExit) as stopped:
+        train_cifar10.main(common + ["--steps", "1000"])
+    assert stopped.value.code == 143
+    printed = capsys.readouterr().out
+    assert "step 7: checkpoint saved to" in printed and "--resume" in printed
+    state = train_cifar10.torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 7 and _steps_logged(out) == list(range(1, 8))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are given back
+    monkeypatch.setattr(train_cifar10, "to_model_range", to_model_range)
+    train_cifar10.main(common + ["--steps", "12", "--resume"])
+    assert _steps_logged(out) == list(range(1, 13))
+    assert json.loads((out / "final.json").read_text())["steps"] == 12
 
 
 @pytest.mark.slow
@@ -206,6 +299,19 @@ def test_collapse_warning_fires_once():
                 [(100, 5.0), (200, 1.1), (300, 1.2), (400, 1.0), (500, 1.0), (600, 1.0)]]
     assert [m is not None for m in messages] == [False, False, False, True, False, False]
     assert "k-means init" in messages[3] and "defaults" in messages[3]
+
+
+@pytest.mark.parametrize("flags, advice", [
+    ([], "--dead-code-threshold 0.5"),  # the EMA quantizer's default, not 1
+    (["--decay", "0"], "--dead-code-threshold 1"),
+    (["--quantizer", "rvq", "--decay", "0"], "learned residual codebooks do not re-seed"),
+])
+def test_collapse_warning_names_this_quantizers_defaults(flags, advice):
+    args = train_cifar10.build_parser().parse_args(flags + ["--original-algorithm"])
+    train_cifar10.resolve_codebook_options(args)
+    watch = train_cifar10.CollapseWatch(steps=1, advice=train_cifar10.collapse_advice(args))
+    watch.update(1, 1.0)
+    assert advice in watch.update(2, 1.0)
 
 
 @pytest.mark.parametrize("flags, expected", [
