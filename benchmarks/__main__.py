@@ -12,10 +12,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="the VQ-VAE shape and a short K sweep only (under a minute on a 2-core CPU)")
+                      help="the VQ-VAE shape and a short K sweep only (about a minute and 2.2 GB on a "
+                           "2-core CPU)")
     size.add_argument("--headline", action="store_true",
-                      help="the seed and large shapes, nearest code and EMA step only (the GPU "
-                           "command's headline part)")
+                      help="the VQ-VAE and large shapes, nearest code and EMA step only (the GPU "
+                           "command's bench part)")
     size.add_argument("--tiny", action="store_true",
                       help="one tiny shape: checks the pipeline in seconds, measures nothing useful")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:i]")
