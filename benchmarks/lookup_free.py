@@ -3,10 +3,10 @@
 LFQ's codebook entropy needs the probability of every one of the ``2**d`` codes for every
 vector. vqfast streams the codes (exact, ``[2**d]`` memory); vector-quantize-pytorch
 materialises ``[N, 2**d]`` probabilities, or a random fraction of the rows of it with
-``frac_per_sample_entropy < 1``. Per case: forward + backward time, peak memory, and the
-peer's error in the codebook entropy against vqfast's exact value (same inputs). BSQ
-(``LFQ(spherical=True)``: the vectors on the unit sphere, codes ``±1/sqrt(d)``) runs the
-same comparison against the peer's ``LFQ(spherical=True)``.
+``frac_per_sample_entropy < 1``. Per case: forward + backward time, peak memory, and
+vector-quantize-pytorch's error in the codebook entropy against vqfast's exact value (same
+inputs). BSQ (``LFQ(spherical=True)``: the vectors on the unit sphere, codes ``±1/sqrt(d)``) runs the
+same comparison against vector-quantize-pytorch's ``LFQ(spherical=True)``.
 """
 
 import argparse

@@ -7,8 +7,8 @@ levels (what a user would write without ``ResidualVQ``), and vector-quantize-pyt
 side by side in one run, with peak memory. Inputs are audio-like ``[B, D, T]``, fp32.
 On CUDA the fp32 rows keep fp32 products on both sides (vqfast ``precision="ieee"``, torch's
 default ``allow_tf32=False``); two more rows run both on TF32 tensor cores (vqfast
-``precision="tf32"``, the peer under ``torch.backends.cuda.matmul.allow_tf32 = True``),
-each speedup measured against the peer in the same arithmetic.
+``precision="tf32"``, vector-quantize-pytorch under ``torch.backends.cuda.matmul.allow_tf32 =
+True``), each speedup measured against vector-quantize-pytorch in the same arithmetic.
 """
 
 import contextlib

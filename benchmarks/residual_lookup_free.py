@@ -3,8 +3,8 @@ against vector-quantize-pytorch's.
 
 Forward + backward (to the input) at codec / tokenizer shapes, channel-last tokens on both
 sides: vqfast runs every level of every group in one fused launch (on CUDA) and streams
-LFQ's codebook entropy (never ``[N, 2**d]``); the peer loops over its levels, one FSQ or
-LFQ module each, and builds LFQ's ``[N, 2**d]`` probabilities per level. The peer runs
+LFQ's codebook entropy (never ``[N, 2**d]``); vector-quantize-pytorch loops over its levels, one
+FSQ or LFQ module each, and builds LFQ's ``[N, 2**d]`` probabilities per level. It runs
 its defaults (its ResidualFSQ bounds with symmetry-preserving FSQ levels and a soft clamp:
 the same elementwise arithmetic per level, a different grid); median time and peak
 memory, side by side in one run.

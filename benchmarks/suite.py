@@ -24,7 +24,7 @@ class Shape:
 
     @property
     def image(self):
-        """``[B, D, H, W]`` with ``B * H * W = N`` (H = W = 8, as in the seed)."""
+        """``[B, D, H, W]`` with ``B * H * W = N`` (H = W = 8, as in the original notebook)."""
         return (self.n // 64, self.d, 8, 8)
 
 
