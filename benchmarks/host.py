@@ -49,33 +49,52 @@ FREE_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_stri
             "_has_compatible_shallow_copy_type", "record_stream"}
 
 
-class _Launches:
-    """Triton's cache-hit work in place of each launch, counted per kernel."""
+class StubbedLaunches:
+    """Every Triton launch replaced by the work triton does on a cache hit (``JITFunction.run``
+    up to the launch: its keyword options, the argument binder and specialisation, the
+    cache key and lookup), counted per kernel; tensors stay on the CPU.
 
-    def __init__(self):
+    ``recorded``: each distinct specialisation the launches bound, as triton's JIT would
+    compile it (``_pack_args``: signature, constexprs, attributes such as divisibility by 16,
+    and the launch options), for the ahead-of-time compile of exactly what a GPU builds."""
+
+    def __init__(self, record: bool = False):
         self.count = collections.Counter()
-        self._binders = {}
-        self._cache = {}
+        self.record = record
+        self.recorded = {}  # (kernel, triton's cache key) -> what the JIT would compile
+        self.launch_log = []  # (kernel, key) of every launch, when recording
         self.excluded_ns = 0  # the stubs' own bookkeeping, not part of the host cost
 
     @contextlib.contextmanager
     def stubbed(self):
+        from triton import knobs
         from triton.backends.compiler import GPUTarget
         from triton.compiler import make_backend
         from triton.runtime import jit
         from vqfast.ops import dispatch
         backend = make_backend(GPUTarget("cuda", 90, 32))
         launches = self
+        extra = [name for name in ("instrumentation_mode", "fpsan_homomorphic_casts")
+                 if hasattr(knobs.compilation, name)]
 
         def run(fn, *args, grid, warmup, **kwargs):
-            kwargs["debug"] = kwargs.get("debug", fn.debug)
-            binder = launches._binders.get(fn)
-            if binder is None:
-                binder = launches._binders[fn] = jit.create_function_from_signature(
-                    fn.signature, fn.params, backend)
+            kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+            for name in extra:
+                kwargs[name] = getattr(knobs.compilation, name)
+            state = fn.__dict__.get("_stub_state")  # (triton keys its caches by device)
+            if state is None:
+                state = fn.__dict__["_stub_state"] = (
+                    {}, {}, jit.create_function_from_signature(fn.signature, fn.params, backend))
+            kernel_cache, key_cache, binder = state
             bound_args, specialization, options = binder(*args, **kwargs)
-            key = jit.compute_cache_key(launches._cache, specialization, options)
-            launches._cache.setdefault(key, fn)
+            key = jit.compute_cache_key(key_cache, specialization, options)
+            if kernel_cache.get(key) is None:  # triton would compile here
+                kernel_cache[key] = fn
+                if launches.record:
+                    launches.recorded[fn.__name__, key] = launches._record(
+                        fn, backend, kwargs, bound_args, specialization, options)
+            if launches.record:
+                launches.launch_log.append((fn.__name__, key))
             if callable(grid):
                 grid = grid(bound_args)
             launches.count[fn.__name__] += 1
@@ -86,13 +105,24 @@ class _Launches:
             launches.excluded_ns += time.thread_time_ns() - start
             return None
 
-        saved_run, saved_interp = jit.JITFunction.run, dispatch._triton_interpreted
+        from vqfast.kernels import _launch
+        saved = jit.JITFunction.run, dispatch._triton_interpreted, _launch.interpreted
         jit.JITFunction.run = run
         dispatch._triton_interpreted = lambda: True  # backend="triton" on CPU stand-ins
+        _launch.interpreted = lambda device: False  # ... launched as on a GPU
         try:
             yield self
         finally:
-            jit.JITFunction.run, dispatch._triton_interpreted = saved_run, saved_interp
+            jit.JITFunction.run, dispatch._triton_interpreted, _launch.interpreted = saved
+
+    def _record(self, fn, backend, kwargs, bound_args, specialization, options):
+        _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args,
+                                                        specialization, options)
+        option_names = set(backend.parse_options({}).__dict__)
+        return {
+            "module": fn.fn.__module__, "kernel": fn.fn.__name__, "signature": signature,
+            "constexprs": constexprs, "attrs": attrs,
+            "options": {k: v for k, v in kwargs.items() if k in option_names}}
 
 
 class _CountOps(TorchDispatchMode):
@@ -175,7 +205,7 @@ def _set_backend(module, backend: str) -> None:
             m.backend = backend
 
 
-def measure(name, build, shape, kind, steps: int, launches: _Launches):
+def measure(name, build, shape, kind, steps: int, launches: StubbedLaunches):
     module = build("torch")
     if module is None:
         return None
@@ -209,7 +239,7 @@ def measure(name, build, shape, kind, steps: int, launches: _Launches):
 
 def run(steps: int = 300, progress=print, names=None):
     torch.set_num_threads(1)
-    launches = _Launches()
+    launches = StubbedLaunches()
     rows = []
     with launches.stubbed():
         for name, build, shape, kind in _cases():
@@ -224,6 +254,47 @@ def run(steps: int = 300, progress=print, names=None):
     for row in rows:
         row["vs_original_ema"] = base["host_us"] / row["host_us"] if base else None
     return rows
+
+
+# The shapes a GPU user runs (README: Performance), for the ahead-of-time compile of the
+# specialisations the JIT really builds there: (name, builder, input shape, dtype).
+RECORDED_STEPS = [
+    ("VQ-VAE EMA fp32", lambda: vqfast.VectorQuantizerEMA(512, 64, backend="triton"),
+     (256, 64, 8, 8), torch.float32),
+    ("VQ-VAE learned bf16", lambda: vqfast.VectorQuantizer(512, 64, backend="triton"),
+     (256, 64, 8, 8), torch.bfloat16),
+    ("large EMA bf16", lambda: vqfast.VectorQuantizerEMA(16384, 256, backend="triton"),
+     (64, 256, 32, 32), torch.bfloat16),
+    ("large EMA bf16 tokens", lambda: vqfast.VectorQuantizerEMA(
+        16384, 256, backend="triton", channel_last=True), (64, 1024, 256), torch.bfloat16),
+    ("large EMA tf32x3", lambda: vqfast.VectorQuantizerEMA(
+        16384, 256, backend="triton", precision="tf32x3"), (64, 256, 32, 32), torch.float32),
+]
+
+
+def record_specializations(steps=RECORDED_STEPS) -> list:
+    """Each distinct kernel specialisation the steps launch (forward, backward, update;
+    k-means init), as triton's JIT would compile it: ``StubbedLaunches.recorded`` records,
+    each with ``cases`` naming the steps that launch it (``"<step> k-means init"`` for the
+    first step's launches that the trained step does not repeat)."""
+    launches = StubbedLaunches(record=True)
+    cases = collections.defaultdict(list)
+    with launches.stubbed():
+        for name, build, shape, dtype in steps:
+            torch.manual_seed(0)
+            module = build().to(dtype).train()
+            x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+            start = len(launches.launch_log)
+            _step(module, x, [None, None])  # k-means init (and the first step)
+            trained = len(launches.launch_log)
+            _step(module, x, [None, None])  # a trained step
+            steady = dict.fromkeys(launches.launch_log[trained:])
+            for launch in steady:
+                cases[launch].append(name)
+            for launch in dict.fromkeys(launches.launch_log[start:trained]):
+                if launch not in steady:
+                    cases[launch].append(f"{name} k-means init")
+    return [dict(record, cases=cases[launch]) for launch, record in launches.recorded.items()]
 
 
 def environment() -> dict:

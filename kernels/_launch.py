@@ -67,6 +67,13 @@ def launcher(fn):
     return wrapper
 
 
+def interpreted(device: torch.device) -> bool:
+    """Whether a launch on ``device`` runs under the Triton interpreter (CPU tensors): the
+    launchers upcast bf16 dot operands there (the interpreter multiplies them as raw bits).
+    A recorder of the GPU's specialisations replaces it."""
+    return device.type != "cuda"
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for grids (``triton.cdiv`` costs microseconds per call from Python)."""
     return -(-a // b)

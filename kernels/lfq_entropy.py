@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from ._launch import cdiv, launcher, PTR, check_matrix, check_rows, check_same_device, split_options
 
 MAX_DIM = 24  # 2**24 codes: the int32 code indices stay far from overflow
@@ -103,7 +104,7 @@ def _dot_options(x, precision):
     # The Triton interpreter multiplies 16-bit dot operands as raw bits: upcast there
     # (exact: the codes are ±1 and the products fit fp32).
     return dict(INPUT_PRECISION=precision if x.dtype == torch.float32 else "ieee",
-                UPCAST_DOT=x.dtype != torch.float32 and x.device.type != "cuda")
+                UPCAST_DOT=x.dtype != torch.float32 and _launch.interpreted(x.device))
 
 
 @launcher

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from ._launch import (cdiv, launcher, PTR, TORCH_DTYPES, check_codebook, check_same_device, launch_config,
                       streaming_configs)
 from ._layout import row_offsets, vector_layout
@@ -54,21 +55,21 @@ def _nearest_code_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    # Tiles are addressed as a 64-bit scalar base plus 32-bit offsets inside the tile:
-    # no per-element 64-bit pointers to hold in registers, and no overflow for N * D >= 2**31.
-    # Vectors are [N, D] rows or the columns of a channels-first [B, D, S] (see _layout).
+    # x is addressed by 64-bit row offsets (no overflow for N * D >= 2**31). Vectors are
+    # [N, D] rows or the columns of a channels-first [B, D, S] (see _layout). (A 64-bit tile
+    # base plus 32-bit offsets inside it made triton 3.6 load channels-first x with scalar
+    # 16-bit loads and a full wait every 16 channels on sm_90; these pipeline through
+    # cp.async at 3 stages: tests/test_aot.py reads it from the JIT's own specialisation.)
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    tile_base = row_offsets(row0, S, D)  # offsets grow with the row index
-    local_rows = (row_offsets(rows, S, D) - tile_base).to(tl.int32)
-    x_tile_ptr = x_ptr + tile_base
+    x_rows_ptr = x_ptr + row_offsets(rows, S, D)  # int64 offsets: see the note above
 
     # |x|^2 per row, in fp32: added once at the end, it does not move the argmin.
     x_sqnorm = tl.zeros([BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_tile_ptr + local_rows[:, None] + dims[None, :] * S,
+        x = tl.load(x_rows_ptr[:, None] + dims[None, :] * S,
                     mask=row_mask[:, None] & (dims[None, :] < D), other=0.0).to(tl.float32)
         x_sqnorm += tl.sum(x * x, axis=1)
 
@@ -84,7 +85,7 @@ def _nearest_code_kernel(
         for d0 in range(0, D, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
             dim_mask = dims < D
-            x = tl.load(x_tile_ptr + local_rows[:, None] + dims[None, :] * S,
+            x = tl.load(x_rows_ptr[:, None] + dims[None, :] * S,
                         mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
             codebook_t = tl.load(codebook_tile_ptr + local_codes[None, :] * D + dims[:, None],
                                  mask=code_mask[None, :] & dim_mask[:, None], other=0.0)
@@ -202,7 +203,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
         INPUT_PRECISION=precision if x.dtype == torch.float32 else "ieee",
         # The Triton interpreter (3.8) multiplies bf16 dot operands as raw bits; upcasting
         # them is exact (bf16 x bf16 fits fp32), so results are what the GPU computes.
-        UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type != "cuda", **config)
+        UPCAST_DOT=x.dtype == torch.bfloat16 and _launch.interpreted(x.device), **config)
     return idx, sqdist
 
 

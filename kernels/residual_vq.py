@@ -356,7 +356,7 @@ def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, wi
         n, dim, s, k, d, num_levels, books // groups,
         COSINE=cosine, HAS_MASK=mask is not None, HAS_ACTIVE=active is not None,
         SUMS=sums, INPUT_PRECISION=precision if x.dtype == torch.float32 else "ieee",
-        UPCAST_DOT=x.dtype == torch.bfloat16 and x.device.type != "cuda",
+        UPCAST_DOT=x.dtype == torch.bfloat16 and _launch.interpreted(x.device),
         STATS_SEM=_launch.STATS_SEM, **config)
     if sums == STORE_RESIDUALS:
         code_sums = _sorted_sums(residuals, idx, _books(groups, num_levels, books), k)

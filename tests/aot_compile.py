@@ -19,7 +19,7 @@ from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
 
 # Every kernel module lists its own launchable configurations (``aot_variants``), beside
 # the kernel and its launcher; ``vqfast.kernels.KERNEL_MODULES`` is the one registry of
@@ -89,18 +89,47 @@ def atomics(ptx: str) -> list:
     return found
 
 
+def jit_specializations():
+    """The kernels as triton's JIT specialises them at the README's shapes (a GPU user's):
+    divisibility-16 attributes of aligned pointers and sizes, sizes of 1 as constants, the
+    launch options. Recorded by the launchers themselves on CPU stand-in tensors, through
+    triton's own binder (``benchmarks.host.record_specializations``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.host import record_specializations
+    return record_specializations()
+
+
+def _short(kernel_name: str) -> str:
+    return kernel_name.strip("_").removesuffix("_kernel")
+
+
 def compile_one(job):
     index, capability = job
-    name, kernel, sig, consts, options = list(variants())[index]
+    if isinstance(index, dict):  # a JIT specialisation: compiled as the JIT compiles it
+        spec = index
+        name = f"jit:{_short(spec['kernel'])}[{', '.join(spec['cases'])}]"
+        kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+        target = GPUTarget("cuda", capability, 32)
+        options = make_backend(target).parse_options(spec["options"]).__dict__
+        build = lambda: triton.compile(  # noqa: E731
+            ASTSource(kernel, spec["signature"], spec["constexprs"], spec["attrs"]),
+            target=target, options=options)
+    else:
+        name, kernel, sig, consts, options = list(variants())[index]
+        build = lambda: triton.compile(  # noqa: E731
+            ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in consts}},
+                      constexprs=consts),
+            target=GPUTarget("cuda", capability, 32), options=options)
     record = {"name": name, "target": f"sm_{capability}", "triton": triton.__version__}
     try:
-        src = ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in consts}},
-                        constexprs=consts)
-        compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+        compiled = build()
         ptx = compiled.asm["ptx"]
         record.update(shared=compiled.metadata.shared, shared_limit=TARGETS[capability],
                       mma="mma.sync" in ptx, wgmma="wgmma" in ptx, atomics=atomics(ptx),
-                      **_ptxas(ptx, capability))
+                      cp_async=len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)),
+                      scalar_16bit_loads=sum(1 for op in re.findall(r"ld\.global[.\w]*", ptx)
+                                             if op.endswith("16") and ".v" not in op),
+                      num_stages=compiled.metadata.num_stages, **_ptxas(ptx, capability))
     except Exception as error:  # report every failure, not just the first
         record["error"] = f"{type(error).__name__}: {error}"[:2000]
     return record
@@ -110,6 +139,8 @@ def main():
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("unset TRITON_INTERPRET: AOT compilation needs real JITFunctions")
     jobs = [(i, cap) for i in range(len(list(variants()))) for cap in TARGETS]
+    # ... and every specialisation the JIT builds at the README's shapes, for Hopper
+    jobs += [(spec, 90) for spec in jit_specializations()]
     failed = False
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
         for record in pool.map(compile_one, jobs):
