@@ -315,6 +315,8 @@ def markdown(env: dict, rows) -> str:
         ratio = r["vs_original_ema"]
         if ratio is None:
             words = ""
+        elif r["name"].startswith("original EMA"):
+            words = "1x"
         elif ratio >= 1:
             words = f"{ratio:.1f}x less host time"
         else:

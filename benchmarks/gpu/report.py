@@ -170,6 +170,10 @@ def _train(out: Path) -> str:
     if "quantizer_share" in share:
         lines.append(f"- quantizer: {share['quantizer_ms']:.3f} ms of a {share['step_ms']:.3f} ms "
                      f"step ({100 * share['quantizer_share']:.1f}%)")
+        if "quantizer_host_us" in share:
+            lines.append(f"- quantizer step's host cost (thread CPU time to issue it): "
+                         f"{share['quantizer_host_us']:.0f} us beside its "
+                         f"{1e3 * share['quantizer_ms']:.0f} us")
     launches = parts.get("launches", {})
     if "kernels_per_step" in launches:
         lines.append(f"- kernels per quantizer training step: {launches['kernels_per_step']}")
