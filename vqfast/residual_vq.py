@@ -63,8 +63,14 @@ class ResidualVQ(QuantizerCommon, nn.Module):
     commitment and codebook terms summed over levels, each with its own gradient, summing
     to ``loss``; with learned codebooks it costs a second residual search).
 
-    ``encode(x, mask=None)``: the codes alone, ``[B, G*Q, *spatial]`` (the residual search,
-    every level, no autograd); ``decode_indices(encode(x))`` equals the eval-mode output.
+    ``encode(x, mask=None, *, num_levels=None)``: the codes alone, ``[B, G*n, *spatial]``
+    (the residual search of the first ``n`` levels of each group, default all Q, no
+    autograd); ``decode_indices(encode(x))`` equals the eval-mode output.
+
+    ``forward(..., num_levels=n)``: only the first ``n`` levels of each group quantize
+    (EnCodec's bandwidths, Mimi's ``num_quantizers``), in training too: the loss, output,
+    perplexity ``[G*n]`` and codes ``[B, G*n, *spatial]`` are those of the ``n`` levels, and
+    only their codebooks learn (quantize dropout then draws from ``1..n``).
 
     ``forward(x: [B, D, *spatial], mask=None)`` returns ``(loss, quantized, perplexity,
     codes)``: ``quantized [B, D, *spatial]`` in x's dtype, ``perplexity`` fp32 ``[G*Q]``,
@@ -189,45 +195,81 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         return x, z, flat_mask, backend
 
     @torch.no_grad()
-    def encode(self, inputs: torch.Tensor, mask=None) -> torch.Tensor:
-        """Codes only: int64 ``[B, G*Q, *spatial]`` for ``inputs [B, D, *spatial]`` (-1 where
-        ``mask`` is False): the residual search of the forward, in eval mode (every level),
-        with no EMA statistics, state change or autograd. ``decode_indices(encode(x))``
-        equals the eval-mode output."""
+    def encode(self, inputs: torch.Tensor, mask=None, *, num_levels=None) -> torch.Tensor:
+        """Codes only: int64 ``[B, G*n, *spatial]`` for ``inputs [B, D, *spatial]`` (-1 where
+        ``mask`` is False): the residual search of the forward's first ``n = num_levels``
+        levels per group (default all), in eval mode, with no EMA statistics, state change or
+        autograd; levels past ``n`` are not searched. ``decode_indices(encode(x))`` equals
+        the eval-mode output."""
+        n = self._num_levels(num_levels)
         x, z, flat_mask, backend = self._prepare(inputs, mask)
-        idx = self._plain_search(z, None, flat_mask, backend)[2]
+        idx = self._plain_search(z, None, flat_mask, backend, n)[2]
         return self._codes_in_layout(idx, inputs)
 
-    def _plain_search(self, z, active, flat_mask, backend):
+    def _num_levels(self, num_levels) -> int:
+        if num_levels is None:
+            return self.num_quantizers
+        if not (modules._is_int(num_levels) and 1 <= num_levels <= self.num_quantizers):
+            raise ValueError(f"num_levels must be an int in [1, {self.num_quantizers}] "
+                             f"(num_quantizers), got {num_levels!r}")
+        return int(num_levels)
+
+    def _level_codebooks(self, n: int):
+        """The codebooks of each group's first ``n`` levels, ``[G*C', K, d]`` (all of them
+        when shared or ``n == Q``)."""
+        codebooks = self._codebooks()
+        if self.shared_codebook or n == self.num_quantizers:
+            return codebooks
+        return codebooks.view(self.groups, self.num_quantizers, *codebooks.shape[1:])[
+            :, :n].reshape(self.groups * n, *codebooks.shape[1:])
+
+    def _all_levels(self, t, n: int, fill):
+        """Per-level ``t [G*n, ...]`` as ``[G*Q, ...]``, the levels past ``n`` ``fill``."""
+        if n == self.num_quantizers:
+            return t
+        full = t.new_full((self.groups, self.num_quantizers, *t.shape[1:]), fill)
+        full[:, :n] = t.view(self.groups, n, *t.shape[1:])
+        return full.view(self.groups * self.num_quantizers, *t.shape[1:])
+
+    def _plain_search(self, z, active, flat_mask, backend, n=None):
         """The residual search with no codebook loss, rotation or statistics: the codes
-        (``encode``) and the commitment terms alone (the loss breakdown)."""
+        (``encode``) and the commitment terms alone (the loss breakdown), of each group's
+        first ``n`` levels (default all)."""
+        n = self.num_quantizers if n is None else n
         return residual_quantize(
-            z, self._codebooks(), self.num_quantizers, groups=self.groups, cosine=self.cosine,
+            z, self._level_codebooks(n), n, groups=self.groups, cosine=self.cosine,
             active=active, mask=flat_mask, commitment_cost=self.commitment_cost,
             codebook_loss=False, rotation_trick=False, with_code_sums=False, backend=backend,
             precision=self.precision)
 
-    def forward(self, inputs, mask=None, return_loss_breakdown=False):
+    def forward(self, inputs, mask=None, return_loss_breakdown=False, *, num_levels=None):
+        n = self._num_levels(num_levels)
         x, z, flat_mask, backend = self._prepare(inputs, mask)
         update = self.ema and self.training and not self.freeze_codebook
         if self.training and not self._kmeans_done and not self.freeze_codebook:
             self._kmeans(z, flat_mask, backend)
-        active = self._active_levels(x.device) if self.training and self.quantize_dropout else None
+        active = (self._active_levels(x.device, n) if self.training and self.quantize_dropout
+                  else None)
         q, loss, idx, perplexity, counts, code_sums, snapshot = residual_quantize(
-            z, self._codebooks(), self.num_quantizers, groups=self.groups, cosine=self.cosine,
+            z, self._level_codebooks(n), n, groups=self.groups, cosine=self.cosine,
             active=active, mask=flat_mask, commitment_cost=self.commitment_cost,
             codebook_loss=not self.ema, rotation_trick=self.rotation_trick,
             with_code_sums=update, backend=backend, precision=self.precision)
-        if update:
-            stats = dict(z=z, loss=loss.detach(), idx=idx, counts=counts, code_sums=code_sums,
-                         snapshot=snapshot, books_on=self._book_active(active),
-                         masked=flat_mask is not None, backend=backend)
+        if update:  # the statistics of every level (those past n: none) and codebook
+            books_on = self._book_active(active if active is not None or n == self.num_quantizers
+                                         else torch.full((), n, device=x.device))
+            stats = dict(z=z, loss=loss.detach(), idx=self._all_levels(idx, n, -1),
+                         counts=self._all_levels(counts, n, 0),
+                         code_sums=self._all_levels(code_sums, n, 0.0),
+                         snapshot=(snapshot if self.shared_codebook
+                                   else self._all_levels(snapshot, n, 0.0)),
+                         books_on=books_on, masked=flat_mask is not None, backend=backend)
             if self._accumulated is not None:  # inside accumulate(): sum, update later
                 self._accumulate(stats)
             else:
                 self._update(**stats)
         # each group's first level (never dropped) tells whether its codebook collapsed
-        self._watch_usage(counts.view(self.groups, self.num_quantizers, -1)[:, 0])
+        self._watch_usage(counts.view(self.groups, n, -1)[:, 0])
         if self.project_out is not None:
             q = self.project_out(q)
             if flat_mask is not None:  # masked positions give back their input
@@ -240,14 +282,14 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             return (*outputs, LossBreakdown.of(loss, commitment=loss.float()))
         # the commitment terms alone (gradient to the input only): the same levels searched
         # again without the codebook loss (a second pass, only when asked for)
-        commitment = self._plain_search(z, active, flat_mask, backend)[1]
+        commitment = self._plain_search(z, active, flat_mask, backend, n)[1]
         return (*outputs, LossBreakdown.of(loss, commitment=commitment.float(),
                                            codebook=(loss - commitment).float()))
 
-    def _active_levels(self, device) -> torch.Tensor:
-        """Quantize dropout: n uniform in 1..Q, drawn on the device (no host sync); rank
-        0's draw when the statistics are synced."""
-        n = torch.randint(1, self.num_quantizers + 1, (), device=device)
+    def _active_levels(self, device, levels: int) -> torch.Tensor:
+        """Quantize dropout: n uniform in 1..levels, drawn on the device (no host sync);
+        rank 0's draw when the statistics are synced."""
+        n = torch.randint(1, levels + 1, (), device=device)
         if self._syncing():
             dist.broadcast(n, 0)
         return n
