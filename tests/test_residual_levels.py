@@ -93,3 +93,66 @@ def test_bad_num_levels_are_refused_before_anything_changes(bad):
     with pytest.raises(ValueError, match="num_levels"):
         rvq.encode(torch.randn(2, 6, 3), num_levels=bad)
     assert all(torch.equal(t, before[n]) for n, t in rvq.state_dict().items() if n in before)
+
+
+def _rows(t):
+    """``[B, C, *spatial]`` -> ``[N, C]`` rows."""
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def _first(codes, groups, q, n):
+    """Levels-second codes ``[B, G*Q, ...]`` -> each group's first n levels."""
+    return codes.view(codes.shape[0], groups, q, *codes.shape[2:])[:, :, :n].reshape(
+        codes.shape[0], groups * n, *codes.shape[2:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_fsq_first_levels_match_the_oracle(backend):
+    levels, q, n, groups = (8, 5, 3), 3, 2, 2
+    rfsq = vqfast.ResidualFSQ(levels, q, groups=groups, backend=backend).to(DEVICE)
+    z = torch.randn(2, 3 * groups, 5, device=DEVICE, requires_grad=True)
+    out, codes = rfsq(z, num_levels=n)
+    rows = _rows(z.detach()).requires_grad_()
+    q_r, codes_r = reference.residual_fsq(rows, levels, q, groups, active_levels=n)
+    assert codes.shape == (2, groups * n, 5)
+    kept = codes_r.view(groups, q, -1)[:, :n].reshape(groups * n, -1)
+    assert torch.equal(_rows(codes), kept.t())
+    torch.testing.assert_close(_rows(out.detach()), q_r, **TOL[torch.float32])
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+    (q_r * _rows(weight)).sum().backward()
+    torch.testing.assert_close(_rows(z.grad), rows.grad, **TOL[torch.float32])
+    assert torch.equal(rfsq.encode(z, num_levels=n), _first(rfsq.encode(z), groups, q, n))
+    torch.testing.assert_close(rfsq.decode_indices(codes, levels_dim=1), out.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_lfq_first_levels_match_the_oracle(backend):
+    dim, q, n, groups = 8, 3, 2, 2
+    torch.manual_seed(3)
+    rlfq = vqfast.ResidualLFQ(dim, q, groups=groups, inv_temperature=5.0,
+                              backend=backend).to(DEVICE)
+    z = torch.randn(2, dim, 5, device=DEVICE, requires_grad=True)
+    loss, out, perplexity, codes = rlfq(z, num_levels=n)
+    assert codes.shape == (2, groups * n, 5) and perplexity.shape == (groups * n,)
+    rows = _rows(z.detach()).double().requires_grad_()
+    loss_r, q_r, codes_r, _, _ = reference.residual_lfq(rows, q, groups, inv_temperature=5.0,
+                                                        active_levels=n)
+    kept = codes_r.view(groups, q, -1)[:, :n].reshape(groups * n, -1)
+    assert torch.equal(_rows(codes), kept.t())
+    torch.testing.assert_close(_rows(out.detach()), q_r.float(), **TOL[torch.float32])
+    torch.testing.assert_close(loss.double(), loss_r, rtol=1e-5, atol=1e-6)
+    (loss + out.sum()).backward()
+    (loss_r + q_r.sum()).backward()
+    torch.testing.assert_close(_rows(z.grad).double(), rows.grad, rtol=1e-4, atol=1e-6)
+    assert torch.equal(rlfq.encode(z, num_levels=n), _first(rlfq.encode(z), groups, q, n))
+
+
+@pytest.mark.parametrize("cls", ["ResidualFSQ", "ResidualLFQ"])
+def test_residual_lookup_free_refuses_bad_num_levels(cls):
+    module = vqfast.ResidualFSQ((5, 3), 2) if cls == "ResidualFSQ" else vqfast.ResidualLFQ(4, 2)
+    for bad in (0, 3, 1.0):
+        with pytest.raises(ValueError, match="num_levels"):
+            module(torch.randn(2, module.dim, 3), num_levels=bad)
+        with pytest.raises(ValueError, match="num_levels"):
+            module.encode(torch.randn(2, module.dim, 3), num_levels=bad)

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import functional as VF
 from .lookup_free import LFQ_EXPENSIVE_DIM, check_levels, check_lfq_options
-from .modules import (LossBreakdown, Projection, QuantizerCommon, check_codes, check_count,
+from .modules import (LossBreakdown, Projection, QuantizerCommon, _is_int, check_codes, check_count,
                       keep_fp32)
 from .ops import fsq as fsq_ops
 from .ops import lfq as lfq_ops
@@ -43,17 +43,28 @@ class _ResidualScalar(QuantizerCommon, nn.Module):
             x = self.project_in(x).contiguous()
         return x, VF.resolve_backend(self.backend, x.device)
 
-    def _active_levels(self) -> torch.Tensor:
-        """The levels this forward runs: all, or in training with ``quantize_dropout`` the
-        first n, n uniform in 1..Q, drawn on the device (no host sync)."""
-        if self.training and self.quantize_dropout and torch.is_grad_enabled():
-            return torch.randint(1, self.num_quantizers + 1, (), device=self.all_levels.device)
-        return self.all_levels
+    def _levels(self, num_levels, training: bool = True):
+        """``(n, scales [n, C], active)`` of a forward (``training``) or encode over each
+        group's first ``n = num_levels`` levels (default all Q; levels past n are not
+        run). ``active``: the levels that run, an int64 0-d tensor: n, or in training with
+        ``quantize_dropout`` uniform in 1..n, drawn on the device (no host sync)."""
+        n = self.num_quantizers
+        if num_levels is not None:
+            if not (_is_int(num_levels) and 1 <= num_levels <= self.num_quantizers):
+                raise ValueError(f"num_levels must be an int in [1, {self.num_quantizers}] "
+                                 f"(num_quantizers), got {num_levels!r}")
+            n = int(num_levels)
+        device = self.all_levels.device
+        if training and self.training and self.quantize_dropout and torch.is_grad_enabled():
+            active = torch.randint(1, n + 1, (), device=device)
+        else:
+            active = self.all_levels if n == self.num_quantizers else torch.full(
+                (), n, dtype=torch.int64, device=device)
+        return n, self.scales[:n], active
 
-    def _watch_levels(self, codes: torch.Tensor) -> None:
-        """The collapse watch of each group's first level (never dropped), codes ``[G*Q, N]``."""
-        self._watch_codes(codes.view(self.groups, self.num_quantizers, -1)[:, 0],
-                          self.codebook_size)
+    def _watch_levels(self, codes: torch.Tensor, n: int) -> None:
+        """The collapse watch of each group's first level (never dropped), codes ``[G*n, N]``."""
+        self._watch_codes(codes.view(self.groups, n, -1)[:, 0], self.codebook_size)
 
     def _output(self, quantized, z):
         if self.project_out is not None:
@@ -137,23 +148,25 @@ class ResidualFSQ(_ResidualScalar):
     def _apply(self, fn, recurse=True):  # the grid's constants stay exact (fp32, int64)
         return keep_fp32(self, ("params", "scales"), fn, recurse)
 
-    def forward(self, z, return_loss_breakdown=False):
+    def forward(self, z, return_loss_breakdown=False, *, num_levels=None):
+        n, scales, active = self._levels(num_levels)
         x, backend = self._inputs(z)
-        quantized, codes = ops.residual_fsq(x, self.params, self.basis, self.scales,
-                                            self._active_levels(), self.groups, backend)
-        self._watch_levels(codes)
+        quantized, codes = ops.residual_fsq(x, self.params, self.basis, scales, active,
+                                            self.groups, backend)
+        self._watch_levels(codes, n)
         outputs = self._output(quantized, z), self._codes_in_layout(codes, z)
         if return_loss_breakdown:  # no loss: every term is 0
             return (*outputs, LossBreakdown.of(quantized))
         return outputs
 
     @torch.no_grad()
-    def encode(self, z: torch.Tensor) -> torch.Tensor:
-        """Codes only, every level: int64 ``[B, G*Q, *spatial]``; ``decode_indices(encode(z))``
-        equals the eval-mode output."""
+    def encode(self, z: torch.Tensor, *, num_levels=None) -> torch.Tensor:
+        """Codes only, of each group's first ``num_levels`` levels (default all): int64
+        ``[B, G*n, *spatial]``; ``decode_indices(encode(z))`` equals the eval-mode output."""
+        _, scales, active = self._levels(num_levels, training=False)
         x, backend = self._inputs(z)
-        codes = ops.residual_fsq(x, self.params, self.basis, self.scales, self.all_levels,
-                                 self.groups, backend)[1]
+        codes = ops.residual_fsq(x, self.params, self.basis, scales, active, self.groups,
+                                 backend)[1]
         return self._codes_in_layout(codes, z)
 
     def _level_values(self, codes: torch.Tensor) -> torch.Tensor:
@@ -239,19 +252,19 @@ class ResidualLFQ(_ResidualScalar):
     def _apply(self, fn, recurse=True):
         return keep_fp32(self, ("scales",), fn, recurse)
 
-    def forward(self, z, return_loss_breakdown=False):
+    def forward(self, z, return_loss_breakdown=False, *, num_levels=None):
+        q, scales, active = self._levels(num_levels)
         x, backend = self._inputs(z)
-        active = self._active_levels()
-        g, q, d = self.groups, self.num_quantizers, self.code_dim
-        total, codes, residuals = ops.residual_sign_levels(x, self.bits, self.scales, active,
+        g, d = self.groups, self.code_dim
+        total, codes, residuals = ops.residual_sign_levels(x, self.bits, scales, active,
                                                            g, True, backend)
-        self._watch_levels(codes)
+        self._watch_levels(codes, q)
         # each level's input with the identity's gradient to x: r_l = x_g - sg(q_0 + ...)
         x_rows = x.movedim(1, -1).reshape(-1, g, d).transpose(0, 1).float()  # [G, N, d]
         x_rows = x_rows.repeat_interleave(q, 0)  # [G*Q, N, d]
         rows = x_rows + (residuals - x_rows).detach()
         on = (torch.arange(q, device=x.device) < active).repeat(g).float()  # [G*Q]
-        scale = self.scales[:, 0].repeat(g)[:, None, None]
+        scale = scales[:, 0].repeat(g)[:, None, None]
         signs = torch.where(residuals > 0, scale, -scale)
         n = rows.shape[1]
         commitment = self.commitment_cost * (
@@ -286,12 +299,13 @@ class ResidualLFQ(_ResidualScalar):
         return torch.exp(-(probs * torch.log(probs + 1e-10)).sum(1))
 
     @torch.no_grad()
-    def encode(self, z: torch.Tensor) -> torch.Tensor:
-        """Codes only, every level: int64 ``[B, G*Q, *spatial]``, without the entropy terms
-        (no work over the ``2**d`` codes)."""
+    def encode(self, z: torch.Tensor, *, num_levels=None) -> torch.Tensor:
+        """Codes only, of each group's first ``num_levels`` levels (default all): int64
+        ``[B, G*n, *spatial]``, without the entropy terms (no work over the ``2**d`` codes)."""
+        _, scales, active = self._levels(num_levels, training=False)
         x, backend = self._inputs(z)
-        codes = ops.residual_sign_levels(x, self.bits, self.scales, self.all_levels,
-                                         self.groups, False, backend)[1]
+        codes = ops.residual_sign_levels(x, self.bits, scales, active, self.groups, False,
+                                         backend)[1]
         return self._codes_in_layout(codes, z)
 
     def _level_values(self, codes: torch.Tensor) -> torch.Tensor:
