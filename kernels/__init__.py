@@ -12,7 +12,7 @@ from .lfq_entropy import lfq_avg_prob, lfq_entropy_backward
 from .nearest_code import nearest_code
 from .quantize_backward import quantize_backward
 from .residual_scalar import residual_fsq_backward, residual_scalar_forward
-from .residual_vq import residual_backward, residual_quantize
+from .residual_vq import residual_backward, residual_codes, residual_quantize
 
 # The registry of kernel modules: each lists its launchable configurations
 # (``aot_variants()``), which the ahead-of-time test compiles and checks for both targets.
@@ -22,6 +22,6 @@ KERNEL_MODULES = ("nearest_code", "gather_loss", "code_sums", "ema_update", "qua
 
 __all__ = ["nearest_code", "gather_loss", "ema_update", "reseed_codes", "quantize_backward", "fsq_forward",
            "fsq_backward", "lfq_avg_prob", "lfq_entropy_backward", "residual_quantize",
-           "residual_backward", "residual_scalar_forward", "residual_fsq_backward", "ibq_forward",
+           "residual_backward", "residual_codes", "residual_scalar_forward", "residual_fsq_backward", "ibq_forward",
            "ibq_backward",
            "KERNEL_MODULES"]

@@ -400,6 +400,13 @@ def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups,
     return grad_x, grad_codebooks
 
 
+def residual_codes(x, codebooks, num_levels, groups, cosine, mask, precision="ieee"):
+    """The codes alone of ``residual_quantize`` (``idx`` int64 ``[G*Q, N]``): its fused
+    launch, the other outputs left unread."""
+    return residual_quantize(x, codebooks, num_levels, groups, cosine, None, mask, False,
+                             precision)[1]
+
+
 def aot_variants():
     """Every launchable configuration, for the ahead-of-time compile test: the forward in
     each dtype and precision, the backward per channel block, with their feature flags

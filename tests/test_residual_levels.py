@@ -156,3 +156,19 @@ def test_residual_lookup_free_refuses_bad_num_levels(cls):
             module(torch.randn(2, module.dim, 3), num_levels=bad)
         with pytest.raises(ValueError, match="num_levels"):
             module.encode(torch.randn(2, module.dim, 3), num_levels=bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_only_encode_op(backend):
+    """``residual_codes``: the codes of the full op alone (mask: -1), and a sound custom op."""
+    from vqfast.ops.residual_vq import residual_codes, residual_quantize
+    x = torch.randn(2, 6, 5, device=DEVICE)
+    books = torch.randn(4, 7, 3, device=DEVICE)
+    mask = torch.rand(10, device=DEVICE) > 0.3
+    for cosine in (False, True):
+        codes = residual_codes(x, books, 2, groups=2, cosine=cosine, mask=mask, backend=backend)
+        full = residual_quantize(x, books, 2, groups=2, cosine=cosine, mask=mask,
+                                 backend=backend)[2]
+        assert torch.equal(codes, full)
+    torch.library.opcheck(torch.ops.vqfast.residual_codes.default,
+                          (x, books, 2, 2, False, mask, backend, "ieee"))

@@ -280,6 +280,35 @@ def _normalize(r: torch.Tensor) -> torch.Tensor:
     return r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def _search_level(r, book, cosine, sqnorms, codebooks, codebooks_t):
+    """One level's search of the residual rows ``r``: ``(r~ (normalised when cosine), the
+    nearest codes of codebook ``book``, their values)``."""
+    r_used = _normalize(r) if cosine else r
+    i = torch.addmm(sqnorms[book], r_used, codebooks_t[book], alpha=-2).argmin(1)
+    return r_used, i, codebooks[book].index_select(0, i)
+
+
+def residual_codes(x, codebooks, num_levels, groups, cosine, mask, precision="ieee"):
+    """The codes of ``residual_quantize`` alone, ``idx`` int64 ``[G*Q, N]`` (-1 where
+    ``mask`` is False): each level's search and the residual it leaves, no losses, counts
+    or output (an encoder's work)."""
+    del precision
+    books, k, d = codebooks.shape
+    codebooks = codebooks.float()
+    sqnorms, codebooks_t = _search_operands(codebooks)
+    idx = torch.empty(groups * num_levels, num_vectors(x), dtype=torch.int64, device=x.device)
+    for rows, where in _chunks(x, max(k, x.shape[1])):
+        x_chunk = _get(x, where)
+        for g in range(groups):
+            r = x_chunk[:, g * d:(g + 1) * d].clone()
+            for level in range(num_levels):
+                slot, book = g * num_levels + level, book_of(g, level, num_levels, books, groups)
+                _, i, code = _search_level(r, book, cosine, sqnorms, codebooks, codebooks_t)
+                idx[slot, rows] = i if mask is None else torch.where(mask[rows], i, -1)
+                r -= code
+    return idx
+
+
 def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, with_code_sums,
                       precision="ieee", snapshot=None):
     """Residual VQ of ``x: [N, D]`` or ``[B, D, S]`` with ``codebooks: [G * C, K, D / G]``:
@@ -317,9 +346,7 @@ def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, wi
             r, total = x_g.clone(), torch.zeros_like(x_g)
             for level in range(num_levels):
                 slot, book = g * num_levels + level, book_of(g, level, num_levels, books, groups)
-                r_used = _normalize(r) if cosine else r
-                i = torch.addmm(sqnorms[book], r_used, codebooks_t[book], alpha=-2).argmin(1)
-                code = codebooks[book].index_select(0, i)
+                r_used, i, code = _search_level(r, book, cosine, sqnorms, codebooks, codebooks_t)
                 err = (code - r_used).pow_(2).sum(1)
                 weight = _level_weight(None if levels_on is None else levels_on[level], valid)
                 if weight is not None:  # where, not a product: 0 * inf (padding) is NaN

@@ -12,7 +12,7 @@ from .modules import (LossBreakdown, Projection, QuantizerCommon, _all_reduce_st
                       adopt_kmeans, check_codebook_options, check_codes, check_mask, check_number,
                       keep_fp32, kmeans, real_rows, rows_seen, usage_report, warn_skipped,
                       without_real_rows_nan)
-from .ops.residual_vq import residual_quantize
+from .ops.residual_vq import residual_codes, residual_quantize
 
 
 class ResidualVQ(QuantizerCommon, nn.Module):
@@ -203,7 +203,9 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         the eval-mode output."""
         n = self._num_levels(num_levels)
         x, z, flat_mask, backend = self._prepare(inputs, mask)
-        idx = self._plain_search(z, None, flat_mask, backend, n)[2]
+        idx = residual_codes(z, self._level_codebooks(n), n, groups=self.groups,
+                             cosine=self.cosine, mask=flat_mask, backend=backend,
+                             precision=self.precision)
         return self._codes_in_layout(idx, inputs)
 
     def _num_levels(self, num_levels) -> int:

@@ -30,6 +30,27 @@ def _residual_quantize_op(x: torch.Tensor, codebooks: torch.Tensor, num_levels: 
     return q, idx, sq_err, counts, code_sums, snapshot
 
 
+@custom_op("residual_codes", mutates_args=())
+def _residual_codes_op(x: torch.Tensor, codebooks: torch.Tensor, num_levels: int, groups: int,
+                       cosine: bool, mask: torch.Tensor | None, backend: str,
+                       precision: str) -> torch.Tensor:
+    return _impl(backend).residual_codes(x, codebooks, num_levels, groups, cosine, mask,
+                                         precision)
+
+
+@_residual_codes_op.register_fake
+def _(x, codebooks, num_levels, groups, cosine, mask, backend, precision):
+    return x.new_empty(groups * num_levels, _torch.num_vectors(x), dtype=torch.int64)
+
+
+def residual_codes(x, codebooks, num_levels, *, groups=1, cosine=False, mask=None,
+                   backend="torch", precision="ieee"):
+    """The codes alone of ``residual_quantize`` (no autograd, losses, counts or output):
+    int64 ``[G*Q, N]``, -1 where ``mask`` is False. The search of an encoder."""
+    return _residual_codes_op(x, codebooks.detach(), num_levels, groups, cosine, mask, backend,
+                              precision)
+
+
 @_residual_quantize_op.register_fake
 def _(x, codebooks, num_levels, groups, cosine, active, mask, with_code_sums, backend, precision):
     n = _torch.num_vectors(x)
