@@ -183,3 +183,23 @@ def test_reseed_codes_and_usage_follow_the_dead_code_rule(backend):
     assert torch.equal(new_book[~dead], book[~dead])
     rows = x.movedim(1, -1).reshape(-1, d)
     assert all(bool((rows == new_book[c]).all(1).any()) for c in dead.nonzero().flatten().tolist())
+
+
+@pytest.mark.slow
+def test_loaded_machine_benchmark_pipeline(monkeypatch):
+    """benchmarks.loaded runs quiet and loaded rows (its busy processes gone after), at tiny
+    sizes: the pipeline only."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import loaded
+    tiny = dict(reference=(lambda: reference.VectorQuantizerEMA(8, 4, 0.25, 0.99), (2, 4, 3), False),
+                vqfast=(lambda: vqfast.VectorQuantizerEMA(8, 4, backend="torch"), (2, 4, 3), False))
+    monkeypatch.setattr(loaded, "cases", lambda: [("tiny", "reference", tiny)])
+    spawned = []
+    popen = subprocess.Popen
+    monkeypatch.setattr(loaded.subprocess, "Popen",
+                        lambda *a, **k: spawned.append(popen(*a, **k)) or spawned[-1])
+    rows = loaded.run(threads=(1,), seconds=0.01, progress=lambda *a: None)
+    assert [r["loaded"] for r in rows] == [False, True] and len(spawned) == 2
+    assert all(p.poll() is not None for p in spawned)  # stopped
+    assert all(r["vqfast_speedup"] > 0 for r in rows)
+    assert "loaded" in loaded.markdown({"machine": "x", "cores": 2, "torch": "t", "date": "d"}, rows)
