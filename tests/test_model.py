@@ -76,3 +76,41 @@ def test_bad_images_raise():
         model(torch.rand(2, 1, 16, 16))
     with pytest.raises(ValueError, match="multiples of 4"):
         model(torch.rand(2, 3, 15, 16))
+
+
+class _NotebookResidual(torch.nn.Module):
+    """The original notebook's residual block, as written there (in-place ReLUs)."""
+
+    def __init__(self, in_channels, num_hiddens, num_residual_hiddens):
+        super().__init__()
+        self._block = torch.nn.Sequential(
+            torch.nn.ReLU(True),
+            torch.nn.Conv2d(in_channels, num_residual_hiddens, 3, 1, 1, bias=False),
+            torch.nn.ReLU(True),
+            torch.nn.Conv2d(num_residual_hiddens, num_hiddens, 1, 1, bias=False))
+
+    def forward(self, x):
+        return x + self._block(x)
+
+
+def test_original_residual_computes_the_notebooks_block():
+    """``original_residual=True`` reproduces the notebook's in-place-ReLU skip (outputs and
+    gradients), the default skips x itself; the state_dict keys agree either way."""
+    torch.manual_seed(0)
+    notebook = _NotebookResidual(8, 8, 4)
+    ours, default = vqfast.Residual(8, 8, 4, original=True), vqfast.Residual(8, 8, 4)
+    ours.load_state_dict(notebook.state_dict())
+    default.load_state_dict(notebook.state_dict())
+    x = torch.randn(2, 8, 5, 5)
+    x_n, x_o = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_n = notebook(x_n * 1.0)  # (a non-leaf: the in-place ReLU may rewrite it)
+    out_o = ours(x_o)
+    torch.testing.assert_close(out_o, out_n)
+    out_n.square().sum().backward()
+    out_o.square().sum().backward()
+    torch.testing.assert_close(x_o.grad, x_n.grad)
+    assert not torch.allclose(default(x), out_n)
+    a = vqfast.VQVAE(16, 1, 8, 32, 8, decay=0.99, original_residual=True)
+    b = vqfast.VQVAE(16, 1, 8, 32, 8, decay=0.99)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    b.load_state_dict(a.state_dict())

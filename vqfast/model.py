@@ -16,12 +16,15 @@ from .residual_vq import ResidualVQ
 class Residual(nn.Module):
     """``x + Conv1x1(ReLU(Conv3x3(ReLU(x))))``, both convolutions without bias.
 
-    The original notebook used ``nn.ReLU(True)``, whose in-place update also rewrote the skip input;
-    here the skip carries ``x`` itself, as the architecture intends.
+    The original notebook used ``nn.ReLU(True)``, whose in-place update also rewrote the skip
+    input: its block computes ``ReLU(x) + Conv1x1(...)``. Here the skip carries ``x`` itself,
+    as the architecture intends; ``original=True`` computes the notebook's function (without
+    the in-place update), for its checkpoints.
     """
 
-    def __init__(self, in_channels, num_hiddens, num_residual_hiddens):
+    def __init__(self, in_channels, num_hiddens, num_residual_hiddens, original=False):
         super().__init__()
+        self.original = bool(original)
         self._block = nn.Sequential(
             nn.ReLU(),
             nn.Conv2d(in_channels, num_residual_hiddens, kernel_size=3, stride=1, padding=1, bias=False),
@@ -30,15 +33,17 @@ class Residual(nn.Module):
         )
 
     def forward(self, x):
-        return x + self._block(x)
+        return (F.relu(x) if self.original else x) + self._block(x)
 
 
 class ResidualStack(nn.Module):
     """``num_residual_layers`` residual blocks, then a ReLU."""
 
-    def __init__(self, in_channels, num_hiddens, num_residual_layers, num_residual_hiddens):
+    def __init__(self, in_channels, num_hiddens, num_residual_layers, num_residual_hiddens,
+                 original=False):
         super().__init__()
-        self._layers = nn.ModuleList([Residual(in_channels, num_hiddens, num_residual_hiddens)
+        self._layers = nn.ModuleList([Residual(in_channels, num_hiddens, num_residual_hiddens,
+                                               original)
                                       for _ in range(num_residual_layers)])
 
     def forward(self, x):
@@ -50,13 +55,14 @@ class ResidualStack(nn.Module):
 class Encoder(nn.Module):
     """``[B, C, H, W]`` -> ``[B, num_hiddens, H/4, W/4]``: two stride-2 4x4 convs, a 3x3, a residual stack."""
 
-    def __init__(self, in_channels, num_hiddens, num_residual_layers, num_residual_hiddens):
+    def __init__(self, in_channels, num_hiddens, num_residual_layers, num_residual_hiddens,
+                 original_residual=False):
         super().__init__()
         self._conv_1 = nn.Conv2d(in_channels, num_hiddens // 2, kernel_size=4, stride=2, padding=1)
         self._conv_2 = nn.Conv2d(num_hiddens // 2, num_hiddens, kernel_size=4, stride=2, padding=1)
         self._conv_3 = nn.Conv2d(num_hiddens, num_hiddens, kernel_size=3, stride=1, padding=1)
         self._residual_stack = ResidualStack(num_hiddens, num_hiddens, num_residual_layers,
-                                             num_residual_hiddens)
+                                             num_residual_hiddens, original_residual)
 
     def forward(self, inputs):
         x = F.relu(self._conv_1(inputs))
@@ -68,11 +74,11 @@ class Decoder(nn.Module):
     """``[B, D, h, w]`` -> ``[B, out_channels, 4h, 4w]``: a 3x3 conv, a residual stack, two stride-2 transposed convs."""
 
     def __init__(self, in_channels, num_hiddens, num_residual_layers, num_residual_hiddens,
-                 out_channels=3):
+                 out_channels=3, original_residual=False):
         super().__init__()
         self._conv_1 = nn.Conv2d(in_channels, num_hiddens, kernel_size=3, stride=1, padding=1)
         self._residual_stack = ResidualStack(num_hiddens, num_hiddens, num_residual_layers,
-                                             num_residual_hiddens)
+                                             num_residual_hiddens, original_residual)
         self._conv_trans_1 = nn.ConvTranspose2d(num_hiddens, num_hiddens // 2, kernel_size=4,
                                                 stride=2, padding=1)
         self._conv_trans_2 = nn.ConvTranspose2d(num_hiddens // 2, out_channels, kernel_size=4,
@@ -98,6 +104,10 @@ class VQVAE(nn.Module):
     ``quantize_dropout``, ...); its codes are ``[B, G*Q, H/4, W/4]``. ``scales=(1, 2, ...)``
     (keyword) picks VAR's ``MultiScaleResidualVQ`` (EMA when ``decay > 0``); its codes are
     ``[B, L]``, every scale's in sequence, and the finest scale must be ``(H/4, W/4)``.
+    ``original_residual=True`` (keyword): the residual blocks compute the original
+    notebook's function, ``ReLU(x) + block(x)`` (its in-place ReLU rewrote the skip input),
+    so a notebook checkpoint reconstructs as the notebook did; the default skips ``x``
+    itself, as the architecture intends (the checkpoints load either way; the keys agree).
 
     ``forward(x: [B, C, H, W])`` returns ``(vq_loss, x_recon, perplexity)``; with
     ``return_codes=True`` also the codes ``int64 [B, H/4, W/4]`` from the same pass.
@@ -113,9 +123,10 @@ class VQVAE(nn.Module):
     def __init__(self, num_hiddens=128, num_residual_layers=2, num_residual_hiddens=32,
                  num_embeddings=512, embedding_dim=64, commitment_cost=0.25, decay=0.0, *,
                  in_channels=3, epsilon=1e-5, num_quantizers=None, scales=None,
-                 **quantizer_options):
+                 original_residual=False, **quantizer_options):
         super().__init__()
-        self.encoder = Encoder(in_channels, num_hiddens, num_residual_layers, num_residual_hiddens)
+        self.encoder = Encoder(in_channels, num_hiddens, num_residual_layers, num_residual_hiddens,
+                               original_residual)
         self.pre_vq_conv = nn.Conv2d(num_hiddens, embedding_dim, kernel_size=1, stride=1)
         if scales is not None:
             self.vq = MultiScaleResidualVQ(num_embeddings, embedding_dim, scales, commitment_cost,
@@ -132,7 +143,8 @@ class VQVAE(nn.Module):
             self.vq = VectorQuantizer(num_embeddings, embedding_dim, commitment_cost,
                                       **quantizer_options)
         self.decoder = Decoder(embedding_dim, num_hiddens, num_residual_layers,
-                               num_residual_hiddens, out_channels=in_channels)
+                               num_residual_hiddens, out_channels=in_channels,
+                               original_residual=original_residual)
         self.in_channels = in_channels
 
     def _check_images(self, x):
