@@ -21,7 +21,6 @@ adds no ops).
 import argparse
 import collections
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -38,6 +37,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import vqfast  # noqa: E402
 from vqfast import reference  # noqa: E402
+
+from .measure import save_report  # noqa: E402
 
 # Ops that launch nothing on a GPU: allocation, views, metadata.
 FREE_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach",
@@ -329,20 +330,12 @@ def markdown(env: dict, rows) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="timed steps per case (median)")
-    parser.add_argument("--out", type=Path, help="write host-<date>.json and .md here")
+    parser.add_argument("--out", type=Path, help="write <date>-cpu-host.json and .md here")
     parser.add_argument("--case", action="append", help="only this case (repeatable)")
     args = parser.parse_args(argv)
     rows = run(args.steps, names=args.case)
     env = environment()
-    text = markdown(env, rows)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"{env['date']}-cpu-host"
-        stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows},
-                                                        indent=1))
-        stem.with_suffix(".md").write_text(text)
-        print(f"saved to {stem}.json and {stem}.md")
+    save_report(args.out, "cpu-host", env, rows, markdown(env, rows))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ autorange (at least ``--seconds`` per case).
 
 import argparse
 import contextlib
-import json
+import os
 import platform
 import subprocess
 import sys
@@ -26,6 +26,8 @@ from torch.utils.benchmark import Timer
 
 import vqfast
 from vqfast import reference
+
+from .measure import save_report
 
 
 @contextlib.contextmanager
@@ -128,18 +130,9 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, help="write <date>-cpu-loaded.json and .md here")
     args = parser.parse_args(argv)
     rows = run(seconds=args.seconds)
-    import os
     env = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    text = markdown(env, rows)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"{env['date']}-cpu-loaded"
-        stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows},
-                                                        indent=1))
-        stem.with_suffix(".md").write_text(text)
-        print(f"saved to {stem}.json and {stem}.md")
+    save_report(args.out, "cpu-loaded", env, rows, markdown(env, rows))
 
 
 if __name__ == "__main__":

@@ -91,3 +91,18 @@ def peak_extra_bytes(fn, device: torch.device) -> int:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     return _cpu_peak_bytes(fn)
+
+
+def save_report(out, name: str, env: dict, rows, text: str) -> None:
+    """Print a benchmark's markdown ``text``; with ``out`` (a folder), also write
+    ``<date>-<name>.json`` (``env`` and ``rows``) and ``.md`` there."""
+    import json
+    print(text)
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{env['date']}-{name}"
+    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows},
+                                                    indent=1))
+    stem.with_suffix(".md").write_text(text)
+    print(f"saved to {stem}.json and {stem}.md")
