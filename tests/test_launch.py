@@ -274,3 +274,28 @@ def test_lfq_refuses_more_than_24_channels(d, accepted, monkeypatch):
     else:
         with pytest.raises(ValueError, match="d <= 24"):
             module.lfq_avg_prob(x, lse, 1.0)
+
+
+def test_every_dispatched_op_has_both_backends():
+    """The ops reach an implementation by name (``_impl(backend).<name>``, or ``impl =
+    _impl(backend)`` then ``impl.<name>(...)``): each name must exist, with the same
+    parameters, in the torch backend and among the Triton launchers, or the Triton path
+    would fail only when it first runs. A fast test naming the missing piece."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    from vqfast import _torch
+    ops_dir = Path(vqfast.__file__).parent / "ops"
+    names = set()
+    for path in ops_dir.glob("*.py"):
+        text = path.read_text()
+        names |= set(re.findall(r"_impl\(\w+\)\.(\w+)", text))
+        names |= set(re.findall(r"\bimpl\.(\w+)\(", text))
+    assert {"nearest_code", "gather_loss", "ema_update", "reseed_codes"} <= names
+    for name in sorted(names):
+        assert hasattr(_torch, name), f"vqfast._torch has no {name} (the torch backend of the op)"
+        assert hasattr(kernels, name), f"vqfast.kernels exports no {name} (the op's Triton launcher)"
+        torch_params = list(inspect.signature(getattr(_torch, name)).parameters)
+        kernel_params = list(inspect.signature(getattr(kernels, name)).parameters)
+        assert torch_params == kernel_params, (name, torch_params, kernel_params)
