@@ -33,6 +33,26 @@ SCALARS_CONFIG = dict(BLOCK_REDUCE=1024, num_warps=4)
 
 
 @triton.jit
+def _dead_codes(size, weight, candidates, codes, seed, N, S, D, threshold, reseeded_ptr,
+                STATS_SEM: tl.constexpr):
+    """The dead-code rule on a block of codes: ``dead``, the ``candidates`` whose
+    bias-corrected size ``size / weight`` is below ``threshold`` (counted into
+    ``reseeded``), and the element offset of each code's random row of x (Philox keyed by
+    ``seed``)."""
+    dead = candidates & (size / tl.maximum(weight, 1e-30) < threshold)
+    tl.atomic_add(reseeded_ptr, tl.sum(dead.to(tl.int64), axis=0), sem=STATS_SEM)
+    rows = tl.randint(seed, codes).to(tl.int64) % N
+    return dead, row_offsets(rows, S, D)
+
+
+@triton.jit
+def _row_samples(x_ptr, sample_offsets, dims, S, mask):
+    """Channels ``dims`` of the sampled rows (fp32 ``[BLOCK_K, BLOCK_D]``, 0 off ``mask``)."""
+    return tl.load(x_ptr + sample_offsets[:, None] + dims[None, :].to(tl.int64) * S,
+                   mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _ema_scalars_kernel(
     counts_ptr, size_ptr, loss_ptr, flag_ptr, active_ptr, num_codes_ptr, scalars_ptr,
     decay_weight_ptr, skipped_ptr, seed_ptr, K, decay,
@@ -93,13 +113,12 @@ def _ema_finalize_kernel(
     size = tl.load(size_ptr + codes, mask=code_mask, other=0.0).to(tl.float32)
     size = size * decay + (1.0 - decay) * count
     size = (size + epsilon) / (total + num_codes * epsilon) * total
-    if RESEED:  # (one codebook) dead: bias-corrected size below the threshold
+    if RESEED:  # (one codebook)
         decay_weight = tl.load(decay_weight_ptr)
-        dead = code_mask & (size / tl.maximum(decay_weight, 1e-30) < threshold)
-        rows = (tl.randint(tl.load(seed_ptr), codes).to(tl.int64) % N).to(tl.int64)
-        sample_offsets = row_offsets(rows, S, D)
+        dead, sample_offsets = _dead_codes(size, decay_weight, code_mask, codes,
+                                           tl.load(seed_ptr), N, S, D, threshold,
+                                           reseeded_ptr, STATS_SEM)
         size = tl.where(dead, start * decay_weight, size)
-        tl.atomic_add(reseeded_ptr, tl.sum(dead.to(tl.int64), axis=0), sem=STATS_SEM)
     tl.store(size_ptr + codes, size.to(size_ptr.dtype.element_ty), mask=code_mask)
 
     code_offsets = codes.to(tl.int64)[:, None] * D
@@ -113,8 +132,7 @@ def _ema_finalize_kernel(
         code = weight / size[:, None]
         if RESEED:  # a dead code becomes the sampled row, weighted by its new size
             reseed = dead[:, None] & mask
-            sample = tl.load(x_ptr + sample_offsets[:, None] + dims[None, :].to(tl.int64) * S,
-                             mask=reseed, other=0.0).to(tl.float32)
+            sample = _row_samples(x_ptr, sample_offsets, dims, S, reseed)
             code = tl.where(reseed, sample, code)
             weight = tl.where(reseed, sample * size[:, None], weight)
         tl.store(weight_ptr + offsets, weight.to(weight_ptr.dtype.element_ty), mask=mask)
@@ -191,17 +209,15 @@ def _reseed_codes_kernel(
     weight = tl.load(decay_weight_ptr)
     size = tl.load(size_ptr + codes, mask=code_mask, other=0.0)
     tracked = size * 0.0 + weight > 0  # (as a block: any usage seen yet)
-    dead = code_mask & tracked & (size / tl.maximum(weight, 1e-30) < threshold)
-    rows = tl.randint(tl.load(seed_ptr), codes).to(tl.int64) % N
-    sample_offsets = row_offsets(rows, S, D)
+    dead, sample_offsets = _dead_codes(size, weight, code_mask & tracked, codes,
+                                       tl.load(seed_ptr), N, S, D, threshold, reseeded_ptr,
+                                       STATS_SEM)
     tl.store(size_ptr + codes, start * weight + size * 0.0, mask=dead)
-    tl.atomic_add(reseeded_ptr, tl.sum(dead.to(tl.int64), axis=0), sem=STATS_SEM)
     code_offsets = codes.to(tl.int64)[:, None] * D
     for d0 in range(0, D, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
         mask = dead[:, None] & (dims[None, :] < D)
-        sample = tl.load(x_ptr + sample_offsets[:, None] + dims[None, :].to(tl.int64) * S,
-                         mask=mask, other=0.0)
+        sample = _row_samples(x_ptr, sample_offsets, dims, S, mask)
         tl.store(codebook_ptr + code_offsets + dims[None, :],
                  sample.to(codebook_ptr.dtype.element_ty), mask=mask)
 

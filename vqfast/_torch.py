@@ -178,24 +178,32 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
                                        ema_decay_weight))
     skipped_batches.add_((~finite).long())
     if threshold > 0:
-        dead = (ema_cluster_size / ema_decay_weight.clamp_min(1e-30) < threshold) & apply
-        b, _, s = x.shape if x.dim() == 3 else (x.shape[0], x.shape[1], 1)
-        picks = torch.randint(b * s, (k,), device=x.device)
-        samples = x.view(b, -1, s)[picks // s, :, picks % s].float()
-        take_samples(dead, samples, max(threshold, 1.0) * ema_decay_weight, codebook,
-                     ema_weight, ema_cluster_size, reseeded)
+        _reseed_dead(ema_cluster_size, ema_decay_weight, codebook, ema_weight, x, reseeded,
+                     threshold, apply)
     return torch.broadcast_to(apply, ema_decay_weight.shape).float()
 
 
 def reseed_codes(size, decay_weight, codebook, x, seed, reseeded, threshold):
     """A learned codebook's dead-code re-seeding, in place (the Triton launcher's rule; its
     Philox ``seed`` is unused here: rows from torch's generator)."""
-    dead = (size / decay_weight.clamp_min(1e-30) < threshold) & (decay_weight > 0)
+    _reseed_dead(size, decay_weight, codebook, None, x, reseeded, threshold, decay_weight > 0)
+
+
+def random_rows(x: torch.Tensor, count: int):
+    """``count`` rows of ``x`` (``[N, D]`` or ``[B, D, S]``) drawn with replacement from
+    torch's generator: ``(picks [count], rows fp32 [count, D])``."""
     b, _, s = x.shape if x.dim() == 3 else (x.shape[0], x.shape[1], 1)
-    picks = torch.randint(b * s, (size.shape[0],), device=x.device)
-    samples = x.view(b, -1, s)[picks // s, :, picks % s].float()
-    take_samples(dead, samples, max(threshold, 1.0) * decay_weight, codebook, None, size,
-                 reseeded)
+    picks = torch.randint(b * s, (count,), device=x.device)
+    return picks, x.view(b, -1, s)[picks // s, :, picks % s].float()
+
+
+def _reseed_dead(size, decay_weight, codebook, ema_weight, x, reseeded, threshold, apply):
+    """The dead-code rule, in place: codes whose bias-corrected size ``size / decay_weight``
+    is below ``threshold`` (where ``apply``) take a random row of ``x`` (``take_samples``,
+    starting at ``max(threshold, 1) * decay_weight``)."""
+    dead = (size / decay_weight.clamp_min(1e-30) < threshold) & apply
+    take_samples(dead, random_rows(x, size.shape[0])[1], max(threshold, 1.0) * decay_weight,
+                 codebook, ema_weight, size, reseeded)
 
 
 def take_samples(dead, samples, size, codebook, ema_weight, cluster_size, reseeded) -> None:

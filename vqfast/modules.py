@@ -436,9 +436,7 @@ def reseed_dead_codes(module: nn.Module, x: torch.Tensor, apply: torch.Tensor, f
     starting at a size of ``max(dead_code_threshold, 1)``. Branch-free: every code draws a
     candidate row; the dead ones take it. No host sync."""
     dead = (module.corrected_cluster_size() < module.dead_code_threshold) & apply
-    b, _, s = x.shape
-    picks = torch.randint(b * s, (module.num_embeddings,), device=x.device)
-    samples = x[picks // s, :, picks % s].float()  # [K, D]
+    picks, samples = _torch.random_rows(x, module.num_embeddings)  # [K], [K, D]
     if cosine:
         samples = F.normalize(samples, dim=-1)
     real = flat_mask[picks] if flat_mask is not None else None  # a masked row is no candidate
