@@ -10,6 +10,7 @@ from .residual_vq import ResidualVQ
 from .multiscale_vq import MultiScaleResidualVQ
 from .sim_vq import SimVQ
 from .ibq import IndexBackpropVQ
+from .patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,5 @@ __all__ = ["VectorQuantizer", "VectorQuantizerEMA", "nearest_code", "VQVAE", "En
            "Residual", "ResidualStack", "CodebookUsage", "kmeans", "FSQ", "LFQ", "ResidualVQ",
            "ORIGINAL_ALGORITHM", "LossBreakdown", "SimVQ",
            "IndexBackpropVQ", "ResidualFSQ", "ResidualLFQ", "MultiScaleResidualVQ",
+           "patch", "unpatch", "PatchReport",
            "__version__"]

@@ -139,7 +139,8 @@ class _Quantize(torch.autograd.Function):
     ``with_code_sums``, else an empty tensor, or, when the codebook takes a gradient, the
     zeroed accumulator the backward adds it into).
 
-    ``loss = (codebook_loss + commitment_cost) * mse(q, x)``: the original notebook's
+    ``loss = (codebook_loss + commitment_cost) * mse(q, x)`` (``codebook_loss``: the
+    codebook term's weight, a bool or a float): the original notebook's
     ``q_latent_loss + commitment_cost * e_latent_loss`` for ``VectorQuantizer``
     (``codebook_loss=True``), ``commitment_cost * e_latent_loss`` for the EMA quantizer.
     The output's value is ``q``; its gradient flows straight through to ``x``.
@@ -163,7 +164,7 @@ class _Quantize(torch.autograd.Function):
         # with retain_graph, takes a new one)
         ctx.grad_codebook = code_sums if codebook_grad else None
         ctx.x_scale = 2.0 * commitment_cost / numel
-        ctx.codebook_scale = 2.0 / numel if codebook_loss else 0.0
+        ctx.codebook_scale = 2.0 * float(codebook_loss) / numel
         ctx.backend = backend
         ctx.mark_non_differentiable(idx, perplexity, counts, code_sums)
         ctx.set_materialize_grads(False)  # an unused loss arrives as None: no codebook grad

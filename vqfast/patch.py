@@ -1,0 +1,339 @@
+"""``vqfast.patch(model)``: vqfast's nearest-code search and fused statistics inside models
+other libraries wrote, in place.
+
+Each known quantizer class keeps its own module, parameters, buffers and state-dict keys;
+only the method that builds the ``[N, K]`` distance matrix (and, in training, the
+``[N, K]`` one-hot of the EMA statistics) is replaced, on that instance, by one that calls
+vqfast's ops. So a patched model loads and saves the checkpoints of the unpatched one, its
+update rules (EMA decay, epsilon, dead-code expiry, k-means init) are its own code, and its
+return values are unchanged. Codes agree with the original's except where two codes are at
+the same distance within fp32 rounding (the two compute the distance in a different
+order); ``vqfast.unpatch(model)`` restores the original methods.
+
+    report = vqfast.patch(model)      # what was replaced, and what was left and why
+    print(report)
+
+Known quantizers (the library, then the class):
+
+- Hugging Face transformers: ``EncodecEuclideanCodebook``, ``MimiEuclideanCodebook``,
+  ``XcodecEuclideanCodebook``, ``WavTokenizerEuclideanCodebook``,
+  ``HiggsAudioV2TokenizerEuclideanCodebook`` (``quantize``: the search);
+  ``DacVectorQuantize`` (``decode_latents``: the cosine search);
+  ``ChameleonVQVAEVectorQuantizer``, ``JanusVQVAEVectorQuantizer`` (``forward``: search,
+  losses and straight-through output, fused).
+- diffusers: ``VectorQuantizer`` of ``VQModel`` (``forward``; not with ``remap``).
+- facebook ``encodec`` (``encodec.quantization.core_vq.EuclideanCodebook``): ``quantize``
+  and, in training, ``forward`` (counts and per-code sums without the one-hot).
+- The original VQ-VAE notebook's ``VectorQuantizer`` and ``VectorQuantizerEMA``
+  (``forward``; ``vqfast.reference`` holds them as written).
+"""
+
+import dataclasses
+import sys
+import types
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .ops.dispatch import PRECISIONS, check_backend, resolve_backend
+from .ops.vq import _nearest_code_op, _quantize_op, quantize
+
+__all__ = ["patch", "unpatch", "PatchReport"]
+
+
+# --- the shared pieces: search, statistics, learned-codebook forward ----------------------
+
+def _settings(module):
+    backend, precision = module._vqfast_patch
+    return backend, precision
+
+
+def _codes(module, x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Nearest code of every row of ``x [N, D]`` (int64 ``[N]``), no ``[N, K]`` tensor."""
+    if x.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=x.device)
+    backend, precision = _settings(module)
+    backend = resolve_backend(backend, x.device)
+    codebook = codebook.detach()
+    if codebook.dtype != x.dtype:
+        codebook = codebook.to(x.dtype)
+    return _nearest_code_op(x.detach().contiguous(), codebook.contiguous(), backend,
+                            precision)[0]
+
+
+def _codes_and_statistics(module, x: torch.Tensor, codebook: torch.Tensor):
+    """``(idx [N], counts [K], code_sums [K, D])`` of ``x [N, D]`` in one search and one
+    gather pass (the kernels' fused statistics on CUDA), no one-hot."""
+    backend, precision = _settings(module)
+    backend = resolve_backend(backend, x.device)
+    k = codebook.shape[0]
+    if x.shape[0] == 0:
+        return (torch.empty(0, dtype=torch.int64, device=x.device),
+                x.new_zeros(k, dtype=torch.float32), x.new_zeros(codebook.shape, dtype=torch.float32))
+    codebook = codebook.detach()
+    if codebook.dtype != x.dtype:
+        codebook = codebook.to(x.dtype)
+    with torch.no_grad():
+        _, idx, _, _, counts, code_sums, _ = _quantize_op(
+            x.detach().contiguous(), codebook.contiguous(), True, 0.0, backend, precision)
+    return idx, counts[:k], code_sums
+
+
+def _learned_forward(module, z: torch.Tensor, codebook: torch.Tensor, commitment: float,
+                     codebook_weight: float):
+    """A learned codebook's step on channels-first ``z [B, D, *spatial]``: ``(q, loss, idx)``
+    with ``q`` channels-first (value: the codes; gradient: straight through to ``z``) and
+    ``loss = commitment * mse(z, sg(q)) + codebook_weight * mse(sg(z), q)``."""
+    backend, precision = _settings(module)
+    backend = resolve_backend(backend, z.device)
+    b, d = z.shape[:2]
+    x = z.reshape(b, d, -1)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    q, loss, idx, perplexity, _, _ = quantize(x, codebook, commitment, codebook_weight,
+                                              backend=backend, precision=precision)
+    return q.view(z.shape), loss, idx, perplexity
+
+
+# --- the rules: one per known class --------------------------------------------------------
+
+def _hf_euclidean_quantize(self, hidden_states):
+    return _codes(self, hidden_states, self.embed)
+
+
+def _hf_mimi_quantize(self, hidden_states):
+    # Mimi compares in fp32 (torch.cdist on .float()).
+    return _codes(self, hidden_states.float(), self.embed.float())
+
+
+def _hf_dac_decode_latents(self, hidden_states):
+    batch_size, hidden_dim, _ = hidden_states.shape
+    encodings = hidden_states.permute(0, 2, 1).reshape(-1, hidden_dim)
+    # l2-normalised search (ViT-VQGAN), raw codebook rows out, as the original
+    codes = _codes(self, F.normalize(encodings), F.normalize(self.codebook.weight))
+    indices = codes.reshape(batch_size, -1)
+    return self.codebook(indices).transpose(1, 2), indices
+
+
+def _hf_vqvae_forward(self, hidden_state):
+    # Chameleon / Janus: codebook term weighted by beta, commitment by 1 (as written there)
+    q, loss, idx, _ = _learned_forward(self, hidden_state, self.embedding.weight, 1.0, self.beta)
+    return q, loss, idx
+
+
+def _diffusers_forward(self, z):
+    if self.legacy:  # diffusers' legacy weighting: commitment 1, codebook beta
+        commitment, codebook_weight = 1.0, self.beta
+    else:
+        commitment, codebook_weight = self.beta, 1.0
+    q, loss, idx, _ = _learned_forward(self, z, self.embedding.weight, commitment,
+                                       codebook_weight)
+    if self.sane_index_shape:
+        idx = idx.reshape(q.shape[0], q.shape[2], q.shape[3])
+    return q, loss, (None, None, idx)
+
+
+def _diffusers_check(module):
+    if getattr(module, "remap", None) is not None:
+        return "remap= (index remapping to a used subset) is not supported"
+    return None
+
+
+def _encodec_quantize(self, x):
+    return _codes(self, x, self.embed)
+
+
+def _encodec_forward(self, x):
+    """facebook encodec's ``EuclideanCodebook.forward`` with the one-hot and its matmuls
+    replaced by the fused counts and per-code sums; the rest is the module's own code."""
+    own = sys.modules[type(self).__module__]
+    shape, dtype = x.shape, x.dtype
+    x = self.preprocess(x)
+    self.init_embed_(x)
+    if not self.training:
+        embed_ind = self.postprocess_emb(self.quantize(x), shape)
+        return self.dequantize(embed_ind), embed_ind
+    idx, counts, code_sums = _codes_and_statistics(self, x, self.embed)
+    embed_ind = self.postprocess_emb(idx, shape)
+    quantize_ = self.dequantize(embed_ind)
+    self.expire_codes_(x)
+    own.ema_inplace(self.cluster_size, counts.to(dtype), self.decay)
+    own.ema_inplace(self.embed_avg, code_sums.to(dtype), self.decay)
+    cluster_size = (own.laplace_smoothing(self.cluster_size, self.codebook_size, self.epsilon)
+                    * self.cluster_size.sum())
+    self.embed.data.copy_(self.embed_avg / cluster_size.unsqueeze(1))
+    return quantize_, embed_ind
+
+
+def _notebook_outputs(self, inputs, q, loss, idx, perplexity):
+    # the notebook also returns the [N, K] one-hot encodings (its callers may read them)
+    encodings = F.one_hot(idx, self._num_embeddings).to(torch.float32)
+    return loss, q.view(inputs.shape), perplexity, encodings
+
+
+def _notebook_forward(self, inputs):
+    q, loss, idx, perplexity = _learned_forward(self, inputs, self._embedding.weight,
+                                                self._commitment_cost, 1.0)
+    return _notebook_outputs(self, inputs, q, loss, idx, perplexity)
+
+
+def _notebook_ema_forward(self, inputs):
+    backend, precision = _settings(self)
+    backend = resolve_backend(backend, inputs.device)
+    b, d = inputs.shape[:2]
+    x = inputs.reshape(b, d, -1).float()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    codebook = self._embedding.weight
+    q, loss, idx, perplexity, counts, code_sums = quantize(
+        x, codebook, self._commitment_cost, False, with_code_sums=self.training,
+        backend=backend, precision=precision)
+    if self.training:
+        with torch.no_grad():
+            size, weight, decay, eps = self._ema_cluster_size, self._ema_w, self._decay, self._epsilon
+            size.copy_(size * decay + (1 - decay) * counts[:codebook.shape[0]].float())
+            n = torch.sum(size)
+            size.copy_((size + eps) / (n + self._num_embeddings * eps) * n)
+            weight.data.copy_(weight * decay + (1 - decay) * code_sums)
+            codebook.copy_(weight / size.unsqueeze(1))
+    return _notebook_outputs(self, inputs, q.to(inputs.dtype), loss, idx, perplexity)
+
+
+def _is_notebook(module, ema: bool) -> bool:
+    names = ("_embedding", "_embedding_dim", "_num_embeddings", "_commitment_cost")
+    names += ("_ema_cluster_size", "_ema_w", "_decay", "_epsilon") if ema else ()
+    return all(hasattr(module, n) for n in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    library: str
+    methods: dict
+    check: object = None  # module -> reason it cannot be patched, or None
+
+
+def _hf(cls):
+    return f"transformers.models.{cls}"
+
+
+_RULES = {
+    _hf("encodec.modeling_encodec.EncodecEuclideanCodebook"):
+        _Rule("transformers EnCodec", {"quantize": _hf_euclidean_quantize}),
+    _hf("xcodec.modeling_xcodec.XcodecEuclideanCodebook"):
+        _Rule("transformers X-Codec", {"quantize": _hf_euclidean_quantize}),
+    _hf("wavtokenizer.modeling_wavtokenizer.WavTokenizerEuclideanCodebook"):
+        _Rule("transformers WavTokenizer", {"quantize": _hf_euclidean_quantize}),
+    _hf("higgs_audio_v2_tokenizer.modeling_higgs_audio_v2_tokenizer."
+        "HiggsAudioV2TokenizerEuclideanCodebook"):
+        _Rule("transformers Higgs audio tokenizer", {"quantize": _hf_euclidean_quantize}),
+    _hf("mimi.modeling_mimi.MimiEuclideanCodebook"):
+        _Rule("transformers Mimi", {"quantize": _hf_mimi_quantize}),
+    _hf("dac.modeling_dac.DacVectorQuantize"):
+        _Rule("transformers DAC", {"decode_latents": _hf_dac_decode_latents}),
+    _hf("chameleon.modeling_chameleon.ChameleonVQVAEVectorQuantizer"):
+        _Rule("transformers Chameleon", {"forward": _hf_vqvae_forward}),
+    _hf("janus.modeling_janus.JanusVQVAEVectorQuantizer"):
+        _Rule("transformers Janus", {"forward": _hf_vqvae_forward}),
+    "diffusers.models.autoencoders.vae.VectorQuantizer":
+        _Rule("diffusers VQModel", {"forward": _diffusers_forward}, _diffusers_check),
+    "encodec.quantization.core_vq.EuclideanCodebook":
+        _Rule("encodec", {"quantize": _encodec_quantize, "forward": _encodec_forward}),
+}
+_NOTEBOOK = {
+    "VectorQuantizer": _Rule("the VQ-VAE notebook", {"forward": _notebook_forward}),
+    "VectorQuantizerEMA": _Rule("the VQ-VAE notebook", {"forward": _notebook_ema_forward}),
+}
+
+
+def _rule_for(module):
+    cls = type(module)
+    rule = _RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+    if rule is None and cls.__qualname__ in _NOTEBOOK and not cls.__module__.startswith("vqfast."):
+        if _is_notebook(module, ema=cls.__qualname__.endswith("EMA")):
+            rule = _NOTEBOOK[cls.__qualname__]
+    if rule is None and cls.__module__ == "vqfast.reference" and cls.__qualname__ in _NOTEBOOK:
+        rule = _NOTEBOOK[cls.__qualname__]
+    return rule
+
+
+# --- the public calls ------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PatchReport:
+    """What ``vqfast.patch`` did: ``patched`` lists ``(module name, class, methods)`` of
+    the quantizers it now runs through vqfast; ``left`` lists ``(module name, class, why)``
+    of the quantizers it knows but left as they were."""
+
+    patched: list = dataclasses.field(default_factory=list)
+    left: list = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.patched)
+
+    def __str__(self) -> str:
+        lines = [f"vqfast.patch: {len(self.patched)} quantizer(s) patched, "
+                 f"{len(self.left)} left"]
+        lines += [f"  patched {name or '<model>'} ({cls}): {', '.join(methods)}"
+                  for name, cls, methods in self.patched]
+        lines += [f"  left    {name or '<model>'} ({cls}): {why}" for name, cls, why in self.left]
+        return "\n".join(lines)
+
+
+def patch(model: torch.nn.Module, *, backend: str = "auto", precision: str = "ieee",
+          warn: bool = True) -> PatchReport:
+    """Run the quantizers vqfast knows inside ``model`` (itself included) through vqfast's
+    fused search, in place; returns a ``PatchReport``.
+
+    Only the method that computes the ``[N, K]`` distances (and the ``[N, K]`` one-hot of
+    EMA statistics) is replaced on each instance; parameters, buffers, state-dict keys,
+    update rules and return values stay the model's own. ``backend`` (``"auto"``: Triton
+    kernels on CUDA, the torch path elsewhere) and ``precision`` (``"ieee"``, ``"tf32x3"``,
+    ``"tf32"``: the dot precision of fp32 searches on CUDA) apply to every patched module.
+    A known quantizer with an option vqfast does not reproduce is left as it is, with a
+    warning (``warn=False`` to silence it) and the reason in ``report.left``. Patching
+    twice changes nothing; ``vqfast.unpatch(model)`` undoes it.
+
+    Example::
+
+        report = vqfast.patch(model)
+        print(report)   # e.g. "patched quantizer.layers.0.codebook (EncodecEuclideanCodebook): quantize"
+    """
+    check_backend(backend)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    report = PatchReport()
+    for name, module in model.named_modules():
+        rule = _rule_for(module)
+        if rule is None:
+            continue
+        cls = type(module).__qualname__
+        why = rule.check(module) if rule.check is not None else None
+        if why is not None:
+            report.left.append((name, cls, why))
+            if warn:
+                warnings.warn(f"vqfast.patch left {name or 'the model'} ({cls}) as it is: {why}",
+                              stacklevel=2)
+            continue
+        module._vqfast_patch = (backend, precision)
+        for method, fn in rule.methods.items():
+            module.__dict__[method] = types.MethodType(fn, module)
+        report.patched.append((name, cls, tuple(rule.methods)))
+    return report
+
+
+def unpatch(model: torch.nn.Module) -> int:
+    """Restore the original methods of every module ``vqfast.patch`` patched in ``model``;
+    returns how many were restored."""
+    restored = 0
+    for module in model.modules():
+        if "_vqfast_patch" not in module.__dict__:
+            continue
+        rule = _rule_for(module)
+        for method in rule.methods:
+            module.__dict__.pop(method, None)
+        del module.__dict__["_vqfast_patch"]
+        restored += 1
+    return restored
