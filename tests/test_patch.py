@@ -33,19 +33,21 @@ def _import(name: str):
     ``kernels/`` folder (installed as ``vqfast.kernels``) would answer from the repository
     root, so the imports and the probes (whose answers are cached) run with the root off
     ``sys.path``."""
-    if name.startswith("encodec"):
-        # encodec's package imports torchaudio for audio files, which its quantizer does
-        # not use (and no torchaudio build matches every torch): a stand-in if it is absent
-        if "torchaudio" not in sys.modules and importlib.util.find_spec("torchaudio") is None:
-            sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
+    # encodec's package imports torchaudio for audio files, which its quantizer does not
+    # use (and no torchaudio build matches every torch): a stand-in while it imports
+    stand_in = name.startswith("encodec") and importlib.util.find_spec("torchaudio") is None
     saved = list(sys.path)
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
     try:
         if importlib.util.find_spec("transformers") is not None:
             importlib.import_module("transformers.utils.import_utils").is_kernels_available()
+        if stand_in:
+            sys.modules["torchaudio"] = types.ModuleType("torchaudio")
         return pytest.importorskip(name)
     finally:
         sys.path[:] = saved
+        if stand_in:  # only while encodec imports (other libraries probe for torchaudio)
+            del sys.modules["torchaudio"]
 
 
 # --- the checks ---------------------------------------------------------------------------
@@ -374,3 +376,37 @@ def test_a_notebook_class_of_the_users_own_is_found():
 
     VectorQuantizer.__qualname__ = "VectorQuantizer"
     assert len(vqfast.patch(VectorQuantizer())) == 0
+
+
+# --- export and compile of a patched encode ----------------------------------------------
+
+class _Encode(torch.nn.Module):
+    def __init__(self, quantizer, **kwargs):
+        super().__init__()
+        self.quantizer, self.kwargs = quantizer, kwargs
+
+    def forward(self, h):
+        return self.quantizer.encode(h, **self.kwargs)
+
+
+def _encodec_quantizers():
+    model, _ = _hf_encodec()
+    model, patched = _patched_pair(model)
+    h = torch.randn(2, model.config.codebook_dim, 30, generator=torch.Generator().manual_seed(3))
+    return _Encode(model.quantizer, bandwidth=6.0), _Encode(patched.quantizer, bandwidth=6.0), h
+
+
+def test_patched_encode_exports_with_equal_codes():
+    """``torch.export`` keeps vqfast's search as one op per level (``vqfast::nearest_code``),
+    and the exported program's codes equal the unpatched eager model's."""
+    original, patched, h = _encodec_quantizers()
+    program = torch.export.export(patched, (h,))
+    ops = [n.target for n in program.graph.nodes if "vqfast" in str(n.target)]
+    assert ops and all("nearest_code" in str(op) for op in ops)
+    assert torch.equal(program.module()(h), original(h))
+
+
+@pytest.mark.slow
+def test_patched_encode_compiles_fullgraph_with_equal_codes():
+    original, patched, h = _encodec_quantizers()
+    assert torch.equal(torch.compile(patched, fullgraph=True)(h), original(h))

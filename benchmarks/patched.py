@@ -1,0 +1,240 @@
+"""``python -m benchmarks.patched``: models others wrote, with and without ``vqfast.patch``.
+
+Each case builds a quantizer from its library at the size its model ships (random weights
+and codebooks, no download), times the call the model makes (a codec's encode, a training
+step's forward and backward) on the original and on a patched copy side by side, and
+reports the median time, the speedup and the peak memory of each. The codes are checked
+equal before timing. Libraries that are not installed are skipped (``pip install -e
+".[models]"``; facebook's encodec: ``pip install --no-deps encodec``).
+
+    python -m benchmarks.patched --out benchmarks/results
+"""
+
+import argparse
+import copy
+import dataclasses
+import importlib
+import importlib.util
+import platform
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+import vqfast
+
+from .measure import (CPU_TIMING_THREADS, median_seconds, peak_extra_bytes, save_report,
+                      timing_threads)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import(name: str):
+    """A third-party module, imported with the repository root off ``sys.path`` (its
+    ``kernels/`` folder would answer transformers' and diffusers' probe for a package of
+    that name); ``None`` when the library is not installed."""
+    stand_in = name.startswith("encodec") and importlib.util.find_spec("torchaudio") is None
+    # (encodec imports torchaudio for audio files only; its quantizer never uses it)
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+    try:
+        if importlib.util.find_spec("transformers") is not None:
+            importlib.import_module("transformers.utils.import_utils").is_kernels_available()
+        if stand_in:
+            sys.modules["torchaudio"] = types.ModuleType("torchaudio")
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+    finally:
+        sys.path[:] = saved
+        if stand_in:  # only while encodec imports (other libraries probe for torchaudio)
+            del sys.modules["torchaudio"]
+
+
+def _random_codebooks(module, gen):
+    for m in module.modules():
+        for name in ("embed", "embed_sum"):
+            if name in m._buffers:
+                m._buffers[name].copy_(torch.randn(m._buffers[name].shape, generator=gen))
+        if "cluster_usage" in m._buffers:
+            m.cluster_usage.uniform_(0.5, 2.0, generator=gen)
+            m._embed = None
+    return module
+
+
+# --- the cases: (name, what is timed, builder -> (module, call(module) -> codes)) ------------
+
+def _hf_encodec(bandwidth, quick):
+    hf = _import("transformers.models.encodec.modeling_encodec")
+    if hf is None:
+        return None
+    cfg = importlib.import_module("transformers").EncodecConfig()  # the 24 kHz model
+    if quick:
+        cfg.codebook_size = 64
+    gen = torch.Generator().manual_seed(0)
+    quantizer = _random_codebooks(hf.EncodecResidualVectorQuantizer(cfg), gen)
+    h = torch.randn(1, cfg.codebook_dim, 40 if quick else 750, generator=gen)  # 10 s at 75 Hz
+    return quantizer, lambda q: q.encode(h, bandwidth=bandwidth)
+
+
+def _hf_mimi(levels, quick):
+    hf = _import("transformers.models.mimi.modeling_mimi")
+    if hf is None:
+        return None
+    cfg = importlib.import_module("transformers").MimiConfig()
+    if quick:
+        cfg.codebook_size = 64
+    gen = torch.Generator().manual_seed(0)
+    quantizer = _random_codebooks(hf.MimiSplitResidualVectorQuantizer(cfg), gen)
+    h = torch.randn(1, cfg.hidden_size, 20 if quick else 125, generator=gen)  # 10 s at 12.5 Hz
+    return quantizer, lambda q: q.encode(h, num_quantizers=levels)
+
+
+def _hf_dac(quick):
+    hf = _import("transformers.models.dac.modeling_dac")
+    if hf is None:
+        return None
+    cfg = importlib.import_module("transformers").DacConfig()  # 44 kHz: 9 levels, 1024 codes
+    if quick:
+        cfg.codebook_size = 64
+    torch.manual_seed(0)
+    quantizer = hf.DacResidualVectorQuantizer(cfg).eval()
+    h = torch.randn(1, cfg.hidden_size, 40 if quick else 862)  # 10 s at 86 Hz
+    return quantizer, lambda q: q(h)[1]
+
+
+def _diffusers_step(k, d, quick):
+    vae = _import("diffusers.models.autoencoders.vae")
+    if vae is None:
+        return None
+    if quick:
+        k = 64
+    torch.manual_seed(0)
+    vq = vae.VectorQuantizer(k, d, beta=0.25)
+    vq.embedding.weight.data.normal_()
+    z = torch.randn(4, d, 4 if quick else 16, 4 if quick else 16, requires_grad=True)
+    grad = torch.randn_like(z)
+
+    def step(q):
+        out, loss, (_, _, idx) = q(z)
+        torch.autograd.backward((out, loss), (grad, torch.ones_like(loss)))
+        return idx
+    return vq, step
+
+
+def _encodec_step(quick):
+    core_vq = _import("encodec.quantization.core_vq")
+    if core_vq is None:
+        return None
+    torch.manual_seed(0)
+    k, d = (64, 16) if quick else (1024, 128)
+    rvq = core_vq.ResidualVectorQuantization(num_quantizers=8, dim=d, codebook_size=k,
+                                             kmeans_init=False, threshold_ema_dead_code=0).train()
+    for layer in rvq.layers:  # trained codebooks, as a checkpoint brings
+        layer._codebook.embed.normal_()
+        layer._codebook.embed_avg.copy_(layer._codebook.embed)
+        layer._codebook.cluster_size.fill_(1.0)
+    x = torch.randn(4, d, 20 if quick else 150, requires_grad=True)
+
+    def step(q):
+        out, codes, losses = q(x)
+        (out.pow(2).mean() + losses.sum()).backward()
+        return codes
+    return rvq, step
+
+
+def _notebook_step(quick):
+    from vqfast import reference
+    torch.manual_seed(0)
+    k = 64 if quick else 512
+    vq = reference.VectorQuantizerEMA(k, 64, 0.25, 0.99)
+    x = torch.randn(8 if quick else 64, 64, 8, 8, requires_grad=True)
+
+    def step(q):
+        loss, out, _, encodings = q(x)
+        (loss + out.pow(2).mean()).backward()
+        return encodings.argmax(1)
+    return vq, step
+
+
+CASES = [
+    ("transformers EnCodec 24 kHz: encode at 1.5 kbps (2 of 32 levels)", "encode",
+     lambda quick: _hf_encodec(1.5, quick)),
+    ("transformers EnCodec 24 kHz: encode at 24 kbps (32 levels)", "encode",
+     lambda quick: _hf_encodec(24.0, quick)),
+    ("transformers Mimi: encode 8 levels (1 semantic + 7)", "encode",
+     lambda quick: _hf_mimi(8, quick)),
+    ("transformers Mimi: encode 32 levels", "encode", lambda quick: _hf_mimi(32, quick)),
+    ("transformers DAC 44 kHz: quantize 9 levels", "encode", _hf_dac),
+    ("diffusers VectorQuantizer K=1024 D=256: training step", "train",
+     lambda quick: _diffusers_step(1024, 256, quick)),
+    ("diffusers VectorQuantizer K=16384 D=4: training step", "train",
+     lambda quick: _diffusers_step(16384, 4, quick)),
+    ("encodec RVQ 8x1024 D=128: training step", "train", _encodec_step),
+    ("VQ-VAE notebook VectorQuantizerEMA K=512: training step", "train", _notebook_step),
+]
+
+
+def run(quick: bool = False, progress=print):
+    rows = []
+    device = torch.device("cpu")
+    with timing_threads(device):
+        for name, kind, build in CASES:
+            made = build(quick)
+            if made is None:
+                progress(f"{name}: skipped (library not installed)")
+                rows.append({"case": name, "kind": kind, "skipped": "library not installed"})
+                continue
+            module, call = made
+            patched = copy.deepcopy(module)
+            report = vqfast.patch(patched)
+            # the same codes before anything is timed (training steps: the first step's)
+            want, got = call(copy.deepcopy(module)), call(copy.deepcopy(patched))
+            same = torch.equal(want, got)
+            row = {"case": name, "kind": kind, "patched_modules": len(report), "codes_equal": same}
+            for label, m in (("original", module), ("patched", patched)):
+                row[f"{label}_ms"] = median_seconds(lambda m=m: call(m), device) * 1e3
+                row[f"{label}_peak_mib"] = peak_extra_bytes(lambda m=m: call(m), device) / 2**20
+            row["speedup"] = row["original_ms"] / row["patched_ms"]
+            progress(f"{name}: {row['original_ms']:.2f} ms -> {row['patched_ms']:.2f} ms "
+                     f"({row['speedup']:.2f}x), codes equal: {same}")
+            rows.append(row)
+    return rows
+
+
+def environment() -> dict:
+    return {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "python": platform.python_version(), "threads": CPU_TIMING_THREADS,
+            "date": time.strftime("%Y-%m-%d"), "device": "cpu"}
+
+
+def markdown(env: dict, rows) -> str:
+    lines = [f"Models with and without `vqfast.patch`, {env['device']} ({env['machine']}, "
+             f"{env['threads']} thread), torch {env['torch']}; each pair timed side by side in "
+             "one run (median), peak memory above the inputs.", "",
+             "| case | original (ms) | patched (ms) | speedup | peak MiB original / patched "
+             "| codes equal |", "|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        if r.get("skipped"):
+            lines.append(f"| {r['case']} | | | | | skipped: {r['skipped']} |")
+            continue
+        lines.append(f"| {r['case']} | {r['original_ms']:.2f} | {r['patched_ms']:.2f} | "
+                     f"{r['speedup']:.2f}x | {r['original_peak_mib']:.1f} / "
+                     f"{r['patched_peak_mib']:.1f} | {'yes' if r['codes_equal'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="write <date>-cpu-patched.json and .md here")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    args = parser.parse_args(argv)
+    rows = run(args.quick)
+    env = environment()
+    save_report(args.out, "cpu-patched", env, rows, markdown(env, rows))
+
+
+if __name__ == "__main__":
+    main()
