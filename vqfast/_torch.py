@@ -62,9 +62,16 @@ def _search_operands(codebook: torch.Tensor):
     ``argmin(|e|^2 - 2 x.e)``. A code holding inf or NaN is infinitely far (as on the Triton
     path): its norm is inf and its column zero, so the matmul cannot turn it into
     inf - inf = NaN and win the min."""
-    finite_code = torch.isfinite(codebook).all(-1)
-    codebook_sqnorm = torch.where(finite_code, codebook.pow(2).sum(-1), float("inf"))
-    return codebook_sqnorm, torch.where(finite_code[..., None], codebook, 0.0).transpose(-1, -2)
+    codebook_sqnorm = codebook.pow(2).sum(-1)
+    # |e|^2 is finite exactly when every entry is and none overflows fp32 when squared (a
+    # code that does is as far as an inf one: its column is zeroed too, so x.e cannot
+    # overflow into inf - inf either). Zeroing the rows of such codes: a product with the
+    # [K] mask (inf * 0 = NaN, then 0) costs a copy, where torch.where's broadcast and a
+    # per-row all() cost ten.
+    finite_code = torch.isfinite(codebook_sqnorm)
+    codebook_sqnorm = torch.where(finite_code, codebook_sqnorm, float("inf"))
+    kept = (codebook * finite_code[..., None]).nan_to_num_(0.0, 0.0, 0.0)
+    return codebook_sqnorm, kept.transpose(-1, -2)
 
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee",

@@ -192,8 +192,10 @@ class VQVAE(nn.Module):
         return self._decode(self.vq.decode_indices(indices, **options))
 
     def _decode(self, quantized):
-        """The decoder of fp32 decoded codes, in the decoder's dtype (a ``.half()`` model)."""
-        return self.decoder(quantized.to(self.pre_vq_conv.weight.dtype))
+        """The decoder of fp32 decoded codes, in the decoder's dtype (a ``.half()`` model)
+        and the forward's contiguous layout (a conv's rounding depends on the layout)."""
+        return self.decoder(quantized.to(self.pre_vq_conv.weight.dtype,
+                                         memory_format=torch.contiguous_format))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         rename_legacy_keys(state_dict, prefix, self._legacy_keys)

@@ -16,8 +16,7 @@ order); ``vqfast.unpatch(model)`` restores the original methods.
 Known quantizers (the library, then the class):
 
 - Hugging Face transformers: ``EncodecEuclideanCodebook``, ``MimiEuclideanCodebook``,
-  ``XcodecEuclideanCodebook``, ``WavTokenizerEuclideanCodebook``,
-  ``HiggsAudioV2TokenizerEuclideanCodebook`` (``quantize``: the search);
+  ``XcodecEuclideanCodebook``, ``WavTokenizerEuclideanCodebook`` (``quantize``: the search);
   ``DacVectorQuantize`` (``decode_latents``: the cosine search);
   ``ChameleonVQVAEVectorQuantizer``, ``JanusVQVAEVectorQuantizer`` (``forward``: search,
   losses and straight-through output, fused).
@@ -224,9 +223,6 @@ _RULES = {
         _Rule("transformers X-Codec", {"quantize": _hf_euclidean_quantize}),
     _hf("wavtokenizer.modeling_wavtokenizer.WavTokenizerEuclideanCodebook"):
         _Rule("transformers WavTokenizer", {"quantize": _hf_euclidean_quantize}),
-    _hf("higgs_audio_v2_tokenizer.modeling_higgs_audio_v2_tokenizer."
-        "HiggsAudioV2TokenizerEuclideanCodebook"):
-        _Rule("transformers Higgs audio tokenizer", {"quantize": _hf_euclidean_quantize}),
     _hf("mimi.modeling_mimi.MimiEuclideanCodebook"):
         _Rule("transformers Mimi", {"quantize": _hf_mimi_quantize}),
     _hf("dac.modeling_dac.DacVectorQuantize"):
