@@ -114,3 +114,15 @@ def test_lookup_free_benchmark_has_a_bsq_row_with_the_exact_entropy():
     peer = next(r for r in rows if r.impl.endswith("=1.0)"))
     assert ours.quantizer == "bsq" and ours.median_ms
     assert peer.entropy_error < 1e-4  # the peer's unsampled entropy is the exact one
+
+
+def test_patched_benchmark_runs_at_tiny_sizes_with_equal_codes():
+    """``python -m benchmarks.patched --quick``: every installed library's case runs, the
+    patched module's codes equal the original's, and the table has a row per case."""
+    from benchmarks import patched
+    rows = patched.run(quick=True, progress=lambda *_: None)
+    assert len(rows) == len(patched.CASES)
+    ran = [r for r in rows if not r.get("skipped")]
+    assert ran, "no library of the benchmark is installed"
+    assert all(r["codes_equal"] and r["patched_modules"] > 0 for r in ran), ran
+    assert "| case |" in patched.markdown(patched.environment(), rows)
