@@ -5,7 +5,7 @@ and codebooks, no download), times the call the model makes (a codec's encode, a
 step's forward and backward) on the original and on a patched copy side by side, and
 reports the median time, the speedup and the peak memory of each. The codes are checked
 equal before timing. Libraries that are not installed are skipped (``pip install -e
-".[models]"``; facebook's encodec: ``pip install --no-deps encodec``).
+".[dev,models]"``; facebook's encodec: ``pip install --no-deps encodec``).
 
     python -m benchmarks.patched --out benchmarks/results
 """
@@ -145,6 +145,29 @@ def _encodec_step(quick):
     return rvq, step
 
 
+def _vqp_step(levels, quick):
+    vqp = _import("vector_quantize_pytorch")
+    if vqp is None:
+        return None
+    torch.manual_seed(0)
+    k, d = (64, 16) if quick else (1024, 256 if levels == 1 else 128)
+    vq = (vqp.VectorQuantize(dim=d, codebook_size=k, threshold_ema_dead_code=0) if levels == 1
+          else vqp.ResidualVQ(dim=d, codebook_size=k, num_quantizers=levels,
+                              threshold_ema_dead_code=0))
+    with torch.no_grad():  # trained codebooks, as a checkpoint brings
+        for m in vq.modules():
+            if "embed" in m._buffers:
+                m.embed.normal_()
+                m.embed_avg.copy_(m.embed)
+    x = torch.randn(4, 16 if quick else 1024, d, requires_grad=True)
+
+    def step(q):
+        out, codes, loss = q(x)
+        (out.pow(2).mean() + loss.sum()).backward()
+        return codes
+    return vq, step
+
+
 def _notebook_step(quick):
     from vqfast import reference
     torch.manual_seed(0)
@@ -173,6 +196,10 @@ CASES = [
     ("diffusers VectorQuantizer K=16384 D=4: training step", "train",
      lambda quick: _diffusers_step(16384, 4, quick)),
     ("encodec RVQ 8x1024 D=128: training step", "train", _encodec_step),
+    ("vector-quantize-pytorch VectorQuantize K=1024 D=256: training step", "train",
+     lambda quick: _vqp_step(1, quick)),
+    ("vector-quantize-pytorch ResidualVQ 8x1024 D=128: training step", "train",
+     lambda quick: _vqp_step(8, quick)),
     ("VQ-VAE notebook VectorQuantizerEMA K=512: training step", "train", _notebook_step),
 ]
 

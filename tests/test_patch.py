@@ -188,6 +188,20 @@ def _encodec_rvq():
     return rvq, frames, lambda out, x: out[0].pow(2).mean() + out[2].sum()
 
 
+def _tokens(d):
+    return lambda step: torch.randn(3, 11, d, generator=torch.Generator().manual_seed(step))
+
+
+def _vqp(**options):
+    vqp = _import("vector_quantize_pytorch")
+    torch.manual_seed(0)
+    if "num_quantizers" in options:
+        vq = vqp.ResidualVQ(dim=12, codebook_size=32, decay=0.9, **options)
+    else:
+        vq = vqp.VectorQuantize(dim=12, codebook_size=40, decay=0.9, **options)
+    return vq, _tokens(12), lambda out, x: out[2].sum() + out[0].pow(2).mean()
+
+
 TRAINED = {
     "notebook VectorQuantizer": lambda: _notebook(False),
     "notebook VectorQuantizerEMA": lambda: _notebook(True),
@@ -197,6 +211,11 @@ TRAINED = {
     "transformers Chameleon": lambda: _hf_vqvae("chameleon"),
     "transformers Janus": lambda: _hf_vqvae("janus"),
     "encodec ResidualVectorQuantization (k-means, dead codes)": _encodec_rvq,
+    "vector-quantize-pytorch VectorQuantize (k-means, dead codes)":
+        lambda: _vqp(kmeans_init=True, kmeans_iters=2, threshold_ema_dead_code=2),
+    "vector-quantize-pytorch VectorQuantize (learnable, no EMA)":
+        lambda: _vqp(learnable_codebook=True, ema_update=False, rotation_trick=False),
+    "vector-quantize-pytorch ResidualVQ": lambda: _vqp(num_quantizers=3),
 }
 
 
@@ -408,3 +427,24 @@ def test_patched_encode_exports_with_equal_codes():
 def test_patched_encode_compiles_fullgraph_with_equal_codes():
     original, patched, h = _encodec_quantizers()
     assert torch.equal(torch.compile(patched, fullgraph=True)(h), original(h))
+
+
+def test_vector_quantize_pytorch_options_it_does_not_reproduce_are_left():
+    vqp = _import("vector_quantize_pytorch")
+    vq = vqp.VectorQuantize(dim=8, codebook_size=16, use_cosine_sim=True)
+    with pytest.warns(UserWarning, match="use_cosine_sim"):
+        report = vqfast.patch(vq)
+    assert len(report) == 0 and len(report.left) == 1  # its codebook is not reported twice
+    assert "forward" not in vq._codebook.__dict__
+
+
+def test_vector_quantize_pytorch_cross_entropy_against_given_codes_runs_the_original():
+    """``vq(x, indices=codes)`` reads the distance matrix: that call runs the original
+    codebook, and its loss equals the unpatched module's."""
+    vqp = _import("vector_quantize_pytorch")
+    torch.manual_seed(0)
+    vq, patched = _patched_pair(vqp.VectorQuantize(dim=8, codebook_size=16).eval())
+    x = torch.randn(2, 5, 8)
+    codes = torch.randint(0, 16, (2, 5))
+    torch.testing.assert_close(patched(x, indices=codes)[1], vq(x, indices=codes)[1])
+    assert "forward" in patched._codebook.__dict__  # patched again after the call

@@ -23,6 +23,9 @@ Known quantizers (the library, then the class):
 - diffusers: ``VectorQuantizer`` of ``VQModel`` (``forward``; not with ``remap``).
 - facebook ``encodec`` (``encodec.quantization.core_vq.EuclideanCodebook``): ``quantize``
   and, in training, ``forward`` (counts and per-code sums without the one-hot).
+- vector-quantize-pytorch: ``VectorQuantize`` (and so each level of its ``ResidualVQ``)
+  with one Euclidean codebook: its ``Codebook``'s ``forward`` (search and EMA statistics
+  fused; masks, codebook transforms and top-k calls run the original).
 - The original VQ-VAE notebook's ``VectorQuantizer`` and ``VectorQuantizerEMA``
   (``forward``; ``vqfast.reference`` holds them as written).
 """
@@ -199,6 +202,106 @@ def _notebook_ema_forward(self, inputs):
     return _notebook_outputs(self, inputs, q.to(inputs.dtype), loss, idx, perplexity)
 
 
+class _Statistics:
+    """What the patched vector-quantize-pytorch codebook hands its own ``update_codebook``
+    in place of the ``[N, K]`` one-hot: this batch's counts and per-code sums."""
+
+    def __init__(self, counts, code_sums):
+        self.counts, self.code_sums = counts, code_sums
+
+
+def _vqp_codebook_forward(self, x, sample_codebook_temp=None, mask=None, freeze_codebook=False,
+                          codebook_transform_fn=None, ema_update_weight=None,
+                          accum_ema_update=False, ema_update=None, topk=None, update_usage=True):
+    """vector-quantize-pytorch's ``Codebook.forward`` for a single Euclidean codebook:
+    the search and the EMA statistics fused, the module's own update, expiry and k-means.
+    Calls with a mask, a codebook transform or top-k run the original method. The
+    distances it returns are ``None`` (only the cross-entropy losses read them: a
+    ``VectorQuantize`` asked for one runs the original codebook, see ``_vqp_forward``)."""
+    if mask is not None or codebook_transform_fn is not None or topk is not None:
+        return type(self).forward(self, x, sample_codebook_temp, mask, freeze_codebook,
+                                  codebook_transform_fn, ema_update_weight, accum_ema_update,
+                                  ema_update, topk, update_usage)
+    ema_update = self.ema_update if ema_update is None else ema_update
+    needs_codebook_dim = x.ndim < 4
+    x = x.float()
+    if needs_codebook_dim:
+        x = x[None]
+    flatten = x.reshape(x.shape[0], -1, x.shape[-1])  # [1, N, D]
+    self.init_embed_(flatten, mask=None)
+    embed = self.embed if self.learnable_codebook else self.embed.detach()
+    embed = embed.to(x.dtype)[0]
+    update = self.training and update_usage and not freeze_codebook
+    if update:
+        idx, counts, code_sums = _codes_and_statistics(self, flatten[0], embed)
+    else:
+        idx = _codes(self, flatten[0], embed)
+    quantize = F.embedding(idx, embed).view(x.shape)
+    embed_ind = idx.view(x.shape[:-1])
+    if update:
+        self.update_codebook(flatten, _Statistics(counts.float(), code_sums), mask=None,
+                             ema_update_weight=ema_update_weight,
+                             accum_ema_update=accum_ema_update, ema_update=ema_update)
+    if needs_codebook_dim:
+        quantize, embed_ind = quantize[0], embed_ind[0]
+    return quantize, embed_ind, None
+
+
+def _vqp_track(self, flatten, embed_onehot, mask=None, ema_update_weight=None,
+               accum_ema_update=False):
+    """``track_cluster_size_and_embed_avg`` from the fused statistics (the original's, when
+    handed a real one-hot by its other callers, e.g. ``update_indices``)."""
+    if not isinstance(embed_onehot, _Statistics):
+        return type(self).track_cluster_size_and_embed_avg(
+            self, flatten, embed_onehot, mask, ema_update_weight, accum_ema_update)
+    own = sys.modules[type(self).__module__]
+    cluster_size = embed_onehot.counts[None]
+    self.all_reduce_fn(cluster_size)
+    embed_sum = embed_onehot.code_sums[None].contiguous()
+    self.all_reduce_fn(embed_sum)
+    if callable(ema_update_weight):
+        ema_update_weight = ema_update_weight(embed_sum, cluster_size)
+    if accum_ema_update:
+        own.accum_grad_(self.cluster_size, cluster_size)
+        own.accum_grad_(self.embed_avg, embed_sum)
+    else:
+        own.ema_inplace(self.cluster_size, cluster_size, self.decay, ema_update_weight)
+        own.ema_inplace(self.embed_avg, embed_sum, self.decay, ema_update_weight)
+
+
+def _vqp_codebook_check(module):
+    sampler = getattr(module.gumbel_sample, "keywords", {})
+    reasons = [why for why, bad in [
+        ("several codebooks (separate_codebook_per_head)", module.num_codebooks != 1),
+        ("use_cosine_sim=True", module.use_cosine_sim),
+        ("affine_param=True", module.affine_param),
+        ("a vq_bridge", module.vq_bridge is not None),
+        ("stochastic_sample_codes=True", sampler.get("stochastic", False)),
+        ("straight_through=True", sampler.get("straight_through", False)),
+    ] if bad]
+    return ", ".join(reasons) + " not supported" if reasons else None
+
+
+def _vqp_forward(self, x, indices=None, *args, **kwargs):
+    """``VectorQuantize.forward``; with ``indices`` (the cross-entropy loss against given
+    codes, which reads the distance matrix) the original codebook runs."""
+    if indices is None:
+        return type(self).forward(self, x, None, *args, **kwargs)
+    codebook = self._codebook
+    saved = {name: codebook.__dict__.pop(name) for name in ("forward",)
+             if name in codebook.__dict__}
+    try:
+        return type(self).forward(self, x, indices, *args, **kwargs)
+    finally:
+        codebook.__dict__.update(saved)
+
+
+def _vqp_check(module):
+    if module.commitment_use_cross_entropy_loss:
+        return "commitment_use_cross_entropy_loss=True (reads the distance matrix) not supported"
+    return _vqp_codebook_check(module._codebook) if hasattr(module, "_codebook") else None
+
+
 def _is_notebook(module, ema: bool) -> bool:
     names = ("_embedding", "_embedding_dim", "_num_embeddings", "_commitment_cost")
     names += ("_ema_cluster_size", "_ema_w", "_decay", "_epsilon") if ema else ()
@@ -233,6 +336,12 @@ _RULES = {
         _Rule("transformers Janus", {"forward": _hf_vqvae_forward}),
     "diffusers.models.autoencoders.vae.VectorQuantizer":
         _Rule("diffusers VQModel", {"forward": _diffusers_forward}, _diffusers_check),
+    "vector_quantize_pytorch.vector_quantize_pytorch.VectorQuantize":
+        _Rule("vector-quantize-pytorch", {"forward": _vqp_forward}, _vqp_check),
+    "vector_quantize_pytorch.vector_quantize_pytorch.Codebook":
+        _Rule("vector-quantize-pytorch", {"forward": _vqp_codebook_forward,
+                                          "track_cluster_size_and_embed_avg": _vqp_track},
+              _vqp_codebook_check),
     "encodec.quantization.core_vq.EuclideanCodebook":
         _Rule("encodec", {"quantize": _encodec_quantize, "forward": _encodec_forward}),
 }
@@ -301,13 +410,15 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", precision: str = "ie
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport()
+    inside_left = set()  # the submodules of a quantizer left as it is stay as they are
     for name, module in model.named_modules():
         rule = _rule_for(module)
-        if rule is None:
+        if rule is None or id(module) in inside_left:
             continue
         cls = type(module).__qualname__
         why = rule.check(module) if rule.check is not None else None
         if why is not None:
+            inside_left.update(id(m) for m in module.modules())
             report.left.append((name, cls, why))
             if warn:
                 warnings.warn(f"vqfast.patch left {name or 'the model'} ({cls}) as it is: {why}",
