@@ -423,6 +423,21 @@ def test_patched_encode_exports_with_equal_codes():
     assert torch.equal(program.module()(h), original(h))
 
 
+def test_patched_encode_exports_to_onnx_with_equal_codes(tmp_path):
+    """Decomposed to standard ops (``vqfast.export_decompositions``), the exported encode
+    converts to ONNX, and onnxruntime's codes equal the unpatched eager model's."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    original, patched, h = _encodec_quantizers()
+    program = torch.export.export(patched, (h,)).run_decompositions(
+        vqfast.export_decompositions())
+    assert not [n for n in program.graph.nodes if "vqfast" in str(n.target)]
+    torch.onnx.export(program, (h,), dynamo=True).save(str(tmp_path / "encode.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "encode.onnx"))
+    codes = session.run(None, {session.get_inputs()[0].name: h.numpy()})[0]
+    assert torch.equal(torch.from_numpy(codes), original(h))
+
+
 @pytest.mark.slow
 def test_patched_encode_compiles_fullgraph_with_equal_codes():
     original, patched, h = _encodec_quantizers()

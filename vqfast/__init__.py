@@ -1,6 +1,6 @@
 """vqfast: vector quantization for PyTorch, fused Triton kernels on CUDA, a lean torch path elsewhere."""
 
-from .functional import nearest_code
+from .functional import export_decompositions, nearest_code
 from .lookup_free import FSQ, LFQ
 from .model import VQVAE, Decoder, Encoder, Residual, ResidualStack
 from .modules import (ORIGINAL_ALGORITHM, CodebookUsage, LossBreakdown, VectorQuantizer,
@@ -18,5 +18,5 @@ __all__ = ["VectorQuantizer", "VectorQuantizerEMA", "nearest_code", "VQVAE", "En
            "Residual", "ResidualStack", "CodebookUsage", "kmeans", "FSQ", "LFQ", "ResidualVQ",
            "ORIGINAL_ALGORITHM", "LossBreakdown", "SimVQ",
            "IndexBackpropVQ", "ResidualFSQ", "ResidualLFQ", "MultiScaleResidualVQ",
-           "patch", "unpatch", "PatchReport",
+           "patch", "unpatch", "PatchReport", "export_decompositions",
            "__version__"]

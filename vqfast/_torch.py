@@ -70,7 +70,7 @@ def _search_operands(codebook: torch.Tensor):
     # per-row all() cost ten.
     finite_code = torch.isfinite(codebook_sqnorm)
     codebook_sqnorm = torch.where(finite_code, codebook_sqnorm, float("inf"))
-    kept = (codebook * finite_code[..., None]).nan_to_num_(0.0, 0.0, 0.0)
+    kept = (codebook * finite_code[..., None]).nan_to_num(0.0, 0.0, 0.0)
     return codebook_sqnorm, kept.transpose(-1, -2)
 
 
@@ -97,6 +97,20 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
         idx[rows] = best_idx
         sqdist[rows] = (best + x_chunk.pow(2).sum(1)).clamp_min_(0)
     return idx, sqdist
+
+
+def nearest_code_functional(x: torch.Tensor, codebook: torch.Tensor, backend: str = "torch",
+                            precision: str = "ieee"):
+    """``nearest_code`` in one functional expression (no chunks, no in-place writes): the
+    ``vqfast::nearest_code`` op's decomposition for export (``vqfast.export_decompositions``),
+    where a graph of standard ops is wanted. It builds the ``[N, K]`` distances: an exported
+    graph's runtime decides how to tile them."""
+    del backend, precision
+    rows = x if x.dim() == 2 else x.movedim(1, -1).reshape(-1, x.shape[1])
+    rows = rows.float()
+    codebook_sqnorm, codebook_t = _search_operands(codebook.float())
+    best, idx = torch.addmm(codebook_sqnorm, rows, codebook_t, alpha=-2).min(dim=1)
+    return idx, (best + rows.pow(2).sum(1)).clamp_min(0)
 
 
 def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with_code_sums: bool,

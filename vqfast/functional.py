@@ -33,3 +33,12 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, backend: str = "auto",
     backend = resolve_backend(backend, x.device)
     return _nearest_code_op(x.contiguous(), codebook.detach().contiguous(), backend,
                                          precision)
+
+
+def export_decompositions() -> dict:
+    """Plain-torch decompositions of vqfast's encode ops, for graphs that must hold only
+    standard ops (ONNX): ``torch.export.export(m, args).run_decompositions(
+    vqfast.export_decompositions())``, then ``torch.onnx.export(program, ...)``. Codes
+    equal the torch path's (same formula, first index on ties). Covers ``nearest_code``
+    (what a patched model's encode calls)."""
+    return {torch.ops.vqfast.nearest_code.default: _torch.nearest_code_functional}
