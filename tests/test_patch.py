@@ -188,6 +188,21 @@ def _encodec_rvq():
     return rvq, frames, lambda out, x: out[0].pow(2).mean() + out[2].sum()
 
 
+def _moshi_rvq():
+    core_vq = _import("moshi.quantization.core_vq")
+    torch.manual_seed(0)
+    rvq = core_vq.ResidualVectorQuantization(num_quantizers=3, codebook_offset=0, dim=12,
+                                             codebook_size=32, decay=0.5,
+                                             check_unused_every=2).train()
+    for layer in rvq.layers:  # trained codebooks, as a checkpoint brings (moshi k-means
+        book = layer._codebook  # -initialises a level only after the one before it, so
+        book.embedding_sum.normal_()  # from scratch later levels start as all-zero ties)
+        book.cluster_usage.uniform_(0.5, 2.0)
+        book._initialized.fill_(1)
+    frames = lambda step: torch.randn(2, 12, 40, generator=torch.Generator().manual_seed(step))  # noqa: E731
+    return rvq, frames, lambda out, x: out.quantized.pow(2).mean() + out.loss.sum()
+
+
 def _tokens(d):
     return lambda step: torch.randn(3, 11, d, generator=torch.Generator().manual_seed(step))
 
@@ -211,6 +226,7 @@ TRAINED = {
     "transformers Chameleon": lambda: _hf_vqvae("chameleon"),
     "transformers Janus": lambda: _hf_vqvae("janus"),
     "encodec ResidualVectorQuantization (k-means, dead codes)": _encodec_rvq,
+    "moshi ResidualVectorQuantization (dead codes)": _moshi_rvq,
     "vector-quantize-pytorch VectorQuantize (k-means, dead codes)":
         lambda: _vqp(kmeans_init=True, kmeans_iters=2, threshold_ema_dead_code=2),
     "vector-quantize-pytorch VectorQuantize (learnable, no EMA)":

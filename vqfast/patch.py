@@ -23,6 +23,8 @@ Known quantizers (the library, then the class):
 - diffusers: ``VectorQuantizer`` of ``VQModel`` (``forward``; not with ``remap``).
 - facebook ``encodec`` (``encodec.quantization.core_vq.EuclideanCodebook``): ``quantize``
   and, in training, ``forward`` (counts and per-code sums without the one-hot).
+- kyutai ``moshi`` (``moshi.quantization.core_vq.EuclideanCodebook``, Mimi's training
+  codebook): ``_quantize``, the search of encode and of training.
 - vector-quantize-pytorch: ``VectorQuantize`` (and so each level of its ``ResidualVQ``)
   with one Euclidean codebook: its ``Codebook``'s ``forward`` (search and EMA statistics
   fused; masks, codebook transforms and top-k calls run the original).
@@ -166,6 +168,11 @@ def _encodec_forward(self, x):
                     * self.cluster_size.sum())
     self.embed.data.copy_(self.embed_avg / cluster_size.unsqueeze(1))
     return quantize_, embed_ind
+
+
+def _moshi_quantize(self, x):
+    # moshi's EMA statistics already avoid the one-hot (scatter_add); its search is cdist
+    return _codes(self, x, self.embedding)
 
 
 def _notebook_outputs(self, inputs, q, loss, idx, perplexity):
@@ -342,6 +349,8 @@ _RULES = {
         _Rule("vector-quantize-pytorch", {"forward": _vqp_codebook_forward,
                                           "track_cluster_size_and_embed_avg": _vqp_track},
               _vqp_codebook_check),
+    "moshi.quantization.core_vq.EuclideanCodebook":
+        _Rule("moshi", {"_quantize": _moshi_quantize}),
     "encodec.quantization.core_vq.EuclideanCodebook":
         _Rule("encodec", {"quantize": _encodec_quantize, "forward": _encodec_forward}),
 }
