@@ -7,17 +7,14 @@ reports the median time, the speedup and the peak memory of each. The codes are 
 equal before timing. Libraries that are not installed are skipped (``pip install -e
 ".[dev,models]"``; facebook's encodec: ``pip install --no-deps encodec``).
 
-    python -m benchmarks.patched --out benchmarks/results
+    python -m benchmarks.patched --out benchmarks/results   # --device cuda on a GPU
 """
 
-import argparse
 import copy
 import dataclasses
 import importlib
 import importlib.util
-import platform
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -25,8 +22,8 @@ import torch
 
 import vqfast
 
-from .measure import (CPU_TIMING_THREADS, median_seconds, peak_extra_bytes, save_report,
-                      timing_threads)
+from .measure import median_seconds, peak_extra_bytes, timing_threads
+from .suite import environment, pick_device, save_side_report, side_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +63,7 @@ def _random_codebooks(module, gen):
 
 # --- the cases: (name, what is timed, builder -> (module, call(module) -> codes)) ------------
 
-def _hf_encodec(bandwidth, quick):
+def _hf_encodec(bandwidth, quick, device):
     hf = _import("transformers.models.encodec.modeling_encodec")
     if hf is None:
         return None
@@ -76,10 +73,11 @@ def _hf_encodec(bandwidth, quick):
     gen = torch.Generator().manual_seed(0)
     quantizer = _random_codebooks(hf.EncodecResidualVectorQuantizer(cfg), gen)
     h = torch.randn(1, cfg.codebook_dim, 40 if quick else 750, generator=gen)  # 10 s at 75 Hz
-    return quantizer, lambda q: q.encode(h, bandwidth=bandwidth)
+    h = h.to(device)
+    return quantizer.to(device), lambda q: q.encode(h, bandwidth=bandwidth)
 
 
-def _hf_mimi(levels, quick):
+def _hf_mimi(levels, quick, device):
     hf = _import("transformers.models.mimi.modeling_mimi")
     if hf is None:
         return None
@@ -89,10 +87,11 @@ def _hf_mimi(levels, quick):
     gen = torch.Generator().manual_seed(0)
     quantizer = _random_codebooks(hf.MimiSplitResidualVectorQuantizer(cfg), gen)
     h = torch.randn(1, cfg.hidden_size, 20 if quick else 125, generator=gen)  # 10 s at 12.5 Hz
-    return quantizer, lambda q: q.encode(h, num_quantizers=levels)
+    h = h.to(device)
+    return quantizer.to(device), lambda q: q.encode(h, num_quantizers=levels)
 
 
-def _hf_dac(quick):
+def _hf_dac(quick, device):
     hf = _import("transformers.models.dac.modeling_dac")
     if hf is None:
         return None
@@ -101,11 +100,11 @@ def _hf_dac(quick):
         cfg.codebook_size = 64
     torch.manual_seed(0)
     quantizer = hf.DacResidualVectorQuantizer(cfg).eval()
-    h = torch.randn(1, cfg.hidden_size, 40 if quick else 862)  # 10 s at 86 Hz
-    return quantizer, lambda q: q(h)[1]
+    h = torch.randn(1, cfg.hidden_size, 40 if quick else 862, device=device)  # 10 s at 86 Hz
+    return quantizer.to(device), lambda q: q(h)[1]
 
 
-def _diffusers_step(k, d, quick):
+def _diffusers_step(k, d, quick, device):
     vae = _import("diffusers.models.autoencoders.vae")
     if vae is None:
         return None
@@ -114,17 +113,18 @@ def _diffusers_step(k, d, quick):
     torch.manual_seed(0)
     vq = vae.VectorQuantizer(k, d, beta=0.25)
     vq.embedding.weight.data.normal_()
-    z = torch.randn(4, d, 4 if quick else 16, 4 if quick else 16, requires_grad=True)
+    z = torch.randn(4, d, 4 if quick else 16, 4 if quick else 16, device=device,
+                    requires_grad=True)
     grad = torch.randn_like(z)
 
     def step(q):
         out, loss, (_, _, idx) = q(z)
         torch.autograd.backward((out, loss), (grad, torch.ones_like(loss)))
         return idx
-    return vq, step
+    return vq.to(device), step
 
 
-def _encodec_step(quick):
+def _encodec_step(quick, device):
     core_vq = _import("encodec.quantization.core_vq")
     if core_vq is None:
         return None
@@ -136,16 +136,16 @@ def _encodec_step(quick):
         layer._codebook.embed.normal_()
         layer._codebook.embed_avg.copy_(layer._codebook.embed)
         layer._codebook.cluster_size.fill_(1.0)
-    x = torch.randn(4, d, 20 if quick else 150, requires_grad=True)
+    x = torch.randn(4, d, 20 if quick else 150, device=device, requires_grad=True)
 
     def step(q):
         out, codes, losses = q(x)
         (out.pow(2).mean() + losses.sum()).backward()
         return codes
-    return rvq, step
+    return rvq.to(device), step
 
 
-def _vqp_step(levels, quick):
+def _vqp_step(levels, quick, device):
     vqp = _import("vector_quantize_pytorch")
     if vqp is None:
         return None
@@ -159,108 +159,117 @@ def _vqp_step(levels, quick):
             if "embed" in m._buffers:
                 m.embed.normal_()
                 m.embed_avg.copy_(m.embed)
-    x = torch.randn(4, 16 if quick else 1024, d, requires_grad=True)
+    x = torch.randn(4, 16 if quick else 1024, d, device=device, requires_grad=True)
 
     def step(q):
         out, codes, loss = q(x)
         (out.pow(2).mean() + loss.sum()).backward()
         return codes
-    return vq, step
+    return vq.to(device), step
 
 
-def _notebook_step(quick):
+def _notebook_step(quick, device):
     from vqfast import reference
     torch.manual_seed(0)
     k = 64 if quick else 512
     vq = reference.VectorQuantizerEMA(k, 64, 0.25, 0.99)
-    x = torch.randn(8 if quick else 64, 64, 8, 8, requires_grad=True)
+    x = torch.randn(8 if quick else 64, 64, 8, 8, device=device, requires_grad=True)
 
     def step(q):
         loss, out, _, encodings = q(x)
         (loss + out.pow(2).mean()).backward()
         return encodings.argmax(1)
-    return vq, step
+    return vq.to(device), step
 
 
 CASES = [
     ("transformers EnCodec 24 kHz: encode at 1.5 kbps (2 of 32 levels)", "encode",
-     lambda quick: _hf_encodec(1.5, quick)),
+     lambda quick, device: _hf_encodec(1.5, quick, device)),
     ("transformers EnCodec 24 kHz: encode at 24 kbps (32 levels)", "encode",
-     lambda quick: _hf_encodec(24.0, quick)),
+     lambda quick, device: _hf_encodec(24.0, quick, device)),
     ("transformers Mimi: encode 8 levels (1 semantic + 7)", "encode",
-     lambda quick: _hf_mimi(8, quick)),
-    ("transformers Mimi: encode 32 levels", "encode", lambda quick: _hf_mimi(32, quick)),
+     lambda quick, device: _hf_mimi(8, quick, device)),
+    ("transformers Mimi: encode 32 levels", "encode", lambda quick, device: _hf_mimi(32, quick, device)),
     ("transformers DAC 44 kHz: quantize 9 levels", "encode", _hf_dac),
     ("diffusers VectorQuantizer K=1024 D=256: training step", "train",
-     lambda quick: _diffusers_step(1024, 256, quick)),
+     lambda quick, device: _diffusers_step(1024, 256, quick, device)),
     ("diffusers VectorQuantizer K=16384 D=4: training step", "train",
-     lambda quick: _diffusers_step(16384, 4, quick)),
+     lambda quick, device: _diffusers_step(16384, 4, quick, device)),
     ("encodec RVQ 8x1024 D=128: training step", "train", _encodec_step),
     ("vector-quantize-pytorch VectorQuantize K=1024 D=256: training step", "train",
-     lambda quick: _vqp_step(1, quick)),
+     lambda quick, device: _vqp_step(1, quick, device)),
     ("vector-quantize-pytorch ResidualVQ 8x1024 D=128: training step", "train",
-     lambda quick: _vqp_step(8, quick)),
+     lambda quick, device: _vqp_step(8, quick, device)),
     ("VQ-VAE notebook VectorQuantizerEMA K=512: training step", "train", _notebook_step),
 ]
 
 
-def run(quick: bool = False, progress=print):
+@dataclasses.dataclass
+class Row:
+    case: str
+    kind: str
+    patched_modules: int | None = None
+    codes_equal: bool | None = None
+    original_ms: float | None = None
+    patched_ms: float | None = None
+    original_peak_mib: float | None = None
+    patched_peak_mib: float | None = None
+    speedup: float | None = None
+    skipped: str | None = None
+
+
+def run(quick: bool = False, device=torch.device("cpu"), progress=print):
     rows = []
-    device = torch.device("cpu")
     with timing_threads(device):
         for name, kind, build in CASES:
-            made = build(quick)
+            row = Row(name, kind)
+            rows.append(row)
+            made = build(quick, device)
             if made is None:
-                progress(f"{name}: skipped (library not installed)")
-                rows.append({"case": name, "kind": kind, "skipped": "library not installed"})
+                row.skipped = "library not installed"
+                progress(f"{name}: skipped ({row.skipped})")
                 continue
             module, call = made
             patched = copy.deepcopy(module)
-            report = vqfast.patch(patched)
+            row.patched_modules = len(vqfast.patch(patched))
             # the same codes before anything is timed (training steps: the first step's)
-            want, got = call(copy.deepcopy(module)), call(copy.deepcopy(patched))
-            same = torch.equal(want, got)
-            row = {"case": name, "kind": kind, "patched_modules": len(report), "codes_equal": same}
+            row.codes_equal = torch.equal(call(copy.deepcopy(module)), call(copy.deepcopy(patched)))
             for label, m in (("original", module), ("patched", patched)):
-                row[f"{label}_ms"] = median_seconds(lambda m=m: call(m), device) * 1e3
-                row[f"{label}_peak_mib"] = peak_extra_bytes(lambda m=m: call(m), device) / 2**20
-            row["speedup"] = row["original_ms"] / row["patched_ms"]
-            progress(f"{name}: {row['original_ms']:.2f} ms -> {row['patched_ms']:.2f} ms "
-                     f"({row['speedup']:.2f}x), codes equal: {same}")
-            rows.append(row)
+                setattr(row, f"{label}_ms", median_seconds(lambda m=m: call(m), device) * 1e3)
+                setattr(row, f"{label}_peak_mib",
+                        peak_extra_bytes(lambda m=m: call(m), device) / 2**20)
+            row.speedup = row.original_ms / row.patched_ms
+            progress(f"{name}: {row.original_ms:.2f} ms -> {row.patched_ms:.2f} ms "
+                     f"({row.speedup:.2f}x), codes equal: {row.codes_equal}")
     return rows
 
 
-def environment() -> dict:
-    return {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "python": platform.python_version(), "threads": CPU_TIMING_THREADS,
-            "date": time.strftime("%Y-%m-%d"), "device": "cpu"}
-
-
 def markdown(env: dict, rows) -> str:
-    lines = [f"Models with and without `vqfast.patch`, {env['device']} ({env['machine']}, "
-             f"{env['threads']} thread), torch {env['torch']}; each pair timed side by side in "
-             "one run (median), peak memory above the inputs.", "",
+    threads = f", {env['cpu_threads']} thread" if env["device_type"] == "cpu" else ""
+    lines = [f"Models with and without `vqfast.patch` on {env['device']}{threads}, torch "
+             f"{env['torch']}; each pair timed side by side in one run (median), peak memory "
+             "above the inputs.", "",
              "| case | original (ms) | patched (ms) | speedup | peak MiB original / patched "
              "| codes equal |", "|---|---:|---:|---:|---|---|"]
     for r in rows:
-        if r.get("skipped"):
-            lines.append(f"| {r['case']} | | | | | skipped: {r['skipped']} |")
+        if r.skipped:
+            lines.append(f"| {r.case} | | | | | skipped: {r.skipped} |")
             continue
-        lines.append(f"| {r['case']} | {r['original_ms']:.2f} | {r['patched_ms']:.2f} | "
-                     f"{r['speedup']:.2f}x | {r['original_peak_mib']:.1f} / "
-                     f"{r['patched_peak_mib']:.1f} | {'yes' if r['codes_equal'] else 'no'} |")
+        lines.append(f"| {r.case} | {r.original_ms:.2f} | {r.patched_ms:.2f} | "
+                     f"{r.speedup:.2f}x | {r.original_peak_mib:.1f} / "
+                     f"{r.patched_peak_mib:.1f} | {'yes' if r.codes_equal else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, help="write <date>-cpu-patched.json and .md here")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
-    args = parser.parse_args(argv)
-    rows = run(args.quick)
-    env = environment()
-    save_report(args.out, "cpu-patched", env, rows, markdown(env, rows))
+    args = side_parser("python -m benchmarks.patched", __doc__, "patched",
+                       ("--quick", "tiny sizes (a smoke test)")).parse_args(argv)
+    device = pick_device(args.device)
+    rows = run(args.quick, device)
+    env = environment(device)
+    save_side_report(env, rows, markdown(env, rows), args.out, key="patched",
+                     heading="Models with and without vqfast.patch", name=args.name,
+                     merge_into=args.merge_into)
 
 
 if __name__ == "__main__":

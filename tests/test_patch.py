@@ -133,6 +133,10 @@ def train_side_by_side(model, batches, loss_of, steps, atol=1e-5, rtol=1e-4, lr=
             results.append((loss.detach(), out, xi.grad))
         assert_close_tree(results[1], results[0], atol, rtol, f"step {step}")
     assert_close_tree(patched.state_dict(), model.state_dict(), atol, rtol, "final state")
+    x = batches(steps)
+    with torch.no_grad():  # and the trained pair in eval mode
+        outputs = [m.eval()(x.clone()) for m in (model, patched)]
+    assert_close_tree(outputs[1], outputs[0], atol, rtol, "eval")
     return model, patched
 
 
@@ -460,13 +464,70 @@ def test_patched_encode_compiles_fullgraph_with_equal_codes():
     assert torch.equal(torch.compile(patched, fullgraph=True)(h), original(h))
 
 
-def test_vector_quantize_pytorch_options_it_does_not_reproduce_are_left():
+@pytest.mark.parametrize("option,why", [
+    (dict(use_cosine_sim=True), "use_cosine_sim"),
+    (dict(codebook_diversity_loss_weight=0.1), "codebook_diversity_loss_weight"),
+    (dict(stochastic_sample_codes=True), "stochastic_sample_codes"),
+])
+def test_vector_quantize_pytorch_options_it_does_not_reproduce_are_left(option, why):
     vqp = _import("vector_quantize_pytorch")
-    vq = vqp.VectorQuantize(dim=8, codebook_size=16, use_cosine_sim=True)
-    with pytest.warns(UserWarning, match="use_cosine_sim"):
+    vq = vqp.VectorQuantize(dim=8, codebook_size=16, **option)
+    with pytest.warns(UserWarning, match=why):
         report = vqfast.patch(vq)
     assert len(report) == 0 and len(report.left) == 1  # its codebook is not reported twice
     assert "forward" not in vq._codebook.__dict__
+
+
+def test_a_sampler_of_its_own_is_left():
+    vqp = _import("vector_quantize_pytorch")
+    book = vqp.vector_quantize_pytorch.Codebook(8, 16, gumbel_sample=lambda *a, **k: None)
+    with pytest.warns(UserWarning, match="gumbel_sample of its own"):
+        assert len(vqfast.patch(book)) == 0
+
+
+def test_modules_with_accelerate_hooks_are_left():
+    """Offloaded weights (accelerate's hooks move them in around the original methods)."""
+    model, _ = _hf_dac()
+    model.quantizer.quantizers[1].codebook._hf_hook = object()
+    with pytest.warns(UserWarning, match="accelerate"):
+        report = vqfast.patch(model)
+    assert [name for name, _, _ in report.left] == ["quantizer.quantizers.1"]
+    assert len(report.patched) == 3
+
+
+def test_a_patched_model_saved_whole_loads_patched(tmp_path):
+    import io
+    model, batches, _ = TRAINED["diffusers VectorQuantizer"]()
+    model, patched = _patched_pair(model)
+    buffer = io.BytesIO()
+    torch.save(patched, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert "forward" in loaded.__dict__ and loaded.forward.module is loaded
+    x = batches(0)
+    assert_close_tree(loaded(x), model(x), 1e-5, 1e-4, "loaded")
+
+
+def test_empty_inputs_behave_as_the_original():
+    model, _, _ = TRAINED["diffusers VectorQuantizer"]()
+    model, patched = _patched_pair(model)
+    for z in (torch.randn(0, 12, 5, 7), torch.randn(2, 12, 0, 7)):
+        want, got = model(z), patched(z)
+        assert got[0].shape == want[0].shape and got[2][2].shape == want[2][2].shape
+        assert torch.equal(got[1].isnan(), want[1].isnan())
+
+
+@pytest.mark.parametrize("target", ["diffusers VectorQuantizer",
+                                    "moshi ResidualVectorQuantization (dead codes)"])
+def test_codes_under_autocast_are_the_originals(target):
+    """Under bf16 autocast the originals' cdist stays fp32; so does the patched search."""
+    model, batches, _ = TRAINED[target]()
+    model, patched = _patched_pair(model.eval())
+    x = torch.randn(4, 12, 64, 64) if target.startswith("diffusers") else torch.randn(4, 12, 4096)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = model(x), patched(x)
+    codes = lambda out: out[2][2] if isinstance(out[2], tuple) else out.codes  # noqa: E731
+    assert torch.equal(codes(got), codes(want))
 
 
 def test_vector_quantize_pytorch_cross_entropy_against_given_codes_runs_the_original():

@@ -34,7 +34,6 @@ Known quantizers (the library, then the class):
 
 import dataclasses
 import sys
-import types
 import warnings
 
 import torch
@@ -59,11 +58,15 @@ def _codes(module, x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         return torch.empty(0, dtype=torch.int64, device=x.device)
     backend, precision = _settings(module)
     backend = resolve_backend(backend, x.device)
-    codebook = codebook.detach()
-    if codebook.dtype != x.dtype:
-        codebook = codebook.to(x.dtype)
-    return _nearest_code_op(x.detach().contiguous(), codebook.contiguous(), backend,
-                            precision)[0]
+    x, codebook = _promoted(x.detach(), codebook.detach())
+    return _nearest_code_op(x.contiguous(), codebook.contiguous(), backend, precision)[0]
+
+
+def _promoted(x: torch.Tensor, codebook: torch.Tensor):
+    """Both in the wider of their dtypes: a patched search is never less precise than its
+    operands (fp32 codebooks stay fp32 for half-precision inputs)."""
+    dtype = torch.promote_types(x.dtype, codebook.dtype)
+    return x.to(dtype), codebook.to(dtype)
 
 
 def _codes_and_statistics(module, x: torch.Tensor, codebook: torch.Tensor):
@@ -75,12 +78,10 @@ def _codes_and_statistics(module, x: torch.Tensor, codebook: torch.Tensor):
     if x.shape[0] == 0:
         return (torch.empty(0, dtype=torch.int64, device=x.device),
                 x.new_zeros(k, dtype=torch.float32), x.new_zeros(codebook.shape, dtype=torch.float32))
-    codebook = codebook.detach()
-    if codebook.dtype != x.dtype:
-        codebook = codebook.to(x.dtype)
+    x, codebook = _promoted(x.detach(), codebook.detach())
     with torch.no_grad():
         _, idx, _, _, counts, code_sums, _ = _quantize_op(
-            x.detach().contiguous(), codebook.contiguous(), True, 0.0, backend, precision)
+            x.contiguous(), codebook.contiguous(), True, 0.0, backend, precision)
     return idx, counts[:k], code_sums
 
 
@@ -114,7 +115,9 @@ def _hf_mimi_quantize(self, hidden_states):
 def _hf_dac_decode_latents(self, hidden_states):
     batch_size, hidden_dim, _ = hidden_states.shape
     encodings = hidden_states.permute(0, 2, 1).reshape(-1, hidden_dim)
-    # l2-normalised search (ViT-VQGAN), raw codebook rows out, as the original
+    # l2-normalised search (ViT-VQGAN), raw codebook rows out, as the original (whose
+    # distance adds |c|^2 where it means to subtract it: the same ranking for unit rows,
+    # which F.normalize makes every nonzero row)
     codes = _codes(self, F.normalize(encodings), F.normalize(self.codebook.weight))
     indices = codes.reshape(batch_size, -1)
     return self.codebook(indices).transpose(1, 2), indices
@@ -277,8 +280,11 @@ def _vqp_track(self, flatten, embed_onehot, mask=None, ema_update_weight=None,
 
 
 def _vqp_codebook_check(module):
+    own = sys.modules[type(module).__module__]
     sampler = getattr(module.gumbel_sample, "keywords", {})
     reasons = [why for why, bad in [
+        ("a gumbel_sample of its own",
+         getattr(module.gumbel_sample, "func", module.gumbel_sample) is not own.gumbel_sample),
         ("several codebooks (separate_codebook_per_head)", module.num_codebooks != 1),
         ("use_cosine_sim=True", module.use_cosine_sim),
         ("affine_param=True", module.affine_param),
@@ -306,6 +312,8 @@ def _vqp_forward(self, x, indices=None, *args, **kwargs):
 def _vqp_check(module):
     if module.commitment_use_cross_entropy_loss:
         return "commitment_use_cross_entropy_loss=True (reads the distance matrix) not supported"
+    if getattr(module, "has_codebook_diversity_loss", False):
+        return "codebook_diversity_loss_weight > 0 (reads the distance matrix) not supported"
     return _vqp_codebook_check(module._codebook) if hasattr(module, "_codebook") else None
 
 
@@ -371,6 +379,33 @@ def _rule_for(module):
     return rule
 
 
+class _Patched:
+    """A patched method bound to its module: run with autocast off (as the originals'
+    ``cdist`` in fp32; vqfast accumulates in fp32 anyway), the original method for an
+    empty first input (whatever the original does with it), and picklable (a patched
+    model saved whole with ``torch.save`` loads patched)."""
+
+    def __init__(self, fn, module, name):
+        self.fn, self.module, self.name = fn, module, name
+
+    def __call__(self, *args, **kwargs):
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(first, torch.Tensor) and first.numel() == 0:
+            return getattr(type(self.module), self.name)(self.module, *args, **kwargs)
+        device_type = first.device.type if isinstance(first, torch.Tensor) else "cpu"
+        if not torch.is_autocast_enabled(device_type):  # (no autocast region in a trace)
+            return self.fn(self.module, *args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return self.fn(self.module, *args, **kwargs)
+
+    def __reduce__(self):
+        return _Patched, (self.fn, self.module, self.name)
+
+    def __deepcopy__(self, memo):
+        import copy
+        return _Patched(self.fn, copy.deepcopy(self.module, memo), self.name)
+
+
 # --- the public calls ------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -426,6 +461,8 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", precision: str = "ie
             continue
         cls = type(module).__qualname__
         why = rule.check(module) if rule.check is not None else None
+        if why is None and any(hasattr(m, "_hf_hook") for m in module.modules()):
+            why = "accelerate hooks (offloaded or dispatched weights) not supported"
         if why is not None:
             inside_left.update(id(m) for m in module.modules())
             report.left.append((name, cls, why))
@@ -435,7 +472,7 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", precision: str = "ie
             continue
         module._vqfast_patch = (backend, precision)
         for method, fn in rule.methods.items():
-            module.__dict__[method] = types.MethodType(fn, module)
+            module.__dict__[method] = _Patched(fn, module, method)
         report.patched.append((name, cls, tuple(rule.methods)))
     return report
 
