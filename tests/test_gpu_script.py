@@ -99,6 +99,8 @@ def _check_family(bench, out):
     assert {r["case"] for r in bench["residual_lookup_free"]
             if r["impl"] == "vqfast" and r["median_ms"]} == {"audio codec FSQ", "tokenizer LFQ"}
     assert "Lookup-free" in (out / "bench.md").read_text()
+    patched = [r for r in bench["patched"] if not r["skipped"]]
+    assert patched and all(r["codes_equal"] and r["patched_ms"] for r in patched)
 
 
 def test_part_limits_fit_the_default_budget():

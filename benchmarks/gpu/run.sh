@@ -20,7 +20,8 @@
 #                         statistics atomics relaxed vs acq_rel (the EMA step, one run)
 #   4 train               train.json: VQ-VAE step eager / torch.compile / CUDA graph, the
 #                         quantizer's share, kernel launches, a sync-debug step
-#   5 family              bench.*: residual/grouped/cosine, encode, SimVQ, IBQ, LFQ/FSQ, residual FSQ/LFQ, VAR
+#   5 family              bench.*: residual/grouped/cosine, encode, SimVQ, IBQ, LFQ/FSQ, residual FSQ/LFQ, VAR,
+#                         models with and without vqfast.patch
 #   6 quality             train.json: the quality benchmark's curves with the time left
 #   SUMMARY.md            parts, times, tests, headline ratios beside PREDICTION.md
 # A failing part is recorded and the others still run; the exit code is 0 only if every
@@ -140,7 +141,9 @@ family() {
     "$py" -m benchmarks.residual_lookup_free "${rvq_size[@]}" --out "$out" --merge-into bench \
         || return
     "$py" -m benchmarks.multiscale "${rvq_size[@]}" --out "$out" --merge-into bench || return
-    "$py" -m benchmarks.lookup_free "${lfq_size[@]}" --out "$out" --merge-into bench
+    "$py" -m benchmarks.lookup_free "${lfq_size[@]}" --out "$out" --merge-into bench || return
+    # models others wrote, with and without vqfast.patch (cases whose library is absent skip)
+    "$py" -m benchmarks.patched "${rvq_size[@]}" --out "$out" --merge-into bench
 }
 
 quality() {
