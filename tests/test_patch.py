@@ -540,3 +540,38 @@ def test_vector_quantize_pytorch_cross_entropy_against_given_codes_runs_the_orig
     codes = torch.randint(0, 16, (2, 5))
     torch.testing.assert_close(patched(x, indices=codes)[1], vq(x, indices=codes)[1])
     assert "forward" in patched._codebook.__dict__  # patched again after the call
+
+
+# --- vqfast's own encodes, exported ---------------------------------------------------------
+
+OWN_ENCODERS = {
+    "VectorQuantizerEMA": lambda: (vqfast.VectorQuantizerEMA(40, 12, backend="torch"), {}),
+    "VectorQuantizer": lambda: (vqfast.VectorQuantizer(40, 12, backend="torch"), {}),
+    "ResidualVQ (2 groups)": lambda: (vqfast.ResidualVQ(3, 40, 12, groups=2, backend="torch"), {}),
+    "ResidualVQ (cosine, first 2 levels)": lambda: (
+        vqfast.ResidualVQ(3, 40, 12, cosine=True, backend="torch"), {"num_levels": 2}),
+    "FSQ": lambda: (vqfast.FSQ([8, 5, 5], dim=12, backend="torch"), {}),
+    "LFQ": lambda: (vqfast.LFQ(12, backend="torch"), {}),
+    "SimVQ": lambda: (vqfast.SimVQ(40, 12, backend="torch"), {}),
+    "IndexBackpropVQ": lambda: (vqfast.IndexBackpropVQ(40, 12, backend="torch"), {}),
+}
+
+
+@pytest.mark.parametrize("name", list(OWN_ENCODERS))
+def test_encode_exports_to_onnx_with_the_eager_codes(name, tmp_path):
+    """Each quantizer's ``encode``: ``torch.export`` (vqfast's ops kept as single ops), then
+    decomposed to standard ops (``vqfast.export_decompositions``), ONNX, onnxruntime; the
+    codes equal eager's."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    quantizer, options = OWN_ENCODERS[name]()
+    encoder = _Encode(quantizer.eval(), **options)
+    x = torch.randn(2, 12, 5, 7)
+    program = torch.export.export(encoder, (x,)).run_decompositions(
+        vqfast.export_decompositions())
+    assert not [n for n in program.graph.nodes if "vqfast" in str(n.target)]
+    torch.onnx.export(program, (x,), dynamo=True).save(str(tmp_path / "encode.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "encode.onnx"))
+    codes = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert torch.equal(torch.from_numpy(codes), encoder(x))

@@ -106,11 +106,16 @@ def nearest_code_functional(x: torch.Tensor, codebook: torch.Tensor, backend: st
     where a graph of standard ops is wanted. It builds the ``[N, K]`` distances: an exported
     graph's runtime decides how to tile them."""
     del backend, precision
-    rows = x if x.dim() == 2 else x.movedim(1, -1).reshape(-1, x.shape[1])
-    rows = rows.float()
+    rows = _rows(x)
     codebook_sqnorm, codebook_t = _search_operands(codebook.float())
     best, idx = torch.addmm(codebook_sqnorm, rows, codebook_t, alpha=-2).min(dim=1)
     return idx, (best + rows.pow(2).sum(1)).clamp_min(0)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """fp32 rows ``[N, D]`` of ``[N, D]`` or channels-first ``[B, D, S]`` (a copy for the
+    latter: export decompositions only)."""
+    return (x if x.dim() == 2 else x.movedim(1, -1).reshape(-1, x.shape[1])).float()
 
 
 def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with_code_sums: bool,
@@ -336,6 +341,27 @@ def residual_codes(x, codebooks, num_levels, groups, cosine, mask, precision="ie
                 idx[slot, rows] = i if mask is None else torch.where(mask[rows], i, -1)
                 r -= code
     return idx
+
+
+def residual_codes_functional(x, codebooks, num_levels, groups, cosine, mask, backend="torch",
+                              precision="ieee"):
+    """``residual_codes`` in functional form (whole rows, no in-place writes): the
+    ``vqfast::residual_codes`` op's decomposition for export (``vqfast.export_decompositions``).
+    The same searches in the same order as ``residual_codes``."""
+    del backend, precision
+    rows = _rows(x)
+    books, _, d = codebooks.shape
+    codebooks = codebooks.float()
+    sqnorms, codebooks_t = _search_operands(codebooks)
+    codes = []
+    for g in range(groups):
+        r = rows[:, g * d:(g + 1) * d]
+        for level in range(num_levels):
+            book = book_of(g, level, num_levels, books, groups)
+            _, i, code = _search_level(r, book, cosine, sqnorms, codebooks, codebooks_t)
+            codes.append(i if mask is None else torch.where(mask, i, -1))
+            r = r - code
+    return torch.stack(codes)
 
 
 def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, with_code_sums,
@@ -642,6 +668,17 @@ def _ibq_code_tiles(k: int, n: int):
 
 
 @torch.no_grad()
+def ibq_forward_functional(x, codebook, scale, argmax_only, backend="torch"):
+    """``ibq_forward`` in functional form over all codes at once: the ``vqfast::ibq_forward``
+    op's decomposition for export (``vqfast.export_decompositions``)."""
+    del backend
+    logits = (x @ codebook.t()).mul(scale)
+    idx = logits.argmax(1)  # the first maximum, as the tiled search
+    if argmax_only:
+        return idx, x.new_empty(0), x.new_empty(0)
+    return idx, torch.logsumexp(logits, 1), torch.softmax(logits, 1) @ codebook
+
+
 def ibq_forward(x: torch.Tensor, codebook: torch.Tensor, scale: float, argmax_only=False):
     """``x fp32 [N, D]``, ``codebook fp32 [K, D]`` -> ``idx int64 [N]`` (argmax of the
     logits), ``lse fp32 [N]`` (their log-sum-exp) and ``soft fp32 [N, D]`` (``p @ E``);

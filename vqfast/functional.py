@@ -40,5 +40,13 @@ def export_decompositions() -> dict:
     standard ops (ONNX): ``torch.export.export(m, args).run_decompositions(
     vqfast.export_decompositions())``, then ``torch.onnx.export(program, ...)``. Codes
     equal the torch path's (same formula, first index on ties). Covers ``nearest_code``
-    (what a patched model's encode calls)."""
-    return {torch.ops.vqfast.nearest_code.default: _torch.nearest_code_functional}
+    (what a patched model's encode and ``VectorQuantizer(EMA).encode`` call),
+    ``residual_codes`` (``ResidualVQ.encode``), ``fsq_forward`` (``FSQ.encode``) and
+    ``ibq_forward`` (``IndexBackpropVQ.encode``); ``LFQ`` and ``SimVQ`` encode with
+    standard ops already."""
+    ops = torch.ops.vqfast
+    return {ops.nearest_code.default: _torch.nearest_code_functional,
+            ops.residual_codes.default: _torch.residual_codes_functional,
+            ops.fsq_forward.default: lambda z, params, basis, backend: _torch.fsq_forward(
+                z, params, basis),
+            ops.ibq_forward.default: _torch.ibq_forward_functional}
