@@ -124,6 +124,40 @@ def _diffusers_step(k, d, quick, device):
     return vq.to(device), step
 
 
+def _vqmodel_step(quick, device):
+    vq_model = _import("diffusers.models.autoencoders.vq_model")
+    if vq_model is None:
+        return None
+    torch.manual_seed(0)
+    blocks = 1 if quick else 2
+    model = vq_model.VQModel(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=(32, 64)[:blocks],
+        layers_per_block=1, latent_channels=4, num_vq_embeddings=64 if quick else 8192,
+        vq_embed_dim=4, norm_num_groups=8)  # a VQ-f2 autoencoder with an 8192-code book
+    model.quantize.embedding.weight.data.normal_()
+    images = torch.randn(4, 3, 16 if quick else 64, 16 if quick else 64, device=device)
+
+    def step(m):
+        out = m(images, return_dict=True)
+        ((out.sample - images).pow(2).mean() + out.commit_loss.sum()).backward()
+        return m.quantize(m.quant_conv(m.encoder(images)))[2][2]
+    return model.to(device), step
+
+
+def _hf_encodec_model(quick, device):
+    hf = _import("transformers.models.encodec.modeling_encodec")
+    if hf is None:
+        return None
+    cfg = importlib.import_module("transformers").EncodecConfig()  # the 24 kHz model
+    if quick:
+        cfg.codebook_size, cfg.num_filters, cfg.hidden_size, cfg.codebook_dim = 64, 4, 16, 16
+    torch.manual_seed(0)
+    model = _random_codebooks(hf.EncodecModel(cfg).eval(), torch.Generator().manual_seed(0))
+    audio = torch.randn(1, 1, 3200 if quick else 24000, device=device)  # 1 s
+    return model.to(device), lambda m: m.encode(audio, bandwidth=24.0).audio_codes
+
+
 def _encodec_step(quick, device):
     core_vq = _import("encodec.quantization.core_vq")
     if core_vq is None:
@@ -191,10 +225,14 @@ CASES = [
      lambda quick, device: _hf_mimi(8, quick, device)),
     ("transformers Mimi: encode 32 levels", "encode", lambda quick, device: _hf_mimi(32, quick, device)),
     ("transformers DAC 44 kHz: quantize 9 levels", "encode", _hf_dac),
+    ("transformers EnCodec 24 kHz whole model: encode 1 s at 24 kbps", "encode",
+     _hf_encodec_model),
     ("diffusers VectorQuantizer K=1024 D=256: training step", "train",
      lambda quick, device: _diffusers_step(1024, 256, quick, device)),
     ("diffusers VectorQuantizer K=16384 D=4: training step", "train",
      lambda quick, device: _diffusers_step(16384, 4, quick, device)),
+    ("diffusers VQModel whole model (64x64, 8192 codes): training step", "train",
+     _vqmodel_step),
     ("encodec RVQ 8x1024 D=128: training step", "train", _encodec_step),
     ("vector-quantize-pytorch VectorQuantize K=1024 D=256: training step", "train",
      lambda quick, device: _vqp_step(1, quick, device)),
