@@ -28,7 +28,7 @@ from .suite import environment, pick_device, save_side_report, side_parser
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _import(name: str):
+def third_party(name: str):
     """A third-party module, imported with the repository root off ``sys.path`` (its
     ``kernels/`` folder would answer transformers' and diffusers' probe for a package of
     that name); ``None`` when the library is not installed."""
@@ -50,7 +50,10 @@ def _import(name: str):
             del sys.modules["torchaudio"]
 
 
-def _random_codebooks(module, gen):
+def random_codebooks(module, gen):
+    """Random codebooks in every EMA codebook of ``module`` (``embed``/``embed_sum``
+    buffers; Mimi's usage too), as a checkpoint would bring: the ports initialise them to
+    zeros, where every code ties."""
     for m in module.modules():
         for name in ("embed", "embed_sum"):
             if name in m._buffers:
@@ -63,36 +66,35 @@ def _random_codebooks(module, gen):
 
 # --- the cases: (name, what is timed, builder -> (module, call(module) -> codes)) ------------
 
-def _hf_encodec(bandwidth, quick, device):
-    hf = _import("transformers.models.encodec.modeling_encodec")
+def _hf_codec_quantizer(model, config, quantizer, channels, frames, quick, device, call):
+    """A transformers codec's quantizer at its shipped size (``quick``: 64 codes) with
+    random codebooks, and ``frames`` input frames of ``channels`` for ``call``."""
+    hf = third_party(f"transformers.models.{model}.modeling_{model}")
     if hf is None:
         return None
-    cfg = importlib.import_module("transformers").EncodecConfig()  # the 24 kHz model
+    cfg = getattr(importlib.import_module("transformers"), config)()
     if quick:
         cfg.codebook_size = 64
     gen = torch.Generator().manual_seed(0)
-    quantizer = _random_codebooks(hf.EncodecResidualVectorQuantizer(cfg), gen)
-    h = torch.randn(1, cfg.codebook_dim, 40 if quick else 750, generator=gen)  # 10 s at 75 Hz
-    h = h.to(device)
-    return quantizer.to(device), lambda q: q.encode(h, bandwidth=bandwidth)
+    module = random_codebooks(getattr(hf, quantizer)(cfg), gen)
+    h = torch.randn(1, getattr(cfg, channels), frames, generator=gen).to(device)
+    return module.to(device), lambda q: call(q, h)
 
 
-def _hf_mimi(levels, quick, device):
-    hf = _import("transformers.models.mimi.modeling_mimi")
-    if hf is None:
-        return None
-    cfg = importlib.import_module("transformers").MimiConfig()
-    if quick:
-        cfg.codebook_size = 64
-    gen = torch.Generator().manual_seed(0)
-    quantizer = _random_codebooks(hf.MimiSplitResidualVectorQuantizer(cfg), gen)
-    h = torch.randn(1, cfg.hidden_size, 20 if quick else 125, generator=gen)  # 10 s at 12.5 Hz
-    h = h.to(device)
-    return quantizer.to(device), lambda q: q.encode(h, num_quantizers=levels)
+def _hf_encodec(bandwidth, quick, device):  # 10 s at 75 Hz
+    return _hf_codec_quantizer("encodec", "EncodecConfig", "EncodecResidualVectorQuantizer",
+                               "codebook_dim", 40 if quick else 750, quick, device,
+                               lambda q, h: q.encode(h, bandwidth=bandwidth))
+
+
+def _hf_mimi(levels, quick, device):  # 10 s at 12.5 Hz
+    return _hf_codec_quantizer("mimi", "MimiConfig", "MimiSplitResidualVectorQuantizer",
+                               "hidden_size", 20 if quick else 125, quick, device,
+                               lambda q, h: q.encode(h, num_quantizers=levels))
 
 
 def _hf_dac(quick, device):
-    hf = _import("transformers.models.dac.modeling_dac")
+    hf = third_party("transformers.models.dac.modeling_dac")
     if hf is None:
         return None
     cfg = importlib.import_module("transformers").DacConfig()  # 44 kHz: 9 levels, 1024 codes
@@ -105,7 +107,7 @@ def _hf_dac(quick, device):
 
 
 def _diffusers_step(k, d, quick, device):
-    vae = _import("diffusers.models.autoencoders.vae")
+    vae = third_party("diffusers.models.autoencoders.vae")
     if vae is None:
         return None
     if quick:
@@ -125,7 +127,7 @@ def _diffusers_step(k, d, quick, device):
 
 
 def _vqmodel_step(quick, device):
-    vq_model = _import("diffusers.models.autoencoders.vq_model")
+    vq_model = third_party("diffusers.models.autoencoders.vq_model")
     if vq_model is None:
         return None
     torch.manual_seed(0)
@@ -146,20 +148,20 @@ def _vqmodel_step(quick, device):
 
 
 def _hf_encodec_model(quick, device):
-    hf = _import("transformers.models.encodec.modeling_encodec")
+    hf = third_party("transformers.models.encodec.modeling_encodec")
     if hf is None:
         return None
     cfg = importlib.import_module("transformers").EncodecConfig()  # the 24 kHz model
     if quick:
         cfg.codebook_size, cfg.num_filters, cfg.hidden_size, cfg.codebook_dim = 64, 4, 16, 16
     torch.manual_seed(0)
-    model = _random_codebooks(hf.EncodecModel(cfg).eval(), torch.Generator().manual_seed(0))
+    model = random_codebooks(hf.EncodecModel(cfg).eval(), torch.Generator().manual_seed(0))
     audio = torch.randn(1, 1, 3200 if quick else 24000, device=device)  # 1 s
     return model.to(device), lambda m: m.encode(audio, bandwidth=24.0).audio_codes
 
 
 def _encodec_step(quick, device):
-    core_vq = _import("encodec.quantization.core_vq")
+    core_vq = third_party("encodec.quantization.core_vq")
     if core_vq is None:
         return None
     torch.manual_seed(0)
@@ -180,7 +182,7 @@ def _encodec_step(quick, device):
 
 
 def _vqp_step(levels, quick, device):
-    vqp = _import("vector_quantize_pytorch")
+    vqp = third_party("vector_quantize_pytorch")
     if vqp is None:
         return None
     torch.manual_seed(0)

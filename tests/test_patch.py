@@ -11,43 +11,22 @@ The same check must fail on a deliberately wrong patch (``test_a_wrong_patch_fai
 search of the torch path, which every patched method reaches, returns the next code."""
 
 import copy
-import importlib
-import importlib.util
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
 import vqfast
+from benchmarks.patched import random_codebooks, third_party
 from vqfast import _torch, reference
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def _import(name: str):
-    """Import a third-party module, or skip when its library is not installed.
-
-    transformers and diffusers probe for a package named ``kernels``; the repository's own
-    ``kernels/`` folder (installed as ``vqfast.kernels``) would answer from the repository
-    root, so the imports and the probes (whose answers are cached) run with the root off
-    ``sys.path``."""
-    # encodec's package imports torchaudio for audio files, which its quantizer does not
-    # use (and no torchaudio build matches every torch): a stand-in while it imports
-    stand_in = name.startswith("encodec") and importlib.util.find_spec("torchaudio") is None
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
-    try:
-        if importlib.util.find_spec("transformers") is not None:
-            importlib.import_module("transformers.utils.import_utils").is_kernels_available()
-        if stand_in:
-            sys.modules["torchaudio"] = types.ModuleType("torchaudio")
-        return pytest.importorskip(name)
-    finally:
-        sys.path[:] = saved
-        if stand_in:  # only while encodec imports (other libraries probe for torchaudio)
-            del sys.modules["torchaudio"]
+    """A third-party module (imported as ``benchmarks.patched.third_party`` does), or skip
+    when its library is not installed."""
+    module = third_party(name)
+    if module is None:
+        pytest.skip(f"{name.split('.')[0]} is not installed")
+    return module
 
 
 # --- the checks ---------------------------------------------------------------------------
@@ -250,16 +229,7 @@ def test_training_converges_as_the_original(target, backend):
 # --- inference targets --------------------------------------------------------------------
 
 def _randomise_codebooks(model):
-    """Random codebooks, as a checkpoint would bring (the ports initialise them to zeros)."""
-    gen = torch.Generator().manual_seed(5)
-    for m in model.modules():
-        for name in ("embed", "embed_sum"):
-            if isinstance(getattr(m, name, None), torch.Tensor) and name in m._buffers:
-                m._buffers[name].copy_(torch.randn(m._buffers[name].shape, generator=gen))
-        if "cluster_usage" in m._buffers:
-            m.cluster_usage.uniform_(0.5, 2.0, generator=gen)
-            m._embed = None
-    return model
+    return random_codebooks(model, torch.Generator().manual_seed(5))
 
 
 def _hf_encodec():
