@@ -310,6 +310,12 @@ def save(env: dict, results, out_dir: Path, tag: str, name: str | None = None,
         indent=1))
     paths["md"].write_text(markdown(env, results, note))
     swept = [r for r in results if r.shape.startswith("K=") and r.median_ms]
+    try:  # the figure is optional: a machine without matplotlib still gets every number
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"matplotlib is not installed: no figure ({stem.name}.png); "
+              "the JSON and markdown have every number")
+        return paths
     paths["png"] = stem.with_suffix(".png")
     if swept:
         plot_k_sweep(env, swept, paths["png"], note)

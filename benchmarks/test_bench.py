@@ -126,3 +126,17 @@ def test_patched_benchmark_runs_at_tiny_sizes_with_equal_codes():
     assert ran, "no library of the benchmark is installed"
     assert all(r.codes_equal and r.patched_modules > 0 for r in ran), ran
     assert "| case |" in patched.markdown(patched.environment(torch.device("cpu")), rows)
+
+
+def test_reports_without_matplotlib_keep_every_number(tmp_path, monkeypatch, capsys):
+    """A machine without matplotlib (the GPU image may lack it) gets the JSON and the
+    markdown, no figure, and a line saying so."""
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    result = suite.Result("vqfast[torch]", "nearest", "vqvae", 16, 4, 8, "float32", median_ms=1.0,
+                          peak_mib=0.5)
+    env = suite.environment(torch.device("cpu"))
+    paths = suite.save(env, [result], tmp_path, "bench", name="bench")
+    assert paths["json"].exists() and paths["md"].exists() and "png" not in paths
+    assert not (tmp_path / "bench.png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().out
