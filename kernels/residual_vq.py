@@ -168,7 +168,7 @@ def _residual_forward_kernel(
 def _residual_backward_kernel(
     grad_q_ptr, x_ptr, codebooks_ptr, idx_ptr, grad_scale_ptr, grad_x_ptr, grad_codebooks_ptr,
     residuals_ptr, total_ptr, commit_ptr, N, D, S, K, d, num_levels, books_per_group,
-    x_scale, codebook_scale,
+    commit_levels, x_scale, codebook_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, COSINE: tl.constexpr,
     ROTATION: tl.constexpr, GRADS: tl.constexpr, STATS_SEM: tl.constexpr,
     MIN_NORM_RATIO: tl.constexpr,
@@ -220,7 +220,8 @@ def _residual_backward_kernel(
                 step = r - code
             commit = _chunk(commit_ptr, total_rows + dims[None, :], mask)
             tl.store(commit_ptr + total_rows + dims[None, :],
-                     commit + tl.where(level_mask, step, 0.0), mask=mask)
+                     commit + tl.where(level_mask & (level < commit_levels), step, 0.0),
+                     mask=mask)
             tl.store(total_ptr + total_rows + dims[None, :], total + code, mask=mask)
             if GRADS == 1:
                 tl.atomic_add(grad_codebooks_ptr + code_rows + dims[None, :],
@@ -365,7 +366,7 @@ def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, wi
 
 @launcher
 def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups, cosine,
-                      rotation_trick, x_scale, codebook_scale):
+                      rotation_trick, x_scale, codebook_scale, commit_levels=None):
     """Same contract as ``vqfast._torch.residual_backward``; one launch (plus the sorted
     sums of the codebook gradient in deterministic mode)."""
     n, dim, s, books, k, d = _check(x, codebooks, num_levels, groups)
@@ -386,7 +387,9 @@ def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups,
         grad_q, x, codebooks, idx, grad_scale, grad_x,
         grad_codebooks if grad_codebooks is not None else grad_scale,
         residuals if residuals is not None else grad_scale, scratch[0], scratch[1],
-        n, dim, s, k, d, num_levels, books // groups, float(x_scale), float(codebook_scale),
+        n, dim, s, k, d, num_levels, books // groups,
+        num_levels if commit_levels is None else commit_levels, float(x_scale),
+        float(codebook_scale),
         COSINE=cosine, ROTATION=rotation_trick, GRADS=grads, STATS_SEM=_launch.STATS_SEM,
         MIN_NORM_RATIO=ROTATION_MIN_NORM_RATIO, **config)
     if grads == STORE_RESIDUALS:
@@ -434,8 +437,8 @@ def aot_variants():
                    "idx_ptr": "*i64", "grad_scale_ptr": "*fp32", "grad_x_ptr": PTR[dtype],
                    "grad_codebooks_ptr": "*fp32", "residuals_ptr": "*fp32", "total_ptr": "*fp32",
                    "commit_ptr": "*fp32", "N": "i32", "D": "i32", "S": "i32", "K": "i32",
-                   "d": "i32", "num_levels": "i32", "books_per_group": "i32", "x_scale": "fp32",
-                   "codebook_scale": "fp32"}
+                   "d": "i32", "num_levels": "i32", "books_per_group": "i32",
+                   "commit_levels": "i32", "x_scale": "fp32", "codebook_scale": "fp32"}
             consts = dict(cfg, COSINE=cosine, ROTATION=rotation, GRADS=grads,
                           STATS_SEM=_launch.STATS_SEM, MIN_NORM_RATIO=ROTATION_MIN_NORM_RATIO)
             yield (f"residual_backward[{dtype},D{cfg['BLOCK_D']},cosine={cosine},"

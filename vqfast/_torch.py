@@ -161,7 +161,7 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
 
 def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
                ema_decay_weight, skipped_batches, decay, epsilon, active=None, num_codes=None,
-               x=None, seed=None, reseeded=None, threshold=0.0):
+               x=None, seed=None, reseeded=None, threshold=0.0, raw_size=False):
     """In place: decay the EMA statistics towards this batch's, Laplace-smooth, renormalise;
     count the update in ``ema_decay_weight`` (``1 - decay**t``) or, when the batch's ``loss``
     is not finite (or a rank flagged ``not_finite``), leave the state and count a skipped
@@ -175,6 +175,10 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
 
     ``threshold > 0``: then dead-code re-seeding of the one codebook from random rows of
     ``x`` (``take_samples``; ``seed`` is the Triton kernels' Philox key, unused here).
+
+    ``raw_size``: store the decayed cluster sizes as they are and smooth them only to
+    divide (encodec's and vector-quantize-pytorch's convention), instead of storing the
+    smoothed sizes (the original notebook's and Sonnet's).
     """
     k = codebook.shape[-2]
     real = None
@@ -191,9 +195,11 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
     if real is not None:
         size = torch.where(real, size, 0.0)
     total = size.sum(-1, keepdim=True)  # n of the Laplace smoothing: the sum of the decayed sizes
-    size = (size + epsilon) / (total + num_codes * epsilon) * total
+    smoothed = (size + epsilon) / (total + num_codes * epsilon) * total
+    if not raw_size:
+        size = smoothed
     weight = ema_weight.float() * decay + (1 - decay) * code_sums
-    codebook_new = weight / size.unsqueeze(-1)
+    codebook_new = weight / smoothed.unsqueeze(-1)
     per_code = apply.unsqueeze(-1)
     if real is not None:
         per_code = per_code & real
@@ -426,7 +432,7 @@ def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, wi
 
 
 def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups, cosine,
-                      rotation_trick, x_scale, codebook_scale):
+                      rotation_trick, x_scale, codebook_scale, commit_levels=None):
     """Gradients of residual VQ from the codes ``idx [G*Q, N]`` (gathered again in fp32).
 
     ``grad_x = G + grad_scale * x_scale * sum_l dr~_l/dr_l^T (r~_l - q_l)`` with ``G`` the
@@ -434,7 +440,10 @@ def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups,
     rotation of each group's ``x_g`` onto its sum of codes); ``grad_codebooks[book][k] =
     grad_scale * codebook_scale * sum_{idx_l[n] = k} (q_l - r~_l)[n]`` (fp32; ``None``
     when ``codebook_scale == 0``). ``grad_scale``: fp32 0-d, read on the device.
+    ``commit_levels``: only each group's first ``commit_levels`` levels' commitment terms
+    reach ``x`` (default all; 1: encodec's and moshi's detached residuals).
     """
+    commit_levels = num_levels if commit_levels is None else commit_levels
     books, k, d = codebooks.shape
     codebooks = codebooks.float()
     grad_x = torch.empty_like(x)
@@ -460,7 +469,8 @@ def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups,
                     diff = code - r_hat
                 else:
                     step, diff = r - code, code - r
-                acc += torch.where(on, step, 0.0)
+                if level < commit_levels:
+                    acc += torch.where(on, step, 0.0)
                 if grad_codebooks is not None:
                     grad_codebooks[book].index_add_(0, i, torch.where(on, diff, 0.0))
                 r -= code

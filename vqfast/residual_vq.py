@@ -58,6 +58,20 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             codebooks: no EMA update, no codebook gradient, no k-means init.
         channel_last: inputs ``[B, *spatial, D]`` (tokens ``[B, N, D]``), codes ``[B,
             *spatial, G*Q]``, masks ``[B, *spatial]``; read in place, no transpose copy.
+        ema_size: ``"smoothed"`` (default: ``ema_cluster_size`` holds the Laplace-smoothed
+            sizes, the original notebook's and Sonnet's rule) or ``"raw"`` (it holds the
+            decayed counts, smoothed only to divide: encodec's, moshi's and
+            vector-quantize-pytorch's rule; the codebooks then match theirs).
+        commitment_levels: ``"all"`` (default: every level's commitment term reaches the
+            input) or ``"first"`` (only each group's first level's, as in encodec and moshi,
+            whose later levels see detached residuals). The loss value is the same.
+
+    encodec's ``ResidualVectorQuantization`` (trained from given codebooks, no k-means,
+    no dead-code expiry) is ``ResidualVQ(Q, K, D, commitment_cost=w, decay=decay,
+    epsilon=eps, kmeans_init=False, dead_code_threshold=0, ema_size="raw",
+    commitment_levels="first")`` with ``codebooks``, ``ema_weight`` and
+    ``ema_cluster_size`` its ``embed``, ``embed_avg`` and ``cluster_size``; its loss is the
+    sum of encodec's per-level losses.
 
     ``forward(..., return_loss_breakdown=True)`` appends a ``vqfast.LossBreakdown`` (the
     commitment and codebook terms summed over levels, each with its own gradient, summing
@@ -91,8 +105,14 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                  quantize_dropout=False, cosine=False, codebook_dim=None, rotation_trick=False,
                  kmeans_init=True, kmeans_iters=10, dead_code_threshold=None,
                  sync_distributed=None, backend="auto", precision="ieee", freeze_codebook=False,
-                 channel_last=False):
+                 channel_last=False, ema_size="smoothed", commitment_levels="all"):
         super().__init__()
+        if ema_size not in ("smoothed", "raw"):
+            raise ValueError(f"ema_size must be 'smoothed' or 'raw', got {ema_size!r}")
+        if commitment_levels not in ("all", "first"):
+            raise ValueError(f"commitment_levels must be 'all' or 'first', got "
+                             f"{commitment_levels!r}")
+        self.ema_size, self.commitment_levels = ema_size, commitment_levels
         self.channel_last = bool(channel_last)
         level_sizes = None
         if isinstance(num_embeddings, (tuple, list)):
@@ -242,7 +262,8 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             z, self._level_codebooks(n), n, groups=self.groups, cosine=self.cosine,
             active=active, mask=flat_mask, commitment_cost=self.commitment_cost,
             codebook_loss=False, rotation_trick=False, with_code_sums=False, backend=backend,
-            precision=self.precision)
+            precision=self.precision,
+            commit_levels=1 if self.commitment_levels == "first" else -1)
 
     def forward(self, inputs, mask=None, return_loss_breakdown=False, *, num_levels=None):
         n = self._num_levels(num_levels)
@@ -256,7 +277,8 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             z, self._level_codebooks(n), n, groups=self.groups, cosine=self.cosine,
             active=active, mask=flat_mask, commitment_cost=self.commitment_cost,
             codebook_loss=not self.ema, rotation_trick=self.rotation_trick,
-            with_code_sums=update, backend=backend, precision=self.precision)
+            with_code_sums=update, backend=backend, precision=self.precision,
+            commit_levels=1 if self.commitment_levels == "first" else -1)
         if update:  # the statistics of every level (those past n: none) and codebook
             books_on = self._book_active(active if active is not None or n == self.num_quantizers
                                          else torch.full((), n, device=x.device))
@@ -350,7 +372,8 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         applied = VF.ema_update(counts, code_sums, loss, not_finite, self.ema_cluster_size,
                                 self.ema_weight, self.codebooks, self.ema_decay_weight,
                                 self.skipped_batches, self.decay, self.epsilon, backend,
-                                book_active, num_codes=getattr(self, "book_sizes", None))
+                                book_active, num_codes=getattr(self, "book_sizes", None),
+                                raw_size=self.ema_size == "raw")
         if self.cosine:
             self.codebooks.copy_(torch.where(applied[:, None, None] > 0,
                                              F.normalize(self.codebooks, dim=-1), self.codebooks))

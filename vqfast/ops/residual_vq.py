@@ -66,11 +66,11 @@ def _(x, codebooks, num_levels, groups, cosine, active, mask, with_code_sums, ba
 def _residual_backward_op(grad_q: torch.Tensor, grad_scale: torch.Tensor, x: torch.Tensor,
                           codebooks: torch.Tensor, idx: torch.Tensor, num_levels: int,
                           groups: int, cosine: bool, rotation_trick: bool, x_scale: float,
-                          codebook_scale: float, backend: str
+                          codebook_scale: float, backend: str, commit_levels: int = -1
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     grad_x, grad_codebooks = _impl(backend).residual_backward(
         grad_q, grad_scale, x, codebooks, idx, num_levels, groups, cosine, rotation_trick,
-        x_scale, codebook_scale)
+        x_scale, codebook_scale, num_levels if commit_levels < 0 else commit_levels)
     if grad_codebooks is None:
         grad_codebooks = x.new_empty(0, dtype=torch.float32)
     return grad_x, grad_codebooks
@@ -78,7 +78,7 @@ def _residual_backward_op(grad_q: torch.Tensor, grad_scale: torch.Tensor, x: tor
 
 @_residual_backward_op.register_fake
 def _(grad_q, grad_scale, x, codebooks, idx, num_levels, groups, cosine, rotation_trick, x_scale,
-      codebook_scale, backend):
+      codebook_scale, backend, commit_levels=-1):
     shape = tuple(codebooks.shape) if codebook_scale != 0 else (0,)
     return torch.empty_like(x), x.new_empty(shape, dtype=torch.float32)
 
@@ -97,12 +97,14 @@ class _ResidualQuantize(torch.autograd.Function):
 
     ``loss = (codebook_loss + commitment_cost) * sum_{g,l} sq_err / (n_valid * D)``; the
     backward gathers the codes again from ``codebooks`` (the fp32 snapshot when an EMA
-    update follows), so it saves ``idx`` and x, not the residuals.
+    update follows), so it saves ``idx`` and x, not the residuals. ``commit_levels``: the
+    commitment terms of only each group's first ``commit_levels`` levels reach x (-1: all).
     """
 
     @staticmethod
     def forward(ctx, x, codebooks, num_levels, groups, cosine, active, mask, commitment_cost,
-                codebook_loss, rotation_trick, with_code_sums, backend, precision):
+                codebook_loss, rotation_trick, with_code_sums, backend, precision,
+                commit_levels=-1):
         dim = x.shape[1]
         q, idx, sq_err, counts, code_sums, snapshot = _residual_quantize_op(
             x, codebooks.detach(), num_levels, groups, cosine, active, mask, with_code_sums,
@@ -114,7 +116,7 @@ class _ResidualQuantize(torch.autograd.Function):
         ctx.save_for_backward(x, snapshot if with_code_sums else codebooks.detach(), idx,
                               n_valid if mask is not None else None)
         ctx.n_valid = n_valid if mask is None else None
-        ctx.options = (num_levels, groups, cosine, rotation_trick, backend)
+        ctx.options = (num_levels, groups, cosine, rotation_trick, backend, commit_levels)
         ctx.x_scale = 2.0 * commitment_cost / dim
         ctx.codebook_scale = 2.0 / dim if codebook_loss else 0.0
         ctx.mark_non_differentiable(idx, counts, code_sums, snapshot)
@@ -125,7 +127,7 @@ class _ResidualQuantize(torch.autograd.Function):
     def backward(ctx, grad_q, grad_loss, *_):
         x, codebooks, idx, n_valid = ctx.saved_tensors
         n_valid = n_valid if n_valid is not None else ctx.n_valid
-        num_levels, groups, cosine, rotation_trick, backend = ctx.options
+        num_levels, groups, cosine, rotation_trick, backend, commit_levels = ctx.options
         if grad_q is None:
             grad_q = torch.zeros_like(x)
         codebook_scale = ctx.codebook_scale if ctx.needs_input_grad[1] else 0.0
@@ -134,16 +136,17 @@ class _ResidualQuantize(torch.autograd.Function):
             codebook_scale = 0.0
         grad_x, grad_codebooks = _residual_backward_op(
             grad_q.contiguous(), grad_loss.float() / n_valid, x, codebooks, idx, num_levels,
-            groups, cosine, rotation_trick, ctx.x_scale, codebook_scale, backend)
+            groups, cosine, rotation_trick, ctx.x_scale, codebook_scale, backend,
+            commit_levels)
         return (grad_x, grad_codebooks if codebook_scale != 0 else None,
-                *([None] * 11))
+                *([None] * 12))
 
 
 def residual_quantize(x, codebooks, num_levels, *, groups=1, cosine=False, active=None,
                       mask=None, commitment_cost=0.25, codebook_loss=False, rotation_trick=False,
-                      with_code_sums=False, backend="torch", precision="ieee"):
+                      with_code_sums=False, backend="torch", precision="ieee", commit_levels=-1):
     """Differentiable residual VQ of a contiguous ``x: [N, D]`` or ``[B, D, S]``; see
     ``_ResidualQuantize``."""
     return _ResidualQuantize.apply(x, codebooks, num_levels, groups, cosine, active, mask,
                                    commitment_cost, codebook_loss, rotation_trick,
-                                   with_code_sums, backend, precision)
+                                   with_code_sums, backend, precision, commit_levels)

@@ -1,0 +1,89 @@
+"""``ResidualVQ`` with a codec's conventions reproduces the codec's own quantizer, built
+from its package: facebook's encodec (``ema_size="raw"``: the cluster sizes stored
+unsmoothed; ``commitment_levels="first"``: only the first level's commitment reaches the
+input). Its state is copied into vqfast, both train side by side from the same inputs,
+and every step's codes, output, loss and input gradient, then the EMA state, must agree
+to fp32 rounding, on both backends. The defaults (the original notebook's rules) must
+not: each option is what makes the difference."""
+
+import pytest
+import torch
+
+import vqfast
+from benchmarks.patched import third_party
+
+Q, K, D, DECAY, EPS = 3, 32, 12, 0.9, 1e-5
+
+
+def _encodec_rvq():
+    core_vq = third_party("encodec.quantization.core_vq")
+    if core_vq is None:
+        pytest.skip("encodec is not installed")
+    torch.manual_seed(0)
+    return core_vq.ResidualVectorQuantization(
+        num_quantizers=Q, dim=D, codebook_size=K, decay=DECAY, epsilon=EPS, kmeans_init=False,
+        threshold_ema_dead_code=0, commitment_weight=1.0).train()
+
+
+def _vqfast_like(theirs, backend, **conventions):
+    ours = vqfast.ResidualVQ(Q, K, D, commitment_cost=1.0, decay=DECAY, epsilon=EPS,
+                             kmeans_init=False, dead_code_threshold=0, backend=backend,
+                             **conventions).train()
+    with torch.no_grad():
+        for level, layer in enumerate(theirs.layers):
+            book = layer._codebook
+            ours.codebooks[level].copy_(book.embed)
+            ours.ema_weight[level].copy_(book.embed_avg)
+            ours.ema_cluster_size[level].copy_(book.cluster_size)
+    return ours
+
+
+def _their_state(theirs):
+    books = [layer._codebook for layer in theirs.layers]
+    return {"codebooks": torch.stack([b.embed for b in books]),
+            "ema_weight": torch.stack([b.embed_avg for b in books]),
+            "ema_cluster_size": torch.stack([b.cluster_size for b in books])}
+
+
+def _train_side_by_side(theirs, ours, steps):
+    for step in range(steps):
+        x = torch.randn(2, D, 40, generator=torch.Generator().manual_seed(step))
+        grad = torch.randn(2, D, 40, generator=torch.Generator().manual_seed(100 + step))
+        x_theirs, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+        q_theirs, codes_theirs, losses = theirs(x_theirs)
+        loss_ours, q_ours, _, codes_ours = ours(x_ours)
+        assert torch.equal(codes_ours.transpose(0, 1), codes_theirs), f"step {step}: codes"
+        torch.testing.assert_close(q_ours, q_theirs, msg=f"step {step}: output")
+        torch.testing.assert_close(loss_ours, losses.sum(), msg=f"step {step}: loss")
+        torch.autograd.backward((q_theirs, losses.sum()), (grad, torch.ones(())))
+        torch.autograd.backward((q_ours, loss_ours), (grad, torch.ones(())))
+        torch.testing.assert_close(x_ours.grad, x_theirs.grad, msg=f"step {step}: input grad")
+    for name, value in _their_state(theirs).items():
+        torch.testing.assert_close(getattr(ours, name), value, rtol=1e-5, atol=1e-6,
+                                   msg=f"{name} after {steps} steps")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_residual_vq_reproduces_encodec(backend):
+    theirs = _encodec_rvq()
+    ours = _vqfast_like(theirs, backend, ema_size="raw", commitment_levels="first")
+    _train_side_by_side(theirs, ours, steps=20 if backend == "torch" else 4)
+
+
+@pytest.mark.parametrize("conventions,differs", [
+    (dict(commitment_levels="first"), "output|codes|ema_"),  # smoothed sizes: other codebooks
+    (dict(ema_size="raw"), "step 0: input grad"),           # every level's commitment
+])
+def test_each_convention_is_needed(conventions, differs):
+    """Without one of the two options the run parts from encodec's: the check fails."""
+    theirs = _encodec_rvq()
+    ours = _vqfast_like(theirs, "torch", **conventions)
+    with pytest.raises(AssertionError, match=differs):
+        _train_side_by_side(theirs, ours, steps=20)
+
+
+def test_bad_conventions_are_refused():
+    with pytest.raises(ValueError, match="ema_size"):
+        vqfast.ResidualVQ(2, 8, 4, ema_size="unsmoothed")
+    with pytest.raises(ValueError, match="commitment_levels"):
+        vqfast.ResidualVQ(2, 8, 4, commitment_levels=1)
