@@ -471,13 +471,15 @@ def take_kmeans_ema_state(module: nn.Module, centroids: torch.Tensor, sizes: tor
 
 class Projection(nn.Linear):
     """A linear map of the channels of channels-first ``[B, C_in, S]`` -> ``[B, C_out, S]``
-    (``codebook_dim``'s projections; no transpose copies)."""
+    (``codebook_dim``'s projections; no transpose copies): a 1x1 convolution, one kernel
+    forward and one backward on a GPU (a broadcast matmul copies the weight per batch
+    element and takes ten)."""
 
     def forward(self, x):
         weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
         if x.shape[-1] == 1:  # rows [N, C, 1] (channel-last inputs): one GEMM, not N
             return F.linear(x.squeeze(-1), weight, bias).unsqueeze(-1)
-        return torch.matmul(weight, x) + bias[:, None]
+        return F.conv1d(x, weight[..., None], bias)
 
 
 class _QuantizerBase(QuantizerCommon, nn.Module):
@@ -616,8 +618,14 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
         if self.cosine:
             codebook = F.normalize(codebook, dim=-1)
         rows = F.embedding(codes.clamp_min(0), codebook) * (codes >= 0)[..., None]
-        if self.project_out is not None:
-            rows = self.project_out(rows.reshape(-1, rows.shape[-1], 1)).view(*codes.shape, -1)
+        if self.project_out is not None:  # as the forward projects: [N, d, 1] or [B, d, S]
+            d = rows.shape[-1]
+            if self.channel_last:
+                rows = self.project_out(rows.reshape(-1, d, 1))
+            else:
+                rows = self.project_out(rows.reshape(rows.shape[0], -1, d).transpose(1, 2)
+                                        .contiguous()).transpose(1, 2)
+            rows = rows.reshape(*codes.shape, -1)
         return self._rows_in_layout(rows)
 
     def _state_options(self):
