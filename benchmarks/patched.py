@@ -28,12 +28,37 @@ from .suite import environment, pick_device, save_side_report, side_parser
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _dac_quantizer_modules():
+    """descript-audio-codec's quantizer modules without its package ``__init__`` (which
+    imports audiotools, and through it torchaudio, for audio files: the quantizer needs
+    neither); ``None`` when the package is not installed."""
+    if "dac.nn.quantize" in sys.modules:
+        return sys.modules["dac.nn.quantize"]
+    spec = importlib.util.find_spec("dac")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0])
+    stubs = {}
+    for name, path in (("dac", root), ("dac.nn", root / "nn")):
+        if name not in sys.modules:
+            stubs[name] = types.ModuleType(name)
+            stubs[name].__path__ = [str(path)]
+            sys.modules[name] = stubs[name]
+    try:
+        return importlib.import_module("dac.nn.quantize")
+    finally:
+        for name in stubs:  # the stand-in packages only while their modules import
+            del sys.modules[name]
+
+
 def third_party(name: str):
     """A third-party module, imported with the repository root off ``sys.path`` (its
     ``kernels/`` folder would answer transformers' and diffusers' probe for a package of
     that name); ``None`` when the library is not installed."""
     stand_in = name.startswith("encodec") and importlib.util.find_spec("torchaudio") is None
     # (encodec imports torchaudio for audio files only; its quantizer never uses it)
+    if name.startswith("dac."):
+        return _dac_quantizer_modules()
     saved = list(sys.path)
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
     try:

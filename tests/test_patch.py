@@ -72,9 +72,20 @@ def assert_close_tree(a, b, atol, rtol, what=""):
         assert a == b, f"{what}: {a!r} != {b!r}"
 
 
+def _clone(model):
+    """A copy with the same state: a deep copy, or (modules with torch's old weight_norm,
+    which cannot be deep-copied) the builder's twin with the state loaded."""
+    twin = model.__dict__.get("_twin")
+    if twin is None:
+        return copy.deepcopy(model)
+    clone = twin()
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
 def _patched_pair(model, backend="auto"):
-    """The model and a patched deep copy of it (same state)."""
-    patched = copy.deepcopy(model)
+    """The model and a patched copy of it (same state)."""
+    patched = _clone(model)
     report = vqfast.patch(patched, backend=backend)
     assert len(report) > 0, f"nothing patched in {type(model).__name__}"
     return model, patched
@@ -83,7 +94,7 @@ def _patched_pair(model, backend="auto"):
 def _roundtrip_state(model, patched):
     """Checkpoints load both ways with the same keys."""
     assert list(model.state_dict()) == list(patched.state_dict())
-    fresh = copy.deepcopy(model)
+    fresh = _clone(model)
     fresh.load_state_dict(patched.state_dict())
     patched.load_state_dict(model.state_dict())
     assert_close_tree(fresh.state_dict(), model.state_dict(), 0, 0, "state")
@@ -186,6 +197,19 @@ def _moshi_rvq():
     return rvq, frames, lambda out, x: out.quantized.pow(2).mean() + out.loss.sum()
 
 
+def _dac_rvq():
+    quantize = _import("dac.nn.quantize")
+
+    def build():
+        torch.manual_seed(0)
+        return quantize.ResidualVectorQuantize(input_dim=16, n_codebooks=3, codebook_size=32,
+                                               codebook_dim=4).train()
+    rvq = build()
+    rvq.__dict__["_twin"] = build  # (weight_norm: no deep copies)
+    frames = lambda step: torch.randn(2, 16, 40, generator=torch.Generator().manual_seed(step))  # noqa: E731
+    return rvq, frames, lambda out, x: out[0].pow(2).mean() + out[3] + out[4]
+
+
 def _tokens(d):
     return lambda step: torch.randn(3, 11, d, generator=torch.Generator().manual_seed(step))
 
@@ -210,6 +234,7 @@ TRAINED = {
     "transformers Janus": lambda: _hf_vqvae("janus"),
     "encodec ResidualVectorQuantization (k-means, dead codes)": _encodec_rvq,
     "moshi ResidualVectorQuantization (dead codes)": _moshi_rvq,
+    "descript-audio-codec ResidualVectorQuantize (learned, projections)": _dac_rvq,
     "vector-quantize-pytorch VectorQuantize (k-means, dead codes)":
         lambda: _vqp(kmeans_init=True, kmeans_iters=2, threshold_ema_dead_code=2),
     "vector-quantize-pytorch VectorQuantize (learnable, no EMA)":

@@ -23,6 +23,8 @@ Known quantizers (the library, then the class):
 - diffusers: ``VectorQuantizer`` of ``VQModel`` (``forward``; not with ``remap``).
 - facebook ``encodec`` (``encodec.quantization.core_vq.EuclideanCodebook``): ``quantize``
   and, in training, ``forward`` (counts and per-code sums without the one-hot).
+- descript-audio-codec (``dac.nn.quantize.VectorQuantize``): ``decode_latents``, as
+  transformers' DAC.
 - kyutai ``moshi`` (``moshi.quantization.core_vq.EuclideanCodebook``, Mimi's training
   codebook): ``_quantize``, the search of encode and of training.
 - vector-quantize-pytorch: ``VectorQuantize`` (and so each level of its ``ResidualVQ``)
@@ -121,6 +123,14 @@ def _hf_dac_decode_latents(self, hidden_states):
     codes = _codes(self, F.normalize(encodings), F.normalize(self.codebook.weight))
     indices = codes.reshape(batch_size, -1)
     return self.codebook(indices).transpose(1, 2), indices
+
+
+def _dac_decode_latents(self, latents):
+    # descript-audio-codec's VectorQuantize: the same search as transformers' DAC port
+    encodings = latents.permute(0, 2, 1).reshape(-1, latents.shape[1])
+    codes = _codes(self, F.normalize(encodings), F.normalize(self.codebook.weight))
+    indices = codes.reshape(latents.shape[0], -1)
+    return self.decode_code(indices), indices
 
 
 def _hf_vqvae_forward(self, hidden_state):
@@ -357,6 +367,8 @@ _RULES = {
         _Rule("vector-quantize-pytorch", {"forward": _vqp_codebook_forward,
                                           "track_cluster_size_and_embed_avg": _vqp_track},
               _vqp_codebook_check),
+    "dac.nn.quantize.VectorQuantize":
+        _Rule("descript-audio-codec", {"decode_latents": _dac_decode_latents}),
     "moshi.quantization.core_vq.EuclideanCodebook":
         _Rule("moshi", {"_quantize": _moshi_quantize}),
     "encodec.quantization.core_vq.EuclideanCodebook":
