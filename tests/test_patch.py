@@ -385,6 +385,18 @@ def test_unsupported_options_are_left_with_a_warning(tmp_path):
     assert len(vqfast.patch(vq, warn=False)) == 0
 
 
+def test_libraries_select_what_is_patched():
+    from vqfast.patch import LIBRARIES, _RULES, _NOTEBOOK, _package
+    assert {_package(r) for r in [*_RULES.values(), *_NOTEBOOK.values()]} == set(LIBRARIES)
+    assert vqfast.patch.LIBRARIES == LIBRARIES
+    model = torch.nn.Sequential(reference.VectorQuantizerEMA(16, 4, 0.25, 0.99))
+    assert len(vqfast.patch(model, libraries=["encodec", "moshi"])) == 0
+    assert "forward" not in model[0].__dict__
+    assert len(vqfast.patch(model, libraries="notebook")) == 1
+    with pytest.raises(ValueError, match="unknown libraries.*known: transformers"):
+        vqfast.patch(model, libraries=["transformer"])
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="backend"):
         vqfast.patch(torch.nn.Linear(2, 2), backend="cuda")

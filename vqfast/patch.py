@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from .ops.dispatch import PRECISIONS, check_backend, resolve_backend
 from .ops.vq import _nearest_code_op, _quantize_op, quantize
 
-__all__ = ["patch", "unpatch", "PatchReport"]
+__all__ = ["patch", "unpatch", "PatchReport", "LIBRARIES"]
 
 
 # --- the shared pieces: search, statistics, learned-codebook forward ----------------------
@@ -441,8 +441,16 @@ class PatchReport:
         return "\n".join(lines)
 
 
+LIBRARIES = ("transformers", "diffusers", "encodec", "moshi", "descript-audio-codec",
+             "vector-quantize-pytorch", "notebook")
+
+
+def _package(rule: _Rule) -> str:
+    return "notebook" if rule.library.endswith("notebook") else rule.library.split()[0]
+
+
 def patch(model: torch.nn.Module, *, backend: str = "auto", precision: str = "ieee",
-          warn: bool = True) -> PatchReport:
+          warn: bool = True, libraries=None) -> PatchReport:
     """Run the quantizers vqfast knows inside ``model`` (itself included) through vqfast's
     fused search, in place; returns a ``PatchReport``.
 
@@ -453,7 +461,8 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", precision: str = "ie
     ``"tf32"``: the dot precision of fp32 searches on CUDA) apply to every patched module.
     A known quantizer with an option vqfast does not reproduce is left as it is, with a
     warning (``warn=False`` to silence it) and the reason in ``report.left``. Patching
-    twice changes nothing; ``vqfast.unpatch(model)`` undoes it.
+    twice changes nothing; ``vqfast.unpatch(model)`` undoes it. ``libraries`` (names from
+    ``vqfast.patch.LIBRARIES``, e.g. ``["encodec"]``): patch only their quantizers.
 
     Example::
 
@@ -465,11 +474,17 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", precision: str = "ie
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(libraries, str):
+        libraries = (libraries,)
+    wanted = set(LIBRARIES if libraries is None else libraries)
+    if not wanted <= set(LIBRARIES):
+        raise ValueError(f"unknown libraries {sorted(wanted - set(LIBRARIES))}; "
+                         f"known: {', '.join(LIBRARIES)}")
     report = PatchReport()
     inside_left = set()  # the submodules of a quantizer left as it is stay as they are
     for name, module in model.named_modules():
         rule = _rule_for(module)
-        if rule is None or id(module) in inside_left:
+        if rule is None or id(module) in inside_left or _package(rule) not in wanted:
             continue
         cls = type(module).__qualname__
         why = rule.check(module) if rule.check is not None else None
@@ -487,6 +502,9 @@ def patch(model: torch.nn.Module, *, backend: str = "auto", precision: str = "ie
             module.__dict__[method] = _Patched(fn, module, method)
         report.patched.append((name, cls, tuple(rule.methods)))
     return report
+
+
+patch.LIBRARIES = LIBRARIES  # (``vqfast.patch`` is this function: its names at hand)
 
 
 def unpatch(model: torch.nn.Module) -> int:
