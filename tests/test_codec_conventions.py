@@ -87,3 +87,16 @@ def test_bad_conventions_are_refused():
         vqfast.ResidualVQ(2, 8, 4, ema_size="unsmoothed")
     with pytest.raises(ValueError, match="commitment_levels"):
         vqfast.ResidualVQ(2, 8, 4, commitment_levels=1)
+
+
+def test_a_checkpoint_with_raw_sizes_loads_only_where_they_mean_the_same():
+    """The stored sizes mean something else under ``ema_size="raw"``: such a checkpoint is
+    refused by a default module, with the option named; default checkpoints (and those of
+    earlier versions) load as before."""
+    raw = vqfast.ResidualVQ(2, 8, 4, ema_size="raw", commitment_levels="first")
+    assert "ema_size='raw'" in repr(raw) and "commitment_levels='first'" in repr(raw)
+    with pytest.raises(ValueError, match="ema_size='raw'"):
+        vqfast.ResidualVQ(2, 8, 4).load_state_dict(raw.state_dict())
+    vqfast.ResidualVQ(2, 8, 4, ema_size="raw").load_state_dict(raw.state_dict())
+    default = vqfast.ResidualVQ(2, 8, 4).state_dict()
+    vqfast.ResidualVQ(2, 8, 4, commitment_levels="first").load_state_dict(default)

@@ -312,3 +312,12 @@ def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         vqfast.nearest_code(torch.randn(4, 3), torch.randn(5, 3), backend="triton")
+
+
+def test_codebook_dim_projections_of_an_empty_sequence():
+    """``codebook_dim``'s projections are 1x1 convolutions: an empty sequence ([B, D, 0])
+    gives an empty result, as a matmul would, not a convolution's size error."""
+    codes = torch.zeros(2, 0, dtype=torch.long)
+    assert vqfast.FSQ((5, 5), dim=4, backend="torch").decode_indices(codes).shape == (2, 4, 0)
+    projection = vqfast.modules.Projection(4, 3)
+    assert projection(torch.randn(2, 4, 0)).shape == (2, 3, 0)

@@ -473,12 +473,18 @@ class Projection(nn.Linear):
     """A linear map of the channels of channels-first ``[B, C_in, S]`` -> ``[B, C_out, S]``
     (``codebook_dim``'s projections; no transpose copies): a 1x1 convolution, one kernel
     forward and one backward on a GPU (a broadcast matmul copies the weight per batch
-    element and takes ten)."""
+    element and takes ten), except for fp32 on CUDA while cuDNN may use TF32 for
+    convolutions (``torch.backends.cudnn.allow_tf32``, on by default), where the matmul
+    keeps fp32 (matmuls follow ``torch.backends.cuda.matmul``, fp32 by default)."""
 
     def forward(self, x):
         weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
         if x.shape[-1] == 1:  # rows [N, C, 1] (channel-last inputs): one GEMM, not N
             return F.linear(x.squeeze(-1), weight, bias).unsqueeze(-1)
+        if x.shape[-1] == 0:
+            return x.new_empty(x.shape[0], self.out_features, 0)
+        if x.is_cuda and x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+            return torch.matmul(weight, x) + bias[:, None]
         return F.conv1d(x, weight[..., None], bias)
 
 

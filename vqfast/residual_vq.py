@@ -182,7 +182,10 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         return (f"num_quantizers={self.num_quantizers}, "
                 f"num_embeddings={self.level_sizes or self.num_embeddings}, "
                 f"embedding_dim={self.embedding_dim}, groups={self.groups}, ema={self.ema}, "
-                f"cosine={self.cosine}, code_dim={self.code_dim}, backend={self.backend!r}")
+                f"cosine={self.cosine}, code_dim={self.code_dim}, backend={self.backend!r}"
+                + (f", ema_size={self.ema_size!r}" if self.ema_size != "smoothed" else "")
+                + (f", commitment_levels={self.commitment_levels!r}"
+                   if self.commitment_levels != "all" else ""))
 
     def _apply(self, fn, recurse=True):
         return keep_fp32(self, self._FP32_STATE if self.ema else (), fn, recurse)
@@ -191,7 +194,9 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         return {"num_quantizers": self.num_quantizers, "groups": self.groups,
                 **({"num_embeddings": list(self.level_sizes)} if self.level_sizes else {}),
                 "shared_codebook": self.shared_codebook, "cosine": self.cosine, "ema": self.ema,
-                "codebook_dim": None if self.project_in is None else self.code_dim}
+                "codebook_dim": None if self.project_in is None else self.code_dim,
+                # (only when not the default: earlier checkpoints hold the smoothed sizes)
+                **({"ema_size": "raw"} if self.ema_size == "raw" else {})}
 
     def _codebooks(self):
         """The codebooks the lookup sees: the learned ones l2-normalised when ``cosine``."""
