@@ -95,7 +95,7 @@ def _ema_finalize_kernel(
     x_ptr, seed_ptr, decay_weight_ptr, reseeded_ptr,
     K, D, N, S, decay, epsilon, threshold, start,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RESEED: tl.constexpr,
-    STATS_SEM: tl.constexpr, RAW_SIZE: tl.constexpr = False,
+    STATS_SEM: tl.constexpr, SIZE_RULE: tl.constexpr = 0,
 ):
     book = tl.program_id(1)
     counts_ptr += book.to(tl.int64) * K
@@ -112,9 +112,12 @@ def _ema_finalize_kernel(
     count = tl.load(counts_ptr + codes, mask=code_mask, other=0).to(tl.float32)
     size = tl.load(size_ptr + codes, mask=code_mask, other=0.0).to(tl.float32)
     size = size * decay + (1.0 - decay) * count
-    smoothed = (size + epsilon) / (total + num_codes * epsilon) * total
-    if not RAW_SIZE:  # the stored size: smoothed (the original's) or as decayed (encodec's)
-        size = smoothed
+    if SIZE_RULE == 2:  # moshi's: no smoothing, a floor
+        divisor = tl.maximum(size, epsilon)
+    else:  # Laplace smoothing over the codebook's total
+        divisor = (size + epsilon) / (total + num_codes * epsilon) * total
+    if SIZE_RULE == 0:  # stored: smoothed (the original's), else as decayed (encodec's, moshi's)
+        size = divisor
     if RESEED:  # (one codebook)
         decay_weight = tl.load(decay_weight_ptr)
         dead, sample_offsets = _dead_codes(size, decay_weight, code_mask, codes,
@@ -131,7 +134,7 @@ def _ema_finalize_kernel(
         weight = tl.load(weight_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         sums = tl.load(code_sums_ptr + offsets, mask=mask, other=0.0)
         weight = weight * decay + (1.0 - decay) * sums
-        code = weight / smoothed[:, None]
+        code = weight / divisor[:, None]
         if RESEED:  # a dead code becomes the sampled row, weighted by its new size
             reseed = dead[:, None] & mask
             sample = _row_samples(x_ptr, sample_offsets, dims, S, reseed)
@@ -144,7 +147,7 @@ def _ema_finalize_kernel(
 @launcher
 def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
                ema_decay_weight, skipped_batches, decay, epsilon, active=None, num_codes=None,
-               x=None, seed=None, reseeded=None, threshold=0.0, raw_size=False):
+               x=None, seed=None, reseeded=None, threshold=0.0, size_rule=0):
     """In place on ``ema_cluster_size [K]``, ``ema_weight [K, D]``, ``codebook [K, D]``,
     ``ema_decay_weight`` (fp32 0-d) and ``skipped_batches`` (int64 0-d); returns ``applied``
     (fp32 0-d: 1 if the update was made, else 0). C codebooks: a leading ``[C]`` on all of
@@ -158,11 +161,13 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
     Dead-code re-seeding in the same launch (one codebook; ``threshold > 0``): ``x`` (this
     batch's ``[N, D]`` or ``[B, D, S]``), ``seed`` (int64 ``[1]``, advanced once per
     update) and ``reseeded`` (int64 0-d, the count) as ``VectorQuantizerEMA`` keeps them.
-    ``raw_size``: store the decayed sizes unsmoothed, smoothed only to divide (encodec's
-    convention; a re-seeding codebook keeps the smoothed ones).
+    ``size_rule``: 0 stores the smoothed sizes; 1 the decayed ones, smoothed only to divide
+    (encodec's); 2 the decayed ones, divided by ``max(size, epsilon)`` (moshi's). A
+    re-seeding codebook keeps rule 0.
     """
-    if raw_size and threshold > 0:
-        raise ValueError("raw_size with re-seeding in the same launch is not supported")
+    if size_rule not in (0, 1, 2) or (size_rule and threshold > 0):
+        raise ValueError(f"size_rule must be 0, 1 or 2, and 0 with re-seeding in the same "
+                         f"launch; got {size_rule!r}")
     *lead, k, d = codebook.shape
     books = lead[0] if lead else 1
     for name, t in (("ema_cluster_size", ema_cluster_size), ("ema_weight", ema_weight),
@@ -200,7 +205,7 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
         counts, code_sums, scalars, ema_cluster_size, ema_weight, codebook,
         *((x, seed, ema_decay_weight, reseeded) if reseed else (codebook,) * 4),
         k, d, n, s, float(decay), float(epsilon), float(threshold), max(float(threshold), 1.0),
-        RESEED=reseed, STATS_SEM=_launch.STATS_SEM, RAW_SIZE=bool(raw_size), **config)
+        RESEED=reseed, STATS_SEM=_launch.STATS_SEM, SIZE_RULE=int(size_rule), **config)
     return scalars[:, 0].view(ema_decay_weight.shape)
 
 
@@ -269,10 +274,10 @@ def aot_variants():
                "reseeded_ptr": "*i64" if reseed else "*fp32",
                "K": "i32", "D": "i32", "N": "i32", "S": "i32", "decay": "fp32",
                "epsilon": "fp32", "threshold": "fp32", "start": "fp32"}
-        for raw in (False, True) if not reseed else (False,):
-            yield (f"ema_finalize[D{cfg['BLOCK_D']},reseed={x_dtype},raw_size={raw}]",
+        for rule in (0, 1, 2) if not reseed else (0,):
+            yield (f"ema_finalize[D{cfg['BLOCK_D']},reseed={x_dtype},size_rule={rule}]",
                    _ema_finalize_kernel, sig,
-                   dict(cfg, RESEED=reseed, STATS_SEM=_launch.STATS_SEM, RAW_SIZE=raw), options)
+                   dict(cfg, RESEED=reseed, STATS_SEM=_launch.STATS_SEM, SIZE_RULE=rule), options)
     # an fp32 codebook, or one cast with the module (.half(), .bfloat16())
     dtypes = [(x, "fp32") for x in PTR] + [("fp16", "fp16"), ("bf16", "bf16")]
     for (cfg, options), (x_dtype, book_dtype) in itertools.product(streaming_configs(CONFIG),

@@ -1,10 +1,12 @@
 """``ResidualVQ`` with a codec's conventions reproduces the codec's own quantizer, built
 from its package: facebook's encodec (``ema_size="raw"``: the cluster sizes stored
 unsmoothed; ``commitment_levels="first"``: only the first level's commitment reaches the
-input). Its state is copied into vqfast, both train side by side from the same inputs,
-and every step's codes, output, loss and input gradient, then the EMA state, must agree
-to fp32 rounding, on both backends. The defaults (the original notebook's rules) must
-not: each option is what makes the difference."""
+input) and kyutai's moshi (``ema_size="raw_clamped"``: unsmoothed, divided by
+``max(size, epsilon)``; every level's commitment reaches the input). The codec's state
+is copied into vqfast, both train side by side from the same inputs, and every step's
+codes, output, loss and input gradient, then the EMA state, must agree to fp32 rounding,
+on both backends. Without the codec's options they must not: each option is what makes
+the difference."""
 
 import pytest
 import torch
@@ -25,24 +27,47 @@ def _encodec_rvq():
         threshold_ema_dead_code=0, commitment_weight=1.0).train()
 
 
+def _moshi_rvq():
+    core_vq = third_party("moshi.quantization.core_vq")
+    if core_vq is None:
+        pytest.skip("moshi is not installed")
+    torch.manual_seed(0)
+    rvq = core_vq.ResidualVectorQuantization(
+        num_quantizers=Q, codebook_offset=0, dim=D, codebook_size=K, decay=DECAY,
+        epsilon=EPS, threshold_usage_ratio=0.0).train()
+    for layer in rvq.layers:  # trained codebooks (no k-means: moshi's draws its own rows)
+        book = layer._codebook
+        book.embedding_sum.normal_()
+        book.cluster_usage.uniform_(0.5, 2.0)
+        book._initialized.fill_(1)
+    return rvq
+
+
+def _their_state(theirs):
+    books = [layer._codebook for layer in theirs.layers]
+    if hasattr(books[0], "embed_avg"):  # encodec
+        return {"codebooks": torch.stack([b.embed for b in books]),
+                "ema_weight": torch.stack([b.embed_avg for b in books]),
+                "ema_cluster_size": torch.stack([b.cluster_size for b in books])}
+    return {"codebooks": torch.stack([b.embedding for b in books]),  # moshi
+            "ema_weight": torch.stack([b.embedding_sum for b in books]),
+            "ema_cluster_size": torch.stack([b.cluster_usage for b in books])}
+
+
+CODECS = {  # its quantizer, and the ResidualVQ options that reproduce it
+    "encodec": (_encodec_rvq, dict(ema_size="raw", commitment_levels="first")),
+    "moshi": (_moshi_rvq, dict(ema_size="raw_clamped", commitment_levels="all")),
+}
+
+
 def _vqfast_like(theirs, backend, **conventions):
     ours = vqfast.ResidualVQ(Q, K, D, commitment_cost=1.0, decay=DECAY, epsilon=EPS,
                              kmeans_init=False, dead_code_threshold=0, backend=backend,
                              **conventions).train()
     with torch.no_grad():
-        for level, layer in enumerate(theirs.layers):
-            book = layer._codebook
-            ours.codebooks[level].copy_(book.embed)
-            ours.ema_weight[level].copy_(book.embed_avg)
-            ours.ema_cluster_size[level].copy_(book.cluster_size)
+        for name, value in _their_state(theirs).items():
+            getattr(ours, name).copy_(value)
     return ours
-
-
-def _their_state(theirs):
-    books = [layer._codebook for layer in theirs.layers]
-    return {"codebooks": torch.stack([b.embed for b in books]),
-            "ema_weight": torch.stack([b.embed_avg for b in books]),
-            "ema_cluster_size": torch.stack([b.cluster_size for b in books])}
 
 
 def _train_side_by_side(theirs, ours, steps):
@@ -50,7 +75,7 @@ def _train_side_by_side(theirs, ours, steps):
         x = torch.randn(2, D, 40, generator=torch.Generator().manual_seed(step))
         grad = torch.randn(2, D, 40, generator=torch.Generator().manual_seed(100 + step))
         x_theirs, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
-        q_theirs, codes_theirs, losses = theirs(x_theirs)
+        q_theirs, codes_theirs, losses = theirs(x_theirs)[:3]
         loss_ours, q_ours, _, codes_ours = ours(x_ours)
         assert torch.equal(codes_ours.transpose(0, 1), codes_theirs), f"step {step}: codes"
         torch.testing.assert_close(q_ours, q_theirs, msg=f"step {step}: output")
@@ -64,19 +89,23 @@ def _train_side_by_side(theirs, ours, steps):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_residual_vq_reproduces_encodec(backend):
-    theirs = _encodec_rvq()
-    ours = _vqfast_like(theirs, backend, ema_size="raw", commitment_levels="first")
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_residual_vq_reproduces_the_codec(codec, backend):
+    build, conventions = CODECS[codec]
+    theirs = build()
+    ours = _vqfast_like(theirs, backend, **conventions)
     _train_side_by_side(theirs, ours, steps=20 if backend == "torch" else 4)
 
 
-@pytest.mark.parametrize("conventions,differs", [
-    (dict(commitment_levels="first"), "output|codes|ema_"),  # smoothed sizes: other codebooks
-    (dict(ema_size="raw"), "step 0: input grad"),           # every level's commitment
+@pytest.mark.parametrize("codec,conventions,differs", [
+    ("encodec", dict(commitment_levels="first"), "output|codes|ema_"),  # smoothed sizes
+    ("encodec", dict(ema_size="raw"), "step 0: input grad"),  # every level's commitment
+    ("moshi", dict(ema_size="raw"), "output|codes|ema_"),  # Laplace smoothing
+    ("moshi", dict(ema_size="raw_clamped", commitment_levels="first"), "step 0: input grad"),
 ])
-def test_each_convention_is_needed(conventions, differs):
-    """Without one of the two options the run parts from encodec's: the check fails."""
-    theirs = _encodec_rvq()
+def test_each_convention_is_needed(codec, conventions, differs):
+    """Without the codec's own option the run parts from the codec's: the check fails."""
+    theirs = CODECS[codec][0]()
     ours = _vqfast_like(theirs, "torch", **conventions)
     with pytest.raises(AssertionError, match=differs):
         _train_side_by_side(theirs, ours, steps=20)

@@ -161,7 +161,7 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
 
 def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
                ema_decay_weight, skipped_batches, decay, epsilon, active=None, num_codes=None,
-               x=None, seed=None, reseeded=None, threshold=0.0, raw_size=False):
+               x=None, seed=None, reseeded=None, threshold=0.0, size_rule=0):
     """In place: decay the EMA statistics towards this batch's, Laplace-smooth, renormalise;
     count the update in ``ema_decay_weight`` (``1 - decay**t``) or, when the batch's ``loss``
     is not finite (or a rank flagged ``not_finite``), leave the state and count a skipped
@@ -176,9 +176,10 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
     ``threshold > 0``: then dead-code re-seeding of the one codebook from random rows of
     ``x`` (``take_samples``; ``seed`` is the Triton kernels' Philox key, unused here).
 
-    ``raw_size``: store the decayed cluster sizes as they are and smooth them only to
-    divide (encodec's and vector-quantize-pytorch's convention), instead of storing the
-    smoothed sizes (the original notebook's and Sonnet's).
+    ``size_rule``: 0 stores the smoothed sizes (the original notebook's and Sonnet's rule);
+    1 stores the decayed sizes as they are and smooths them only to divide (encodec's and
+    vector-quantize-pytorch's); 2 stores them as they are and divides by ``max(size,
+    epsilon)``, no smoothing (moshi's).
     """
     k = codebook.shape[-2]
     real = None
@@ -195,11 +196,14 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
     if real is not None:
         size = torch.where(real, size, 0.0)
     total = size.sum(-1, keepdim=True)  # n of the Laplace smoothing: the sum of the decayed sizes
-    smoothed = (size + epsilon) / (total + num_codes * epsilon) * total
-    if not raw_size:
-        size = smoothed
+    if size_rule == 2:
+        divisor = size.clamp_min(epsilon)
+    else:
+        divisor = (size + epsilon) / (total + num_codes * epsilon) * total
+    if size_rule == 0:
+        size = divisor
     weight = ema_weight.float() * decay + (1 - decay) * code_sums
-    codebook_new = weight / smoothed.unsqueeze(-1)
+    codebook_new = weight / divisor.unsqueeze(-1)
     per_code = apply.unsqueeze(-1)
     if real is not None:
         per_code = per_code & real

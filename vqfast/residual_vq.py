@@ -15,6 +15,9 @@ from .modules import (LossBreakdown, Projection, QuantizerCommon, _all_reduce_st
 from .ops.residual_vq import residual_codes, residual_quantize
 
 
+_SIZE_RULES = {"smoothed": 0, "raw": 1, "raw_clamped": 2}  # ema_size -> the EMA op's size_rule
+
+
 class ResidualVQ(QuantizerCommon, nn.Module):
     """Residual vector quantization (SoundStream, EnCodec, DAC), optionally grouped.
 
@@ -59,9 +62,10 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         channel_last: inputs ``[B, *spatial, D]`` (tokens ``[B, N, D]``), codes ``[B,
             *spatial, G*Q]``, masks ``[B, *spatial]``; read in place, no transpose copy.
         ema_size: ``"smoothed"`` (default: ``ema_cluster_size`` holds the Laplace-smoothed
-            sizes, the original notebook's and Sonnet's rule) or ``"raw"`` (it holds the
-            decayed counts, smoothed only to divide: encodec's, moshi's and
-            vector-quantize-pytorch's rule; the codebooks then match theirs).
+            sizes, the original notebook's and Sonnet's rule), ``"raw"`` (it holds the
+            decayed counts, smoothed only to divide: encodec's and vector-quantize-pytorch's
+            rule) or ``"raw_clamped"`` (the decayed counts, the sums divided by ``max(size,
+            epsilon)`` with no smoothing: moshi's rule).
         commitment_levels: ``"all"`` (default: every level's commitment term reaches the
             input) or ``"first"`` (only each group's first level's, as in encodec and moshi,
             whose later levels see detached residuals). The loss value is the same.
@@ -107,8 +111,8 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                  sync_distributed=None, backend="auto", precision="ieee", freeze_codebook=False,
                  channel_last=False, ema_size="smoothed", commitment_levels="all"):
         super().__init__()
-        if ema_size not in ("smoothed", "raw"):
-            raise ValueError(f"ema_size must be 'smoothed' or 'raw', got {ema_size!r}")
+        if ema_size not in _SIZE_RULES:
+            raise ValueError(f"ema_size must be one of {tuple(_SIZE_RULES)}, got {ema_size!r}")
         if commitment_levels not in ("all", "first"):
             raise ValueError(f"commitment_levels must be 'all' or 'first', got "
                              f"{commitment_levels!r}")
@@ -196,7 +200,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                 "shared_codebook": self.shared_codebook, "cosine": self.cosine, "ema": self.ema,
                 "codebook_dim": None if self.project_in is None else self.code_dim,
                 # (only when not the default: earlier checkpoints hold the smoothed sizes)
-                **({"ema_size": "raw"} if self.ema_size == "raw" else {})}
+                **({"ema_size": self.ema_size} if self.ema_size != "smoothed" else {})}
 
     def _codebooks(self):
         """The codebooks the lookup sees: the learned ones l2-normalised when ``cosine``."""
@@ -378,7 +382,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                                 self.ema_weight, self.codebooks, self.ema_decay_weight,
                                 self.skipped_batches, self.decay, self.epsilon, backend,
                                 book_active, num_codes=getattr(self, "book_sizes", None),
-                                raw_size=self.ema_size == "raw")
+                                size_rule=_SIZE_RULES[self.ema_size])
         if self.cosine:
             self.codebooks.copy_(torch.where(applied[:, None, None] > 0,
                                              F.normalize(self.codebooks, dim=-1), self.codebooks))

@@ -98,17 +98,17 @@ def _ema_update_op(counts: torch.Tensor, code_sums: torch.Tensor, loss: torch.Te
                    epsilon: float, backend: str, active: torch.Tensor | None = None,
                    num_codes: torch.Tensor | None = None, x: torch.Tensor | None = None,
                    seed: torch.Tensor | None = None, reseeded: torch.Tensor | None = None,
-                   threshold: float = 0.0, raw_size: bool = False) -> torch.Tensor:
+                   threshold: float = 0.0, size_rule: int = 0) -> torch.Tensor:
     return _impl(backend).ema_update(counts, code_sums, loss, not_finite, ema_cluster_size,
                                      ema_weight, codebook, ema_decay_weight, skipped_batches,
                                      decay, epsilon, active, num_codes, x, seed, reseeded,
-                                     threshold, raw_size)
+                                     threshold, size_rule)
 
 
 @_ema_update_op.register_fake
 def _(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
       ema_decay_weight, skipped_batches, decay, epsilon, backend, active=None, num_codes=None,
-      x=None, seed=None, reseeded=None, threshold=0.0, raw_size=False):
+      x=None, seed=None, reseeded=None, threshold=0.0, size_rule=0):
     return loss.new_empty(ema_decay_weight.shape, dtype=torch.float32)
 
 
@@ -205,7 +205,7 @@ def quantize(x, codebook, commitment_cost, codebook_loss, with_code_sums=False, 
 
 def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight, codebook,
                ema_decay_weight, skipped_batches, decay, epsilon, backend, active=None,
-               num_codes=None, reseed=None, raw_size=False):
+               num_codes=None, reseed=None, size_rule=0):
     """In-place EMA codebook update from this batch's ``counts [K]`` and ``code_sums [K, D]``,
     skipped (and counted in ``skipped_batches``) when ``loss`` is not finite or
     ``not_finite`` (a 0-d bool from the other ranks, or ``None``) is set. Returns ``applied``
@@ -219,9 +219,10 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
 
     ``reseed``: ``(x, seed, reseeded, threshold)`` re-seeds dead codes in the same pass
     (one codebook, Triton backend: see ``vqfast.kernels.ema_update``), else ``None``.
-    ``raw_size``: ``ema_cluster_size`` holds the decayed sizes unsmoothed (smoothed only to
-    divide), encodec's convention; default: the smoothed sizes (the original's)."""
+    ``size_rule``: what ``ema_cluster_size`` holds and what the sums are divided by: 0 the
+    smoothed sizes (the original's); 1 the decayed sizes, smoothed only to divide
+    (encodec's); 2 the decayed sizes, divided by ``max(size, epsilon)`` (moshi's)."""
     x, seed, reseeded, threshold = reseed if reseed is not None else (None, None, None, 0.0)
     return _ema_update_op(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight,
                           codebook, ema_decay_weight, skipped_batches, decay, epsilon, backend,
-                          active, num_codes, x, seed, reseeded, threshold, raw_size)
+                          active, num_codes, x, seed, reseeded, threshold, size_rule)
