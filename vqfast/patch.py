@@ -34,6 +34,7 @@ Known quantizers (the library, then the class):
   (``forward``; ``vqfast.reference`` holds them as written).
 """
 
+import copy
 import dataclasses
 import sys
 import warnings
@@ -49,17 +50,16 @@ __all__ = ["patch", "unpatch", "PatchReport", "LIBRARIES"]
 
 # --- the shared pieces: search, statistics, learned-codebook forward ----------------------
 
-def _settings(module):
+def _settings(module, device: torch.device):
+    """The patched module's ``(backend, precision)``, the backend resolved for ``device``.
+    (Empty inputs never get here: ``_Patched`` runs the original method for them.)"""
     backend, precision = module._vqfast_patch
-    return backend, precision
+    return resolve_backend(backend, device), precision
 
 
 def _codes(module, x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Nearest code of every row of ``x [N, D]`` (int64 ``[N]``), no ``[N, K]`` tensor."""
-    if x.shape[0] == 0:
-        return torch.empty(0, dtype=torch.int64, device=x.device)
-    backend, precision = _settings(module)
-    backend = resolve_backend(backend, x.device)
+    backend, precision = _settings(module, x.device)
     x, codebook = _promoted(x.detach(), codebook.detach())
     return _nearest_code_op(x.contiguous(), codebook.contiguous(), backend, precision)[0]
 
@@ -74,12 +74,8 @@ def _promoted(x: torch.Tensor, codebook: torch.Tensor):
 def _codes_and_statistics(module, x: torch.Tensor, codebook: torch.Tensor):
     """``(idx [N], counts [K], code_sums [K, D])`` of ``x [N, D]`` in one search and one
     gather pass (the kernels' fused statistics on CUDA), no one-hot."""
-    backend, precision = _settings(module)
-    backend = resolve_backend(backend, x.device)
+    backend, precision = _settings(module, x.device)
     k = codebook.shape[0]
-    if x.shape[0] == 0:
-        return (torch.empty(0, dtype=torch.int64, device=x.device),
-                x.new_zeros(k, dtype=torch.float32), x.new_zeros(codebook.shape, dtype=torch.float32))
     x, codebook = _promoted(x.detach(), codebook.detach())
     with torch.no_grad():
         _, idx, _, _, counts, code_sums, _ = _quantize_op(
@@ -88,19 +84,21 @@ def _codes_and_statistics(module, x: torch.Tensor, codebook: torch.Tensor):
 
 
 def _learned_forward(module, z: torch.Tensor, codebook: torch.Tensor, commitment: float,
-                     codebook_weight: float):
-    """A learned codebook's step on channels-first ``z [B, D, *spatial]``: ``(q, loss, idx)``
-    with ``q`` channels-first (value: the codes; gradient: straight through to ``z``) and
-    ``loss = commitment * mse(z, sg(q)) + codebook_weight * mse(sg(z), q)``."""
-    backend, precision = _settings(module)
-    backend = resolve_backend(backend, z.device)
+                     codebook_weight: float, with_code_sums: bool = False):
+    """A codebook's step on channels-first ``z [B, D, *spatial]``: ``(q, loss, idx,
+    perplexity, counts, code_sums)`` with ``q`` channels-first (value: the codes;
+    gradient: straight through to ``z``), ``loss = commitment * mse(z, sg(q)) +
+    codebook_weight * mse(sg(z), q)`` and, ``with_code_sums``, this batch's per-code
+    counts and sums for an EMA update."""
+    backend, precision = _settings(module, z.device)
     b, d = z.shape[:2]
     x = z.reshape(b, d, -1)
     if not x.is_contiguous():
         x = x.contiguous()
-    q, loss, idx, perplexity, _, _ = quantize(x, codebook, commitment, codebook_weight,
-                                              backend=backend, precision=precision)
-    return q.view(z.shape), loss, idx, perplexity
+    q, loss, idx, perplexity, counts, code_sums = quantize(
+        x, codebook, commitment, codebook_weight, with_code_sums=with_code_sums,
+        backend=backend, precision=precision)
+    return q.view(z.shape), loss, idx, perplexity, counts, code_sums
 
 
 # --- the rules: one per known class --------------------------------------------------------
@@ -114,28 +112,29 @@ def _hf_mimi_quantize(self, hidden_states):
     return _codes(self, hidden_states.float(), self.embed.float())
 
 
-def _hf_dac_decode_latents(self, hidden_states):
-    batch_size, hidden_dim, _ = hidden_states.shape
-    encodings = hidden_states.permute(0, 2, 1).reshape(-1, hidden_dim)
-    # l2-normalised search (ViT-VQGAN), raw codebook rows out, as the original (whose
-    # distance adds |c|^2 where it means to subtract it: the same ranking for unit rows,
-    # which F.normalize makes every nonzero row)
-    codes = _codes(self, F.normalize(encodings), F.normalize(self.codebook.weight))
-    indices = codes.reshape(batch_size, -1)
+def _dac_codes(module, latents):
+    """DAC's search of ``latents [B, D, T]``: the l2-normalised rows against the
+    l2-normalised codebook (ViT-VQGAN) -> codes ``[B, T]``. (transformers' port adds
+    ``|c|^2`` where it means to subtract it: the same ranking for unit rows, which
+    F.normalize makes every nonzero row.)"""
+    encodings = latents.permute(0, 2, 1).reshape(-1, latents.shape[1])
+    codes = _codes(module, F.normalize(encodings), F.normalize(module.codebook.weight))
+    return codes.reshape(latents.shape[0], -1)
+
+
+def _hf_dac_decode_latents(self, hidden_states):  # transformers' DAC: raw codebook rows out
+    indices = _dac_codes(self, hidden_states)
     return self.codebook(indices).transpose(1, 2), indices
 
 
-def _dac_decode_latents(self, latents):
-    # descript-audio-codec's VectorQuantize: the same search as transformers' DAC port
-    encodings = latents.permute(0, 2, 1).reshape(-1, latents.shape[1])
-    codes = _codes(self, F.normalize(encodings), F.normalize(self.codebook.weight))
-    indices = codes.reshape(latents.shape[0], -1)
+def _dac_decode_latents(self, latents):  # descript-audio-codec's own
+    indices = _dac_codes(self, latents)
     return self.decode_code(indices), indices
 
 
 def _hf_vqvae_forward(self, hidden_state):
     # Chameleon / Janus: codebook term weighted by beta, commitment by 1 (as written there)
-    q, loss, idx, _ = _learned_forward(self, hidden_state, self.embedding.weight, 1.0, self.beta)
+    q, loss, idx = _learned_forward(self, hidden_state, self.embedding.weight, 1.0, self.beta)[:3]
     return q, loss, idx
 
 
@@ -144,8 +143,8 @@ def _diffusers_forward(self, z):
         commitment, codebook_weight = 1.0, self.beta
     else:
         commitment, codebook_weight = self.beta, 1.0
-    q, loss, idx, _ = _learned_forward(self, z, self.embedding.weight, commitment,
-                                       codebook_weight)
+    q, loss, idx = _learned_forward(self, z, self.embedding.weight, commitment,
+                                    codebook_weight)[:3]
     if self.sane_index_shape:
         idx = idx.reshape(q.shape[0], q.shape[2], q.shape[3])
     return q, loss, (None, None, idx)
@@ -195,22 +194,16 @@ def _notebook_outputs(self, inputs, q, loss, idx, perplexity):
 
 
 def _notebook_forward(self, inputs):
-    q, loss, idx, perplexity = _learned_forward(self, inputs, self._embedding.weight,
-                                                self._commitment_cost, 1.0)
+    q, loss, idx, perplexity, _, _ = _learned_forward(self, inputs, self._embedding.weight,
+                                                      self._commitment_cost, 1.0)
     return _notebook_outputs(self, inputs, q, loss, idx, perplexity)
 
 
 def _notebook_ema_forward(self, inputs):
-    backend, precision = _settings(self)
-    backend = resolve_backend(backend, inputs.device)
-    b, d = inputs.shape[:2]
-    x = inputs.reshape(b, d, -1).float()
-    if not x.is_contiguous():
-        x = x.contiguous()
-    codebook = self._embedding.weight
-    q, loss, idx, perplexity, counts, code_sums = quantize(
-        x, codebook, self._commitment_cost, False, with_code_sums=self.training,
-        backend=backend, precision=precision)
+    codebook = self._embedding.weight  # (the notebook computes in fp32)
+    q, loss, idx, perplexity, counts, code_sums = _learned_forward(
+        self, inputs.float(), codebook, self._commitment_cost, False,
+        with_code_sums=self.training)
     if self.training:
         with torch.no_grad():
             size, weight, decay, eps = self._ema_cluster_size, self._ema_w, self._decay, self._epsilon
@@ -311,12 +304,12 @@ def _vqp_forward(self, x, indices=None, *args, **kwargs):
     if indices is None:
         return type(self).forward(self, x, None, *args, **kwargs)
     codebook = self._codebook
-    saved = {name: codebook.__dict__.pop(name) for name in ("forward",)
-             if name in codebook.__dict__}
+    patched = codebook.__dict__.pop("forward", None)
     try:
         return type(self).forward(self, x, indices, *args, **kwargs)
     finally:
-        codebook.__dict__.update(saved)
+        if patched is not None:
+            codebook.__dict__["forward"] = patched
 
 
 def _vqp_check(module):
@@ -383,10 +376,11 @@ _NOTEBOOK = {
 def _rule_for(module):
     cls = type(module)
     rule = _RULES.get(f"{cls.__module__}.{cls.__qualname__}")
-    if rule is None and cls.__qualname__ in _NOTEBOOK and not cls.__module__.startswith("vqfast."):
-        if _is_notebook(module, ema=cls.__qualname__.endswith("EMA")):
-            rule = _NOTEBOOK[cls.__qualname__]
-    if rule is None and cls.__module__ == "vqfast.reference" and cls.__qualname__ in _NOTEBOOK:
+    # the notebook's classes, as vqfast.reference holds them or pasted into a user's code
+    # (vqfast's own quantizers share their names)
+    notebook = cls.__module__ == "vqfast.reference" or not cls.__module__.startswith("vqfast.")
+    if (rule is None and notebook and cls.__qualname__ in _NOTEBOOK
+            and _is_notebook(module, ema=cls.__qualname__.endswith("EMA"))):
         rule = _NOTEBOOK[cls.__qualname__]
     return rule
 
@@ -414,7 +408,6 @@ class _Patched:
         return _Patched, (self.fn, self.module, self.name)
 
     def __deepcopy__(self, memo):
-        import copy
         return _Patched(self.fn, copy.deepcopy(self.module, memo), self.name)
 
 

@@ -272,7 +272,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             active=active, mask=flat_mask, commitment_cost=self.commitment_cost,
             codebook_loss=False, rotation_trick=False, with_code_sums=False, backend=backend,
             precision=self.precision,
-            commit_levels=1 if self.commitment_levels == "first" else -1)
+            commit_levels=1 if self.commitment_levels == "first" else None)
 
     def forward(self, inputs, mask=None, return_loss_breakdown=False, *, num_levels=None):
         n = self._num_levels(num_levels)
@@ -287,7 +287,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             active=active, mask=flat_mask, commitment_cost=self.commitment_cost,
             codebook_loss=not self.ema, rotation_trick=self.rotation_trick,
             with_code_sums=update, backend=backend, precision=self.precision,
-            commit_levels=1 if self.commitment_levels == "first" else -1)
+            commit_levels=1 if self.commitment_levels == "first" else None)
         if update:  # the statistics of every level (those past n: none) and codebook
             books_on = self._book_active(active if active is not None or n == self.num_quantizers
                                          else torch.full((), n, device=x.device))

@@ -66,11 +66,11 @@ def _(x, codebooks, num_levels, groups, cosine, active, mask, with_code_sums, ba
 def _residual_backward_op(grad_q: torch.Tensor, grad_scale: torch.Tensor, x: torch.Tensor,
                           codebooks: torch.Tensor, idx: torch.Tensor, num_levels: int,
                           groups: int, cosine: bool, rotation_trick: bool, x_scale: float,
-                          codebook_scale: float, backend: str, commit_levels: int = -1
+                          codebook_scale: float, backend: str, commit_levels: int | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     grad_x, grad_codebooks = _impl(backend).residual_backward(
         grad_q, grad_scale, x, codebooks, idx, num_levels, groups, cosine, rotation_trick,
-        x_scale, codebook_scale, num_levels if commit_levels < 0 else commit_levels)
+        x_scale, codebook_scale, commit_levels)
     if grad_codebooks is None:
         grad_codebooks = x.new_empty(0, dtype=torch.float32)
     return grad_x, grad_codebooks
@@ -78,7 +78,7 @@ def _residual_backward_op(grad_q: torch.Tensor, grad_scale: torch.Tensor, x: tor
 
 @_residual_backward_op.register_fake
 def _(grad_q, grad_scale, x, codebooks, idx, num_levels, groups, cosine, rotation_trick, x_scale,
-      codebook_scale, backend, commit_levels=-1):
+      codebook_scale, backend, commit_levels=None):
     shape = tuple(codebooks.shape) if codebook_scale != 0 else (0,)
     return torch.empty_like(x), x.new_empty(shape, dtype=torch.float32)
 
@@ -98,13 +98,13 @@ class _ResidualQuantize(torch.autograd.Function):
     ``loss = (codebook_loss + commitment_cost) * sum_{g,l} sq_err / (n_valid * D)``; the
     backward gathers the codes again from ``codebooks`` (the fp32 snapshot when an EMA
     update follows), so it saves ``idx`` and x, not the residuals. ``commit_levels``: the
-    commitment terms of only each group's first ``commit_levels`` levels reach x (-1: all).
+    commitment terms of only each group's first ``commit_levels`` levels reach x (None: all).
     """
 
     @staticmethod
     def forward(ctx, x, codebooks, num_levels, groups, cosine, active, mask, commitment_cost,
                 codebook_loss, rotation_trick, with_code_sums, backend, precision,
-                commit_levels=-1):
+                commit_levels=None):
         dim = x.shape[1]
         q, idx, sq_err, counts, code_sums, snapshot = _residual_quantize_op(
             x, codebooks.detach(), num_levels, groups, cosine, active, mask, with_code_sums,
@@ -144,7 +144,8 @@ class _ResidualQuantize(torch.autograd.Function):
 
 def residual_quantize(x, codebooks, num_levels, *, groups=1, cosine=False, active=None,
                       mask=None, commitment_cost=0.25, codebook_loss=False, rotation_trick=False,
-                      with_code_sums=False, backend="torch", precision="ieee", commit_levels=-1):
+                      with_code_sums=False, backend="torch", precision="ieee",
+                      commit_levels=None):
     """Differentiable residual VQ of a contiguous ``x: [N, D]`` or ``[B, D, S]``; see
     ``_ResidualQuantize``."""
     return _ResidualQuantize.apply(x, codebooks, num_levels, groups, cosine, active, mask,
