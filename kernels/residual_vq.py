@@ -133,7 +133,9 @@ def _residual_forward_kernel(
             mask = row_mask[:, None] & (dims < d)[None, :]
             level_mask = mask & valid[:, None]
             total = _chunk(total_ptr, total_rows + dims[None, :], mask)
-            r_used = (_chunk(x_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask) - total) * scale[:, None]
+            r_used = _chunk(x_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask) - total
+            if COSINE == 1:  # (2: a cosine search of raw residuals and codes)
+                r_used = r_used * scale[:, None]
             code = _chunk(codebooks_ptr, code_rows + dims[None, :], level_mask)
             diff = tl.where(level_mask, code - r_used, 0.0)
             err += tl.sum(diff * diff, axis=1)
@@ -322,18 +324,25 @@ def _sorted_sums(residuals, idx, slot_books, num_codes, codebooks=None, scale=No
 
 @launcher
 def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, with_code_sums,
-                      precision="ieee", snapshot=None):
+                      precision="ieee", snapshot=None, raw_codes=False):
     """Same contract as ``vqfast._torch.residual_quantize``: ``x [N, D]`` or ``[B, D, S]``,
     ``codebooks [G*C, K, d]`` -> ``(q, idx [G*Q, N], sq_err [G*Q], counts [G*Q, K],
     code_sums [G*Q, K, d] or None)``. The dot runs in x's dtype with fp32 accumulation;
     ``precision`` applies to fp32 inputs. Deterministic mode sums the EMA statistics
-    sorted by code (the kernel stores each level's residuals for it)."""
+    sorted by code (the kernel stores each level's residuals for it). ``raw_codes``: the
+    search runs on the normalised codebooks (cosine), the rest on the raw ones."""
     n, dim, s, books, k, d = _check(x, codebooks, num_levels, groups, mask, active)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     codebooks32 = codebooks.float()
-    cast, sqnorm = codebook_prep(codebooks32.view(books * k, d), x.dtype,
-                                 snapshot.view(books * k, d) if snapshot is not None else None)
+    searched = codebooks32
+    if raw_codes:
+        searched = codebooks32 / codebooks32.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        if snapshot is not None:
+            snapshot.copy_(codebooks32)
+    cast, sqnorm = codebook_prep(
+        searched.view(books * k, d), x.dtype,
+        snapshot.view(books * k, d) if snapshot is not None and not raw_codes else None)
     config = pick_config(x.dtype, precision, FORWARD_CONFIGS)
     tiles, slots = triton.cdiv(n, config["BLOCK_N"]), groups * num_levels
     sums = NO_SUMS
@@ -355,8 +364,8 @@ def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, wi
         code_sums if code_sums is not None else partial_err,
         residuals if residuals is not None else partial_err,
         n, dim, s, k, d, num_levels, books // groups,
-        COSINE=cosine, HAS_MASK=mask is not None, HAS_ACTIVE=active is not None,
-        SUMS=sums, INPUT_PRECISION=precision if x.dtype == torch.float32 else "ieee",
+        COSINE=2 if raw_codes else int(cosine), HAS_MASK=mask is not None,
+        HAS_ACTIVE=active is not None, SUMS=sums, INPUT_PRECISION=precision if x.dtype == torch.float32 else "ieee",
         UPCAST_DOT=x.dtype == torch.bfloat16 and _launch.interpreted(x.device),
         STATS_SEM=_launch.STATS_SEM, **config)
     if sums == STORE_RESIDUALS:
@@ -403,11 +412,12 @@ def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups,
     return grad_x, grad_codebooks
 
 
-def residual_codes(x, codebooks, num_levels, groups, cosine, mask, precision="ieee"):
+def residual_codes(x, codebooks, num_levels, groups, cosine, mask, precision="ieee",
+                   raw_codes=False):
     """The codes alone of ``residual_quantize`` (``idx`` int64 ``[G*Q, N]``): its fused
     launch, the other outputs left unread."""
     return residual_quantize(x, codebooks, num_levels, groups, cosine, None, mask, False,
-                             precision)[1]
+                             precision, raw_codes=raw_codes)[1]
 
 
 def aot_variants():
@@ -425,7 +435,7 @@ def aot_variants():
             config = pick_config(torch_dtype, precision, FORWARD_CONFIGS)
             options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
             sig = dict(forward_sig, x_ptr=PTR[dtype], cast_ptr=PTR[dtype], q_ptr=PTR[dtype])
-            for cosine, sums in ((False, ATOMIC_SUMS), (True, STORE_RESIDUALS)):
+            for cosine, sums in ((0, ATOMIC_SUMS), (1, STORE_RESIDUALS), (2, ATOMIC_SUMS)):
                 consts = dict(config, COSINE=cosine, HAS_MASK=True, HAS_ACTIVE=True, SUMS=sums,
                               INPUT_PRECISION=precision, UPCAST_DOT=False,
                               STATS_SEM=_launch.STATS_SEM)

@@ -129,3 +129,150 @@ def test_a_checkpoint_with_raw_sizes_loads_only_where_they_mean_the_same():
     vqfast.ResidualVQ(2, 8, 4, ema_size="raw").load_state_dict(raw.state_dict())
     default = vqfast.ResidualVQ(2, 8, 4).state_dict()
     vqfast.ResidualVQ(2, 8, 4, commitment_levels="first").load_state_dict(default)
+
+
+# --- learned codebooks, level by level: descript-audio-codec (DAC) and SNAC ---------------
+
+DAC_D, DAC_K, DAC_DIM = 24, 16, 4
+
+
+def _weight_normed_like(ours, theirs):
+    """``ours`` (a vqfast ``Projection``) weight-normed, with ``theirs`` (a weight-normed
+    ``Conv1d``: ``weight_g [out, 1, 1]``, ``weight_v [out, in, 1]``, or the same as a
+    parametrization) copied in."""
+    torch.nn.utils.parametrizations.weight_norm(ours)
+    if hasattr(theirs, "parametrizations"):
+        g, v = theirs.parametrizations.weight.original0, theirs.parametrizations.weight.original1
+    else:
+        g, v = theirs.weight_g, theirs.weight_v
+    weights = ours.parametrizations.weight
+    with torch.no_grad():
+        weights.original0.copy_(g.view(-1, 1))
+        weights.original1.copy_(v.squeeze(-1))
+        ours.bias.copy_(theirs.bias)
+
+
+def _level_by_level_like(theirs, backend, **options):
+    q = len(theirs.quantizers)
+    ours = vqfast.ResidualVQ(q, DAC_K, DAC_D, commitment_cost=0.25, ema=False,
+                             kmeans_init=False, codebook_dim=DAC_DIM, backend=backend,
+                             **options).train()
+    with torch.no_grad():
+        ours.codebooks.copy_(torch.stack([level.codebook.weight for level in theirs.quantizers]))
+    if options.get("level_projections"):
+        for level, theirs_level in enumerate(theirs.quantizers):
+            _weight_normed_like(ours.project_in[level], theirs_level.in_proj)
+            _weight_normed_like(ours.project_out[level], theirs_level.out_proj)
+    return ours
+
+
+def _dac_rvq(levels=3):
+    quantize = third_party("dac.nn.quantize")
+    if quantize is None:
+        pytest.skip("descript-audio-codec is not installed")
+    torch.manual_seed(0)
+    return quantize.ResidualVectorQuantize(input_dim=DAC_D, n_codebooks=levels,
+                                           codebook_size=DAC_K, codebook_dim=DAC_DIM).train()
+
+
+DAC_OPTIONS = dict(cosine="search", level_projections=True)
+
+
+def _train_dac_side_by_side(theirs, ours, steps):
+    opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.003)
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.003)
+    for step in range(steps):
+        x = torch.randn(2, DAC_D, 40, generator=torch.Generator().manual_seed(step))
+        grad = torch.randn(2, DAC_D, 40, generator=torch.Generator().manual_seed(100 + step))
+        x_theirs, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+        q_theirs, codes_theirs, _, commitment, codebook = theirs(x_theirs)
+        loss_theirs = codebook + 0.25 * commitment  # DAC's weights of its two terms
+        loss_ours, q_ours, _, codes_ours = ours(x_ours)
+        assert torch.equal(codes_ours, codes_theirs), f"step {step}: codes"
+        torch.testing.assert_close(q_ours, q_theirs, msg=f"step {step}: output")
+        torch.testing.assert_close(loss_ours, loss_theirs, msg=f"step {step}: loss")
+        for opt in (opt_theirs, opt_ours):
+            opt.zero_grad()
+        torch.autograd.backward((q_theirs, loss_theirs), (grad, torch.ones(())))
+        torch.autograd.backward((q_ours, loss_ours), (grad, torch.ones(())))
+        torch.testing.assert_close(x_ours.grad, x_theirs.grad, msg=f"step {step}: input grad")
+        opt_theirs.step()
+        opt_ours.step()
+    books = torch.stack([level.codebook.weight for level in theirs.quantizers])
+    torch.testing.assert_close(ours.codebooks, books, msg=f"codebooks after {steps} steps")
+    for level, theirs_level in enumerate(theirs.quantizers):
+        for ours_proj, theirs_proj in ((ours.project_in[level], theirs_level.in_proj),
+                                       (ours.project_out[level], theirs_level.out_proj)):
+            weights = ours_proj.parametrizations.weight
+            for mine, their in ((weights.original0, theirs_proj.weight_g),
+                                (weights.original1, theirs_proj.weight_v),
+                                (ours_proj.bias, theirs_proj.bias)):
+                torch.testing.assert_close(mine, their.view(mine.shape),
+                                           msg=f"level {level}'s projections after {steps} steps")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_residual_vq_reproduces_descript_audio_codec(backend):
+    """DAC's quantizer: per level a weight-normed projection to 4 channels, the code chosen
+    by cosine, the raw code output, and the residual's gradient through the projections.
+    Trained with SGD side by side: codes, outputs, losses and input gradients at every
+    step, the codebooks and projections at the end."""
+    theirs = _dac_rvq()
+    ours = _level_by_level_like(theirs, backend, **DAC_OPTIONS)
+    _train_dac_side_by_side(theirs, ours, steps=20 if backend == "torch" else 3)
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(3, DAC_D, 17)
+    assert torch.equal(ours.encode(x, num_levels=2), theirs(x, n_quantizers=2)[1])
+    codes = ours.encode(x)
+    torch.testing.assert_close(ours.decode_indices(codes), theirs.from_codes(codes)[0])
+
+
+@pytest.mark.parametrize("options,differs", [
+    (dict(cosine=True, level_projections=True), "codes|output"),  # unit codes out
+    (dict(cosine=False, level_projections=True), "codes"),  # a euclidean search
+])
+def test_each_dac_option_is_needed(options, differs):
+    theirs = _dac_rvq()
+    ours = _level_by_level_like(theirs, "torch", **options)
+    with pytest.raises(AssertionError, match=differs):
+        _train_dac_side_by_side(theirs, ours, steps=20)
+
+
+def test_residual_vq_reproduces_snac():
+    """SNAC's quantizer: DAC's levels, each pooled over time by its own stride (4, 2, 1)
+    and repeated back. Codes (each level's repeated over its stride), outputs and input
+    gradients equal while the projections train on the output's gradient."""
+    vq = third_party("snac.vq")
+    if vq is None:
+        pytest.skip("snac is not installed")
+    strides = (4, 2, 1)
+    torch.manual_seed(0)
+    theirs = vq.ResidualVectorQuantize(input_dim=DAC_D, codebook_size=DAC_K,
+                                       codebook_dim=DAC_DIM, vq_strides=list(strides))
+    ours = _level_by_level_like(theirs, "torch", level_strides=strides, **DAC_OPTIONS)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.003) for m in (theirs, ours)]
+    for step in range(20):
+        x = torch.randn(2, DAC_D, 32, generator=torch.Generator().manual_seed(step))
+        grad = torch.randn(2, DAC_D, 32, generator=torch.Generator().manual_seed(100 + step))
+        x_theirs, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+        q_theirs, codes_theirs = theirs(x_theirs)
+        _, q_ours, _, codes_ours = ours(x_ours)
+        for level, stride in enumerate(strides):
+            assert torch.equal(codes_ours[:, level, ::stride], codes_theirs[level]), step
+            assert torch.equal(codes_ours[:, level],
+                               codes_theirs[level].repeat_interleave(stride, -1)), step
+        torch.testing.assert_close(q_ours, q_theirs, msg=f"step {step}: output")
+        for opt in opts:
+            opt.zero_grad()
+        q_theirs.backward(grad)
+        q_ours.backward(grad)
+        torch.testing.assert_close(x_ours.grad, x_theirs.grad, msg=f"step {step}: input grad")
+        for opt in opts:
+            opt.step()
+    ours.eval()
+    x = torch.randn(1, DAC_D, 16)
+    codes = ours.encode(x)
+    torch.testing.assert_close(ours.decode_indices(codes),
+                               theirs.from_codes([codes[:, lv, ::s] for lv, s in
+                                                  enumerate(strides)]))

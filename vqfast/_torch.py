@@ -324,22 +324,35 @@ def _normalize(r: torch.Tensor) -> torch.Tensor:
     return r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def _search_level(r, book, cosine, sqnorms, codebooks, codebooks_t):
-    """One level's search of the residual rows ``r``: ``(r~ (normalised when cosine), the
-    nearest codes of codebook ``book``, their values)``."""
-    r_used = _normalize(r) if cosine else r
-    i = torch.addmm(sqnorms[book], r_used, codebooks_t[book], alpha=-2).argmin(1)
-    return r_used, i, codebooks[book].index_select(0, i)
+def _search_level(r, book, cosine, sqnorms, codebooks, codebooks_t, raw_codes=False):
+    """One level's search of the residual rows ``r``: ``(r~ (normalised when cosine, not
+    with raw_codes), the nearest codes of codebook ``book``, their values)``. ``raw_codes``:
+    the search is cosine (``sqnorms``/``codebooks_t`` of the normalised codebooks), the
+    residual and the codes stay as they are."""
+    searched = _normalize(r) if cosine or raw_codes else r
+    i = torch.addmm(sqnorms[book], searched, codebooks_t[book], alpha=-2).argmin(1)
+    return (r if raw_codes else searched), i, codebooks[book].index_select(0, i)
 
 
-def residual_codes(x, codebooks, num_levels, groups, cosine, mask, precision="ieee"):
+def _residual_search_operands(codebooks, raw_codes):
+    """``_search_operands`` of the codebooks searched (l2-normalised for ``raw_codes``)."""
+    return _search_operands(_normalize_codes(codebooks) if raw_codes else codebooks)
+
+
+def _normalize_codes(codebooks: torch.Tensor) -> torch.Tensor:
+    """Codes (rows of ``[..., K, d]``) over ``max(|c|, 1e-12)``."""
+    return codebooks / codebooks.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def residual_codes(x, codebooks, num_levels, groups, cosine, mask, precision="ieee",
+                   raw_codes=False):
     """The codes of ``residual_quantize`` alone, ``idx`` int64 ``[G*Q, N]`` (-1 where
     ``mask`` is False): each level's search and the residual it leaves, no losses, counts
     or output (an encoder's work)."""
     del precision
     books, k, d = codebooks.shape
     codebooks = codebooks.float()
-    sqnorms, codebooks_t = _search_operands(codebooks)
+    sqnorms, codebooks_t = _residual_search_operands(codebooks, raw_codes)
     idx = torch.empty(groups * num_levels, num_vectors(x), dtype=torch.int64, device=x.device)
     for rows, where in _chunks(x, max(k, x.shape[1])):
         x_chunk = _get(x, where)
@@ -347,14 +360,15 @@ def residual_codes(x, codebooks, num_levels, groups, cosine, mask, precision="ie
             r = x_chunk[:, g * d:(g + 1) * d].clone()
             for level in range(num_levels):
                 slot, book = g * num_levels + level, book_of(g, level, num_levels, books, groups)
-                _, i, code = _search_level(r, book, cosine, sqnorms, codebooks, codebooks_t)
+                _, i, code = _search_level(r, book, cosine, sqnorms, codebooks, codebooks_t,
+                                           raw_codes)
                 idx[slot, rows] = i if mask is None else torch.where(mask[rows], i, -1)
                 r -= code
     return idx
 
 
 def residual_codes_functional(x, codebooks, num_levels, groups, cosine, mask, backend="torch",
-                              precision="ieee"):
+                              precision="ieee", raw_codes=False):
     """``residual_codes`` in functional form (whole rows, no in-place writes): the
     ``vqfast::residual_codes`` op's decomposition for export (``vqfast.export_decompositions``).
     The same searches in the same order as ``residual_codes``."""
@@ -362,20 +376,21 @@ def residual_codes_functional(x, codebooks, num_levels, groups, cosine, mask, ba
     rows = _rows(x)
     books, _, d = codebooks.shape
     codebooks = codebooks.float()
-    sqnorms, codebooks_t = _search_operands(codebooks)
+    sqnorms, codebooks_t = _residual_search_operands(codebooks, raw_codes)
     codes = []
     for g in range(groups):
         r = rows[:, g * d:(g + 1) * d]
         for level in range(num_levels):
             book = book_of(g, level, num_levels, books, groups)
-            _, i, code = _search_level(r, book, cosine, sqnorms, codebooks, codebooks_t)
+            _, i, code = _search_level(r, book, cosine, sqnorms, codebooks, codebooks_t,
+                                       raw_codes)
             codes.append(i if mask is None else torch.where(mask, i, -1))
             r = r - code
     return torch.stack(codes)
 
 
 def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, with_code_sums,
-                      precision="ieee", snapshot=None):
+                      precision="ieee", snapshot=None, raw_codes=False):
     """Residual VQ of ``x: [N, D]`` or ``[B, D, S]`` with ``codebooks: [G * C, K, D / G]``:
     for each group, ``num_levels`` levels, each quantizing what the levels before it left
     (l2-normalised when ``cosine``), in row chunks (never ``[N, K]``).
@@ -385,14 +400,15 @@ def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, wi
     ``idx`` (int64 ``[G*Q, N]``, -1 where masked or inactive), ``sq_err`` (fp32 ``[G*Q]``:
     ``sum |q_l - r~_l|^2`` per level), ``counts`` (int32 ``[G*Q, K]``), ``code_sums`` (fp32
     ``[G*Q, K, D/G]``, per-code sums of ``r~_l``; ``None`` unless ``with_code_sums``).
-    ``snapshot``, if given, receives an fp32 copy of the codebooks.
+    ``snapshot``, if given, receives an fp32 copy of the codebooks. ``raw_codes``: the
+    search is cosine, the residuals, codes and statistics raw (``cosine`` is then unread).
     """
     del precision
     if snapshot is not None:
         snapshot.copy_(codebooks)
     books, k, d = codebooks.shape
     codebooks = codebooks.float()
-    sqnorms, codebooks_t = _search_operands(codebooks)
+    sqnorms, codebooks_t = _residual_search_operands(codebooks, raw_codes)
     n, slots = num_vectors(x), groups * num_levels
     idx = torch.empty(slots, n, dtype=torch.int64, device=x.device)
     sq_err = torch.zeros(slots, dtype=torch.float32, device=x.device)
@@ -411,7 +427,8 @@ def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, wi
             r, total = x_g.clone(), torch.zeros_like(x_g)
             for level in range(num_levels):
                 slot, book = g * num_levels + level, book_of(g, level, num_levels, books, groups)
-                r_used, i, code = _search_level(r, book, cosine, sqnorms, codebooks, codebooks_t)
+                r_used, i, code = _search_level(r, book, cosine, sqnorms, codebooks,
+                                                codebooks_t, raw_codes)
                 err = (code - r_used).pow_(2).sum(1)
                 weight = _level_weight(None if levels_on is None else levels_on[level], valid)
                 if weight is not None:  # where, not a product: 0 * inf (padding) is NaN

@@ -478,13 +478,15 @@ class Projection(nn.Linear):
     keeps fp32 (matmuls follow ``torch.backends.cuda.matmul``, fp32 by default)."""
 
     def forward(self, x):
-        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        weight = self.weight.to(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
         if x.shape[-1] == 1:  # rows [N, C, 1] (channel-last inputs): one GEMM, not N
             return F.linear(x.squeeze(-1), weight, bias).unsqueeze(-1)
         if x.shape[-1] == 0:
             return x.new_empty(x.shape[0], self.out_features, 0)
         if x.is_cuda and x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-            return torch.matmul(weight, x) + bias[:, None]
+            out = torch.matmul(weight, x)
+            return out + bias[:, None] if bias is not None else out
         return F.conv1d(x, weight[..., None], bias)
 
 

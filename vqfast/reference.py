@@ -400,7 +400,9 @@ def residual_vq(x, codebooks, num_levels, *, groups=1, cosine=False, commitment_
     D / G]`` of their own sizes (statistics are then padded to the largest K). Group ``g`` owns channels
     ``g * D/G .. (g+1) * D/G``. Level ``l`` quantizes the residual
     ``r_l = x_g - sg(q_0 + ... + q_{l-1})`` (l2-normalised to ``r~_l`` when ``cosine``;
-    the codes are taken as they come) by the nearest code of ``r~_l``. Only the first
+    the codes are taken as they come) by the nearest code of ``r~_l``; with
+    ``cosine="search"`` (DAC, SNAC) the code whose direction is nearest that of ``r_l``
+    (residual and codebook l2-normalised for the search only), ``r~_l = r_l``. Only the first
     ``active_levels`` levels run; rows where ``mask`` (bool ``[N]``) is False are not
     quantized (their output is ``x``).
 
@@ -431,8 +433,12 @@ def residual_vq(x, codebooks, num_levels, *, groups=1, cosine=False, commitment_
         for level in range(active):
             book = codebooks[g if shared else g * num_levels + level]
             r = x_g - total.detach()
-            r_used = F.normalize(r, dim=1) if cosine else r
-            i = nearest_code(r_used.detach(), book.detach())
+            if cosine == "search":
+                r_used = r
+                i = nearest_code(F.normalize(r, dim=1).detach(), F.normalize(book, dim=1).detach())
+            else:
+                r_used = F.normalize(r, dim=1) if cosine else r
+                i = nearest_code(r_used.detach(), book.detach())
             q = book[i]
             err = ((q - r_used) ** 2 * weight).sum() / (valid.sum() * dim)
             if ema:

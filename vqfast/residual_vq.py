@@ -13,9 +13,30 @@ from .modules import (LossBreakdown, Projection, QuantizerCommon, _all_reduce_st
                       keep_fp32, kmeans, real_rows, rows_seen, usage_report, warn_skipped,
                       without_real_rows_nan)
 from .ops.residual_vq import residual_codes, residual_quantize
+from . import residual_levels
 
 
 _SIZE_RULES = {"smoothed": 0, "raw": 1, "raw_clamped": 2}  # ema_size -> the EMA op's size_rule
+
+
+def _check_codec_options(num_quantizers, cosine, codebook_dim, level_projections,
+                         level_strides, eval_loss, codes_layout):
+    if cosine not in (False, True, "search") or isinstance(cosine, int) and not isinstance(
+            cosine, bool):
+        raise ValueError(f"cosine must be False, True or 'search', got {cosine!r}")
+    if level_projections and codebook_dim is None:
+        raise ValueError("level_projections project each level D -> codebook_dim: pass "
+                         "codebook_dim")
+    if level_strides is not None and (
+            not isinstance(level_strides, (tuple, list)) or len(level_strides) != num_quantizers
+            or not all(modules._is_int(s) and s >= 1 for s in level_strides)):
+        raise ValueError(f"level_strides must hold one int >= 1 per level (num_quantizers="
+                         f"{num_quantizers}), got {level_strides!r}")
+    if eval_loss not in ("commitment", "zero"):
+        raise ValueError(f"eval_loss must be 'commitment' or 'zero', got {eval_loss!r}")
+    if codes_layout not in ("batch_first", "levels_first"):
+        raise ValueError(f"codes_layout must be 'batch_first' or 'levels_first', got "
+                         f"{codes_layout!r}")
 
 
 class ResidualVQ(QuantizerCommon, nn.Module):
@@ -43,10 +64,26 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         shared_codebook: one codebook for all levels of a group.
         quantize_dropout: in training, each batch runs the first n levels, n uniform in
             1..Q (SoundStream); dropped levels get code -1.
-        cosine: l2-normalise the residuals and codes; nearest = largest cosine similarity;
-            the EMA runs on normalised vectors and re-normalises the codes (ViT-VQGAN).
+        cosine: ``True``: l2-normalise the residuals and codes; nearest = largest cosine
+            similarity; the EMA runs on normalised vectors and re-normalises the codes
+            (ViT-VQGAN). ``"search"``: the nearest code by direction (residual and codes
+            l2-normalised for the search only), the output, residuals, losses and EMA on
+            the raw codes (DAC, descript-audio-codec, SNAC).
         codebook_dim: d; learned projections ``D -> G * d`` before the lookup and back
             after it (factorized codes); default ``D / G``.
+        projection_bias: whether those projections have a bias (Mimi's do not).
+        level_projections: each level projects the residual that reaches it ``D -> d``
+            and its code back ``d -> D`` with its own projections (DAC; needs
+            ``codebook_dim``): ``project_in[l]`` and ``project_out[l]``, ``vqfast``
+            ``Projection`` modules (``nn.Linear`` weights ``[out, in]``, so
+            ``torch.nn.utils.parametrizations.weight_norm`` applies). The levels then run
+            one after another (one fused op each), and the next level's residual keeps its
+            gradient through the projections, as in DAC.
+        level_strides: one int per level (SNAC): level ``l`` quantizes its residual
+            average-pooled over time by ``level_strides[l]`` and its output is repeated as
+            many times (inputs ``[B, D, T]``, T a multiple of every stride); its codes are
+            repeated likewise, ``[B, Q, T]``. Runs level by level, as ``level_projections``.
+            Both are for learned codebooks (``ema=False``), one group, channels first.
         rotation_trick: the rotation trick's gradient (Fifty et al., 2024) instead of
             straight-through.
         kmeans_init, kmeans_iters: codebooks from k-means of the first training batch,
@@ -69,6 +106,12 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         commitment_levels: ``"all"`` (default: every level's commitment term reaches the
             input) or ``"first"`` (only each group's first level's, as in encodec and moshi,
             whose later levels see detached residuals). The loss value is the same.
+        eval_loss: ``"commitment"`` (default: eval-mode forwards return the loss as in
+            training) or ``"zero"`` (a 0 loss outside training: encodec, DAC,
+            vector-quantize-pytorch).
+        codes_layout: ``"batch_first"`` (default: codes ``[B, G*Q, *spatial]``) or
+            ``"levels_first"`` (``[G*Q, B, *spatial]``, EnCodec's and Mimi's), for what
+            ``forward`` and ``encode`` return and ``decode_indices`` takes.
 
     encodec's ``ResidualVectorQuantization`` (trained from given codebooks, no k-means,
     no dead-code expiry) is ``ResidualVQ(Q, K, D, commitment_cost=w, decay=decay,
@@ -109,8 +152,21 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                  quantize_dropout=False, cosine=False, codebook_dim=None, rotation_trick=False,
                  kmeans_init=True, kmeans_iters=10, dead_code_threshold=None,
                  sync_distributed=None, backend="auto", precision="ieee", freeze_codebook=False,
-                 channel_last=False, ema_size="smoothed", commitment_levels="all"):
+                 channel_last=False, ema_size="smoothed", commitment_levels="all",
+                 projection_bias=True, level_projections=False, level_strides=None,
+                 eval_loss="commitment", codes_layout="batch_first"):
         super().__init__()
+        _check_codec_options(num_quantizers, cosine, codebook_dim, level_projections,
+                             level_strides, eval_loss, codes_layout)
+        self.eval_loss, self.codes_layout = eval_loss, codes_layout
+        self.level_projections = bool(level_projections)
+        self.level_strides = tuple(level_strides) if level_strides is not None else None
+        self._by_level = self.level_projections or self.level_strides is not None
+        if self._by_level and (ema or groups != 1 or channel_last
+                               or commitment_levels != "all"):
+            raise ValueError("level_projections and level_strides run the levels one after "
+                             "another with learned codebooks: they need ema=False, groups=1, "
+                             "channel_last=False and commitment_levels='all'")
         if ema_size not in _SIZE_RULES:
             raise ValueError(f"ema_size must be one of {tuple(_SIZE_RULES)}, got {ema_size!r}")
         if commitment_levels not in ("all", "first"):
@@ -151,13 +207,21 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         self.backend, self.precision = backend, precision
         self.code_dim = codebook_dim or embedding_dim // groups
         self.project_in = self.project_out = None
-        if codebook_dim is not None:
-            self.project_in = Projection(embedding_dim, groups * codebook_dim)
-            self.project_out = Projection(groups * codebook_dim, embedding_dim)
+        if level_projections:
+            self.project_in = nn.ModuleList(
+                Projection(embedding_dim, codebook_dim, bias=projection_bias)
+                for _ in range(num_quantizers))
+            self.project_out = nn.ModuleList(
+                Projection(codebook_dim, embedding_dim, bias=projection_bias)
+                for _ in range(num_quantizers))
+        elif codebook_dim is not None:
+            self.project_in = Projection(embedding_dim, groups * codebook_dim, bias=projection_bias)
+            self.project_out = Projection(groups * codebook_dim, embedding_dim,
+                                          bias=projection_bias)
         books = groups * (1 if shared_codebook else num_quantizers)
         self.level_sizes = level_sizes if level_sizes and len(set(level_sizes)) > 1 else None
         codebooks = torch.randn(books, num_embeddings, self.code_dim)
-        if cosine:
+        if cosine is True:
             codebooks = F.normalize(codebooks, dim=-1)
         if self.level_sizes is not None:  # per book: its size, and which rows are codes
             sizes = torch.tensor(self.level_sizes * groups, dtype=torch.int32)
@@ -189,7 +253,9 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                 f"cosine={self.cosine}, code_dim={self.code_dim}, backend={self.backend!r}"
                 + (f", ema_size={self.ema_size!r}" if self.ema_size != "smoothed" else "")
                 + (f", commitment_levels={self.commitment_levels!r}"
-                   if self.commitment_levels != "all" else ""))
+                   if self.commitment_levels != "all" else "")
+                + (", level_projections=True" if self.level_projections else "")
+                + (f", level_strides={self.level_strides}" if self.level_strides else ""))
 
     def _apply(self, fn, recurse=True):
         return keep_fp32(self, self._FP32_STATE if self.ema else (), fn, recurse)
@@ -200,12 +266,14 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                 "shared_codebook": self.shared_codebook, "cosine": self.cosine, "ema": self.ema,
                 "codebook_dim": None if self.project_in is None else self.code_dim,
                 # (only when not the default: earlier checkpoints hold the smoothed sizes)
-                **({"ema_size": self.ema_size} if self.ema_size != "smoothed" else {})}
+                **({"ema_size": self.ema_size} if self.ema_size != "smoothed" else {}),
+                **({"level_projections": True} if self.level_projections else {}),
+                **({"level_strides": list(self.level_strides)} if self.level_strides else {})}
 
     def _codebooks(self):
         """The codebooks the lookup sees: the learned ones l2-normalised when ``cosine``."""
         codebooks = self.codebooks.detach() if self.freeze_codebook else self.codebooks
-        if self.cosine:  # (EMA codebooks are kept unit-norm; loaded or hand-set ones may not be)
+        if self.cosine is True:  # (EMA codebooks are kept unit-norm; loaded or hand-set ones may not be)
             codebooks = F.normalize(codebooks, dim=-1)
         if self.level_sizes is not None:  # padding rows: infinitely far, never chosen
             codebooks = torch.where(self.real_codes[..., None], codebooks, float("inf"))
@@ -223,6 +291,9 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         z = self.project_in(x) if self.project_in is not None else x
         return x, z, flat_mask, backend
 
+    def _search_options(self) -> dict:
+        return dict(cosine=self.cosine is True, raw_codes=self.cosine == "search")
+
     @torch.no_grad()
     def encode(self, inputs: torch.Tensor, mask=None, *, num_levels=None) -> torch.Tensor:
         """Codes only: int64 ``[B, G*n, *spatial]`` for ``inputs [B, D, *spatial]`` (-1 where
@@ -231,11 +302,20 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         autograd; levels past ``n`` are not searched. ``decode_indices(encode(x))`` equals
         the eval-mode output."""
         n = self._num_levels(num_levels)
+        if self._by_level:
+            return self._codes_out(residual_levels.encode(self, inputs, mask, n))
         x, z, flat_mask, backend = self._prepare(inputs, mask)
         idx = residual_codes(z, self._level_codebooks(n), n, groups=self.groups,
-                             cosine=self.cosine, mask=flat_mask, backend=backend,
-                             precision=self.precision)
+                             mask=flat_mask, backend=backend, precision=self.precision,
+                             **self._search_options())
         return self._codes_in_layout(idx, inputs)
+
+    def _codes_in_layout(self, idx, inputs):
+        return self._codes_out(super()._codes_in_layout(idx, inputs))
+
+    def _codes_out(self, codes):
+        """Codes ``[B, G*n, ...]`` in ``codes_layout``."""
+        return codes.movedim(1, 0).contiguous() if self.codes_layout == "levels_first" else codes
 
     def _num_levels(self, num_levels) -> int:
         if num_levels is None:
@@ -268,14 +348,27 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         first ``n`` levels (default all)."""
         n = self.num_quantizers if n is None else n
         return residual_quantize(
-            z, self._level_codebooks(n), n, groups=self.groups, cosine=self.cosine,
+            z, self._level_codebooks(n), n, groups=self.groups,
             active=active, mask=flat_mask, commitment_cost=self.commitment_cost,
             codebook_loss=False, rotation_trick=False, with_code_sums=False, backend=backend,
             precision=self.precision,
-            commit_levels=1 if self.commitment_levels == "first" else None)
+            commit_levels=1 if self.commitment_levels == "first" else None,
+            **self._search_options())
 
     def forward(self, inputs, mask=None, return_loss_breakdown=False, *, num_levels=None):
         n = self._num_levels(num_levels)
+        if self._by_level:
+            outputs = residual_levels.forward(self, inputs, mask, n, return_loss_breakdown)
+            outputs = (outputs[0], outputs[1], outputs[2], self._codes_out(outputs[3]),
+                       *outputs[4:])
+        else:
+            outputs = self._fused_forward(inputs, mask, return_loss_breakdown, n)
+        if self.training or self.eval_loss == "commitment":
+            return outputs
+        zero = outputs[0].new_zeros(())  # eval_loss="zero"
+        return (zero, *outputs[1:4], *((LossBreakdown.of(zero),) if len(outputs) > 4 else ()))
+
+    def _fused_forward(self, inputs, mask, return_loss_breakdown, n):
         x, z, flat_mask, backend = self._prepare(inputs, mask)
         update = self.ema and self.training and not self.freeze_codebook
         if self.training and not self._kmeans_done and not self.freeze_codebook:
@@ -283,11 +376,12 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         active = (self._active_levels(x.device, n) if self.training and self.quantize_dropout
                   else None)
         q, loss, idx, perplexity, counts, code_sums, snapshot = residual_quantize(
-            z, self._level_codebooks(n), n, groups=self.groups, cosine=self.cosine,
+            z, self._level_codebooks(n), n, groups=self.groups,
             active=active, mask=flat_mask, commitment_cost=self.commitment_cost,
             codebook_loss=not self.ema, rotation_trick=self.rotation_trick,
             with_code_sums=update, backend=backend, precision=self.precision,
-            commit_levels=1 if self.commitment_levels == "first" else None)
+            commit_levels=1 if self.commitment_levels == "first" else None,
+            **self._search_options())
         if update:  # the statistics of every level (those past n: none) and codebook
             books_on = self._book_active(active if active is not None or n == self.num_quantizers
                                          else torch.full((), n, device=x.device))
@@ -383,7 +477,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                                 self.skipped_batches, self.decay, self.epsilon, backend,
                                 book_active, num_codes=getattr(self, "book_sizes", None),
                                 size_rule=_SIZE_RULES[self.ema_size])
-        if self.cosine:
+        if self.cosine is True:
             self.codebooks.copy_(torch.where(applied[:, None, None] > 0,
                                              F.normalize(self.codebooks, dim=-1), self.codebooks))
         if self.dead_code_threshold > 0:
@@ -408,7 +502,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         gathered = gathered.view(g, q, -1, d)
         before = gathered.cumsum(1) - gathered  # what the earlier levels took away
         residual = rows[:, None] - before
-        if self.cosine:
+        if self.cosine is True:
             residual = F.normalize(residual, dim=-1)
         return residual.reshape(g * q, -1, d), used
 
@@ -445,13 +539,15 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             residual = rows[:, g * d:(g + 1) * d]
             for level in range(1 if self.shared_codebook else self.num_quantizers):
                 book = g if self.shared_codebook else g * self.num_quantizers + level
-                used = F.normalize(residual, dim=-1) if self.cosine else residual
+                used = F.normalize(residual, dim=-1) if self.cosine is True else residual
                 k = self.level_sizes[level] if self.level_sizes else self.num_embeddings
                 c, counts = kmeans(used, k, self.kmeans_iters, backend, self.precision)
-                if self.cosine:
+                if self.cosine is True:
                     c = F.normalize(c, dim=-1)
                 centroids[book, :k], sizes[book, :k] = c, counts.float().clamp_min(1)
-                nearest, _ = VF.nearest_code(used, c, backend=backend, precision=self.precision)
+                searched = ((F.normalize(used, dim=-1), F.normalize(c, dim=-1))
+                            if self.cosine == "search" else (used, c))
+                nearest, _ = VF.nearest_code(*searched, backend=backend, precision=self.precision)
                 residual = residual - c[nearest]
         centroids = without_real_rows_nan(centroids, flat_mask)
         adopt_kmeans(self, self.codebooks, centroids, sizes)
@@ -467,6 +563,8 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         refused rather than guessed."""
         g, q = self.groups, self.num_quantizers
         check_codes(codes, self.num_embeddings)
+        if self.codes_layout == "levels_first" and codes.dim() >= 2:
+            codes = codes.movedim(0, 1)
         flat, spatial = self._level_codes(codes, g, q, levels_dim)  # [B, G, n, S]
         n = flat.shape[2]
         if self.level_sizes is not None and codes.numel():
@@ -475,6 +573,8 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                 if high >= self.level_sizes[level]:
                     raise ValueError(f"codes of level {level} must lie in [-1, "
                                      f"{self.level_sizes[level] - 1}], got up to {high}")
+        if self._by_level:
+            return residual_levels.decode(self, flat[:, 0]).view(flat.shape[0], -1, *spatial)
         codebooks = self._codebooks().detach().float()
         out = []
         for group in range(g):

@@ -14,8 +14,8 @@ from .dispatch import _impl, custom_op
 @custom_op("residual_quantize", mutates_args=())
 def _residual_quantize_op(x: torch.Tensor, codebooks: torch.Tensor, num_levels: int, groups: int,
                           cosine: bool, active: torch.Tensor | None, mask: torch.Tensor | None,
-                          with_code_sums: bool, backend: str, precision: str
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                          with_code_sums: bool, backend: str, precision: str,
+                          raw_codes: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                      torch.Tensor, torch.Tensor]:
     impl = _impl(backend)
     # The backward keeps this fp32 copy when an EMA update follows (it rewrites the
@@ -24,7 +24,7 @@ def _residual_quantize_op(x: torch.Tensor, codebooks: torch.Tensor, num_levels: 
                 if with_code_sums else codebooks.new_empty(0, dtype=torch.float32))
     q, idx, sq_err, counts, code_sums = impl.residual_quantize(
         x, codebooks, num_levels, groups, cosine, active, mask, with_code_sums, precision,
-        snapshot if with_code_sums else None)
+        snapshot if with_code_sums else None, raw_codes=raw_codes)
     if code_sums is None:
         code_sums = x.new_empty(0, dtype=torch.float32)
     return q, idx, sq_err, counts, code_sums, snapshot
@@ -33,26 +33,27 @@ def _residual_quantize_op(x: torch.Tensor, codebooks: torch.Tensor, num_levels: 
 @custom_op("residual_codes", mutates_args=())
 def _residual_codes_op(x: torch.Tensor, codebooks: torch.Tensor, num_levels: int, groups: int,
                        cosine: bool, mask: torch.Tensor | None, backend: str,
-                       precision: str) -> torch.Tensor:
+                       precision: str, raw_codes: bool = False) -> torch.Tensor:
     return _impl(backend).residual_codes(x, codebooks, num_levels, groups, cosine, mask,
-                                         precision)
+                                         precision, raw_codes)
 
 
 @_residual_codes_op.register_fake
-def _(x, codebooks, num_levels, groups, cosine, mask, backend, precision):
+def _(x, codebooks, num_levels, groups, cosine, mask, backend, precision, raw_codes=False):
     return x.new_empty(groups * num_levels, _torch.num_vectors(x), dtype=torch.int64)
 
 
 def residual_codes(x, codebooks, num_levels, *, groups=1, cosine=False, mask=None,
-                   backend="torch", precision="ieee"):
+                   backend="torch", precision="ieee", raw_codes=False):
     """The codes alone of ``residual_quantize`` (no autograd, losses, counts or output):
     int64 ``[G*Q, N]``, -1 where ``mask`` is False. The search of an encoder."""
     return _residual_codes_op(x, codebooks.detach(), num_levels, groups, cosine, mask, backend,
-                              precision)
+                              precision, raw_codes)
 
 
 @_residual_quantize_op.register_fake
-def _(x, codebooks, num_levels, groups, cosine, active, mask, with_code_sums, backend, precision):
+def _(x, codebooks, num_levels, groups, cosine, active, mask, with_code_sums, backend, precision,
+      raw_codes=False):
     n = _torch.num_vectors(x)
     slots, (_, k, d) = groups * num_levels, codebooks.shape
     sums_shape = (slots, k, d) if with_code_sums else (0,)
@@ -99,16 +100,19 @@ class _ResidualQuantize(torch.autograd.Function):
     backward gathers the codes again from ``codebooks`` (the fp32 snapshot when an EMA
     update follows), so it saves ``idx`` and x, not the residuals. ``commit_levels``: the
     commitment terms of only each group's first ``commit_levels`` levels reach x (None: all).
+    ``raw_codes``: the search is cosine, the codes, residuals and losses raw (``cosine`` is
+    then unread; the gradients are those of the plain residual VQ).
     """
 
     @staticmethod
     def forward(ctx, x, codebooks, num_levels, groups, cosine, active, mask, commitment_cost,
                 codebook_loss, rotation_trick, with_code_sums, backend, precision,
-                commit_levels=None):
+                commit_levels=None, raw_codes=False):
         dim = x.shape[1]
         q, idx, sq_err, counts, code_sums, snapshot = _residual_quantize_op(
             x, codebooks.detach(), num_levels, groups, cosine, active, mask, with_code_sums,
-            backend, precision)
+            backend, precision, raw_codes)
+        cosine = cosine and not raw_codes  # (the backward's rule)
         # Rows that count: a device value with a mask (no host sync), else a constant.
         n_valid = (mask.sum().clamp_min(1).float() if mask is not None
                    else float(_torch.num_vectors(x)))
@@ -139,15 +143,16 @@ class _ResidualQuantize(torch.autograd.Function):
             groups, cosine, rotation_trick, ctx.x_scale, codebook_scale, backend,
             commit_levels)
         return (grad_x, grad_codebooks if codebook_scale != 0 else None,
-                *([None] * 12))
+                *([None] * 13))
 
 
 def residual_quantize(x, codebooks, num_levels, *, groups=1, cosine=False, active=None,
                       mask=None, commitment_cost=0.25, codebook_loss=False, rotation_trick=False,
                       with_code_sums=False, backend="torch", precision="ieee",
-                      commit_levels=None):
+                      commit_levels=None, raw_codes=False):
     """Differentiable residual VQ of a contiguous ``x: [N, D]`` or ``[B, D, S]``; see
     ``_ResidualQuantize``."""
     return _ResidualQuantize.apply(x, codebooks, num_levels, groups, cosine, active, mask,
                                    commitment_cost, codebook_loss, rotation_trick,
-                                   with_code_sums, backend, precision, commit_levels)
+                                   with_code_sums, backend, precision, commit_levels,
+                                   raw_codes)
