@@ -276,3 +276,169 @@ def test_residual_vq_reproduces_snac():
     torch.testing.assert_close(ours.decode_indices(codes),
                                theirs.from_codes([codes[:, lv, ::s] for lv, s in
                                                   enumerate(strides)]))
+
+
+# --- Mimi: a semantic and an acoustic residual quantizer, bias-free projections -----------
+
+def _moshi_split_quantizer(levels, dim, codebook_dim):
+    vq = third_party("moshi.quantization.vq")
+    if vq is None:
+        pytest.skip("moshi is not installed")
+    torch.manual_seed(0)
+    split = vq.SplitResidualVectorQuantizer(
+        n_q=levels, n_q_semantic=1, dimension=codebook_dim, input_dimension=dim,
+        output_dimension=dim, bins=K, decay=DECAY, threshold_usage_ratio=0.0).train()
+    for rvq in (split.rvq_first, split.rvq_rest):
+        for layer in rvq.vq.layers:  # trained codebooks, as in _moshi_rvq
+            book = layer._codebook
+            book.embedding_sum.normal_()
+            book.cluster_usage.uniform_(0.5, 2.0)
+            book._initialized.fill_(1)
+    return split
+
+
+def _mimi_like(split, backend, codebook_dim, **options):
+    halves = []
+    for theirs in (split.rvq_first, split.rvq_rest):
+        ours = vqfast.ResidualVQ(
+            len(theirs.vq.layers), K, theirs.input_dimension, commitment_cost=1.0,
+            decay=DECAY, epsilon=EPS, kmeans_init=False, dead_code_threshold=0,
+            codebook_dim=codebook_dim, ema_size="raw_clamped", backend=backend,
+            **options).train()
+        with torch.no_grad():
+            for name, value in _their_state(theirs.vq).items():
+                getattr(ours, name).copy_(value)
+            ours.project_in.weight.copy_(theirs.input_proj.weight.squeeze(-1))
+            ours.project_out.weight.copy_(theirs.output_proj.weight.squeeze(-1))
+        halves.append(ours)
+    return halves
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_two_residual_vqs_reproduce_mimis_split_quantizer(backend):
+    """moshi's ``SplitResidualVectorQuantizer`` (Mimi's: one semantic level, the acoustic
+    levels apart, each with bias-free projections to the code space) is two ``ResidualVQ``
+    with ``projection_bias=False`` and moshi's EMA rule, their outputs summed; its penalty
+    is the mean of the levels' commitments; in eval its loss is 0 (``eval_loss="zero"``)."""
+    levels, dim, code_dim = 4, 20, D
+    split = _moshi_split_quantizer(levels, dim, code_dim)
+    semantic, acoustic = _mimi_like(split, backend, code_dim, projection_bias=False,
+                                    eval_loss="zero")
+    assert semantic.project_in.bias is None and "bias" not in str(semantic.state_dict().keys())
+    for step in range(20 if backend == "torch" else 3):
+        x = torch.randn(2, dim, 40, generator=torch.Generator().manual_seed(step))
+        grad = torch.randn(2, dim, 40, generator=torch.Generator().manual_seed(100 + step))
+        x_theirs, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+        theirs = split(x_theirs, frame_rate=12)
+        loss_s, q_s, _, codes_s = semantic(x_ours)
+        loss_a, q_a, _, codes_a = acoustic(x_ours)
+        assert torch.equal(torch.cat([codes_s, codes_a], 1), theirs.codes), f"step {step}"
+        torch.testing.assert_close(q_s + q_a, theirs.x, msg=f"step {step}: output")
+        torch.testing.assert_close((loss_s + loss_a) / levels, theirs.penalty,
+                                   msg=f"step {step}: penalty")
+        torch.autograd.backward((theirs.x, theirs.penalty), (grad, torch.ones(())))
+        torch.autograd.backward((q_s + q_a, (loss_s + loss_a) / levels), (grad, torch.ones(())))
+        torch.testing.assert_close(x_ours.grad, x_theirs.grad, msg=f"step {step}: input grad")
+    for ours, theirs in ((semantic, split.rvq_first), (acoustic, split.rvq_rest)):
+        for name, value in _their_state(theirs.vq).items():
+            torch.testing.assert_close(getattr(ours, name), value, rtol=1e-5, atol=1e-6)
+    split.eval()
+    x = torch.randn(1, dim, 9)
+    with torch.no_grad():
+        theirs = split(x, frame_rate=12)
+        outputs = [half.eval()(x) for half in (semantic, acoustic)]
+    assert theirs.penalty == 0 and all(out[0] == 0 for out in outputs)
+    torch.testing.assert_close(outputs[0][1] + outputs[1][1], theirs.x)
+    assert torch.equal(torch.cat([semantic.encode(x), acoustic.encode(x, num_levels=2)], 1),
+                       split.encode(x)[:, :3])
+
+
+def test_levels_first_codes_and_zero_eval_loss():
+    """``codes_layout="levels_first"``: codes ``[Q, B, T]`` out of ``forward`` and
+    ``encode``, taken by ``decode_indices``; ``eval_loss="zero"``: 0 outside training, the
+    commitment in it; neither changes the output."""
+    torch.manual_seed(0)
+    default = vqfast.ResidualVQ(3, 8, 6, kmeans_init=False).eval()
+    other = vqfast.ResidualVQ(3, 8, 6, kmeans_init=False, codes_layout="levels_first",
+                              eval_loss="zero").eval()
+    other.load_state_dict(default.state_dict())
+    x = torch.randn(2, 6, 5)
+    loss, q, _, codes = default(x)
+    other_loss, other_q, _, other_codes = other(x)
+    assert loss > 0 and other_loss == 0 and torch.equal(q, other_q)
+    assert torch.equal(other_codes, codes.transpose(0, 1))
+    assert torch.equal(other.encode(x, num_levels=2), default.encode(x, num_levels=2).transpose(0, 1))
+    torch.testing.assert_close(other.decode_indices(other_codes), default.decode_indices(codes))
+    assert other.train()(x)[0] == default.train()(x)[0]
+    with pytest.raises(ValueError, match="eval_loss"):
+        vqfast.ResidualVQ(3, 8, 6, eval_loss=0)
+    with pytest.raises(ValueError, match="codes_layout"):
+        vqfast.ResidualVQ(3, 8, 6, codes_layout="QB")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_level_by_level_options(backend):
+    """The level-by-level path keeps ``ResidualVQ``'s contract: masks (masked positions
+    give back their input, take no part, code -1), ``num_levels``, the loss breakdown,
+    quantize dropout (dropped levels: code -1, nothing added), k-means init, and
+    ``encode``/``decode_indices`` agreeing with the eval forward."""
+    torch.manual_seed(0)
+    rvq = vqfast.ResidualVQ(3, 8, 10, ema=False, codebook_dim=4, cosine="search",
+                            level_projections=True, level_strides=(2, 1, 1), backend=backend)
+    x = torch.randn(2, 10, 12)
+    loss, q, perplexity, codes = rvq.train()(x)  # k-means on the first batch
+    assert bool(rvq.initialized) and torch.isfinite(rvq.codebooks).all()
+    assert codes.shape == (2, 3, 12) and perplexity.shape == (3,)
+    assert torch.equal(codes[:, 0, ::2], codes[:, 0, 1::2])  # stride 2: codes repeat
+    rvq.eval()
+    loss, q, _, codes = rvq(x)
+    assert torch.equal(rvq.encode(x), codes)
+    torch.testing.assert_close(rvq.decode_indices(codes), q)
+    assert torch.equal(rvq.encode(x, num_levels=2), codes[:, :2])
+    loss2, q2, _, codes2 = rvq(x, num_levels=2)
+    torch.testing.assert_close(rvq.decode_indices(codes2), q2)
+    breakdown = rvq(x, return_loss_breakdown=True)[-1]
+    torch.testing.assert_close(breakdown.commitment + breakdown.codebook, loss)
+    torch.testing.assert_close(breakdown.commitment, loss * 0.25 / 1.25)
+
+    plain = vqfast.ResidualVQ(3, 8, 10, ema=False, codebook_dim=4, level_projections=True,
+                              kmeans_init=False, backend=backend).eval()
+    mask = torch.arange(12) < 7
+    loss_m, q_m, _, codes_m = plain(x, mask=mask.expand(2, 12))
+    loss_r, q_r, _, codes_r = plain(x[..., :7].contiguous())
+    torch.testing.assert_close(q_m[..., :7], q_r)
+    assert torch.equal(q_m[..., 7:], x[..., 7:]) and (codes_m[..., 7:] == -1).all()
+    assert torch.equal(codes_m[..., :7], codes_r)
+    torch.testing.assert_close(loss_m, loss_r)
+
+    dropout = vqfast.ResidualVQ(4, 8, 10, ema=False, codebook_dim=4, level_projections=True,
+                                kmeans_init=False, quantize_dropout=True, backend=backend)
+    seen = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        _, q_d, _, codes_d = dropout.train()(x)
+        ran = (codes_d >= 0).all(-1).all(0)  # [Q]: which levels ran
+        n = int(ran.sum())
+        assert torch.equal(ran, torch.arange(4) < n)
+        seen.add(n)
+        torch.testing.assert_close(q_d, dropout.decode_indices(codes_d[:, :n]))
+    assert len(seen) > 1
+
+
+def test_level_by_level_refuses_what_it_cannot_do():
+    make = lambda **kw: vqfast.ResidualVQ(2, 8, 6, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match="codebook_dim"):
+        make(level_projections=True, ema=False)
+    with pytest.raises(ValueError, match="ema=False"):
+        make(level_projections=True, codebook_dim=3)
+    with pytest.raises(ValueError, match="level_strides"):
+        make(level_strides=(2,), ema=False)
+    with pytest.raises(ValueError, match="cosine"):
+        make(cosine="unit")
+    rvq = make(level_strides=(4, 2), ema=False, kmeans_init=False)
+    with pytest.raises(ValueError, match="multiple"):
+        rvq(torch.randn(1, 6, 10))
+    with pytest.raises(ValueError, match="mask"):
+        rvq(torch.randn(1, 6, 8), mask=torch.ones(1, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"\[B, D, T\]"):
+        rvq(torch.randn(1, 6, 4, 4))
