@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import vqfast
+from benchmarks.codecs import dac_like, ema_like, ema_state, mimi_like
 from benchmarks.patched import third_party
 
 Q, K, D, DECAY, EPS = 3, 32, 12, 0.9, 1e-5
@@ -43,17 +44,6 @@ def _moshi_rvq():
     return rvq
 
 
-def _their_state(theirs):
-    books = [layer._codebook for layer in theirs.layers]
-    if hasattr(books[0], "embed_avg"):  # encodec
-        return {"codebooks": torch.stack([b.embed for b in books]),
-                "ema_weight": torch.stack([b.embed_avg for b in books]),
-                "ema_cluster_size": torch.stack([b.cluster_size for b in books])}
-    return {"codebooks": torch.stack([b.embedding for b in books]),  # moshi
-            "ema_weight": torch.stack([b.embedding_sum for b in books]),
-            "ema_cluster_size": torch.stack([b.cluster_usage for b in books])}
-
-
 CODECS = {  # its quantizer, and the ResidualVQ options that reproduce it
     "encodec": (_encodec_rvq, dict(ema_size="raw", commitment_levels="first")),
     "moshi": (_moshi_rvq, dict(ema_size="raw_clamped", commitment_levels="all")),
@@ -61,13 +51,8 @@ CODECS = {  # its quantizer, and the ResidualVQ options that reproduce it
 
 
 def _vqfast_like(theirs, backend, **conventions):
-    ours = vqfast.ResidualVQ(Q, K, D, commitment_cost=1.0, decay=DECAY, epsilon=EPS,
-                             kmeans_init=False, dead_code_threshold=0, backend=backend,
-                             **conventions).train()
-    with torch.no_grad():
-        for name, value in _their_state(theirs).items():
-            getattr(ours, name).copy_(value)
-    return ours
+    assert (theirs.layers[0]._codebook.decay, theirs.layers[0]._codebook.epsilon) == (DECAY, EPS)
+    return ema_like(theirs, backend=backend, commitment_cost=1.0, **conventions).train()
 
 
 def _train_side_by_side(theirs, ours, steps):
@@ -83,7 +68,7 @@ def _train_side_by_side(theirs, ours, steps):
         torch.autograd.backward((q_theirs, losses.sum()), (grad, torch.ones(())))
         torch.autograd.backward((q_ours, loss_ours), (grad, torch.ones(())))
         torch.testing.assert_close(x_ours.grad, x_theirs.grad, msg=f"step {step}: input grad")
-    for name, value in _their_state(theirs).items():
+    for name, value in ema_state(theirs).items():
         torch.testing.assert_close(getattr(ours, name), value, rtol=1e-5, atol=1e-6,
                                    msg=f"{name} after {steps} steps")
 
@@ -136,36 +121,6 @@ def test_a_checkpoint_with_raw_sizes_loads_only_where_they_mean_the_same():
 DAC_D, DAC_K, DAC_DIM = 24, 16, 4
 
 
-def _weight_normed_like(ours, theirs):
-    """``ours`` (a vqfast ``Projection``) weight-normed, with ``theirs`` (a weight-normed
-    ``Conv1d``: ``weight_g [out, 1, 1]``, ``weight_v [out, in, 1]``, or the same as a
-    parametrization) copied in."""
-    torch.nn.utils.parametrizations.weight_norm(ours)
-    if hasattr(theirs, "parametrizations"):
-        g, v = theirs.parametrizations.weight.original0, theirs.parametrizations.weight.original1
-    else:
-        g, v = theirs.weight_g, theirs.weight_v
-    weights = ours.parametrizations.weight
-    with torch.no_grad():
-        weights.original0.copy_(g.view(-1, 1))
-        weights.original1.copy_(v.squeeze(-1))
-        ours.bias.copy_(theirs.bias)
-
-
-def _level_by_level_like(theirs, backend, **options):
-    q = len(theirs.quantizers)
-    ours = vqfast.ResidualVQ(q, DAC_K, DAC_D, commitment_cost=0.25, ema=False,
-                             kmeans_init=False, codebook_dim=DAC_DIM, backend=backend,
-                             **options).train()
-    with torch.no_grad():
-        ours.codebooks.copy_(torch.stack([level.codebook.weight for level in theirs.quantizers]))
-    if options.get("level_projections"):
-        for level, theirs_level in enumerate(theirs.quantizers):
-            _weight_normed_like(ours.project_in[level], theirs_level.in_proj)
-            _weight_normed_like(ours.project_out[level], theirs_level.out_proj)
-    return ours
-
-
 def _dac_rvq(levels=3):
     quantize = third_party("dac.nn.quantize")
     if quantize is None:
@@ -173,9 +128,6 @@ def _dac_rvq(levels=3):
     torch.manual_seed(0)
     return quantize.ResidualVectorQuantize(input_dim=DAC_D, n_codebooks=levels,
                                            codebook_size=DAC_K, codebook_dim=DAC_DIM).train()
-
-
-DAC_OPTIONS = dict(cosine="search", level_projections=True)
 
 
 def _train_dac_side_by_side(theirs, ours, steps):
@@ -218,7 +170,7 @@ def test_residual_vq_reproduces_descript_audio_codec(backend):
     Trained with SGD side by side: codes, outputs, losses and input gradients at every
     step, the codebooks and projections at the end."""
     theirs = _dac_rvq()
-    ours = _level_by_level_like(theirs, backend, **DAC_OPTIONS)
+    ours = dac_like(theirs, backend=backend).train()
     _train_dac_side_by_side(theirs, ours, steps=20 if backend == "torch" else 3)
     theirs.eval()
     ours.eval()
@@ -234,7 +186,7 @@ def test_residual_vq_reproduces_descript_audio_codec(backend):
 ])
 def test_each_dac_option_is_needed(options, differs):
     theirs = _dac_rvq()
-    ours = _level_by_level_like(theirs, "torch", **options)
+    ours = dac_like(theirs, backend="torch", **options).train()
     with pytest.raises(AssertionError, match=differs):
         _train_dac_side_by_side(theirs, ours, steps=20)
 
@@ -250,7 +202,8 @@ def test_residual_vq_reproduces_snac():
     torch.manual_seed(0)
     theirs = vq.ResidualVectorQuantize(input_dim=DAC_D, codebook_size=DAC_K,
                                        codebook_dim=DAC_DIM, vq_strides=list(strides))
-    ours = _level_by_level_like(theirs, "torch", level_strides=strides, **DAC_OPTIONS)
+    ours = dac_like(theirs, backend="torch").train()
+    assert ours.level_strides == strides
     opts = [torch.optim.SGD(m.parameters(), lr=0.003) for m in (theirs, ours)]
     for step in range(20):
         x = torch.randn(2, DAC_D, 32, generator=torch.Generator().manual_seed(step))
@@ -297,23 +250,6 @@ def _moshi_split_quantizer(levels, dim, codebook_dim):
     return split
 
 
-def _mimi_like(split, backend, codebook_dim, **options):
-    halves = []
-    for theirs in (split.rvq_first, split.rvq_rest):
-        ours = vqfast.ResidualVQ(
-            len(theirs.vq.layers), K, theirs.input_dimension, commitment_cost=1.0,
-            decay=DECAY, epsilon=EPS, kmeans_init=False, dead_code_threshold=0,
-            codebook_dim=codebook_dim, ema_size="raw_clamped", backend=backend,
-            **options).train()
-        with torch.no_grad():
-            for name, value in _their_state(theirs.vq).items():
-                getattr(ours, name).copy_(value)
-            ours.project_in.weight.copy_(theirs.input_proj.weight.squeeze(-1))
-            ours.project_out.weight.copy_(theirs.output_proj.weight.squeeze(-1))
-        halves.append(ours)
-    return halves
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_two_residual_vqs_reproduce_mimis_split_quantizer(backend):
     """moshi's ``SplitResidualVectorQuantizer`` (Mimi's: one semantic level, the acoustic
@@ -322,8 +258,7 @@ def test_two_residual_vqs_reproduce_mimis_split_quantizer(backend):
     is the mean of the levels' commitments; in eval its loss is 0 (``eval_loss="zero"``)."""
     levels, dim, code_dim = 4, 20, D
     split = _moshi_split_quantizer(levels, dim, code_dim)
-    semantic, acoustic = _mimi_like(split, backend, code_dim, projection_bias=False,
-                                    eval_loss="zero")
+    semantic, acoustic = (half.train() for half in mimi_like(split, backend=backend))
     assert semantic.project_in.bias is None and "bias" not in str(semantic.state_dict().keys())
     for step in range(20 if backend == "torch" else 3):
         x = torch.randn(2, dim, 40, generator=torch.Generator().manual_seed(step))
@@ -340,7 +275,7 @@ def test_two_residual_vqs_reproduce_mimis_split_quantizer(backend):
         torch.autograd.backward((q_s + q_a, (loss_s + loss_a) / levels), (grad, torch.ones(())))
         torch.testing.assert_close(x_ours.grad, x_theirs.grad, msg=f"step {step}: input grad")
     for ours, theirs in ((semantic, split.rvq_first), (acoustic, split.rvq_rest)):
-        for name, value in _their_state(theirs.vq).items():
+        for name, value in ema_state(theirs.vq).items():
             torch.testing.assert_close(getattr(ours, name), value, rtol=1e-5, atol=1e-6)
     split.eval()
     x = torch.randn(1, dim, 9)

@@ -22,7 +22,7 @@ from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vqfast
-from vqfast import modules
+from vqfast import _torch, modules
 from _util import ORIGINAL, BACKENDS, DEVICE
 
 SYNCING_OPS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzero", "aten.item",
@@ -36,6 +36,14 @@ class HostReads(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.found = []
+
+    def __enter__(self):  # the rule a CUDA device runs, not the CPU's shortcuts
+        self._shortcuts, _torch.CPU_SHORTCUTS = _torch.CPU_SHORTCUTS, False
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _torch.CPU_SHORTCUTS = self._shortcuts
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -597,3 +597,45 @@ def test_per_level_sizes_with_kmeans_dead_codes_and_usage():
         vqfast.ResidualVQ(2, (16, 6), 4, shared_codebook=True)
     with pytest.raises(ValueError, match="num_embeddings"):  # the state says which sizes
         vqfast.ResidualVQ(2, 16, 4).load_state_dict(rvq.state_dict())
+
+
+@pytest.mark.parametrize("finite", [True, False])
+def test_cpu_shortcuts_give_the_device_rule_bit_for_bit(finite, monkeypatch):
+    """The torch path's CPU shortcuts (``vqfast._torch.CPU_SHORTCUTS``: the EMA update of
+    only the codebooks a batch used, in place; no copy of codebooks that are all finite)
+    leave the state the branch-free rule (a CUDA device's) leaves, bit for bit: with a
+    codebook the batch did not use (its statistics unwritten, here NaN), with a non-finite
+    batch, and in a ResidualVQ training step on its first levels only."""
+    from vqfast import _torch
+    gen = torch.Generator().manual_seed(0)
+    c, k, d = 4, 7, 5
+    state = [torch.rand(c, k, generator=gen), torch.randn(c, k, d, generator=gen),
+             torch.randn(c, k, d, generator=gen), torch.rand(c, generator=gen),
+             torch.zeros(c, dtype=torch.int64)]
+    counts = torch.randint(0, 5, (c, k), generator=gen).int()
+    sums = torch.randn(c, k, d, generator=gen)
+    sums[2] = float("nan")  # a codebook the batch did not use
+    active = torch.tensor([True, True, False, True])
+    loss = torch.tensor(1.0 if finite else float("nan"))
+    results = []
+    for shortcuts in (True, False):
+        monkeypatch.setattr(_torch, "CPU_SHORTCUTS", shortcuts)
+        mine = [t.clone() for t in state]
+        applied = _torch.ema_update(counts, sums, loss, None, *mine, 0.9, 1e-5, active,
+                                    size_rule=1)
+        results.append((applied, mine))
+    for a, b in zip(results[0][1] + [results[0][0]], results[1][1] + [results[1][0]]):
+        assert torch.equal(a, b)
+    assert torch.equal(results[0][1][1][2], state[1][2])  # the unused codebook: untouched
+
+    steps = []
+    for shortcuts in (True, False):
+        monkeypatch.setattr(_torch, "CPU_SHORTCUTS", shortcuts)
+        torch.manual_seed(0)
+        rvq = vqfast.ResidualVQ(5, 9, 6, kmeans_init=False, backend="torch")
+        z = torch.randn(2, 6, 7, requires_grad=True)
+        loss, q, _, codes = rvq(z, num_levels=2)
+        (loss + q.square().mean()).backward()
+        steps.append((loss, q, codes, z.grad, *tensor_state(rvq).values()))
+    for a, b in zip(*steps):
+        assert torch.equal(a, b)

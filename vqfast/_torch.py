@@ -57,18 +57,33 @@ def _put(out: torch.Tensor, where, rows: torch.Tensor) -> None:
     target.copy_(rows.view(target.shape[0], target.shape[2], target.shape[1]).movedim(-1, 1))
 
 
+# On the CPU, reading a value back costs nothing (there is no device to wait for): the torch
+# path then takes shortcuts that read one (skip a copy no code needs, update only the
+# codebooks a batch used). Off, every device takes the branch-free rule a CUDA device
+# takes; the no-host-read tests switch them off to check that rule on the CPU.
+CPU_SHORTCUTS = True
+
+
+def _cpu_shortcut(t: torch.Tensor) -> bool:
+    return CPU_SHORTCUTS and t.device.type == "cpu"
+
+
 def _search_operands(codebook: torch.Tensor):
     """``codebook: fp32 [..., K, D]`` -> ``(|e|^2 [..., K], codebook^T [..., D, K])`` for
     ``argmin(|e|^2 - 2 x.e)``. A code holding inf or NaN is infinitely far (as on the Triton
     path): its norm is inf and its column zero, so the matmul cannot turn it into
     inf - inf = NaN and win the min."""
-    codebook_sqnorm = codebook.pow(2).sum(-1)
+    # one pass, no [K, D] temporary (pow(2).sum(-1) and vecdot make one: 15x slower)
+    codebook_sqnorm = torch.linalg.vector_norm(codebook, dim=-1).square()
     # |e|^2 is finite exactly when every entry is and none overflows fp32 when squared (a
     # code that does is as far as an inf one: its column is zeroed too, so x.e cannot
     # overflow into inf - inf either). Zeroing the rows of such codes: a product with the
     # [K] mask (inf * 0 = NaN, then 0) costs a copy, where torch.where's broadcast and a
-    # per-row all() cost ten.
+    # per-row all() cost ten. On the CPU (no device to wait for) the copy is made only when
+    # some code needs it: two passes over the codebooks saved per call.
     finite_code = torch.isfinite(codebook_sqnorm)
+    if _cpu_shortcut(codebook) and bool(finite_code.all()):
+        return codebook_sqnorm, codebook.transpose(-1, -2)
     codebook_sqnorm = torch.where(finite_code, codebook_sqnorm, float("inf"))
     kept = (codebook * finite_code[..., None]).nan_to_num(0.0, 0.0, 0.0)
     return codebook_sqnorm, kept.transpose(-1, -2)
@@ -202,6 +217,24 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
         divisor = (size + epsilon) / (total + num_codes * epsilon) * total
     if size_rule == 0:
         size = divisor
+    if _cpu_shortcut(codebook) and real is None and ema_weight.dtype == torch.float32:
+        _ema_codes_in_place(apply, size, divisor, code_sums, ema_cluster_size, ema_weight,
+                            codebook, decay)
+    else:
+        _ema_codes(apply, size, divisor, code_sums, ema_cluster_size, ema_weight, codebook,
+                   decay, real)
+    ema_decay_weight.copy_(torch.where(apply, ema_decay_weight * decay + (1 - decay),
+                                       ema_decay_weight))
+    skipped_batches.add_((~finite).long())
+    if threshold > 0:
+        _reseed_dead(ema_cluster_size, ema_decay_weight, codebook, ema_weight, x, reseeded,
+                     threshold, apply)
+    return torch.broadcast_to(apply, ema_decay_weight.shape).float()
+
+
+def _ema_codes(apply, size, divisor, code_sums, ema_cluster_size, ema_weight, codebook, decay,
+               real):
+    """The sizes, sums and codes of ``ema_update``, branch-free (no host read)."""
     weight = ema_weight.float() * decay + (1 - decay) * code_sums
     codebook_new = weight / divisor.unsqueeze(-1)
     per_code = apply.unsqueeze(-1)
@@ -210,13 +243,24 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
     ema_cluster_size.copy_(torch.where(per_code, size, ema_cluster_size))
     ema_weight.copy_(torch.where(per_code.unsqueeze(-1), weight, ema_weight))
     codebook.copy_(torch.where(per_code.unsqueeze(-1), codebook_new, codebook))
-    ema_decay_weight.copy_(torch.where(apply, ema_decay_weight * decay + (1 - decay),
-                                       ema_decay_weight))
-    skipped_batches.add_((~finite).long())
-    if threshold > 0:
-        _reseed_dead(ema_cluster_size, ema_decay_weight, codebook, ema_weight, x, reseeded,
-                     threshold, apply)
-    return torch.broadcast_to(apply, ema_decay_weight.shape).float()
+
+
+def _ema_codes_in_place(apply, size, divisor, code_sums, ema_cluster_size, ema_weight, codebook,
+                        decay):
+    """``_ema_codes`` on the CPU (``CPU_SHORTCUTS``: reading ``apply`` waits for nothing): the same
+    arithmetic in place, codebook by codebook, on the codebooks updated only. Two passes
+    over the ``[C, K, D]`` state where the branch-free rule makes nine, with as many
+    fresh buffers (and the training step of a codec with 32 levels of 2048 x 256 codes
+    spent most of its time there)."""
+    if codebook.dim() == 3:  # (apply: [C], or 0-d for all of them)
+        books = torch.broadcast_to(apply, codebook.shape[:1]).nonzero().flatten().tolist()
+    else:
+        books = [...] if bool(apply) else []
+    for book in books:
+        weight = ema_weight[book]
+        weight.mul_(decay).add_((1 - decay) * code_sums[book])
+        torch.div(weight, divisor[book].unsqueeze(-1), out=codebook[book])
+        ema_cluster_size[book].copy_(size[book])
 
 
 def reseed_codes(size, decay_weight, codebook, x, seed, reseeded, threshold):

@@ -335,10 +335,12 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             :, :n].reshape(self.groups * n, *codebooks.shape[1:])
 
     def _all_levels(self, t, n: int, fill):
-        """Per-level ``t [G*n, ...]`` as ``[G*Q, ...]``, the levels past ``n`` ``fill``."""
+        """Per-level ``t [G*n, ...]`` as ``[G*Q, ...]``, the levels past ``n`` ``fill``
+        (``None``: left unwritten, for what only the levels that ran read)."""
         if n == self.num_quantizers:
             return t
-        full = t.new_full((self.groups, self.num_quantizers, *t.shape[1:]), fill)
+        shape = (self.groups, self.num_quantizers, *t.shape[1:])
+        full = t.new_empty(shape) if fill is None else t.new_full(shape, fill)
         full[:, :n] = t.view(self.groups, n, *t.shape[1:])
         return full.view(self.groups * self.num_quantizers, *t.shape[1:])
 
@@ -387,8 +389,13 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                                          else torch.full((), n, device=x.device))
             stats = dict(z=z, loss=loss.detach(), idx=self._all_levels(idx, n, -1),
                          counts=self._all_levels(counts, n, 0),
-                         code_sums=self._all_levels(code_sums, n, 0.0),
+                         # (the EMA update reads the levels that ran only; zeros where
+                         # they are summed: over micro-batches or ranks)
+                         code_sums=self._all_levels(
+                             code_sums, n, 0.0 if self._accumulated is not None
+                             or self._syncing() else None),
                          snapshot=(snapshot if self.shared_codebook
+                                   or self.dead_code_threshold == 0  # (read by re-seeding only)
                                    else self._all_levels(snapshot, n, 0.0)),
                          books_on=books_on, masked=flat_mask is not None, backend=backend)
             if self._accumulated is not None:  # inside accumulate(): sum, update later
