@@ -37,6 +37,9 @@ FORWARD_CONFIGS = {
     "ieee": dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=16, num_warps=8, num_stages=1),
 }
 BACKWARD_CONFIG = dict(BLOCK_N=16, MAX_BLOCK_D=32, num_warps=4)
+# A cosine search keeps each row's scale live through the level: at 8 warps ptxas caps the
+# fp32 FFMA variant at 128 registers on sm_80 and spills 8 B; at 4 warps it does not.
+COSINE_IEEE = dict(num_warps=4)
 # What happens to each level's (normalised) residuals for the EMA sums / codebook grads.
 NO_SUMS, ATOMIC_SUMS, STORE_RESIDUALS = 0, 1, 2
 
@@ -288,6 +291,13 @@ def _residual_backward_kernel(
         tl.store(grad_x_ptr + x_offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
+def _forward_config(dtype, precision, cosine):
+    config = pick_config(dtype, precision, FORWARD_CONFIGS)
+    if cosine and dtype == torch.float32 and precision == "ieee":
+        config.update(COSINE_IEEE)
+    return config
+
+
 def _check(x, codebooks, num_levels, groups, mask=None, active=None):
     n, dim, s = vector_layout("x", x)
     if codebooks.dim() != 3 or not codebooks.is_contiguous() or not codebooks.is_floating_point():
@@ -343,7 +353,7 @@ def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, wi
     cast, sqnorm = codebook_prep(
         searched.view(books * k, d), x.dtype,
         snapshot.view(books * k, d) if snapshot is not None and not raw_codes else None)
-    config = pick_config(x.dtype, precision, FORWARD_CONFIGS)
+    config = _forward_config(x.dtype, precision, cosine or raw_codes)
     tiles, slots = triton.cdiv(n, config["BLOCK_N"]), groups * num_levels
     sums = NO_SUMS
     if with_code_sums:
@@ -432,14 +442,16 @@ def aot_variants():
                    "d": "i32", "num_levels": "i32", "books_per_group": "i32"}
     for dtype, torch_dtype in TORCH_DTYPES.items():
         for precision in (PRECISIONS if dtype == "fp32" else ("ieee",)):
-            config = pick_config(torch_dtype, precision, FORWARD_CONFIGS)
-            options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
             sig = dict(forward_sig, x_ptr=PTR[dtype], cast_ptr=PTR[dtype], q_ptr=PTR[dtype])
-            for cosine, sums in ((0, ATOMIC_SUMS), (1, STORE_RESIDUALS), (2, ATOMIC_SUMS)):
+            for cosine, sums in ((0, ATOMIC_SUMS), (1, ATOMIC_SUMS), (1, STORE_RESIDUALS),
+                                 (2, ATOMIC_SUMS)):
+                config = _forward_config(torch_dtype, precision, cosine)
+                options = {"num_warps": config.pop("num_warps"),
+                           "num_stages": config.pop("num_stages")}
                 consts = dict(config, COSINE=cosine, HAS_MASK=True, HAS_ACTIVE=True, SUMS=sums,
                               INPUT_PRECISION=precision, UPCAST_DOT=False,
                               STATS_SEM=_launch.STATS_SEM)
-                yield (f"residual_forward[{dtype},{precision},cosine={cosine}]",
+                yield (f"residual_forward[{dtype},{precision},cosine={cosine},sums={sums}]",
                        _residual_forward_kernel, sig, consts, options)
     for dtype, (cfg, options) in itertools.product(PTR, streaming_configs(BACKWARD_CONFIG)):
         for cosine, rotation, grads in ((False, False, ATOMIC_SUMS), (True, True, STORE_RESIDUALS)):
