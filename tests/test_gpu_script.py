@@ -101,6 +101,8 @@ def _check_family(bench, out):
     assert "Lookup-free" in (out / "bench.md").read_text()
     patched = [r for r in bench["patched"] if not r["skipped"]]
     assert patched and all(r["codes_equal"] and r["patched_ms"] for r in patched)
+    codecs = [r for r in bench["codecs"] if not r["skipped"]]
+    assert codecs and all(r["vqfast_ms"] and r["codes_equal"] is not False for r in codecs)
 
 
 def test_part_limits_fit_the_default_budget():

@@ -68,7 +68,7 @@ def _cpu_shortcut(t: torch.Tensor) -> bool:
     return CPU_SHORTCUTS and t.device.type == "cpu"
 
 
-def _search_operands(codebook: torch.Tensor):
+def _search_operands(codebook: torch.Tensor, shortcuts: bool = True):
     """``codebook: fp32 [..., K, D]`` -> ``(|e|^2 [..., K], codebook^T [..., D, K])`` for
     ``argmin(|e|^2 - 2 x.e)``. A code holding inf or NaN is infinitely far (as on the Triton
     path): its norm is inf and its column zero, so the matmul cannot turn it into
@@ -82,7 +82,7 @@ def _search_operands(codebook: torch.Tensor):
     # per-row all() cost ten. On the CPU (no device to wait for) the copy is made only when
     # some code needs it: two passes over the codebooks saved per call.
     finite_code = torch.isfinite(codebook_sqnorm)
-    if _cpu_shortcut(codebook) and bool(finite_code.all()):
+    if shortcuts and _cpu_shortcut(codebook) and bool(finite_code.all()):
         return codebook_sqnorm, codebook.transpose(-1, -2)
     codebook_sqnorm = torch.where(finite_code, codebook_sqnorm, float("inf"))
     kept = (codebook * finite_code[..., None]).nan_to_num(0.0, 0.0, 0.0)
@@ -122,7 +122,7 @@ def nearest_code_functional(x: torch.Tensor, codebook: torch.Tensor, backend: st
     graph's runtime decides how to tile them."""
     del backend, precision
     rows = _rows(x)
-    codebook_sqnorm, codebook_t = _search_operands(codebook.float())
+    codebook_sqnorm, codebook_t = _search_operands(codebook.float(), shortcuts=False)
     best, idx = torch.addmm(codebook_sqnorm, rows, codebook_t, alpha=-2).min(dim=1)
     return idx, (best + rows.pow(2).sum(1)).clamp_min(0)
 
@@ -378,9 +378,9 @@ def _search_level(r, book, cosine, sqnorms, codebooks, codebooks_t, raw_codes=Fa
     return (r if raw_codes else searched), i, codebooks[book].index_select(0, i)
 
 
-def _residual_search_operands(codebooks, raw_codes):
+def _residual_search_operands(codebooks, raw_codes, shortcuts=True):
     """``_search_operands`` of the codebooks searched (l2-normalised for ``raw_codes``)."""
-    return _search_operands(_normalize_codes(codebooks) if raw_codes else codebooks)
+    return _search_operands(_normalize_codes(codebooks) if raw_codes else codebooks, shortcuts)
 
 
 def _normalize_codes(codebooks: torch.Tensor) -> torch.Tensor:
@@ -420,7 +420,7 @@ def residual_codes_functional(x, codebooks, num_levels, groups, cosine, mask, ba
     rows = _rows(x)
     books, _, d = codebooks.shape
     codebooks = codebooks.float()
-    sqnorms, codebooks_t = _residual_search_operands(codebooks, raw_codes)
+    sqnorms, codebooks_t = _residual_search_operands(codebooks, raw_codes, shortcuts=False)
     codes = []
     for g in range(groups):
         r = rows[:, g * d:(g + 1) * d]

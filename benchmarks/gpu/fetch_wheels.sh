@@ -27,6 +27,9 @@ packages=(
     "regex==2026.12.2"
     "diffusers==0.42.1"
     "moshi==0.2.13"
+    # benchmarks.codecs: the codecs' own quantizers (their packages' pins are not installed)
+    "descript-audio-codec==1.0.0"
+    "snac==1.2.1"
     "sentencepiece==0.2.3"
 )
 mkdir -p "$dest"

@@ -143,7 +143,9 @@ family() {
     "$py" -m benchmarks.multiscale "${rvq_size[@]}" --out "$out" --merge-into bench || return
     "$py" -m benchmarks.lookup_free "${lfq_size[@]}" --out "$out" --merge-into bench || return
     # models others wrote, with and without vqfast.patch (cases whose library is absent skip)
-    "$py" -m benchmarks.patched "${rvq_size[@]}" --out "$out" --merge-into bench
+    "$py" -m benchmarks.patched "${rvq_size[@]}" --out "$out" --merge-into bench || return
+    # codecs' quantizers against ResidualVQ with their conventions
+    "$py" -m benchmarks.codecs "${rvq_size[@]}" --out "$out" --merge-into bench
 }
 
 quality() {
