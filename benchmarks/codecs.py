@@ -46,9 +46,9 @@ def ema_like(core, *, backend="auto", **options) -> vqfast.ResidualVQ:
     ``ResidualVectorQuantization``): k-means and dead-code expiry off, as a trained model's."""
     book = core.layers[0]._codebook
     levels, k, d = ema_state(core)["codebooks"].shape
+    options = {"kmeans_init": False, "dead_code_threshold": 0, **options}
     ours = vqfast.ResidualVQ(levels, k, options.pop("dim", d), decay=book.decay,
-                             epsilon=book.epsilon, kmeans_init=False, dead_code_threshold=0,
-                             backend=backend, **options)
+                             epsilon=book.epsilon, backend=backend, **options)
     with torch.no_grad():
         for name, value in ema_state(core).items():
             getattr(ours, name).copy_(value)

@@ -377,3 +377,45 @@ def test_level_by_level_refuses_what_it_cannot_do():
         rvq(torch.randn(1, 6, 8), mask=torch.ones(1, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"\[B, D, T\]"):
         rvq(torch.randn(1, 6, 4, 4))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_moshis_dead_code_rule(backend):
+    """moshi's expiry (every 5 steps, before the EMA update: codes used less than 0.1 x the
+    mean take a residual row of the batch, at the mean usage) is
+    ``dead_code_rule="relative"``, ``dead_code_threshold=0.1``, ``dead_code_every=5``. With
+    the same random state before each step, codes and state agree with moshi's through
+    four expiries, codes replaced at each."""
+    core_vq = third_party("moshi.quantization.core_vq")
+    if core_vq is None:
+        pytest.skip("moshi is not installed")
+    torch.manual_seed(0)
+    theirs = core_vq.ResidualVectorQuantization(
+        num_quantizers=Q, codebook_offset=0, dim=D, codebook_size=K, decay=DECAY,
+        epsilon=EPS, threshold_usage_ratio=0.1, check_unused_every=5).train()
+    for layer in theirs.layers:
+        book = layer._codebook
+        book.embedding_sum.normal_()
+        book.cluster_usage.uniform_(0.5, 2.0)
+        book.cluster_usage[::3] = 0.01  # rarely used codes, to expire
+        book._initialized.fill_(1)
+    ours = ema_like(theirs, backend=backend, commitment_cost=1.0, ema_size="raw_clamped",
+                    dead_code_rule="relative", dead_code_threshold=0.1,
+                    dead_code_every=5).train()
+    steps = 20 if backend == "torch" else 5
+    for step in range(steps):
+        x = torch.randn(2, D, 40, generator=torch.Generator().manual_seed(step))
+        torch.manual_seed(1000 + step)
+        q_theirs, codes_theirs = theirs(x)[:2]
+        torch.manual_seed(1000 + step)
+        _, q_ours, _, codes_ours = ours(x)
+        assert torch.equal(codes_ours.transpose(0, 1), codes_theirs), f"step {step}: codes"
+        torch.testing.assert_close(q_ours, q_theirs, msg=f"step {step}: output")
+        for name, value in ema_state(theirs).items():
+            torch.testing.assert_close(getattr(ours, name), value, rtol=1e-5, atol=1e-5,
+                                       msg=f"{name} after step {step}")
+    assert int(ours.reseeded_codes.sum()) >= Q * (K // 3)  # the first expiry alone
+    with pytest.raises(ValueError, match="dead_code_rule"):
+        vqfast.ResidualVQ(2, 8, 4, dead_code_rule="mean")
+    with pytest.raises(ValueError, match="shared_codebook"):
+        vqfast.ResidualVQ(2, 8, 4, dead_code_rule="relative", shared_codebook=True)

@@ -79,6 +79,8 @@ OPTIONS = {
         cosine=True, codebook_dim=3, dead_code_threshold=1.0, rotation_trick=True)),
     "residual": (vqfast.ResidualVQ, dict(ema=False, rotation_trick=True)),
     "residual+shared+ema": (vqfast.ResidualVQ, dict(shared_codebook=True, kmeans_init=True)),
+    "residual+relative-dead-codes": (vqfast.ResidualVQ, dict(dead_code_rule="relative",
+                                                             dead_code_threshold=0.5)),
     "ema+warn_on_collapse": (vqfast.VectorQuantizerEMA, dict(warn_on_collapse=1)),
     "ema+frozen": (vqfast.VectorQuantizerEMA, dict(freeze_codebook=True, kmeans_init=True)),
     "residual+frozen": (vqfast.ResidualVQ, dict(ema=False, freeze_codebook=True)),

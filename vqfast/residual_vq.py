@@ -92,6 +92,13 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             from the residuals of their level (EMA only; see ``VectorQuantizerEMA``).
             Default: 1.0 with ``ema``, else 0. The defaults keep every level's codebook in
             use (README: Training quality); ``**vqfast.ORIGINAL_ALGORITHM`` turns both off.
+        dead_code_rule: ``"absolute"`` (default: the rule above, after each EMA update) or
+            ``"relative"`` (moshi's): every ``dead_code_every`` training steps, before the
+            EMA update, the codes whose stored size is below ``dead_code_threshold`` (then
+            default 0.1) times their codebook's mean size take a row of the residuals their
+            level saw (a random permutation's first K rows, or K rows drawn with
+            replacement from a smaller batch, as moshi draws them) at the mean size. (The
+            steps are counted on the host: compiled, each count is its own graph.)
         sync_distributed: all-reduce every level's statistics in one packed collective.
         backend, precision: as for ``VectorQuantizer``.
         freeze_codebook: (also an attribute) training-mode forwards never change the
@@ -154,8 +161,19 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                  sync_distributed=None, backend="auto", precision="ieee", freeze_codebook=False,
                  channel_last=False, ema_size="smoothed", commitment_levels="all",
                  projection_bias=True, level_projections=False, level_strides=None,
-                 eval_loss="commitment", codes_layout="batch_first"):
+                 eval_loss="commitment", codes_layout="batch_first",
+                 dead_code_rule="absolute", dead_code_every=1):
         super().__init__()
+        if dead_code_rule not in ("absolute", "relative"):
+            raise ValueError(f"dead_code_rule must be 'absolute' or 'relative', got "
+                             f"{dead_code_rule!r}")
+        if not (modules._is_int(dead_code_every) and dead_code_every >= 1):
+            raise ValueError(f"dead_code_every must be an int >= 1, got {dead_code_every!r}")
+        if dead_code_rule == "relative" and shared_codebook:
+            raise ValueError("dead_code_rule='relative' re-seeds each level's codebook from "
+                             "its residuals: not with shared_codebook")
+        self.dead_code_rule, self.dead_code_every = dead_code_rule, int(dead_code_every)
+        self._dead_code_countdown = self.dead_code_every
         _check_codec_options(num_quantizers, cosine, codebook_dim, level_projections,
                              level_strides, eval_loss, codes_layout)
         self.eval_loss, self.codes_layout = eval_loss, codes_layout
@@ -195,7 +213,8 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         check_number("commitment_cost", commitment_cost)
         dead_code_threshold = check_codebook_options(
             ema=ema, decay=decay, epsilon=epsilon, dead_code_threshold=dead_code_threshold,
-            default_threshold=1.0 if ema else 0.0, precision=precision, backend=backend)
+            default_threshold=(0.1 if dead_code_rule == "relative" else 1.0) if ema else 0.0,
+            precision=precision, backend=backend)
         self.num_quantizers, self.num_embeddings = num_quantizers, num_embeddings
         self.embedding_dim, self.groups = embedding_dim, groups
         self.commitment_cost, self.decay, self.epsilon = commitment_cost, decay, epsilon
@@ -255,6 +274,8 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                 + (f", commitment_levels={self.commitment_levels!r}"
                    if self.commitment_levels != "all" else "")
                 + (", level_projections=True" if self.level_projections else "")
+                + (f", dead_code_rule='relative', dead_code_every={self.dead_code_every}"
+                   if self.dead_code_rule == "relative" else "")
                 + (f", level_strides={self.level_strides}" if self.level_strides else ""))
 
     def _apply(self, fn, recurse=True):
@@ -479,6 +500,11 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             counts, code_sums, not_finite = _all_reduce_statistics(counts, code_sums,
                                                                    ~torch.isfinite(loss))
         book_active = rows_seen(counts, True if masked else None, books_on)
+        if self.dead_code_rule == "relative" and self.dead_code_threshold > 0:
+            self._dead_code_countdown -= 1
+            if self._dead_code_countdown <= 0:
+                self._dead_code_countdown = self.dead_code_every
+                self._replace_below_mean(z, idx, snapshot)
         applied = VF.ema_update(counts, code_sums, loss, not_finite, self.ema_cluster_size,
                                 self.ema_weight, self.codebooks, self.ema_decay_weight,
                                 self.skipped_batches, self.decay, self.epsilon, backend,
@@ -487,8 +513,46 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         if self.cosine is True:
             self.codebooks.copy_(torch.where(applied[:, None, None] > 0,
                                              F.normalize(self.codebooks, dim=-1), self.codebooks))
-        if self.dead_code_threshold > 0:
+        if self.dead_code_threshold > 0 and self.dead_code_rule == "absolute":
             self._reseed_dead_codes(z, idx, snapshot, applied > 0)
+
+    @torch.no_grad()
+    def _replace_below_mean(self, z, idx, snapshot):
+        """``dead_code_rule="relative"`` (moshi's), before the EMA update: each codebook's
+        codes below ``dead_code_threshold`` times its mean stored size take one of the
+        residuals their level saw, at the mean size; draws level by level, as moshi's."""
+        g, q, d = self.groups, self.num_quantizers, self.code_dim
+        size = self.ema_cluster_size
+        k = self.num_embeddings
+        mean = size.sum(1, keepdim=True) / (self.book_sizes[:, None] if self.level_sizes
+                                            else k)
+        dead = (size < self.dead_code_threshold * mean) & (idx >= 0).any(1)[:, None]
+        if self.level_sizes is not None:
+            dead = dead & self.real_codes
+        rows = z.movedim(1, -1).reshape(-1, z.shape[1]).float()
+        rows = real_rows(rows, idx[0] >= 0)  # (masked rows: never drawn)
+        n = rows.shape[0]
+        samples = []
+        for group in range(g):
+            residual = rows[:, group * d:(group + 1) * d]
+            for level in range(q):
+                book = group * q + level
+                picks = (torch.randperm(n, device=z.device)[:k] if n >= k
+                         else torch.randint(0, n, (k,), device=z.device))
+                samples.append(residual[picks])
+                codes = idx[book]
+                residual = residual - torch.where((codes >= 0)[:, None],
+                                                  snapshot[book][codes.clamp_min(0)], 0.0)
+        samples = torch.stack(samples)
+        if self.cosine is True:
+            samples = F.normalize(samples, dim=-1)
+        if self._syncing():
+            dist.broadcast(samples, 0)
+        self.ema_weight.copy_(torch.where(dead[..., None], samples * mean[..., None],
+                                          self.ema_weight))
+        self.ema_cluster_size.copy_(torch.where(dead, mean, size))
+        self.codebooks.copy_(torch.where(dead[..., None], samples, self.codebooks))
+        self.reseeded_codes.add_(dead.sum(1))
 
     def corrected_cluster_size(self) -> torch.Tensor:
         """``[G*C, K]`` EMA cluster sizes over ``1 - decay**t`` (see ``VectorQuantizerEMA``)."""
