@@ -419,3 +419,37 @@ def test_moshis_dead_code_rule(backend):
         vqfast.ResidualVQ(2, 8, 4, dead_code_rule="mean")
     with pytest.raises(ValueError, match="shared_codebook"):
         vqfast.ResidualVQ(2, 8, 4, dead_code_rule="relative", shared_codebook=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_encodecs_kmeans_init(backend):
+    """encodec's k-means init (its first training batch, level by level) draws its starting
+    rows as vqfast's does; it then stores the centroids themselves as ``embed_avg`` and the
+    raw counts as ``cluster_size`` (``kmeans_state="raw"``), so its first update shrinks
+    the codes. With the same random state, codes and state agree with encodec's from the
+    k-means step on; with vqfast's default convention they part at once."""
+    core_vq = third_party("encodec.quantization.core_vq")
+    if core_vq is None:
+        pytest.skip("encodec is not installed")
+    for state, agrees in (("raw", True), ("weighted", False)):
+        torch.manual_seed(0)
+        theirs = core_vq.ResidualVectorQuantization(
+            num_quantizers=Q, dim=D, codebook_size=K, decay=DECAY, epsilon=EPS,
+            kmeans_init=True, kmeans_iters=10, threshold_ema_dead_code=0).train()
+        ours = vqfast.ResidualVQ(Q, K, D, commitment_cost=1.0, decay=DECAY, epsilon=EPS,
+                                 kmeans_init=True, kmeans_iters=10, dead_code_threshold=0,
+                                 ema_size="raw", commitment_levels="first",
+                                 kmeans_state=state, backend=backend).train()
+        for step in range(4 if backend == "triton" else 20):
+            x = torch.randn(2, D, 40, generator=torch.Generator().manual_seed(step))
+            torch.manual_seed(100 + step)
+            q_theirs, codes_theirs = theirs(x)[:2]
+            torch.manual_seed(100 + step)
+            _, q_ours, _, codes_ours = ours(x)
+            assert torch.equal(codes_ours.transpose(0, 1), codes_theirs), f"step {step}"
+            same = all(torch.allclose(getattr(ours, name), value, rtol=1e-5, atol=1e-5)
+                       for name, value in ema_state(theirs).items())
+            assert same == agrees, (state, step)
+            if not agrees:  # (the default's state parts after the first step)
+                break
+            torch.testing.assert_close(q_ours, q_theirs)

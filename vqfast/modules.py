@@ -412,17 +412,18 @@ def check_codebook_options(*, ema: bool, decay: float, epsilon: float, dead_code
 
 
 def adopt_kmeans(module: nn.Module, codebook: torch.Tensor, centroids: torch.Tensor,
-                 sizes: torch.Tensor) -> None:
+                 sizes: torch.Tensor, raw: bool = False) -> None:
     """Rank 0's k-means codes (``centroids``, cluster ``sizes`` at least 1) on every rank,
-    taken only where all are finite: the ``codebook``, the EMA state that agrees with them,
-    and the module's ``initialized`` flag (no host read inside a compiled graph)."""
+    taken only where all are finite: the ``codebook``, the EMA state that agrees with them
+    (``raw``: encodec's, see ``take_kmeans_ema_state``), and the module's ``initialized``
+    flag (no host read inside a compiled graph)."""
     if _world_size() > 1:
         dist.broadcast(centroids, 0)
         dist.broadcast(sizes, 0)
     finite = torch.isfinite(centroids).all()
     codebook.data.copy_(torch.where(finite, centroids, codebook.data))
     if getattr(module, "ema_cluster_size", None) is not None:
-        take_kmeans_ema_state(module, centroids, sizes, finite)
+        take_kmeans_ema_state(module, centroids, sizes, finite, raw)
     module.initialized.copy_(finite)
     module._kmeans_done = kmeans_done(finite)
 
@@ -459,13 +460,15 @@ def kmeans_done(initialized: torch.Tensor) -> bool:
 
 
 def take_kmeans_ema_state(module: nn.Module, centroids: torch.Tensor, sizes: torch.Tensor,
-                          finite: torch.Tensor) -> None:
+                          finite: torch.Tensor, raw: bool = False) -> None:
     """EMA state that agrees with k-means codes (``centroids [..., K, d]``, ``sizes [..., K]``
     at least 1), taken only where ``finite``: ``ema_cluster_size = sizes``, ``ema_weight =
-    centroids * sizes``, ``ema_decay_weight = 1`` (trained-state bias correction)."""
+    centroids * sizes``, ``ema_decay_weight = 1`` (trained-state bias correction). ``raw``
+    (encodec's convention): ``sizes`` as counted (0 allowed) and ``ema_weight = centroids``."""
     module.ema_cluster_size.copy_(torch.where(finite, sizes, module.ema_cluster_size))
     if getattr(module, "ema_weight", None) is not None:  # (a learned codebook tracks usage only)
-        module.ema_weight.copy_(torch.where(finite, centroids * sizes[..., None], module.ema_weight))
+        weight = centroids if raw else centroids * sizes[..., None]
+        module.ema_weight.copy_(torch.where(finite, weight, module.ema_weight))
     module.ema_decay_weight.copy_(torch.where(finite, 1.0, module.ema_decay_weight))
 
 

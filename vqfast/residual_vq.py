@@ -105,6 +105,10 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             codebooks: no EMA update, no codebook gradient, no k-means init.
         channel_last: inputs ``[B, *spatial, D]`` (tokens ``[B, N, D]``), codes ``[B,
             *spatial, G*Q]``, masks ``[B, *spatial]``; read in place, no transpose copy.
+        kmeans_state: what k-means init leaves in the EMA state: ``"weighted"`` (default:
+            ``ema_weight`` = centroids x cluster sizes, the sizes at least 1, so the next
+            update continues the clusters) or ``"raw"`` (encodec's: ``ema_weight`` = the
+            centroids, ``ema_cluster_size`` = the counts as they are).
         ema_size: ``"smoothed"`` (default: ``ema_cluster_size`` holds the Laplace-smoothed
             sizes, the original notebook's and Sonnet's rule), ``"raw"`` (it holds the
             decayed counts, smoothed only to divide: encodec's and vector-quantize-pytorch's
@@ -162,8 +166,11 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                  channel_last=False, ema_size="smoothed", commitment_levels="all",
                  projection_bias=True, level_projections=False, level_strides=None,
                  eval_loss="commitment", codes_layout="batch_first",
-                 dead_code_rule="absolute", dead_code_every=1):
+                 dead_code_rule="absolute", dead_code_every=1, kmeans_state="weighted"):
         super().__init__()
+        if kmeans_state not in ("weighted", "raw"):
+            raise ValueError(f"kmeans_state must be 'weighted' or 'raw', got {kmeans_state!r}")
+        self.kmeans_state = kmeans_state
         if dead_code_rule not in ("absolute", "relative"):
             raise ValueError(f"dead_code_rule must be 'absolute' or 'relative', got "
                              f"{dead_code_rule!r}")
@@ -615,13 +622,15 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                 c, counts = kmeans(used, k, self.kmeans_iters, backend, self.precision)
                 if self.cosine is True:
                     c = F.normalize(c, dim=-1)
-                centroids[book, :k], sizes[book, :k] = c, counts.float().clamp_min(1)
+                centroids[book, :k] = c
+                sizes[book, :k] = (counts.float() if self.kmeans_state == "raw"
+                                   else counts.float().clamp_min(1))
                 searched = ((F.normalize(used, dim=-1), F.normalize(c, dim=-1))
                             if self.cosine == "search" else (used, c))
                 nearest, _ = VF.nearest_code(*searched, backend=backend, precision=self.precision)
                 residual = residual - c[nearest]
         centroids = without_real_rows_nan(centroids, flat_mask)
-        adopt_kmeans(self, self.codebooks, centroids, sizes)
+        adopt_kmeans(self, self.codebooks, centroids, sizes, raw=self.kmeans_state == "raw")
 
     @torch.no_grad()
     def decode_indices(self, codes: torch.Tensor, *, levels_dim=None) -> torch.Tensor:
