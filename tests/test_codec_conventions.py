@@ -23,9 +23,11 @@ def _encodec_rvq():
     if core_vq is None:
         pytest.skip("encodec is not installed")
     torch.manual_seed(0)
+    # encodec's default expiry (threshold 2) re-seeds `embed` only, which its EMA update
+    # then overwrites: the same quantizer as vqfast's dead_code_threshold=0
     return core_vq.ResidualVectorQuantization(
         num_quantizers=Q, dim=D, codebook_size=K, decay=DECAY, epsilon=EPS, kmeans_init=False,
-        threshold_ema_dead_code=0, commitment_weight=1.0).train()
+        threshold_ema_dead_code=2, commitment_weight=1.0).train()
 
 
 def _moshi_rvq():
@@ -427,7 +429,8 @@ def test_encodecs_kmeans_init(backend):
     rows as vqfast's does; it then stores the centroids themselves as ``embed_avg`` and the
     raw counts as ``cluster_size`` (``kmeans_state="raw"``), so its first update shrinks
     the codes. With the same random state, codes and state agree with encodec's from the
-    k-means step on; with vqfast's default convention they part at once."""
+    k-means step on (its expiry off: its draws would come between the levels' k-means);
+    with vqfast's default convention they part at once."""
     core_vq = third_party("encodec.quantization.core_vq")
     if core_vq is None:
         pytest.skip("encodec is not installed")
