@@ -24,7 +24,7 @@ import vqfast
 
 from .measure import median_seconds, peak_extra_bytes, timing_threads
 from .patched import third_party
-from .suite import environment, pick_device, save_side_report, side_parser
+from .suite import model_benchmark_main
 
 
 # --- from a codec's quantizer to ResidualVQ ---------------------------------------------
@@ -293,14 +293,7 @@ def markdown(env: dict, rows) -> str:
 
 
 def main(argv=None):
-    args = side_parser("python -m benchmarks.codecs", __doc__, "codecs",
-                       ("--quick", "tiny sizes (a smoke test)")).parse_args(argv)
-    device = pick_device(args.device)
-    rows = run(args.quick, device)
-    env = environment(device)
-    save_side_report(env, rows, markdown(env, rows), args.out, key="codecs",
-                     heading="Codec quantizers and vqfast.ResidualVQ", name=args.name,
-                     merge_into=args.merge_into)
+    model_benchmark_main("benchmarks.codecs", __doc__, "codecs", "Codec quantizers and vqfast.ResidualVQ", run, markdown, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 import vqfast
 
 from .measure import median_seconds, peak_extra_bytes, timing_threads
-from .suite import environment, pick_device, save_side_report, side_parser
+from .suite import model_benchmark_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -340,14 +340,7 @@ def markdown(env: dict, rows) -> str:
 
 
 def main(argv=None):
-    args = side_parser("python -m benchmarks.patched", __doc__, "patched",
-                       ("--quick", "tiny sizes (a smoke test)")).parse_args(argv)
-    device = pick_device(args.device)
-    rows = run(args.quick, device)
-    env = environment(device)
-    save_side_report(env, rows, markdown(env, rows), args.out, key="patched",
-                     heading="Models with and without vqfast.patch", name=args.name,
-                     merge_into=args.merge_into)
+    model_benchmark_main("benchmarks.patched", __doc__, "patched", "Models with and without vqfast.patch", run, markdown, argv)
 
 
 if __name__ == "__main__":

@@ -451,6 +451,20 @@ def side_parser(prog: str, description: str, key: str,
     return parser
 
 
+def model_benchmark_main(module: str, doc: str, key: str, heading: str, run, markdown,
+                         argv=None) -> None:
+    """The command of a benchmark of others' models (``benchmarks.patched``,
+    ``benchmarks.codecs``): ``--quick`` (tiny sizes), ``--device``, ``--out``, ``--name``,
+    ``--merge-into``; ``run(quick, device)`` gives the rows, ``markdown(env, rows)`` the table."""
+    args = side_parser(f"python -m {module}", doc, key,
+                       ("--quick", "tiny sizes (a smoke test)")).parse_args(argv)
+    device = pick_device(args.device)
+    rows = run(args.quick, device)
+    env = environment(device)
+    save_side_report(env, rows, markdown(env, rows), args.out, key=key, heading=heading,
+                     name=args.name, merge_into=args.merge_into)
+
+
 def pick_device(name: str) -> torch.device:
     """``"auto"``: CUDA when there is one, else the CPU."""
     if name == "auto":

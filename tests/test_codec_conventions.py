@@ -30,18 +30,20 @@ def _encodec_rvq():
         threshold_ema_dead_code=2, commitment_weight=1.0).train()
 
 
-def _moshi_rvq():
+def _moshi_rvq(threshold_usage_ratio=0.0, rare_codes=False):
     core_vq = third_party("moshi.quantization.core_vq")
     if core_vq is None:
         pytest.skip("moshi is not installed")
     torch.manual_seed(0)
     rvq = core_vq.ResidualVectorQuantization(
         num_quantizers=Q, codebook_offset=0, dim=D, codebook_size=K, decay=DECAY,
-        epsilon=EPS, threshold_usage_ratio=0.0).train()
+        epsilon=EPS, threshold_usage_ratio=threshold_usage_ratio).train()
     for layer in rvq.layers:  # trained codebooks (no k-means: moshi's draws its own rows)
         book = layer._codebook
         book.embedding_sum.normal_()
         book.cluster_usage.uniform_(0.5, 2.0)
+        if rare_codes:  # rarely used codes, to expire
+            book.cluster_usage[::3] = 0.01
         book._initialized.fill_(1)
     return rvq
 
@@ -381,6 +383,18 @@ def test_level_by_level_refuses_what_it_cannot_do():
         rvq(torch.randn(1, 6, 4, 4))
 
 
+def _step_with_the_same_draws(theirs, ours, step):
+    """One training step of each from the same random state (their k-means and expiry
+    draw rows): the codes must be equal; returns both outputs."""
+    x = torch.randn(2, D, 40, generator=torch.Generator().manual_seed(step))
+    torch.manual_seed(1000 + step)
+    q_theirs, codes_theirs = theirs(x)[:2]
+    torch.manual_seed(1000 + step)
+    _, q_ours, _, codes_ours = ours(x)
+    assert torch.equal(codes_ours.transpose(0, 1), codes_theirs), f"step {step}: codes"
+    return q_theirs, q_ours
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_moshis_dead_code_rule(backend):
     """moshi's expiry (every 5 steps, before the EMA update: codes used less than 0.1 x the
@@ -388,30 +402,14 @@ def test_moshis_dead_code_rule(backend):
     ``dead_code_rule="relative"``, ``dead_code_threshold=0.1``, ``dead_code_every=5``. With
     the same random state before each step, codes and state agree with moshi's through
     four expiries, codes replaced at each."""
-    core_vq = third_party("moshi.quantization.core_vq")
-    if core_vq is None:
-        pytest.skip("moshi is not installed")
-    torch.manual_seed(0)
-    theirs = core_vq.ResidualVectorQuantization(
-        num_quantizers=Q, codebook_offset=0, dim=D, codebook_size=K, decay=DECAY,
-        epsilon=EPS, threshold_usage_ratio=0.1, check_unused_every=5).train()
-    for layer in theirs.layers:
-        book = layer._codebook
-        book.embedding_sum.normal_()
-        book.cluster_usage.uniform_(0.5, 2.0)
-        book.cluster_usage[::3] = 0.01  # rarely used codes, to expire
-        book._initialized.fill_(1)
+    theirs = _moshi_rvq(threshold_usage_ratio=0.1, rare_codes=True)  # every 5 steps: its default
+    assert theirs.layers[0]._codebook.check_unused_every == 5
     ours = ema_like(theirs, backend=backend, commitment_cost=1.0, ema_size="raw_clamped",
                     dead_code_rule="relative", dead_code_threshold=0.1,
                     dead_code_every=5).train()
     steps = 20 if backend == "torch" else 5
     for step in range(steps):
-        x = torch.randn(2, D, 40, generator=torch.Generator().manual_seed(step))
-        torch.manual_seed(1000 + step)
-        q_theirs, codes_theirs = theirs(x)[:2]
-        torch.manual_seed(1000 + step)
-        _, q_ours, _, codes_ours = ours(x)
-        assert torch.equal(codes_ours.transpose(0, 1), codes_theirs), f"step {step}: codes"
+        q_theirs, q_ours = _step_with_the_same_draws(theirs, ours, step)
         torch.testing.assert_close(q_ours, q_theirs, msg=f"step {step}: output")
         for name, value in ema_state(theirs).items():
             torch.testing.assert_close(getattr(ours, name), value, rtol=1e-5, atol=1e-5,
@@ -444,12 +442,7 @@ def test_encodecs_kmeans_init(backend):
                                  ema_size="raw", commitment_levels="first",
                                  kmeans_state=state, backend=backend).train()
         for step in range(4 if backend == "triton" else 20):
-            x = torch.randn(2, D, 40, generator=torch.Generator().manual_seed(step))
-            torch.manual_seed(100 + step)
-            q_theirs, codes_theirs = theirs(x)[:2]
-            torch.manual_seed(100 + step)
-            _, q_ours, _, codes_ours = ours(x)
-            assert torch.equal(codes_ours.transpose(0, 1), codes_theirs), f"step {step}"
+            q_theirs, q_ours = _step_with_the_same_draws(theirs, ours, step)
             same = all(torch.allclose(getattr(ours, name), value, rtol=1e-5, atol=1e-5)
                        for name, value in ema_state(theirs).items())
             assert same == agrees, (state, step)
