@@ -449,3 +449,61 @@ def test_encodecs_kmeans_init(backend):
             if not agrees:  # (the default's state parts after the first step)
                 break
             torch.testing.assert_close(q_ours, q_theirs)
+
+
+def test_what_review_found(monkeypatch):
+    """Edge cases of the codec options: a shared codebook trained on its first levels only
+    never reads the unwritten statistics of the others; moshi's expiry on a non-finite
+    batch replaces nothing, and under a mask draws only true residuals of real rows; the
+    level-by-level path keeps the inputs' spatial shape; combinations that would be
+    silently ignored are refused."""
+    torch.manual_seed(0)
+    real_new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda self, *a, **k: real_new_empty(self, *a, **k).fill_(float("nan"))
+                        if real_new_empty(self, *a, **k).is_floating_point()
+                        else real_new_empty(self, *a, **k))
+    shared = vqfast.ResidualVQ(4, 16, 8, shared_codebook=True, kmeans_init=False,
+                               backend="torch").train()
+    shared(torch.randn(2, 8, 10), num_levels=2)
+    assert torch.isfinite(shared.codebooks).all() and torch.isfinite(shared.ema_weight).all()
+    monkeypatch.undo()
+
+    rvq = vqfast.ResidualVQ(2, 16, 4, dead_code_rule="relative", dead_code_threshold=0.5,
+                            kmeans_init=False, backend="torch").train()
+    rvq(torch.randn(2, 4, 10))
+    before = {k: v.clone() for k, v in rvq.state_dict().items() if torch.is_tensor(v)}
+    x = torch.randn(2, 4, 10)
+    x[0, :, 3] = float("nan")
+    rvq(x)
+    for name in ("codebooks", "ema_weight", "ema_cluster_size"):
+        assert torch.equal(getattr(rvq, name), before[name]), name
+
+    rvq = vqfast.ResidualVQ(2, 64, 4, dead_code_rule="relative", dead_code_threshold=1e9,
+                            decay=1 - 1e-7, kmeans_init=False, backend="torch").train()
+    x = torch.randn(1, 4, 40)
+    mask = torch.zeros(1, 40, dtype=torch.bool)
+    mask[0, :8] = True
+    with torch.no_grad():  # a trained state: every code used once
+        rvq.ema_cluster_size.fill_(1.0)
+        rvq.ema_weight.copy_(rvq.codebooks)
+    codebooks = rvq.codebooks.clone()
+    rvq(x, mask=mask)  # every code expires: level l's take real rows' level-l residuals
+    rows = x[0].t()[:8]
+    first = codebooks[0][vqfast.reference.nearest_code(rows, codebooks[0])]
+    for level, allowed in ((0, rows), (1, rows - first)):  # (decay ~1: the samples stay)
+        dist = torch.cdist(rvq.codebooks[level], allowed).min(1).values
+        assert (dist < 1e-3).all(), level
+
+    deep = vqfast.ResidualVQ(3, 8, 6, ema=False, codebook_dim=4, level_projections=True,
+                             kmeans_init=False)
+    loss, q, _, codes = deep(torch.randn(2, 6, 3, 5))
+    assert q.shape == (2, 6, 3, 5) and codes.shape == (2, 3, 3, 5)
+    assert deep.encode(torch.randn(2, 6, 3, 5)).shape == (2, 3, 3, 5)
+    for bad, match in ((dict(ema=False, codebook_dim=4, level_strides=(1, 2)), "level_projections"),
+                       (dict(codes_layout="levels_first", channel_last=True), "channels-first"),
+                       (dict(ema=False, kmeans_state="raw"), "ema=True"),
+                       (dict(dead_code_every=5), "relative")):
+        with pytest.raises(ValueError, match=match):
+            vqfast.ResidualVQ(2, 16, 8, **bad)
+    assert vqfast.ResidualVQ(2, 16, 8, cosine=torch.tensor(True).item()).cosine is True

@@ -112,8 +112,8 @@ def forward(rvq, inputs, mask, n: int, breakdown: bool):
         codes.append(level_codes)
         perplexities.append(perplexity)
     q = total if keep is None else torch.where(keep, total, x)
-    idx = torch.stack(codes, 1)  # [B, n, T]
-    outputs = (loss, q.to(inputs.dtype), torch.cat(perplexities), idx)
+    idx = torch.stack(codes, 1).view(x.shape[0], n, *inputs.shape[2:])  # [B, n, *spatial]
+    outputs = (loss, q.to(inputs.dtype).view(inputs.shape), torch.cat(perplexities), idx)
     if not breakdown:
         return outputs
     return (*outputs, LossBreakdown.of(loss, commitment=commitment.float(),
@@ -135,7 +135,7 @@ def encode(rvq, inputs, mask, n: int) -> torch.Tensor:
         codes.append(_spread(rvq, level, idx, x.shape[0]))
         if level + 1 < n:
             residual = residual - _decoded_level(rvq, codebooks, level, idx.view(x.shape[0], -1))
-    return torch.stack(codes, 1)
+    return torch.stack(codes, 1).view(x.shape[0], n, *inputs.shape[2:])
 
 
 def _decoded_level(rvq, codebooks, level: int, codes: torch.Tensor) -> torch.Tensor:

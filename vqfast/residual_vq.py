@@ -32,6 +32,9 @@ def _check_codec_options(num_quantizers, cosine, codebook_dim, level_projections
             or not all(modules._is_int(s) and s >= 1 for s in level_strides)):
         raise ValueError(f"level_strides must hold one int >= 1 per level (num_quantizers="
                          f"{num_quantizers}), got {level_strides!r}")
+    if level_strides is not None and codebook_dim is not None and not level_projections:
+        raise ValueError("level_strides with codebook_dim: pass level_projections=True (each "
+                         "level projects its own pooled residual)")
     if eval_loss not in ("commitment", "zero"):
         raise ValueError(f"eval_loss must be 'commitment' or 'zero', got {eval_loss!r}")
     if codes_layout not in ("batch_first", "levels_first"):
@@ -183,6 +186,15 @@ class ResidualVQ(QuantizerCommon, nn.Module):
         self._dead_code_countdown = self.dead_code_every
         _check_codec_options(num_quantizers, cosine, codebook_dim, level_projections,
                              level_strides, eval_loss, codes_layout)
+        if codes_layout == "levels_first" and channel_last:
+            raise ValueError("codes_layout='levels_first' is for channels-first inputs (codes "
+                             "[G*Q, B, *spatial]); channel_last codes are [B, *spatial, G*Q]")
+        if kmeans_state == "raw" and not ema:
+            raise ValueError("kmeans_state='raw' sets the EMA state: ema=True only")
+        if dead_code_every != 1 and dead_code_rule != "relative":
+            raise ValueError("dead_code_every counts steps between moshi's expiries: "
+                             "dead_code_rule='relative' only")
+        cosine = cosine if cosine == "search" else bool(cosine)
         self.eval_loss, self.codes_layout = eval_loss, codes_layout
         self.level_projections = bool(level_projections)
         self.level_strides = tuple(level_strides) if level_strides is not None else None
@@ -418,10 +430,10 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             stats = dict(z=z, loss=loss.detach(), idx=self._all_levels(idx, n, -1),
                          counts=self._all_levels(counts, n, 0),
                          # (the EMA update reads the levels that ran only; zeros where
-                         # they are summed: over micro-batches or ranks)
+                         # they are summed: over micro-batches, ranks or a shared book)
                          code_sums=self._all_levels(
                              code_sums, n, 0.0 if self._accumulated is not None
-                             or self._syncing() else None),
+                             or self._syncing() or self.shared_codebook else None),
                          snapshot=(snapshot if self.shared_codebook
                                    or self.dead_code_threshold == 0  # (read by re-seeding only)
                                    else self._all_levels(snapshot, n, 0.0)),
@@ -511,7 +523,9 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             self._dead_code_countdown -= 1
             if self._dead_code_countdown <= 0:
                 self._dead_code_countdown = self.dead_code_every
-                self._replace_below_mean(z, idx, snapshot)
+                finite = torch.isfinite(loss) if not_finite is None else (
+                    torch.isfinite(loss) & ~not_finite)
+                self._replace_below_mean(z, idx, snapshot, finite, masked)
         applied = VF.ema_update(counts, code_sums, loss, not_finite, self.ema_cluster_size,
                                 self.ema_weight, self.codebooks, self.ema_decay_weight,
                                 self.skipped_batches, self.decay, self.epsilon, backend,
@@ -524,20 +538,21 @@ class ResidualVQ(QuantizerCommon, nn.Module):
             self._reseed_dead_codes(z, idx, snapshot, applied > 0)
 
     @torch.no_grad()
-    def _replace_below_mean(self, z, idx, snapshot):
+    def _replace_below_mean(self, z, idx, snapshot, finite, masked):
         """``dead_code_rule="relative"`` (moshi's), before the EMA update: each codebook's
         codes below ``dead_code_threshold`` times its mean stored size take one of the
-        residuals their level saw, at the mean size; draws level by level, as moshi's."""
+        residuals their level saw (of real rows only), at the mean size; draws level by
+        level, as moshi's. A non-finite batch (``finite`` False) replaces nothing."""
         g, q, d = self.groups, self.num_quantizers, self.code_dim
         size = self.ema_cluster_size
         k = self.num_embeddings
         mean = size.sum(1, keepdim=True) / (self.book_sizes[:, None] if self.level_sizes
                                             else k)
-        dead = (size < self.dead_code_threshold * mean) & (idx >= 0).any(1)[:, None]
+        dead = (size < self.dead_code_threshold * mean) & (idx >= 0).any(1)[:, None] & finite
         if self.level_sizes is not None:
             dead = dead & self.real_codes
         rows = z.movedim(1, -1).reshape(-1, z.shape[1]).float()
-        rows = real_rows(rows, idx[0] >= 0)  # (masked rows: never drawn)
+        real = idx[0] >= 0 if masked else None  # (level 0 never drops: the mask)
         n = rows.shape[0]
         samples = []
         for group in range(g):
@@ -546,7 +561,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
                 book = group * q + level
                 picks = (torch.randperm(n, device=z.device)[:k] if n >= k
                          else torch.randint(0, n, (k,), device=z.device))
-                samples.append(residual[picks])
+                samples.append(real_rows(residual, real)[picks])  # (masked rows: never drawn)
                 codes = idx[book]
                 residual = residual - torch.where((codes >= 0)[:, None],
                                                   snapshot[book][codes.clamp_min(0)], 0.0)
