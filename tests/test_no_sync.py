@@ -22,7 +22,7 @@ from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vqfast
-from vqfast import _torch, modules
+from vqfast import _torch, quantizer_base
 from _util import ORIGINAL, BACKENDS, DEVICE
 
 SYNCING_OPS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzero", "aten.item",
@@ -117,7 +117,7 @@ def single_rank_group(monkeypatch):
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
-    monkeypatch.setattr(modules, "_world_size", lambda: 2)
+    monkeypatch.setattr(quantizer_base, "_world_size", lambda: 2)
     yield
     dist.destroy_process_group()
 

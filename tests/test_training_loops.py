@@ -171,14 +171,14 @@ def test_accumulation_all_reduces_once_per_update(monkeypatch):
     import socket
 
     import torch.distributed as dist
-    from vqfast import modules
+    from vqfast import quantizer_base
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        monkeypatch.setattr(modules, "_world_size", lambda: 2)
+        monkeypatch.setattr(quantizer_base, "_world_size", lambda: 2)
         calls = []
         original = dist.all_reduce
         monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (calls.append(t.numel()),

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as VF
-from . import modules
+from . import quantizer_base
 from .modules import (LossBreakdown, QuantizerCommon, _all_reduce_statistics, _is_int,
                       adopt_kmeans, check_codebook_options, check_codes, check_count, check_number,
                       keep_fp32, kmeans, reseed_dead_codes)
@@ -291,7 +291,7 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
 
     def _syncing(self) -> bool:
         wanted = self.sync_distributed is None or bool(self.sync_distributed)
-        return self.ema and wanted and modules._world_size() > 1
+        return self.ema and wanted and quantizer_base._world_size() > 1
 
     @torch.no_grad()
     def _update(self, counts, code_sums, loss, rows, backend):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as VF
-from . import modules
+from . import modules, quantizer_base
 from .modules import (LossBreakdown, Projection, QuantizerCommon, _all_reduce_statistics,
                       adopt_kmeans, check_codebook_options, check_codes, check_mask, check_number,
                       keep_fp32, kmeans, real_rows, rows_seen, usage_report, warn_skipped,
@@ -470,7 +470,7 @@ class ResidualVQ(QuantizerCommon, nn.Module):
 
     def _syncing(self) -> bool:
         wanted = self.sync_distributed is None or bool(self.sync_distributed)
-        return self.ema and wanted and modules._world_size() > 1
+        return self.ema and wanted and quantizer_base._world_size() > 1
 
     def _book_active(self, active):
         """Per codebook: was it used this batch (bool ``[G*C]``, or None for all)."""

@@ -1,0 +1,171 @@
+"""Codebook upkeep shared by the codebook quantizers: k-means init, dead-code re-seeding,
+the EMA statistics' all-reduce, usage reports."""
+
+import math
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import _torch
+from . import functional as VF
+from . import quantizer_base as base
+from .quantizer_base import CodebookUsage
+
+
+@torch.no_grad()
+def kmeans(x: torch.Tensor, num_codes: int, iters: int = 10, backend: str = "auto",
+           precision: str = "ieee"):
+    """Lloyd's k-means of ``x: [N, D]`` on the fused nearest-code path.
+
+    Starts from ``num_codes`` random rows (with replacement when ``N < num_codes``); a code
+    that loses all its rows keeps its position. Returns ``centroids`` (fp32 ``[K, D]``) and
+    the last assignment's ``counts`` (int32 ``[K]``).
+    """
+    x = x.detach().float().contiguous()
+    backend = VF.resolve_backend(backend, x.device)
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+        raise ValueError("k-means input contains NaN or Inf")
+    n = x.shape[0]
+    start = (torch.randint(n, (num_codes,), device=x.device) if n < num_codes
+             else torch.randperm(n, device=x.device)[:num_codes])
+    centroids = x[start]
+    counts = torch.zeros(num_codes, dtype=torch.int32, device=x.device)
+    for _ in range(iters):
+        # One fused pass: assignment, per-code counts and per-code sums.
+        _, _, _, _, counts, sums, _ = torch.ops.vqfast.quantize(x, centroids, True, 1.0, backend,
+                                                                 precision)
+        centroids = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centroids)
+    return centroids, counts
+
+
+def rows_seen(counts: torch.Tensor, flat_mask, active=None):
+    """Which codebooks an EMA update applies to: with a mask, only those that quantized at
+    least one real row this step (``counts [..., K]`` summed on the device), so a batch of
+    padding alone leaves the state as it is (the Laplace smoothing of an all-zero state
+    would divide by zero); combined with ``active`` (bool ``[C]`` or ``None``)."""
+    if flat_mask is None:
+        return active
+    seen = counts.sum(-1) > 0
+    return seen if active is None else active & seen
+
+
+def without_real_rows_nan(centroids: torch.Tensor, flat_mask) -> torch.Tensor:
+    """k-means centroids, or NaN when the batch had no real row (padding only): the
+    initialisation is then not taken, on every rank alike (rank 0's centroids travel)."""
+    if flat_mask is None:
+        return centroids
+    return torch.where(flat_mask.any(), centroids, float("nan"))
+
+
+def check_codebook_options(*, ema: bool, decay: float, epsilon: float, dead_code_threshold,
+                           default_threshold: float, precision: str, backend: str) -> float:
+    """The EMA, re-seeding, precision and backend options of a codebook quantizer, checked
+    before anything is built; returns the dead-code threshold (``None``: the default)."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay}")
+    if not epsilon > 0.0 or not math.isfinite(epsilon):
+        raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
+    if dead_code_threshold is None:
+        dead_code_threshold = default_threshold
+    if not (dead_code_threshold >= 0.0 and math.isfinite(dead_code_threshold)):
+        raise ValueError(f"dead_code_threshold must be a finite number >= 0, got "
+                         f"{dead_code_threshold}")
+    if dead_code_threshold > 0 and not ema:
+        raise ValueError("dead_code_threshold needs ema=True (it reads the EMA cluster sizes)")
+    if precision not in VF.PRECISIONS:
+        raise ValueError(f"precision must be one of {VF.PRECISIONS}, got {precision!r}")
+    VF.check_backend(backend)
+    return dead_code_threshold
+
+
+def adopt_kmeans(module: nn.Module, codebook: torch.Tensor, centroids: torch.Tensor,
+                 sizes: torch.Tensor, raw: bool = False) -> None:
+    """Rank 0's k-means codes (``centroids``, cluster ``sizes`` at least 1) on every rank,
+    taken only where all are finite: the ``codebook``, the EMA state that agrees with them
+    (``raw``: encodec's, see ``take_kmeans_ema_state``), and the module's ``initialized``
+    flag (no host read inside a compiled graph)."""
+    if base._world_size() > 1:
+        dist.broadcast(centroids, 0)
+        dist.broadcast(sizes, 0)
+    finite = torch.isfinite(centroids).all()
+    codebook.data.copy_(torch.where(finite, centroids, codebook.data))
+    if getattr(module, "ema_cluster_size", None) is not None:
+        take_kmeans_ema_state(module, centroids, sizes, finite, raw)
+    module.initialized.copy_(finite)
+    module._kmeans_done = kmeans_done(finite)
+
+
+@torch.no_grad()
+def reseed_dead_codes(module: nn.Module, x: torch.Tensor, apply: torch.Tensor, flat_mask=None,
+                      cosine: bool = False) -> None:
+    """Re-seed ``module``'s one codebook in place: codes whose ``corrected_cluster_size()``
+    is below its ``dead_code_threshold`` (where ``apply``) take a random row of ``x [B, D,
+    S]`` (rank 0's when ``module._syncing()``; never a row ``flat_mask`` leaves out),
+    starting at a size of ``max(dead_code_threshold, 1)``. Branch-free: every code draws a
+    candidate row; the dead ones take it. No host sync."""
+    dead = (module.corrected_cluster_size() < module.dead_code_threshold) & apply
+    picks, samples = _torch.random_rows(x, module.num_embeddings)  # [K], [K, D]
+    if cosine:
+        samples = F.normalize(samples, dim=-1)
+    real = flat_mask[picks] if flat_mask is not None else None  # a masked row is no candidate
+    if module._syncing():  # synced state: the same dead codes everywhere, rank 0's rows
+        dist.broadcast(samples, 0)
+        if real is not None:
+            dist.broadcast(real, 0)
+    if real is not None:
+        dead = dead & real
+    _torch.take_samples(dead, samples, max(module.dead_code_threshold, 1.0) * module.ema_decay_weight,
+                        module.codebook, module._buffers.get("ema_weight"),
+                        module.ema_cluster_size, module.reseeded_codes)
+
+
+def kmeans_done(initialized: torch.Tensor) -> bool:
+    """Whether k-means init is over: eagerly, whether it took (else the next training batch
+    tries again; one host read, on the steps before it took); inside a compiled graph,
+    always (no host read there: a batch that could not initialise leaves the codebook)."""
+    return True if torch.compiler.is_compiling() else bool(initialized)
+
+
+def take_kmeans_ema_state(module: nn.Module, centroids: torch.Tensor, sizes: torch.Tensor,
+                          finite: torch.Tensor, raw: bool = False) -> None:
+    """EMA state that agrees with k-means codes (``centroids [..., K, d]``, ``sizes [..., K]``
+    at least 1), taken only where ``finite``: ``ema_cluster_size = sizes``, ``ema_weight =
+    centroids * sizes``, ``ema_decay_weight = 1`` (trained-state bias correction). ``raw``
+    (encodec's convention): ``sizes`` as counted (0 allowed) and ``ema_weight = centroids``."""
+    module.ema_cluster_size.copy_(torch.where(finite, sizes, module.ema_cluster_size))
+    if getattr(module, "ema_weight", None) is not None:  # (a learned codebook tracks usage only)
+        weight = centroids if raw else centroids * sizes[..., None]
+        module.ema_weight.copy_(torch.where(finite, weight, module.ema_weight))
+    module.ema_decay_weight.copy_(torch.where(finite, 1.0, module.ema_decay_weight))
+
+
+def _all_reduce_statistics(counts: torch.Tensor, code_sums: torch.Tensor,
+                           not_finite: torch.Tensor):
+    """Sum per-code counts (int32 ``[..., K]``), sums (fp32 ``[..., K, D]``: every level's)
+    and the 0-d non-finite flag over all ranks in one collective (so every rank skips the
+    same batches). Counts travel as fp32: exact up to 2**24 vectors per code per step."""
+    sums, num = code_sums.numel(), counts.numel()
+    packed = torch.cat([code_sums.reshape(-1), counts.float().reshape(-1),
+                        not_finite.float().reshape(1)])
+    dist.all_reduce(packed)
+    return (packed[sums:sums + num].round().to(torch.int32).view(counts.shape),
+            packed[:sums].view(code_sums.shape), packed[-1] > 0)
+
+
+def usage_report(cluster_size, corrected_size, threshold, reseeded, skipped) -> CodebookUsage:
+    """A ``CodebookUsage`` of one codebook's EMA sizes ``[K]`` (host sync)."""
+    size = cluster_size.float()
+    total = size.sum()
+    usage = size / total if total > 0 else torch.full_like(size, 1.0 / size.numel())
+    dead = int((corrected_size < threshold).sum())
+    return CodebookUsage(usage, dead, size.numel() - dead, int(reseeded), int(skipped))
+
+
+def warn_skipped(skipped: int) -> None:
+    if skipped:
+        warnings.warn(f"{skipped} training batch(es) had non-finite statistics (NaN/Inf "
+                      "inputs or overflowing squares); their EMA updates were skipped",
+                      RuntimeWarning, stacklevel=3)
