@@ -1,0 +1,217 @@
+"""``ResidualVQ``'s codebook upkeep, apart from its search: the EMA update of every level
+from the fused forward's statistics (with gradient accumulation and one packed all-reduce),
+dead-code re-seeding (the absolute rule, and moshi's relative one), k-means init level by
+level, and the usage reports."""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import functional as VF
+from . import quantizer_base
+from .codebook_upkeep import (_all_reduce_statistics, adopt_kmeans, kmeans, rows_seen,
+                              usage_report, warn_skipped, without_real_rows_nan)
+from .quantizer_base import real_rows
+
+_SIZE_RULES = {"smoothed": 0, "raw": 1, "raw_clamped": 2}  # ema_size -> the EMA op's size_rule
+
+
+class ResidualUpkeep:
+    """The EMA, re-seeding, k-means and usage methods of ``ResidualVQ`` (a mixin: it reads
+    the module's options and buffers)."""
+
+    def _syncing(self) -> bool:
+        wanted = self.sync_distributed is None or bool(self.sync_distributed)
+        return self.ema and wanted and quantizer_base._world_size() > 1
+
+    def _book_active(self, active):
+        """Per codebook: was it used this batch (bool ``[G*C]``, or None for all)."""
+        if active is None or self.shared_codebook:
+            return None
+        level_on = torch.arange(self.num_quantizers, device=active.device) < active
+        return level_on.repeat(self.groups)
+
+    def _per_book(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-level statistics ``[G*Q, ...]`` -> per codebook (summed over shared levels)."""
+        if not self.shared_codebook:
+            return t
+        return t.view(self.groups, self.num_quantizers, *t.shape[1:]).sum(1)
+
+    def accumulate(self):
+        """Gradient accumulation (``ema=True``): the training forwards inside the block add
+        every level's counts and sums to one accumulator; leaving it applies one EMA update
+        (one packed all-reduce under ``torch.distributed``), equal up to fp32 rounding to
+        one forward of the concatenated micro-batches. A codebook that any micro-batch used
+        (quantize dropout, masks) is updated; a non-finite micro-batch skips the update.
+        k-means init runs on the first micro-batch, dead-code re-seeding draws from the
+        last one's residuals. No host sync.
+
+        ``with rvq.accumulate(): for micro in batches: loss, q, _, _ = rvq(micro); ...``
+        """
+        return self._accumulation_window()
+
+    def _accumulate(self, stats: dict) -> None:
+        acc = self._accumulated
+        if acc:
+            for key in ("loss", "counts", "code_sums"):
+                stats[key] = acc[key] + stats[key]
+            on, seen = acc["books_on"], stats["books_on"]
+            stats["books_on"] = None if on is None or seen is None else on | seen
+            stats["masked"] = acc["masked"] or stats["masked"]
+        acc.update(stats)
+
+    @torch.no_grad()
+    def _update(self, z, loss, idx, counts, code_sums, snapshot, books_on, masked, backend):
+        """The EMA update of every codebook from per-level ``counts`` and ``code_sums``
+        (``books_on``: bool ``[G*C]`` of the codebooks the batch used, None for all;
+        ``masked``: whether a mask took part), then dead-code re-seeding."""
+        counts, code_sums = self._per_book(counts), self._per_book(code_sums)
+        not_finite = None
+        if self._syncing():
+            counts, code_sums, not_finite = _all_reduce_statistics(counts, code_sums,
+                                                                   ~torch.isfinite(loss))
+        book_active = rows_seen(counts, True if masked else None, books_on)
+        if self.dead_code_rule == "relative" and self.dead_code_threshold > 0:
+            self._dead_code_countdown -= 1
+            if self._dead_code_countdown <= 0:
+                self._dead_code_countdown = self.dead_code_every
+                finite = torch.isfinite(loss) if not_finite is None else (
+                    torch.isfinite(loss) & ~not_finite)
+                self._replace_below_mean(z, idx, snapshot, finite, masked)
+        applied = VF.ema_update(counts, code_sums, loss, not_finite, self.ema_cluster_size,
+                                self.ema_weight, self.codebooks, self.ema_decay_weight,
+                                self.skipped_batches, self.decay, self.epsilon, backend,
+                                book_active, num_codes=getattr(self, "book_sizes", None),
+                                size_rule=_SIZE_RULES[self.ema_size])
+        if self.cosine is True:
+            self.codebooks.copy_(torch.where(applied[:, None, None] > 0,
+                                             F.normalize(self.codebooks, dim=-1), self.codebooks))
+        if self.dead_code_threshold > 0 and self.dead_code_rule == "absolute":
+            self._reseed_dead_codes(z, idx, snapshot, applied > 0)
+
+    @torch.no_grad()
+    def _replace_below_mean(self, z, idx, snapshot, finite, masked):
+        """``dead_code_rule="relative"`` (moshi's), before the EMA update: each codebook's
+        codes below ``dead_code_threshold`` times its mean stored size take one of the
+        residuals their level saw (of real rows only), at the mean size; draws level by
+        level, as moshi's. A non-finite batch (``finite`` False) replaces nothing."""
+        g, q, d = self.groups, self.num_quantizers, self.code_dim
+        size = self.ema_cluster_size
+        k = self.num_embeddings
+        mean = size.sum(1, keepdim=True) / (self.book_sizes[:, None] if self.level_sizes
+                                            else k)
+        dead = (size < self.dead_code_threshold * mean) & (idx >= 0).any(1)[:, None] & finite
+        if self.level_sizes is not None:
+            dead = dead & self.real_codes
+        rows = z.movedim(1, -1).reshape(-1, z.shape[1]).float()
+        real = idx[0] >= 0 if masked else None  # (level 0 never drops: the mask)
+        n = rows.shape[0]
+        samples = []
+        for group in range(g):
+            residual = rows[:, group * d:(group + 1) * d]
+            for level in range(q):
+                book = group * q + level
+                picks = (torch.randperm(n, device=z.device)[:k] if n >= k
+                         else torch.randint(0, n, (k,), device=z.device))
+                samples.append(real_rows(residual, real)[picks])  # (masked rows: never drawn)
+                codes = idx[book]
+                residual = residual - torch.where((codes >= 0)[:, None],
+                                                  snapshot[book][codes.clamp_min(0)], 0.0)
+        samples = torch.stack(samples)
+        if self.cosine is True:
+            samples = F.normalize(samples, dim=-1)
+        if self._syncing():
+            dist.broadcast(samples, 0)
+        self.ema_weight.copy_(torch.where(dead[..., None], samples * mean[..., None],
+                                          self.ema_weight))
+        self.ema_cluster_size.copy_(torch.where(dead, mean, size))
+        self.codebooks.copy_(torch.where(dead[..., None], samples, self.codebooks))
+        self.reseeded_codes.add_(dead.sum(1))
+
+    def corrected_cluster_size(self) -> torch.Tensor:
+        """``[G*C, K]`` EMA cluster sizes over ``1 - decay**t`` (see ``VectorQuantizerEMA``)."""
+        return self.ema_cluster_size / self.ema_decay_weight.clamp_min(1e-30)[:, None]
+
+    def _sampled_residuals(self, z, idx, codebooks, picks):
+        """The residual each level quantized for rows ``picks [M]`` of ``z: [B, D', S]``,
+        rebuilt from their codes: fp32 ``[G*Q, M, d]`` (normalised when ``cosine``) and
+        whether the level quantized that row (bool ``[G*Q, M]``)."""
+        g, q, d = self.groups, self.num_quantizers, self.code_dim
+        s = z.shape[2]
+        rows = z[picks // s, :, picks % s].float().view(-1, g, d).transpose(0, 1)  # [G, M, d]
+        codes = idx[:, picks]  # [G*Q, M]
+        used = codes >= 0
+        books = torch.arange(g * q, device=z.device)
+        books = books // q if self.shared_codebook else books
+        gathered = codebooks[books[:, None], codes.clamp_min(0)] * used[..., None]
+        gathered = gathered.view(g, q, -1, d)
+        before = gathered.cumsum(1) - gathered  # what the earlier levels took away
+        residual = rows[:, None] - before
+        if self.cosine is True:
+            residual = F.normalize(residual, dim=-1)
+        return residual.reshape(g * q, -1, d), used
+
+    @torch.no_grad()
+    def _reseed_dead_codes(self, z, idx, snapshot, applied):
+        k = self.num_embeddings
+        picks = torch.randint(idx.shape[1], (k,), device=z.device)
+        samples, used = self._sampled_residuals(z, idx, snapshot, picks)
+        if self.shared_codebook:  # a shared codebook re-seeds from its group's inputs
+            samples = samples.view(self.groups, self.num_quantizers, k, -1)[:, 0]
+            used = used.view(self.groups, self.num_quantizers, k)[:, 0]
+        if self._syncing():
+            dist.broadcast(samples, 0)
+            dist.broadcast(used, 0)
+        dead = (self.corrected_cluster_size() < self.dead_code_threshold) & applied[:, None] & used
+        if self.level_sizes is not None:
+            dead = dead & self.real_codes
+        size = max(self.dead_code_threshold, 1.0) * self.ema_decay_weight[:, None]
+        self.codebooks.copy_(torch.where(dead[..., None], samples, self.codebooks))
+        self.ema_weight.copy_(torch.where(dead[..., None], samples * size[..., None],
+                                          self.ema_weight))
+        self.ema_cluster_size.copy_(torch.where(dead, size, self.ema_cluster_size))
+        self.reseeded_codes.add_(dead.sum(1))
+
+    @torch.no_grad()
+    def _kmeans(self, z, flat_mask, backend):
+        """Level by level: k-means of the residuals the level will see (rank 0's batch)."""
+        d = self.code_dim
+        rows = z.movedim(1, -1).reshape(-1, z.shape[1]).float()
+        rows = real_rows(rows, flat_mask)
+        centroids = torch.zeros_like(self.codebooks)  # (padding rows stay 0)
+        sizes = torch.zeros(self.codebooks.shape[:2], device=z.device)
+        for g in range(self.groups):
+            residual = rows[:, g * d:(g + 1) * d]
+            for level in range(1 if self.shared_codebook else self.num_quantizers):
+                book = g if self.shared_codebook else g * self.num_quantizers + level
+                used = F.normalize(residual, dim=-1) if self.cosine is True else residual
+                k = self.level_sizes[level] if self.level_sizes else self.num_embeddings
+                c, counts = kmeans(used, k, self.kmeans_iters, backend, self.precision)
+                if self.cosine is True:
+                    c = F.normalize(c, dim=-1)
+                centroids[book, :k] = c
+                sizes[book, :k] = (counts.float() if self.kmeans_state == "raw"
+                                   else counts.float().clamp_min(1))
+                searched = ((F.normalize(used, dim=-1), F.normalize(c, dim=-1))
+                            if self.cosine == "search" else (used, c))
+                nearest, _ = VF.nearest_code(*searched, backend=backend, precision=self.precision)
+                residual = residual - c[nearest]
+        centroids = without_real_rows_nan(centroids, flat_mask)
+        adopt_kmeans(self, self.codebooks, centroids, sizes, raw=self.kmeans_state == "raw")
+
+    @torch.no_grad()
+    def codebook_usage(self, threshold: float | None = None):
+        """One ``CodebookUsage`` per codebook (``[G*C]``, level-major within a group) from
+        the EMA sizes (host sync); warns if batches were skipped."""
+        if not self.ema:
+            raise RuntimeError("codebook_usage() reads the EMA cluster sizes: ema=True only")
+        if threshold is None:
+            threshold = self.dead_code_threshold or 1.0
+        corrected = self.corrected_cluster_size()
+        sizes = (self.book_sizes.tolist() if self.level_sizes
+                 else [self.num_embeddings] * self.num_books)
+        reports = [usage_report(self.ema_cluster_size[b, :k], corrected[b, :k], threshold,
+                                self.reseeded_codes[b], self.skipped_batches[b])
+                   for b, k in enumerate(sizes)]
+        warn_skipped(max(r.skipped_batches for r in reports))
+        return reports
