@@ -17,7 +17,7 @@ PATHS = [("torch", None), ("torch", 7)] + [("triton", None)] * ("triton" in BACK
                                           ((2, 40, (5,), 70), 0.5)])
 def test_ibq_matches_the_oracle(shape, scale, backend, tile, monkeypatch):
     if tile is not None:  # tiles of 7 codes x N rows: the running max, sum and argmax carry
-        monkeypatch.setattr(vqfast._torch, "_IBQ_TILE_ELEMENTS", 7 * shape[0] * shape[2][0] * (
+        monkeypatch.setattr(vqfast._torch.ibq, "_IBQ_TILE_ELEMENTS", 7 * shape[0] * shape[2][0] * (
             shape[2][1] if len(shape[2]) > 1 else 1))
     b, d, spatial, k = shape
     torch.manual_seed(0)
@@ -55,7 +55,7 @@ def test_ibq_never_builds_the_logits(monkeypatch):
     (loss + q.square().sum()).backward()
     grads = (z.grad.clone(), vq.codebook.grad.clone())
     z.grad, vq.codebook.grad = None, None
-    monkeypatch.setattr(vqfast._torch, "_IBQ_TILE_ELEMENTS", 20)  # one code per tile
+    monkeypatch.setattr(vqfast._torch.ibq, "_IBQ_TILE_ELEMENTS", 20)  # one code per tile
     sizes = []
     real_matmul = torch.Tensor.__matmul__
     monkeypatch.setattr(torch.Tensor, "__matmul__",

@@ -178,7 +178,7 @@ def test_torch_path_chunks_agree(monkeypatch, chunk_rows):
                 *vqfast.nearest_code(x, vq.codebook.detach(), backend="torch")]
 
     whole = run()
-    monkeypatch.setattr(_torch, "_CHUNK_ELEMENTS", 61 * chunk_rows)
+    monkeypatch.setattr(_torch._common, "_CHUNK_ELEMENTS", 61 * chunk_rows)
     for a, b in zip(run(), whole):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 

@@ -1,0 +1,76 @@
+"""LFQ's codebook entropy: the average code probability and its backward, in code chunks."""
+
+import torch
+
+from . import _common  # (_common._CHUNK_ELEMENTS: read at each call)
+
+
+# --- LFQ codebook entropy ---------------------------------------------------------------
+
+def _lfq_codes(start: int, stop: int, dim: int, device) -> torch.Tensor:
+    """Codes ``start..stop-1`` as ``[stop - start, dim]`` rows of ±1 (first channel most significant)."""
+    bits = torch.arange(dim - 1, -1, -1, device=device)
+    return ((torch.arange(start, stop, device=device)[:, None] >> bits) & 1).float() * 2 - 1
+
+
+# A vector's code distribution factorises over channels, so over the two halves of the
+# bits: p_n(c) = P_n(a) Q_n(b) for c = (a, b), a the first h = d // 2 channels. The mean
+# over vectors is then one GEMM, avg[a, b] = sum_n P_n(a) Q_n(b) / N, and its gradient two
+# more: work O(N 2**(d/2) d + N 2**d), memory O(rows 2**(d/2) + 2**d), exact (no
+# approximation: the same sums, grouped). The Triton path streams all 2**d codes instead.
+
+def _lfq_halves(d: int):
+    h = d // 2
+    return ((0, h), (h, d))
+
+
+def _lfq_half_probs(logit: torch.Tensor) -> tuple:
+    """``logit: fp32 [rows, w]`` (``2 * inv_temperature * x`` on w channels) -> the code
+    distribution of those channels ``[rows, 2**w]`` (first channel most significant) and
+    the codes ``[2**w, w]`` (±1)."""
+    w = logit.shape[1]
+    codes = _lfq_codes(0, 2**w, w, logit.device)
+    lse = torch.logaddexp(logit, -logit).sum(1, keepdim=True)
+    return (logit @ codes.t() - lse).exp_(), codes
+
+
+def _lfq_row_chunks(n: int, d: int):
+    rows = max(1, _common._CHUNK_ELEMENTS // 2 ** (d - d // 2))
+    for r0 in range(0, n, rows):
+        yield slice(r0, min(n, r0 + rows))
+
+
+def lfq_avg_prob(x, lse, inv_temperature, precision="ieee"):
+    """``x: [N, d]`` -> ``avg: fp32 [2**d]``, ``mean_n p(c|x_n)``, as ``P^T Q / N`` over row
+    chunks (never ``[N, 2**d]``). ``lse`` (the Triton path's operand) is implied here."""
+    del precision, lse
+    n, d = x.shape
+    scaled = x.float() * (2.0 * inv_temperature)
+    (a0, a1), (b0, b1) = _lfq_halves(d)
+    avg = torch.zeros(2 ** (a1 - a0), 2 ** (b1 - b0), dtype=torch.float32, device=x.device)
+    for rows in _lfq_row_chunks(n, d):
+        p, _ = _lfq_half_probs(scaled[rows, a0:a1])
+        q, _ = _lfq_half_probs(scaled[rows, b0:b1])
+        avg.addmm_(p.t(), q)
+    return avg.view(-1) / n
+
+
+def lfq_entropy_backward(x, lse, g, coef, inv_temperature, precision="ieee"):
+    """``grad_x: fp32 [N, d]`` of ``coef * sum_c g[c] avg[c]``: per half, ``coef * scale *
+    (sum_a R_n(a) a - tanh(l_n) sum_a R_n(a))`` with ``R_n(a) = P_n(a) sum_b g[a, b]
+    Q_n(b)`` (and the same for the other half)."""
+    del precision, lse
+    n, d = x.shape
+    scale = 2.0 * inv_temperature
+    scaled = x.float() * scale
+    (a0, a1), (b0, b1) = _lfq_halves(d)
+    g = g.float().view(2 ** (a1 - a0), 2 ** (b1 - b0))
+    grad = torch.empty(n, d, dtype=torch.float32, device=x.device)
+    for rows in _lfq_row_chunks(n, d):
+        p, codes_a = _lfq_half_probs(scaled[rows, a0:a1])
+        q, codes_b = _lfq_half_probs(scaled[rows, b0:b1])
+        for lo, hi, own, other, codes, weights in ((a0, a1, p, q, codes_a, g.t()),
+                                                    (b0, b1, q, p, codes_b, g)):
+            r = own * (other @ weights)  # [rows, 2**w]
+            grad[rows, lo:hi] = r @ codes - torch.tanh(scaled[rows, lo:hi]) * r.sum(1, keepdim=True)
+    return grad * (coef * scale)
