@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks import suite
+from benchmarks.suite import environment
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 IMPLS = [i for i in suite.IMPLS if i != "vqfast[triton]" or DEVICE.type == "cuda"]
@@ -125,7 +126,20 @@ def test_patched_benchmark_runs_at_tiny_sizes_with_equal_codes():
     ran = [r for r in rows if not r.skipped]
     assert ran, "no library of the benchmark is installed"
     assert all(r.codes_equal and r.patched_modules > 0 for r in ran), ran
-    assert "| case |" in patched.markdown(patched.environment(torch.device("cpu")), rows)
+    assert "| case |" in patched.markdown(environment(torch.device("cpu")), rows)
+
+
+def test_codecs_benchmark_runs_at_tiny_sizes_with_equal_codes():
+    """``python -m benchmarks.codecs --quick``: each installed codec's quantizer and its
+    ``ResidualVQ`` give the same codes; an encode and a training step row per case."""
+    from benchmarks import codecs
+    rows = codecs.run(quick=True, progress=lambda *_: None)
+    assert len(rows) == 2 * len(codecs.CASES)
+    ran = [r for r in rows if not r.skipped]
+    assert ran, "no codec library of the benchmark is installed"
+    assert all(r.codes_equal for r in ran if r.kind == "encode"), ran
+    assert all(r.vqfast_ms > 0 and r.original_ms > 0 for r in ran)
+    assert "| case | step |" in codecs.markdown(environment(torch.device("cpu")), rows)
 
 
 def test_reports_without_matplotlib_keep_every_number(tmp_path, monkeypatch, capsys):
