@@ -41,8 +41,15 @@ def in_device_guard() -> bool:
     return getattr(_guard, "depth", 0) > 0
 
 
+# Every launcher by name (``@launcher`` registers it): ``vqfast.kernels`` exports these, and
+# an op dispatches to the one named as its torch-backend function is.
+LAUNCHERS: dict = {}
+
+
 def launcher(fn):
-    """Decorate a kernel launcher: it runs under ``device_guard`` of its first tensor argument.
+    """Decorate a kernel launcher: it runs under ``device_guard`` of its first tensor
+    argument, and is registered in ``LAUNCHERS`` under its name (exported by
+    ``vqfast.kernels``; two launchers may not share a name).
 
     Cheap on the host (it runs at every launch): a launcher called from another runs in
     its guard as it is."""
@@ -64,6 +71,11 @@ def launcher(fn):
         finally:
             _guard.depth = 0
     wrapper.is_launcher = True
+    other = LAUNCHERS.get(fn.__name__)
+    if other is not None and other.__module__ != fn.__module__:
+        raise RuntimeError(f"two launchers named {fn.__name__}: {other.__module__} and "
+                           f"{fn.__module__}")
+    LAUNCHERS[fn.__name__] = wrapper
     return wrapper
 
 

@@ -422,6 +422,7 @@ def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups,
     return grad_x, grad_codebooks
 
 
+@launcher
 def residual_codes(x, codebooks, num_levels, groups, cosine, mask, precision="ieee",
                    raw_codes=False):
     """The codes alone of ``residual_quantize`` (``idx`` int64 ``[G*Q, N]``): its fused

@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import inspect
 import pkgutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,30 @@ def test_every_function_that_launches_is_a_guarded_launcher():
                 assert getattr(getattr(module, node.name), "is_launcher", False), (
                     f"{module.__name__}.{node.name} launches a kernel but is not a @launcher")
     assert len(launching) >= 12, launching
+
+
+def _launched_kernels(module):
+    """The ``@triton.jit`` kernels ``module``'s functions launch (``kernel[grid](...)``)."""
+    tree = ast.parse(inspect.getsource(module))
+    return {n.func.value.id for n in ast.walk(tree) if isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Subscript) and isinstance(n.func.value, ast.Name)}
+
+
+def test_every_launched_kernel_is_compiled_ahead_of_time():
+    """The registry cannot lose a kernel: a module that launches a ``@triton.jit`` kernel
+    lists its configurations in ``aot_variants()`` (and so is in ``KERNEL_MODULES``), and
+    every kernel it launches appears there (the AOT test compiles exactly those)."""
+    for module in _kernel_modules():
+        launched = _launched_kernels(module)
+        if not launched:
+            continue
+        name = module.__name__.rsplit(".", 1)[-1]
+        assert hasattr(module, "aot_variants") and name in kernels.KERNEL_MODULES, (
+            f"{module.__name__} launches {sorted(launched)} but has no aot_variants()")
+        compiled = {variant[1] for variant in module.aot_variants()}
+        for kernel in launched:
+            assert getattr(module, kernel) in compiled, (
+                f"{module.__name__}.{kernel} is launched but not in its aot_variants()")
 
 
 @interpreted_only
