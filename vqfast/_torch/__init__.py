@@ -14,14 +14,14 @@ Everything accumulates in fp32.
 # takes; the no-host-read tests switch them off to check that rule on the CPU.
 CPU_SHORTCUTS = True
 
-from ._common import num_vectors  # noqa: F401,E402
-from .vq import (nearest_code, nearest_code_functional, gather_loss, perplexity, ema_update,
-                 reseed_codes, random_rows, take_samples, quantize_backward)  # noqa: F401,E402
-from .residual_vq import (book_of, rotation_grad, residual_codes, residual_codes_functional,
-                          residual_quantize, residual_backward)  # noqa: F401,E402
-from .fsq import fsq_forward, fsq_backward  # noqa: F401,E402
-from .lfq import lfq_avg_prob, lfq_entropy_backward  # noqa: F401,E402
-from .residual_scalar import residual_scalar_forward, residual_fsq_backward  # noqa: F401,E402
-from .ibq import ibq_forward_functional, ibq_forward, ibq_backward  # noqa: F401,E402
+import importlib
+import inspect
+import pkgutil
 
-
+# Every family module here is imported and its public functions exported under their names
+# (an op finds its torch implementation by name): a new family's file needs no edit here.
+for _info in pkgutil.iter_modules(__path__):
+    _module = importlib.import_module(f"{__name__}.{_info.name}")
+    globals().update({name: fn for name, fn in vars(_module).items()
+                      if not name.startswith("_") and inspect.isfunction(fn)
+                      and fn.__module__ == _module.__name__})
