@@ -8,9 +8,7 @@ the projections, as in DAC. Only what differs from the fused all-levels path liv
 import torch
 import torch.nn.functional as F
 
-from . import functional as VF
-from .modules import (LossBreakdown, adopt_kmeans, check_mask, kmeans, real_rows,
-                      without_real_rows_nan)
+from .modules import LossBreakdown, adopt_kmeans, real_rows, without_real_rows_nan
 from .ops.residual_vq import residual_codes, residual_quantize
 
 
@@ -44,13 +42,10 @@ def _spread(rvq, level: int, idx: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _prepare(rvq, inputs, mask):
-    x = rvq._vectors_of("inputs", inputs, rvq.embedding_dim)
-    if x.device != rvq.codebooks.device:
-        raise ValueError(f"inputs are on {x.device} but the codebooks are on "
-                         f"{rvq.codebooks.device}; move the module with .to(device)")
-    flat_mask = check_mask(mask, x, rvq._positions(inputs))
+    """``ResidualVQ._prepare`` (the inputs unprojected), then the strides' own checks."""
+    x, _, flat_mask, backend = rvq._prepare(inputs, mask)
     if rvq.level_strides is not None:
-        if x.dim() != 3 or inputs.dim() != 3:
+        if inputs.dim() != 3:
             raise ValueError(f"level_strides pool sequences: inputs must be [B, D, T], got "
                              f"shape {tuple(inputs.shape)}")
         if flat_mask is not None:
@@ -59,7 +54,7 @@ def _prepare(rvq, inputs, mask):
         if x.shape[-1] % step:
             raise ValueError(f"level_strides={rvq.level_strides}: the length T={x.shape[-1]} "
                              f"must be a multiple of every stride (pad it to one of {step})")
-    return x, flat_mask, VF.resolve_backend(rvq.backend, x.device)
+    return x, flat_mask, backend
 
 
 def _book(rvq, codebooks: torch.Tensor, level: int) -> torch.Tensor:
@@ -168,20 +163,13 @@ def _kmeans(rvq, x, flat_mask, backend):
     for level in range(rvq.num_quantizers):
         z = _project_in(rvq, level, residual)
         rows = z.movedim(1, -1).reshape(-1, z.shape[1]).float()
-        used = F.normalize(rows, dim=-1) if rvq.cosine is True else rows
         book = 0 if rvq.shared_codebook else level
         k = rvq.level_sizes[level] if rvq.level_sizes else rvq.num_embeddings
         if level == book:
-            c, counts = kmeans(real_rows(used, flat_mask), k, rvq.kmeans_iters, backend,
-                               rvq.precision)
-            if rvq.cosine is True:
-                c = F.normalize(c, dim=-1)
-            centroids[book, :k], sizes[book, :k] = c, counts.float().clamp_min(1)
-        c = centroids[book, :k]
-        searched = (F.normalize(used, dim=-1), F.normalize(c, dim=-1)) if rvq.cosine == "search" \
-            else (used, c)
-        nearest, _ = VF.nearest_code(*searched, backend=backend, precision=rvq.precision)
-        level_codes = nearest.view(x.shape[0], -1)
+            centroids[book, :k], sizes[book, :k] = rvq._level_kmeans(
+                real_rows(rows, flat_mask), k, backend)
+        level_codes = rvq._nearest_centroid(rows, centroids[book, :k], backend).view(
+            x.shape[0], -1)
         if flat_mask is not None:
             level_codes = torch.where(flat_mask.view(x.shape[0], -1), level_codes, -1)
         residual = residual - _decoded_level(rvq, centroids, level, level_codes).to(x.dtype)

@@ -184,20 +184,30 @@ class ResidualUpkeep:
             residual = rows[:, g * d:(g + 1) * d]
             for level in range(1 if self.shared_codebook else self.num_quantizers):
                 book = g if self.shared_codebook else g * self.num_quantizers + level
-                used = F.normalize(residual, dim=-1) if self.cosine is True else residual
                 k = self.level_sizes[level] if self.level_sizes else self.num_embeddings
-                c, counts = kmeans(used, k, self.kmeans_iters, backend, self.precision)
-                if self.cosine is True:
-                    c = F.normalize(c, dim=-1)
+                c, sizes[book, :k] = self._level_kmeans(residual, k, backend)
                 centroids[book, :k] = c
-                sizes[book, :k] = (counts.float() if self.kmeans_state == "raw"
-                                   else counts.float().clamp_min(1))
-                searched = ((F.normalize(used, dim=-1), F.normalize(c, dim=-1))
-                            if self.cosine == "search" else (used, c))
-                nearest, _ = VF.nearest_code(*searched, backend=backend, precision=self.precision)
-                residual = residual - c[nearest]
+                residual = residual - c[self._nearest_centroid(residual, c, backend)]
         centroids = without_real_rows_nan(centroids, flat_mask)
         adopt_kmeans(self, self.codebooks, centroids, sizes, raw=self.kmeans_state == "raw")
+
+    def _level_kmeans(self, rows, k: int, backend):
+        """One level's k-means of its residual ``rows [N, d]`` (normalised when ``cosine``):
+        ``(centroids [k, d], sizes [k])``, the sizes as ``kmeans_state`` stores them."""
+        used = F.normalize(rows, dim=-1) if self.cosine is True else rows
+        c, counts = kmeans(used, k, self.kmeans_iters, backend, self.precision)
+        if self.cosine is True:
+            c = F.normalize(c, dim=-1)
+        return c, counts.float() if self.kmeans_state == "raw" else counts.float().clamp_min(1)
+
+    def _nearest_centroid(self, rows, c, backend):
+        """``rows [N, d]``' nearest of the centroids ``c`` by the module's search (cosine
+        for ``cosine`` True or ``"search"``)."""
+        if self.cosine is True:
+            rows = F.normalize(rows, dim=-1)
+        elif self.cosine == "search":
+            rows, c = F.normalize(rows, dim=-1), F.normalize(c, dim=-1)
+        return VF.nearest_code(rows, c, backend=backend, precision=self.precision)[0]
 
     @torch.no_grad()
     def codebook_usage(self, threshold: float | None = None):

@@ -316,15 +316,15 @@ class ResidualVQ(ResidualUpkeep, QuantizerCommon, nn.Module):
         return codebooks
 
     def _prepare(self, inputs, mask):
-        """Validate; ``(x [B, D, S], z [B, G*d, S] (projected with codebook_dim), mask [N]
-        or None, backend)``."""
+        """Validate; ``(x [B, D, S], z [B, G*d, S] (projected with codebook_dim; as x when
+        the levels project their own), mask [N] or None, backend)``."""
         x = self._vectors_of("inputs", inputs, self.embedding_dim)
         if x.device != self.codebooks.device:
             raise ValueError(f"inputs are on {x.device} but the codebooks are on "
                              f"{self.codebooks.device}; move the module with .to(device)")
         flat_mask = check_mask(mask, x, self._positions(inputs))
         backend = VF.resolve_backend(self.backend, x.device)
-        z = self.project_in(x) if self.project_in is not None else x
+        z = self.project_in(x) if self.project_in is not None and not self._by_level else x
         return x, z, flat_mask, backend
 
     def _search_options(self) -> dict:
