@@ -377,6 +377,8 @@ def test_level_by_level_refuses_what_it_cannot_do():
     rvq = make(level_strides=(4, 2), ema=False, kmeans_init=False)
     with pytest.raises(ValueError, match="multiple"):
         rvq(torch.randn(1, 6, 10))
+    with pytest.raises(ValueError, match="one of 6"):  # every stride: their lcm, not the max
+        make(level_strides=(3, 2), ema=False, kmeans_init=False)(torch.randn(1, 6, 3))
     with pytest.raises(ValueError, match="mask"):
         rvq(torch.randn(1, 6, 8), mask=torch.ones(1, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"\[B, D, T\]"):

@@ -5,6 +5,8 @@ gather, losses, straight-through; never ``[N, K]``), projects the code back (and
 over its stride) and subtracts it: the next level's residual keeps its gradient through
 the projections, as in DAC. Only what differs from the fused all-levels path lives here."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -50,7 +52,7 @@ def _prepare(rvq, inputs, mask):
                              f"shape {tuple(inputs.shape)}")
         if flat_mask is not None:
             raise ValueError("level_strides pool over time: masks are not supported with them")
-        step = max(rvq.level_strides)
+        step = math.lcm(*rvq.level_strides)
         if x.shape[-1] % step:
             raise ValueError(f"level_strides={rvq.level_strides}: the length T={x.shape[-1]} "
                              f"must be a multiple of every stride (pad it to one of {step})")
