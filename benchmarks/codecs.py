@@ -16,13 +16,12 @@ use too: they are how a codec's quantizer maps onto ``ResidualVQ``.
 """
 
 import dataclasses
-import time
 
 import torch
 
 import vqfast
 
-from .measure import median_seconds, peak_extra_bytes, timing_threads
+from .measure import median_seconds, one_call_seconds, peak_extra_bytes, timing_threads
 from .patched import third_party
 from .suite import model_benchmark_main
 
@@ -225,14 +224,6 @@ class Row:
     skipped: str | None = None
 
 
-def _seconds(fn, device, quick) -> float:
-    if not quick:
-        return median_seconds(fn, device)
-    start = time.perf_counter()  # (quick: tiny sizes, the pipeline only)
-    fn()
-    return time.perf_counter() - start
-
-
 def run(quick: bool = False, device=torch.device("cpu"), progress=print):
     rows = []
     with timing_threads(device):
@@ -259,7 +250,8 @@ def run(quick: bool = False, device=torch.device("cpu"), progress=print):
                     calls = [lambda f=f, m=m: f(m, x.detach().requires_grad_())
                              for f, m in zip(made[kind], modules)]
                 for label, call in zip(("original", "vqfast"), calls):
-                    setattr(row, f"{label}_ms", _seconds(call, device, quick) * 1e3)
+                    timed = one_call_seconds if quick else median_seconds
+                    setattr(row, f"{label}_ms", timed(call, device) * 1e3)
                     setattr(row, f"{label}_peak_mib", peak_extra_bytes(call, device) / 2**20)
                 row.speedup = row.original_ms / row.vqfast_ms
                 progress(f"{name} {kind}: {row.original_ms:.2f} ms -> {row.vqfast_ms:.2f} ms "

@@ -3,6 +3,7 @@
 import contextlib
 import os
 import sys
+import time
 
 import torch
 
@@ -36,6 +37,18 @@ def median_seconds(fn, device: torch.device) -> float:
     fn()
     return Timer("fn()", globals={"fn": fn}, num_threads=CPU_TIMING_THREADS
                  ).blocked_autorange(min_run_time=0.5).median
+
+
+def one_call_seconds(fn, device: torch.device) -> float:
+    """One call's wall time, the device synchronised around it (``--quick`` runs: tiny
+    sizes, where only the pipeline is tested)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ import dataclasses
 import importlib
 import importlib.util
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 
 import vqfast
 
-from .measure import median_seconds, peak_extra_bytes, timing_threads
+from .measure import median_seconds, one_call_seconds, peak_extra_bytes, timing_threads
 from .suite import model_benchmark_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,17 +269,6 @@ CASES = [
 ]
 
 
-def _once(fn, device) -> float:
-    """One call's wall time (``--quick``: tiny sizes, where only the pipeline is tested)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 @dataclasses.dataclass
 class Row:
     case: str
@@ -312,7 +300,7 @@ def run(quick: bool = False, device=torch.device("cpu"), progress=print):
             # the same codes before anything is timed (training steps: the first step's)
             row.codes_equal = torch.equal(call(copy.deepcopy(module)), call(copy.deepcopy(patched)))
             for label, m in (("original", module), ("patched", patched)):
-                timed = _once if quick else median_seconds  # (quick: the pipeline only)
+                timed = one_call_seconds if quick else median_seconds
                 setattr(row, f"{label}_ms", timed(lambda m=m: call(m), device) * 1e3)
                 setattr(row, f"{label}_peak_mib",
                         peak_extra_bytes(lambda m=m: call(m), device) / 2**20)
