@@ -450,19 +450,24 @@ def test_patched_encode_exports_with_equal_codes():
     assert torch.equal(program.module()(h), original(h))
 
 
+def _onnx_codes(module, x, tmp_path, ort):
+    """``module(x)``'s codes run through ``torch.export`` with vqfast's decompositions (no
+    vqfast op left in the graph), ONNX and onnxruntime."""
+    program = torch.export.export(module, (x,)).run_decompositions(
+        vqfast.export_decompositions())
+    assert not [n for n in program.graph.nodes if "vqfast" in str(n.target)]
+    torch.onnx.export(program, (x,), dynamo=True).save(str(tmp_path / "encode.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "encode.onnx"))
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
 def test_patched_encode_exports_to_onnx_with_equal_codes(tmp_path):
     """Decomposed to standard ops (``vqfast.export_decompositions``), the exported encode
     converts to ONNX, and onnxruntime's codes equal the unpatched eager model's."""
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
     original, patched, h = _encodec_quantizers()
-    program = torch.export.export(patched, (h,)).run_decompositions(
-        vqfast.export_decompositions())
-    assert not [n for n in program.graph.nodes if "vqfast" in str(n.target)]
-    torch.onnx.export(program, (h,), dynamo=True).save(str(tmp_path / "encode.onnx"))
-    session = ort.InferenceSession(str(tmp_path / "encode.onnx"))
-    codes = session.run(None, {session.get_inputs()[0].name: h.numpy()})[0]
-    assert torch.equal(torch.from_numpy(codes), original(h))
+    assert torch.equal(_onnx_codes(patched, h, tmp_path, ort), original(h))
 
 
 @pytest.mark.slow
@@ -575,10 +580,4 @@ def test_encode_exports_to_onnx_with_the_eager_codes(name, tmp_path):
     quantizer, options = OWN_ENCODERS[name]()
     encoder = _Encode(quantizer.eval(), **options)
     x = torch.randn(2, 12, 5, 7)
-    program = torch.export.export(encoder, (x,)).run_decompositions(
-        vqfast.export_decompositions())
-    assert not [n for n in program.graph.nodes if "vqfast" in str(n.target)]
-    torch.onnx.export(program, (x,), dynamo=True).save(str(tmp_path / "encode.onnx"))
-    session = ort.InferenceSession(str(tmp_path / "encode.onnx"))
-    codes = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    assert torch.equal(torch.from_numpy(codes), encoder(x))
+    assert torch.equal(_onnx_codes(encoder, x, tmp_path, ort), encoder(x))
