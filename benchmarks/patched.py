@@ -63,7 +63,9 @@ def third_party(name: str):
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
     try:
         if importlib.util.find_spec("transformers") is not None:
-            importlib.import_module("transformers.utils.import_utils").is_kernels_available()
+            # its hub-kernel integration imports a package named `kernels`: imported here,
+            # off the root, it is the real one (a lazy import later would take ours)
+            importlib.import_module("transformers.integrations.hub_kernels")
         if stand_in:
             sys.modules["torchaudio"] = types.ModuleType("torchaudio")
         return importlib.import_module(name)
