@@ -23,7 +23,7 @@ import vqfast
 
 from .measure import median_seconds, one_call_seconds, peak_extra_bytes, timing_threads
 from .patched import third_party
-from .suite import model_benchmark_main
+from .suite import model_benchmark_main, pair_table
 
 
 # --- from a codec's quantizer to ResidualVQ ---------------------------------------------
@@ -266,26 +266,16 @@ def _no_grad(fn, module):
 
 
 def markdown(env: dict, rows) -> str:
-    threads = f", {env['cpu_threads']} thread" if env["device_type"] == "cpu" else ""
-    lines = [f"Codec quantizers and `vqfast.ResidualVQ` with their conventions on "
-             f"{env['device']}{threads}, torch {env['torch']}; each pair timed side by side in "
-             "one run (median), peak memory above the inputs. encode: eval, codes only; "
-             "train: forward and backward of the output and the codec's loss.", "",
-             "| case | step | original (ms) | vqfast (ms) | speedup | peak MiB original / "
-             "vqfast | codes equal |", "|---|---|---:|---:|---:|---|---|"]
-    for r in rows:
-        if r.skipped:
-            lines.append(f"| {r.case} | {r.kind} | | | | | skipped: {r.skipped} |")
-            continue
-        equal = "" if r.codes_equal is None else ("yes" if r.codes_equal else "no")
-        lines.append(f"| {r.case} | {r.kind} | {r.original_ms:.2f} | {r.vqfast_ms:.2f} | "
-                     f"{r.speedup:.2f}x | {r.original_peak_mib:.1f} / {r.vqfast_peak_mib:.1f} "
-                     f"| {equal} |")
-    return "\n".join(lines) + "\n"
+    return pair_table(env, rows, [("case", lambda r: r.case), ("step", lambda r: r.kind)],
+                      "vqfast", "Codec quantizers and `vqfast.ResidualVQ` with their "
+                      "conventions; each pair timed side by side in one run (median), peak "
+                      "memory above the inputs. encode: eval, codes only; train: forward and "
+                      "backward of the output and the codec's loss.")
 
 
 def main(argv=None):
-    model_benchmark_main("benchmarks.codecs", __doc__, "codecs", "Codec quantizers and vqfast.ResidualVQ", run, markdown, argv)
+    model_benchmark_main("benchmarks.codecs", __doc__, "codecs",
+                         "Codec quantizers and vqfast.ResidualVQ", run, markdown, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 import vqfast
 
 from .measure import median_seconds, one_call_seconds, peak_extra_bytes, timing_threads
-from .suite import model_benchmark_main
+from .suite import model_benchmark_main, pair_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -313,24 +313,14 @@ def run(quick: bool = False, device=torch.device("cpu"), progress=print):
 
 
 def markdown(env: dict, rows) -> str:
-    threads = f", {env['cpu_threads']} thread" if env["device_type"] == "cpu" else ""
-    lines = [f"Models with and without `vqfast.patch` on {env['device']}{threads}, torch "
-             f"{env['torch']}; each pair timed side by side in one run (median), peak memory "
-             "above the inputs.", "",
-             "| case | original (ms) | patched (ms) | speedup | peak MiB original / patched "
-             "| codes equal |", "|---|---:|---:|---:|---|---|"]
-    for r in rows:
-        if r.skipped:
-            lines.append(f"| {r.case} | | | | | skipped: {r.skipped} |")
-            continue
-        lines.append(f"| {r.case} | {r.original_ms:.2f} | {r.patched_ms:.2f} | "
-                     f"{r.speedup:.2f}x | {r.original_peak_mib:.1f} / "
-                     f"{r.patched_peak_mib:.1f} | {'yes' if r.codes_equal else 'no'} |")
-    return "\n".join(lines) + "\n"
+    return pair_table(env, rows, [("case", lambda r: r.case)], "patched",
+                      "Models with and without `vqfast.patch`; each pair timed side by side "
+                      "in one run (median), peak memory above the inputs.")
 
 
 def main(argv=None):
-    model_benchmark_main("benchmarks.patched", __doc__, "patched", "Models with and without vqfast.patch", run, markdown, argv)
+    model_benchmark_main("benchmarks.patched", __doc__, "patched",
+                         "Models with and without vqfast.patch", run, markdown, argv)
 
 
 if __name__ == "__main__":

@@ -503,6 +503,22 @@ def side_table(env: dict, rows, ident, measured) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pair_table(env: dict, rows, ident, other: str, note: str) -> str:
+    """The table of a benchmark timing an original module against vqfast's side by side
+    (``benchmarks.patched``, ``benchmarks.codecs``): ``note``, then ``side_table`` of rows
+    with ``original_ms``, ``<other>_ms``, their ``_peak_mib``, ``speedup`` and
+    ``codes_equal`` (None: not compared)."""
+    def ms(field):
+        return lambda r: f"{getattr(r, field):.2f}"
+    measured = [("original (ms)", ms("original_ms")), (f"{other} (ms)", ms(f"{other}_ms")),
+                ("speedup", lambda r: speedup_cell(r.speedup)),
+                (f"peak MiB original / {other}", lambda r: f"{r.original_peak_mib:.1f} / "
+                                                           f"{getattr(r, other + '_peak_mib'):.1f}"),
+                ("codes equal", lambda r: "" if r.codes_equal is None
+                 else "yes" if r.codes_equal else "no")]
+    return note + "\n\n" + side_table(env, rows, ident, measured)
+
+
 def speedup_cell(value, spec=".2f") -> str:
     return f"{value:{spec}}x" if value else ""
 
