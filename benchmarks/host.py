@@ -38,6 +38,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 import vqfast  # noqa: E402
 from vqfast import reference  # noqa: E402
 
+from vqfast.kernels import _launch  # noqa: E402
+
 from .measure import save_report  # noqa: E402
 
 # Ops that launch nothing on a GPU: allocation, views, metadata.
@@ -89,32 +91,45 @@ class StubbedLaunches:
             kernel_cache, key_cache, binder = state
             bound_args, specialization, options = binder(*args, **kwargs)
             key = jit.compute_cache_key(key_cache, specialization, options)
-            if kernel_cache.get(key) is None:  # triton would compile here
-                kernel_cache[key] = fn
+            compiled = kernel_cache.get(key)
+            if compiled is None:  # triton would compile here
+                compiled = kernel_cache[key] = _Compiled(launches, fn.__name__, key)
                 if launches.record:
                     launches.recorded[fn.__name__, key] = launches._record(
                         fn, backend, kwargs, bound_args, specialization, options)
-            if launches.record:
-                launches.launch_log.append((fn.__name__, key))
-            if callable(grid):
-                grid = grid(bound_args)
-            launches.count[fn.__name__] += 1
-            start = time.thread_time_ns()
-            for arg in args:  # valid codes and counts for the torch ops that follow (0s)
-                if isinstance(arg, torch.Tensor) and arg.dtype in (torch.int32, torch.int64):
-                    arg.detach().numpy().fill(0)
-            launches.excluded_ns += time.thread_time_ns() - start
-            return None
+            if not warmup:
+                if callable(grid):
+                    grid = grid(bound_args)
+                grid = (*grid, 1, 1)
+                compiled.run(*grid[:3], 0, None, None, None, None, None, *bound_args.values())
+            return compiled
 
-        from vqfast.kernels import _launch
-        saved = jit.JITFunction.run, dispatch._triton_interpreted, _launch.interpreted
+        saved = (jit.JITFunction.run, dispatch._triton_interpreted, _launch.interpreted,
+                 _launch._current_device, _launch._current_stream)
         jit.JITFunction.run = run
+        _forget_fast_launches()
         dispatch._triton_interpreted = lambda: True  # backend="triton" on CPU stand-ins
         _launch.interpreted = lambda device: False  # ... launched as on a GPU
+        # (vqfast's own launch path asks the CUDA driver for these: C calls)
+        _launch._current_device = lambda: 0
+        _launch._current_stream = lambda device: 0
         try:
             yield self
         finally:
-            jit.JITFunction.run, dispatch._triton_interpreted, _launch.interpreted = saved
+            (jit.JITFunction.run, dispatch._triton_interpreted, _launch.interpreted,
+             _launch._current_device, _launch._current_stream) = saved
+            _forget_fast_launches()  # their launches were stubs
+
+    def launched(self, name, key, args) -> None:
+        """A stubbed launch of kernel ``name`` (triton's cache key ``key``)."""
+        if self.record:
+            self.launch_log.append((name, key))
+        self.count[name] += 1
+        start = time.thread_time_ns()
+        for arg in args:  # valid codes and counts for the torch ops that follow (0s)
+            if isinstance(arg, torch.Tensor) and arg.dtype in (torch.int32, torch.int64):
+                arg.detach().numpy().fill(0)
+        self.excluded_ns += time.thread_time_ns() - start
 
     def _record(self, fn, backend, kwargs, bound_args, specialization, options):
         _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args,
@@ -124,6 +139,32 @@ class StubbedLaunches:
             "module": fn.fn.__module__, "kernel": fn.fn.__name__, "signature": signature,
             "constexprs": constexprs, "attrs": attrs,
             "options": {k: v for k, v in kwargs.items() if k in option_names}}
+
+
+def _forget_fast_launches() -> None:
+    for kernel in _launch.LAUNCHED_KERNELS:
+        kernel.__dict__.pop("_vqfast_launches", None)
+    _launch.LAUNCHED_KERNELS.clear()
+
+
+class _Compiled:
+    """A compiled kernel's stand-in: what ``launch`` and triton call on the host (its
+    launcher ``run``, the handles), launching nothing."""
+
+    function = packed_metadata = None
+
+    def __init__(self, launches, name, key):
+        self.launches, self.name, self.key = launches, name, key
+
+    def _init_handles(self):
+        pass
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, grid_0, grid_1, grid_2, stream, function, metadata, launch_metadata, enter,
+            leave, *args):
+        self.launches.launched(self.name, self.key, args)
 
 
 class _CountOps(TorchDispatchMode):
@@ -158,6 +199,8 @@ def _cases():
     image = (B, D, H, W)
     return [
         ("VectorQuantizerEMA (defaults)", lambda b: vqfast.VectorQuantizerEMA(K, D, backend=b), image, "vqfast"),
+        ("VectorQuantizerEMA (defaults), every launch through triton's JITFunction.run",
+         lambda b: vqfast.VectorQuantizerEMA(K, D, backend=b), image, "vqfast, triton's launch path"),
         ("VectorQuantizer (defaults)", lambda b: vqfast.VectorQuantizer(K, D, backend=b), image, "vqfast"),
         ("VectorQuantizerEMA (original algorithm)",
          lambda b: vqfast.VectorQuantizerEMA(K, D, backend=b, **vqfast.ORIGINAL_ALGORITHM), image, "vqfast"),
@@ -215,8 +258,10 @@ def measure(name, build, shape, kind, steps: int, launches: StubbedLaunches):
     x = torch.randn(*shape, requires_grad=True)
     grads = [None, None]
     _step(module, x, grads)  # k-means init on the real torch path (the stubs compute nothing)
-    if kind == "vqfast":
+    if kind.startswith("vqfast"):
         _set_backend(module, "triton")
+    # vqfast's launch path (kernels._launch.launch), or triton's own at every launch
+    _launch.FAST_LAUNCH = kind != "vqfast, triton's launch path"
     for _ in range(10):  # warm-up
         _step(module, x, grads)
     counting = _CountOps()
@@ -232,6 +277,7 @@ def measure(name, build, shape, kind, steps: int, launches: StubbedLaunches):
         start = time.thread_time_ns()
         _step(module, x, grads)
         samples.append(time.thread_time_ns() - start - launches.excluded_ns)
+    _launch.FAST_LAUNCH = True
     other = sum(counting.ops.values())
     return {"name": name, "kind": kind, "host_us": statistics.median(samples) / 1e3,
             "triton_launches": triton_launches, "other_ops": other,

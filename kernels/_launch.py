@@ -149,3 +149,128 @@ def streaming_configs(config: dict):
         consts = launch_config(config, dim)
         seen[consts["BLOCK_D"]] = consts
     return [split_options(consts) for consts in seen.values()]
+
+
+# --- launching --------------------------------------------------------------------------
+# triton's cache hit (``JITFunction.run``) binds and specialises every argument, builds a
+# cache key from them and the options and checks the kernel's globals, at every launch:
+# several microseconds of host time each, which at small shapes is what a step costs.
+# ``launch`` keys its own cache by what triton specialises on (each tensor's dtype and
+# 16-byte alignment; each integer's value 1, divisibility by 16 and width; the constexprs
+# and launch options), takes triton's own path for the first launch of each key (which
+# compiles, or finds the compiled kernel) and then calls that compiled kernel's launcher
+# directly, as ``CompiledKernel[grid]`` does.
+
+FAST_LAUNCH = True  # off: every launch through triton's own path (the benchmark's A/B)
+CHECK_LAUNCH_KEYS = False  # on: each fast launch also asks triton which kernel it would run
+
+_INT32 = (-2**31, 2**31)
+LAUNCHED_KERNELS: list = []  # the kernels with a fast-launch cache (``_vqfast_launches``)
+
+
+def _arg_key(args) -> tuple:
+    """What triton's binder specialises on, of the positional runtime arguments."""
+    key = []
+    for a in args:
+        t = type(a)
+        if t is torch.Tensor or t is torch.nn.Parameter:
+            key.append(a.dtype)
+            key.append(not a.data_ptr() & 15)
+        elif t is int:  # 1 is a constant; divisibility by 16; i32 or wider (then by value)
+            key.append(a if a == 1 or not _INT32[0] <= a < _INT32[1] else not a & 15)
+        elif t is bool or t is float or a is None:
+            key.append(t)
+        else:
+            return None  # anything else: triton's own path
+    return tuple(key)
+
+
+class _FastEntry:
+    __slots__ = ("compiled", "tail")
+
+    def __init__(self, compiled, tail):
+        self.compiled, self.tail = compiled, tail
+
+
+def _entry(kernel, compiled, num_args: int, kwargs: dict):
+    """The cached launch of ``compiled``, or ``None`` where the call cannot take the fast
+    path (a runtime argument by keyword, or a parameter with neither a value nor a default)."""
+    import inspect
+    params = kernel.params
+    tail = []
+    for i, p in enumerate(params):
+        given = p.name in kwargs
+        if i < num_args:
+            if given:
+                return None
+        elif given:
+            if not p.is_constexpr:
+                return None
+            tail.append(kwargs[p.name])
+        elif p.default is not inspect.Parameter.empty:
+            tail.append(p.default)
+        else:
+            return None
+    compiled._init_handles()
+    return _FastEntry(compiled, tuple(tail))
+
+
+def _current_device():
+    return torch.cuda.current_device()
+
+
+def _current_stream(device):
+    return _triton().driver.active.get_current_stream(device)
+
+
+@functools.cache
+def _triton():
+    """triton's driver and knobs, imported once (not at this module's import: the torch
+    backend imports vqfast.kernels' helpers without needing triton initialised)."""
+    import types
+
+    from triton import knobs
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+    return types.SimpleNamespace(knobs=knobs, driver=driver, JITFunction=JITFunction)
+
+
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` at a fraction of its host cost: runtime arguments
+    by position, constexprs and launch options (``num_warps``...) by keyword. Under the
+    Triton interpreter, and for anything unusual, it is exactly triton's own call."""
+    cache = kernel.__dict__.get("_vqfast_launches")
+    if cache is None:
+        if not FAST_LAUNCH or not isinstance(kernel, _triton().JITFunction):
+            kernel[grid](*args, **kwargs)
+            return
+        cache = kernel.__dict__["_vqfast_launches"] = {}
+        LAUNCHED_KERNELS.append(kernel)
+    arg_key = _arg_key(args)
+    device = _current_device()
+    key, entry = None, False
+    if arg_key is not None and FAST_LAUNCH:
+        try:
+            key = (device, arg_key, tuple(kwargs.items()))
+            entry = cache.get(key)
+        except TypeError:  # an unhashable constexpr: triton's own path
+            key = None
+    if not entry:  # None: first launch of this key; False: never fast
+        compiled = kernel[grid](*args, **kwargs)
+        if entry is None and compiled is not None:
+            cache[key] = _entry(kernel, compiled, len(args), kwargs) or False
+        return
+    compiled = entry.compiled
+    if CHECK_LAUNCH_KEYS:
+        expected = kernel.run(*args, grid=grid, warmup=True, **kwargs)
+        if expected is not compiled:
+            raise AssertionError(f"launch of {kernel.__name__}: the fast path's key {key} "
+                                 "picked another specialisation than triton's")
+    knobs = _triton().knobs
+    stream = _current_stream(device)
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    full = (*args, *entry.tail)
+    metadata = None if enter is None else compiled.launch_metadata(grid, stream, *full)
+    n = len(grid)
+    compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream,
+                 compiled.function, compiled.packed_metadata, metadata, enter, leave, *full)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, launcher, PTR, launch_config, streaming_configs
+from ._launch import launch, cdiv, launcher, PTR, launch_config, streaming_configs
 from ._layout import check_item_offsets, row_offsets, vector_layout
 
 CONFIG = dict(BLOCK_N=32, MAX_BLOCK_D=64, num_warps=4)
@@ -64,7 +64,7 @@ def code_sums_sorted(x, idx, num_codes, codebook=None, scale=None):
     out = torch.empty(k, d, dtype=torch.float32, device=x.device)
     config = launch_config(CONFIG, d)
     grid = (k, cdiv(d, config["BLOCK_D"]))
-    _code_sums_sorted_kernel[grid](
+    launch(_code_sums_sorted_kernel, grid,
         x, codebook if codebook is not None else out, order, offsets,
         scale if scale is not None else out, out, d, s,
         HAS_CODEBOOK=codebook is not None, HAS_SCALE=scale is not None, **config)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import cdiv, PTR, launcher, launch_config, split_options, streaming_configs
+from ._launch import launch, cdiv, PTR, launcher, launch_config, split_options, streaming_configs
 from ._layout import row_offsets, vector_layout
 
 CONFIG = dict(BLOCK_K=32, MAX_BLOCK_D=64, num_warps=4)
@@ -192,7 +192,7 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
             raise ValueError(f"x must have D={d} channels and seed be int64 [1], got x "
                              f"{tuple(x.shape)}, seed {seed.dtype} {tuple(seed.shape)}")
     scalars = torch.empty(books, 3, dtype=torch.float32, device=codebook.device)  # apply, n, K
-    _ema_scalars_kernel[(books,)](
+    launch(_ema_scalars_kernel, (books,),
         counts, ema_cluster_size, loss.reshape(1),
         not_finite.to(torch.int32).reshape(1) if not_finite is not None else counts,
         active.to(torch.int32) if active is not None else counts,
@@ -201,7 +201,7 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
         HAS_FLAG=not_finite is not None, HAS_ACTIVE=active is not None,
         HAS_NUM_CODES=num_codes is not None, RESEED=reseed, **SCALARS_CONFIG)
     config = launch_config(CONFIG, d)
-    _ema_finalize_kernel[(cdiv(k, config["BLOCK_K"]), books)](
+    launch(_ema_finalize_kernel, (cdiv(k, config["BLOCK_K"]), books),
         counts, code_sums, scalars, ema_cluster_size, ema_weight, codebook,
         *((x, seed, ema_decay_weight, reseeded) if reseed else (codebook,) * 4),
         k, d, n, s, float(decay), float(epsilon), float(threshold), max(float(threshold), 1.0),
@@ -248,7 +248,7 @@ def reseed_codes(size, decay_weight, codebook, x, seed, reseeded, threshold):
         raise ValueError(f"codebook must be a contiguous [K, {d}] and size [K], got codebook "
                          f"{tuple(codebook.shape)}, size {tuple(size.shape)}")
     config = launch_config(CONFIG, d)
-    _reseed_codes_kernel[(cdiv(k, config["BLOCK_K"]),)](
+    launch(_reseed_codes_kernel, (cdiv(k, config["BLOCK_K"]),),
         size, decay_weight, codebook, x, seed, reseeded, k, d, n, s, float(threshold),
         max(float(threshold), 1.0), STATS_SEM=_launch.STATS_SEM, **config)
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, launcher, PTR, check_same_device, split_options
+from ._launch import launch, cdiv, launcher, PTR, check_same_device, split_options
 from ._layout import row_offsets, same_layout, vector_layout
 
 CONFIG = dict(BLOCK_N=256, num_warps=4)
@@ -104,7 +104,7 @@ def fsq_forward(z, params, basis):
     check_same_device(z=z, params=params, basis=basis)
     q = torch.empty_like(z)
     codes = torch.empty(n, dtype=torch.int64, device=z.device)
-    _fsq_forward_kernel[(cdiv(n, CONFIG["BLOCK_N"]),)](
+    launch(_fsq_forward_kernel, (cdiv(n, CONFIG["BLOCK_N"]),),
         z, params, basis, q, codes, n, c, s, **CONFIG)
     return q, codes
 
@@ -115,7 +115,7 @@ def fsq_backward(grad_q, z, params):
     n, c, s = vector_layout("z", z)
     same_layout("grad_q", grad_q, z)
     grad_z = torch.empty_like(z)
-    _fsq_backward_kernel[(cdiv(n, CONFIG["BLOCK_N"]),)](
+    launch(_fsq_backward_kernel, (cdiv(n, CONFIG["BLOCK_N"]),),
         grad_q, z, params, grad_z, n, c, s, **CONFIG)
     return grad_z
 

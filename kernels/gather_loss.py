@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import (cdiv, launcher, PTR, check_codebook, check_rows, check_same_device, launch_config,
+from ._launch import (launch, cdiv, launcher, PTR, check_codebook, check_rows, check_same_device, launch_config,
                       streaming_configs)
 from ._layout import check_item_offsets, row_offsets, vector_layout
 from .code_sums import code_sums_sorted
@@ -127,7 +127,7 @@ def gather_loss(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor, with
         code_sums = None
     elif code_sums is None:
         code_sums = torch.zeros(k, d, dtype=torch.float32, device=x.device)
-    _gather_loss_kernel[grid](
+    launch(_gather_loss_kernel, grid,
         x, codebook, idx, q, partial_err, counts_and_ticket,
         code_sums if atomic else counts_and_ticket, counts_and_ticket[k:], loss, perplexity,
         *(usage[:3] if usage is not None else (loss, loss, loss)),

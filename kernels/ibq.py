@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, check_same_device, launcher, next_power_of_2
+from ._launch import launch, cdiv, check_same_device, launcher, next_power_of_2
 
 MAX_DIM = 128
 # Per row width (BLOCK_D): tiles small enough that x, the gradient, a code tile and the
@@ -192,7 +192,7 @@ def ibq_forward(x, codebook, scale, argmax_only=False):
     idx = torch.empty(n, dtype=torch.int64, device=x.device)
     lse = torch.empty(0 if argmax_only else n, dtype=torch.float32, device=x.device)
     soft = torch.empty((0,) if argmax_only else (n, d), dtype=torch.float32, device=x.device)
-    _ibq_forward_kernel[(cdiv(n, config["BLOCK_N"]),)](
+    launch(_ibq_forward_kernel, (cdiv(n, config["BLOCK_N"]),),
         x, codebook, idx, lse, soft, n, k, d, float(scale), ARGMAX_ONLY=bool(argmax_only),
         **config)
     return idx, lse, soft
@@ -206,11 +206,11 @@ def ibq_backward(grad, x, codebook, idx, lse, soft, scale):
     config = _config(d)
     grad_x = torch.empty_like(x)
     centre = torch.empty(n, dtype=torch.float32, device=x.device)
-    _ibq_backward_x_kernel[(cdiv(n, config["BLOCK_N"]),)](
+    launch(_ibq_backward_x_kernel, (cdiv(n, config["BLOCK_N"]),),
         grad, x, codebook, lse, soft, grad_x, centre, n, k, d, float(scale),
         **_backward_x_config(config))
     grad_codebook = torch.empty_like(codebook)
-    _ibq_backward_codebook_kernel[(cdiv(k, config["BLOCK_K"]),)](
+    launch(_ibq_backward_codebook_kernel, (cdiv(k, config["BLOCK_K"]),),
         grad, x, codebook, idx, lse, centre, grad_codebook, n, k, d, float(scale), **config)
     return grad_x, grad_codebook
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import cdiv, launcher, PTR, check_matrix, check_rows, check_same_device, split_options
+from ._launch import launch, cdiv, launcher, PTR, check_matrix, check_rows, check_same_device, split_options
 
 MAX_DIM = 24  # 2**24 codes: the int32 code indices stay far from overflow
 FORWARD_CONFIG = dict(BLOCK_N=32, BLOCK_C=64, BLOCK_D=32, num_warps=4)
@@ -115,7 +115,7 @@ def lfq_avg_prob(x, lse, inv_temperature, precision="ieee"):
     num_codes = 2**d
     avg = torch.empty(num_codes, dtype=torch.float32, device=x.device)
     config = dict(FORWARD_CONFIG)
-    _lfq_avg_prob_kernel[(cdiv(num_codes, config["BLOCK_C"]),)](
+    launch(_lfq_avg_prob_kernel, (cdiv(num_codes, config["BLOCK_C"]),),
         x, lse, avg, n, d, num_codes, 2.0 * float(inv_temperature),
         **_dot_options(x, precision), **config)
     return avg
@@ -128,7 +128,7 @@ def lfq_entropy_backward(x, lse, g, coef, inv_temperature, precision="ieee"):
     n, d = x.shape
     grad = torch.empty(n, d, dtype=torch.float32, device=x.device)
     config = dict(BACKWARD_CONFIG)
-    _lfq_entropy_backward_kernel[(cdiv(n, config["BLOCK_N"]),)](
+    launch(_lfq_entropy_backward_kernel, (cdiv(n, config["BLOCK_N"]),),
         x, lse, g, grad, n, d, 2**d, 2.0 * float(inv_temperature), float(coef),
         **_dot_options(x, precision), **config)
     return grad

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import (cdiv, launcher, PTR, TORCH_DTYPES, check_codebook, check_same_device, launch_config,
+from ._launch import (launch, cdiv, launcher, PTR, TORCH_DTYPES, check_codebook, check_same_device, launch_config,
                       streaming_configs)
 from ._layout import row_offsets, vector_layout
 
@@ -146,7 +146,7 @@ def codebook_prep(codebook: torch.Tensor, dtype: torch.dtype, snapshot: torch.Te
                                                                 device=codebook.device)
     sqnorm = torch.empty(k, dtype=torch.float32, device=codebook.device)
     config = launch_config(PREP_CONFIG, d)
-    _codebook_prep_kernel[(cdiv(k, config["BLOCK_K"]),)](
+    launch(_codebook_prep_kernel, (cdiv(k, config["BLOCK_K"]),),
         codebook, cast, sqnorm, snapshot if snapshot is not None else sqnorm,
         *((zero[0] if zero[0] is not None else sqnorm, zero[1]) if zero is not None
           else (sqnorm, sqnorm)), k, d, WRITE_CAST=cast is not codebook,
@@ -198,7 +198,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
     idx = torch.empty(n, dtype=torch.int64, device=x.device)
     sqdist = torch.empty(n, dtype=torch.float32, device=x.device)
     grid = (cdiv(n, config["BLOCK_N"]),)
-    _nearest_code_kernel[grid](
+    launch(_nearest_code_kernel, grid,
         x, codebook, codebook_sqnorm, idx, sqdist, n, k, d, s,
         INPUT_PRECISION=precision if x.dtype == torch.float32 else "ieee",
         # The Triton interpreter (3.8) multiplies bf16 dot operands as raw bits; upcasting

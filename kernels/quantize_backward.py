@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import (cdiv, launcher, PTR, check_codebook, check_rows, check_same_device, launch_config,
+from ._launch import (launch, cdiv, launcher, PTR, check_codebook, check_rows, check_same_device, launch_config,
                       streaming_configs)
 from ._layout import check_item_offsets, row_offsets, same_layout, vector_layout
 from .code_sums import code_sums_sorted
@@ -83,7 +83,7 @@ def quantize_backward(grad_q, grad_loss, x, codebook, idx, x_scale, codebook_sca
                          f"{grad_codebook.dtype} {tuple(grad_codebook.shape)}")
     config = launch_config(CONFIG, d)
     grid = (cdiv(n, config["BLOCK_N"]),)
-    _quantize_backward_kernel[grid](
+    launch(_quantize_backward_kernel, grid,
         grad_q, x, codebook, idx, grad_loss, grad_x, grad_codebook if atomic else grad_x,
         n, d, s, float(x_scale), float(codebook_scale),
         ATOMIC_CODEBOOK_GRAD=atomic, STATS_SEM=_launch.STATS_SEM, **config)

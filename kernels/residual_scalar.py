@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, PTR, check_same_device, launcher, next_power_of_2, split_options
+from ._launch import launch, cdiv, PTR, check_same_device, launcher, next_power_of_2, split_options
 from ._layout import row_offsets, vector_layout
 from .fsq import _round_half_even, _tanh, channel_params
 
@@ -149,7 +149,7 @@ def residual_scalar_forward(z, params, basis, scales, active, groups, sign, stor
     residuals = torch.empty((groups * q_levels, n, c) if store_residuals else (0,),
                             dtype=torch.float32, device=z.device)
     grid = (cdiv(n, CONFIG["BLOCK_N"]), groups)
-    _residual_scalar_forward_kernel[grid](
+    launch(_residual_scalar_forward_kernel, grid,
         z, params, basis, scales, active, quantized, codes, residuals, slope, n, c, s, q_levels,
         SIGN=bool(sign), STORE_RESIDUALS=bool(store_residuals),
         STORE_SLOPE=bool(store_slope) and not sign, BLOCK_Q=next_power_of_2(q_levels), **CONFIG)
@@ -167,7 +167,7 @@ def residual_fsq_backward(grad_q, z, params, scales, active, groups):
     c = channels // groups
     grad_z = torch.empty_like(z)
     grid = (cdiv(n, CONFIG["BLOCK_N"]), groups)
-    _residual_fsq_backward_kernel[grid](grad_q, z, params, scales, active, grad_z, n, c, s,
+    launch(_residual_fsq_backward_kernel, grid, grad_q, z, params, scales, active, grad_z, n, c, s,
                                         scales.shape[0], **CONFIG)
     return grad_z
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import launcher, PTR, TORCH_DTYPES, check_same_device, launch_config, streaming_configs
+from ._launch import launch, launcher, PTR, TORCH_DTYPES, check_same_device, launch_config, streaming_configs
 from ._layout import row_offsets, vector_layout
 from .code_sums import code_sums_sorted
 from .nearest_code import PRECISIONS, codebook_prep, pick_config, running_argmin
@@ -367,7 +367,7 @@ def residual_quantize(x, codebooks, num_levels, groups, cosine, active, mask, wi
                  if sums == ATOMIC_SUMS else None)
     residuals = (torch.empty(slots, n, d, dtype=torch.float32, device=x.device)
                  if sums == STORE_RESIDUALS else None)
-    _residual_forward_kernel[(tiles, groups)](
+    launch(_residual_forward_kernel, (tiles, groups),
         x, codebooks32, cast.view(books, k, d), sqnorm,
         mask.view(torch.uint8) if mask is not None else counts,
         active if active is not None else counts, total, q, idx, partial_err, counts,
@@ -402,7 +402,7 @@ def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups,
     grad_codebooks = torch.zeros_like(codebooks) if grads == ATOMIC_SUMS else None
     residuals = (torch.empty(groups * num_levels, n, d, dtype=torch.float32, device=x.device)
                  if grads == STORE_RESIDUALS else None)
-    _residual_backward_kernel[(triton.cdiv(n, config["BLOCK_N"]), groups)](
+    launch(_residual_backward_kernel, (triton.cdiv(n, config["BLOCK_N"]), groups),
         grad_q, x, codebooks, idx, grad_scale, grad_x,
         grad_codebooks if grad_codebooks is not None else grad_scale,
         residuals if residuals is not None else grad_scale, scratch[0], scratch[1],

@@ -41,19 +41,36 @@ def _kernel_modules():
             for m in pkgutil.iter_modules(kernels.__path__) if not m.name.startswith("_")]
 
 
+def _raw_launch(n) -> str | None:
+    """The kernel a node launches as ``kernel[grid](...)``, else ``None``."""
+    if (isinstance(n, ast.Call) and isinstance(n.func, ast.Subscript)
+            and isinstance(n.func.value, ast.Name) and n.func.value.id.endswith("_kernel")):
+        return n.func.value.id
+    return None
+
+
+def _launch_of(n) -> str | None:
+    """The kernel a node launches (``launch(kernel, grid, ...)`` or ``kernel[grid](...)``)."""
+    if (isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "launch"
+            and n.args and isinstance(n.args[0], ast.Name)):
+        return n.args[0].id
+    return _raw_launch(n)
+
+
 def test_every_function_that_launches_is_a_guarded_launcher():
     """A new launcher cannot forget the guard: any function of ``vqfast.kernels`` whose body
-    subscripts a ``@triton.jit`` kernel (``kernel[grid](...)``) must be a ``@launcher``."""
+    launches a ``@triton.jit`` kernel must be a ``@launcher``, and launch through
+    ``_launch.launch`` (the fast path), not ``kernel[grid](...)``."""
     launching = []
     for module in _kernel_modules():
         tree = ast.parse(inspect.getsource(module))
         for node in tree.body:
             if not isinstance(node, ast.FunctionDef):
                 continue
-            launches = any(isinstance(n, ast.Call) and isinstance(n.func, ast.Subscript)
-                           and isinstance(n.func.value, ast.Name) and n.func.value.id.endswith("_kernel")
-                           for n in ast.walk(node))
-            if launches:
+            raw = [_raw_launch(n) for n in ast.walk(node) if _raw_launch(n)]
+            assert not raw, (f"{module.__name__}.{node.name} launches {raw} as kernel[grid](...): "
+                             "use launch(kernel, grid, ...) (vqfast.kernels._launch)")
+            if any(_launch_of(n) for n in ast.walk(node)):
                 launching.append(f"{module.__name__}.{node.name}")
                 assert getattr(getattr(module, node.name), "is_launcher", False), (
                     f"{module.__name__}.{node.name} launches a kernel but is not a @launcher")
@@ -61,10 +78,9 @@ def test_every_function_that_launches_is_a_guarded_launcher():
 
 
 def _launched_kernels(module):
-    """The ``@triton.jit`` kernels ``module``'s functions launch (``kernel[grid](...)``)."""
+    """The ``@triton.jit`` kernels ``module``'s functions launch."""
     tree = ast.parse(inspect.getsource(module))
-    return {n.func.value.id for n in ast.walk(tree) if isinstance(n, ast.Call)
-            and isinstance(n.func, ast.Subscript) and isinstance(n.func.value, ast.Name)}
+    return {_launch_of(n) for n in ast.walk(tree)} - {None}
 
 
 def test_every_launched_kernel_is_compiled_ahead_of_time():
