@@ -46,9 +46,17 @@ def in_device_guard() -> bool:
 LAUNCHERS: dict = {}
 
 
+def _other_cuda_device(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA device other than the current one (entering it costs
+    microseconds at every launch: only then does a launcher switch)."""
+    return (device.type == "cuda" and device.index is not None
+            and device.index != torch.cuda.current_device())
+
+
 def launcher(fn):
-    """Decorate a kernel launcher: it runs under ``device_guard`` of its first tensor
-    argument, and is registered in ``LAUNCHERS`` under its name (exported by
+    """Decorate a kernel launcher: it runs on its first tensor argument's device (as under
+    ``device_guard``, entering it only when it is another CUDA device than the current
+    one), and is registered in ``LAUNCHERS`` under its name (exported by
     ``vqfast.kernels``; two launchers may not share a name).
 
     Cheap on the host (it runs at every launch): a launcher called from another runs in
@@ -62,12 +70,13 @@ def launcher(fn):
             None)
         if first is None:
             raise TypeError(f"{fn.__name__} takes tensors, got none")
-        if first.device.type == "cuda":
-            with device_guard(first.device):
-                return fn(*args, **kwargs)
-        _guard.depth = 1  # (CPU tensors: the Triton interpreter)
+        switch = _other_cuda_device(first.device)
+        _guard.depth = 1
         try:
-            return fn(*args, **kwargs)
+            if switch:
+                with torch.cuda.device(first.device):
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)  # (already current, or CPU: the Triton interpreter)
         finally:
             _guard.depth = 0
     wrapper.is_launcher = True

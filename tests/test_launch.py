@@ -139,6 +139,14 @@ def test_device_guard_enters_the_tensors_cuda_device(monkeypatch):
     assert len(entered) == 1 and not _launch.in_device_guard()  # no CUDA device to enter
 
 
+def test_launchers_switch_only_to_another_cuda_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert _launch._other_cuda_device(torch.device("cuda", 1))
+    assert not _launch._other_cuda_device(torch.device("cuda", 0))
+    assert not _launch._other_cuda_device(torch.device("cuda"))  # the current one
+    assert not _launch._other_cuda_device(torch.device("cpu"))
+
+
 # --- offsets past 2**31 -------------------------------------------------------------------
 
 BIG = 2**31
