@@ -25,7 +25,7 @@ from ._launch import launch, launcher, PTR, TORCH_DTYPES, check_same_device, lau
 from ._layout import row_offsets, vector_layout
 from .code_sums import code_sums_sorted
 from .nearest_code import PRECISIONS, codebook_prep, pick_config, running_argmin
-from ..reference import ROTATION_MIN_NORM_RATIO
+from ..reference.residual import ROTATION_MIN_NORM_RATIO
 
 # Launch configurations, compiled for sm_80 / sm_90 with triton 3.6 and 3.9 by the AOT
 # test (zero spills). The forward's search walks channel chunks of 16 as nearest_code's

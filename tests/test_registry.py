@@ -27,6 +27,8 @@ def test_every_quantizer_has_a_spec_with_an_oracle():
     assert not missing, f"no spec in tests/_specs.py for {missing}"
     for spec in SPECS:
         assert hasattr(reference, spec.oracle), f"{spec.name}: no vqfast.reference.{spec.oracle}"
+        assert callable(getattr(reference, spec.oracle)), (  # (not a family module's name)
+            f"{spec.name}: vqfast.reference.{spec.oracle} is not a function")
         tests = (Path(__file__).parent / spec.oracle_tests).read_text()
         assert f"reference.{spec.oracle}" in tests, (
             f"{spec.name}: {spec.oracle_tests} never compares it with reference.{spec.oracle}")

@@ -378,7 +378,8 @@ def _rule_for(module):
     rule = _RULES.get(f"{cls.__module__}.{cls.__qualname__}")
     # the notebook's classes, as vqfast.reference holds them or pasted into a user's code
     # (vqfast's own quantizers share their names)
-    notebook = cls.__module__ == "vqfast.reference" or not cls.__module__.startswith("vqfast.")
+    notebook = (cls.__module__.startswith("vqfast.reference.")
+                or not cls.__module__.startswith("vqfast."))
     if (rule is None and notebook and cls.__qualname__ in _NOTEBOOK
             and _is_notebook(module, ema=cls.__qualname__.endswith("EMA"))):
         rule = _NOTEBOOK[cls.__qualname__]

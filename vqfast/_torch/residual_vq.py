@@ -3,7 +3,7 @@
 import torch
 
 from . import _common  # (_common._CHUNK_ELEMENTS: read at each call)
-from ..reference import ROTATION_MIN_NORM_RATIO
+from ..reference.residual import ROTATION_MIN_NORM_RATIO
 from ._common import (_chunks, _get, _normalize, _put, _rows, _search_operands,
                       num_vectors)
 
