@@ -12,7 +12,7 @@ from torch import nn
 from . import _torch
 from . import functional as VF
 from . import quantizer_base as base
-from .quantizer_base import CodebookUsage
+from .quantizer_base import CodebookUsage, real_rows
 
 
 @torch.no_grad()
@@ -169,3 +169,54 @@ def warn_skipped(skipped: int) -> None:
         warnings.warn(f"{skipped} training batch(es) had non-finite statistics (NaN/Inf "
                       "inputs or overflowing squares); their EMA updates were skipped",
                       RuntimeWarning, stacklevel=3)
+
+
+class SingleCodebookUpkeep:
+    """The single-codebook quantizers' upkeep (a mixin of ``VectorQuantizer`` and
+    ``VectorQuantizerEMA``): k-means init of ``codebook``, the usage buffers and their
+    defaults for older checkpoints, dead-code re-seeding. Needs ``num_embeddings``,
+    ``kmeans_iters``, ``precision``, ``cosine`` and ``codebook``."""
+
+    @torch.no_grad()
+    def _kmeans_init(self, x: torch.Tensor, backend: str, flat_mask=None) -> None:
+        rows = real_rows(x.movedim(1, -1).reshape(-1, x.shape[1]).float(), flat_mask)
+        if self.cosine:
+            rows = F.normalize(rows, dim=-1)
+        centroids, counts = kmeans(rows, self.num_embeddings, self.kmeans_iters, backend, self.precision)
+        if self.cosine:
+            centroids = F.normalize(centroids, dim=-1)
+        centroids = without_real_rows_nan(centroids, flat_mask)
+        adopt_kmeans(self, self.codebook, centroids, counts.float().clamp_min(1))
+
+    def _syncing(self) -> bool:
+        return base._world_size() > 1
+
+    def corrected_cluster_size(self) -> torch.Tensor:
+        """``[K]`` EMA cluster sizes divided by ``1 - decay**t`` (Adam's bias correction):
+        after one step, each code's count in that batch, not 1% of it."""
+        return self.ema_cluster_size / self.ema_decay_weight.clamp_min(1e-30)
+
+    @torch.no_grad()
+    def _reseed_dead_codes(self, x: torch.Tensor, apply: torch.Tensor, flat_mask=None) -> None:
+        reseed_dead_codes(self, x, apply, flat_mask, self.cosine)
+
+    def _register_usage_state(self, ema_weight=None):
+        """The EMA statistics buffers (fp32): ``ema_cluster_size [K]`` (and ``ema_weight
+        [K, d]`` when given), ``ema_decay_weight`` and the ``reseeded_codes`` counter."""
+        self.register_buffer("ema_cluster_size", torch.zeros(self.num_embeddings))
+        if ema_weight is not None:
+            self.register_buffer("ema_weight", ema_weight)
+        self.register_buffer("ema_decay_weight", torch.tensor(0.0))
+        self.register_buffer("reseeded_codes", torch.tensor(0, dtype=torch.int64))
+        # The Triton kernels' re-seeding state, not saved: the Philox key (advanced on the
+        # device; from torch's seed, so torch.manual_seed fixes it, without a random draw).
+        self.register_buffer("_reseed_key", torch.tensor([torch.initial_seed() % 2**62]),
+                             persistent=False)
+
+    @staticmethod
+    def _default_trained_state(state_dict, prefix, num_embeddings):
+        """Checkpoints from before the usage buffers (the notebook's, vqfast 0.2's) hold trained
+        state: each code starts as used once per batch."""
+        state_dict.setdefault(prefix + "ema_cluster_size", torch.ones(num_embeddings))
+        state_dict.setdefault(prefix + "ema_decay_weight", torch.tensor(1.0))
+        state_dict.setdefault(prefix + "reseeded_codes", torch.tensor(0, dtype=torch.int64))

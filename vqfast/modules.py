@@ -12,7 +12,7 @@ from . import functional as VF
 from . import quantizer_base as base
 # (re-exported: vqfast.modules stays the one import for the quantizers' shared pieces)
 from .codebook_upkeep import (  # noqa: F401
-    _all_reduce_statistics, adopt_kmeans, check_codebook_options, kmeans, kmeans_done,
+    SingleCodebookUpkeep, _all_reduce_statistics, adopt_kmeans, check_codebook_options, kmeans, kmeans_done,
     reseed_dead_codes, rows_seen, take_kmeans_ema_state, usage_report, warn_skipped,
     without_real_rows_nan)
 from .quantizer_base import (  # noqa: F401
@@ -21,7 +21,7 @@ from .quantizer_base import (  # noqa: F401
     rename_legacy_keys)
 
 
-class _QuantizerBase(QuantizerCommon, nn.Module):
+class _QuantizerBase(SingleCodebookUpkeep, QuantizerCommon, nn.Module):
     """Shared input handling: channels-first in, flat ``[N, D]`` through the fused op, back out."""
 
     _legacy_keys: dict = {}
@@ -182,50 +182,6 @@ class _QuantizerBase(QuantizerCommon, nn.Module):
         """
         if self.training and not self._kmeans_done and not self.freeze_codebook:
             self._kmeans_init(x, backend, flat_mask)
-
-    @torch.no_grad()
-    def _kmeans_init(self, x: torch.Tensor, backend: str, flat_mask=None) -> None:
-        rows = real_rows(x.movedim(1, -1).reshape(-1, x.shape[1]).float(), flat_mask)
-        if self.cosine:
-            rows = F.normalize(rows, dim=-1)
-        centroids, counts = kmeans(rows, self.num_embeddings, self.kmeans_iters, backend, self.precision)
-        if self.cosine:
-            centroids = F.normalize(centroids, dim=-1)
-        centroids = without_real_rows_nan(centroids, flat_mask)
-        adopt_kmeans(self, self.codebook, centroids, counts.float().clamp_min(1))
-
-    def _syncing(self) -> bool:
-        return base._world_size() > 1
-
-    def corrected_cluster_size(self) -> torch.Tensor:
-        """``[K]`` EMA cluster sizes divided by ``1 - decay**t`` (Adam's bias correction):
-        after one step, each code's count in that batch, not 1% of it."""
-        return self.ema_cluster_size / self.ema_decay_weight.clamp_min(1e-30)
-
-    @torch.no_grad()
-    def _reseed_dead_codes(self, x: torch.Tensor, apply: torch.Tensor, flat_mask=None) -> None:
-        reseed_dead_codes(self, x, apply, flat_mask, self.cosine)
-
-    def _register_usage_state(self, ema_weight=None):
-        """The EMA statistics buffers (fp32): ``ema_cluster_size [K]`` (and ``ema_weight
-        [K, d]`` when given), ``ema_decay_weight`` and the ``reseeded_codes`` counter."""
-        self.register_buffer("ema_cluster_size", torch.zeros(self.num_embeddings))
-        if ema_weight is not None:
-            self.register_buffer("ema_weight", ema_weight)
-        self.register_buffer("ema_decay_weight", torch.tensor(0.0))
-        self.register_buffer("reseeded_codes", torch.tensor(0, dtype=torch.int64))
-        # The Triton kernels' re-seeding state, not saved: the Philox key (advanced on the
-        # device; from torch's seed, so torch.manual_seed fixes it, without a random draw).
-        self.register_buffer("_reseed_key", torch.tensor([torch.initial_seed() % 2**62]),
-                             persistent=False)
-
-    @staticmethod
-    def _default_trained_state(state_dict, prefix, num_embeddings):
-        """Checkpoints from before the usage buffers (the notebook's, vqfast 0.2's) hold trained
-        state: each code starts as used once per batch."""
-        state_dict.setdefault(prefix + "ema_cluster_size", torch.ones(num_embeddings))
-        state_dict.setdefault(prefix + "ema_decay_weight", torch.tensor(1.0))
-        state_dict.setdefault(prefix + "reseeded_codes", torch.tensor(0, dtype=torch.int64))
 
 
 #: The original algorithm's arguments (van den Oord et al.; the notebook): random init,
