@@ -12,6 +12,9 @@ if not torch.cuda.is_available():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "own_chaos: the test sets chaos mode itself (--chaos does not apply)")
+    config.addinivalue_line("markers", "kernels: a file of kernel tests, which CI also runs in chaos "
+                            "mode and under triton 3.8's interpreter (a new family's tests opt in here)")
+    config.addinivalue_line("markers", "chaos: a file CI also runs in chaos mode (not under 3.8)")
 
 
 def pytest_addoption(parser):

@@ -14,7 +14,7 @@ from vqfast import kernels, reference  # noqa: E402
 from _chaos import chaos  # noqa: E402
 from _util import DEVICE, INTERPRETED, INTERPRETER_BROKEN  # noqa: E402
 
-pytestmark = [pytest.mark.skipif(not INTERPRETED or INTERPRETER_BROKEN is not None,
+pytestmark = [pytest.mark.chaos, pytest.mark.skipif(not INTERPRETED or INTERPRETER_BROKEN is not None,
                                  reason="chaos mode patches the Triton interpreter"),
               pytest.mark.own_chaos]
 

@@ -18,6 +18,9 @@ from benchmarks.patched import third_party
 Q, K, D, DECAY, EPS = 3, 32, 12, 0.9, 1e-5
 
 
+pytestmark = pytest.mark.kernels
+
+
 def _encodec_rvq():
     core_vq = third_party("encodec.quantization.core_vq")
     if core_vq is None:

@@ -17,6 +17,9 @@ from vqfast.ops.vq import ema_update
 
 from _util import DEVICE
 
+pytestmark = pytest.mark.chaos
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -8,6 +8,9 @@ import vqfast
 from vqfast import reference
 from _util import BACKENDS, DEVICE, TOL, tensor_state
 
+pytestmark = pytest.mark.kernels
+
+
 PATHS = [("torch", None), ("torch", 7)] + [("triton", None)] * ("triton" in BACKENDS)
 
 

@@ -13,7 +13,8 @@ import vqfast  # noqa: E402
 from vqfast import kernels, reference  # noqa: E402
 from _util import ORIGINAL, DEVICE, INTERPRETED, INTERPRETER_BROKEN, TIE_EPS, assert_nearest, tensor_state  # noqa: E402
 
-pytestmark = pytest.mark.skipif(INTERPRETER_BROKEN is not None, reason=str(INTERPRETER_BROKEN))
+pytestmark = [pytest.mark.kernels,
+              pytest.mark.skipif(INTERPRETER_BROKEN is not None, reason=str(INTERPRETER_BROKEN))]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (N, K, D)

@@ -30,7 +30,7 @@ from _chaos import patched  # noqa: E402
 from _util import DEVICE, INTERPRETED, INTERPRETER_BROKEN  # noqa: E402
 
 # The huge tensors here are reserved, never touched: chaos mode would fill them.
-pytestmark = pytest.mark.own_chaos
+pytestmark = [pytest.mark.kernels, pytest.mark.own_chaos]
 
 interpreted_only = pytest.mark.skipif(not INTERPRETED or INTERPRETER_BROKEN is not None,
                                       reason="runs single programs under the Triton interpreter")

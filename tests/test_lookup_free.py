@@ -8,6 +8,9 @@ from vqfast import reference
 from vqfast.ops import lfq as lfq_ops
 from _util import BACKENDS, DEVICE
 
+pytestmark = pytest.mark.kernels
+
+
 LEVELS = [[3], [2, 2], [8, 5, 5, 4], [7, 6, 5, 5, 5], [8, 8, 8, 6, 5]]
 
 

@@ -14,6 +14,8 @@ from vqfast.ops.residual_vq import residual_quantize
 from _util import ORIGINAL, BACKENDS, DEVICE, TOL, tensor_state
 from test_no_sync import HostReads, single_rank_group  # noqa: F401 (a fixture)
 
+pytestmark = pytest.mark.kernels
+
 # (B, D, spatial, K, groups, levels): odd sizes everywhere.
 SHAPES = [(3, 12, (7, 5), 13, 1, 3), (2, 18, (11,), 9, 3, 2), (1, 5, (3, 3, 3), 7, 1, 4),
           (1, 140, (9,), 11, 2, 2)]  # group width 70: several channel chunks per kernel loop

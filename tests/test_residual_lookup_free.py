@@ -10,6 +10,9 @@ from vqfast import reference
 from _util import BACKENDS, DEVICE, TOL
 
 
+pytestmark = pytest.mark.kernels
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``[B, C, *spatial]`` -> ``[N, C]``."""
     return t.movedim(1, -1).reshape(-1, t.shape[1])
