@@ -641,3 +641,63 @@ def test_cpu_shortcuts_give_the_device_rule_bit_for_bit(finite, monkeypatch):
         steps.append((loss, q, codes, z.grad, *tensor_state(rvq).values()))
     for a, b in zip(*steps):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("groups,levels,shared,cosine,real", [
+    (1, 3, False, False, False), (2, 3, False, True, False), (2, 2, True, False, False),
+    (1, 4, False, False, True)])
+def test_residual_reseed_launch_follows_the_rule(groups, levels, shared, cosine, real, dtype):
+    """ResidualVQ's dead-code re-seeding in one launch: each dead code of an applied
+    codebook takes its row as its level saw it (the input minus the earlier levels' codes,
+    written out here), at the start size; both backends alike."""
+    from vqfast import _torch, kernels
+    torch.manual_seed(3)
+    b, s, k, d = 2, 7, 11, 5
+    n, books = b * s, groups * (1 if shared else levels)
+    z = torch.randn(b, groups * d, s, device=DEVICE).to(dtype)
+    idx = torch.randint(-1, k, (groups * levels, n), device=DEVICE)
+    snapshot = torch.randn(books, k, d, device=DEVICE)
+    picks = torch.randint(0, n, (k,), device=DEVICE)
+    decay_weight = torch.rand(books, device=DEVICE) + 0.5
+    size = torch.rand(books, k, device=DEVICE) * 2
+    applied = torch.ones(books, device=DEVICE)
+    applied[-1] = 0.0 if books > 1 else 1.0
+    real_codes = torch.rand(books, k, device=DEVICE) > 0.3 if real else None
+    state = [torch.randn(books, k, d, device=DEVICE), torch.randn(books, k, d, device=DEVICE)]
+    results = {}
+    for name, impl in (("torch", _torch.residual_reseed), ("triton", kernels.residual_reseed)):
+        if name == "triton" and "triton" not in BACKENDS:
+            continue
+        out = [size.clone(), state[0].clone(), state[1].clone(),
+               torch.zeros(books, dtype=torch.int64, device=DEVICE)]
+        impl(z, idx, snapshot, picks, out[0], decay_weight, applied, out[1], out[2], out[3],
+             real_codes, 1.0, groups, levels, shared, cosine)
+        results[name] = out
+    new_size, new_book, new_weight, reseeded = results["torch"]
+    dead = (size / decay_weight[:, None] < 1.0) & (applied[:, None] > 0)
+    rows = z.float().movedim(1, -1).reshape(n, groups, d)
+    for book in range(books):
+        g, level = (book, 0) if shared else divmod(book, levels)
+        for code in range(k):
+            row = int(picks[code])
+            chosen = int(idx[g * levels + level, row])
+            is_dead = bool(dead[book, code]) and chosen >= 0 and (real_codes is None or
+                                                                  bool(real_codes[book, code]))
+            if not is_dead:
+                assert torch.equal(new_book[book, code], state[0][book, code])
+                continue
+            expected = rows[row, g].clone()
+            for earlier in range(level):
+                c = int(idx[g * levels + earlier, row])
+                if c >= 0:
+                    expected -= snapshot[g * levels + earlier, c]
+            if cosine:
+                expected = expected / expected.norm().clamp_min(1e-12)
+            torch.testing.assert_close(new_book[book, code], expected)
+            torch.testing.assert_close(new_size[book, code], decay_weight[book])
+            torch.testing.assert_close(new_weight[book, code], expected * decay_weight[book])
+    assert int(reseeded.sum()) > 0 and int(reseeded[-1]) == (0 if books > 1 else reseeded[-1])
+    if "triton" in results:
+        for got, want in zip(results["triton"], results["torch"]):
+            torch.testing.assert_close(got, want)

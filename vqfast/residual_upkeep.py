@@ -7,10 +7,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import _torch
 from . import functional as VF
 from . import quantizer_base
 from .codebook_upkeep import (_all_reduce_statistics, adopt_kmeans, kmeans, rows_seen,
                               usage_report, warn_skipped, without_real_rows_nan)
+from .ops.residual_vq import residual_reseed
 from .quantizer_base import real_rows
 
 _SIZE_RULES = {"smoothed": 0, "raw": 1, "raw_clamped": 2}  # ema_size -> the EMA op's size_rule
@@ -87,7 +89,7 @@ class ResidualUpkeep:
             self.codebooks.copy_(torch.where(applied[:, None, None] > 0,
                                              F.normalize(self.codebooks, dim=-1), self.codebooks))
         if self.dead_code_threshold > 0 and self.dead_code_rule == "absolute":
-            self._reseed_dead_codes(z, idx, snapshot, applied > 0)
+            self._reseed_dead_codes(z, idx, snapshot, applied, backend)
 
     @torch.no_grad()
     def _replace_below_mean(self, z, idx, snapshot, finite, masked):
@@ -132,45 +134,25 @@ class ResidualUpkeep:
         """``[G*C, K]`` EMA cluster sizes over ``1 - decay**t`` (see ``VectorQuantizerEMA``)."""
         return self.ema_cluster_size / self.ema_decay_weight.clamp_min(1e-30)[:, None]
 
-    def _sampled_residuals(self, z, idx, codebooks, picks):
-        """The residual each level quantized for rows ``picks [M]`` of ``z: [B, D', S]``,
-        rebuilt from their codes: fp32 ``[G*Q, M, d]`` (normalised when ``cosine``) and
-        whether the level quantized that row (bool ``[G*Q, M]``)."""
-        g, q, d = self.groups, self.num_quantizers, self.code_dim
-        s = z.shape[2]
-        rows = z[picks // s, :, picks % s].float().view(-1, g, d).transpose(0, 1)  # [G, M, d]
-        codes = idx[:, picks]  # [G*Q, M]
-        used = codes >= 0
-        books = torch.arange(g * q, device=z.device)
-        books = books // q if self.shared_codebook else books
-        gathered = codebooks[books[:, None], codes.clamp_min(0)] * used[..., None]
-        gathered = gathered.view(g, q, -1, d)
-        before = gathered.cumsum(1) - gathered  # what the earlier levels took away
-        residual = rows[:, None] - before
-        if self.cosine is True:
-            residual = F.normalize(residual, dim=-1)
-        return residual.reshape(g * q, -1, d), used
-
     @torch.no_grad()
-    def _reseed_dead_codes(self, z, idx, snapshot, applied):
+    def _reseed_dead_codes(self, z, idx, snapshot, applied, backend):
+        """The absolute dead-code rule after the EMA update (``applied`` fp32 ``[G*C]``):
+        each code takes one row of the batch as its level saw it, the same row for every
+        codebook (one launch on the Triton backend; across ranks, rank 0's rows)."""
         k = self.num_embeddings
         picks = torch.randint(idx.shape[1], (k,), device=z.device)
-        samples, used = self._sampled_residuals(z, idx, snapshot, picks)
-        if self.shared_codebook:  # a shared codebook re-seeds from its group's inputs
-            samples = samples.view(self.groups, self.num_quantizers, k, -1)[:, 0]
-            used = used.view(self.groups, self.num_quantizers, k)[:, 0]
-        if self._syncing():
-            dist.broadcast(samples, 0)
-            dist.broadcast(used, 0)
-        dead = (self.corrected_cluster_size() < self.dead_code_threshold) & applied[:, None] & used
-        if self.level_sizes is not None:
-            dead = dead & self.real_codes
-        size = max(self.dead_code_threshold, 1.0) * self.ema_decay_weight[:, None]
-        self.codebooks.copy_(torch.where(dead[..., None], samples, self.codebooks))
-        self.ema_weight.copy_(torch.where(dead[..., None], samples * size[..., None],
-                                          self.ema_weight))
-        self.ema_cluster_size.copy_(torch.where(dead, size, self.ema_cluster_size))
-        self.reseeded_codes.add_(dead.sum(1))
+        options = dict(groups=self.groups, num_levels=self.num_quantizers,
+                       shared=self.shared_codebook, cosine=self.cosine is True)
+        state = (self.ema_cluster_size, self.ema_decay_weight, applied, self.codebooks,
+                 self.ema_weight, self.reseeded_codes, getattr(self, "real_codes", None),
+                 self.dead_code_threshold)
+        if not self._syncing():
+            residual_reseed(z, idx, snapshot, picks, *state, **options, backend=backend)
+            return
+        samples, used = _torch.residual_vq.reseed_samples(z, idx, snapshot, picks, **options)
+        dist.broadcast(samples, 0)
+        dist.broadcast(used, 0)
+        _torch.residual_vq.apply_reseed(samples, used, *state)
 
     @torch.no_grad()
     def _kmeans(self, z, flat_mask, backend):

@@ -227,3 +227,60 @@ def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups,
     if grad_codebooks is not None:
         grad_codebooks.mul_(grad_scale * codebook_scale)
     return grad_x, grad_codebooks
+
+
+# --- dead-code re-seeding ----------------------------------------------------------------
+
+def reseed_samples(z, idx, snapshot, picks, groups, num_levels, shared, cosine):
+    """The residual each codebook's level quantized for rows ``picks [K]`` of ``z: [B, D',
+    S]``, rebuilt from the codes ``idx [G*Q, N]`` and the codebooks they were taken from
+    ``snapshot [G*C, K, d]``: fp32 ``[G*C, K, d]`` (unit vectors when ``cosine``; a shared
+    codebook takes its group's first level, the input itself) and whether that level
+    quantized the row (bool ``[G*C, K]``)."""
+    g, q = groups, num_levels
+    d, s = snapshot.shape[-1], z.shape[2]
+    rows = z[picks // s, :, picks % s].float().view(-1, g, d).transpose(0, 1)  # [G, K, d]
+    codes = idx[:, picks]  # [G*Q, K]
+    used = codes >= 0
+    books = torch.arange(g * q, device=z.device)
+    books = books // q if shared else books
+    gathered = (snapshot[books[:, None], codes.clamp_min(0)] * used[..., None]).view(g, q, -1, d)
+    # what the earlier levels took away: their codes summed in level order
+    before = torch.cat([torch.zeros_like(gathered[:, :1]), gathered[:, :-1].cumsum(1)], 1)
+    residual = rows[:, None] - before
+    if cosine:
+        residual = torch.nn.functional.normalize(residual, dim=-1)
+    residual = residual.reshape(g * q, -1, d)
+    if shared:
+        residual = residual.view(g, q, -1, d)[:, 0]
+        used = used.view(g, q, -1)[:, 0]
+    return residual, used
+
+
+def apply_reseed(samples, used, size, decay_weight, applied, codebooks, ema_weight, reseeded,
+                 real_codes, threshold):
+    """The dead-code rule of every codebook, in place: a code of an ``applied`` codebook
+    whose bias-corrected size ``size / decay_weight`` is below ``threshold`` (and, with
+    ``real_codes``, a real one) takes its sample where ``used``, at a size of ``max(threshold,
+    1) * decay_weight``; ``reseeded [G*C]`` counts them."""
+    dead = (size / decay_weight.clamp_min(1e-30)[:, None] < threshold) & (applied[:, None] > 0)
+    dead = dead & used
+    if real_codes is not None:
+        dead = dead & real_codes
+    start = max(threshold, 1.0) * decay_weight[:, None]
+    codebooks.copy_(torch.where(dead[..., None], samples, codebooks))
+    ema_weight.copy_(torch.where(dead[..., None], samples * start[..., None], ema_weight))
+    size.copy_(torch.where(dead, start, size))
+    reseeded.add_(dead.sum(1))
+
+
+def residual_reseed(z, idx, snapshot, picks, size, decay_weight, applied, codebooks, ema_weight,
+                    reseeded, real_codes, threshold, groups, num_levels, shared, cosine):
+    """``ResidualVQ``'s dead-code re-seeding after its EMA update, in place: ``codebooks``,
+    ``ema_weight`` ``[G*C, K, d]``, ``size [G*C, K]``, ``reseeded`` int64 ``[G*C]``, from the
+    batch's rows ``picks [K]`` (one per code, the same for every codebook) as their levels
+    saw them (``reseed_samples``); ``applied`` fp32 ``[G*C]`` (the EMA update's: 0 leaves a
+    codebook as it is); ``real_codes`` bool ``[G*C, K]`` or ``None``."""
+    samples, used = reseed_samples(z, idx, snapshot, picks, groups, num_levels, shared, cosine)
+    apply_reseed(samples, used, size, decay_weight, applied, codebooks, ema_weight, reseeded,
+                 real_codes, threshold)

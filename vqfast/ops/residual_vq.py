@@ -156,3 +156,31 @@ def residual_quantize(x, codebooks, num_levels, *, groups=1, cosine=False, activ
                                    commitment_cost, codebook_loss, rotation_trick,
                                    with_code_sums, backend, precision, commit_levels,
                                    raw_codes)
+
+
+@custom_op("residual_reseed", mutates_args=("size", "codebooks", "ema_weight", "reseeded"))
+def _residual_reseed_op(z: torch.Tensor, idx: torch.Tensor, snapshot: torch.Tensor,
+                        picks: torch.Tensor, size: torch.Tensor, decay_weight: torch.Tensor,
+                        applied: torch.Tensor, codebooks: torch.Tensor, ema_weight: torch.Tensor,
+                        reseeded: torch.Tensor, real_codes: torch.Tensor | None, threshold: float,
+                        groups: int, num_levels: int, shared: bool, cosine: bool,
+                        backend: str) -> None:
+    _impl(backend).residual_reseed(z, idx, snapshot, picks, size, decay_weight, applied,
+                                   codebooks, ema_weight, reseeded, real_codes, threshold, groups,
+                                   num_levels, shared, cosine)
+
+
+@_residual_reseed_op.register_fake
+def _(z, idx, snapshot, picks, size, decay_weight, applied, codebooks, ema_weight, reseeded,
+      real_codes, threshold, groups, num_levels, shared, cosine, backend):
+    return None
+
+
+def residual_reseed(z, idx, snapshot, picks, size, decay_weight, applied, codebooks, ema_weight,
+                    reseeded, real_codes, threshold, *, groups, num_levels, shared, cosine,
+                    backend="torch"):
+    """``ResidualVQ``'s dead-code re-seeding, in place (one launch on the Triton backend):
+    see ``vqfast._torch.residual_vq.residual_reseed``."""
+    _residual_reseed_op(z, idx, snapshot, picks, size, decay_weight, applied, codebooks,
+                        ema_weight, reseeded, real_codes, threshold, groups, num_levels, shared,
+                        cosine, backend)
