@@ -82,6 +82,9 @@ def test_functional_matches_oracle(shape, option, ema, backend):
     else:
         torch.testing.assert_close(books.grad, books_ref.grad, rtol=1e-4, atol=1e-5)
     assert perplexity.shape == (kw["groups"] * levels,)
+    p = counts_r.double() / counts_r.sum(1, keepdim=True).clamp_min(1)  # the notebook's formula
+    torch.testing.assert_close(perplexity.double(), torch.exp(-(p * torch.log(p + 1e-10)).sum(1)),
+                               rtol=1e-5, atol=1e-5)
 
 
 def _oracle_state(rvq):

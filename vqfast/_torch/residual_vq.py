@@ -229,6 +229,13 @@ def residual_backward(grad_q, grad_scale, x, codebooks, idx, num_levels, groups,
     return grad_x, grad_codebooks
 
 
+def level_perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """``[L, K]`` per-level code counts -> fp32 ``[L]`` perplexities (the notebook's formula;
+    1 for a level that quantized nothing)."""
+    p = counts.float() / counts.sum(1, keepdim=True).clamp_min(1)
+    return torch.exp(-torch.sum(p * torch.log(p + 1e-10), dim=1))
+
+
 # --- dead-code re-seeding ----------------------------------------------------------------
 
 def reseed_samples(z, idx, snapshot, picks, groups, num_levels, shared, cosine):

@@ -84,11 +84,14 @@ def _(grad_q, grad_scale, x, codebooks, idx, num_levels, groups, cosine, rotatio
     return torch.empty_like(x), x.new_empty(shape, dtype=torch.float32)
 
 
-def level_perplexity(counts: torch.Tensor) -> torch.Tensor:
-    """``[L, K]`` per-level code counts -> fp32 ``[L]`` perplexities (the notebook's formula;
-    1 for a level that quantized nothing)."""
-    p = counts.float() / counts.sum(1, keepdim=True).clamp_min(1)
-    return torch.exp(-torch.sum(p * torch.log(p + 1e-10), dim=1))
+@custom_op("level_perplexity", mutates_args=())
+def _level_perplexity_op(counts: torch.Tensor, backend: str) -> torch.Tensor:
+    return _impl(backend).level_perplexity(counts)
+
+
+@_level_perplexity_op.register_fake
+def _(counts, backend):
+    return counts.new_empty(counts.shape[0], dtype=torch.float32)
 
 
 class _ResidualQuantize(torch.autograd.Function):
@@ -125,7 +128,8 @@ class _ResidualQuantize(torch.autograd.Function):
         ctx.codebook_scale = 2.0 / dim if codebook_loss else 0.0
         ctx.mark_non_differentiable(idx, counts, code_sums, snapshot)
         ctx.set_materialize_grads(False)
-        return q, loss, idx, level_perplexity(counts), counts, code_sums, snapshot
+        return (q, loss, idx, _level_perplexity_op(counts, backend), counts, code_sums,
+                snapshot)
 
     @staticmethod
     def backward(ctx, grad_q, grad_loss, *_):
