@@ -6,7 +6,7 @@ step costs what the host spends issuing it. This benchmark measures that on the 
 Triton launch is replaced by the work triton does on a cache hit (its argument binder,
 specialisation and cache key: what each launch costs the host once the kernel is
 compiled), tensors are tiny CPU stand-ins, and each step's thread CPU time is taken
-(median over ``--steps``). The torch-only implementations (the original algorithm,
+(median over ``--steps``, taken in interleaved rounds). The torch-only implementations (the original algorithm,
 vector-quantize-pytorch) run their real torch ops on the same tiny tensors.
 
 ``kernels`` counts what a GPU would run per step: the Triton launches plus every other
@@ -249,54 +249,80 @@ def _set_backend(module, backend: str) -> None:
             m.backend = backend
 
 
-def measure(name, build, shape, kind, steps: int, launches: StubbedLaunches):
-    module = build("torch")
-    if module is None:
-        return None
-    module.train()
-    params = [p for p in module.parameters() if p.requires_grad]
-    x = torch.randn(*shape, requires_grad=True)
-    grads = [None, None]
-    _step(module, x, grads)  # k-means init on the real torch path (the stubs compute nothing)
-    if kind.startswith("vqfast"):
-        _set_backend(module, "triton")
-    # vqfast's launch path (kernels._launch.launch), or triton's own at every launch
-    _launch.FAST_LAUNCH = kind != "vqfast, triton's launch path"
-    for _ in range(10):  # warm-up
-        _step(module, x, grads)
-    counting = _CountOps()
-    launches.count.clear()
-    _clear_grads(x, params)
-    with counting:
-        _step(module, x, grads)
-    triton_launches = sum(launches.count.values())
-    samples = []
-    for _ in range(steps):
-        _clear_grads(x, params)
-        launches.excluded_ns = 0
-        start = time.thread_time_ns()
-        _step(module, x, grads)
-        samples.append(time.thread_time_ns() - start - launches.excluded_ns)
-    _launch.FAST_LAUNCH = True
-    other = sum(counting.ops.values())
-    return {"name": name, "kind": kind, "host_us": statistics.median(samples) / 1e3,
-            "triton_launches": triton_launches, "other_ops": other,
-            "kernels": triton_launches + other, "ops": dict(counting.ops)}
+class _Case:
+    """One step's module and inputs, warmed up, its kernels counted; ``sample(n)`` times
+    ``n`` more steps."""
+
+    def __init__(self, name, build, shape, kind, launches: StubbedLaunches):
+        self.name, self.kind, self.launches = name, kind, launches
+        self.module = build("torch")
+        if self.module is None:
+            return
+        self.module.train()
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.x = torch.randn(*shape, requires_grad=True)
+        self.grads = [None, None]
+        _step(self.module, self.x, self.grads)  # k-means init on the real torch path
+        if kind.startswith("vqfast"):
+            _set_backend(self.module, "triton")
+        with self._launch_path():
+            for _ in range(10):  # warm-up
+                _step(self.module, self.x, self.grads)
+            counting = _CountOps()
+            launches.count.clear()
+            _clear_grads(self.x, self.params)
+            with counting:
+                _step(self.module, self.x, self.grads)
+        self.triton_launches = sum(launches.count.values())
+        self.ops = dict(counting.ops)
+        self.samples = []
+
+    @contextlib.contextmanager
+    def _launch_path(self):
+        """vqfast's launch path (``kernels._launch.launch``), or triton's own at every launch."""
+        _launch.FAST_LAUNCH = self.kind != "vqfast, triton's launch path"
+        try:
+            yield
+        finally:
+            _launch.FAST_LAUNCH = True
+
+    def sample(self, steps: int) -> None:
+        with self._launch_path():
+            for _ in range(steps):
+                _clear_grads(self.x, self.params)
+                self.launches.excluded_ns = 0
+                start = time.thread_time_ns()
+                _step(self.module, self.x, self.grads)
+                self.samples.append(time.thread_time_ns() - start - self.launches.excluded_ns)
+
+    def row(self) -> dict:
+        other = sum(self.ops.values())
+        return {"name": self.name, "kind": self.kind,
+                "host_us": statistics.median(self.samples) / 1e3,
+                "triton_launches": self.triton_launches, "other_ops": other,
+                "kernels": self.triton_launches + other, "ops": self.ops}
 
 
-def run(steps: int = 300, progress=print, names=None):
+def run(steps: int = 300, progress=print, names=None, rounds: int = 10):
+    """Every case's median host time over ``steps`` steps, taken in ``rounds`` interleaved
+    rounds (each case a share of its steps per round), so that a machine whose speed drifts
+    during the run moves every case alike."""
     torch.set_num_threads(1)
     launches = StubbedLaunches()
-    rows = []
     with launches.stubbed():
+        cases = []
         for name, build, shape, kind in _cases():
-            if names and name not in names:
-                continue
-            torch.manual_seed(0)
-            row = measure(name, build, shape, kind, steps, launches)
-            if row is not None:
-                rows.append(row)
-                progress(f"{name}: {row['host_us']:.0f} us, {row['kernels']} kernels")
+            if not names or name in names:
+                torch.manual_seed(0)
+                case = _Case(name, build, shape, kind, launches)
+                if case.module is not None:
+                    cases.append(case)
+        for _ in range(rounds):
+            for case in cases:
+                case.sample(max(1, steps // rounds))
+        rows = [case.row() for case in cases]
+    for row in rows:
+        progress(f"{row['name']}: {row['host_us']:.0f} us, {row['kernels']} kernels")
     base = next((r for r in rows if r["name"].startswith("original EMA")), None)
     for row in rows:
         row["vs_original_ema"] = base["host_us"] / row["host_us"] if base else None
@@ -377,9 +403,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="timed steps per case (median)")
     parser.add_argument("--out", type=Path, help="write <date>-cpu-host.json and .md here")
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="interleaved rounds the steps are split into (drift moves every case alike)")
     parser.add_argument("--case", action="append", help="only this case (repeatable)")
     args = parser.parse_args(argv)
-    rows = run(args.steps, names=args.case)
+    rows = run(args.steps, names=args.case, rounds=args.rounds)
     env = environment()
     save_report(args.out, "cpu-host", env, rows, markdown(env, rows))
 

@@ -205,6 +205,8 @@ def _entry(kernel, compiled, num_args: int, kwargs: dict):
     """The cached launch of ``compiled``, or ``None`` where the call cannot take the fast
     path (a runtime argument by keyword, or a parameter with neither a value nor a default)."""
     import inspect
+    if hasattr(compiled, "result"):  # compiling asynchronously (a future): triton's path
+        return None
     params = kernel.params
     tail = []
     for i, p in enumerate(params):
