@@ -8,9 +8,16 @@ import torch
 from . import _torch
 from .ops.dispatch import (BACKENDS, FLOAT_DTYPES, PRECISIONS, channels_first, channels_last,  # noqa: F401
                            check_backend, check_codebook_input, resolve_backend)
+from .ops.residual_vq import _level_perplexity_op
 from .ops.vq import _nearest_code_op, ema_update, quantize, reseed_codes  # noqa: F401
 
-perplexity = _torch.perplexity
+
+def perplexity(counts: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """``exp(entropy)`` of the code usage ``counts [K]`` (the original's formula, fp32 0-d):
+    one launch on the Triton backend for int32 counts."""
+    if counts.dtype != torch.int32 or backend != "triton":
+        return _torch.perplexity(counts)
+    return _level_perplexity_op(counts.reshape(1, -1), backend).view(())
 
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, backend: str = "auto",

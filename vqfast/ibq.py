@@ -76,7 +76,8 @@ class IndexBackpropVQ(QuantizerCommon, nn.Module):
     def forward(self, inputs, return_loss_breakdown=False):
         rows = self._rows(inputs)
         codebook = self.codebook.detach() if self.freeze_codebook else self.codebook
-        out, idx = index_backprop(rows, codebook, self.logit_scale, self._backend(rows.device))
+        backend = self._backend(rows.device)
+        out, idx = index_backprop(rows, codebook, self.logit_scale, backend)
         q = codebook[idx].float()
         commitment = self.commitment_cost * F.mse_loss(rows.float(), q.detach())
         codebook_term = F.mse_loss(q, rows.detach().float())
@@ -86,7 +87,7 @@ class IndexBackpropVQ(QuantizerCommon, nn.Module):
         self._watch_usage(counts)
         out = out.to(inputs.dtype).view(*self._positions(inputs), self.embedding_dim)
         outputs = (loss, self._rows_in_layout(out).contiguous(),
-                   VF.perplexity(counts), idx.view(self._positions(inputs)))
+                   VF.perplexity(counts, backend), idx.view(self._positions(inputs)))
         if return_loss_breakdown:
             return (*outputs, LossBreakdown.of(loss, commitment=commitment, codebook=codebook_term))
         return outputs

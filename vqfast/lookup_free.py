@@ -255,7 +255,7 @@ class LFQ(QuantizerCommon, nn.Module):
                 diversity = -self.entropy_loss_weight * self.diversity_gamma * \
                     lfq_ops.codebook_entropy(rows, self.inv_temperature, backend, self.precision)
                 loss = loss + diversity
-        outputs = (loss, quantized.reshape(z.shape), VF.perplexity(counts),
+        outputs = (loss, quantized.reshape(z.shape), VF.perplexity(counts, backend),
                    codes.view(self._positions(z)))
         if return_loss_breakdown:
             return (*outputs, LossBreakdown.of(loss, commitment=commitment, entropy=entropy,

@@ -240,7 +240,8 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
         quantized = f + (f_hat - f).detach()  # VAR's straight-through
         if self.channel_last:
             quantized = quantized.movedim(1, -1)
-        outputs = (loss, quantized.to(inputs.dtype), VF.perplexity(counts), torch.cat(codes, 1))
+        outputs = (loss, quantized.to(inputs.dtype), VF.perplexity(counts, backend),
+                   torch.cat(codes, 1))
         if return_loss_breakdown:
             return (*outputs, LossBreakdown.of(loss, commitment=commitment, codebook=codebook_term))
         return outputs
