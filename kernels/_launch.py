@@ -185,8 +185,11 @@ def _arg_key(args) -> tuple:
         if t is torch.Tensor or t is torch.nn.Parameter:
             key.append(a.dtype)
             key.append(not a.data_ptr() & 15)
-        elif t is int:  # 1 is a constant; divisibility by 16; i32 or wider (then by value)
-            key.append(a if a == 1 or not _INT32[0] <= a < _INT32[1] else not a & 15)
+        elif t is int:  # 1 is a constant; divisibility by 16; i32, i64 or u64
+            if _INT32[0] <= a < _INT32[1]:  # (tags, not 1 and True: those are equal keys)
+                key.append("one" if a == 1 else "i32/16" if not a & 15 else "i32")
+            else:
+                key.append(("u64" if a >= 2**63 else "i64", not a & 15))
         elif t is bool or t is float or a is None:
             key.append(t)
         else:
@@ -262,13 +265,15 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     key, entry = None, False
     if arg_key is not None and FAST_LAUNCH:
         try:
-            key = (device, arg_key, tuple(kwargs.items()))
+            key = (device, arg_key, tuple(kwargs.items()), _triton().knobs.runtime.debug)
             entry = cache.get(key)
         except TypeError:  # an unhashable constexpr: triton's own path
             key = None
+    if entry and getattr(kernel, "pre_run_hooks", None):  # hooks see triton's own launch
+        entry = False
     if not entry:  # None: first launch of this key; False: never fast
         compiled = kernel[grid](*args, **kwargs)
-        if entry is None and compiled is not None:
+        if entry is None and key is not None and compiled is not None:
             cache[key] = _entry(kernel, compiled, len(args), kwargs) or False
         return
     compiled = entry.compiled

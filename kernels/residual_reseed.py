@@ -10,6 +10,7 @@ codes) at the start size, and its codebook's count goes up. The rule is
 
 import itertools
 
+import torch
 import triton
 import triton.language as tl
 
@@ -104,11 +105,17 @@ def residual_reseed(z, idx, snapshot, picks, size, decay_weight, applied, codebo
         raise ValueError(f"residual_reseed: shapes disagree (z {tuple(z.shape)}, idx "
                          f"{tuple(idx.shape)}, codebooks {tuple(codebooks.shape)}, groups "
                          f"{groups}, levels {num_levels})")
-    for name, t in (("idx", idx), ("snapshot", snapshot), ("picks", picks), ("size", size),
-                    ("codebooks", codebooks), ("ema_weight", ema_weight),
-                    ("decay_weight", decay_weight), ("reseeded", reseeded)):
-        if not t.is_contiguous():
-            raise ValueError(f"residual_reseed: {name} must be contiguous")
+    fp32, i64 = torch.float32, torch.int64
+    for name, t, dtype in (("idx", idx, i64), ("snapshot", snapshot, fp32), ("picks", picks, i64),
+                           ("size", size, fp32), ("codebooks", codebooks, fp32),
+                           ("ema_weight", ema_weight, fp32), ("decay_weight", decay_weight, fp32),
+                           ("applied", applied, fp32), ("reseeded", reseeded, i64)):
+        if t.dtype != dtype or (name != "applied" and not t.is_contiguous()):
+            raise ValueError(f"residual_reseed: {name} must be a contiguous {dtype}, got "
+                             f"{t.dtype}")
+    if real_codes is not None and (real_codes.shape != (books, k) or real_codes.dtype != torch.bool
+                                   or not real_codes.is_contiguous()):
+        raise ValueError(f"residual_reseed: real_codes must be a contiguous bool [{books}, {k}]")
     config = launch_config(CONFIG, d)
     launch(_residual_reseed_kernel, (cdiv(k, config["BLOCK_K"]), books),
            z, idx, snapshot, picks, size, decay_weight, applied, codebooks, ema_weight, reseeded,

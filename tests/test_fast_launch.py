@@ -25,6 +25,8 @@ SCRIPT = textwrap.dedent('''
         _launch._arg_key = lambda args: key([a for a in args if not isinstance(a, torch.Tensor)])
     elif sys.argv[1] == "no integers":
         _launch._arg_key = lambda args: key([a for a in args if type(a) is not int])
+    elif sys.argv[1] == "1 as divisible by 16":  # an int key where 1 and a multiple of 16 meet
+        _launch._arg_key = lambda args: key([16 if type(a) is int and a == 1 else a for a in args])
     seen = {}  # (kernel, triton's key) -> the arguments of its first launch (triton's path)
     fast = []
     count = [0]
@@ -57,6 +59,11 @@ SCRIPT = textwrap.dedent('''
                 for _ in range(2):
                     host._step(module, x, [None, None])
                 host._set_backend(module, "torch")
+        # one kernel at sizes triton specialises apart: S = 1 (a constant), 16, 17; N = 1
+        from vqfast import kernels
+        book = torch.randn(13, 8)
+        for shape in ((5, 8), (2, 8, 16), (1, 8, 1), (3, 8, 17), (2, 8, 16), (5, 8)):
+            kernels.nearest_code(torch.randn(*shape), book)
     print(len(fast), len(set(fast)))
 ''')
 
@@ -77,7 +84,7 @@ def test_fast_launches_pick_triton_s_specialisation_and_arguments():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("blind_to", ["no alignment", "no integers"])
+@pytest.mark.parametrize("blind_to", ["no alignment", "no integers", "1 as divisible by 16"])
 def test_a_fast_key_blind_to_a_specialisation_is_caught(blind_to):
     result = _run(blind_to)
     assert result.returncode != 0

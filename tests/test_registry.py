@@ -104,3 +104,25 @@ def test_a_training_step_reads_nothing_on_the_host(spec, backend):
         x = step()
     assert recorder.found == [], recorder.found
     assert bool(torch.isfinite(x.grad).all())
+
+
+@pytest.mark.parametrize("package", ["vqfast.reference", "vqfast._torch"])
+def test_self_building_namespaces_export_each_name_once(package):
+    """``vqfast.reference`` and ``vqfast._torch`` export their family modules' public
+    names: a name defined in two families would silently shadow the other, and a family
+    module named as a name it exports would be replaced by it."""
+    import importlib
+    import inspect
+    import pkgutil
+    root = importlib.import_module(package)
+    owners = {}
+    for info in pkgutil.iter_modules(root.__path__):
+        module = importlib.import_module(f"{package}.{info.name}")
+        for name, obj in vars(module).items():
+            if (not name.startswith("_") and inspect.isfunction(obj)
+                    and obj.__module__ == module.__name__):
+                assert name not in owners, f"{package}: {name} in {owners.get(name)} and {info.name}"
+                owners[name] = info.name
+    clashes = sorted(info.name for info in pkgutil.iter_modules(root.__path__)
+                     if info.name in owners)
+    assert not clashes, f"{package}: family modules named as a function they export: {clashes}"

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "tests" / "toy_quantizer"
 
 PIECES = {  # piece -> (its file in the copy, what the failing fast test names)
-    "oracle": ("vqfast/reference/channel_grid.py", "no vqfast.reference.channel_grid"),
+    "oracle": ("vqfast/reference/toy.py", "no vqfast.reference.channel_grid"),
     "torch function": ("vqfast/_torch/channel_grid.py", "vqfast._torch has no channel_grid_forward"),
     "kernel and launcher": ("vqfast/kernels/channel_grid.py",
                             "vqfast.kernels exports no channel_grid_forward"),
