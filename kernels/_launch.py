@@ -5,6 +5,7 @@ under (``@launcher``)."""
 import contextlib
 import functools
 import itertools
+import os
 import threading
 
 import torch
@@ -171,7 +172,9 @@ def streaming_configs(config: dict):
 # directly, as ``CompiledKernel[grid]`` does.
 
 FAST_LAUNCH = True  # off: every launch through triton's own path (the benchmark's A/B)
-CHECK_LAUNCH_KEYS = False  # on: each fast launch also asks triton which kernel it would run
+# On: each fast launch also asks triton which kernel it would run, and fails if another
+# (``VQFAST_CHECK_LAUNCH_KEYS=1``: the GPU command's correctness part runs with it).
+CHECK_LAUNCH_KEYS = os.environ.get("VQFAST_CHECK_LAUNCH_KEYS") == "1"
 
 _INT32 = (-2**31, 2**31)
 LAUNCHED_KERNELS: list = []  # the kernels with a fast-launch cache (``_vqfast_launches``)

@@ -14,7 +14,8 @@
 #   1 install, env        env.json: GPU, SMs, driver, CUDA, torch, triton, numpy, commit
 #   2 correctness         tests.xml, tests.log: every kernel against the oracle at several
 #                         shapes and dtypes, past 2**31 elements, a step under the CUDA sync
-#                         debugger, a VQ-VAE step in a CUDA graph (no JIT of every variant)
+#                         debugger, a VQ-VAE step in a CUDA graph (no JIT of every variant),
+#                         each fast kernel launch checked against triton's own choice
 #   3 bench               bench.json/.md/.png: seed and large shapes, vqfast vs the
 #                         reference vs vector-quantize-pytorch, bf16 and fp32; then the
 #                         statistics atomics relaxed vs acq_rel (the EMA step, one run)
@@ -107,8 +108,9 @@ correctness() {
     if [[ $dry_run -eq 1 ]]; then  # the pipeline, not the suite (CI runs the suite itself)
         selection=(tests/test_modules.py -k "matches_oracle")
     fi
-    "$py" -m pytest -q -p no:cacheprovider --junitxml "$out/tests.xml" "${selection[@]}" \
-        2>&1 | tee "$out/tests.log"
+    # (every fast launch checked against triton's own choice of compiled kernel)
+    VQFAST_CHECK_LAUNCH_KEYS=1 "$py" -m pytest -q -p no:cacheprovider --junitxml "$out/tests.xml" \
+        "${selection[@]}" 2>&1 | tee "$out/tests.log"
 }
 
 bench() {
