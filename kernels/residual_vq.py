@@ -50,6 +50,13 @@ def _chunk(ptr, offsets, mask):
 
 
 @triton.jit
+def _residual_chunk(x_ptr, total_ptr, x_rows, total_rows, dims, mask, S):
+    """Channels ``dims`` of the rows' residual ``x - total`` (fp32)."""
+    return (_chunk(x_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask)
+            - _chunk(total_ptr, total_rows + dims[None, :], mask))
+
+
+@triton.jit
 def _residual_scale(x_ptr, total_ptr, x_rows, total_rows, row_mask, S, d,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, COSINE: tl.constexpr):
     """Per row, what the residual is multiplied by before the search: ``1 / max(|r|, 1e-12)``
@@ -59,8 +66,7 @@ def _residual_scale(x_ptr, total_ptr, x_rows, total_rows, row_mask, S, d,
         for d0 in range(0, d, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (dims < d)[None, :]
-            r = (_chunk(x_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask)
-                 - _chunk(total_ptr, total_rows + dims[None, :], mask))
+            r = _residual_chunk(x_ptr, total_ptr, x_rows, total_rows, dims, mask, S)
             sq += tl.sum(r * r, axis=1)
         return 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
     return tl.full([BLOCK_N], 1.0, dtype=tl.float32)
@@ -203,8 +209,7 @@ def _residual_backward_kernel(
             for d0 in range(0, d, BLOCK_D):
                 dims = d0 + tl.arange(0, BLOCK_D)
                 mask = row_mask[:, None] & (dims < d)[None, :]
-                r = (_chunk(x_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask)
-                     - _chunk(total_ptr, total_rows + dims[None, :], mask))
+                r = _residual_chunk(x_ptr, total_ptr, x_rows, total_rows, dims, mask, S)
                 code = _chunk(codebooks_ptr, code_rows + dims[None, :], mask & used[:, None])
                 sq += tl.sum(r * r, axis=1)
                 rq += tl.sum(r * code, axis=1)

@@ -171,6 +171,29 @@ def warn_skipped(skipped: int) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
+def register_codebook_state(module, name: str, codebooks: torch.Tensor, ema: bool,
+                            kmeans_init: bool) -> None:
+    """A codebook quantizer's state, in one order for every family: ``codebooks [*lead, K,
+    d]`` as the buffer ``name`` with the EMA statistics (``ema_cluster_size [*lead, K]``,
+    ``ema_weight``, ``ema_decay_weight``, the ``reseeded_codes`` and ``skipped_batches``
+    counters ``[*lead]``), or as a learned ``nn.Parameter``; and, with k-means init, the
+    ``initialized`` flag (persistent: a checkpoint after the k-means step is not
+    re-initialised) beside its Python twin ``_kmeans_done``."""
+    if ema:
+        lead = codebooks.shape[:-2]
+        module.register_buffer(name, codebooks)
+        module.register_buffer("ema_cluster_size", torch.zeros(codebooks.shape[:-1]))
+        module.register_buffer("ema_weight", codebooks.clone())
+        module.register_buffer("ema_decay_weight", torch.zeros(lead))
+        module.register_buffer("reseeded_codes", torch.zeros(lead, dtype=torch.int64))
+        module.register_buffer("skipped_batches", torch.zeros(lead, dtype=torch.int64))
+    else:
+        setattr(module, name, nn.Parameter(codebooks))
+    module._kmeans_done = not kmeans_init
+    if kmeans_init:
+        module.register_buffer("initialized", torch.tensor(False))
+
+
 class SingleCodebookUpkeep:
     """The single-codebook quantizers' upkeep (a mixin of ``VectorQuantizer`` and
     ``VectorQuantizerEMA``): k-means init of ``codebook``, the usage buffers and their

@@ -205,14 +205,10 @@ class LFQ(QuantizerCommon, nn.Module):
         check_lfq_options(entropy_loss_weight=entropy_loss_weight, commitment_cost=commitment_cost,
                           diversity_gamma=diversity_gamma, inv_temperature=inv_temperature,
                           precision=precision)
-        self.dim = dim
-        self.codebook_size = 2**dim
-        self.entropy_loss_weight = entropy_loss_weight
-        self.commitment_cost = commitment_cost
-        self.diversity_gamma = diversity_gamma
-        self.inv_temperature = inv_temperature
-        self.backend = backend
-        self.precision = precision
+        self.dim, self.codebook_size = dim, 2**dim
+        self.entropy_loss_weight, self.commitment_cost = entropy_loss_weight, commitment_cost
+        self.diversity_gamma, self.inv_temperature = diversity_gamma, inv_temperature
+        self.backend, self.precision = backend, precision
         self.register_buffer("bits", 2 ** torch.arange(dim - 1, -1, -1), persistent=False)
 
     def extra_repr(self):

@@ -8,6 +8,7 @@ from torch import nn
 
 from . import functional as VF
 from . import quantizer_base
+from .codebook_upkeep import register_codebook_state
 from .modules import (LossBreakdown, QuantizerCommon, _all_reduce_statistics, _is_int,
                       adopt_kmeans, check_codebook_options, check_codes, check_count, check_number,
                       keep_fp32, kmeans, reseed_dead_codes)
@@ -126,18 +127,7 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
                               for s in range(len(self.scales))]
         codebook = torch.empty(num_embeddings, embedding_dim).uniform_(
             -1 / num_embeddings, 1 / num_embeddings)  # VAR's init
-        if ema:
-            self.register_buffer("codebook", codebook)
-            self.register_buffer("ema_cluster_size", torch.zeros(num_embeddings))
-            self.register_buffer("ema_weight", codebook.clone())
-            self.register_buffer("ema_decay_weight", torch.zeros(()))
-            self.register_buffer("reseeded_codes", torch.zeros((), dtype=torch.int64))
-            self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.int64))
-        else:
-            self.codebook = nn.Parameter(codebook)
-        self._kmeans_done = not kmeans_init
-        if kmeans_init:
-            self.register_buffer("initialized", torch.tensor(False))
+        register_codebook_state(self, "codebook", codebook, ema, kmeans_init)
 
     @staticmethod
     def _check_scales(scales, name="scales"):

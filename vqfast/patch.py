@@ -333,25 +333,23 @@ class _Rule:
     check: object = None  # module -> reason it cannot be patched, or None
 
 
-def _hf(cls):
-    return f"transformers.models.{cls}"
-
-
+# transformers' quantizers: (transformers.models.<path>, the model, the method patched, vqfast's)
+_HF_RULES = (
+    ("encodec.modeling_encodec.EncodecEuclideanCodebook", "EnCodec", "quantize",
+     _hf_euclidean_quantize),
+    ("xcodec.modeling_xcodec.XcodecEuclideanCodebook", "X-Codec", "quantize",
+     _hf_euclidean_quantize),
+    ("wavtokenizer.modeling_wavtokenizer.WavTokenizerEuclideanCodebook", "WavTokenizer",
+     "quantize", _hf_euclidean_quantize),
+    ("mimi.modeling_mimi.MimiEuclideanCodebook", "Mimi", "quantize", _hf_mimi_quantize),
+    ("dac.modeling_dac.DacVectorQuantize", "DAC", "decode_latents", _hf_dac_decode_latents),
+    ("chameleon.modeling_chameleon.ChameleonVQVAEVectorQuantizer", "Chameleon", "forward",
+     _hf_vqvae_forward),
+    ("janus.modeling_janus.JanusVQVAEVectorQuantizer", "Janus", "forward", _hf_vqvae_forward),
+)
 _RULES = {
-    _hf("encodec.modeling_encodec.EncodecEuclideanCodebook"):
-        _Rule("transformers EnCodec", {"quantize": _hf_euclidean_quantize}),
-    _hf("xcodec.modeling_xcodec.XcodecEuclideanCodebook"):
-        _Rule("transformers X-Codec", {"quantize": _hf_euclidean_quantize}),
-    _hf("wavtokenizer.modeling_wavtokenizer.WavTokenizerEuclideanCodebook"):
-        _Rule("transformers WavTokenizer", {"quantize": _hf_euclidean_quantize}),
-    _hf("mimi.modeling_mimi.MimiEuclideanCodebook"):
-        _Rule("transformers Mimi", {"quantize": _hf_mimi_quantize}),
-    _hf("dac.modeling_dac.DacVectorQuantize"):
-        _Rule("transformers DAC", {"decode_latents": _hf_dac_decode_latents}),
-    _hf("chameleon.modeling_chameleon.ChameleonVQVAEVectorQuantizer"):
-        _Rule("transformers Chameleon", {"forward": _hf_vqvae_forward}),
-    _hf("janus.modeling_janus.JanusVQVAEVectorQuantizer"):
-        _Rule("transformers Janus", {"forward": _hf_vqvae_forward}),
+    **{f"transformers.models.{path}": _Rule(f"transformers {model}", {method: fn})
+       for path, model, method, fn in _HF_RULES},
     "diffusers.models.autoencoders.vae.VectorQuantizer":
         _Rule("diffusers VQModel", {"forward": _diffusers_forward}, _diffusers_check),
     "vector_quantize_pytorch.vector_quantize_pytorch.VectorQuantize":

@@ -9,6 +9,7 @@ from torch import nn
 from . import functional as VF
 from . import modules
 from . import residual_levels
+from .codebook_upkeep import register_codebook_state
 from .modules import (LossBreakdown, Projection, QuantizerCommon, check_codebook_options,
                       check_codes, check_mask, check_number, keep_fp32)
 from .ops.residual_vq import residual_codes, residual_quantize
@@ -263,18 +264,7 @@ class ResidualVQ(ResidualUpkeep, QuantizerCommon, nn.Module):
             self.register_buffer("real_codes", torch.arange(num_embeddings) < sizes[:, None],
                                  persistent=False)
             codebooks = codebooks * self.real_codes[..., None]
-        if ema:
-            self.register_buffer("codebooks", codebooks)
-            self.register_buffer("ema_cluster_size", torch.zeros(books, num_embeddings))
-            self.register_buffer("ema_weight", codebooks.clone())
-            self.register_buffer("ema_decay_weight", torch.zeros(books))
-            self.register_buffer("reseeded_codes", torch.zeros(books, dtype=torch.int64))
-            self.register_buffer("skipped_batches", torch.zeros(books, dtype=torch.int64))
-        else:
-            self.codebooks = nn.Parameter(codebooks)
-        self._kmeans_done = not kmeans_init
-        if kmeans_init:
-            self.register_buffer("initialized", torch.tensor(False))
+        register_codebook_state(self, "codebooks", codebooks, ema, kmeans_init)
 
     @property
     def num_books(self) -> int:
