@@ -57,6 +57,13 @@ def _residual_chunk(x_ptr, total_ptr, x_rows, total_rows, dims, mask, S):
 
 
 @triton.jit
+def _total_and_residual(x_ptr, total_ptr, x_rows, total_rows, dims, mask, S):
+    """Channels ``dims`` of the rows' running sum of codes ``total`` and of ``x - total``."""
+    total = _chunk(total_ptr, total_rows + dims[None, :], mask)
+    return total, _chunk(x_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask) - total
+
+
+@triton.jit
 def _residual_scale(x_ptr, total_ptr, x_rows, total_rows, row_mask, S, d,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, COSINE: tl.constexpr):
     """Per row, what the residual is multiplied by before the search: ``1 / max(|r|, 1e-12)``
@@ -141,8 +148,8 @@ def _residual_forward_kernel(
             dims = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (dims < d)[None, :]
             level_mask = mask & valid[:, None]
-            total = _chunk(total_ptr, total_rows + dims[None, :], mask)
-            r_used = _chunk(x_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask) - total
+            total, r_used = _total_and_residual(x_ptr, total_ptr, x_rows, total_rows, dims,
+                                                mask, S)
             if COSINE == 1:  # (2: a cosine search of raw residuals and codes)
                 r_used = r_used * scale[:, None]
             code = _chunk(codebooks_ptr, code_rows + dims[None, :], level_mask)
@@ -219,8 +226,7 @@ def _residual_backward_kernel(
             dims = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (dims < d)[None, :]
             level_mask = mask & used[:, None]
-            total = _chunk(total_ptr, total_rows + dims[None, :], mask)
-            r = _chunk(x_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask) - total
+            total, r = _total_and_residual(x_ptr, total_ptr, x_rows, total_rows, dims, mask, S)
             code = _chunk(codebooks_ptr, code_rows + dims[None, :], level_mask)
             if COSINE:
                 r_used = r * inv_norm[:, None]
