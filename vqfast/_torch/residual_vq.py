@@ -249,18 +249,16 @@ def reseed_samples(z, idx, snapshot, picks, groups, num_levels, shared, cosine):
     rows = z[picks // s, :, picks % s].float().view(-1, g, d).transpose(0, 1)  # [G, K, d]
     codes = idx[:, picks]  # [G*Q, K]
     used = codes >= 0
-    books = torch.arange(g * q, device=z.device)
-    books = books // q if shared else books
-    gathered = (snapshot[books[:, None], codes.clamp_min(0)] * used[..., None]).view(g, q, -1, d)
-    # what the earlier levels took away: their codes summed in level order
-    before = torch.cat([torch.zeros_like(gathered[:, :1]), gathered[:, :-1].cumsum(1)], 1)
-    residual = rows[:, None] - before
+    if shared:  # its group's first level: nothing taken away yet
+        residual, used = rows, used.view(g, q, -1)[:, 0]
+    else:
+        gathered = (snapshot[torch.arange(g * q, device=z.device)[:, None], codes.clamp_min(0)]
+                    * used[..., None]).view(g, q, -1, d)
+        # what the earlier levels took away: their codes summed in level order
+        before = torch.cat([torch.zeros_like(gathered[:, :1]), gathered[:, :-1].cumsum(1)], 1)
+        residual = (rows[:, None] - before).reshape(g * q, -1, d)
     if cosine:
         residual = torch.nn.functional.normalize(residual, dim=-1)
-    residual = residual.reshape(g * q, -1, d)
-    if shared:
-        residual = residual.view(g, q, -1, d)[:, 0]
-        used = used.view(g, q, -1)[:, 0]
     return residual, used
 
 
