@@ -49,6 +49,18 @@ def running_argmin(dot, codebook_sqnorm, k0, best, best_idx):
 
 
 @triton.jit
+def codes_transposed(tile_ptr, local_codes, dims, code_mask, D, UPCAST: tl.constexpr):
+    """The codes ``tile_ptr + local_codes * D`` of a row-major ``[*, D]`` codebook, channels
+    ``dims``, read transposed (``[BLOCK_D, BLOCK_K]``, the dot's right operand), zeros
+    outside ``code_mask`` and ``D``; fp32 if ``UPCAST`` (see nearest_code's launcher)."""
+    codes_t = tl.load(tile_ptr + local_codes[None, :] * D + dims[:, None],
+                      mask=code_mask[None, :] & (dims < D)[:, None], other=0.0)
+    if UPCAST:
+        codes_t = codes_t.to(tl.float32)
+    return codes_t
+
+
+@triton.jit
 def _nearest_code_kernel(
     x_ptr, codebook_ptr, codebook_sqnorm_ptr, idx_ptr, sqdist_ptr,
     N, K, D, S,
@@ -84,14 +96,12 @@ def _nearest_code_kernel(
         dot = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
-            dim_mask = dims < D
             x = tl.load(x_rows_ptr[:, None] + dims[None, :] * S,
-                        mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-            codebook_t = tl.load(codebook_tile_ptr + local_codes[None, :] * D + dims[:, None],
-                                 mask=code_mask[None, :] & dim_mask[:, None], other=0.0)
+                        mask=row_mask[:, None] & (dims < D)[None, :], other=0.0)
             if UPCAST_DOT:  # exact products either way; see the launcher
                 x = x.to(tl.float32)
-                codebook_t = codebook_t.to(tl.float32)
+            codebook_t = codes_transposed(codebook_tile_ptr, local_codes, dims, code_mask, D,
+                                          UPCAST_DOT)
             dot = tl.dot(x, codebook_t, dot, input_precision=INPUT_PRECISION)
         # Padding codes get |e|^2 = inf so they never win.
         codebook_sqnorm = tl.load(codebook_sqnorm_ptr + k0 + local_codes, mask=code_mask,

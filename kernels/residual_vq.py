@@ -24,7 +24,7 @@ from . import _launch
 from ._launch import launch, launcher, PTR, TORCH_DTYPES, check_same_device, launch_config, streaming_configs
 from ._layout import row_offsets, vector_layout
 from .code_sums import code_sums_sorted
-from .nearest_code import PRECISIONS, codebook_prep, pick_config, running_argmin
+from .nearest_code import PRECISIONS, codebook_prep, codes_transposed, pick_config, running_argmin
 from ..reference.residual import ROTATION_MIN_NORM_RATIO
 
 # Launch configurations, compiled for sm_80 / sm_90 with triton 3.6 and 3.9 by the AOT
@@ -126,16 +126,12 @@ def _residual_forward_kernel(
             dot = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             for d0 in range(0, d, BLOCK_D):
                 dims = d0 + tl.arange(0, BLOCK_D)
-                dim_mask = dims < d
-                mask = row_mask[:, None] & dim_mask[None, :]
+                mask = row_mask[:, None] & (dims < d)[None, :]
                 r = (_chunk(x_ptr, x_rows + dims[None, :].to(tl.int64) * S, mask)
                      - _chunk(total_ptr, total_rows + dims[None, :], mask)) * scale[:, None]
-                codes_t = tl.load(cast_ptr + book_base + (k0 + local_codes)[None, :] * d
-                                  + dims[:, None], mask=code_mask[None, :] & dim_mask[:, None],
-                                  other=0.0)
-                if UPCAST_DOT:
-                    codes_t = codes_t.to(tl.float32)
-                else:
+                codes_t = codes_transposed(cast_ptr + book_base + k0 * d, local_codes, dims,
+                                           code_mask, d, UPCAST_DOT)
+                if not UPCAST_DOT:
                     r = r.to(cast_ptr.dtype.element_ty)
                 dot = tl.dot(r, codes_t, dot, input_precision=INPUT_PRECISION)
             sqnorm = tl.load(sqnorm_ptr + book * K + k0 + local_codes, mask=code_mask,
