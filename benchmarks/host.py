@@ -66,6 +66,7 @@ class StubbedLaunches:
         self.record = record
         self.recorded = {}  # (kernel, triton's cache key) -> what the JIT would compile
         self.launch_log = []  # (kernel, key) of every launch, when recording
+        self.launch_args = []  # ... and its grid and arguments (benchmarks.gpu.model)
         self.excluded_ns = 0  # the stubs' own bookkeeping, not part of the host cost
 
     @contextlib.contextmanager
@@ -120,10 +121,11 @@ class StubbedLaunches:
              _launch._current_device, _launch._current_stream) = saved
             _forget_fast_launches()  # their launches were stubs
 
-    def launched(self, name, key, args) -> None:
+    def launched(self, name, key, args, grid=(1, 1, 1)) -> None:
         """A stubbed launch of kernel ``name`` (triton's cache key ``key``)."""
         if self.record:
             self.launch_log.append((name, key))
+            self.launch_args.append((grid, args))
         self.count[name] += 1
         start = time.thread_time_ns()
         for arg in args:  # valid codes and counts for the torch ops that follow (0s)
@@ -164,7 +166,7 @@ class _Compiled:
 
     def run(self, grid_0, grid_1, grid_2, stream, function, metadata, launch_metadata, enter,
             leave, *args):
-        self.launches.launched(self.name, self.key, args)
+        self.launches.launched(self.name, self.key, args, (grid_0, grid_1, grid_2))
 
 
 class _CountOps(TorchDispatchMode):

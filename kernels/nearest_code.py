@@ -115,6 +115,49 @@ def _nearest_code_kernel(
 
 
 @triton.jit
+def _nearest_code_resident_kernel(
+    x_ptr, codebook_ptr, codebook_sqnorm_ptr, idx_ptr, sqdist_ptr,
+    N, K, D, S,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    # _nearest_code_kernel's search for D <= BLOCK_D, shaped for Hopper: the program's x
+    # tile is read once and stays on chip (only code tiles stream from L2), and the code
+    # tiles are software-pipelined by hand: the MMAs of tile j + 1 are issued before the
+    # argmin of tile j, so the tensor cores work while the argmin runs.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    dims = tl.arange(0, BLOCK_D)
+    x = tl.load(x_ptr + row_offsets(rows, S, D)[:, None] + dims[None, :] * S,
+                mask=row_mask[:, None] & (dims < D)[None, :], other=0.0)
+    x_sqnorm = tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
+    if UPCAST_DOT:
+        x = x.to(tl.float32)
+
+    best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
+    best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+    local_codes = tl.arange(0, BLOCK_K)
+    tile_ptr = codebook_ptr  # advanced by whole tiles: 64-bit pointer arithmetic
+    dot = tl.dot(x, codes_transposed(tile_ptr, local_codes, dims, local_codes < K, D, UPCAST_DOT),
+                 input_precision=INPUT_PRECISION)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        tile_ptr += BLOCK_K * D
+        upcoming = tl.dot(x, codes_transposed(tile_ptr, local_codes, dims, k0 + local_codes < K,
+                                              D, UPCAST_DOT), input_precision=INPUT_PRECISION)
+        codebook_sqnorm = tl.load(codebook_sqnorm_ptr + (k0 - BLOCK_K) + local_codes)
+        best, best_idx = running_argmin(dot, codebook_sqnorm, k0 - BLOCK_K, best, best_idx)
+        dot = upcoming
+    last = (K - 1) // BLOCK_K * BLOCK_K
+    codebook_sqnorm = tl.load(codebook_sqnorm_ptr + last + local_codes, mask=last + local_codes < K,
+                              other=float("inf"))
+    best, best_idx = running_argmin(dot, codebook_sqnorm, last, best, best_idx)
+
+    tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_mask)
+    tl.store(sqdist_ptr + rows, tl.maximum(best + x_sqnorm, 0.0, propagate_nan=tl.PropagateNan.ALL),
+             mask=row_mask)
+
+
+@triton.jit
 def _codebook_prep_kernel(
     codebook_ptr, cast_ptr, sqnorm_ptr, snapshot_ptr, zero_ptr, zero_counts_ptr, K, D,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_CAST: tl.constexpr,
@@ -165,6 +208,27 @@ def codebook_prep(codebook: torch.Tensor, dtype: torch.dtype, snapshot: torch.Te
     return cast, sqnorm
 
 
+# The x-resident search (_nearest_code_resident_kernel) for 16-bit x with D <= 256: the x
+# tile [BLOCK_N, D] in shared memory, code tiles [D, BLOCK_K] streamed through it. 32-code
+# tiles keep it at ~100 registers and 96 KiB of shared memory at D = 256, so two programs
+# share an SM and one's argmin runs while the other's MMAs do (benchmarks/gpu/model.py:
+# the large bf16 search ~0.7 ms on an H100, predicted, from ~1.7 ms with 16-channel chunks).
+# Above 128 channels only where x's tile loads vectorise ([N, D] rows, or a channels-first
+# spatial size divisible by 16 on an aligned tensor): other layouts spill at 256 channels.
+RESIDENT_MAX_D, RESIDENT_ANY_LAYOUT_D = 256, 128
+RESIDENT_CONFIG = dict(BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=2)
+
+
+def resident_config(dtype: torch.dtype, d: int, s: int = 1, aligned: bool = True) -> dict | None:
+    """The x-resident search's block sizes and launch options for ``x`` of ``dtype`` with
+    ``d`` channels and spatial size ``s``, or None where it does not apply."""
+    if dtype == torch.float32 or d > RESIDENT_MAX_D:
+        return None
+    if d > RESIDENT_ANY_LAYOUT_D and s != 1 and (s % 16 or not aligned):
+        return None
+    return dict(RESIDENT_CONFIG, BLOCK_D=max(16, triton.next_power_of_2(d)))
+
+
 def pick_config(dtype: torch.dtype, precision: str = "ieee", configs=None) -> dict:
     """Block sizes and launch options for an input dtype and fp32 dot precision, from
     ``configs`` (keys ``16bit``, ``tf32``, ``ieee``; default: this kernel's)."""
@@ -192,7 +256,8 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     k = codebook.shape[0]
-    config = pick_config(x.dtype, precision)
+    config = (resident_config(x.dtype, d, s, x.data_ptr() % 16 == 0)
+              or pick_config(x.dtype, precision))
     if max(n, k) >= 2**31 or (config["BLOCK_N"] + s) * d + s >= 2**31:
         raise ValueError(f"too large for 32-bit indices / tile offsets: N={n}, K={k}, D={d}, S={s}")
     # The dot's operands share x's dtype: the codebook is rounded once per call (not per
@@ -208,7 +273,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
     idx = torch.empty(n, dtype=torch.int64, device=x.device)
     sqdist = torch.empty(n, dtype=torch.float32, device=x.device)
     grid = (cdiv(n, config["BLOCK_N"]),)
-    launch(_nearest_code_kernel, grid,
+    launch(_nearest_code_resident_kernel if config["BLOCK_D"] >= d else _nearest_code_kernel, grid,
         x, codebook, codebook_sqnorm, idx, sqdist, n, k, d, s,
         INPUT_PRECISION=precision if x.dtype == torch.float32 else "ieee",
         # The Triton interpreter (3.8) multiplies bf16 dot operands as raw bits; upcasting
@@ -229,6 +294,16 @@ def aot_variants():
                    "S": "i32"}
             consts = dict(config, INPUT_PRECISION=precision, UPCAST_DOT=False)
             yield f"nearest_code[{dtype},{precision}]", _nearest_code_kernel, sig, consts, options
+            for d in ((RESIDENT_ANY_LAYOUT_D, RESIDENT_MAX_D) if dtype != "fp32" else ()):
+                config = resident_config(torch_dtype, d)
+                options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+                consts = dict(config, INPUT_PRECISION="ieee", UPCAST_DOT=False)
+                if d > RESIDENT_ANY_LAYOUT_D:  # [N, D] rows only (S = 1) without alignment
+                    yield (f"nearest_code_resident[{dtype},D{d},S=1]", _nearest_code_resident_kernel,
+                           {k: v for k, v in sig.items() if k != "S"}, dict(consts, S=1), options)
+                else:
+                    yield (f"nearest_code_resident[{dtype},D{d}]", _nearest_code_resident_kernel,
+                           sig, consts, options)
     # (snapshot, zero, rows): the search alone; quantize's eval pass, its learned-codebook
     # pass with a gradient, its EMA pass
     passes = ((False, False, False), (False, True, False), (False, True, True), (True, True, True))

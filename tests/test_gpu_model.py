@@ -1,0 +1,66 @@
+"""The GPU performance model's reading of SASS (benchmarks/gpu/model.py), on hand-written
+SASS whose answer is known: loops, tensor-core work, bytes, and what waits for what."""
+
+import pytest
+
+from benchmarks.gpu import model
+
+# A search-shaped kernel: a prologue, a loop (0x0040..0x00c0) with two HGMMAs of
+# 64x128x16 bf16 and a cp.async operand stream, a wait for all MMAs, an argmin, a loop
+# back; an epilogue with a store.
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.64 R2, desc[UR4][R2.64] ;
+        /*0020*/                   IMAD R3, R3, R4, RZ ;
+        /*0030*/                   NOP ;
+        /*0040*/                   LDGSTS.E.BYPASS.128 [R5], desc[UR4][R6.64], P0 ;
+        /*0050*/                   LDGDEPBAR ;
+        /*0060*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspA, R24 ;
+        /*0070*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR12].tnspA, R24, gsb0 ;
+        /*0080*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0090*/                   LDG.E R7, desc[UR4][R8.64] ;
+        /*00a0*/                   FMNMX R9, R9, R10, PT ;
+        /*00b0*/                   FSETP.GT.AND P1, PT, R9, R10, PT ;
+        /*00c0*/              @!P0 BRA 0x40 ;
+        /*00d0*/                   STG.E.64 desc[UR4][R2.64], R12 ;
+        /*00e0*/                   EXIT ;
+        /*00f0*/                   BRA 0xf0;
+"""
+
+
+def test_loops_work_and_bytes_are_read_off_the_sass():
+    loops, blocks = model.parse_sass(SASS)
+    assert loops == [(0x40, 0xc0)]
+    body, outside = blocks[(0,)], blocks[()]
+    assert body.instructions == 9 and outside.instructions == 4  # NOP, EXIT, the tail BRA: none
+    assert body.mma_flops == {"BF16": 2 * 2 * 64 * 128 * 16}
+    assert body.async_copies == 1 and body.load_bytes == 32 * 16  # LDGDEPBAR moves nothing
+    assert body.cached_load_bytes == 32 * 4  # a plain load beside a cp.async stream: L1
+    assert outside.load_bytes == 32 * 8 and outside.store_bytes == 32 * 8
+    assert body.mma_waited and not outside.mma_waited
+
+
+def test_an_mma_waited_on_costs_more_than_one_in_flight():
+    """The same loop, once with the argmin waiting for every MMA (wait 0x0) and once with
+    one group left in flight (0x1): the model must tell them apart."""
+    launch = {"kernel": "_toy_kernel", "grid": (132, 1, 1), "args": {"D": 256},
+              "consts": {"BLOCK_D": 16}}
+    times = {}
+    for wait in ("0x0", "0x1"):
+        build = {"sass": SASS.replace("gsb0, 0x0", f"gsb0, {wait}"), "registers": 160,
+                 "shared": 100 * 1024, "num_warps": 8, "num_stages": 1}
+        times[wait] = model.kernel_time(model.GPUS[0], launch, build)["us"]
+    assert times["0x0"] > times["0x1"]
+
+
+def test_a_kernel_whose_loops_the_rule_does_not_know_is_refused():
+    with pytest.raises(ValueError, match="loops in its SASS"):
+        model.trip_counts("_nearest_code_kernel", [(0, 1)], {"K": 512, "D": 64},
+                          {"BLOCK_K": 128, "BLOCK_D": 16})
+
+
+def test_occupancy_from_registers_and_shared_memory():
+    gpu = model.GPUS[0]
+    assert model.programs_per_sm(gpu, 103, 96 * 1024, 8) == 2  # the x-resident search
+    assert model.programs_per_sm(gpu, 167, 24 * 1024, 8) == 1  # registers bound it
+    assert model.programs_per_sm(gpu, 32, 120 * 1024, 4) == 1  # shared memory bounds it
