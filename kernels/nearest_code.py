@@ -212,7 +212,7 @@ def codebook_prep(codebook: torch.Tensor, dtype: torch.dtype, snapshot: torch.Te
 # tile [BLOCK_N, D] in shared memory, code tiles [D, BLOCK_K] streamed through it. 32-code
 # tiles keep it at ~100 registers and 96 KiB of shared memory at D = 256, so two programs
 # share an SM and one's argmin runs while the other's MMAs do (benchmarks/gpu/model.py:
-# the large bf16 search ~0.7 ms on an H100, predicted, from ~1.7 ms with 16-channel chunks).
+# the large bf16 search ~0.7 ms on an H100, predicted, from ~1.6 ms with 16-channel chunks).
 # Above 128 channels only where x's tile loads vectorise ([N, D] rows, or a channels-first
 # spatial size divisible by 16 on an aligned tensor): other layouts spill at 256 channels.
 RESIDENT_MAX_D, RESIDENT_ANY_LAYOUT_D = 256, 128
@@ -256,8 +256,8 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     k = codebook.shape[0]
-    config = (resident_config(x.dtype, d, s, x.data_ptr() % 16 == 0)
-              or pick_config(x.dtype, precision))
+    resident = resident_config(x.dtype, d, s, x.data_ptr() % 16 == 0)
+    config = resident or pick_config(x.dtype, precision)
     if max(n, k) >= 2**31 or (config["BLOCK_N"] + s) * d + s >= 2**31:
         raise ValueError(f"too large for 32-bit indices / tile offsets: N={n}, K={k}, D={d}, S={s}")
     # The dot's operands share x's dtype: the codebook is rounded once per call (not per
@@ -273,7 +273,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
     idx = torch.empty(n, dtype=torch.int64, device=x.device)
     sqdist = torch.empty(n, dtype=torch.float32, device=x.device)
     grid = (cdiv(n, config["BLOCK_N"]),)
-    launch(_nearest_code_resident_kernel if config["BLOCK_D"] >= d else _nearest_code_kernel, grid,
+    launch(_nearest_code_resident_kernel if resident else _nearest_code_kernel, grid,
         x, codebook, codebook_sqnorm, idx, sqdist, n, k, d, s,
         INPUT_PRECISION=precision if x.dtype == torch.float32 else "ieee",
         # The Triton interpreter (3.8) multiplies bf16 dot operands as raw bits; upcasting

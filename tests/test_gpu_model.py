@@ -64,3 +64,30 @@ def test_occupancy_from_registers_and_shared_memory():
     assert model.programs_per_sm(gpu, 103, 96 * 1024, 8) == 2  # the x-resident search
     assert model.programs_per_sm(gpu, 167, 24 * 1024, 8) == 1  # registers bound it
     assert model.programs_per_sm(gpu, 32, 120 * 1024, 4) == 1  # shared memory bounds it
+
+
+@pytest.mark.slow
+def test_precompile_check_fails_on_a_miss_and_passes_after_the_build(tmp_path):
+    """``benchmarks.gpu.precompile --check``: a launch whose kernel is not in triton's cache
+    is a miss (named), and after the pool built it, a hit. Real triton, an empty cache."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = (
+        "import json\n"
+        "from benchmarks.gpu import precompile as P\n"
+        "from benchmarks.host import record_specializations\n"
+        "specs = [s for s in record_specializations(P.steps('vqvae')[:1])\n"
+        "         if s['kernel'] == '_ema_scalars_kernel']\n"
+        "gpu = P.target()\n"
+        "print(json.dumps([P.run(specs, gpu, 1, check) for check in (True, False, True)]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True,
+                          text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, built, after = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(before) == 1 and "not in the cache" in before[0][2] and "VQ-VAE" in before[0][2]
+    assert built[0][2] is None and after[0][2] is None

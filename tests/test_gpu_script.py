@@ -13,10 +13,11 @@ import pytest
 from benchmarks.gpu import report
 
 REPO = Path(__file__).resolve().parents[1]
-FILES = ["env.json", "tests.xml", "tests.log", "bench.json", "bench.md", "bench.png",
+FILES = ["env.json", "precompile.log", "tests.xml", "tests.log", "bench.json", "bench.md", "bench.png",
          "train.json", "SUMMARY.md"]
-PARTS = ("install", "correctness", "bench", "train", "family", "quality")
-PART_FILES = {"install": ["env.json"], "correctness": ["tests.xml", "tests.log"],
+PARTS = ("install", "precompile", "correctness", "bench", "train", "family", "quality")
+PART_FILES = {"install": ["env.json"], "precompile": ["precompile.log"],
+              "correctness": ["tests.xml", "tests.log"],
               "bench": ["bench.json", "bench.md", "bench.png"], "train": ["train.json"],
               "family": ["bench.json", "bench.md"], "quality": ["train.json"]}
 # timeout(1)'s exit codes for a part cut at its limit (SIGINT, then SIGKILL 10 s later)
@@ -66,6 +67,10 @@ def test_dry_run_writes_every_file(tmp_path):
         for key in ("gpu", "sm_count", "driver", "cuda_runtime", "torch", "triton", "numpy",
                     "python", "vqfast_commit"):
             assert key in environment, key
+    if "precompile" in done:  # every launch of the VQ-VAE steps hit the cache it built
+        log = (out / "precompile.log").read_text()
+        hits = re.search(r"cache check: (\d+) of (\d+) launches hit the cache", log)
+        assert hits and hits.group(1) == hits.group(2) and int(hits.group(2)) >= 6, log
     if "correctness" in done:
         junit = ET.parse(out / "tests.xml").getroot()
         assert int(junit.find("testsuite").get("tests")) > 0
@@ -108,8 +113,8 @@ def _check_family(bench, out):
 def test_part_limits_fit_the_default_budget():
     script = (REPO / "benchmarks/gpu/run.sh").read_text()
     limits = re.findall(r"^run_part (\w+) (\d+) ", script, flags=re.M)
-    assert [name for name, _ in limits] == ["install", "correctness", "bench", "train", "family",
-                                            "quality"]
+    assert [name for name, _ in limits] == ["install", "precompile", "correctness", "bench",
+                                            "train", "family", "quality"]
     assert sum(int(limit) for _, limit in limits) <= 420 == int(re.search(r"^budget=(\d+)", script, re.M).group(1))
 
 
@@ -119,7 +124,7 @@ def test_a_run_out_of_budget_still_writes_its_summary(tmp_path):
     proc = dry_run(tmp_path, "--budget", "20", timeout=300)
     finished_parts(tmp_path, proc)
     summary = (tmp_path / "SUMMARY.md").read_text()
-    assert "skipped for time: correctness, bench, train, family, quality" in summary
+    assert "skipped for time: precompile, correctness, bench, train, family, quality" in summary
 
 
 def test_summary_puts_measurements_beside_predictions(tmp_path):
@@ -131,7 +136,8 @@ def test_summary_puts_measurements_beside_predictions(tmp_path):
     assert "| VQ-VAE shape EMA step, bf16, eager | 0.2 ms | 0.1 ms | faster than predicted (0.50x" in text
     assert "| 2 x | 5 x | above the prediction" in text
     assert "1.3 x | above the prediction (1.08x)" in text
-    assert "| large EMA step, bf16 | 1.05 ms | not measured |" in text
+    large = next(p[2] for p in report.predictions() if p[0] == "large-ema-bf16-ms")
+    assert f"| large EMA step, bf16 | {large:g} ms | not measured |" in text
 
 
 def test_usage_error_without_out_dir():

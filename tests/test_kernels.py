@@ -44,14 +44,17 @@ def test_nearest_code(shape, dtype):
         assert torch.equal(idx, reference.nearest_code(x, codebook))
 
 
-def test_nearest_code_ties_pick_lowest_index_across_tiles():
-    """Exact duplicates in different K tiles: the lowest index wins, as with torch.argmin."""
-    k, d = 200, 9
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [200, 256])  # (256: whole tiles only, the last one peeled)
+def test_nearest_code_ties_pick_lowest_index_across_tiles(k, dtype):
+    """Exact duplicates in different K tiles: the lowest index wins, as with torch.argmin
+    (16-bit x: the x-resident search, its tiles pipelined by hand)."""
+    d = 9
     codebook = torch.randn(k, d, device=DEVICE)
-    codebook[130:] = codebook[:70]  # code j and j + 130 are twins, 130 >= one tile apart
-    x = codebook[torch.arange(70, device=DEVICE)] + 1e-3 * torch.randn(70, d, device=DEVICE)
+    codebook[k - 70:] = codebook[:70]  # code j and j + k - 70 are twins, >= one tile apart
+    x = (codebook[torch.arange(70, device=DEVICE)] + 1e-3 * torch.randn(70, d, device=DEVICE)).to(dtype)
     idx, _ = kernels.nearest_code(x, codebook)
-    assert torch.equal(idx, reference.nearest_code(x, codebook))
+    assert torch.equal(idx, reference.nearest_code(x.float(), codebook.to(dtype).float()))
     assert int(idx.max()) < 70
 
 
@@ -62,8 +65,9 @@ def test_nearest_code_precisions(precision):
     assert_nearest(x, codebook, idx, torch.float32 if precision != "tf32" else torch.bfloat16)
 
 
-def test_nearest_code_nan_rows_stay_in_range():
-    x, codebook = _data(20, 30, 5, torch.float32)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nearest_code_nan_rows_stay_in_range(dtype):
+    x, codebook = _data(20, 30, 5, dtype)
     x[3, 2] = float("nan")
     idx, sqdist = kernels.nearest_code(x, codebook)
     assert int(idx.min()) >= 0 and int(idx.max()) < 30

@@ -159,7 +159,7 @@ def parse_sass(text: str):
                     and int(m.group(1), 16) < addr})
     blocks = collections.defaultdict(Block)
     for addr, op, rest in instructions:
-        if op in ("NOP", "EXIT") or (op == "BRA" and re.match(rf"\s*{addr:#x}\b", rest)):
+        if op in ("NOP", "EXIT") or (op == "BRA" and re.match(rf"\s*(?:`\()?{addr:#x}\b", rest)):
             continue  # (a branch to itself: the padding after the kernel's exit)
         nest = tuple(i for i, (s, e) in enumerate(loops) if s <= addr <= e)
         block = blocks[nest]
@@ -167,8 +167,8 @@ def parse_sass(text: str):
         if op == "WARPGROUP.DEPBAR.LE" and rest.strip().endswith("0x0") and block.mma_flops:
             block.mma_waited = True
         if m := _HGMMA.match(op):
-            mm, nn, kk, dtype = m.groups()
-            block.mma_flops[dtype or "TF32"] += 2 * int(mm) * int(nn) * int(kk)
+            mm, nn, kk, dtype = m.groups()  # (fp16 has no suffix; tf32 is .TF32)
+            block.mma_flops[dtype or "F16"] += 2 * int(mm) * int(nn) * int(kk)
         elif op.startswith(("LDGSTS", "LDG")) and op != "LDGDEPBAR":
             if op.startswith("LDGSTS"):
                 block.async_copies += 1
@@ -177,7 +177,7 @@ def parse_sass(text: str):
                 block.cached_load_bytes += 32 * _bytes_per_thread(op)
         elif op.startswith("STG"):
             block.store_bytes += 32 * _bytes_per_thread(op)
-        elif op.startswith(("RED", "ATOMG")):
+        elif op.startswith(("RED.", "ATOMG")):  # (not REDUX, a warp reduction)
             block.atomics += 1
     for block in blocks.values():  # plain loads stream unless cp.async streams the operands
         if not block.async_copies:
@@ -193,7 +193,8 @@ def _cdiv(a, b):
 def trip_counts(kernel: str, loops: list, args: dict, consts: dict) -> list:
     """How many times each loop runs (address order), from the launch's arguments: the
     search's loops are ``|x|^2`` over channels, the code tiles, the channels of a tile; every
-    other vqfast loop walks the channels in ``BLOCK_D`` chunks. A kernel whose SASS has
+    other vqfast kernel's loops walk the channels in ``BLOCK_D`` chunks (an assumption:
+    ``benchmarks/gpu/PREDICTION.md`` names what would falsify it). A search whose SASS has
     another number of loops than its rule names is an error, not a guess."""
     d = args.get("D") or args.get("d")
     channels = _cdiv(d, consts["BLOCK_D"]) if "BLOCK_D" in consts and d else 1
@@ -255,16 +256,17 @@ def kernel_time(gpu: Gpu, launch: dict, build: dict) -> dict:
     l2_rate = gpu.l2_tb_s * 1e6 / gpu.sms / clock  # bytes per cycle per SM
     phases = []  # (tensor-core, issue, L2) cycles of each loop nest level, per program
     for nest, block in blocks.items():
-        # a software-pipelined loop runs (stages - 1) iterations fewer: its prologue, in
-        # the enclosing level, issues their loads
-        pipelined = nest and block.async_copies and build["num_stages"] > 1
-        runs = math.prod(trips[i] for i in nest[:-1]) * (
-            max(trips[nest[-1]] - (build["num_stages"] - 1), 0) if pipelined
-            else math.prod(trips[i] for i in nest[-1:]))
+        runs = math.prod(trips[i] for i in nest)
+        # a software-pipelined loop runs every iteration, but its prologue (in the
+        # enclosing level) issued the loads of the first (stages - 1)
+        load_runs = runs
+        if nest and block.async_copies and build["num_stages"] > 1:
+            load_runs = math.prod(trips[i] for i in nest[:-1]) * max(
+                trips[nest[-1]] - (build["num_stages"] - 1), 0)
         mma_cycles = sum(f * (warps // 4) / rate[t] for t, f in block.mma_flops.items()) * runs
         issue_cycles = block.instructions * warps / 4 * runs
-        l2_cycles = ((block.load_bytes + block.store_bytes + 32 * block.atomics) * warps * runs
-                     / l2_rate)
+        l2_cycles = (block.load_bytes * load_runs + (block.store_bytes + 32 * block.atomics) * runs
+                     ) * warps / l2_rate
         # A program's phases run one after another, each at its bound; where what follows
         # the MMAs waits for them (no MMA in flight across the argmin), MMA and issue add up.
         chain = (max(mma_cycles + issue_cycles, l2_cycles) if block.mma_waited
@@ -272,7 +274,7 @@ def kernel_time(gpu: Gpu, launch: dict, build: dict) -> dict:
         phases.append((mma_cycles, issue_cycles, l2_cycles, chain))
     mma, issue, l2_cycles, chain = (sum(p[i] for p in phases) for i in range(4))
     per_sm = programs_per_sm(gpu, build["registers"], build["shared"], warps)
-    programs = math.prod(launch["grid"])
+    programs = max(math.prod(launch["grid"]), 1)
     waves = _cdiv(programs, gpu.sms * per_sm)
     resident = min(per_sm, _cdiv(programs, gpu.sms))
     # the programs resident on an SM overlap: one program's chain, or the SM's busiest
@@ -363,7 +365,9 @@ def prediction_section(rows: list, env: dict) -> str:
              f"benchmarks/gpu/PREDICTION.md` ({env['date']}, triton {env['triton']}, sm_90 "
              f"SASS; its docstring says how). Device time only: an eager step adds the host's "
              f"(`python -m benchmarks.host`). Each figure is falsified by a step measured below "
-             f"2/3 or above 3/2 of it, or by its bound's own measurement.", "",
+             f"2/3 or above 3/2 of it, or by its bound's own measurement. The main figures "
+             f"large-ema-bf16-ms and large-ema-fp32-ms come from this table (first written "
+             f"2026-12-06; estimated by hand before: 1.05 and 16 ms).", "",
              "| step | GPU | predicted µs | slowest kernel: bound | falsified if |", "|---|---|---:|---|---|"]
     for r in rows:
         slowest = max(r["kernels"], key=lambda k: k["us"])
@@ -380,15 +384,17 @@ def write_prediction(path: Path, rows: list, env: dict) -> None:
     section = prediction_section(rows, env)
     if SECTION in text:
         start = text.index(SECTION)
-        end = text.index("\n## ", start + 1) + 1
-        text = text[:start] + section + "\n" + text[end:]
-    else:
+        end = text.find("\n## ", start + 1) + 1 or len(text)
+        text = text[:start] + section + ("\n" + text[end:] if end < len(text) else "")
+    elif "## Main figures" in text:
         text = text.replace("## Main figures", section + "\n## Main figures")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
     h100 = {r["step"]: r["us"] for r in rows if r["gpu"] == GPUS[0].name}
     for figure, step in MAIN_FIGURES.items():
         if step in h100:
             text = re.sub(rf"^(\| {re.escape(figure)} \|[^|]*\| )[^|]*( \|)",
-                          rf"\g<1>{h100[step] / 1e3:.2g}\g<2>", text, flags=re.M)
+                          rf"\g<1>{h100[step] / 1e3:.3g}\g<2>", text, flags=re.M)
     path.write_text(text)
 
 

@@ -293,7 +293,7 @@ def summary(out: Path, parts: dict, budget: int | None = None) -> str:
         "| part | exit code | seconds | limit | file |",
         "|---|---:|---:|---:|---|",
     ]
-    files = {"install": "env.json", "correctness": "tests.xml, tests.log",
+    files = {"install": "env.json", "precompile": "precompile.log", "correctness": "tests.xml, tests.log",
              "bench": "bench.json, bench.md, bench.png", "train": "train.json",
              "family": "bench.json, bench.md", "quality": "train.json"}
     for name, p in parts.items():

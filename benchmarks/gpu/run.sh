@@ -12,6 +12,8 @@
 # under 15 s is skipped), and rewrites SUMMARY.md after every part, so a run stopped at
 # any point still reports what finished:
 #   1 install, env        env.json: GPU, SMs, driver, CUDA, torch, triton, numpy, commit
+#   precompile            precompile.log: the benchmarks' kernels compiled on every core at
+#                         once into triton's cache, then every launch checked to hit it
 #   2 correctness         tests.xml, tests.log: every kernel against the oracle at several
 #                         shapes and dtypes, past 2**31 elements, a step under the CUDA sync
 #                         debugger, a VQ-VAE step in a CUDA graph (no JIT of every variant),
@@ -99,6 +101,17 @@ install() {
     "$py" -m benchmarks.gpu.report env "$out"
 }
 
+precompile() {
+    local steps=(--steps all)
+    if [[ $dry_run -eq 1 ]]; then  # the VQ-VAE shape's steps, into a cache of its own
+        steps=(--steps vqvae)
+        TRITON_CACHE_DIR="$(mktemp -d)" || return
+        export TRITON_CACHE_DIR
+    fi
+    "$py" -m benchmarks.gpu.precompile "${steps[@]}" --check 2>&1 | tee "$out/precompile.log"
+    return "${PIPESTATUS[0]}"
+}
+
 correctness() {
     # A focused selection: the kernels against the oracle, the 2**31 cases, the launchers'
     # limits, the sync-debug and CUDA-graph steps (tests/test_cuda.py).
@@ -177,16 +190,17 @@ if [[ $dry_run -eq 0 ]] && compgen -G "wheels/*.whl" > /dev/null; then
     export PYTHONPATH="$wheel_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export dry_run out py wheel_site deadline
-export -f install correctness bench train family quality
+export -f install precompile correctness bench train family quality
 
 # Limits in order of value; they add up to the default 420 s budget (quality trains for
 # what is left less a 40 s margin for its start and teardown).
-run_part install 40 install
+run_part install 30 install
+run_part precompile 20 precompile
 run_part correctness 120 correctness
 run_part bench 90 bench
 run_part train 50 train
 run_part family 90 family
-run_part quality 30 quality
+run_part quality 20 quality
 echo "=== wrote $(ls "$out" | tr '\n' ' ')"
 cat "$out/SUMMARY.md" 2>/dev/null | head -60
 exit $failed

@@ -1,0 +1,109 @@
+"""Compile the kernels the benchmarks' training steps launch, before they launch them, on
+every core at once.
+
+Triton's JIT compiles a kernel the first time a launch needs it, one at a time, inside the
+timed parts. This records each step's launches on CPU stand-in tensors (the
+specialisations triton's JIT would build, through triton's own binder:
+``benchmarks.host.record_specializations``), compiles them in a process pool into
+triton's on-disk cache (``TRITON_CACHE_DIR``), with their host launchers where a CUDA
+driver is present, and with ``--check`` proves every recorded launch then hits that cache:
+each is compiled once more with triton's front end replaced by an error, so a miss fails
+and names the kernel and the steps that launch it.
+
+    python -m benchmarks.gpu.precompile                  # every step, every core
+    python -m benchmarks.gpu.precompile --check          # ... then prove the cache hits
+    python -m benchmarks.gpu.precompile --steps vqvae    # the VQ-VAE shape's steps only
+"""
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("benchmarks.gpu.precompile needs TRITON_INTERPRET unset (it compiles kernels)")
+
+
+def steps(which: str) -> list:
+    """The training steps whose launches are compiled: those of ``benchmarks.gpu.model``
+    (the benchmarks' shapes and dtypes) and of the ahead-of-time test."""
+    from benchmarks.gpu.model import STEPS
+    from benchmarks.host import RECORDED_STEPS
+    chosen = list({s[0]: s for s in STEPS + RECORDED_STEPS}.values())
+    return [s for s in chosen if which == "all" or s[0].startswith("VQ-VAE")]
+
+
+def target():
+    """The GPU's own target where there is one; sm_90 (H100, H200) otherwise."""
+    from triton.backends.compiler import GPUTarget
+    if torch.cuda.is_available():
+        from triton.runtime import driver
+        return driver.active.get_current_target()
+    return GPUTarget("cuda", 90, 32)
+
+
+class Miss(Exception):
+    """A launch that would compile: its kernel is not in the cache."""
+
+
+def compile_one(job) -> tuple:
+    """``(kernel, seconds, error or None)``: ``spec`` compiled for ``gpu`` as triton's JIT
+    compiles it (with ``check``, only looked up)."""
+    import triton
+    from triton.compiler import ASTSource, make_backend
+    spec, gpu, check = job
+    kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+    options = make_backend(gpu).parse_options(spec["options"]).__dict__
+    source = ASTSource(kernel, spec["signature"], spec["constexprs"], spec["attrs"])
+    if check:  # triton reaches its front end only on a cache miss
+        def miss(*args, **kwargs):
+            raise Miss(f"{spec['kernel']} for {', '.join(spec['cases'])} is not in the cache")
+        source.make_ir = miss
+    start = time.perf_counter()
+    try:
+        compiled = triton.compile(source, target=gpu, options=options)
+        if torch.cuda.is_available() and not check:  # its host launcher: a C extension
+            from triton.runtime import driver
+            driver.active.launcher_cls(source, compiled.metadata)
+    except Exception as error:  # report every failure, not just the first
+        return spec["kernel"], time.perf_counter() - start, f"{type(error).__name__}: {error}"[:500]
+    return spec["kernel"], time.perf_counter() - start, None
+
+
+def run(specs: list, gpu, jobs: int, check: bool) -> list:
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(compile_one, [(spec, gpu, check) for spec in specs]))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", choices=("all", "vqvae"), default="all")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="processes (default: every core)")
+    parser.add_argument("--check", action="store_true",
+                        help="then look every launch up again: exit 1 on a miss")
+    args = parser.parse_args(argv)
+    from benchmarks.host import record_specializations
+    specs = record_specializations(steps(args.steps))
+    gpu = target()
+    start = time.perf_counter()
+    results = run(specs, gpu, args.jobs, check=False)
+    failed = [f"{name}: {error}" for name, _, error in results if error]
+    slowest = max(results, key=lambda r: r[1])
+    print(f"precompiled {len(results) - len(failed)} of {len(results)} kernel specialisations for "
+          f"{gpu.backend} sm_{gpu.arch} in {time.perf_counter() - start:.1f} s on {args.jobs} "
+          f"processes (slowest: {slowest[0]}, {slowest[1]:.1f} s)")
+    if args.check:
+        misses = [error for _, _, error in run(specs, gpu, args.jobs, check=True) if error]
+        print(f"cache check: {len(specs) - len(misses)} of {len(specs)} launches hit the cache")
+        failed += misses
+    for line in failed:
+        print(line, file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
