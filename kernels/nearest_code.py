@@ -24,13 +24,16 @@ PRECISIONS = ("ieee", "tf32", "tf32x3")
 PREP_CONFIG = dict(BLOCK_K=32, MAX_BLOCK_D=64, num_warps=8)
 
 # The configurations the launcher can pick (tests compile every one for sm_80 and sm_90
-# with triton 3.8 and 3.9 and require zero register spills). 16-bit operands use tensor
+# with triton 3.6 and 3.9 and require zero register spills). 16-bit operands use tensor
 # cores (mma / wgmma), fp32 "tf32"/"tf32x3" too; "ieee" runs on the FMA units. BLOCK_D=16
 # matches the k-depth of one mma and keeps the operand tiles small: 32-wide channel chunks
-# spill on sm_80 in every shape tried.
+# spill on sm_80 in every shape tried. Tile sizes from benchmarks/gpu/model.py (predicted,
+# the large EMA step on an H100): tf32 at 128x128 ~3.2 ms (6.5 at 64x64); tf32x3 at 128x64
+# ~5.2 ms (10.9 at 64x64; 128x128 and 4 warps spill); ieee at 2 stages spills on sm_80.
 CONFIGS = {
     "16bit": dict(BLOCK_N=128, BLOCK_K=128, BLOCK_D=16, num_warps=8, num_stages=3),
-    "tf32": dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=16, num_warps=8, num_stages=2),
+    "tf32": dict(BLOCK_N=128, BLOCK_K=128, BLOCK_D=16, num_warps=8, num_stages=2),
+    "tf32x3": dict(BLOCK_N=128, BLOCK_K=64, BLOCK_D=16, num_warps=8, num_stages=2),
     "ieee": dict(BLOCK_N=64, BLOCK_K=128, BLOCK_D=16, num_warps=8, num_stages=1),
 }
 
@@ -231,9 +234,11 @@ def resident_config(dtype: torch.dtype, d: int, s: int = 1, aligned: bool = True
 
 def pick_config(dtype: torch.dtype, precision: str = "ieee", configs=None) -> dict:
     """Block sizes and launch options for an input dtype and fp32 dot precision, from
-    ``configs`` (keys ``16bit``, ``tf32``, ``ieee``; default: this kernel's)."""
-    key = "16bit" if dtype != torch.float32 else ("ieee" if precision == "ieee" else "tf32")
-    return dict((configs or CONFIGS)[key])
+    ``configs`` (keys ``16bit``, ``tf32``, ``ieee`` and optionally ``tf32x3``, else
+    ``tf32`` serves it; default: this kernel's)."""
+    configs = configs or CONFIGS
+    key = "16bit" if dtype != torch.float32 else precision if precision in configs else "tf32"
+    return dict(configs[key])
 
 
 @launcher

@@ -201,7 +201,7 @@ def test_gpu_dry_run_cut_at_a_time_limit_is_reported_not_failed(tmp_path):
     finished, summary = finished_parts(out, proc)
     assert finished == set() and proc.returncode == 1
     assert any(f"| install | {rc} |" in summary for rc in TIMED_OUT), summary
-    assert "skipped for time: correctness, bench, train, family, quality" in summary
+    assert "skipped for time: precompile, correctness, bench, train, family, quality" in summary
 
 
 # --- item 11: no kernel multiplies a global tl.constexpr by a tensor (triton 3.8) ----------
