@@ -64,22 +64,11 @@ def codes_transposed(tile_ptr, local_codes, dims, code_mask, D, UPCAST: tl.const
 
 
 @triton.jit
-def _nearest_code_kernel(
-    x_ptr, codebook_ptr, codebook_sqnorm_ptr, idx_ptr, sqdist_ptr,
-    N, K, D, S,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-):
-    # x is addressed by 64-bit row offsets (no overflow for N * D >= 2**31). Vectors are
-    # [N, D] rows or the columns of a channels-first [B, D, S] (see _layout). (A 64-bit tile
-    # base plus 32-bit offsets inside it made triton 3.6 load channels-first x with scalar
-    # 16-bit loads and a full wait every 16 channels on sm_90; these pipeline through
-    # cp.async at 3 stages: tests/test_aot.py reads it from the JIT's own specialisation.)
-    row0 = tl.program_id(0) * BLOCK_N
-    rows = row0 + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    x_rows_ptr = x_ptr + row_offsets(rows, S, D)  # int64 offsets: see the note above
-
+def _chunked_search(x_rows_ptr, row_mask, codebook_ptr, codebook_sqnorm_ptr, K, D, S,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``(best, best_idx, |x|^2)`` of the rows at ``x_rows_ptr``: code tiles of ``BLOCK_K``,
+    each a dot accumulated over ``BLOCK_D``-channel chunks of x and the codes (any D)."""
     # |x|^2 per row, in fp32: added once at the end, it does not move the argmin.
     x_sqnorm = tl.zeros([BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -111,27 +100,18 @@ def _nearest_code_kernel(
                                   other=float("inf"))
         best, best_idx = running_argmin(dot, codebook_sqnorm, k0, best, best_idx)
         codebook_tile_ptr += BLOCK_K * D
-
-    tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_mask)
-    tl.store(sqdist_ptr + rows, tl.maximum(best + x_sqnorm, 0.0, propagate_nan=tl.PropagateNan.ALL),
-             mask=row_mask)
+    return best, best_idx, x_sqnorm
 
 
 @triton.jit
-def _nearest_code_resident_kernel(
-    x_ptr, codebook_ptr, codebook_sqnorm_ptr, idx_ptr, sqdist_ptr,
-    N, K, D, S,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-):
-    # _nearest_code_kernel's search for D <= BLOCK_D, shaped for Hopper: the program's x
-    # tile is read once and stays on chip (only code tiles stream from L2), and the code
-    # tiles are software-pipelined by hand: the MMAs of tile j + 1 are issued before the
-    # argmin of tile j, so the tensor cores work while the argmin runs.
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+def _resident_search(x_rows_ptr, row_mask, codebook_ptr, codebook_sqnorm_ptr, K, D, S,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``_chunked_search`` for ``D <= BLOCK_D``, shaped for Hopper: the program's x tile is
+    read once and stays on chip (only code tiles stream from L2), and the code tiles are
+    software-pipelined by hand (the MMAs of tile j + 1 issued before the argmin of tile j)."""
     dims = tl.arange(0, BLOCK_D)
-    x = tl.load(x_ptr + row_offsets(rows, S, D)[:, None] + dims[None, :] * S,
+    x = tl.load(x_rows_ptr[:, None] + dims[None, :] * S,
                 mask=row_mask[:, None] & (dims < D)[None, :], other=0.0)
     x_sqnorm = tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
     if UPCAST_DOT:
@@ -154,7 +134,32 @@ def _nearest_code_resident_kernel(
     codebook_sqnorm = tl.load(codebook_sqnorm_ptr + last + local_codes, mask=last + local_codes < K,
                               other=float("inf"))
     best, best_idx = running_argmin(dot, codebook_sqnorm, last, best, best_idx)
+    return best, best_idx, x_sqnorm
 
+
+@triton.jit
+def _nearest_code_kernel(
+    x_ptr, codebook_ptr, codebook_sqnorm_ptr, idx_ptr, sqdist_ptr,
+    N, K, D, S,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, RESIDENT: tl.constexpr,
+):
+    # x is addressed by 64-bit row offsets (no overflow for N * D >= 2**31). Vectors are
+    # [N, D] rows or the columns of a channels-first [B, D, S] (see _layout). (A 64-bit tile
+    # base plus 32-bit offsets inside it made triton 3.6 load channels-first x with scalar
+    # 16-bit loads and a full wait every 16 channels on sm_90; these pipeline through
+    # cp.async: tests/test_aot.py reads it from the JIT's own specialisation.)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    x_rows_ptr = x_ptr + row_offsets(rows, S, D)  # int64 offsets: see the note above
+    if RESIDENT:  # D <= BLOCK_D: see resident_config
+        best, best_idx, x_sqnorm = _resident_search(
+            x_rows_ptr, row_mask, codebook_ptr, codebook_sqnorm_ptr, K, D, S,
+            BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION, UPCAST_DOT)
+    else:
+        best, best_idx, x_sqnorm = _chunked_search(
+            x_rows_ptr, row_mask, codebook_ptr, codebook_sqnorm_ptr, K, D, S,
+            BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION, UPCAST_DOT)
     tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_mask)
     tl.store(sqdist_ptr + rows, tl.maximum(best + x_sqnorm, 0.0, propagate_nan=tl.PropagateNan.ALL),
              mask=row_mask)
@@ -211,7 +216,7 @@ def codebook_prep(codebook: torch.Tensor, dtype: torch.dtype, snapshot: torch.Te
     return cast, sqnorm
 
 
-# The x-resident search (_nearest_code_resident_kernel) for 16-bit x with D <= 256: the x
+# The x-resident search (_resident_search) for 16-bit x with D <= 256: the x
 # tile [BLOCK_N, D] in shared memory, code tiles [D, BLOCK_K] streamed through it. 32-code
 # tiles keep it at ~100 registers and 96 KiB of shared memory at D = 256, so two programs
 # share an SM and one's argmin runs while the other's MMAs do (benchmarks/gpu/model.py:
@@ -278,12 +283,13 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "ieee
     idx = torch.empty(n, dtype=torch.int64, device=x.device)
     sqdist = torch.empty(n, dtype=torch.float32, device=x.device)
     grid = (cdiv(n, config["BLOCK_N"]),)
-    launch(_nearest_code_resident_kernel if resident else _nearest_code_kernel, grid,
+    launch(_nearest_code_kernel, grid,
         x, codebook, codebook_sqnorm, idx, sqdist, n, k, d, s,
         INPUT_PRECISION=precision if x.dtype == torch.float32 else "ieee",
         # The Triton interpreter (3.8) multiplies bf16 dot operands as raw bits; upcasting
         # them is exact (bf16 x bf16 fits fp32), so results are what the GPU computes.
-        UPCAST_DOT=x.dtype == torch.bfloat16 and _launch.interpreted(x.device), **config)
+        UPCAST_DOT=x.dtype == torch.bfloat16 and _launch.interpreted(x.device),
+        RESIDENT=resident is not None, **config)
     return idx, sqdist
 
 
@@ -297,17 +303,17 @@ def aot_variants():
             sig = {"x_ptr": PTR[dtype], "codebook_ptr": PTR[dtype], "codebook_sqnorm_ptr": "*fp32",
                    "idx_ptr": "*i64", "sqdist_ptr": "*fp32", "N": "i32", "K": "i32", "D": "i32",
                    "S": "i32"}
-            consts = dict(config, INPUT_PRECISION=precision, UPCAST_DOT=False)
+            consts = dict(config, INPUT_PRECISION=precision, UPCAST_DOT=False, RESIDENT=False)
             yield f"nearest_code[{dtype},{precision}]", _nearest_code_kernel, sig, consts, options
             for d in ((RESIDENT_ANY_LAYOUT_D, RESIDENT_MAX_D) if dtype != "fp32" else ()):
                 config = resident_config(torch_dtype, d)
                 options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
-                consts = dict(config, INPUT_PRECISION="ieee", UPCAST_DOT=False)
+                consts = dict(config, INPUT_PRECISION="ieee", UPCAST_DOT=False, RESIDENT=True)
                 if d > RESIDENT_ANY_LAYOUT_D:  # [N, D] rows only (S = 1) without alignment
-                    yield (f"nearest_code_resident[{dtype},D{d},S=1]", _nearest_code_resident_kernel,
+                    yield (f"nearest_code_resident[{dtype},D{d},S=1]", _nearest_code_kernel,
                            {k: v for k, v in sig.items() if k != "S"}, dict(consts, S=1), options)
                 else:
-                    yield (f"nearest_code_resident[{dtype},D{d}]", _nearest_code_resident_kernel,
+                    yield (f"nearest_code_resident[{dtype},D{d}]", _nearest_code_kernel,
                            sig, consts, options)
     # (snapshot, zero, rows): the search alone; quantize's eval pass, its learned-codebook
     # pass with a gradient, its EMA pass

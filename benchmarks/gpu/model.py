@@ -198,10 +198,10 @@ def trip_counts(kernel: str, loops: list, args: dict, consts: dict) -> list:
     another number of loops than its rule names is an error, not a guess."""
     d = args.get("D") or args.get("d")
     channels = _cdiv(d, consts["BLOCK_D"]) if "BLOCK_D" in consts and d else 1
-    if kernel == "_nearest_code_kernel":
-        rule = [channels, _cdiv(args["K"], consts["BLOCK_K"]), channels]
-    elif kernel == "_nearest_code_resident_kernel":  # the first code tile is peeled
+    if kernel == "_nearest_code_kernel" and consts.get("RESIDENT"):  # first code tile peeled
         rule = [_cdiv(args["K"], consts["BLOCK_K"]) - 1]
+    elif kernel == "_nearest_code_kernel":
+        rule = [channels, _cdiv(args["K"], consts["BLOCK_K"]), channels]
     else:
         rule = [channels] * len(loops)
     if len(rule) != len(loops):
@@ -288,7 +288,9 @@ def kernel_time(gpu: Gpu, launch: dict, build: dict) -> dict:
     bound = max((("MMA + argmin in series", chain / resident if mma else 0.0),
                  ("tensor cores", mma), ("issue", issue), ("L2", l2_cycles)),
                 key=lambda t: t[1])[0] if sm_us >= hbm_us else "HBM"
-    return {"kernel": launch["kernel"].strip("_").removesuffix("_kernel"), "grid": programs,
+    name = launch["kernel"].strip("_").removesuffix("_kernel")
+    return {"kernel": name + (" (x-resident)" if launch["consts"].get("RESIDENT") else ""),
+            "grid": programs,
             "registers": build["registers"], "programs_per_sm": per_sm, "waves": waves,
             "stages": build["num_stages"], "us": gpu.launch_gap_us + max(hbm_us, sm_us),
             "bound": bound, "hbm_mb": hbm_bytes / 2**20,
