@@ -121,6 +121,9 @@ def compile_one(job):
                       constexprs=consts),
             target=GPUTarget("cuda", capability, 32), options=options)
     record = {"name": name, "target": f"sm_{capability}", "triton": triton.__version__}
+    if isinstance(index, dict):  # which constexprs the JIT's build had, by name
+        record["constexprs"] = {kernel.arg_names[i[0]]: value
+                                for i, value in spec["constexprs"].items()}
     try:
         compiled = build()
         ptx = compiled.asm["ptx"]

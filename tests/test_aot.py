@@ -147,6 +147,7 @@ def test_channels_first_search_is_pipelined_on_hopper(records):
     assert search
     for r in search:
         where = f"{r['name']} (triton {r['triton']}): {r}"
+        assert r["constexprs"]["RESIDENT"] is True, where  # the x-resident search
         assert r["wgmma"] and r["num_stages"] >= 2 and r["cp_async"] > 0, where
         assert r["scalar_16bit_loads"] == 0 and r["spill_stores"] == 0, where
         assert r["registers"] <= 128 and r["shared"] + 1024 <= 228 * 1024 // 2, where

@@ -6,9 +6,11 @@ timed parts. This records each step's launches on CPU stand-in tensors (the
 specialisations triton's JIT would build, through triton's own binder:
 ``benchmarks.host.record_specializations``), compiles them in a process pool into
 triton's on-disk cache (``TRITON_CACHE_DIR``), with their host launchers where a CUDA
-driver is present, and with ``--check`` proves every recorded launch then hits that cache:
-each is compiled once more with triton's front end replaced by an error, so a miss fails
-and names the kernel and the steps that launch it.
+driver is present. ``--check`` then looks every recorded kernel up again with triton's
+front end replaced by an error (a miss fails, named), and on a GPU runs each step once on
+the device with the front end disabled for every launch: a launch whose kernel the
+recording missed (a specialisation the CPU stand-ins did not reproduce) fails, naming the
+step.
 
     python -m benchmarks.gpu.precompile                  # every step, every core
     python -m benchmarks.gpu.precompile --check          # ... then prove the cache hits
@@ -17,6 +19,7 @@ and names the kernel and the steps that launch it.
 
 import argparse
 import importlib
+import multiprocessing
 import os
 import sys
 import time
@@ -52,10 +55,11 @@ class Miss(Exception):
 
 def compile_one(job) -> tuple:
     """``(kernel, seconds, error or None)``: ``spec`` compiled for ``gpu`` as triton's JIT
-    compiles it (with ``check``, only looked up)."""
+    compiles it (with ``check``, only looked up); with ``launchers``, its host launcher
+    built too (a C extension: needs the CUDA driver)."""
     import triton
     from triton.compiler import ASTSource, make_backend
-    spec, gpu, check = job
+    spec, gpu, check, launchers = job
     kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
     options = make_backend(gpu).parse_options(spec["options"]).__dict__
     source = ASTSource(kernel, spec["signature"], spec["constexprs"], spec["attrs"])
@@ -66,7 +70,7 @@ def compile_one(job) -> tuple:
     start = time.perf_counter()
     try:
         compiled = triton.compile(source, target=gpu, options=options)
-        if torch.cuda.is_available() and not check:  # its host launcher: a C extension
+        if launchers and not check:  # its host launcher: a C extension
             from triton.runtime import driver
             driver.active.launcher_cls(source, compiled.metadata)
     except Exception as error:  # report every failure, not just the first
@@ -74,9 +78,37 @@ def compile_one(job) -> tuple:
     return spec["kernel"], time.perf_counter() - start, None
 
 
-def run(specs: list, gpu, jobs: int, check: bool) -> list:
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(compile_one, [(spec, gpu, check) for spec in specs]))
+def run(specs: list, gpu, jobs: int, check: bool, launchers: bool = False) -> list:
+    # (spawned, not forked: the parent may hold a CUDA context)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(compile_one, [(spec, gpu, check, launchers) for spec in specs]))
+
+
+def device_check(chosen: list) -> list:
+    """Each step run once on the GPU (and once more after its k-means start) with triton's
+    front end disabled: the errors of the steps whose launches missed the cache."""
+    from triton.compiler import ASTSource
+    from benchmarks.host import _step
+    failed, make_ir = [], ASTSource.make_ir
+
+    def miss(source, *args, **kwargs):
+        raise Miss(f"{source.fn.__name__}: not in the cache")
+    ASTSource.make_ir = miss
+    try:
+        for name, build, shape, dtype in chosen:
+            torch.manual_seed(0)
+            module = build().to("cuda", dtype).train()
+            x = torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)
+            try:
+                grads = [None, None]
+                for _ in range(2):
+                    _step(module, x, grads)
+                torch.cuda.synchronize()
+            except Exception as error:  # a miss surfaces from inside the step
+                failed.append(f"{name}: {type(error).__name__}: {error}"[:500])
+    finally:
+        ASTSource.make_ir = make_ir
+    return failed
 
 
 def main(argv=None) -> int:
@@ -87,10 +119,11 @@ def main(argv=None) -> int:
                         help="then look every launch up again: exit 1 on a miss")
     args = parser.parse_args(argv)
     from benchmarks.host import record_specializations
-    specs = record_specializations(steps(args.steps))
+    chosen = steps(args.steps)
+    specs = record_specializations(chosen)
     gpu = target()
     start = time.perf_counter()
-    results = run(specs, gpu, args.jobs, check=False)
+    results = run(specs, gpu, args.jobs, check=False, launchers=torch.cuda.is_available())
     failed = [f"{name}: {error}" for name, _, error in results if error]
     slowest = max(results, key=lambda r: r[1])
     print(f"precompiled {len(results) - len(failed)} of {len(results)} kernel specialisations for "
@@ -100,6 +133,13 @@ def main(argv=None) -> int:
         misses = [error for _, _, error in run(specs, gpu, args.jobs, check=True) if error]
         print(f"cache check: {len(specs) - len(misses)} of {len(specs)} launches hit the cache")
         failed += misses
+        if torch.cuda.is_available():
+            missed = device_check(chosen)
+            print(f"device check: {len(chosen) - len(missed)} of {len(chosen)} steps ran on the "
+                  f"GPU without compiling")
+            failed += missed
+        else:
+            print("device check: no CUDA device (the recorded launches only)")
     for line in failed:
         print(line, file=sys.stderr)
     return 1 if failed else 0
