@@ -145,10 +145,13 @@ def launch_config(config: dict, dim: int) -> dict:
     return config
 
 
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
 def split_options(config: dict):
     """A launch config as the AOT test's ``(constexprs, compile options)``."""
-    consts = {k: v for k, v in config.items() if k != "num_warps"}
-    return consts, {"num_warps": config["num_warps"]}
+    consts = {k: v for k, v in config.items() if k not in LAUNCH_OPTIONS}
+    return consts, {k: config[k] for k in LAUNCH_OPTIONS if k in config}
 
 
 def streaming_configs(config: dict):

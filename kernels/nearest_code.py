@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import _launch
 from ._launch import (launch, cdiv, launcher, PTR, TORCH_DTYPES, check_codebook, check_same_device, launch_config,
-                      streaming_configs)
+                      split_options, streaming_configs)
 from ._layout import row_offsets, vector_layout
 
 PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -113,9 +113,10 @@ def _resident_search(x_rows_ptr, row_mask, codebook_ptr, codebook_sqnorm_ptr, K,
     dims = tl.arange(0, BLOCK_D)
     x = tl.load(x_rows_ptr[:, None] + dims[None, :] * S,
                 mask=row_mask[:, None] & (dims < D)[None, :], other=0.0)
-    x_sqnorm = tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
+    x_f32 = x.to(tl.float32)
+    x_sqnorm = tl.sum(x_f32 * x_f32, axis=1)
     if UPCAST_DOT:
-        x = x.to(tl.float32)
+        x = x_f32
 
     best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
     best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
@@ -297,24 +298,22 @@ def aot_variants():
     """(name, kernel, signature, constexprs, options) of every configuration the launcher
     can pick, for the ahead-of-time compile test (``tests/aot_compile.py``)."""
     for dtype, torch_dtype in TORCH_DTYPES.items():
+        sig = {"x_ptr": PTR[dtype], "codebook_ptr": PTR[dtype], "codebook_sqnorm_ptr": "*fp32",
+               "idx_ptr": "*i64", "sqdist_ptr": "*fp32", "N": "i32", "K": "i32", "D": "i32",
+               "S": "i32"}
         for precision in (PRECISIONS if dtype == "fp32" else ("ieee",)):
-            config = pick_config(torch_dtype, precision)
-            options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
-            sig = {"x_ptr": PTR[dtype], "codebook_ptr": PTR[dtype], "codebook_sqnorm_ptr": "*fp32",
-                   "idx_ptr": "*i64", "sqdist_ptr": "*fp32", "N": "i32", "K": "i32", "D": "i32",
-                   "S": "i32"}
+            config, options = split_options(pick_config(torch_dtype, precision))
             consts = dict(config, INPUT_PRECISION=precision, UPCAST_DOT=False, RESIDENT=False)
             yield f"nearest_code[{dtype},{precision}]", _nearest_code_kernel, sig, consts, options
-            for d in ((RESIDENT_ANY_LAYOUT_D, RESIDENT_MAX_D) if dtype != "fp32" else ()):
-                config = resident_config(torch_dtype, d)
-                options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
-                consts = dict(config, INPUT_PRECISION="ieee", UPCAST_DOT=False, RESIDENT=True)
-                if d > RESIDENT_ANY_LAYOUT_D:  # [N, D] rows only (S = 1) without alignment
-                    yield (f"nearest_code_resident[{dtype},D{d},S=1]", _nearest_code_kernel,
-                           {k: v for k, v in sig.items() if k != "S"}, dict(consts, S=1), options)
-                else:
-                    yield (f"nearest_code_resident[{dtype},D{d}]", _nearest_code_kernel,
-                           sig, consts, options)
+        for d in ((RESIDENT_ANY_LAYOUT_D, RESIDENT_MAX_D) if dtype != "fp32" else ()):
+            config, options = split_options(resident_config(torch_dtype, d))
+            consts = dict(config, INPUT_PRECISION="ieee", UPCAST_DOT=False, RESIDENT=True)
+            if d > RESIDENT_ANY_LAYOUT_D:  # [N, D] rows only (S = 1) without alignment
+                yield (f"nearest_code_resident[{dtype},D{d},S=1]", _nearest_code_kernel,
+                       {k: v for k, v in sig.items() if k != "S"}, dict(consts, S=1), options)
+            else:
+                yield (f"nearest_code_resident[{dtype},D{d}]", _nearest_code_kernel,
+                       sig, consts, options)
     # (snapshot, zero, rows): the search alone; quantize's eval pass, its learned-codebook
     # pass with a gradient, its EMA pass
     passes = ((False, False, False), (False, True, False), (False, True, True), (True, True, True))

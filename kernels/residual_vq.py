@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import launch, launcher, PTR, TORCH_DTYPES, check_same_device, launch_config, streaming_configs
+from ._launch import (launch, launcher, PTR, TORCH_DTYPES, check_same_device, launch_config, split_options,
+                      streaming_configs)
 from ._layout import row_offsets, vector_layout
 from .code_sums import code_sums_sorted
 from .nearest_code import PRECISIONS, codebook_prep, codes_transposed, pick_config, running_argmin
@@ -453,9 +454,7 @@ def aot_variants():
             sig = dict(forward_sig, x_ptr=PTR[dtype], cast_ptr=PTR[dtype], q_ptr=PTR[dtype])
             for cosine, sums in ((0, ATOMIC_SUMS), (1, ATOMIC_SUMS), (1, STORE_RESIDUALS),
                                  (2, ATOMIC_SUMS)):
-                config = _forward_config(torch_dtype, precision, cosine)
-                options = {"num_warps": config.pop("num_warps"),
-                           "num_stages": config.pop("num_stages")}
+                config, options = split_options(_forward_config(torch_dtype, precision, cosine))
                 consts = dict(config, COSINE=cosine, HAS_MASK=True, HAS_ACTIVE=True, SUMS=sums,
                               INPUT_PRECISION=precision, UPCAST_DOT=False,
                               STATS_SEM=_launch.STATS_SEM)
