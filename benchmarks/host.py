@@ -21,6 +21,7 @@ adds no ops).
 import argparse
 import collections
 import contextlib
+import importlib
 import os
 import platform
 import statistics
@@ -65,8 +66,8 @@ class StubbedLaunches:
         self.count = collections.Counter()
         self.record = record
         self.recorded = {}  # (kernel, triton's cache key) -> what the JIT would compile
-        self.launch_log = []  # (kernel, key) of every launch, when recording
-        self.launch_args = []  # ... and its grid and arguments (benchmarks.gpu.model)
+        # (kernel, key, grid, arguments described) of every launch, when recording
+        self.launch_log = []
         self.excluded_ns = 0  # the stubs' own bookkeeping, not part of the host cost
 
     @contextlib.contextmanager
@@ -123,9 +124,8 @@ class StubbedLaunches:
 
     def launched(self, name, key, args, grid=(1, 1, 1)) -> None:
         """A stubbed launch of kernel ``name`` (triton's cache key ``key``)."""
-        if self.record:
-            self.launch_log.append((name, key))
-            self.launch_args.append((grid, args))
+        if self.record:  # (described, not kept: a step's tensors are freed as on a GPU)
+            self.launch_log.append((name, key, grid, tuple(_describe(a) for a in args)))
         self.count[name] += 1
         start = time.thread_time_ns()
         for arg in args:  # valid codes and counts for the torch ops that follow (0s)
@@ -140,7 +140,35 @@ class StubbedLaunches:
         return {
             "module": fn.fn.__module__, "kernel": fn.fn.__name__, "signature": signature,
             "constexprs": constexprs, "attrs": attrs,
-            "options": {k: v for k, v in kwargs.items() if k in option_names}}
+            "options": {k: v for k, v in kwargs.items() if k in option_names},
+            # the constexprs by name (``constexprs`` keys them by argument index)
+            "constants": {fn.arg_names[index[0]]: value for index, value in constexprs.items()}}
+
+
+def recorded_source(spec: dict):
+    """A specialisation ``StubbedLaunches`` recorded, as the ``ASTSource`` triton's JIT
+    builds for it."""
+    from triton.compiler import ASTSource
+    kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+    return ASTSource(kernel, spec["signature"], spec["constexprs"], spec["attrs"])
+
+
+def compile_recorded(spec: dict, target, source=None):
+    """``spec`` compiled for ``target`` as triton's JIT compiles it (its source, its launch
+    options parsed by the target's backend), from ``source`` if given (``recorded_source``'s,
+    altered)."""
+    import triton
+    from triton.compiler import make_backend
+    options = make_backend(target).parse_options(spec["options"]).__dict__
+    return triton.compile(source or recorded_source(spec), target=target, options=options)
+
+
+def _describe(arg):
+    """A launch argument as ``benchmarks.gpu.model`` reads it: a tensor as ``(shape, dtype,
+    bytes, address)``, anything else as it is."""
+    if isinstance(arg, torch.Tensor):
+        return tuple(arg.shape), str(arg.dtype), arg.numel() * arg.element_size(), arg.data_ptr()
+    return arg
 
 
 def _forget_fast_launches() -> None:
@@ -347,6 +375,32 @@ RECORDED_STEPS = [
 ]
 
 
+def step_inputs(build, shape, dtype, device="cpu"):
+    """A step's module (in training mode) and its input ``x``, seeded alike on any device."""
+    torch.manual_seed(0)
+    return (build().to(device, dtype).train(),
+            torch.randn(*shape, device=device, dtype=dtype, requires_grad=True))
+
+
+def recorded_steps(steps, launches: StubbedLaunches, count_ops: bool = False):
+    """Each step of ``steps`` on CPU stand-ins, its launches recorded by ``launches``: the
+    first step (k-means init), then a trained one. Yields ``(name, start, trained, ops)``:
+    where the step's launches and its trained step's begin in ``launches.launch_log``, and
+    the trained step's other compute ops (a Counter; empty unless ``count_ops``)."""
+    with launches.stubbed():
+        for name, build, shape, dtype in steps:
+            module, x = step_inputs(build, shape, dtype)
+            grads = [None, None]
+            start = len(launches.launch_log)
+            _step(module, x, grads)
+            x.grad = None
+            trained = len(launches.launch_log)
+            counting = _CountOps()
+            with counting if count_ops else contextlib.nullcontext():
+                _step(module, x, grads)
+            yield name, start, trained, counting.ops
+
+
 def record_specializations(steps=RECORDED_STEPS) -> list:
     """Each distinct kernel specialisation the steps launch (forward, backward, update;
     k-means init), as triton's JIT would compile it: ``StubbedLaunches.recorded`` records,
@@ -354,21 +408,14 @@ def record_specializations(steps=RECORDED_STEPS) -> list:
     first step's launches that the trained step does not repeat)."""
     launches = StubbedLaunches(record=True)
     cases = collections.defaultdict(list)
-    with launches.stubbed():
-        for name, build, shape, dtype in steps:
-            torch.manual_seed(0)
-            module = build().to(dtype).train()
-            x = torch.randn(*shape, dtype=dtype, requires_grad=True)
-            start = len(launches.launch_log)
-            _step(module, x, [None, None])  # k-means init (and the first step)
-            trained = len(launches.launch_log)
-            _step(module, x, [None, None])  # a trained step
-            steady = dict.fromkeys(launches.launch_log[trained:])
-            for launch in steady:
-                cases[launch].append(name)
-            for launch in dict.fromkeys(launches.launch_log[start:trained]):
-                if launch not in steady:
-                    cases[launch].append(f"{name} k-means init")
+    for name, start, trained, _ in recorded_steps(steps, launches):
+        keys = [(kernel, key) for kernel, key, *_ in launches.launch_log]
+        steady = dict.fromkeys(keys[trained:])
+        for launch in steady:
+            cases[launch].append(name)
+        for launch in dict.fromkeys(keys[start:trained]):
+            if launch not in steady:
+                cases[launch].append(f"{name} k-means init")
     return [dict(record, cases=cases[launch]) for launch, record in launches.recorded.items()]
 
 

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, make_backend
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.host: the JIT's builds
 
 # Every kernel module lists its own launchable configurations (``aot_variants``), beside
 # the kernel and its launcher; ``vqfast.kernels.KERNEL_MODULES`` is the one registry of
@@ -94,7 +96,6 @@ def jit_specializations():
     divisibility-16 attributes of aligned pointers and sizes, sizes of 1 as constants, the
     launch options. Recorded by the launchers themselves on CPU stand-in tensors, through
     triton's own binder (``benchmarks.host.record_specializations``)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.host import record_specializations
     return record_specializations()
 
@@ -108,12 +109,8 @@ def compile_one(job):
     if isinstance(index, dict):  # a JIT specialisation: compiled as the JIT compiles it
         spec = index
         name = f"jit:{_short(spec['kernel'])}[{', '.join(spec['cases'])}]"
-        kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
-        target = GPUTarget("cuda", capability, 32)
-        options = make_backend(target).parse_options(spec["options"]).__dict__
-        build = lambda: triton.compile(  # noqa: E731
-            ASTSource(kernel, spec["signature"], spec["constexprs"], spec["attrs"]),
-            target=target, options=options)
+        from benchmarks.host import compile_recorded
+        build = lambda: compile_recorded(spec, GPUTarget("cuda", capability, 32))  # noqa: E731
     else:
         name, kernel, sig, consts, options = list(variants())[index]
         build = lambda: triton.compile(  # noqa: E731
@@ -122,8 +119,7 @@ def compile_one(job):
             target=GPUTarget("cuda", capability, 32), options=options)
     record = {"name": name, "target": f"sm_{capability}", "triton": triton.__version__}
     if isinstance(index, dict):  # which constexprs the JIT's build had, by name
-        record["constexprs"] = {kernel.arg_names[i[0]]: value
-                                for i, value in spec["constexprs"].items()}
+        record["constexprs"] = spec["constants"]
     try:
         compiled = build()
         ptx = compiled.asm["ptx"]

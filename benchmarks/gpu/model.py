@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 import vqfast
+from vqfast.kernels._launch import cdiv
 
 # --- the GPUs ------------------------------------------------------------------------------
 
@@ -94,34 +95,17 @@ def record_launches(steps=STEPS):
     arguments (ints and floats as they are; tensors as ``(shape, dtype, bytes, address)``)
     of a trained step (after the first, k-means, step); plus ``"other ops"``, the step's
     non-Triton compute ops (each a CUDA kernel)."""
-    from benchmarks.host import StubbedLaunches, _CountOps, _step
+    from benchmarks.host import StubbedLaunches, recorded_steps
     launches = StubbedLaunches(record=True)
     out = {}
-    with launches.stubbed():
-        for name, build, shape, dtype in steps:
-            torch.manual_seed(0)
-            module = build().to(dtype).train()
-            x = torch.randn(*shape, dtype=dtype, requires_grad=True)
-            grads = [None, None]
-            _step(module, x, grads)
-            x.grad = None
-            start = len(launches.launch_log)
-            counting = _CountOps()
-            with counting:
-                _step(module, x, grads)
-            step = []
-            for (kernel, key), (grid, args) in zip(launches.launch_log[start:],
-                                                   launches.launch_args[start:]):
-                spec = launches.recorded[kernel, key]
-                fn = getattr(importlib.import_module(spec["module"]), kernel)
-                named = dict(zip(fn.arg_names, (
-                    (tuple(a.shape), str(a.dtype), a.numel() * a.element_size(), a.data_ptr())
-                    if isinstance(a, torch.Tensor) else a for a in args)))
-                consts = {fn.arg_names[index[0]]: value
-                          for index, value in spec["constexprs"].items()}
-                step.append(dict(kernel=kernel, spec=spec, grid=tuple(grid), args=named,
-                                 consts=consts))
-            out[name] = dict(launches=step, other_ops=sum(counting.ops.values()))
+    for name, _, trained, ops in recorded_steps(steps, launches, count_ops=True):
+        step = []
+        for kernel, key, grid, args in launches.launch_log[trained:]:
+            spec = launches.recorded[kernel, key]
+            fn = getattr(importlib.import_module(spec["module"]), kernel)
+            step.append(dict(kernel=kernel, spec=spec, grid=tuple(grid),
+                             args=dict(zip(fn.arg_names, args)), consts=spec["constants"]))
+        out[name] = dict(launches=step, other_ops=sum(ops.values()))
     return out
 
 
@@ -186,10 +170,6 @@ def parse_sass(text: str):
 
 
 
-def _cdiv(a, b):
-    return -(-a // b)
-
-
 def trip_counts(kernel: str, loops: list, args: dict, consts: dict) -> list:
     """How many times each loop runs (address order), from the launch's arguments: the
     search's loops are ``|x|^2`` over channels, the code tiles, the channels of a tile; every
@@ -197,11 +177,11 @@ def trip_counts(kernel: str, loops: list, args: dict, consts: dict) -> list:
     ``benchmarks/gpu/PREDICTION.md`` names what would falsify it). A search whose SASS has
     another number of loops than its rule names is an error, not a guess."""
     d = args.get("D") or args.get("d")
-    channels = _cdiv(d, consts["BLOCK_D"]) if "BLOCK_D" in consts and d else 1
+    channels = cdiv(d, consts["BLOCK_D"]) if "BLOCK_D" in consts and d else 1
     if kernel == "_nearest_code_kernel" and consts.get("RESIDENT"):  # first code tile peeled
-        rule = [_cdiv(args["K"], consts["BLOCK_K"]) - 1]
+        rule = [cdiv(args["K"], consts["BLOCK_K"]) - 1]
     elif kernel == "_nearest_code_kernel":
-        rule = [channels, _cdiv(args["K"], consts["BLOCK_K"]), channels]
+        rule = [channels, cdiv(args["K"], consts["BLOCK_K"]), channels]
     else:
         rule = [channels] * len(loops)
     if len(rule) != len(loops):
@@ -218,14 +198,9 @@ def _tool(name: str) -> str:
 
 def compile_spec(spec: dict) -> dict:
     """The specialisation compiled for sm_90: SASS text, registers, shared memory, warps."""
-    import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
-    target = GPUTarget("cuda", 90, 32)
-    options = make_backend(target).parse_options(spec["options"]).__dict__
-    compiled = triton.compile(ASTSource(kernel, spec["signature"], spec["constexprs"],
-                                        spec["attrs"]), target=target, options=options)
+    from benchmarks.host import compile_recorded
+    compiled = compile_recorded(spec, GPUTarget("cuda", 90, 32))
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -241,7 +216,7 @@ def compile_spec(spec: dict) -> dict:
 # --- time ----------------------------------------------------------------------------------
 
 def programs_per_sm(gpu: Gpu, registers: int, shared: int, warps: int) -> int:
-    regs = _cdiv(max(registers, 1), 8) * 8 * 32 * warps  # allocated per warp in units of 8
+    regs = cdiv(max(registers, 1), 8) * 8 * 32 * warps  # allocated per warp in units of 8
     return max(1, min(gpu.regs_per_sm // regs, gpu.smem_per_sm // max(shared + 1024, 1),
                       gpu.max_warps_per_sm // warps, 32))
 
@@ -275,8 +250,8 @@ def kernel_time(gpu: Gpu, launch: dict, build: dict) -> dict:
     mma, issue, l2_cycles, chain = (sum(p[i] for p in phases) for i in range(4))
     per_sm = programs_per_sm(gpu, build["registers"], build["shared"], warps)
     programs = max(math.prod(launch["grid"]), 1)
-    waves = _cdiv(programs, gpu.sms * per_sm)
-    resident = min(per_sm, _cdiv(programs, gpu.sms))
+    waves = cdiv(programs, gpu.sms * per_sm)
+    resident = min(per_sm, cdiv(programs, gpu.sms))
     # the programs resident on an SM overlap: one program's chain, or the SM's busiest
     # resource over all of them, whichever is longer
     sm_cycles = max(chain, resident * mma, resident * issue, resident * l2_cycles) * waves

@@ -18,7 +18,6 @@ step.
 """
 
 import argparse
-import importlib
 import multiprocessing
 import os
 import sys
@@ -57,19 +56,16 @@ def compile_one(job) -> tuple:
     """``(kernel, seconds, error or None)``: ``spec`` compiled for ``gpu`` as triton's JIT
     compiles it (with ``check``, only looked up); with ``launchers``, its host launcher
     built too (a C extension: needs the CUDA driver)."""
-    import triton
-    from triton.compiler import ASTSource, make_backend
+    from benchmarks.host import compile_recorded, recorded_source
     spec, gpu, check, launchers = job
-    kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
-    options = make_backend(gpu).parse_options(spec["options"]).__dict__
-    source = ASTSource(kernel, spec["signature"], spec["constexprs"], spec["attrs"])
+    source = recorded_source(spec)
     if check:  # triton reaches its front end only on a cache miss
         def miss(*args, **kwargs):
             raise Miss(f"{spec['kernel']} for {', '.join(spec['cases'])} is not in the cache")
         source.make_ir = miss
     start = time.perf_counter()
     try:
-        compiled = triton.compile(source, target=gpu, options=options)
+        compiled = compile_recorded(spec, gpu, source)
         if launchers and not check:  # its host launcher: a C extension
             from triton.runtime import driver
             driver.active.launcher_cls(source, compiled.metadata)
@@ -88,7 +84,7 @@ def device_check(chosen: list) -> list:
     """Each step run once on the GPU (and once more after its k-means start) with triton's
     front end disabled: the errors of the steps whose launches missed the cache."""
     from triton.compiler import ASTSource
-    from benchmarks.host import _step
+    from benchmarks.host import _step, step_inputs
     failed, make_ir = [], ASTSource.make_ir
 
     def miss(source, *args, **kwargs):
@@ -96,9 +92,7 @@ def device_check(chosen: list) -> list:
     ASTSource.make_ir = miss
     try:
         for name, build, shape, dtype in chosen:
-            torch.manual_seed(0)
-            module = build().to("cuda", dtype).train()
-            x = torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)
+            module, x = step_inputs(build, shape, dtype, "cuda")
             try:
                 grads = [None, None]
                 for _ in range(2):
