@@ -91,3 +91,30 @@ def test_precompile_check_fails_on_a_miss_and_passes_after_the_build(tmp_path):
     before, built, after = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(before) == 1 and "not in the cache" in before[0][2] and "VQ-VAE" in before[0][2]
     assert built[0][2] is None and after[0][2] is None
+
+
+@pytest.mark.slow
+def test_the_readme_command_writes_the_table_and_prediction(tmp_path):
+    """``python -m benchmarks.gpu.model --out DIR --prediction FILE`` (README "Running on a
+    GPU"), for one step: a row per GPU in the printed table and in DIR, and the model's
+    section written into a copy of PREDICTION.md."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    prediction = tmp_path / "PREDICTION.md"
+    shutil.copy(repo / "benchmarks/gpu/PREDICTION.md", prediction)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "benchmarks.gpu.model", "--step", "VQ-VAE EMA bf16",
+         "--out", str(tmp_path), "--prediction", str(prediction)],
+        capture_output=True, text=True, env=env, cwd=repo, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for gpu in model.GPUS:
+        assert f"| VQ-VAE EMA bf16 | {gpu.name} | " in proc.stdout, proc.stdout
+    written = list(tmp_path.glob("*-model.md"))
+    assert len(written) == 1 and written[0].read_text() in proc.stdout
+    section = prediction.read_text().split(model.SECTION)[1].split("\n## ")[0]
+    assert section.count("| VQ-VAE EMA bf16 |") == len(model.GPUS)
