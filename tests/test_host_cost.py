@@ -96,7 +96,8 @@ def test_host_cost_benchmark_counts_kernels(tmp_path):
     default EMA step stays within 7 GPU kernels, the learned one within 6."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cases = ["VectorQuantizerEMA (defaults)", "VectorQuantizer (defaults)",
-             "original EMA (vqfast.reference)"]
+             "original EMA (vqfast.reference)", "MultiScaleResidualVQ (scales 1, 2, 4)",
+             "MultiScaleResidualVQ (scales 1, 2, 4), plain torch"]
     subprocess.run([sys.executable, "-m", "benchmarks.host", "--steps", "3", "--out",
                     str(tmp_path), *(a for c in cases for a in ("--case", c))],
                    cwd=ROOT, env=env, check=True, capture_output=True, text=True)
@@ -105,6 +106,12 @@ def test_host_cost_benchmark_counts_kernels(tmp_path):
     assert rows["VectorQuantizerEMA (defaults)"]["kernels"] <= 7
     assert rows["original EMA (vqfast.reference)"]["triton_launches"] == 0
     assert all(r["host_us"] > 0 for r in rows.values())
+    # each family beside its algorithm in plain torch; the multi-scale step re-seeds in the
+    # EMA update's launch and calls its ops directly (it was 106 kernels)
+    multiscale = rows["MultiScaleResidualVQ (scales 1, 2, 4)"]
+    plain = rows["MultiScaleResidualVQ (scales 1, 2, 4), plain torch"]
+    assert multiscale["kernels"] <= 84 and plain["triton_launches"] == 0
+    assert multiscale["vs_plain_torch"] == pytest.approx(plain["host_us"] / multiscale["host_us"])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -89,6 +89,37 @@ def test_ema_updates_once_per_step_from_every_scale(backend):
         vq.zero_grad()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dead_code_takes_a_finest_scale_residual_in_the_update(backend):
+    """Re-seeding runs in the EMA update's own pass on both backends: a dead code becomes
+    one of the finest scale's residual rows (the search's input there), with the start size."""
+    torch.manual_seed(0)
+    vq = _make(backend, ema=True, dead_code_threshold=0.5, scales=(1, 2, 4))
+    f = torch.randn(3, 6, 4, 4, device=DEVICE)
+    vq(f)
+    with torch.no_grad():  # code 5: never chosen, its corrected size far below the threshold
+        vq.codebook[5] = vq.ema_weight[5] = 1e4
+        vq.ema_cluster_size[5] = 1e-6 * vq.ema_decay_weight
+    before = int(vq.reseeded_codes)
+    rows = _finest_rests(vq, f)
+    vq(f)
+    assert int(vq.reseeded_codes) > before
+    distance = (rows - vq.codebook[5].float()).abs().amax(1)
+    assert float(distance.min()) == 0.0, "the re-seeded code is not one of the rows"
+    start = max(vq.dead_code_threshold, 1.0) * float(vq.ema_decay_weight)
+    torch.testing.assert_close(float(vq.ema_cluster_size[5]), start)
+
+
+def _finest_rests(vq, f):
+    """The rows the finest scale searches in ``vq``'s forward (the oracle's rests), with
+    its codebook now (no state change)."""
+    phis = [vq.quant_resi[i] for i in vq._phi_of_scale]
+    with torch.no_grad():
+        *_, rests = reference.multiscale_residual_vq(f, vq.codebook.float(), vq.scales, phis,
+                                                     vq.commitment_cost, vq.upsample)
+    return rests[-1]
+
+
 def test_kmeans_init_dead_codes_breakdown_and_channel_last():
     torch.manual_seed(0)
     vq = vqfast.MultiScaleResidualVQ(32, 6, scales=(1, 2, 4), ema=True, backend="torch")

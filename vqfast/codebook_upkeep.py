@@ -12,6 +12,7 @@ from torch import nn
 from . import _torch
 from . import functional as VF
 from . import quantizer_base as base
+from .ops.vq import _quantize_op
 from .quantizer_base import CodebookUsage, real_rows
 
 
@@ -35,8 +36,7 @@ def kmeans(x: torch.Tensor, num_codes: int, iters: int = 10, backend: str = "aut
     counts = torch.zeros(num_codes, dtype=torch.int32, device=x.device)
     for _ in range(iters):
         # One fused pass: assignment, per-code counts and per-code sums.
-        _, _, _, _, counts, sums, _ = torch.ops.vqfast.quantize(x, centroids, True, 1.0, backend,
-                                                                 precision)
+        _, _, _, _, counts, sums, _ = _quantize_op(x, centroids, True, 1.0, backend, precision)
         centroids = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centroids)
     return centroids, counts
 
@@ -171,6 +171,14 @@ def warn_skipped(skipped: int) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
+def register_reseed_key(module) -> None:
+    """The fused re-seeding's state, not saved: its Philox key ``_reseed_key`` (int64
+    ``[1]``, advanced on the device; from torch's seed, so ``torch.manual_seed`` fixes it,
+    without a random draw)."""
+    module.register_buffer("_reseed_key", torch.tensor([torch.initial_seed() % 2**62]),
+                           persistent=False)
+
+
 def register_codebook_state(module, name: str, codebooks: torch.Tensor, ema: bool,
                             kmeans_init: bool) -> None:
     """A codebook quantizer's state, in one order for every family: ``codebooks [*lead, K,
@@ -231,10 +239,7 @@ class SingleCodebookUpkeep:
             self.register_buffer("ema_weight", ema_weight)
         self.register_buffer("ema_decay_weight", torch.tensor(0.0))
         self.register_buffer("reseeded_codes", torch.tensor(0, dtype=torch.int64))
-        # The Triton kernels' re-seeding state, not saved: the Philox key (advanced on the
-        # device; from torch's seed, so torch.manual_seed fixes it, without a random draw).
-        self.register_buffer("_reseed_key", torch.tensor([torch.initial_seed() % 2**62]),
-                             persistent=False)
+        register_reseed_key(self)
 
     @staticmethod
     def _default_trained_state(state_dict, prefix, num_embeddings):

@@ -10,6 +10,7 @@ from torch import nn
 
 from . import functional as VF
 from . import quantizer_base as base
+from .ops.vq import _nearest_code_op
 # (re-exported: vqfast.modules stays the one import for the quantizers' shared pieces)
 from .codebook_upkeep import (  # noqa: F401
     SingleCodebookUpkeep, _all_reduce_statistics, adopt_kmeans, check_codebook_options, kmeans, kmeans_done,
@@ -131,8 +132,8 @@ class _QuantizerBase(SingleCodebookUpkeep, QuantizerCommon, nn.Module):
         if self._fused_path(flat_mask):
             _, _, idx, _, _, _ = self._quantize(z, flat_mask, False, False, backend)
         else:
-            idx, _ = torch.ops.vqfast.nearest_code(z, self.codebook.detach().contiguous(),
-                                                   backend, self.precision)
+            idx, _ = _nearest_code_op(z, self.codebook.detach().contiguous(), backend,
+                                      self.precision)
         return idx.view(self._positions(inputs))
 
     def _outputs(self, inputs, x, q, loss, idx, perplexity, flat_mask):

@@ -8,7 +8,8 @@ from torch import nn
 
 from . import functional as VF
 from . import quantizer_base
-from .codebook_upkeep import register_codebook_state
+from .codebook_upkeep import register_codebook_state, register_reseed_key
+from .ops.vq import _quantize_op
 from .modules import (LossBreakdown, QuantizerCommon, _all_reduce_statistics, _is_int,
                       adopt_kmeans, check_codebook_options, check_codes, check_count, check_number,
                       keep_fp32, kmeans, reseed_dead_codes)
@@ -128,6 +129,8 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
         codebook = torch.empty(num_embeddings, embedding_dim).uniform_(
             -1 / num_embeddings, 1 / num_embeddings)  # VAR's init
         register_codebook_state(self, "codebook", codebook, ema, kmeans_init)
+        if ema:
+            register_reseed_key(self)
 
     @staticmethod
     def _check_scales(scales, name="scales"):
@@ -207,7 +210,7 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
         for s, size in enumerate(self.scales):
             rest = f_rest if size == (height, width) else F.interpolate(f_rest, size=size, mode="area")
             rest = rest.reshape(b, d, -1).contiguous()
-            _, idx, _, _, n_s, sums_s, _ = torch.ops.vqfast.quantize(
+            _, idx, _, _, n_s, sums_s, _ = _quantize_op(
                 rest, codebook.detach().float(), update, 1.0, backend, self.precision)
             counts = n_s if counts is None else counts + n_s
             if update:
@@ -292,10 +295,14 @@ class MultiScaleResidualVQ(QuantizerCommon, nn.Module):
         if self._syncing():
             counts, code_sums, not_finite = _all_reduce_statistics(counts, code_sums,
                                                                    ~torch.isfinite(loss))
+        # re-seeding in the update's own pass, unless rank 0's rows must be broadcast first
+        fused = self.dead_code_threshold > 0 and not_finite is None
         applied = VF.ema_update(counts, code_sums, loss, not_finite, self.ema_cluster_size,
                                 self.ema_weight, self.codebook, self.ema_decay_weight,
-                                self.skipped_batches, self.decay, self.epsilon, backend)
-        if self.dead_code_threshold > 0:
+                                self.skipped_batches, self.decay, self.epsilon, backend,
+                                reseed=(rows, self._reseed_key, self.reseeded_codes,
+                                        self.dead_code_threshold) if fused else None)
+        if self.dead_code_threshold > 0 and not fused:
             reseed_dead_codes(self, rows, applied > 0)
 
     def corrected_cluster_size(self) -> torch.Tensor:
