@@ -83,7 +83,7 @@ def test_no_register_spills(records):
 
 
 # Kernels with an inter-program hand-off (an atomic ticket: "the last program reduces").
-TICKET_KERNELS = ("gather_loss[", "jit:gather_loss[")
+TICKET_KERNELS = ("gather_loss[", "jit:gather_loss[", "lfq_quantize[", "jit:lfq_quantize[")
 
 
 def ordering_violations(records):

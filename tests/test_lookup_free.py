@@ -90,6 +90,65 @@ def test_lfq_matches_brute_force_oracle(dim, inv_temperature, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["rows", "channels_first"])
+def test_fused_quantize_terms_and_each_gradient(layout, dtype, backend):
+    """LFQ's fused pass (codes, counts, commitment, per-sample entropy) and the gradient of
+    each output against the brute-force oracle, on x's rounded values; a NaN channel, and
+    no entropy term."""
+    d, cc, w, temperature = 11, 0.3, 0.7, 5.0
+    torch.manual_seed(0)
+    x = 0.4 * torch.randn(3, d, 29) if layout == "channels_first" else 0.4 * torch.randn(43, d)
+    x = x.to(DEVICE, dtype).requires_grad_()
+    q, commitment, entropy, codes, counts = lfq_ops.lfq_quantize(x, 1.0, cc, w, temperature,
+                                                                 backend)
+    rows = x.movedim(1, -1).reshape(-1, d) if layout == "channels_first" else x
+    exact = rows.double()
+    _, q_ref, codes_ref, entropy_ref, _ = reference.lfq(exact, inv_temperature=temperature)
+    commitment_ref = cc * torch.nn.functional.mse_loss(exact, q_ref.detach())
+    assert q.dtype == dtype and q.shape == x.shape and torch.equal(codes, codes_ref)
+    q_rows = q.movedim(1, -1).reshape(-1, d) if layout == "channels_first" else q
+    assert torch.equal(q_rows.double(), q_ref.detach())
+    assert counts.dtype == torch.int32 and torch.equal(
+        counts.long(), torch.bincount(codes_ref, minlength=2**d))
+    torch.testing.assert_close(commitment.double(), commitment_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(entropy.double(), w * entropy_ref, rtol=1e-4, atol=1e-6)
+    # each output's gradient alone, then all three (straight-through for q)
+    grad_q = torch.randn_like(q_rows, dtype=torch.float64)
+    outputs = {"q": ((q_rows.double() * grad_q).sum(), (q_ref * grad_q).sum()),
+               "commitment": (commitment, commitment_ref), "entropy": (entropy, w * entropy_ref)}
+    outputs["all"] = tuple(sum(pair[i] for pair in outputs.values()) for i in (0, 1))
+    for name, (ours, ref) in outputs.items():
+        (g,) = torch.autograd.grad(ours, x, retain_graph=True)
+        (g_ref,) = torch.autograd.grad(ref, x, retain_graph=True)
+        assert g.dtype == dtype, name
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(g.double(), g_ref.double(), rtol=tol,
+                                   atol=tol * float(g_ref.abs().max()), msg=name)
+    nan = x.detach().clone()
+    nan.view(-1)[5] = float("nan")  # a NaN channel is not positive: its bit is 0
+    _, commitment, _, codes, counts = lfq_ops.lfq_quantize(nan, 1.0, cc, 0.0, temperature, backend)
+    nan_rows = nan.movedim(1, -1).reshape(-1, d) if layout == "channels_first" else nan
+    assert torch.equal(codes, reference.lfq(nan_rows.double())[2])
+    assert int(counts.sum()) == rows.shape[0] and torch.isnan(commitment)
+    _, _, entropy, _, _ = lfq_ops.lfq_quantize(x.detach(), 1.0, cc, 0.0, temperature, backend)
+    assert float(entropy) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_quantize_ops_pass_opcheck(backend):
+    """Schemas and fake implementations of LFQ's fused ops agree with the real ones."""
+    ops = torch.ops.vqfast
+    for x, weight in ((torch.randn(2, 5, 7, device=DEVICE), 0.5),
+                      (torch.randn(9, 3, device=DEVICE).half(), 0.0)):
+        torch.library.opcheck(ops.lfq_quantize.default, (x, 0.5, 0.25, weight, 3.0, backend))
+        scalar = torch.tensor(0.7, device=DEVICE)
+        torch.library.opcheck(ops.lfq_quantize_backward.default,
+                              (torch.randn_like(x), scalar, scalar * 2, x, 0.5, 0.25, weight, 3.0,
+                               backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_codebook_entropy_and_gradient(dtype, backend):
     """The streamed entropy against the brute-force one on the same (rounded) inputs."""

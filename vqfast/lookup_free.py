@@ -225,29 +225,23 @@ class LFQ(QuantizerCommon, nn.Module):
         return 1.0 / math.sqrt(self.dim) if self.spherical else 1.0
 
     def forward(self, z, return_loss_breakdown=False):
-        x3 = self._vectors_of("z", z, self.dim)
+        x3 = self._quantized_vectors(z)
         backend = VF.resolve_backend(self.backend, z.device)
-        positive = x3 > 0
         scale = self._code_scale
-        if self.spherical:  # onto the unit sphere; the codes are ±1/sqrt(d)
-            x3 = unit_vectors(x3.float()).to(z.dtype)
-        sign = torch.where(positive, scale, -scale).to(z.dtype)
-        # sign + (x - sg(x)): exactly the code forward (x + sg(sign - x) rounds in x's dtype:
-        # bf16 z = 300 gave 0), the identity's gradient backward
-        quantized = sign + (x3 - x3.detach())
-        codes = self._codes(positive)  # [B, S]
-        counts = torch.zeros(self.codebook_size, dtype=torch.int32, device=z.device).scatter_add_(
-            0, codes.reshape(-1), torch.ones_like(codes.reshape(-1), dtype=torch.int32))
+        # One pass: the codes (exactly ±scale; the identity's gradient backward), their
+        # indices and counts, the commitment and the per-sample entropy (closed form)
+        quantized, commitment, entropy, codes, counts = lfq_ops.lfq_quantize(
+            x3, scale, self.commitment_cost, self.entropy_loss_weight, self.inv_temperature,
+            backend)
         self._watch_usage(counts)
-        commitment = self.commitment_cost * (x3.float() - sign.float()).pow(2).mean()
-        loss, entropy, diversity = commitment, None, None
-        if self.entropy_loss_weight:
-            # <x, c> with c = s * scale, s in {-1, 1}^d: the ±1 entropies of x * scale
-            rows = x3.movedim(1, -1).reshape(-1, self.dim) * scale
-            entropy = self.entropy_loss_weight * lfq_ops.per_sample_entropy(
-                rows, self.inv_temperature)
+        loss, diversity = commitment, None
+        if not self.entropy_loss_weight:
+            entropy = None
+        else:
             loss = loss + entropy
             if self.diversity_gamma:
+                # <x, c> with c = s * scale, s in {-1, 1}^d: the ±1 entropies of x * scale
+                rows = x3.movedim(1, -1).reshape(-1, self.dim) * scale
                 diversity = -self.entropy_loss_weight * self.diversity_gamma * \
                     lfq_ops.codebook_entropy(rows, self.inv_temperature, backend, self.precision)
                 loss = loss + diversity
@@ -260,10 +254,16 @@ class LFQ(QuantizerCommon, nn.Module):
 
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:
-        """Codes only: int64 ``[B, *spatial]``, ``sum_i [z_i > 0] 2**(dim-1-i)``, without the
-        entropy terms (no work over the ``2**dim`` codes)."""
+        """Codes only: int64 ``[B, *spatial]``, ``sum_i [z_i > 0] 2**(dim-1-i)`` (of ``u =
+        z / |z|`` in z's dtype when ``spherical``, as the forward), without the entropy
+        terms (no work over the ``2**dim`` codes)."""
+        return self._codes(self._quantized_vectors(z) > 0).view(self._positions(z))
+
+    def _quantized_vectors(self, z: torch.Tensor) -> torch.Tensor:
+        """``z`` validated as ``[B, dim, S]``: the vectors whose signs are the codes (on the
+        unit sphere, in z's dtype, when ``spherical``)."""
         x3 = self._vectors_of("z", z, self.dim)
-        return self._codes(x3 > 0).view(self._positions(z))
+        return unit_vectors(x3.float()).to(z.dtype) if self.spherical else x3
 
     def _codes(self, positive: torch.Tensor) -> torch.Tensor:
         """``[B, S]`` codes of ``positive = z > 0`` (bool ``[B, dim, S]``), first channel

@@ -74,3 +74,48 @@ def lfq_entropy_backward(x, lse, g, coef, inv_temperature, precision="ieee"):
             r = own * (other @ weights)  # [rows, 2**w]
             grad[rows, lo:hi] = r @ codes - torch.tanh(scaled[rows, lo:hi]) * r.sum(1, keepdim=True)
     return grad * (coef * scale)
+
+
+# --- LFQ quantization and its per-vector terms ---------------------------------------------
+
+def _lfq_signs(x: torch.Tensor, scale: float):
+    """``(x > 0, +scale / -scale in x's dtype)`` of ``x [B, d, S]``."""
+    positive = x > 0
+    return positive, torch.where(positive, scale, -scale).to(x.dtype)
+
+
+def _binary_entropy(t: torch.Tensor) -> torch.Tensor:
+    softplus = torch.nn.functional.softplus
+    return torch.sigmoid(t) * softplus(-t) + torch.sigmoid(-t) * softplus(t)
+
+
+def lfq_quantize(x, scale, commitment_cost, entropy_weight, inv_temperature):
+    """See ``vqfast.kernels.lfq_quantize``: ``(q, commitment, entropy, codes, counts)``."""
+    x3 = _common._as_bds(x)
+    n, d = _common.num_vectors(x), x3.shape[1]
+    positive, sign = _lfq_signs(x3, scale)
+    bits = 2 ** torch.arange(d - 1, -1, -1, device=x.device).view(1, d, 1)
+    codes = (positive.long() * bits).sum(1).view(-1)
+    counts = torch.zeros(2**d, dtype=torch.int32, device=x.device).scatter_add_(
+        0, codes, torch.ones_like(codes, dtype=torch.int32))
+    xf = x3.float()
+    commitment = commitment_cost * (xf - sign.float()).pow(2).mean()
+    entropy = (entropy_weight / n * _binary_entropy(xf * (4.0 * inv_temperature * scale)).sum()
+               if entropy_weight else xf.new_zeros(()))
+    return sign.view(x.shape), commitment, entropy, codes, counts
+
+
+def lfq_quantize_backward(grad_q, grad_commitment, grad_entropy, x, scale, commitment_cost,
+                          entropy_weight, inv_temperature):
+    """See ``vqfast.kernels.lfq_quantize_backward``."""
+    x3 = _common._as_bds(x)
+    n, d = _common.num_vectors(x), x3.shape[1]
+    xf = x3.float()
+    grad = grad_q.float().view(x3.shape) + (grad_commitment * (2.0 * commitment_cost / (n * d))) * (
+        xf - _lfq_signs(x3, scale)[1].float())
+    if entropy_weight:
+        t_scale = 4.0 * inv_temperature * scale
+        t = xf * t_scale
+        grad = grad - (grad_entropy * (entropy_weight / n * t_scale)) * (
+            t * torch.sigmoid(t) * torch.sigmoid(-t))
+    return grad.to(x.dtype).view(x.shape)

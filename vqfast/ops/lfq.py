@@ -72,3 +72,74 @@ def per_sample_entropy(x, inv_temperature):
     t = x.float() * (4.0 * inv_temperature)
     softplus = torch.nn.functional.softplus
     return (torch.sigmoid(t) * softplus(-t) + torch.sigmoid(-t) * softplus(t)).sum(-1).mean(-1)
+
+
+# --- quantization and the per-vector terms -------------------------------------------------
+
+@custom_op("lfq_quantize", mutates_args=())
+def _lfq_quantize_op(x: torch.Tensor, scale: float, commitment_cost: float,
+                     entropy_weight: float, inv_temperature: float, backend: str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor]:
+    return _impl(backend).lfq_quantize(x, scale, commitment_cost, entropy_weight,
+                                       inv_temperature)
+
+
+@_lfq_quantize_op.register_fake
+def _(x, scale, commitment_cost, entropy_weight, inv_temperature, backend):
+    n = x.numel() // x.shape[1]
+    scalar = x.new_empty((), dtype=torch.float32)
+    return (torch.empty_like(x), scalar, scalar.clone(), x.new_empty(n, dtype=torch.int64),
+            x.new_empty(2 ** x.shape[1], dtype=torch.int32))
+
+
+@custom_op("lfq_quantize_backward", mutates_args=())
+def _lfq_quantize_backward_op(grad_q: torch.Tensor, grad_commitment: torch.Tensor,
+                              grad_entropy: torch.Tensor, x: torch.Tensor, scale: float,
+                              commitment_cost: float, entropy_weight: float,
+                              inv_temperature: float, backend: str) -> torch.Tensor:
+    return _impl(backend).lfq_quantize_backward(grad_q, grad_commitment, grad_entropy, x, scale,
+                                                commitment_cost, entropy_weight,
+                                                inv_temperature)
+
+
+@_lfq_quantize_backward_op.register_fake
+def _(grad_q, grad_commitment, grad_entropy, x, scale, commitment_cost, entropy_weight,
+      inv_temperature, backend):
+    return torch.empty_like(x)
+
+
+class _LFQQuantize(torch.autograd.Function):
+    """``x: [N, d]`` or ``[B, d, S]`` -> ``(q, commitment, entropy, codes, counts)`` (see
+    ``vqfast.kernels.lfq_quantize``): ``q``'s gradient flows straight through to ``x``,
+    the two terms' through their closed forms; one pass each way."""
+
+    @staticmethod
+    def forward(ctx, x, scale, commitment_cost, entropy_weight, inv_temperature, backend):
+        q, commitment, entropy, codes, counts = _lfq_quantize_op(
+            x, scale, commitment_cost, entropy_weight, inv_temperature, backend)
+        ctx.save_for_backward(x)
+        ctx.options = (scale, commitment_cost, entropy_weight, inv_temperature, backend)
+        ctx.mark_non_differentiable(codes, counts)
+        ctx.set_materialize_grads(False)
+        return q, commitment, entropy, codes, counts
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_commitment, grad_entropy, grad_codes, grad_counts):
+        x, = ctx.saved_tensors
+        zero = None
+        if grad_q is None:
+            grad_q = torch.zeros_like(x)
+        if grad_commitment is None or grad_entropy is None:
+            zero = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = _lfq_quantize_backward_op(
+            grad_q.contiguous(), zero if grad_commitment is None else grad_commitment.float(),
+            zero if grad_entropy is None else grad_entropy.float(), x, *ctx.options)
+        return grad_x, None, None, None, None, None
+
+
+def lfq_quantize(x, scale, commitment_cost, entropy_weight, inv_temperature, backend="torch"):
+    """Differentiable LFQ of a contiguous ``x: [N, d]`` or ``[B, d, S]``: ``(q, commitment,
+    entropy, codes, counts)`` (see ``_LFQQuantize``)."""
+    return _LFQQuantize.apply(x, scale, commitment_cost, entropy_weight, inv_temperature,
+                              backend)
