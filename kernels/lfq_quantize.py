@@ -111,7 +111,7 @@ def _lfq_quantize_kernel(
 def _lfq_quantize_backward_kernel(
     grad_q_ptr, x_ptr, grad_commitment_ptr, grad_entropy_ptr, grad_x_ptr,
     N, D, S, scale, commitment_grad_scale, entropy_grad_scale, t_scale,
-    BLOCK_N: tl.constexpr, ENTROPY: tl.constexpr,
+    BLOCK_N: tl.constexpr, COMMITMENT: tl.constexpr, ENTROPY: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -123,7 +123,8 @@ def _lfq_quantize_backward_kernel(
         x = tl.load(x_ptrs, mask=row_mask, other=0.0).to(tl.float32)
         sign = tl.where(x > 0, scale, -scale).to(x_ptr.dtype.element_ty).to(tl.float32)
         grad = tl.load(grad_q_ptrs, mask=row_mask, other=0.0).to(tl.float32)
-        grad += commitment_grad * (x - sign)
+        if COMMITMENT:  # (a term without a gradient adds nothing, not 0 * inf)
+            grad += commitment_grad * (x - sign)
         if ENTROPY:
             grad += entropy_grad * _binary_entropy_slope(x * t_scale)
         tl.store(grad_x_ptrs, grad.to(grad_x_ptr.dtype.element_ty), mask=row_mask)
@@ -135,6 +136,8 @@ def _lfq_quantize_backward_kernel(
 def _layout(x: torch.Tensor):
     n, d, s = vector_layout("x", x)
     check_item_offsets("x", d, s)
+    if n >= 2**31:
+        raise ValueError(f"x has N={n} vectors; at most 2**31 - 1 (32-bit row indices)")
     if d > MAX_DIM:
         raise ValueError(f"x has {d} channels; LFQ takes at most {MAX_DIM}")
     return n, d, s, CONFIG
@@ -172,7 +175,8 @@ def lfq_quantize_backward(grad_q: torch.Tensor, grad_commitment: torch.Tensor,
                           commitment_cost: float, entropy_weight: float, inv_temperature: float):
     """``grad_x`` (x's shape and dtype) of ``lfq_quantize``'s outputs: ``grad_q``
     straight through, plus the two terms' gradients (``grad_commitment``,
-    ``grad_entropy``: fp32 0-d, read on the device)."""
+    ``grad_entropy``: fp32 0-d, read on the device; a term whose weight is 0 adds
+    nothing)."""
     n, d, s, config = _layout(x)
     same_layout("grad_q", grad_q, x)
     check_same_device(grad_q=grad_q, grad_commitment=grad_commitment, grad_entropy=grad_entropy,
@@ -182,7 +186,7 @@ def lfq_quantize_backward(grad_q: torch.Tensor, grad_commitment: torch.Tensor,
     launch(_lfq_quantize_backward_kernel, (cdiv(n, config["BLOCK_N"]),),
         grad_q, x, grad_commitment, grad_entropy, grad_x, n, d, s, float(scale),
         2.0 * float(commitment_cost) / (n * d), float(entropy_weight) / n * t_scale, t_scale,
-        ENTROPY=bool(entropy_weight), **config)
+        COMMITMENT=bool(commitment_cost), ENTROPY=bool(entropy_weight), **config)
     return grad_x
 
 
@@ -202,5 +206,7 @@ def aot_variants():
                "grad_entropy_ptr": "*fp32", "grad_x_ptr": PTR[dtype], "N": "i32", "D": "i32",
                "S": "i32", "scale": "fp32", "commitment_grad_scale": "fp32",
                "entropy_grad_scale": "fp32", "t_scale": "fp32"}
-        yield (f"lfq_quantize_backward[{dtype},entropy={entropy}]",
-               _lfq_quantize_backward_kernel, sig, consts, options)
+        for commitment in (True, False):
+            yield (f"lfq_quantize_backward[{dtype},commitment={commitment},entropy={entropy}]",
+                   _lfq_quantize_backward_kernel, sig, dict(consts, COMMITMENT=commitment),
+                   options)

@@ -133,6 +133,32 @@ def test_fused_quantize_terms_and_each_gradient(layout, dtype, backend):
     assert int(counts.sum()) == rows.shape[0] and torch.isnan(commitment)
     _, _, entropy, _, _ = lfq_ops.lfq_quantize(x.detach(), 1.0, cc, 0.0, temperature, backend)
     assert float(entropy) == 0.0
+    # only q used: its gradient is the identity, even at an infinite input (no 0 * inf)
+    inf = x.detach().clone()
+    inf.view(-1)[3] = float("inf")
+    inf.requires_grad_()
+    q, *_ = lfq_ops.lfq_quantize(inf, 1.0, cc, w, temperature, backend)
+    grad = torch.randn_like(q)
+    (g,) = torch.autograd.grad(q, inf, grad)
+    assert torch.equal(g, grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_quantize_on_the_sphere_matches_bsq(backend):
+    """BSQ's scale (codes ±1/sqrt(d)) through the fused pass against the BSQ oracle, on unit
+    vectors (the oracle's normalisation then changes nothing)."""
+    d, cc, w, temperature = 7, 0.3, 0.7, 9.0
+    torch.manual_seed(1)
+    u = torch.nn.functional.normalize(torch.randn(2, d, 19, device=DEVICE), dim=1)
+    q, commitment, entropy, codes, _ = lfq_ops.lfq_quantize(u, d ** -0.5, cc, w, temperature,
+                                                            backend)
+    rows = u.movedim(1, -1).reshape(-1, d).double()
+    _, q_ref, codes_ref, entropy_ref, _ = reference.bsq(rows, inv_temperature=temperature)
+    assert torch.equal(codes, codes_ref)
+    torch.testing.assert_close(q.movedim(1, -1).reshape(-1, d).double(), q_ref.detach())
+    commitment_ref = cc * torch.nn.functional.mse_loss(rows, q_ref.detach())
+    torch.testing.assert_close(commitment.double(), commitment_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(entropy.double(), w * entropy_ref, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

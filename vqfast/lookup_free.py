@@ -245,7 +245,7 @@ class LFQ(QuantizerCommon, nn.Module):
                 diversity = -self.entropy_loss_weight * self.diversity_gamma * \
                     lfq_ops.codebook_entropy(rows, self.inv_temperature, backend, self.precision)
                 loss = loss + diversity
-        outputs = (loss, quantized.reshape(z.shape), VF.perplexity(counts, backend),
+        outputs = (loss, quantized.reshape(z.shape).to(z.dtype), VF.perplexity(counts, backend),
                    codes.view(self._positions(z)))
         if return_loss_breakdown:
             return (*outputs, LossBreakdown.of(loss, commitment=commitment, entropy=entropy,
@@ -255,15 +255,16 @@ class LFQ(QuantizerCommon, nn.Module):
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         """Codes only: int64 ``[B, *spatial]``, ``sum_i [z_i > 0] 2**(dim-1-i)`` (of ``u =
-        z / |z|`` in z's dtype when ``spherical``, as the forward), without the entropy
-        terms (no work over the ``2**dim`` codes)."""
+        z / |z|`` in fp32 when ``spherical``, as the forward), without the entropy terms (no
+        work over the ``2**dim`` codes)."""
         return self._codes(self._quantized_vectors(z) > 0).view(self._positions(z))
 
     def _quantized_vectors(self, z: torch.Tensor) -> torch.Tensor:
         """``z`` validated as ``[B, dim, S]``: the vectors whose signs are the codes (on the
-        unit sphere, in z's dtype, when ``spherical``)."""
+        unit sphere, fp32, when ``spherical``: ``u`` has z's signs wherever a channel's share
+        of its vector's norm stays within fp32's range, as the oracle's)."""
         x3 = self._vectors_of("z", z, self.dim)
-        return unit_vectors(x3.float()).to(z.dtype) if self.spherical else x3
+        return unit_vectors(x3.float()) if self.spherical else x3
 
     def _codes(self, positive: torch.Tensor) -> torch.Tensor:
         """``[B, S]`` codes of ``positive = z > 0`` (bool ``[B, dim, S]``), first channel

@@ -111,8 +111,10 @@ def lfq_quantize_backward(grad_q, grad_commitment, grad_entropy, x, scale, commi
     x3 = _common._as_bds(x)
     n, d = _common.num_vectors(x), x3.shape[1]
     xf = x3.float()
-    grad = grad_q.float().view(x3.shape) + (grad_commitment * (2.0 * commitment_cost / (n * d))) * (
-        xf - _lfq_signs(x3, scale)[1].float())
+    grad = grad_q.float().view(x3.shape)
+    if commitment_cost:  # (a term without weight adds nothing, not 0 * inf)
+        grad = grad + (grad_commitment * (2.0 * commitment_cost / (n * d))) * (
+            xf - _lfq_signs(x3, scale)[1].float())
     if entropy_weight:
         t_scale = 4.0 * inv_temperature * scale
         t = xf * t_scale

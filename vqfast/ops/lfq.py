@@ -125,16 +125,22 @@ class _LFQQuantize(torch.autograd.Function):
         return q, commitment, entropy, codes, counts
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_q, grad_commitment, grad_entropy, grad_codes, grad_counts):
         x, = ctx.saved_tensors
-        zero = None
+        scale, commitment_cost, entropy_weight, inv_temperature, backend = ctx.options
         if grad_q is None:
             grad_q = torch.zeros_like(x)
-        if grad_commitment is None or grad_entropy is None:
-            zero = torch.zeros((), dtype=torch.float32, device=x.device)
+        # a term that takes no gradient adds none (weight 0: not even 0 * inf)
+        if grad_commitment is None:
+            commitment_cost, grad_commitment = 0.0, grad_entropy
+        if grad_entropy is None:
+            entropy_weight, grad_entropy = 0.0, grad_commitment
+        if grad_commitment is None:  # neither: a placeholder scalar, never read
+            grad_commitment = grad_entropy = x.new_zeros((), dtype=torch.float32)
         grad_x = _lfq_quantize_backward_op(
-            grad_q.contiguous(), zero if grad_commitment is None else grad_commitment.float(),
-            zero if grad_entropy is None else grad_entropy.float(), x, *ctx.options)
+            grad_q.contiguous(), grad_commitment.float(), grad_entropy.float(), x, scale,
+            commitment_cost, entropy_weight, inv_temperature, backend)
         return grad_x, None, None, None, None, None
 
 

@@ -218,7 +218,7 @@ def ema_update(counts, code_sums, loss, not_finite, ema_cluster_size, ema_weight
     rest keep their state and the smoothing counts ``num_codes[c]`` codes.
 
     ``reseed``: ``(x, seed, reseeded, threshold)`` re-seeds dead codes in the same pass
-    (one codebook, Triton backend: see ``vqfast.kernels.ema_update``), else ``None``.
+    (one codebook, either backend: see ``vqfast.kernels.ema_update``), else ``None``.
     ``size_rule``: what ``ema_cluster_size`` holds and what the sums are divided by: 0 the
     smoothed sizes (the original's); 1 the decayed sizes, smoothed only to divide
     (encodec's); 2 the decayed sizes, divided by ``max(size, epsilon)`` (moshi's)."""
