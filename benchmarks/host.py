@@ -293,6 +293,13 @@ def _plain_lfq(x):
     return loss, _image(q, x)
 
 
+def _plain_residual_lfq(levels):
+    def step(m, x):
+        loss, out, *_ = reference.residual_lfq(_rows(x), levels)
+        return loss, _image(out, x)
+    return _PlainTorch(step)
+
+
 def _plain_sim_vq():
     def step(m, x):
         out, loss, _ = reference.simvq(_rows(x), m.basis, m.code_transform.weight)
@@ -329,6 +336,7 @@ def _plain_multiscale(scales):
 PLAIN = {"ResidualVQ (8 levels)": "vector-quantize-pytorch ResidualVQ (8 levels, EMA)",
          "FSQ (8, 5, 5, 5)": "FSQ (8, 5, 5, 5), plain torch",
          "LFQ (d = 10)": "LFQ (d = 10), plain torch",
+         "ResidualLFQ (4 levels, d = 10)": "ResidualLFQ (4 levels, d = 10), plain torch",
          "SimVQ": "SimVQ, plain torch",
          "IndexBackpropVQ": "IndexBackpropVQ, plain torch",
          "MultiScaleResidualVQ (scales 1, 2, 4)": "MultiScaleResidualVQ (scales 1, 2, 4), plain torch"}
@@ -347,6 +355,10 @@ def _cases():
         ("ResidualVQ (8 levels)", lambda b: vqfast.ResidualVQ(8, K, D, backend=b), image, "vqfast"),
         ("FSQ (8, 5, 5, 5)", lambda b: vqfast.FSQ([8, 5, 5, 5], dim=D, backend=b), image, "vqfast"),
         ("LFQ (d = 10)", lambda b: vqfast.LFQ(10, backend=b), (B, 10, H, W), "vqfast"),
+        ("ResidualLFQ (4 levels, d = 10)", lambda b: vqfast.ResidualLFQ(10, 4, backend=b),
+         (B, 10, H, W), "vqfast"),
+        ("ResidualFSQ (4 levels of (8, 5, 5, 5))",
+         lambda b: vqfast.ResidualFSQ([8, 5, 5, 5], 4, dim=D, backend=b), image, "vqfast"),
         ("SimVQ", lambda b: vqfast.SimVQ(K, D, backend=b), image, "vqfast"),
         ("IndexBackpropVQ", lambda b: vqfast.IndexBackpropVQ(K, D, backend=b), image, "vqfast"),
         ("MultiScaleResidualVQ (scales 1, 2, 4)",
@@ -360,6 +372,8 @@ def _cases():
         (PLAIN["ResidualVQ (8 levels)"], lambda b: _vqp_residual(8), image, "torch"),
         (PLAIN["FSQ (8, 5, 5, 5)"], lambda b: _plain_fsq([8, 5, 5, 5]), image, "torch"),
         (PLAIN["LFQ (d = 10)"], lambda b: _PlainTorch(lambda m, x: _plain_lfq(x)),
+         (B, 10, H, W), "torch"),
+        (PLAIN["ResidualLFQ (4 levels, d = 10)"], lambda b: _plain_residual_lfq(4),
          (B, 10, H, W), "torch"),
         (PLAIN["SimVQ"], lambda b: _plain_sim_vq(), image, "torch"),
         (PLAIN["IndexBackpropVQ"], lambda b: _plain_ibq(), image, "torch"),

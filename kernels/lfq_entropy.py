@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import launch, cdiv, launcher, PTR, check_matrix, check_rows, check_same_device, split_options
+from ._launch import launch, cdiv, launcher, PTR, check_matrix, check_same_device, split_options
 
 MAX_DIM = 24  # 2**24 codes: the int32 code indices stay far from overflow
 FORWARD_CONFIG = dict(BLOCK_N=32, BLOCK_C=64, BLOCK_D=32, num_warps=4)
@@ -39,6 +39,10 @@ def _lfq_avg_prob_kernel(
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
+    slot = tl.program_id(1).to(tl.int64)  # (a batch of codebook entropies: one per slot)
+    x_ptr += slot * N * d
+    lse_ptr += slot * N
+    avg_ptr += slot * num_codes
     codes = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     dims = tl.arange(0, BLOCK_D)
     code_tile = _code_tile(codes, dims, d)  # ±1: exact in any dtype
@@ -65,6 +69,11 @@ def _lfq_entropy_backward_kernel(
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
+    slot = tl.program_id(1).to(tl.int64)
+    x_ptr += slot * N * d
+    grad_ptr += slot * N * d
+    lse_ptr += slot * N
+    g_ptr += slot * num_codes
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     dims = tl.arange(0, BLOCK_D)
@@ -93,11 +102,18 @@ def _lfq_entropy_backward_kernel(
 
 
 def _check(x, lse):
-    check_matrix("x", x)
-    if x.shape[1] > MAX_DIM:
+    """``(slots, N, d)`` of ``x: [N, d]`` or a batch ``[slots, N, d]`` with its ``lse``."""
+    if x.dim() not in (2, 3) or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous [N, d] or a batch [slots, N, d], got shape "
+                         f"{tuple(x.shape)} (strides {x.stride()})")
+    check_matrix("x", x.view(-1, x.shape[-1]))  # (its dtype)
+    if x.shape[-1] > MAX_DIM:
         raise ValueError(f"x must have d <= {MAX_DIM} channels (2**d codes), got {tuple(x.shape)}")
-    check_rows("lse", lse, x.shape[0], torch.float32)
+    if lse.shape != x.shape[:-1] or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"lse must be a contiguous fp32 {list(x.shape[:-1])}, got {lse.dtype} "
+                         f"{tuple(lse.shape)}")
     check_same_device(x=x, lse=lse)
+    return (x.shape[0] if x.dim() == 3 else 1), x.shape[-2], x.shape[-1]
 
 
 def _dot_options(x, precision):
@@ -109,13 +125,13 @@ def _dot_options(x, precision):
 
 @launcher
 def lfq_avg_prob(x, lse, inv_temperature, precision="ieee"):
-    """``x: [N, d]``, ``lse: fp32 [N]`` -> ``avg: fp32 [2**d]``, the batch-mean code distribution."""
-    _check(x, lse)
-    n, d = x.shape
+    """``x: [N, d]``, ``lse: fp32 [N]`` -> ``avg: fp32 [2**d]``, the batch-mean code
+    distribution; or a batch of them, ``x: [slots, N, d]`` -> ``[slots, 2**d]``."""
+    slots, n, d = _check(x, lse)
     num_codes = 2**d
-    avg = torch.empty(num_codes, dtype=torch.float32, device=x.device)
+    avg = torch.empty(*x.shape[:-2], num_codes, dtype=torch.float32, device=x.device)
     config = dict(FORWARD_CONFIG)
-    launch(_lfq_avg_prob_kernel, (cdiv(num_codes, config["BLOCK_C"]),),
+    launch(_lfq_avg_prob_kernel, (cdiv(num_codes, config["BLOCK_C"]), slots),
         x, lse, avg, n, d, num_codes, 2.0 * float(inv_temperature),
         **_dot_options(x, precision), **config)
     return avg
@@ -123,12 +139,15 @@ def lfq_avg_prob(x, lse, inv_temperature, precision="ieee"):
 
 @launcher
 def lfq_entropy_backward(x, lse, g, coef, inv_temperature, precision="ieee"):
-    """``grad_x: fp32 [N, d]`` of ``coef * sum_c g[c] avg[c]`` (``g = dH/d avg``)."""
-    _check(x, lse)
-    n, d = x.shape
-    grad = torch.empty(n, d, dtype=torch.float32, device=x.device)
+    """``grad_x: fp32 [N, d]`` of ``coef * sum_c g[c] avg[c]`` (``g = dH/d avg``); batched
+    as ``lfq_avg_prob`` (``g: [slots, 2**d]``)."""
+    slots, n, d = _check(x, lse)
+    if g.shape != (*x.shape[:-2], 2**d) or not g.is_contiguous():
+        raise ValueError(f"g must be a contiguous [{', '.join(map(str, x.shape[:-2]))}"
+                         f"{', ' if x.dim() == 3 else ''}{2**d}], got {tuple(g.shape)}")
+    grad = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     config = dict(BACKWARD_CONFIG)
-    launch(_lfq_entropy_backward_kernel, (cdiv(n, config["BLOCK_N"]),),
+    launch(_lfq_entropy_backward_kernel, (cdiv(n, config["BLOCK_N"]), slots),
         x, lse, g, grad, n, d, 2**d, 2.0 * float(inv_temperature), float(coef),
         **_dot_options(x, precision), **config)
     return grad

@@ -189,6 +189,24 @@ def test_codebook_entropy_and_gradient(dtype, backend):
                                atol=1e-4 * float(g_ref.abs().max()))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_codebook_entropy_of_a_batch_is_each_slots(backend):
+    """A batch of slots ``[slots, N, d]`` (residual LFQ's levels, one launch each way) gives
+    each slot's entropy and gradient, as one call per slot does."""
+    x = (0.3 * torch.randn(3, 29, 6, device=DEVICE)).requires_grad_()
+    weights = torch.tensor([0.5, -1.0, 2.0], device=DEVICE)
+    batch = lfq_ops.codebook_entropy(x, 7.0, backend)
+    (g,) = torch.autograd.grad((batch * weights).sum(), x)
+    assert batch.shape == (3,)
+    for slot in range(3):
+        row = x[slot].detach().requires_grad_()
+        *_, entropy_ref = reference.lfq(row.double(), inv_temperature=7.0)
+        torch.testing.assert_close(batch[slot].double(), entropy_ref, rtol=1e-4, atol=1e-6)
+        (g_ref,) = torch.autograd.grad(entropy_ref * float(weights[slot]), row)
+        torch.testing.assert_close(g[slot], g_ref.float(), rtol=1e-3,
+                                   atol=1e-4 * float(g_ref.abs().max()))
+
+
 def test_lfq_entropy_memory_is_tiled(monkeypatch):
     """The torch path works in [rows, codes] tiles: shrink the tile and get the same result."""
     from vqfast import _torch

@@ -121,6 +121,11 @@ def test_residual_lfq_matches_oracle(dim, num_levels, groups, dropout, backend):
     torch.testing.assert_close(loss.double(), loss_r, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sum(terms), loss.float(), rtol=1e-6, atol=1e-6)
     assert perplexity.shape == (groups * num_levels,)
+    for level, level_codes in enumerate(codes_r):  # the notebook's formula per level
+        used = level_codes[level_codes >= 0]
+        p = torch.bincount(used, minlength=2**(dim // groups)).double() / max(len(used), 1)
+        expected = torch.exp(-(p * torch.log(p + 1e-10)).sum())  # (1: a dropped level)
+        torch.testing.assert_close(perplexity[level].double(), expected, rtol=1e-5, atol=1e-5)
     # (levels_dim: codes [3, G*Q, 5, 3] with G*Q = 3 fit the levels-last layout too)
     torch.testing.assert_close(rlfq.decode_indices(codes, levels_dim=1), q.detach())
     weight = torch.randn_like(q)

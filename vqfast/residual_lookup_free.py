@@ -14,6 +14,7 @@ from .modules import (LossBreakdown, Projection, QuantizerCommon, _is_int, check
 from .ops import fsq as fsq_ops
 from .ops import lfq as lfq_ops
 from .ops import residual_scalar as ops
+from .ops.residual_vq import _level_perplexity_op
 from .reference import residual_fsq_scales
 
 
@@ -276,27 +277,27 @@ class ResidualLFQ(_ResidualScalar):
             entropy = weight * (lfq_ops.per_sample_entropy(scaled, self.inv_temperature) * on).sum()
             loss = loss + entropy
             if self.diversity_gamma:
-                book = torch.stack([lfq_ops.codebook_entropy(scaled[slot], self.inv_temperature,
-                                                             backend, self.precision)
-                                    for slot in range(g * q)])
+                # every level's codebook entropy at once (a slot each: one launch each way)
+                book = lfq_ops.codebook_entropy(scaled, self.inv_temperature, backend,
+                                                self.precision)
                 diversity = -weight * self.diversity_gamma * (book * on).sum()
                 loss = loss + diversity
         # the sum of the levels forward, the identity's gradient backward
         quantized = total + (x - x.detach())
-        outputs = (loss, self._output(quantized, z), self._perplexity(codes),
+        outputs = (loss, self._output(quantized, z), self._perplexity(codes, backend),
                    self._codes_in_layout(codes, z))
         if return_loss_breakdown:
             return (*outputs, LossBreakdown.of(loss, commitment=commitment, entropy=entropy,
                                                diversity=diversity))
         return outputs
 
-    def _perplexity(self, codes: torch.Tensor) -> torch.Tensor:
-        """Per level ``[G*Q]``, from the code counts (1 for a dropped level)."""
-        used = codes >= 0
-        counts = torch.zeros(codes.shape[0], self.codebook_size, device=codes.device).scatter_add_(
-            1, codes.clamp_min(0), used.float())
-        probs = counts / counts.sum(1, keepdim=True).clamp_min(1)
-        return torch.exp(-(probs * torch.log(probs + 1e-10)).sum(1))
+    def _perplexity(self, codes: torch.Tensor, backend: str) -> torch.Tensor:
+        """Per level ``[G*Q]``, from the code counts (1 for a dropped level): one launch on
+        the Triton backend (the residual quantizers' per-level perplexity)."""
+        counts = torch.zeros(codes.shape[0], self.codebook_size, dtype=torch.int32,
+                             device=codes.device).scatter_add_(1, codes.clamp_min(0),
+                                                               (codes >= 0).int())
+        return _level_perplexity_op(counts, backend)
 
     @torch.no_grad()
     def encode(self, z: torch.Tensor, *, num_levels=None) -> torch.Tensor:

@@ -42,7 +42,10 @@ def _lfq_row_chunks(n: int, d: int):
 
 def lfq_avg_prob(x, lse, inv_temperature, precision="ieee"):
     """``x: [N, d]`` -> ``avg: fp32 [2**d]``, ``mean_n p(c|x_n)``, as ``P^T Q / N`` over row
-    chunks (never ``[N, 2**d]``). ``lse`` (the Triton path's operand) is implied here."""
+    chunks (never ``[N, 2**d]``); a batch ``[slots, N, d]`` -> ``[slots, 2**d]``. ``lse``
+    (the Triton path's operand) is implied here."""
+    if x.dim() == 3:
+        return torch.stack([lfq_avg_prob(x[i], None, inv_temperature) for i in range(x.shape[0])])
     del precision, lse
     n, d = x.shape
     scaled = x.float() * (2.0 * inv_temperature)
@@ -58,7 +61,10 @@ def lfq_avg_prob(x, lse, inv_temperature, precision="ieee"):
 def lfq_entropy_backward(x, lse, g, coef, inv_temperature, precision="ieee"):
     """``grad_x: fp32 [N, d]`` of ``coef * sum_c g[c] avg[c]``: per half, ``coef * scale *
     (sum_a R_n(a) a - tanh(l_n) sum_a R_n(a))`` with ``R_n(a) = P_n(a) sum_b g[a, b]
-    Q_n(b)`` (and the same for the other half)."""
+    Q_n(b)`` (and the same for the other half). Batched as ``lfq_avg_prob``."""
+    if x.dim() == 3:
+        return torch.stack([lfq_entropy_backward(x[i], None, g[i], coef, inv_temperature)
+                            for i in range(x.shape[0])])
     del precision, lse
     n, d = x.shape
     scale = 2.0 * inv_temperature

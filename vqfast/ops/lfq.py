@@ -14,7 +14,7 @@ def _lfq_avg_prob_op(x: torch.Tensor, lse: torch.Tensor, inv_temperature: float,
 
 @_lfq_avg_prob_op.register_fake
 def _(x, lse, inv_temperature, backend, precision):
-    return x.new_empty(2 ** x.shape[1], dtype=torch.float32)
+    return x.new_empty((*x.shape[:-2], 2 ** x.shape[-1]), dtype=torch.float32)
 
 
 @custom_op("lfq_entropy_backward", mutates_args=())
@@ -30,14 +30,15 @@ def _(x, lse, g, coef, inv_temperature, backend, precision):
 
 def log_partition(x: torch.Tensor, inv_temperature: float) -> torch.Tensor:
     """``lse_n = log sum_c exp(<l_n, c>) = sum_i logaddexp(l_i, -l_i)``, ``l = 2 * inv_temperature * x``:
-    fp32 ``[N]`` in closed form (the code distribution factorises over channels)."""
+    fp32 ``[N]`` (``[..., N]``) in closed form (the code distribution factorises over channels)."""
     l = x.float() * (2.0 * inv_temperature)
-    return torch.logaddexp(l, -l).sum(1)
+    return torch.logaddexp(l, -l).sum(-1)
 
 
 class _CodebookEntropy(torch.autograd.Function):
-    """``H(mean_n p(.|x_n))`` over all ``2**d`` codes, exactly, for ``x: [N, d]``; memory
-    ``[2**d]``, never ``[N, 2**d]``. The backward streams the codes again."""
+    """``H(mean_n p(.|x_n))`` over all ``2**d`` codes, exactly, for ``x: [N, d]`` (0-d), or
+    one per slot of a batch ``[slots, N, d]`` (``[slots]``, one launch each way); memory
+    ``[2**d]`` per slot, never ``[N, 2**d]``. The backward streams the codes again."""
 
     @staticmethod
     def forward(ctx, x, inv_temperature, backend, precision):
@@ -46,21 +47,21 @@ class _CodebookEntropy(torch.autograd.Function):
         avg = _lfq_avg_prob_op(x, lse, inv_temperature, backend, precision)
         ctx.save_for_backward(x, lse, avg)
         ctx.inv_temperature, ctx.backend, ctx.precision = inv_temperature, backend, precision
-        return -torch.special.xlogy(avg, avg).sum()
+        return -torch.special.xlogy(avg, avg).sum(-1)
 
     @staticmethod
     def backward(ctx, grad_entropy):
         x, lse, avg = ctx.saved_tensors
         # dH/d avg[c] = -(log avg[c] + 1); where avg[c] underflows to 0 every p_n(c) is 0 too
         g = -(torch.log(avg.clamp_min(torch.finfo(torch.float32).tiny)) + 1)
-        grad = _lfq_entropy_backward_op(x, lse, g, 1.0 / x.shape[0],
-                                                     ctx.inv_temperature, ctx.backend,
-                                                     ctx.precision)
-        return (grad * grad_entropy).to(x.dtype), None, None, None
+        grad = _lfq_entropy_backward_op(x, lse, g, 1.0 / x.shape[-2], ctx.inv_temperature,
+                                        ctx.backend, ctx.precision)
+        return (grad * grad_entropy[..., None, None]).to(x.dtype), None, None, None
 
 
 def codebook_entropy(x, inv_temperature, backend="torch", precision="ieee"):
-    """Differentiable ``H(mean_n p(.|x_n))`` of ``x: [N, d]`` (see ``_CodebookEntropy``)."""
+    """Differentiable ``H(mean_n p(.|x_n))`` of ``x: [N, d]``, or of each slot of ``[slots,
+    N, d]`` (see ``_CodebookEntropy``)."""
     return _CodebookEntropy.apply(x, inv_temperature, backend, precision)
 
 
