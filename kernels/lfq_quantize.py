@@ -54,17 +54,36 @@ def _binary_entropy_slope(t):
 
 
 @triton.jit
+def _slot(N, D, slot_scale_ptr, slot_weight_ptr, SLOTS: tl.constexpr):
+    """``(first element, scale factor, weight)`` of this program's slot: in a batch of
+    slots (the program grid's second axis) slot ``l``'s vectors start ``l * N * D``
+    elements in, its codes are scaled by ``slot_scale[l]`` and its terms weighted
+    ``slot_weight[l]``; one slot: ``(0, 1, 1)``."""
+    first, factor, weight = 0, 1.0, 1.0
+    if SLOTS:
+        slot = tl.program_id(1)
+        first = slot.to(tl.int64) * N * D
+        factor = tl.load(slot_scale_ptr + slot)
+        weight = tl.load(slot_weight_ptr + slot)
+    return first, factor, weight
+
+
+@triton.jit
 def _lfq_quantize_kernel(
     x_ptr, q_ptr, codes_ptr, counts_ptr, partial_ptr, ticket_ptr, commitment_ptr, entropy_ptr,
+    slot_scale_ptr, slot_weight_ptr,
     N, D, S, scale, commitment_scale, entropy_scale, t_scale,
     BLOCK_N: tl.constexpr, BLOCK_REDUCE: tl.constexpr, ENTROPY: tl.constexpr,
-    STATS_SEM: tl.constexpr,
+    CODES: tl.constexpr, SLOTS: tl.constexpr, STATS_SEM: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    programs = tl.num_programs(0) * tl.num_programs(1)
+    first, factor, weight = _slot(N, D, slot_scale_ptr, slot_weight_ptr, SLOTS)
+    scale, t_scale = scale * factor, t_scale * factor
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     # Channel c of each row: the pointers step by S per channel (coalesced along the rows)
-    offsets = row_offsets(rows, S, D)
+    offsets = first + row_offsets(rows, S, D)
     x_ptrs, q_ptrs = x_ptr + offsets, q_ptr + offsets
     codes = tl.zeros([BLOCK_N], dtype=tl.int32)
     err = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -72,36 +91,38 @@ def _lfq_quantize_kernel(
     for c in range(0, D):  # first channel most significant
         x = tl.load(x_ptrs, mask=row_mask, other=0.0).to(tl.float32)
         positive = x > 0
-        sign = tl.where(positive, scale, -scale).to(q_ptr.dtype.element_ty)
-        tl.store(q_ptrs, sign, mask=row_mask)
-        codes = codes * 2 + positive.to(tl.int32)
+        sign = tl.where(positive, scale, -scale).to(x_ptr.dtype.element_ty)
+        if CODES:
+            tl.store(q_ptrs, sign, mask=row_mask)
+            codes = codes * 2 + positive.to(tl.int32)
         diff = x - sign.to(tl.float32)
         err += diff * diff
         if ENTROPY:
             h += _binary_entropy(x * t_scale)
         x_ptrs += S
         q_ptrs += S
-    tl.store(codes_ptr + rows, codes.to(tl.int64), mask=row_mask)
-    tl.atomic_add(counts_ptr + codes, tl.full([BLOCK_N], 1, dtype=tl.int32), mask=row_mask,
-                  sem=STATS_SEM)
-    tl.store(partial_ptr + 2 * pid, tl.sum(tl.where(row_mask, err, 0.0), axis=0))
+    if CODES:
+        tl.store(codes_ptr + rows, codes.to(tl.int64), mask=row_mask)
+        tl.atomic_add(counts_ptr + codes, tl.full([BLOCK_N], 1, dtype=tl.int32), mask=row_mask,
+                      sem=STATS_SEM)
+    partial = 2 * (tl.program_id(1) * tl.num_programs(0) + pid)
+    tl.store(partial_ptr + partial, tl.sum(tl.where(row_mask, err, 0.0), axis=0) * weight)
     if ENTROPY:
-        tl.store(partial_ptr + 2 * pid + 1, tl.sum(tl.where(row_mask, h, 0.0), axis=0))
+        tl.store(partial_ptr + partial + 1, tl.sum(tl.where(row_mask, h, 0.0), axis=0) * weight)
     # The hand-off (as gather_loss's): every warp's partials and counts are issued before
     # the ticket releases them; the last program's acquire sees them all (loads bypass L1).
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-    if ticket == tl.num_programs(0) - 1:
+    if ticket == programs - 1:
         lanes = tl.arange(0, BLOCK_REDUCE)
         commitment = tl.zeros([BLOCK_REDUCE], dtype=tl.float32)
         entropy = tl.zeros([BLOCK_REDUCE], dtype=tl.float32)
-        for i in range(0, tl.num_programs(0), BLOCK_REDUCE):
-            programs = i + lanes
-            live = programs < tl.num_programs(0)
-            commitment += tl.load(partial_ptr + 2 * programs, mask=live, other=0.0,
+        for i in range(0, programs, BLOCK_REDUCE):
+            live = i + lanes < programs
+            commitment += tl.load(partial_ptr + 2 * (i + lanes), mask=live, other=0.0,
                                   cache_modifier=".cg")
             if ENTROPY:
-                entropy += tl.load(partial_ptr + 2 * programs + 1, mask=live, other=0.0,
+                entropy += tl.load(partial_ptr + 2 * (i + lanes) + 1, mask=live, other=0.0,
                                    cache_modifier=".cg")
         tl.store(commitment_ptr, tl.sum(commitment, axis=0) * commitment_scale)
         tl.store(entropy_ptr, tl.sum(entropy, axis=0) * entropy_scale)
@@ -110,19 +131,26 @@ def _lfq_quantize_kernel(
 @triton.jit
 def _lfq_quantize_backward_kernel(
     grad_q_ptr, x_ptr, grad_commitment_ptr, grad_entropy_ptr, grad_x_ptr,
+    slot_scale_ptr, slot_weight_ptr,
     N, D, S, scale, commitment_grad_scale, entropy_grad_scale, t_scale,
     BLOCK_N: tl.constexpr, COMMITMENT: tl.constexpr, ENTROPY: tl.constexpr,
+    GRAD_Q: tl.constexpr, SLOTS: tl.constexpr,
 ):
+    first, factor, weight = _slot(N, D, slot_scale_ptr, slot_weight_ptr, SLOTS)
+    scale, t_scale = scale * factor, t_scale * factor
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    offsets = row_offsets(rows, S, D)
+    offsets = first + row_offsets(rows, S, D)
     x_ptrs, grad_q_ptrs, grad_x_ptrs = x_ptr + offsets, grad_q_ptr + offsets, grad_x_ptr + offsets
-    commitment_grad = tl.load(grad_commitment_ptr) * commitment_grad_scale
-    entropy_grad = tl.load(grad_entropy_ptr) * entropy_grad_scale
+    commitment_grad = tl.load(grad_commitment_ptr) * commitment_grad_scale * weight
+    # (d/dx H(t_scale x) = t_scale H'(t): the slot's factor scales t_scale)
+    entropy_grad = tl.load(grad_entropy_ptr) * entropy_grad_scale * weight * factor
     for c in range(0, D):
         x = tl.load(x_ptrs, mask=row_mask, other=0.0).to(tl.float32)
         sign = tl.where(x > 0, scale, -scale).to(x_ptr.dtype.element_ty).to(tl.float32)
-        grad = tl.load(grad_q_ptrs, mask=row_mask, other=0.0).to(tl.float32)
+        grad = tl.zeros_like(x)
+        if GRAD_Q:
+            grad += tl.load(grad_q_ptrs, mask=row_mask, other=0.0).to(tl.float32)
         if COMMITMENT:  # (a term without a gradient adds nothing, not 0 * inf)
             grad += commitment_grad * (x - sign)
         if ENTROPY:
@@ -153,20 +181,50 @@ def lfq_quantize(x: torch.Tensor, scale: float, commitment_cost: float, entropy_
     ``counts`` (int32 ``[2**d]``); ``p(c|x) = softmax_c(2 * inv_temperature * <x * scale, c>)``
     over ``c`` in ``{-1, 1}^d``."""
     n, d, s, config = _layout(x)
-    grid = (cdiv(n, config["BLOCK_N"]),)
     q = torch.empty_like(x)
     codes = torch.empty(n, dtype=torch.int64, device=x.device)
     counts = torch.zeros(2**d + 1, dtype=torch.int32, device=x.device)  # (+ the ticket)
-    partial = torch.empty(2 * grid[0], dtype=torch.float32, device=x.device)
+    grid, args, options, (commitment, entropy) = _forward(
+        x, (n, d, s, 1), config, (q, codes, counts, counts[2**d:]), (x, x), scale,
+        commitment_cost, entropy_weight, inv_temperature)
+    launch(_lfq_quantize_kernel, grid, *args, **options)
+    return q, commitment, entropy, codes, counts[:2**d]
+
+
+@launcher
+def lfq_terms(x: torch.Tensor, slot_scale: torch.Tensor, slot_weight: torch.Tensor,
+              commitment_cost: float, entropy_weight: float, inv_temperature: float):
+    """The two terms of ``lfq_quantize`` summed over a batch of slots ``x: [slots, N, d]``
+    (rows), slot ``l`` quantized to ``±slot_scale[l]`` and weighted ``slot_weight[l]``
+    (fp32 ``[slots]`` each, read on the device): ``commitment`` (fp32 0-d,
+    ``commitment_cost * sum_l slot_weight[l] * mean((x_l - q_l)^2)``) and ``entropy``
+    (``entropy_weight * sum_l slot_weight[l] * mean_n H(p(.|x_ln))``). Residual LFQ's levels."""
+    n, d, s, slots, config = _slot_layout(x, slot_scale, slot_weight)
+    ticket = torch.zeros(1, dtype=torch.int32, device=x.device)
+    grid, args, options, terms = _forward(x, (n, d, s, slots), config, (x, ticket, ticket, ticket),
+                                          (slot_scale, slot_weight), 1.0, commitment_cost,
+                                          entropy_weight, inv_temperature)
+    launch(_lfq_quantize_kernel, grid, *args, **options)
+    return terms
+
+
+def _forward(x, shape, config, outputs, slot_params, scale, commitment_cost, entropy_weight,
+             inv_temperature):
+    """The forward's launch: ``(grid, arguments, options, (commitment, entropy))``, the
+    codes into ``outputs = (q, codes, counts, ticket)`` unless they are ``x``'s stand-ins
+    (``lfq_terms``)."""
+    n, d, s, slots = shape
+    grid = (cdiv(n, config["BLOCK_N"]), slots)
+    partial = torch.empty(2 * grid[0] * slots, dtype=torch.float32, device=x.device)
     commitment = torch.empty((), dtype=torch.float32, device=x.device)
     entropy = torch.empty((), dtype=torch.float32, device=x.device)
-    t_scale = 4.0 * float(inv_temperature) * float(scale)
-    launch(_lfq_quantize_kernel, grid,
-        x, q, codes, counts, partial, counts[2**d:], commitment, entropy, n, d, s,
-        float(scale), float(commitment_cost) / (n * d), float(entropy_weight) / n, t_scale,
-        BLOCK_REDUCE=BLOCK_REDUCE, ENTROPY=bool(entropy_weight), STATS_SEM=_launch.STATS_SEM,
-        **config)
-    return q, commitment, entropy, codes, counts[:2**d]
+    q, codes, counts, ticket = outputs
+    args = (x, q, codes, counts, partial, ticket, commitment, entropy, *slot_params, n, d, s,
+            float(scale), float(commitment_cost) / (n * d), float(entropy_weight) / n,
+            4.0 * float(inv_temperature) * float(scale))
+    options = dict(BLOCK_REDUCE=BLOCK_REDUCE, ENTROPY=bool(entropy_weight), CODES=q is not x,
+                   SLOTS=slot_params[0] is not x, STATS_SEM=_launch.STATS_SEM, **config)
+    return grid, args, options, (commitment, entropy)
 
 
 @launcher
@@ -181,32 +239,77 @@ def lfq_quantize_backward(grad_q: torch.Tensor, grad_commitment: torch.Tensor,
     same_layout("grad_q", grad_q, x)
     check_same_device(grad_q=grad_q, grad_commitment=grad_commitment, grad_entropy=grad_entropy,
                       x=x)
+    grad_x, grid, args, options = _backward(grad_q, grad_commitment, grad_entropy, x,
+                                            (n, d, s, 1), config, (x, x), scale,
+                                            commitment_cost, entropy_weight, inv_temperature)
+    launch(_lfq_quantize_backward_kernel, grid, *args, **options)
+    return grad_x
+
+
+@launcher
+def lfq_terms_backward(grad_commitment: torch.Tensor, grad_entropy: torch.Tensor,
+                       x: torch.Tensor, slot_scale: torch.Tensor, slot_weight: torch.Tensor,
+                       commitment_cost: float, entropy_weight: float, inv_temperature: float):
+    """``grad_x`` (x's shape and dtype) of ``lfq_terms``' two terms."""
+    n, d, s, slots, config = _slot_layout(x, slot_scale, slot_weight)
+    check_same_device(grad_commitment=grad_commitment, grad_entropy=grad_entropy, x=x)
+    grad_x, grid, args, options = _backward(None, grad_commitment, grad_entropy, x,
+                                            (n, d, s, slots), config, (slot_scale, slot_weight),
+                                            1.0, commitment_cost, entropy_weight,
+                                            inv_temperature)
+    launch(_lfq_quantize_backward_kernel, grid, *args, **options)
+    return grad_x
+
+
+def _backward(grad_q, grad_commitment, grad_entropy, x, shape, config, slot_params, scale,
+              commitment_cost, entropy_weight, inv_temperature):
+    """The backward's launch: ``(grad_x, grid, arguments, options)``."""
+    n, d, s, slots = shape
     grad_x = torch.empty_like(x)
     t_scale = 4.0 * float(inv_temperature) * float(scale)
-    launch(_lfq_quantize_backward_kernel, (cdiv(n, config["BLOCK_N"]),),
-        grad_q, x, grad_commitment, grad_entropy, grad_x, n, d, s, float(scale),
-        2.0 * float(commitment_cost) / (n * d), float(entropy_weight) / n * t_scale, t_scale,
-        COMMITMENT=bool(commitment_cost), ENTROPY=bool(entropy_weight), **config)
-    return grad_x
+    args = (x if grad_q is None else grad_q, x, grad_commitment, grad_entropy, grad_x,
+            *slot_params, n, d, s, float(scale), 2.0 * float(commitment_cost) / (n * d),
+            float(entropy_weight) / n * t_scale, t_scale)
+    options = dict(COMMITMENT=bool(commitment_cost), ENTROPY=bool(entropy_weight),
+                   GRAD_Q=grad_q is not None, SLOTS=slot_params[0] is not x, **config)
+    return grad_x, (cdiv(n, config["BLOCK_N"]), slots), args, options
+
+
+def _slot_layout(x, slot_scale, slot_weight):
+    """``(N, d, 1, slots, config)`` of a batch of slots of rows ``[slots, N, d]``."""
+    if x.dim() != 3 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous [slots, N, d], got shape {tuple(x.shape)}")
+    n, d, s, config = _layout(x[0])
+    slots = x.shape[0]
+    for name, t in (("slot_scale", slot_scale), ("slot_weight", slot_weight)):
+        if t.shape != (slots,) or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous fp32 [{slots}], got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    check_same_device(x=x, slot_scale=slot_scale, slot_weight=slot_weight)
+    return n, d, s, slots, config
 
 
 def aot_variants():
     """Every launchable configuration, for the ahead-of-time compile test."""
     options = {"num_warps": CONFIG["num_warps"]}
-    for dtype, entropy in itertools.product(PTR, (True, False)):
-        consts = dict(BLOCK_N=CONFIG["BLOCK_N"], ENTROPY=entropy)
-        sig = {"x_ptr": PTR[dtype], "q_ptr": PTR[dtype], "codes_ptr": "*i64",
+    slot_sig = {"slot_scale_ptr": "*fp32", "slot_weight_ptr": "*fp32"}
+    for dtype, entropy, slots in itertools.product(PTR, (True, False), (False, True)):
+        consts = dict(BLOCK_N=CONFIG["BLOCK_N"], ENTROPY=entropy, SLOTS=slots)
+        stand_in = slot_sig if slots else {"slot_scale_ptr": PTR[dtype], "slot_weight_ptr": PTR[dtype]}
+        # (lfq_terms: the codes' pointers are x's and the ticket's; it stores no codes)
+        sig = {"x_ptr": PTR[dtype], "q_ptr": PTR[dtype], "codes_ptr": "*i32" if slots else "*i64",
                "counts_ptr": "*i32", "partial_ptr": "*fp32", "ticket_ptr": "*i32",
-               "commitment_ptr": "*fp32", "entropy_ptr": "*fp32", "N": "i32", "D": "i32",
-               "S": "i32", "scale": "fp32", "commitment_scale": "fp32",
+               "commitment_ptr": "*fp32", "entropy_ptr": "*fp32", **stand_in, "N": "i32",
+               "D": "i32", "S": "i32", "scale": "fp32", "commitment_scale": "fp32",
                "entropy_scale": "fp32", "t_scale": "fp32"}
-        yield (f"lfq_quantize[{dtype},entropy={entropy}]", _lfq_quantize_kernel, sig,
-               dict(consts, BLOCK_REDUCE=BLOCK_REDUCE, STATS_SEM=_launch.STATS_SEM), options)
+        yield (f"lfq_quantize[{dtype},entropy={entropy},slots={slots}]", _lfq_quantize_kernel,
+               sig, dict(consts, BLOCK_REDUCE=BLOCK_REDUCE, STATS_SEM=_launch.STATS_SEM,
+                         CODES=not slots), options)
         sig = {"grad_q_ptr": PTR[dtype], "x_ptr": PTR[dtype], "grad_commitment_ptr": "*fp32",
-               "grad_entropy_ptr": "*fp32", "grad_x_ptr": PTR[dtype], "N": "i32", "D": "i32",
-               "S": "i32", "scale": "fp32", "commitment_grad_scale": "fp32",
+               "grad_entropy_ptr": "*fp32", "grad_x_ptr": PTR[dtype], **stand_in, "N": "i32",
+               "D": "i32", "S": "i32", "scale": "fp32", "commitment_grad_scale": "fp32",
                "entropy_grad_scale": "fp32", "t_scale": "fp32"}
         for commitment in (True, False):
-            yield (f"lfq_quantize_backward[{dtype},commitment={commitment},entropy={entropy}]",
-                   _lfq_quantize_backward_kernel, sig, dict(consts, COMMITMENT=commitment),
-                   options)
+            yield (f"lfq_quantize_backward[{dtype},commitment={commitment},entropy={entropy},"
+                   f"slots={slots}]", _lfq_quantize_backward_kernel, sig,
+                   dict(consts, COMMITMENT=commitment, GRAD_Q=not slots), options)

@@ -144,6 +144,46 @@ def test_fused_quantize_terms_and_each_gradient(layout, dtype, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_terms_of_slots_match_the_oracle(dtype, backend):
+    """Residual LFQ's levels as slots (codes ±s_l, weights w_l, a dropped one) against the
+    oracle: slot l's terms are LFQ's of x_l / s_l (commitment times s_l^2, the entropy at
+    inv_temperature * s_l^2); gradients of each term and both."""
+    torch.manual_seed(2)
+    scales, weights = [1.0, 0.5, 0.25], [1.0, 0.0, 1.0]
+    cc, w, temperature = 0.3, 0.7, 3.0
+    x = (0.6 * torch.randn(3, 23, 5, device=DEVICE)).to(dtype).requires_grad_()
+    slot_scale = torch.tensor(scales, device=DEVICE)
+    commitment, entropy = lfq_ops.lfq_terms(x, slot_scale, torch.tensor(weights, device=DEVICE),
+                                            cc, w, temperature, backend)
+    exact = x.double()
+    commitment_ref = entropy_ref = 0.0
+    for l, (s, on) in enumerate(zip(scales, weights)):
+        _, q_ref, _, h_ref, _ = reference.lfq(exact[l] / s, inv_temperature=temperature * s * s)
+        commitment_ref = commitment_ref + on * cc * s * s * torch.nn.functional.mse_loss(
+            exact[l] / s, q_ref.detach())
+        entropy_ref = entropy_ref + on * w * h_ref
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(commitment.double(), commitment_ref, **tol)
+    torch.testing.assert_close(entropy.double(), entropy_ref, **tol)
+    for name, ours, ref in (("commitment", commitment, commitment_ref),
+                            ("entropy", entropy, entropy_ref),
+                            ("both", commitment - 2 * entropy, commitment_ref - 2 * entropy_ref)):
+        (g,) = torch.autograd.grad(ours, x, retain_graph=True)
+        (g_ref,) = torch.autograd.grad(ref, x, retain_graph=True)
+        assert g.dtype == dtype and not bool(g[1].any()), name  # the dropped slot: none
+        scale = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(g.double(), g_ref.double(), rtol=scale,
+                                   atol=scale * float(g_ref.abs().max()), msg=name)
+    ops = torch.ops.vqfast
+    args = (x.detach(), slot_scale, torch.tensor(weights, device=DEVICE), cc, w, temperature,
+            backend)
+    torch.library.opcheck(ops.lfq_terms.default, args)
+    scalar = torch.tensor(0.7, device=DEVICE)
+    torch.library.opcheck(ops.lfq_terms_backward.default, (scalar, scalar * 2, *args))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_quantize_on_the_sphere_matches_bsq(backend):
     """BSQ's scale (codes ±1/sqrt(d)) through the fused pass against the BSQ oracle, on unit
     vectors (the oracle's normalisation then changes nothing)."""

@@ -265,18 +265,19 @@ class ResidualLFQ(_ResidualScalar):
         x_rows = x_rows.repeat_interleave(q, 0)  # [G*Q, N, d]
         rows = x_rows + (residuals - x_rows).detach()
         on = (torch.arange(q, device=x.device) < active).repeat(g).float()  # [G*Q]
-        scale = scales[:, 0].repeat(g)[:, None, None]
-        signs = torch.where(residuals > 0, scale, -scale)
-        n = rows.shape[1]
-        commitment = self.commitment_cost * (
-            ((rows - signs) ** 2).sum((1, 2)) * on).sum() / (n * g * d)
-        loss, entropy, diversity = commitment, None, None
-        if self.entropy_loss_weight:
-            scaled = rows * scale  # <r, c * s> = <r * s, c>: the ±1 entropies of r * s
-            weight = self.entropy_loss_weight / g
-            entropy = weight * (lfq_ops.per_sample_entropy(scaled, self.inv_temperature) * on).sum()
+        scale = scales[:, 0].repeat(g)  # [G*Q]
+        weight = self.entropy_loss_weight / g
+        # every level's commitment and per-sample entropy in one pass (codes ±scale[l])
+        commitment, entropy = lfq_ops.lfq_terms(rows, scale, on, self.commitment_cost / g,
+                                                weight, self.inv_temperature, backend)
+        loss, diversity = commitment, None
+        if not self.entropy_loss_weight:
+            entropy = None
+        else:
             loss = loss + entropy
             if self.diversity_gamma:
+                # <r, c * s> = <r * s, c>: the ±1 entropies of r * s
+                scaled = rows * scale[:, None, None]
                 # every level's codebook entropy at once (a slot each: one launch each way)
                 book = lfq_ops.codebook_entropy(scaled, self.inv_temperature, backend,
                                                 self.precision)

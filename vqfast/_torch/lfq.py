@@ -127,3 +127,35 @@ def lfq_quantize_backward(grad_q, grad_commitment, grad_entropy, x, scale, commi
         grad = grad - (grad_entropy * (entropy_weight / n * t_scale)) * (
             t * torch.sigmoid(t) * torch.sigmoid(-t))
     return grad.to(x.dtype).view(x.shape)
+
+
+def lfq_terms(x, slot_scale, slot_weight, commitment_cost, entropy_weight, inv_temperature):
+    """See ``vqfast.kernels.lfq_terms``: ``(commitment, entropy)`` of slots ``[slots, N, d]``."""
+    n, d = x.shape[1], x.shape[2]
+    scale = slot_scale[:, None, None]
+    xf = x.float()
+    sign = torch.where(x > 0, scale, -scale).to(x.dtype).float()
+    commitment = (commitment_cost / (n * d)) * (
+        (xf - sign).pow(2).sum((1, 2)) * slot_weight).sum()
+    entropy = ((entropy_weight / n) * (_binary_entropy(xf * (4.0 * inv_temperature) * scale)
+                                       .sum((1, 2)) * slot_weight).sum()
+               if entropy_weight else xf.new_zeros(()))
+    return commitment, entropy
+
+
+def lfq_terms_backward(grad_commitment, grad_entropy, x, slot_scale, slot_weight,
+                       commitment_cost, entropy_weight, inv_temperature):
+    """See ``vqfast.kernels.lfq_terms_backward``."""
+    n, d = x.shape[1], x.shape[2]
+    scale, weight = slot_scale[:, None, None], slot_weight[:, None, None]
+    xf = x.float()
+    grad = torch.zeros_like(xf)
+    if commitment_cost:
+        sign = torch.where(x > 0, scale, -scale).to(x.dtype).float()
+        grad = grad + (grad_commitment * (2.0 * commitment_cost / (n * d))) * weight * (xf - sign)
+    if entropy_weight:
+        t_scale = 4.0 * inv_temperature * scale
+        t = xf * t_scale
+        grad = grad - (grad_entropy * (entropy_weight / n)) * weight * t_scale * (
+            t * torch.sigmoid(t) * torch.sigmoid(-t))
+    return grad.to(x.dtype)

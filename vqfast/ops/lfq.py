@@ -132,17 +132,24 @@ class _LFQQuantize(torch.autograd.Function):
         scale, commitment_cost, entropy_weight, inv_temperature, backend = ctx.options
         if grad_q is None:
             grad_q = torch.zeros_like(x)
-        # a term that takes no gradient adds none (weight 0: not even 0 * inf)
-        if grad_commitment is None:
-            commitment_cost, grad_commitment = 0.0, grad_entropy
-        if grad_entropy is None:
-            entropy_weight, grad_entropy = 0.0, grad_commitment
-        if grad_commitment is None:  # neither: a placeholder scalar, never read
-            grad_commitment = grad_entropy = x.new_zeros((), dtype=torch.float32)
+        commitment_cost, entropy_weight, grad_commitment, grad_entropy = _used_terms(
+            x, commitment_cost, entropy_weight, grad_commitment, grad_entropy)
         grad_x = _lfq_quantize_backward_op(
-            grad_q.contiguous(), grad_commitment.float(), grad_entropy.float(), x, scale,
-            commitment_cost, entropy_weight, inv_temperature, backend)
+            grad_q.contiguous(), grad_commitment, grad_entropy, x, scale, commitment_cost,
+            entropy_weight, inv_temperature, backend)
         return grad_x, None, None, None, None, None
+
+
+def _used_terms(x, commitment_cost, entropy_weight, grad_commitment, grad_entropy):
+    """The weights and fp32 gradients of the two terms for a backward: a term that takes no
+    gradient adds none (its weight 0: not even 0 * inf); a missing gradient is a stand-in."""
+    if grad_commitment is None:
+        commitment_cost, grad_commitment = 0.0, grad_entropy
+    if grad_entropy is None:
+        entropy_weight, grad_entropy = 0.0, grad_commitment
+    if grad_commitment is None:  # neither: a placeholder scalar, never read
+        grad_commitment = grad_entropy = x.new_zeros((), dtype=torch.float32)
+    return commitment_cost, entropy_weight, grad_commitment.float(), grad_entropy.float()
 
 
 def lfq_quantize(x, scale, commitment_cost, entropy_weight, inv_temperature, backend="torch"):
@@ -150,3 +157,71 @@ def lfq_quantize(x, scale, commitment_cost, entropy_weight, inv_temperature, bac
     entropy, codes, counts)`` (see ``_LFQQuantize``)."""
     return _LFQQuantize.apply(x, scale, commitment_cost, entropy_weight, inv_temperature,
                               backend)
+
+
+# --- the terms of a batch of slots (residual LFQ's levels) ---------------------------------
+
+@custom_op("lfq_terms", mutates_args=())
+def _lfq_terms_op(x: torch.Tensor, slot_scale: torch.Tensor, slot_weight: torch.Tensor,
+                  commitment_cost: float, entropy_weight: float, inv_temperature: float,
+                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl(backend).lfq_terms(x, slot_scale, slot_weight, commitment_cost, entropy_weight,
+                                    inv_temperature)
+
+
+@_lfq_terms_op.register_fake
+def _(x, slot_scale, slot_weight, commitment_cost, entropy_weight, inv_temperature, backend):
+    scalar = x.new_empty((), dtype=torch.float32)
+    return scalar, scalar.clone()
+
+
+@custom_op("lfq_terms_backward", mutates_args=())
+def _lfq_terms_backward_op(grad_commitment: torch.Tensor, grad_entropy: torch.Tensor,
+                           x: torch.Tensor, slot_scale: torch.Tensor, slot_weight: torch.Tensor,
+                           commitment_cost: float, entropy_weight: float,
+                           inv_temperature: float, backend: str) -> torch.Tensor:
+    return _impl(backend).lfq_terms_backward(grad_commitment, grad_entropy, x, slot_scale,
+                                             slot_weight, commitment_cost, entropy_weight,
+                                             inv_temperature)
+
+
+@_lfq_terms_backward_op.register_fake
+def _(grad_commitment, grad_entropy, x, slot_scale, slot_weight, commitment_cost,
+      entropy_weight, inv_temperature, backend):
+    return torch.empty_like(x)
+
+
+class _LFQTerms(torch.autograd.Function):
+    """``x: [slots, N, d]`` -> ``(commitment, entropy)`` summed over the slots (see
+    ``vqfast.kernels.lfq_terms``): one pass each way."""
+
+    @staticmethod
+    def forward(ctx, x, slot_scale, slot_weight, commitment_cost, entropy_weight,
+                inv_temperature, backend):
+        commitment, entropy = _lfq_terms_op(x, slot_scale, slot_weight, commitment_cost,
+                                            entropy_weight, inv_temperature, backend)
+        ctx.save_for_backward(x, slot_scale, slot_weight)
+        ctx.options = (commitment_cost, entropy_weight, inv_temperature, backend)
+        ctx.set_materialize_grads(False)
+        return commitment, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_commitment, grad_entropy):
+        x, slot_scale, slot_weight = ctx.saved_tensors
+        commitment_cost, entropy_weight, inv_temperature, backend = ctx.options
+        commitment_cost, entropy_weight, grad_commitment, grad_entropy = _used_terms(
+            x, commitment_cost, entropy_weight, grad_commitment, grad_entropy)
+        grad_x = _lfq_terms_backward_op(grad_commitment, grad_entropy, x, slot_scale,
+                                        slot_weight, commitment_cost, entropy_weight,
+                                        inv_temperature, backend)
+        return grad_x, None, None, None, None, None, None
+
+
+def lfq_terms(x, slot_scale, slot_weight, commitment_cost, entropy_weight, inv_temperature,
+              backend="torch"):
+    """Differentiable LFQ terms of a batch of slots ``x: [slots, N, d]`` (contiguous), slot
+    ``l`` with codes ``±slot_scale[l]`` and weight ``slot_weight[l]``: ``(commitment,
+    entropy)`` (see ``_LFQTerms``)."""
+    return _LFQTerms.apply(x, slot_scale, slot_weight, commitment_cost, entropy_weight,
+                           inv_temperature, backend)
