@@ -21,6 +21,7 @@ from . import _launch
 from ._launch import launch, cdiv, launcher, PTR, check_matrix, check_same_device, split_options
 
 MAX_DIM = 24  # 2**24 codes: the int32 code indices stay far from overflow
+MAX_SLOTS = 65535  # a batch's slots: CUDA's limit on the grid's second axis
 FORWARD_CONFIG = dict(BLOCK_N=32, BLOCK_C=64, BLOCK_D=32, num_warps=4)
 BACKWARD_CONFIG = dict(BLOCK_N=16, BLOCK_C=32, BLOCK_D=32, num_warps=4)  # spill-free, triton 3.6-3.9
 
@@ -103,9 +104,11 @@ def _lfq_entropy_backward_kernel(
 
 def _check(x, lse):
     """``(slots, N, d)`` of ``x: [N, d]`` or a batch ``[slots, N, d]`` with its ``lse``."""
-    if x.dim() not in (2, 3) or not x.is_contiguous():
-        raise ValueError(f"x must be a contiguous [N, d] or a batch [slots, N, d], got shape "
-                         f"{tuple(x.shape)} (strides {x.stride()})")
+    if x.dim() not in (2, 3) or not x.is_contiguous() or 0 in x.shape:
+        raise ValueError(f"x must be a contiguous, non-empty [N, d] or a batch [slots, N, d], "
+                         f"got shape {tuple(x.shape)} (strides {x.stride()})")
+    if x.dim() == 3 and x.shape[0] > MAX_SLOTS:
+        raise ValueError(f"at most {MAX_SLOTS} slots (the grid's second axis), got {x.shape[0]}")
     check_matrix("x", x.view(-1, x.shape[-1]))  # (its dtype)
     if x.shape[-1] > MAX_DIM:
         raise ValueError(f"x must have d <= {MAX_DIM} channels (2**d codes), got {tuple(x.shape)}")

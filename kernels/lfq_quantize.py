@@ -24,6 +24,7 @@ from ._launch import PTR, cdiv, check_same_device, launch, launcher
 from ._layout import check_item_offsets, row_offsets, same_layout, vector_layout
 
 MAX_DIM = 24  # (LFQ's limit: 2**24 codes)
+MAX_SLOTS = 65535  # a batch's slots: CUDA's limit on the grid's second axis
 CONFIG = dict(BLOCK_N=256, num_warps=4)
 BLOCK_REDUCE = 512  # the last program's reduction width
 
@@ -277,10 +278,11 @@ def _backward(grad_q, grad_commitment, grad_entropy, x, shape, config, slot_para
 
 def _slot_layout(x, slot_scale, slot_weight):
     """``(N, d, 1, slots, config)`` of a batch of slots of rows ``[slots, N, d]``."""
-    if x.dim() != 3 or not x.is_contiguous():
-        raise ValueError(f"x must be a contiguous [slots, N, d], got shape {tuple(x.shape)}")
+    slots = x.shape[0] if x.dim() == 3 else 0
+    if not 1 <= slots <= MAX_SLOTS or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous [slots, N, d] with 1 to {MAX_SLOTS} slots, got "
+                         f"shape {tuple(x.shape)}")
     n, d, s, config = _layout(x[0])
-    slots = x.shape[0]
     for name, t in (("slot_scale", slot_scale), ("slot_weight", slot_weight)):
         if t.shape != (slots,) or t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous fp32 [{slots}], got {t.dtype} "

@@ -144,14 +144,15 @@ def test_fused_quantize_terms_and_each_gradient(layout, dtype, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_fused_terms_of_slots_match_the_oracle(dtype, backend):
+@pytest.mark.parametrize("dtype,w", [(torch.float32, 0.7), (torch.bfloat16, 0.7),
+                                     (torch.float32, 0.0)], ids=str)
+def test_fused_terms_of_slots_match_the_oracle(dtype, w, backend):
     """Residual LFQ's levels as slots (codes ±s_l, weights w_l, a dropped one) against the
     oracle: slot l's terms are LFQ's of x_l / s_l (commitment times s_l^2, the entropy at
     inv_temperature * s_l^2); gradients of each term and both."""
     torch.manual_seed(2)
     scales, weights = [1.0, 0.5, 0.25], [1.0, 0.0, 1.0]
-    cc, w, temperature = 0.3, 0.7, 3.0
+    cc, temperature = 0.3, 3.0
     x = (0.6 * torch.randn(3, 23, 5, device=DEVICE)).to(dtype).requires_grad_()
     slot_scale = torch.tensor(scales, device=DEVICE)
     commitment, entropy = lfq_ops.lfq_terms(x, slot_scale, torch.tensor(weights, device=DEVICE),
@@ -169,6 +170,9 @@ def test_fused_terms_of_slots_match_the_oracle(dtype, backend):
     for name, ours, ref in (("commitment", commitment, commitment_ref),
                             ("entropy", entropy, entropy_ref),
                             ("both", commitment - 2 * entropy, commitment_ref - 2 * entropy_ref)):
+        if not w and name == "entropy":
+            assert float(entropy) == 0.0
+            continue
         (g,) = torch.autograd.grad(ours, x, retain_graph=True)
         (g_ref,) = torch.autograd.grad(ref, x, retain_graph=True)
         assert g.dtype == dtype and not bool(g[1].any()), name  # the dropped slot: none
@@ -181,6 +185,8 @@ def test_fused_terms_of_slots_match_the_oracle(dtype, backend):
     torch.library.opcheck(ops.lfq_terms.default, args)
     scalar = torch.tensor(0.7, device=DEVICE)
     torch.library.opcheck(ops.lfq_terms_backward.default, (scalar, scalar * 2, *args))
+    with pytest.raises(ValueError, match="slot_scale"):  # no gradient to the slots' options
+        lfq_ops.lfq_terms(x, slot_scale.requires_grad_(), args[2], cc, w, temperature, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -235,7 +241,9 @@ def test_codebook_entropy_of_a_batch_is_each_slots(backend):
     each slot's entropy and gradient, as one call per slot does."""
     x = (0.3 * torch.randn(3, 29, 6, device=DEVICE)).requires_grad_()
     weights = torch.tensor([0.5, -1.0, 2.0], device=DEVICE)
-    batch = lfq_ops.codebook_entropy(x, 7.0, backend)
+    batch = lfq_ops.codebook_entropy(x, 7.0, backend, batched=True)
+    with pytest.raises(ValueError, match="rows"):  # [B, d, S] is not read as slots by default
+        lfq_ops.codebook_entropy(x, 7.0, backend)
     (g,) = torch.autograd.grad((batch * weights).sum(), x)
     assert batch.shape == (3,)
     for slot in range(3):

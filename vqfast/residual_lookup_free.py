@@ -280,7 +280,7 @@ class ResidualLFQ(_ResidualScalar):
                 scaled = rows * scale[:, None, None]
                 # every level's codebook entropy at once (a slot each: one launch each way)
                 book = lfq_ops.codebook_entropy(scaled, self.inv_temperature, backend,
-                                                self.precision)
+                                                self.precision, batched=True)
                 diversity = -weight * self.diversity_gamma * (book * on).sum()
                 loss = loss + diversity
         # the sum of the levels forward, the identity's gradient backward

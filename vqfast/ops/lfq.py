@@ -59,9 +59,12 @@ class _CodebookEntropy(torch.autograd.Function):
         return (grad * grad_entropy[..., None, None]).to(x.dtype), None, None, None
 
 
-def codebook_entropy(x, inv_temperature, backend="torch", precision="ieee"):
-    """Differentiable ``H(mean_n p(.|x_n))`` of ``x: [N, d]``, or of each slot of ``[slots,
-    N, d]`` (see ``_CodebookEntropy``)."""
+def codebook_entropy(x, inv_temperature, backend="torch", precision="ieee", batched=False):
+    """Differentiable ``H(mean_n p(.|x_n))`` of ``x: [N, d]``, or with ``batched`` of each
+    slot of ``[slots, N, d]`` (see ``_CodebookEntropy``)."""
+    if x.dim() != (3 if batched else 2):
+        raise ValueError(f"x must be {'[slots, N, d]' if batched else '[N, d] rows'}, got shape "
+                         f"{tuple(x.shape)}")
     return _CodebookEntropy.apply(x, inv_temperature, backend, precision)
 
 
@@ -198,6 +201,9 @@ class _LFQTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, slot_scale, slot_weight, commitment_cost, entropy_weight,
                 inv_temperature, backend):
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise ValueError("lfq_terms takes no gradient to slot_scale or slot_weight; pass "
+                             "them detached")
         commitment, entropy = _lfq_terms_op(x, slot_scale, slot_weight, commitment_cost,
                                             entropy_weight, inv_temperature, backend)
         ctx.save_for_backward(x, slot_scale, slot_weight)
