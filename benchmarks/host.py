@@ -41,6 +41,7 @@ from vqfast import reference  # noqa: E402
 
 from vqfast.kernels import _launch  # noqa: E402
 
+from .gpu.specializations import describe, jit_kwargs, sm90  # noqa: E402
 from .measure import save_report  # noqa: E402
 
 # Ops that launch nothing on a GPU: allocation, views, metadata.
@@ -72,20 +73,13 @@ class StubbedLaunches:
 
     @contextlib.contextmanager
     def stubbed(self):
-        from triton import knobs
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import make_backend
         from triton.runtime import jit
         from vqfast.ops import dispatch
-        backend = make_backend(GPUTarget("cuda", 90, 32))
+        backend = sm90()
         launches = self
-        extra = [name for name in ("instrumentation_mode", "fpsan_homomorphic_casts")
-                 if hasattr(knobs.compilation, name)]
 
         def run(fn, *args, grid, warmup, **kwargs):
-            kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-            for name in extra:
-                kwargs[name] = getattr(knobs.compilation, name)
+            kwargs = jit_kwargs(fn, kwargs)
             state = fn.__dict__.get("_stub_state")  # (triton keys its caches by device)
             if state is None:
                 state = fn.__dict__["_stub_state"] = (
@@ -97,7 +91,7 @@ class StubbedLaunches:
             if compiled is None:  # triton would compile here
                 compiled = kernel_cache[key] = _Compiled(launches, fn.__name__, key)
                 if launches.record:
-                    launches.recorded[fn.__name__, key] = launches._record(
+                    launches.recorded[fn.__name__, key] = describe(
                         fn, backend, kwargs, bound_args, specialization, options)
             if not warmup:
                 if callable(grid):
@@ -132,17 +126,6 @@ class StubbedLaunches:
             if isinstance(arg, torch.Tensor) and arg.dtype in (torch.int32, torch.int64):
                 arg.detach().numpy().fill(0)
         self.excluded_ns += time.thread_time_ns() - start
-
-    def _record(self, fn, backend, kwargs, bound_args, specialization, options):
-        _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args,
-                                                        specialization, options)
-        option_names = set(backend.parse_options({}).__dict__)
-        return {
-            "module": fn.fn.__module__, "kernel": fn.fn.__name__, "signature": signature,
-            "constexprs": constexprs, "attrs": attrs,
-            "options": {k: v for k, v in kwargs.items() if k in option_names},
-            # the constexprs by name (``constexprs`` keys them by argument index)
-            "constants": {fn.arg_names[index[0]]: value for index, value in constexprs.items()}}
 
 
 def recorded_source(spec: dict):

@@ -63,3 +63,30 @@ def _launches_under_device_guard(monkeypatch):
         return call(self, *args, **kwargs)
     monkeypatch.setattr(GridExecutor, "__call__", guarded)
     yield
+
+
+# On a GPU: what triton compiled during the run, and what it found in its cache (the
+# Triton cache carried to the machine: benchmarks.gpu.cache), in the terminal summary.
+_TRITON_BUILDS = {"compiled": [], "cached": 0}
+
+
+def pytest_sessionstart(session):
+    if not torch.cuda.is_available():
+        return
+    from triton import knobs
+
+    def listener(*, src, cache_hit, **kwargs):
+        if cache_hit:
+            _TRITON_BUILDS["cached"] += 1
+        else:
+            _TRITON_BUILDS["compiled"].append(getattr(getattr(src, "fn", None), "__name__", "?"))
+    knobs.compilation.listener = listener
+
+
+def pytest_terminal_summary(terminalreporter):
+    compiled = _TRITON_BUILDS["compiled"]
+    if compiled or _TRITON_BUILDS["cached"]:
+        names = ", ".join(sorted(set(compiled))[:12])
+        terminalreporter.write_line(
+            f"triton: {len(compiled)} kernel builds compiled here{f' ({names})' if names else ''}"
+            f", {_TRITON_BUILDS['cached']} found in triton's cache")

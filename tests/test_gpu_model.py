@@ -69,7 +69,8 @@ def test_occupancy_from_registers_and_shared_memory():
 @pytest.mark.slow
 def test_precompile_check_fails_on_a_miss_and_passes_after_the_build(tmp_path):
     """``benchmarks.gpu.precompile --check``: a launch whose kernel is not in triton's cache
-    is a miss (named), and after the pool built it, a hit. Real triton, an empty cache."""
+    is a miss (named), and after the pool built it, a hit; a second build compiles nothing.
+    Real triton, an empty cache."""
     import json
     import os
     import subprocess
@@ -82,15 +83,16 @@ def test_precompile_check_fails_on_a_miss_and_passes_after_the_build(tmp_path):
         "specs = [s for s in record_specializations(P.steps('vqvae')[:1])\n"
         "         if s['kernel'] == '_ema_scalars_kernel']\n"
         "gpu = P.target()\n"
-        "print(json.dumps([P.run(specs, gpu, 1, check) for check in (True, False, True)]))\n")
+        "print(json.dumps([P.run(specs, gpu, 1, check) for check in (True, False, True, False)]))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     proc = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True,
                           text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    before, built, after = json.loads(proc.stdout.strip().splitlines()[-1])
+    before, built, after, again = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(before) == 1 and "not in the cache" in before[0][2] and "VQ-VAE" in before[0][2]
     assert built[0][2] is None and after[0][2] is None
+    assert built[0][3] and not again[0][3]  # compiled, then found in the cache
 
 
 @pytest.mark.slow
@@ -118,3 +120,52 @@ def test_the_readme_command_writes_the_table_and_prediction(tmp_path):
     assert len(written) == 1 and written[0].read_text() in proc.stdout
     section = prediction.read_text().split(model.SECTION)[1].split("\n## ")[0]
     assert section.count("| VQ-VAE EMA bf16 |") == len(model.GPUS)
+
+
+@pytest.mark.slow
+def test_carried_cache_is_built_checked_and_installed_elsewhere(tmp_path):
+    """``benchmarks.gpu.cache``: built for a target Python (here this one, with its own
+    triton), every recorded launch then hits it, kernel and launcher; a kernel taken out
+    is a miss, named; installed elsewhere, its groups point at their new place."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cache, moved = tmp_path / "cache", tmp_path / "moved"
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-W", "ignore", "-m", "benchmarks.gpu.cache", *args],
+                              capture_output=True, text=True, env=env, cwd=repo, timeout=600)
+    built = run("build", "--python", sys.executable, "--steps", "vqvae", "--no-tests", "--only",
+                "_ema_scalars_kernel", "--out", str(cache), "--jobs", "1")
+    assert built.returncode == 0, built.stderr[-3000:]
+    manifest = json.loads((cache / "manifest.json").read_text())
+    import triton.backends.nvidia.driver as driver  # (newer tritons: one launcher for all)
+    launchers = int(hasattr(driver, "make_launcher"))
+    assert manifest["kernels"] == 1 and manifest["launchers"] == launchers
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    assert len(list(cache.glob(f"*/__triton_launcher{suffix}"))) == launchers
+    assert len(list(cache.glob(f"*/cuda_utils{suffix}"))) == 1
+    assert not list(cache.glob("*/*.ttir")) and len(list(cache.glob("*/*.cubin"))) == 1
+    checked = run("check", "--cache", str(cache), "--jobs", "1")
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert "1 of 1 recorded kernel specialisations hit it" in checked.stdout
+
+    from benchmarks.gpu import cache as C
+    manifest = C.install_to(cache, moved)  # (what `install` does, without triton's key)
+    group = next(moved.glob("*/__grp__*.json"))
+    assert all(Path(p).parent == group.parent and Path(p).exists()
+               for p in json.loads(group.read_text())["child_paths"].values())
+
+    next(cache.glob("*/*.cubin")).parent.joinpath("__grp___ema_scalars_kernel.json").unlink()
+    missed = run("check", "--cache", str(cache), "--jobs", "1")
+    assert missed.returncode == 1 and "_ema_scalars_kernel for VQ-VAE" in missed.stderr
+    assert "not in the cache" in missed.stderr
+    shutil.rmtree(cache)
+    assert run("check", "--cache", str(cache), "--optional").returncode == 0
+    assert run("check", "--cache", str(cache)).returncode == 1

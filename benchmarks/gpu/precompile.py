@@ -53,16 +53,20 @@ class Miss(Exception):
 
 
 def compile_one(job) -> tuple:
-    """``(kernel, seconds, error or None)``: ``spec`` compiled for ``gpu`` as triton's JIT
-    compiles it (with ``check``, only looked up); with ``launchers``, its host launcher
-    built too (a C extension: needs the CUDA driver)."""
+    """``(kernel, seconds, error or None, compiled here)``: ``spec`` compiled for ``gpu`` as
+    triton's JIT compiles it, or found in the cache (with ``check``, only looked up); with
+    ``launchers``, its host launcher built too (a C extension: needs the CUDA driver)."""
     from benchmarks.host import compile_recorded, recorded_source
     spec, gpu, check, launchers = job
     source = recorded_source(spec)
-    if check:  # triton reaches its front end only on a cache miss
-        def miss(*args, **kwargs):
+    make_ir, compiled_here = source.make_ir, []
+
+    def front_end(*args, **kwargs):  # triton reaches its front end only on a cache miss
+        if check:
             raise Miss(f"{spec['kernel']} for {', '.join(spec['cases'])} is not in the cache")
-        source.make_ir = miss
+        compiled_here.append(True)
+        return make_ir(*args, **kwargs)
+    source.make_ir = front_end
     start = time.perf_counter()
     try:
         compiled = compile_recorded(spec, gpu, source)
@@ -70,8 +74,9 @@ def compile_one(job) -> tuple:
             from triton.runtime import driver
             driver.active.launcher_cls(source, compiled.metadata)
     except Exception as error:  # report every failure, not just the first
-        return spec["kernel"], time.perf_counter() - start, f"{type(error).__name__}: {error}"[:500]
-    return spec["kernel"], time.perf_counter() - start, None
+        return (spec["kernel"], time.perf_counter() - start,
+                f"{type(error).__name__}: {error}"[:500], bool(compiled_here))
+    return spec["kernel"], time.perf_counter() - start, None, bool(compiled_here)
 
 
 def run(specs: list, gpu, jobs: int, check: bool, launchers: bool = False) -> list:
@@ -118,13 +123,15 @@ def main(argv=None) -> int:
     gpu = target()
     start = time.perf_counter()
     results = run(specs, gpu, args.jobs, check=False, launchers=torch.cuda.is_available())
-    failed = [f"{name}: {error}" for name, _, error in results if error]
+    failed = [f"{name}: {error}" for name, _, error, _ in results if error]
     slowest = max(results, key=lambda r: r[1])
+    here = sum(compiled_here for *_, compiled_here in results)
     print(f"precompiled {len(results) - len(failed)} of {len(results)} kernel specialisations for "
           f"{gpu.backend} sm_{gpu.arch} in {time.perf_counter() - start:.1f} s on {args.jobs} "
-          f"processes (slowest: {slowest[0]}, {slowest[1]:.1f} s)")
+          f"processes (slowest: {slowest[0]}, {slowest[1]:.1f} s): {here} compiled here, "
+          f"{len(results) - here} found in triton's cache")
     if args.check:
-        misses = [error for _, _, error in run(specs, gpu, args.jobs, check=True) if error]
+        misses = [error for _, _, error, _ in run(specs, gpu, args.jobs, check=True) if error]
         print(f"cache check: {len(specs) - len(misses)} of {len(specs)} launches hit the cache")
         failed += misses
         if torch.cuda.is_available():

@@ -11,11 +11,15 @@
 # value, each time-boxed and cut to what is left of the budget (a part that would get
 # under 15 s is skipped), and rewrites SUMMARY.md after every part, so a run stopped at
 # any point still reports what finished:
-#   1 install, env        env.json: GPU, SMs, driver, CUDA, torch, triton, numpy, commit
+#   1 install, env        env.json: GPU, SMs, driver, CUDA, torch, triton, numpy, commit;
+#                         cache.log: the Triton cache carried in .triton-cache installed
+#                         (python -m benchmarks.gpu.cache build: kernels and launchers
+#                         built on a CPU machine for this GPU's triton, Python and arch)
 #   precompile            precompile.log: the benchmarks' kernels compiled on every core at
-#                         once into triton's cache; then each recorded kernel looked up, and
-#                         on a GPU each step run once with triton's front end disabled (a
-#                         launch the cache misses fails, named)
+#                         once into triton's cache (none where the carried cache has them);
+#                         then each recorded kernel looked up, and on a GPU each step run
+#                         once with triton's front end disabled (a launch the cache misses
+#                         fails, named); in the dry run, the carried cache checked first
 #   2 correctness         tests.xml, tests.log: every kernel against the oracle at several
 #                         shapes and dtypes, past 2**31 elements, a step under the CUDA sync
 #                         debugger, a VQ-VAE step in a CUDA graph (no JIT of every variant),
@@ -91,6 +95,9 @@ install() {
     if [[ $dry_run -eq 1 ]]; then  # CI installed it already; only check the import
         "$py" -c "import vqfast; print('vqfast', vqfast.__version__, 'from', vqfast.__file__)"
     else
+        if [[ -f .triton-cache/manifest.json ]]; then  # carried along: where triton looks
+            "$py" -m benchmarks.gpu.cache install "$TRITON_CACHE_DIR" 2>&1 | tee "$out/cache.log"
+        fi
         "$py" -m pip install -q --no-deps --no-build-isolation -e . || return
         if compgen -G "wheels/*.whl" > /dev/null; then
             # Beside the image's packages, not over them: a folder first on PYTHONPATH.
@@ -107,6 +114,12 @@ precompile() {
     local steps=(--steps all)
     if [[ $dry_run -eq 1 ]]; then  # the VQ-VAE shape's steps, into a cache of its own
         steps=(--steps vqvae)
+        # ... and the carried cache, if built here, looked up as the GPU's triton would
+        # (its triton version first on the path: $VQFAST_CACHE_TRITON, e.g. .ci-triton36)
+        "$py" -m benchmarks.gpu.cache check --optional \
+            ${VQFAST_CACHE_TRITON:+--triton-path "$VQFAST_CACHE_TRITON"} 2>&1 \
+            | tee "$out/precompile.log"
+        [[ ${PIPESTATUS[0]} -eq 0 ]] || return 1
         TRITON_CACHE_DIR="$(mktemp -d)" || return
         export TRITON_CACHE_DIR
         trap 'rm -rf "$TRITON_CACHE_DIR"' EXIT
@@ -115,7 +128,7 @@ precompile() {
     # a note, not a failure (the later parts compile what is missing).
     local left=$(( part_ends_at - $(date +%s) - 3 ))
     timeout -s INT -k 3 "$left" "$py" -m benchmarks.gpu.precompile "${steps[@]}" --check 2>&1 \
-        | tee "$out/precompile.log"
+        | tee -a "$out/precompile.log"
     local code=${PIPESTATUS[0]}
     if [[ $code -eq 124 ]]; then
         echo "precompile: cut at the part's limit" | tee -a "$out/precompile.log"
@@ -126,10 +139,10 @@ precompile() {
 
 correctness() {
     # A focused selection: the kernels against the oracle, the 2**31 cases, the launchers'
-    # limits, the sync-debug and CUDA-graph steps (tests/test_cuda.py).
-    local selection=(tests/test_cuda.py tests/test_kernels.py tests/test_launch.py
-                     tests/test_residual.py tests/test_residual_lookup_free.py
-                     tests/test_multiscale.py tests/test_ibq.py -m "not slow" -k "not property")
+    # limits, the sync-debug and CUDA-graph steps (benchmarks.gpu.cache.CORRECTNESS, whose
+    # launches the carried Triton cache holds).
+    local selection
+    mapfile -t selection < <("$py" -m benchmarks.gpu.cache selection)
     if [[ $dry_run -eq 1 ]]; then  # the pipeline, not the suite (CI runs the suite itself)
         selection=(tests/test_modules.py -k "matches_oracle")
     fi
@@ -201,6 +214,9 @@ quality() {
 wheel_site=/tmp/vqfast-wheels
 if [[ $dry_run -eq 0 ]] && compgen -G "wheels/*.whl" > /dev/null; then
     export PYTHONPATH="$wheel_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if [[ $dry_run -eq 0 && -f .triton-cache/manifest.json ]]; then  # installed there by install
+    export TRITON_CACHE_DIR=/tmp/vqfast-triton-cache
 fi
 export dry_run out py wheel_site deadline
 export -f install precompile correctness bench train family quality
