@@ -29,7 +29,9 @@ PREP_CONFIG = dict(BLOCK_K=32, MAX_BLOCK_D=64, num_warps=8)
 # matches the k-depth of one mma and keeps the operand tiles small: 32-wide channel chunks
 # spill on sm_80 in every shape tried. Tile sizes from benchmarks/gpu/model.py (predicted,
 # the large EMA step on an H100): tf32 at 128x128 ~3.2 ms (6.5 at 64x64); tf32x3 at 128x64
-# ~5.2 ms (10.9 at 64x64; 128x128 and 4 warps spill); ieee at 2 stages spills on sm_80.
+# ~4.4 ms with its three products in one accumulator (``dot_tf32x3``; triton's own split:
+# 5.2 ms; 128x128: 188 registers, one program per SM, 5.9 ms); ieee at 2 stages spills on
+# sm_80.
 CONFIGS = {
     "16bit": dict(BLOCK_N=128, BLOCK_K=128, BLOCK_D=16, num_warps=8, num_stages=3),
     "tf32": dict(BLOCK_N=128, BLOCK_K=128, BLOCK_D=16, num_warps=8, num_stages=2),
@@ -64,6 +66,29 @@ def codes_transposed(tile_ptr, local_codes, dims, code_mask, D, UPCAST: tl.const
 
 
 @triton.jit
+def tf32_split(v):
+    """``(hi, lo)``: fp32 ``v`` rounded to tf32 (to nearest, as triton's own tf32x3 split)
+    and the rest, 0 where ``v`` is not finite (the rest of an infinity would be a NaN)."""
+    finite = tl.abs(v) < float("inf")
+    bits = v.to(tl.uint32, bitcast=True)
+    hi = tl.where(finite, (bits + 0x1000) & 0xFFFFE000, bits).to(tl.float32, bitcast=True)
+    return hi, tl.where(finite, v - hi, 0.0)
+
+
+@triton.jit
+def dot_tf32x3(a, b, acc):
+    """``acc + a @ b`` in three tf32 tensor-core products (hi.hi + hi.lo + lo.hi: about fp32's
+    accuracy), into one accumulator: triton's own ``tf32x3`` sums the small products in a
+    second one and scrubs its NaNs per dot, 32 registers and ~100 instructions more per
+    chunk; the operands are scrubbed here instead (``tf32_split``)."""
+    a_hi, a_lo = tf32_split(a)
+    b_hi, b_lo = tf32_split(b)
+    acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
+    acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+    return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+
+
+@triton.jit
 def _chunked_search(x_rows_ptr, row_mask, codebook_ptr, codebook_sqnorm_ptr, K, D, S,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
@@ -94,7 +119,10 @@ def _chunked_search(x_rows_ptr, row_mask, codebook_ptr, codebook_sqnorm_ptr, K, 
                 x = x.to(tl.float32)
             codebook_t = codes_transposed(codebook_tile_ptr, local_codes, dims, code_mask, D,
                                           UPCAST_DOT)
-            dot = tl.dot(x, codebook_t, dot, input_precision=INPUT_PRECISION)
+            if INPUT_PRECISION == "tf32x3":
+                dot = dot_tf32x3(x, codebook_t, dot)
+            else:
+                dot = tl.dot(x, codebook_t, dot, input_precision=INPUT_PRECISION)
         # Padding codes get |e|^2 = inf so they never win.
         codebook_sqnorm = tl.load(codebook_sqnorm_ptr + k0 + local_codes, mask=code_mask,
                                   other=float("inf"))

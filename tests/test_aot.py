@@ -153,6 +153,19 @@ def test_channels_first_search_is_pipelined_on_hopper(records):
         assert r["registers"] <= 128 and r["shared"] + 1024 <= 228 * 1024 // 2, where
 
 
+def test_tf32x3_search_keeps_two_programs_per_sm_on_hopper(records):
+    """The fp32 ``tf32x3`` search at the large shape, as the JIT builds it for sm_90: its
+    three tf32 products on wgmma into one accumulator (triton's own split takes a second
+    one: 118 registers then), spill-free, in at most 128 registers: two programs per SM."""
+    search = [r for r in records if r["name"].startswith("jit:nearest_code[")
+              and "large EMA tf32x3" in r["name"].split("[", 1)[1][:-1].split(", ")]
+    assert search
+    for r in search:
+        where = f"{r['name']} (triton {r['triton']}): {r}"
+        assert r["constexprs"]["INPUT_PRECISION"] == "tf32x3" and r["wgmma"], where
+        assert r["spill_stores"] == 0 and r["registers"] <= 128, where
+
+
 def test_distance_gemm_uses_tensor_cores(records):
     for r in records:
         if not r["name"].startswith(("nearest_code[", "nearest_code_resident[")):

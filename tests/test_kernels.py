@@ -9,8 +9,12 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import vqfast  # noqa: E402
 from vqfast import kernels, reference  # noqa: E402
+from vqfast.kernels.nearest_code import tf32_split  # noqa: E402
 from _util import ORIGINAL, DEVICE, INTERPRETED, INTERPRETER_BROKEN, TIE_EPS, assert_nearest, tensor_state  # noqa: E402
 
 pytestmark = [pytest.mark.kernels,
@@ -63,6 +67,34 @@ def test_nearest_code_precisions(precision):
     x, codebook = _data(45, 70, 20, torch.float32)
     idx, _ = vqfast.nearest_code(x, codebook, backend="triton", precision=precision)
     assert_nearest(x, codebook, idx, torch.float32 if precision != "tf32" else torch.bfloat16)
+
+
+@triton.jit
+def _tf32_split_kernel(v_ptr, hi_ptr, lo_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    hi, lo = tf32_split(tl.load(v_ptr + offs))
+    tl.store(hi_ptr + offs, hi)
+    tl.store(lo_ptr + offs, lo)
+
+
+def test_tf32_split_is_exact_and_rounds_to_nearest():
+    """The tf32x3 search's operand split: hi a tf32 value (13 low mantissa bits clear), the
+    tf32 nearest to v (|lo| at most half a tf32 step), hi + lo == v exactly; an infinity or
+    a NaN keeps itself as hi and 0 as lo (no NaN from inf - inf)."""
+    v = torch.cat([torch.randn(250, device=DEVICE) * 10.0 ** torch.randint(-20, 20, (250,), device=DEVICE),
+                   torch.tensor([1 + 2.0 ** -11, 1 + 3 * 2.0 ** -12, 0.0, -0.0, float("inf"),
+                                 float("-inf")], device=DEVICE)])
+    v = torch.cat([v, torch.full((256 - v.numel(),), float("nan"), device=DEVICE)])
+    hi, lo = torch.empty_like(v), torch.empty_like(v)
+    _tf32_split_kernel[(1,)](v, hi, lo, N=256)
+    finite = v.isfinite()
+    assert bool((hi[finite].view(torch.int32) & 0x1FFF == 0).all())
+    assert torch.equal(hi[finite] + lo[finite], v[finite])
+    step = (hi[finite].abs().view(torch.int32) >> 23).sub(127 + 10).float().exp2()
+    assert bool((lo[finite].abs() <= step / 2).all())
+    assert hi[250].item() == 1 + 2.0 ** -10 and hi[251].item() == 1 + 2.0 ** -10  # ties away
+    assert torch.equal(hi[~finite & ~v.isnan()], v[~finite & ~v.isnan()])
+    assert bool(hi[v.isnan()].isnan().all()) and bool((lo[~finite] == 0).all())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
