@@ -73,14 +73,14 @@ _TRITON_BUILDS = {"compiled": [], "cached": 0}
 def pytest_sessionstart(session):
     if not torch.cuda.is_available():
         return
-    from triton import knobs
+    from benchmarks.gpu import compile_log
 
-    def listener(*, src, cache_hit, **kwargs):
+    def on_build(kernel, cache_hit):
         if cache_hit:
             _TRITON_BUILDS["cached"] += 1
         else:
-            _TRITON_BUILDS["compiled"].append(getattr(getattr(src, "fn", None), "__name__", "?"))
-    knobs.compilation.listener = listener
+            _TRITON_BUILDS["compiled"].append(kernel)
+    compile_log.install(on_build)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -13,10 +13,10 @@ import pytest
 from benchmarks.gpu import report
 
 REPO = Path(__file__).resolve().parents[1]
-FILES = ["env.json", "precompile.log", "tests.xml", "tests.log", "bench.json", "bench.md", "bench.png",
+FILES = ["env.json", "precompile.log", "compiles.jsonl", "tests.xml", "tests.log", "bench.json", "bench.md", "bench.png",
          "train.json", "SUMMARY.md"]
 PARTS = ("install", "precompile", "correctness", "bench", "train", "family", "quality")
-PART_FILES = {"install": ["env.json"], "precompile": ["precompile.log"],
+PART_FILES = {"install": ["env.json"], "precompile": ["precompile.log", "compiles.jsonl"],
               "correctness": ["tests.xml", "tests.log"],
               "bench": ["bench.json", "bench.md", "bench.png"], "train": ["train.json"],
               "family": ["bench.json", "bench.md"], "quality": ["train.json"]}
@@ -39,7 +39,8 @@ def finished_parts(out, proc):
     log = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert (out / "SUMMARY.md").exists(), log
     summary = (out / "SUMMARY.md").read_text()
-    codes = {name: rc for name, rc in re.findall(r"^\| (\w+) \| (\w+) \|", summary, flags=re.M)
+    codes = {name: rc for name, rc in re.findall(r"^\| (\w+) \| (\w+) \|[^|]*\|[^|]*\|[^|]*\|$",
+                                                 summary, flags=re.M)  # (the parts' table)
              if name in PARTS}
     assert list(codes) == [p for p in PARTS if p in codes] and codes, summary
     assert all(rc in ("0", "skipped", *TIMED_OUT) for rc in codes.values()), summary + log
@@ -54,7 +55,7 @@ def finished_parts(out, proc):
 @pytest.mark.slow
 def test_dry_run_writes_every_file(tmp_path):
     """What each finished part wrote (a part a loaded machine cut at its limit is reported,
-    not failed here); with every part finished, the 8 files a lent GPU returns."""
+    not failed here); with every part finished, the files a GPU run returns."""
     out = tmp_path / "out"
     proc = dry_run(out)
     done, summary = finished_parts(out, proc)
@@ -71,6 +72,11 @@ def test_dry_run_writes_every_file(tmp_path):
         log = (out / "precompile.log").read_text()
         hits = re.search(r"cache check: (\d+) of (\d+) launches hit the cache", log)
         assert hits and hits.group(1) == hits.group(2) and int(hits.group(2)) >= 6, log
+        # ... into a cache of its own: every build compiled, logged under its part
+        builds = [json.loads(line) for line in (out / "compiles.jsonl").read_text().splitlines()]
+        compiled = [b for b in builds if b["part"] == "precompile" and not b["cache_hit"]]
+        assert len(compiled) == int(hits.group(2)), builds
+        assert f"| precompile | {len(compiled)} |" in (out / "SUMMARY.md").read_text()
     if "correctness" in done:
         junit = ET.parse(out / "tests.xml").getroot()
         assert int(junit.find("testsuite").get("tests")) > 0

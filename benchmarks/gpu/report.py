@@ -17,6 +17,8 @@ import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from . import compile_log
+
 REPO = Path(__file__).resolve().parents[2]
 PREDICTION = Path(__file__).with_name("PREDICTION.md")
 
@@ -302,6 +304,8 @@ def summary(out: Path, parts: dict, budget: int | None = None) -> str:
     lines += ["", "## Predicted (benchmarks/gpu/PREDICTION.md) vs measured", "",
               predicted_vs_measured(out), "",
               "## Tests on the device", "", _tests(out), "",
+              "## Triton kernel builds, by part (compiles.jsonl)", "",
+              compile_log.markdown(out / "compiles.jsonl"), "",
               "## Main ratios (one run, side by side)", "", _bench(out), "",
               "## Training step", "", _train(out), ""]
     return "\n".join(lines)

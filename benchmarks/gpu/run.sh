@@ -32,7 +32,9 @@
 #   5 family              bench.*: residual/grouped/cosine, encode, SimVQ, IBQ, LFQ/FSQ, residual FSQ/LFQ, VAR,
 #                         models with and without vqfast.patch
 #   6 quality             train.json: the quality benchmark's curves with the time left
-#   SUMMARY.md            parts, times, tests, headline ratios beside PREDICTION.md
+#   SUMMARY.md            parts, times, tests, headline ratios beside PREDICTION.md, and
+#                         per part the kernel builds triton compiled on the machine or found
+#                         in its cache (compiles.jsonl)
 # A failing part is recorded and the others still run; the exit code is 0 only if every
 # part that ran passed. Uses $PYTHON if set, else python3.
 set -uo pipefail
@@ -81,6 +83,7 @@ run_part() {
     [[ $limit -gt $left ]] && limit=$left
     echo "=== $name (limit ${limit}s): $*"
     export part_ends_at=$(( $(date +%s) + limit ))  # (a part may fit its last step to it)
+    export VQFAST_PART="$name"  # (compiles.jsonl: triton's builds, by part)
     local start=$SECONDS
     # SIGINT first: pytest still writes its junit file when interrupted.
     timeout -s INT -k 10 "$limit" bash -c '"$@"' "$name" "$@"
@@ -218,6 +221,8 @@ fi
 if [[ $dry_run -eq 0 && -f .triton-cache/manifest.json ]]; then  # installed there by install
     export TRITON_CACHE_DIR=/tmp/vqfast-triton-cache
 fi
+export VQFAST_COMPILE_LOG="$out/compiles.jsonl"
+rm -f "$VQFAST_COMPILE_LOG"
 export dry_run out py wheel_site deadline
 export -f install precompile correctness bench train family quality
 
