@@ -335,13 +335,16 @@ def main(argv=None) -> int:
     for sub in (b, c):
         sub.add_argument("--triton-path", help="a folder with triton at the cache's version")
         sub.add_argument("--jobs", type=int, default=os.cpu_count())
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
-    if getattr(args, "triton_path", None):
-        path = str(Path(args.triton_path).resolve())
-        sys.path.insert(0, path)  # (and for the spawned workers)
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            p for p in (path, os.environ.get("PYTHONPATH")) if p)
+    path = getattr(args, "triton_path", None) and str(Path(args.triton_path).resolve())
+    if path and os.environ.get("VQFAST_CACHE_TRITON_PATH") != path:
+        # again, with that triton first on the path from the start (for the workers too)
+        env = dict(os.environ, VQFAST_CACHE_TRITON_PATH=path, PYTHONPATH=os.pathsep.join(
+            p for p in (path, os.environ.get("PYTHONPATH")) if p))
+        return subprocess.run([sys.executable, "-m", "benchmarks.gpu.cache", *argv], env=env,
+                              cwd=REPO).returncode
     if args.command == "selection":
         print("\n".join(CORRECTNESS))
         return 0
