@@ -70,6 +70,7 @@ class StubbedLaunches:
         # (kernel, key, grid, arguments described) of every launch, when recording
         self.launch_log = []
         self.excluded_ns = 0  # the stubs' own bookkeeping, not part of the host cost
+        self._states = {}  # kernel -> (compiled stand-ins, triton's key cache, binder)
 
     @contextlib.contextmanager
     def stubbed(self):
@@ -80,9 +81,9 @@ class StubbedLaunches:
 
         def run(fn, *args, grid, warmup, **kwargs):
             kwargs = jit_kwargs(fn, kwargs)
-            state = fn.__dict__.get("_stub_state")  # (triton keys its caches by device)
+            state = launches._states.get(fn)  # (this instance's: its counts, its records)
             if state is None:
-                state = fn.__dict__["_stub_state"] = (
+                state = launches._states[fn] = (
                     {}, {}, jit.create_function_from_signature(fn.signature, fn.params, backend))
             kernel_cache, key_cache, binder = state
             bound_args, specialization, options = binder(*args, **kwargs)

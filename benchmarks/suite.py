@@ -11,6 +11,7 @@ import torch
 
 import vqfast
 from vqfast import reference
+from vqfast.ops import dispatch
 
 from .measure import CPU_TIMING_THREADS, median_seconds, peak_extra_bytes
 
@@ -98,7 +99,7 @@ def _first(out):
 
 def make_case(impl: str, op: str, shape: Shape, device: torch.device, dtype: torch.dtype):
     """A zero-argument callable running ``op`` once, or ``Skip``."""
-    if impl == "vqfast[triton]" and device.type != "cuda":
+    if impl == "vqfast[triton]" and device.type != "cuda" and not dispatch._triton_interpreted():
         raise Skip("Triton backend needs a CUDA device")
     if impl in ("reference", "vector-quantize-pytorch"):
         # Both materialise [N, K] distances and one-hots: skip what cannot fit (or, on a

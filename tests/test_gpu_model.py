@@ -169,3 +169,29 @@ def test_carried_cache_is_built_checked_and_installed_elsewhere(tmp_path):
     shutil.rmtree(cache)
     assert run("check", "--cache", str(cache), "--optional").returncode == 0
     assert run("check", "--cache", str(cache)).returncode == 1
+
+
+@pytest.mark.slow
+def test_bench_part_launches_are_recorded_from_its_own_code():
+    """``benchmarks.gpu.cache.record_bench``: the bench part's vqfast cases at its shapes
+    (both dtypes, the nearest-code op and the EMA step, relaxed and acq_rel statistics
+    atomics), each run once on CPU stand-ins with its launches bound as a GPU's JIT would."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = ("from benchmarks.gpu.cache import record_bench\n"
+              "specs = record_bench()\n"
+              "print(sorted({s['kernel'] for s in specs}))\n"
+              "print(sorted({str(v) for s in specs for v in s['constants'].values()}))\n"
+              "print(sorted({s['signature'].get('x_ptr', '') for s in specs}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True,
+                          text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kernels, constants, x_types = proc.stdout.strip().splitlines()[-3:]
+    for kernel in ("_nearest_code_kernel", "_gather_loss_kernel", "_ema_finalize_kernel",
+                   "_quantize_backward_kernel"):
+        assert kernel in kernels
+    assert "acq_rel" in constants and "relaxed" in constants
+    assert "*bf16" in x_types and "*fp32" in x_types

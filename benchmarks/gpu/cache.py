@@ -123,13 +123,44 @@ def regroup(cache: Path, keep=None) -> int:
     return len(groups)
 
 
+def record_bench() -> list:
+    """The specialisations the GPU command's bench part launches (``python -m benchmarks
+    --headline``, ``benchmarks.atomics``: vqfast's Triton path at their shapes and dtypes),
+    from their own code on CPU stand-ins, launches stubbed and each case run once."""
+    import contextlib
+    import io
+    from unittest import mock
+
+    import torch
+
+    from benchmarks import atomics, suite
+    from benchmarks.host import StubbedLaunches
+    launches, cpu = StubbedLaunches(record=True), torch.device("cpu")
+
+    def once(fn, device):
+        fn()
+        return 1.0
+    shapes, dtypes = [suite.SEED, suite.LARGE], [torch.bfloat16, torch.float32]
+    with launches.stubbed(), contextlib.redirect_stdout(io.StringIO()), \
+            mock.patch.object(suite, "median_seconds", once), \
+            mock.patch.object(suite, "peak_extra_bytes", once), \
+            mock.patch.object(atomics, "median_seconds", once):
+        rows = suite.run(shapes, ["nearest", "ema_step"], ["vqfast[triton]"], cpu, dtypes,
+                         progress=lambda line: None) + atomics.run(shapes, dtypes, cpu)
+    failed = [r for r in rows if r.skipped]
+    if failed:
+        raise RuntimeError(f"the bench part's cases failed on CPU stand-ins: {failed}")
+    return [dict(spec, cases=["bench part"]) for spec in launches.recorded.values()]
+
+
 def _recorded_specs(which: str, only=None, tests=()) -> list:
-    """The training steps' specialisations (recorded now) and ``tests``' (recorded by
-    ``record_tests``), each once."""
+    """The training steps' and the bench part's specialisations (recorded now) and
+    ``tests``' (recorded by ``record_tests``), each once."""
     from benchmarks.gpu.precompile import steps
     from benchmarks.host import record_specializations
     specs = {}
-    for spec in record_specializations(steps(which)) + list(tests):
+    recorded = record_specializations(steps(which)) + (record_bench() if which == "all" else [])
+    for spec in recorded + list(tests):
         key = repr([spec[k] for k in ("kernel", "signature", "constexprs", "attrs", "options")])
         if key in specs:
             specs[key]["cases"] = specs[key]["cases"] + spec["cases"]
