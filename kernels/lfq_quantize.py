@@ -186,7 +186,7 @@ def lfq_quantize(x: torch.Tensor, scale: float, commitment_cost: float, entropy_
     codes = torch.empty(n, dtype=torch.int64, device=x.device)
     counts = torch.zeros(2**d + 1, dtype=torch.int32, device=x.device)  # (+ the ticket)
     grid, args, options, (commitment, entropy) = _forward(
-        x, (n, d, s, 1), config, (q, codes, counts, counts[2**d:]), (x, x), scale,
+        x, (n, d, s, 1), config, (q, codes, counts, counts[2**d:]), None, scale,
         commitment_cost, entropy_weight, inv_temperature)
     launch(_lfq_quantize_kernel, grid, *args, **options)
     return q, commitment, entropy, codes, counts[:2**d]
@@ -201,8 +201,7 @@ def lfq_terms(x: torch.Tensor, slot_scale: torch.Tensor, slot_weight: torch.Tens
     ``commitment_cost * sum_l slot_weight[l] * mean((x_l - q_l)^2)``) and ``entropy``
     (``entropy_weight * sum_l slot_weight[l] * mean_n H(p(.|x_ln))``). Residual LFQ's levels."""
     n, d, s, slots, config = _slot_layout(x, slot_scale, slot_weight)
-    ticket = torch.zeros(1, dtype=torch.int32, device=x.device)
-    grid, args, options, terms = _forward(x, (n, d, s, slots), config, (x, ticket, ticket, ticket),
+    grid, args, options, terms = _forward(x, (n, d, s, slots), config, None,
                                           (slot_scale, slot_weight), 1.0, commitment_cost,
                                           entropy_weight, inv_temperature)
     launch(_lfq_quantize_kernel, grid, *args, **options)
@@ -211,10 +210,15 @@ def lfq_terms(x: torch.Tensor, slot_scale: torch.Tensor, slot_weight: torch.Tens
 
 def _forward(x, shape, config, outputs, slot_params, scale, commitment_cost, entropy_weight,
              inv_temperature):
-    """The forward's launch: ``(grid, arguments, options, (commitment, entropy))``, the
-    codes into ``outputs = (q, codes, counts, ticket)`` unless they are ``x``'s stand-ins
-    (``lfq_terms``)."""
+    """The forward's launch: ``(grid, arguments, options, (commitment, entropy))``: the
+    codes into ``outputs = (q, codes, counts, ticket)``, or none (``None``: the terms only);
+    per-slot ``slot_params = (scale, weight)``, or one slot (``None``)."""
     n, d, s, slots = shape
+    codes_out, slotted = outputs is not None, slot_params is not None
+    if not codes_out:  # (stand-ins for the pointers the kernel then never touches)
+        ticket = torch.zeros(1, dtype=torch.int32, device=x.device)
+        outputs = (x, ticket, ticket, ticket)
+    slot_params = slot_params if slotted else (x, x)
     grid = (cdiv(n, config["BLOCK_N"]), slots)
     partial = torch.empty(2 * grid[0] * slots, dtype=torch.float32, device=x.device)
     commitment = torch.empty((), dtype=torch.float32, device=x.device)
@@ -223,8 +227,8 @@ def _forward(x, shape, config, outputs, slot_params, scale, commitment_cost, ent
     args = (x, q, codes, counts, partial, ticket, commitment, entropy, *slot_params, n, d, s,
             float(scale), float(commitment_cost) / (n * d), float(entropy_weight) / n,
             4.0 * float(inv_temperature) * float(scale))
-    options = dict(BLOCK_REDUCE=BLOCK_REDUCE, ENTROPY=bool(entropy_weight), CODES=q is not x,
-                   SLOTS=slot_params[0] is not x, STATS_SEM=_launch.STATS_SEM, **config)
+    options = dict(BLOCK_REDUCE=BLOCK_REDUCE, ENTROPY=bool(entropy_weight), CODES=codes_out,
+                   SLOTS=slotted, STATS_SEM=_launch.STATS_SEM, **config)
     return grid, args, options, (commitment, entropy)
 
 
@@ -233,15 +237,16 @@ def lfq_quantize_backward(grad_q: torch.Tensor, grad_commitment: torch.Tensor,
                           grad_entropy: torch.Tensor, x: torch.Tensor, scale: float,
                           commitment_cost: float, entropy_weight: float, inv_temperature: float):
     """``grad_x`` (x's shape and dtype) of ``lfq_quantize``'s outputs: ``grad_q``
-    straight through, plus the two terms' gradients (``grad_commitment``,
-    ``grad_entropy``: fp32 0-d, read on the device; a term whose weight is 0 adds
-    nothing)."""
+    straight through (``None``: q took no gradient), plus the two terms' gradients
+    (``grad_commitment``, ``grad_entropy``: fp32 0-d, read on the device; a term whose
+    weight is 0 adds nothing)."""
     n, d, s, config = _layout(x)
-    same_layout("grad_q", grad_q, x)
-    check_same_device(grad_q=grad_q, grad_commitment=grad_commitment, grad_entropy=grad_entropy,
-                      x=x)
+    if grad_q is not None:
+        same_layout("grad_q", grad_q, x)
+        check_same_device(grad_q=grad_q, x=x)
+    check_same_device(grad_commitment=grad_commitment, grad_entropy=grad_entropy, x=x)
     grad_x, grid, args, options = _backward(grad_q, grad_commitment, grad_entropy, x,
-                                            (n, d, s, 1), config, (x, x), scale,
+                                            (n, d, s, 1), config, None, scale,
                                             commitment_cost, entropy_weight, inv_temperature)
     launch(_lfq_quantize_backward_kernel, grid, *args, **options)
     return grad_x
@@ -264,15 +269,18 @@ def lfq_terms_backward(grad_commitment: torch.Tensor, grad_entropy: torch.Tensor
 
 def _backward(grad_q, grad_commitment, grad_entropy, x, shape, config, slot_params, scale,
               commitment_cost, entropy_weight, inv_temperature):
-    """The backward's launch: ``(grad_x, grid, arguments, options)``."""
+    """The backward's launch: ``(grad_x, grid, arguments, options)``; no ``grad_q`` (the
+    terms only) and one slot (``slot_params`` None) as in ``_forward``."""
     n, d, s, slots = shape
+    slotted = slot_params is not None
+    slot_params = slot_params if slotted else (x, x)
     grad_x = torch.empty_like(x)
     t_scale = 4.0 * float(inv_temperature) * float(scale)
     args = (x if grad_q is None else grad_q, x, grad_commitment, grad_entropy, grad_x,
             *slot_params, n, d, s, float(scale), 2.0 * float(commitment_cost) / (n * d),
             float(entropy_weight) / n * t_scale, t_scale)
     options = dict(COMMITMENT=bool(commitment_cost), ENTROPY=bool(entropy_weight),
-                   GRAD_Q=grad_q is not None, SLOTS=slot_params[0] is not x, **config)
+                   GRAD_Q=grad_q is not None, SLOTS=slotted, **config)
     return grad_x, (cdiv(n, config["BLOCK_N"]), slots), args, options
 
 

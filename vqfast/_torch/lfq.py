@@ -95,6 +95,28 @@ def _binary_entropy(t: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(t) * softplus(-t) + torch.sigmoid(-t) * softplus(t)
 
 
+def _terms(xf, sign, t, weight, n, d, commitment_cost, entropy_weight):
+    """LFQ's commitment and per-sample entropy of slots ``[slots, ...]``: fp32 ``xf``, its
+    codes ``sign`` and entropy logits ``t``, each slot's sums times ``weight [slots]``."""
+    dims = tuple(range(1, xf.dim()))
+    commitment = (commitment_cost / (n * d)) * ((xf - sign).pow(2).sum(dims) * weight).sum()
+    entropy = ((entropy_weight / n) * (_binary_entropy(t).sum(dims) * weight).sum()
+               if entropy_weight else xf.new_zeros(()))
+    return commitment, entropy
+
+
+def _terms_grad(grad, grad_commitment, grad_entropy, xf, sign, t, t_scale, weight, n, d,
+                commitment_cost, entropy_weight):
+    """``grad`` plus the gradient of ``_terms`` (``weight``, ``t_scale``: broadcast to
+    ``xf``); a term without weight adds nothing (not ``0 * inf``)."""
+    if commitment_cost:
+        grad = grad + (grad_commitment * (2.0 * commitment_cost / (n * d))) * weight * (xf - sign)
+    if entropy_weight:
+        grad = grad - (grad_entropy * (entropy_weight / n)) * weight * t_scale * (
+            t * torch.sigmoid(t) * torch.sigmoid(-t))
+    return grad
+
+
 def lfq_quantize(x, scale, commitment_cost, entropy_weight, inv_temperature):
     """See ``vqfast.kernels.lfq_quantize``: ``(q, commitment, entropy, codes, counts)``."""
     x3 = _common._as_bds(x)
@@ -104,10 +126,9 @@ def lfq_quantize(x, scale, commitment_cost, entropy_weight, inv_temperature):
     codes = (positive.long() * bits).sum(1).view(-1)
     counts = torch.zeros(2**d, dtype=torch.int32, device=x.device).scatter_add_(
         0, codes, torch.ones_like(codes, dtype=torch.int32))
-    xf = x3.float()
-    commitment = commitment_cost * (xf - sign.float()).pow(2).mean()
-    entropy = (entropy_weight / n * _binary_entropy(xf * (4.0 * inv_temperature * scale)).sum()
-               if entropy_weight else xf.new_zeros(()))
+    xf = x3.float()[None]
+    commitment, entropy = _terms(xf, sign.float()[None], xf * (4.0 * inv_temperature * scale),
+                                 xf.new_ones(1), n, d, commitment_cost, entropy_weight)
     return sign.view(x.shape), commitment, entropy, codes, counts
 
 
@@ -115,47 +136,31 @@ def lfq_quantize_backward(grad_q, grad_commitment, grad_entropy, x, scale, commi
                           entropy_weight, inv_temperature):
     """See ``vqfast.kernels.lfq_quantize_backward``."""
     x3 = _common._as_bds(x)
-    n, d = _common.num_vectors(x), x3.shape[1]
-    xf = x3.float()
-    grad = grad_q.float().view(x3.shape)
-    if commitment_cost:  # (a term without weight adds nothing, not 0 * inf)
-        grad = grad + (grad_commitment * (2.0 * commitment_cost / (n * d))) * (
-            xf - _lfq_signs(x3, scale)[1].float())
-    if entropy_weight:
-        t_scale = 4.0 * inv_temperature * scale
-        t = xf * t_scale
-        grad = grad - (grad_entropy * (entropy_weight / n * t_scale)) * (
-            t * torch.sigmoid(t) * torch.sigmoid(-t))
+    xf, t_scale = x3.float(), 4.0 * inv_temperature * scale
+    grad = _terms_grad(torch.zeros_like(xf) if grad_q is None else grad_q.float().view(x3.shape),
+                       grad_commitment, grad_entropy, xf,
+                       _lfq_signs(x3, scale)[1].float(), xf * t_scale, t_scale, 1.0,
+                       _common.num_vectors(x), x3.shape[1], commitment_cost, entropy_weight)
     return grad.to(x.dtype).view(x.shape)
+
+
+def _slot_signs(x, scale):
+    return torch.where(x > 0, scale, -scale).to(x.dtype).float()
 
 
 def lfq_terms(x, slot_scale, slot_weight, commitment_cost, entropy_weight, inv_temperature):
     """See ``vqfast.kernels.lfq_terms``: ``(commitment, entropy)`` of slots ``[slots, N, d]``."""
-    n, d = x.shape[1], x.shape[2]
-    scale = slot_scale[:, None, None]
-    xf = x.float()
-    sign = torch.where(x > 0, scale, -scale).to(x.dtype).float()
-    commitment = (commitment_cost / (n * d)) * (
-        (xf - sign).pow(2).sum((1, 2)) * slot_weight).sum()
-    entropy = ((entropy_weight / n) * (_binary_entropy(xf * (4.0 * inv_temperature) * scale)
-                                       .sum((1, 2)) * slot_weight).sum()
-               if entropy_weight else xf.new_zeros(()))
-    return commitment, entropy
+    scale, xf = slot_scale[:, None, None], x.float()
+    return _terms(xf, _slot_signs(x, scale), xf * (4.0 * inv_temperature) * scale, slot_weight,
+                  x.shape[1], x.shape[2], commitment_cost, entropy_weight)
 
 
 def lfq_terms_backward(grad_commitment, grad_entropy, x, slot_scale, slot_weight,
                        commitment_cost, entropy_weight, inv_temperature):
     """See ``vqfast.kernels.lfq_terms_backward``."""
-    n, d = x.shape[1], x.shape[2]
     scale, weight = slot_scale[:, None, None], slot_weight[:, None, None]
-    xf = x.float()
-    grad = torch.zeros_like(xf)
-    if commitment_cost:
-        sign = torch.where(x > 0, scale, -scale).to(x.dtype).float()
-        grad = grad + (grad_commitment * (2.0 * commitment_cost / (n * d))) * weight * (xf - sign)
-    if entropy_weight:
-        t_scale = 4.0 * inv_temperature * scale
-        t = xf * t_scale
-        grad = grad - (grad_entropy * (entropy_weight / n)) * weight * t_scale * (
-            t * torch.sigmoid(t) * torch.sigmoid(-t))
+    xf, t_scale = x.float(), 4.0 * inv_temperature * scale
+    grad = _terms_grad(torch.zeros_like(xf), grad_commitment, grad_entropy, xf,
+                       _slot_signs(x, scale), xf * t_scale, t_scale, weight, x.shape[1],
+                       x.shape[2], commitment_cost, entropy_weight)
     return grad.to(x.dtype)

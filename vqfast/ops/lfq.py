@@ -1,6 +1,8 @@
 """LFQ's codebook entropy: custom ops over the streamed Triton kernels
 (``vqfast.kernels.lfq_entropy``) or the torch backend's tiles, and its autograd.Function."""
 
+from typing import Optional
+
 import torch
 
 from .dispatch import _impl, custom_op
@@ -68,16 +70,6 @@ def codebook_entropy(x, inv_temperature, backend="torch", precision="ieee", batc
     return _CodebookEntropy.apply(x, inv_temperature, backend, precision)
 
 
-def per_sample_entropy(x, inv_temperature):
-    """``mean_n H(p(.|x_n))`` of ``x: [..., N, d]`` (``[...]``) in closed form: the code
-    distribution of a vector factorises into independent channels, ``p(c_i = 1) =
-    sigmoid(4 * inv_temperature * x_i)``, so its entropy is the sum of binary entropies
-    ``sigma(t) softplus(-t) + sigma(-t) softplus(t)``."""
-    t = x.float() * (4.0 * inv_temperature)
-    softplus = torch.nn.functional.softplus
-    return (torch.sigmoid(t) * softplus(-t) + torch.sigmoid(-t) * softplus(t)).sum(-1).mean(-1)
-
-
 # --- quantization and the per-vector terms -------------------------------------------------
 
 @custom_op("lfq_quantize", mutates_args=())
@@ -98,7 +90,7 @@ def _(x, scale, commitment_cost, entropy_weight, inv_temperature, backend):
 
 
 @custom_op("lfq_quantize_backward", mutates_args=())
-def _lfq_quantize_backward_op(grad_q: torch.Tensor, grad_commitment: torch.Tensor,
+def _lfq_quantize_backward_op(grad_q: Optional[torch.Tensor], grad_commitment: torch.Tensor,
                               grad_entropy: torch.Tensor, x: torch.Tensor, scale: float,
                               commitment_cost: float, entropy_weight: float,
                               inv_temperature: float, backend: str) -> torch.Tensor:
@@ -133,12 +125,10 @@ class _LFQQuantize(torch.autograd.Function):
     def backward(ctx, grad_q, grad_commitment, grad_entropy, grad_codes, grad_counts):
         x, = ctx.saved_tensors
         scale, commitment_cost, entropy_weight, inv_temperature, backend = ctx.options
-        if grad_q is None:
-            grad_q = torch.zeros_like(x)
         commitment_cost, entropy_weight, grad_commitment, grad_entropy = _used_terms(
             x, commitment_cost, entropy_weight, grad_commitment, grad_entropy)
-        grad_x = _lfq_quantize_backward_op(
-            grad_q.contiguous(), grad_commitment, grad_entropy, x, scale, commitment_cost,
+        grad_x = _lfq_quantize_backward_op(  # (no grad_q: q unused, the terms' gradients alone)
+            None if grad_q is None else grad_q.contiguous(), grad_commitment, grad_entropy, x, scale, commitment_cost,
             entropy_weight, inv_temperature, backend)
         return grad_x, None, None, None, None, None
 
