@@ -195,3 +195,41 @@ def test_bench_part_launches_are_recorded_from_its_own_code():
         assert kernel in kernels
     assert "acq_rel" in constants and "relaxed" in constants
     assert "*bf16" in x_types and "*fp32" in x_types
+
+
+def test_harvest_brings_back_only_what_the_carried_cache_lacks_and_merges(tmp_path, monkeypatch):
+    """``benchmarks.gpu.cache harvest`` (GPU machine): the run's cache entries that the
+    carried cache lacks, intermediate IRs dropped; ``merge`` (back on the CPU machine) adds
+    them, paths pointing at their new place, and refuses another triton build's."""
+    import argparse
+    import json
+    from pathlib import Path
+    from benchmarks.gpu import cache as C
+    monkeypatch.setattr(C, "_triton_key_sha256", lambda: "k" * 64)
+
+    def entry(root, name, files):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for f in files:
+            (folder / f).write_text(f)
+        group = {f: str(folder / f) for f in files}
+        (folder / "__grp__k.json").write_text(json.dumps({"child_paths": group}))
+    carried, run = tmp_path / "carried", tmp_path / "run"
+    entry(carried, "OLD", ["k.json", "k.cubin"])
+    (carried / "manifest.json").write_text(json.dumps({"triton_key_sha256": "k" * 64}))
+    entry(run, "OLD", ["k.json", "k.cubin"])
+    entry(run, "NEW", ["k.json", "k.cubin", "k.ttir", "k.llir"])
+    tarball = tmp_path / "new.tar.gz"
+    assert C.harvest(argparse.Namespace(cache_dir=str(run), carried=str(carried),
+                                        tarball=str(tarball))) == 0
+    assert C.merge(argparse.Namespace(tarball=str(tarball), cache=str(carried))) == 0
+    assert sorted(p.name for p in (carried / "NEW").iterdir()) == ["__grp__k.json", "k.cubin",
+                                                                     "k.json"]
+    group = json.loads((carried / "NEW" / "__grp__k.json").read_text())["child_paths"]
+    assert all(Path(p).parent == carried / "NEW" and Path(p).exists() for p in group.values())
+    assert json.loads((carried / "manifest.json").read_text())["harvested"] == 1
+    monkeypatch.setattr(C, "_triton_key_sha256", lambda: "x" * 64)
+    C.harvest(argparse.Namespace(cache_dir=str(run), carried=str(tmp_path / "none"),
+                                 tarball=str(tarball)))
+    with pytest.raises(SystemExit, match="another triton build"):
+        C.merge(argparse.Namespace(tarball=str(tarball), cache=str(carried)))

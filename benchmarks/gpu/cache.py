@@ -20,6 +20,8 @@ triton version, one Python and one GPU architecture:
     python -m benchmarks.gpu.cache build --python python3.12 --python-path DIR  # .triton-cache/
     python -m benchmarks.gpu.cache check          # every recorded launch hits it (no GPU)
     python -m benchmarks.gpu.cache install DEST   # on the GPU machine: DEST is then the cache
+    python -m benchmarks.gpu.cache harvest DEST OUT/triton-cache-new.tar.gz   # after the run
+    python -m benchmarks.gpu.cache merge triton-cache-new.tar.gz   # back here: add it
 
 ``check`` and ``build`` need this machine's triton at the cache's version first on the
 path (``--triton-path``). ``install`` copies the cache to DEST with its paths rewritten
@@ -326,9 +328,7 @@ def install(args) -> int:
         print(f"no carried Triton cache at {cache}: kernels compile on this machine")
         return 0
     manifest = install_to(cache, Path(args.dest))
-    from triton.runtime.cache import triton_key
-    ours = hashlib.sha256(triton_key().encode()).hexdigest()
-    if ours == manifest["triton_key_sha256"]:
+    if _triton_key_sha256() == manifest["triton_key_sha256"]:
         print(f"carried Triton cache installed in {args.dest}: {manifest['kernels']} kernel "
               f"specialisations and {manifest['launchers']} launchers for this triton "
               f"({manifest['triton']}, {manifest['arch']})")
@@ -336,6 +336,62 @@ def install(args) -> int:
         print(f"carried Triton cache installed in {args.dest}, but it was built for another "
               f"triton build ({manifest['triton']}, Python {manifest['python']}): its kernels "
               f"will miss and compile here")
+    return 0
+
+
+def _triton_key_sha256() -> str:
+    from triton.runtime.cache import triton_key
+    return hashlib.sha256(triton_key().encode()).hexdigest()
+
+
+def harvest(args) -> int:
+    """On the GPU machine, after the run: what triton compiled there (the cache's entries
+    the carried cache lacks), as a tarball to bring back and ``merge`` (the next run then
+    compiles none of it)."""
+    import tarfile
+    cache, carried = Path(args.cache_dir), Path(args.carried)
+    new = sorted(d for d in cache.iterdir() if d.is_dir() and not (carried / d.name).exists())
+    if not new:
+        print(f"harvest: nothing compiled outside the carried cache in {cache}")
+        return 0
+    with tempfile.TemporaryDirectory() as scratch:
+        staged = Path(scratch) / "cache"
+        staged.mkdir()
+        for entry in new:
+            shutil.copytree(entry, staged / entry.name)
+        regroup(staged, keep=KEEP)
+        (staged / "harvest.json").write_text(json.dumps(
+            {"triton_key_sha256": _triton_key_sha256(), "entries": len(new),
+             "date": datetime.date.today().isoformat()}))
+        with tarfile.open(args.tarball, "w:gz") as tar:
+            tar.add(staged, arcname="cache")
+    size = Path(args.tarball).stat().st_size
+    print(f"harvest: {len(new)} cache entries compiled on this machine -> {args.tarball} "
+          f"({size / 2**20:.1f} MiB; python -m benchmarks.gpu.cache merge it)")
+    return 0
+
+
+def merge(args) -> int:
+    """Add a GPU run's ``harvest`` to the carried cache (built for the same triton)."""
+    import tarfile
+    cache = Path(args.cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    with tempfile.TemporaryDirectory() as scratch:
+        with tarfile.open(args.tarball) as tar:
+            tar.extractall(scratch, filter="data")
+        staged = Path(scratch) / "cache"
+        harvested = json.loads((staged / "harvest.json").read_text())
+        if harvested["triton_key_sha256"] != manifest["triton_key_sha256"]:
+            sys.exit("this harvest comes from another triton build than the cache's")
+        added = 0
+        for entry in staged.iterdir():
+            if entry.is_dir() and not (cache / entry.name).exists():
+                shutil.copytree(entry, cache / entry.name)
+                added += 1
+    regroup(cache)
+    manifest["harvested"] = manifest.get("harvested", 0) + added
+    (cache / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    print(f"merged {added} cache entries compiled on a GPU into {cache}")
     return 0
 
 
@@ -363,6 +419,14 @@ def main(argv=None) -> int:
     i = commands.add_parser("install", help="copy the cache to DEST (GPU machine)")
     i.add_argument("dest")
     i.add_argument("--cache", default=str(DEFAULT))
+    h = commands.add_parser("harvest", help="what triton compiled outside the carried cache, "
+                            "as a tarball (GPU machine)")
+    h.add_argument("cache_dir", help="the run's TRITON_CACHE_DIR")
+    h.add_argument("tarball")
+    h.add_argument("--carried", default=str(DEFAULT))
+    m = commands.add_parser("merge", help="add a harvest to the carried cache (CPU machine)")
+    m.add_argument("tarball")
+    m.add_argument("--cache", default=str(DEFAULT))
     for sub in (b, c):
         sub.add_argument("--triton-path", help="a folder with triton at the cache's version")
         sub.add_argument("--jobs", type=int, default=os.cpu_count())
@@ -379,7 +443,8 @@ def main(argv=None) -> int:
     if args.command == "selection":
         print("\n".join(CORRECTNESS))
         return 0
-    return {"build": build, "check": check, "install": install}[args.command](args)
+    return {"build": build, "check": check, "install": install, "harvest": harvest,
+            "merge": merge}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@
 #   5 family              bench.*: residual/grouped/cosine, encode, SimVQ, IBQ, LFQ/FSQ, residual FSQ/LFQ, VAR,
 #                         models with and without vqfast.patch
 #   6 quality             train.json: the quality benchmark's curves with the time left
+#   triton-cache-new.tar.gz  after the parts: what triton compiled on the machine, for
+#                         `python -m benchmarks.gpu.cache merge` into the carried cache
 #   SUMMARY.md            parts, times, tests, headline ratios beside PREDICTION.md, and
 #                         per part the kernel builds triton compiled on the machine or found
 #                         in its cache (compiles.jsonl)
@@ -218,7 +220,7 @@ wheel_site=/tmp/vqfast-wheels
 if [[ $dry_run -eq 0 ]] && compgen -G "wheels/*.whl" > /dev/null; then
     export PYTHONPATH="$wheel_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-if [[ $dry_run -eq 0 && -f .triton-cache/manifest.json ]]; then  # installed there by install
+if [[ $dry_run -eq 0 ]]; then  # triton's cache for the run (install puts the carried one there)
     export TRITON_CACHE_DIR=/tmp/vqfast-triton-cache
 fi
 export VQFAST_COMPILE_LOG="$out/compiles.jsonl"
@@ -235,6 +237,10 @@ run_part bench 90 bench
 run_part train 50 train
 run_part family 90 family
 run_part quality 20 quality
+if [[ $dry_run -eq 0 ]]; then  # what triton compiled here, for the next run to carry
+    "$py" -m benchmarks.gpu.cache harvest "$TRITON_CACHE_DIR" "$out/triton-cache-new.tar.gz" \
+        2>&1 | tee -a "$out/cache.log"
+fi
 echo "=== wrote $(ls "$out" | tr '\n' ' ')"
 cat "$out/SUMMARY.md" 2>/dev/null | head -60
 exit $failed
