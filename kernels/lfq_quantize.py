@@ -319,7 +319,9 @@ def aot_variants():
                "grad_entropy_ptr": "*fp32", "grad_x_ptr": PTR[dtype], **stand_in, "N": "i32",
                "D": "i32", "S": "i32", "scale": "fp32", "commitment_grad_scale": "fp32",
                "entropy_grad_scale": "fp32", "t_scale": "fp32"}
-        for commitment in (True, False):
+        # (grad_q: q's gradient, or none when q took none; the slots' terms never have one)
+        for commitment, grad_q in itertools.product((True, False), (False,) if slots else
+                                                    (True, False)):
             yield (f"lfq_quantize_backward[{dtype},commitment={commitment},entropy={entropy},"
-                   f"slots={slots}]", _lfq_quantize_backward_kernel, sig,
-                   dict(consts, COMMITMENT=commitment, GRAD_Q=not slots), options)
+                   f"slots={slots},grad_q={grad_q}]", _lfq_quantize_backward_kernel, sig,
+                   dict(consts, COMMITMENT=commitment, GRAD_Q=grad_q), options)

@@ -68,11 +68,12 @@ def codes_transposed(tile_ptr, local_codes, dims, code_mask, D, UPCAST: tl.const
 @triton.jit
 def tf32_split(v):
     """``(hi, lo)``: fp32 ``v`` rounded to tf32 (to nearest, as triton's own tf32x3 split)
-    and the rest, 0 where ``v`` is not finite (the rest of an infinity would be a NaN)."""
-    finite = tl.abs(v) < float("inf")
+    and the rest, ``hi + lo == v``; where the rounding is not finite (``v`` an infinity or
+    a NaN, or within half a tf32 step of fp32's largest), ``v`` itself and 0."""
     bits = v.to(tl.uint32, bitcast=True)
-    hi = tl.where(finite, (bits + 0x1000) & 0xFFFFE000, bits).to(tl.float32, bitcast=True)
-    return hi, tl.where(finite, v - hi, 0.0)
+    rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    finite = tl.abs(rounded) < float("inf")
+    return tl.where(finite, rounded, v), tl.where(finite, v - rounded, 0.0)
 
 
 @triton.jit
@@ -80,7 +81,9 @@ def dot_tf32x3(a, b, acc):
     """``acc + a @ b`` in three tf32 tensor-core products (hi.hi + hi.lo + lo.hi: about fp32's
     accuracy), into one accumulator: triton's own ``tf32x3`` sums the small products in a
     second one and scrubs its NaNs per dot, 32 registers and ~100 instructions more per
-    chunk; the operands are scrubbed here instead (``tf32_split``)."""
+    chunk. Exact-input rows agree with it; a row with an infinite channel (whose distances
+    are not finite either way) may pick another code: an infinite hi times a small lo of
+    the other sign adds a NaN here, which triton's scrub drops."""
     a_hi, a_lo = tf32_split(a)
     b_hi, b_lo = tf32_split(b)
     acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")

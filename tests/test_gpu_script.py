@@ -13,10 +13,10 @@ import pytest
 from benchmarks.gpu import report
 
 REPO = Path(__file__).resolve().parents[1]
-FILES = ["env.json", "precompile.log", "compiles.jsonl", "tests.xml", "tests.log", "bench.json", "bench.md", "bench.png",
+FILES = ["env.json", "cache.log", "precompile.log", "compiles.jsonl", "tests.xml", "tests.log", "bench.json", "bench.md", "bench.png",
          "train.json", "SUMMARY.md"]
 PARTS = ("install", "precompile", "correctness", "bench", "train", "family", "quality")
-PART_FILES = {"install": ["env.json"], "precompile": ["precompile.log", "compiles.jsonl"],
+PART_FILES = {"install": ["env.json", "cache.log"], "precompile": ["precompile.log", "compiles.jsonl"],
               "correctness": ["tests.xml", "tests.log"],
               "bench": ["bench.json", "bench.md", "bench.png"], "train": ["train.json"],
               "family": ["bench.json", "bench.md"], "quality": ["train.json"]}

@@ -79,20 +79,22 @@ def _tf32_split_kernel(v_ptr, hi_ptr, lo_ptr, N: tl.constexpr):
 
 def test_tf32_split_is_exact_and_rounds_to_nearest():
     """The tf32x3 search's operand split: hi a tf32 value (13 low mantissa bits clear), the
-    tf32 nearest to v (|lo| at most half a tf32 step), hi + lo == v exactly; an infinity or
-    a NaN keeps itself as hi and 0 as lo (no NaN from inf - inf)."""
-    v = torch.cat([torch.randn(250, device=DEVICE) * 10.0 ** torch.randint(-20, 20, (250,), device=DEVICE),
+    tf32 nearest to v (|lo| at most half a tf32 step), hi + lo == v exactly; an infinity,
+    a NaN or fp32's largest value (which rounds past it) keeps itself as hi and 0 as lo."""
+    v = torch.cat([torch.randn(249, device=DEVICE) * 10.0 ** torch.randint(-20, 20, (249,), device=DEVICE),
                    torch.tensor([1 + 2.0 ** -11, 1 + 3 * 2.0 ** -12, 0.0, -0.0, float("inf"),
-                                 float("-inf")], device=DEVICE)])
+                                 float("-inf"), torch.finfo(torch.float32).max], device=DEVICE)])
     v = torch.cat([v, torch.full((256 - v.numel(),), float("nan"), device=DEVICE)])
     hi, lo = torch.empty_like(v), torch.empty_like(v)
     _tf32_split_kernel[(1,)](v, hi, lo, N=256)
-    finite = v.isfinite()
+    largest = v == torch.finfo(torch.float32).max
+    assert hi[largest].item() == v[largest].item() and lo[largest].item() == 0
+    finite = v.isfinite() & ~largest
     assert bool((hi[finite].view(torch.int32) & 0x1FFF == 0).all())
     assert torch.equal(hi[finite] + lo[finite], v[finite])
     step = (hi[finite].abs().view(torch.int32) >> 23).sub(127 + 10).float().exp2()
     assert bool((lo[finite].abs() <= step / 2).all())
-    assert hi[250].item() == 1 + 2.0 ** -10 and hi[251].item() == 1 + 2.0 ** -10  # ties away
+    assert hi[249].item() == 1 + 2.0 ** -10 and hi[250].item() == 1 + 2.0 ** -10  # ties away
     assert torch.equal(hi[~finite & ~v.isnan()], v[~finite & ~v.isnan()])
     assert bool(hi[v.isnan()].isnan().all()) and bool((lo[~finite] == 0).all())
 

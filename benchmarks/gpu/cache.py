@@ -218,6 +218,13 @@ def build(args) -> int:
     if target["triton"] != triton.__version__:
         sys.exit(f"the GPU's triton is {target['triton']}, this one {triton.__version__}: "
                  f"put triton {target['triton']} first on the path (--triton-path)")
+    from triton.runtime.cache import triton_key
+    ours, theirs = triton_key().split("-"), target["key"].split("-")
+    if len(ours) != len(theirs) or sum(a != b for a, b in zip(ours, theirs)) > 1:
+        # (its key hashes its Python files and libtriton's bytes: only the last,
+        # the Python binding, may differ)
+        sys.exit("the GPU's triton differs from this one beyond its Python binding: its "
+                 "kernels compiled here would not be its own")
     out = Path(args.out).resolve()
     if out.exists():
         shutil.rmtree(out)
@@ -313,9 +320,9 @@ def check(args) -> int:
 
 
 def install_to(cache: Path, dest: Path) -> dict:
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(cache, dest)
+    """``cache`` copied into ``dest`` (beside what a warm machine already has there), every
+    group pointing at its files where they now are."""
+    shutil.copytree(cache, dest, dirs_exist_ok=True)
     regroup(dest)
     return json.loads((dest / "manifest.json").read_text())
 

@@ -9,13 +9,21 @@ import os
 from pathlib import Path
 
 
+_CALLBACKS = []  # on_build callbacks of the one listener installed
+
+
 def install(on_build=None) -> None:
     """Log every build (if ``$VQFAST_COMPILE_LOG`` is set) and call ``on_build(kernel,
-    cache_hit)`` for each, through triton's compilation listener."""
+    cache_hit)`` for each, through triton's compilation listener (installed once a
+    process; a later call only adds its callback)."""
     path = os.environ.get("VQFAST_COMPILE_LOG")
+    if on_build is not None:
+        _CALLBACKS.append(on_build)
+    from triton import knobs
+    if getattr(knobs.compilation.listener, "_vqfast_compile_log", False):
+        return
     if not path and on_build is None:
         return
-    from triton import knobs
     previous = knobs.compilation.listener
 
     def listener(*, src, cache_hit, **kwargs):
@@ -24,10 +32,11 @@ def install(on_build=None) -> None:
             with open(path, "a") as f:
                 f.write(json.dumps({"part": os.environ.get("VQFAST_PART", ""),
                                     "kernel": kernel, "cache_hit": bool(cache_hit)}) + "\n")
-        if on_build is not None:
-            on_build(kernel, cache_hit)
+        for callback in _CALLBACKS:
+            callback(kernel, cache_hit)
         if previous is not None:
             previous(src=src, cache_hit=cache_hit, **kwargs)
+    listener._vqfast_compile_log = True
     knobs.compilation.listener = listener
 
 

@@ -15,11 +15,12 @@
 #                         cache.log: the Triton cache carried in .triton-cache installed
 #                         (python -m benchmarks.gpu.cache build: kernels and launchers
 #                         built on a CPU machine for this GPU's triton, Python and arch)
+#                         (in the dry run: the carried cache checked, if built here)
 #   precompile            precompile.log: the benchmarks' kernels compiled on every core at
 #                         once into triton's cache (none where the carried cache has them);
 #                         then each recorded kernel looked up, and on a GPU each step run
 #                         once with triton's front end disabled (a launch the cache misses
-#                         fails, named); in the dry run, the carried cache checked first
+#                         fails, named)
 #   2 correctness         tests.xml, tests.log: every kernel against the oracle at several
 #                         shapes and dtypes, past 2**31 elements, a step under the CUDA sync
 #                         debugger, a VQ-VAE step in a CUDA graph (no JIT of every variant),
@@ -98,7 +99,14 @@ run_part() {
 
 install() {
     if [[ $dry_run -eq 1 ]]; then  # CI installed it already; only check the import
-        "$py" -c "import vqfast; print('vqfast', vqfast.__version__, 'from', vqfast.__file__)"
+        "$py" -c "import vqfast; print('vqfast', vqfast.__version__, 'from', vqfast.__file__)" \
+            || return
+        # the carried cache, if built here, looked up as the GPU's triton would (its triton
+        # version first on the path: $VQFAST_CACHE_TRITON, e.g. .ci-triton36)
+        "$py" -m benchmarks.gpu.cache check --optional \
+            ${VQFAST_CACHE_TRITON:+--triton-path "$VQFAST_CACHE_TRITON"} 2>&1 \
+            | tee "$out/cache.log"
+        [[ ${PIPESTATUS[0]} -eq 0 ]] || return 1
     else
         if [[ -f .triton-cache/manifest.json ]]; then  # carried along: where triton looks
             "$py" -m benchmarks.gpu.cache install "$TRITON_CACHE_DIR" 2>&1 | tee "$out/cache.log"
@@ -119,12 +127,6 @@ precompile() {
     local steps=(--steps all)
     if [[ $dry_run -eq 1 ]]; then  # the VQ-VAE shape's steps, into a cache of its own
         steps=(--steps vqvae)
-        # ... and the carried cache, if built here, looked up as the GPU's triton would
-        # (its triton version first on the path: $VQFAST_CACHE_TRITON, e.g. .ci-triton36)
-        "$py" -m benchmarks.gpu.cache check --optional \
-            ${VQFAST_CACHE_TRITON:+--triton-path "$VQFAST_CACHE_TRITON"} 2>&1 \
-            | tee "$out/precompile.log"
-        [[ ${PIPESTATUS[0]} -eq 0 ]] || return 1
         TRITON_CACHE_DIR="$(mktemp -d)" || return
         export TRITON_CACHE_DIR
         trap 'rm -rf "$TRITON_CACHE_DIR"' EXIT
@@ -133,7 +135,7 @@ precompile() {
     # a note, not a failure (the later parts compile what is missing).
     local left=$(( part_ends_at - $(date +%s) - 3 ))
     timeout -s INT -k 3 "$left" "$py" -m benchmarks.gpu.precompile "${steps[@]}" --check 2>&1 \
-        | tee -a "$out/precompile.log"
+        | tee "$out/precompile.log"
     local code=${PIPESTATUS[0]}
     if [[ $code -eq 124 ]]; then
         echo "precompile: cut at the part's limit" | tee -a "$out/precompile.log"
@@ -148,6 +150,7 @@ correctness() {
     # launches the carried Triton cache holds).
     local selection
     mapfile -t selection < <("$py" -m benchmarks.gpu.cache selection)
+    (( ${#selection[@]} )) || { echo "no test selection (benchmarks.gpu.cache selection)"; return 1; }
     if [[ $dry_run -eq 1 ]]; then  # the pipeline, not the suite (CI runs the suite itself)
         selection=(tests/test_modules.py -k "matches_oracle")
     fi
@@ -224,7 +227,7 @@ if [[ $dry_run -eq 0 ]]; then  # triton's cache for the run (install puts the ca
     export TRITON_CACHE_DIR=/tmp/vqfast-triton-cache
 fi
 export VQFAST_COMPILE_LOG="$out/compiles.jsonl"
-rm -f "$VQFAST_COMPILE_LOG"
+rm -f "$VQFAST_COMPILE_LOG" "$out/cache.log"  # (the logs parts append to)
 export dry_run out py wheel_site deadline
 export -f install precompile correctness bench train family quality
 

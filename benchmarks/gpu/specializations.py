@@ -7,7 +7,9 @@ interpreter, whose launches triton would specialise alike on a GPU:
     VQFAST_RECORD_SPECIALIZATIONS=specs.pkl TRITON_INTERPRET=1 \\
         python -m pytest -p benchmarks.gpu.specializations tests/test_kernels.py
 
-(``benchmarks.gpu.cache build --tests`` runs the GPU command's test selection this way.)
+(``benchmarks.gpu.cache build`` runs the GPU command's test selection this way.) A launch
+is recorded as a GPU's launcher would make it: ``UPCAST_DOT``, which the launchers set only
+under the interpreter, is recorded off.
 """
 
 import contextlib
@@ -80,6 +82,8 @@ class InterpretedRecorder:
                 fn, jit.create_function_from_signature(fn.signature, fn.params, backend))
         fn, binder = twin
         kwargs = jit_kwargs(fn, kwargs)
+        if kwargs.get("UPCAST_DOT"):  # the interpreter's 16-bit dots, upcast; never on a GPU
+            kwargs["UPCAST_DOT"] = False
         bound_args, specialization, options = binder(*args, **kwargs)
         key = (function.__name__, repr(specialization), repr(options))
         if key not in self.recorded:
