@@ -171,25 +171,31 @@ def test_carried_cache_is_built_checked_and_installed_elsewhere(tmp_path):
     assert run("check", "--cache", str(cache)).returncode == 1
 
 
+def _last_lines(script: str, count: int) -> list:
+    """The last ``count`` lines ``script`` prints, run by this Python with triton compiled
+    (not interpreted), from the repository's root."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True,
+                          text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-count:]
+
+
 @pytest.mark.slow
 def test_bench_part_launches_are_recorded_from_its_own_code():
     """``benchmarks.gpu.cache.record_bench``: the bench part's vqfast cases at its shapes
     (both dtypes, the nearest-code op and the EMA step, relaxed and acq_rel statistics
     atomics), each run once on CPU stand-ins with its launches bound as a GPU's JIT would."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    script = ("from benchmarks.gpu.cache import record_bench\n"
-              "specs = record_bench()\n"
-              "print(sorted({s['kernel'] for s in specs}))\n"
-              "print(sorted({str(v) for s in specs for v in s['constants'].values()}))\n"
-              "print(sorted({s['signature'].get('x_ptr', '') for s in specs}))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True,
-                          text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    kernels, constants, x_types = proc.stdout.strip().splitlines()[-3:]
+    kernels, constants, x_types = _last_lines(
+        "from benchmarks.gpu.cache import record_bench\n"
+        "specs = record_bench()\n"
+        "print(sorted({s['kernel'] for s in specs}))\n"
+        "print(sorted({str(v) for s in specs for v in s['constants'].values()}))\n"
+        "print(sorted({s['signature'].get('x_ptr', '') for s in specs}))\n", 3)
     for kernel in ("_nearest_code_kernel", "_gather_loss_kernel", "_ema_finalize_kernel",
                    "_quantize_backward_kernel"):
         assert kernel in kernels
@@ -233,3 +239,24 @@ def test_harvest_brings_back_only_what_the_carried_cache_lacks_and_merges(tmp_pa
                                  tarball=str(tarball)))
     with pytest.raises(SystemExit, match="another triton build"):
         C.merge(argparse.Namespace(tarball=str(tarball), cache=str(carried)))
+
+
+@pytest.mark.slow
+def test_family_part_launches_are_recorded_from_its_own_code():
+    """``benchmarks.gpu.cache.record_family``: vqfast's own family benchmarks at the cases
+    they take on CUDA (IBQ's CUDA cases, encode in bf16 too, residual VQ in tf32 too), with
+    ``auto`` resolving to Triton as for CUDA tensors, and only while recording."""
+    kernels, constants, auto = _last_lines(
+        "import torch\n"
+        "from benchmarks.gpu.cache import record_family\n"
+        "from vqfast.ops import dispatch\n"
+        "specs = record_family()\n"
+        "print(sorted({s['kernel'] for s in specs}))\n"
+        "print(sorted({str(v) for s in specs for v in s['constants'].values()}))\n"
+        "print(dispatch.resolve_backend('auto', torch.device('cpu')))\n", 3)
+    for kernel in ("_residual_forward_kernel", "_residual_backward_kernel", "_ibq_forward_kernel",
+                   "_lfq_quantize_kernel", "_residual_fsq_backward_kernel", "_nearest_code_kernel"):
+        assert kernel in kernels
+    import ast
+    assert "tf32" in ast.literal_eval(constants)  # (residual VQ's tf32 case, CUDA-only)
+    assert auto == "torch"

@@ -155,13 +155,61 @@ def record_bench() -> list:
     return [dict(spec, cases=["bench part"]) for spec in launches.recorded.values()]
 
 
+def record_family() -> list:
+    """The specialisations the GPU command's family part launches through vqfast's own
+    benchmarks (residual, encode, SimVQ, IBQ, residual FSQ / LFQ, multi-scale; the models
+    others wrote and the plain LFQ benchmark aside), from their own code at the cases, dtypes
+    and implementations they take on CUDA, on CPU stand-ins: launches stubbed, ``auto``
+    resolving to Triton as it does for CUDA tensors, each vqfast case run once and the
+    other libraries' cases not at all."""
+    import contextlib
+    import io
+    from unittest import mock
+
+    import torch
+
+    from benchmarks import encode, ibq, multiscale, residual, residual_lookup_free, sim_vq
+    from benchmarks.host import StubbedLaunches
+    from vqfast.ops import dispatch
+    launches, cpu, failed = StubbedLaunches(record=True), torch.device("cpu"), []
+
+    def once(row, make_step, device):  # (measure_into's stand-in: a row the run can report)
+        row.skipped = "not recorded"
+        if row.impl.startswith("vqfast"):
+            try:
+                make_step()()
+                row.median_ms, row.peak_mib, row.skipped = 1.0, 0.0, None
+            except LookupError as reason:  # a case the benchmark itself skips
+                row.skipped = str(reason)
+            except Exception as error:  # (all reported at the end)
+                failed.append(f"{row.impl}: {type(error).__name__}: {error}"[:300])
+    runs = [
+        (residual, lambda: residual.run(residual.CASES, cpu)),
+        (encode, lambda: encode.run(encode.CASES, cpu, (torch.float32, torch.bfloat16))),
+        (sim_vq, lambda: sim_vq.run(sim_vq.CASES, cpu)),
+        (ibq, lambda: ibq.run(ibq.CUDA_CASES, cpu, 0)),  # (budget 0: the [N, K] one skipped)
+        (residual_lookup_free, lambda: residual_lookup_free.run(residual_lookup_free.CASES, cpu)),
+        (multiscale, lambda: multiscale.run(multiscale.CASES, cpu)),
+    ]
+    with launches.stubbed(), contextlib.redirect_stdout(io.StringIO()), \
+            mock.patch.object(dispatch, "_auto_backend", lambda device: "triton"), \
+            mock.patch.object(residual, "IMPLS", {**residual.IMPLS, **residual.CUDA_IMPLS}):
+        for module, go in runs:
+            with mock.patch.object(module, "measure_into", once):
+                go()
+    if failed:
+        raise RuntimeError(f"the family part's cases failed on CPU stand-ins: {failed}")
+    return [dict(spec, cases=["family part"]) for spec in launches.recorded.values()]
+
+
 def _recorded_specs(which: str, only=None, tests=()) -> list:
     """The training steps' and the bench part's specialisations (recorded now) and
     ``tests``' (recorded by ``record_tests``), each once."""
     from benchmarks.gpu.precompile import steps
     from benchmarks.host import record_specializations
     specs = {}
-    recorded = record_specializations(steps(which)) + (record_bench() if which == "all" else [])
+    recorded = record_specializations(steps(which)) + (
+        record_bench() + record_family() if which == "all" else [])
     for spec in recorded + list(tests):
         key = repr([spec[k] for k in ("kernel", "signature", "constexprs", "attrs", "options")])
         if key in specs:

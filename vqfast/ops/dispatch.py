@@ -23,11 +23,16 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def _auto_backend(device: torch.device) -> str:
+    """What ``auto`` means for tensors on ``device``."""
+    return "triton" if device.type == "cuda" else "torch"
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto`` -> ``triton`` for CUDA tensors, ``torch`` otherwise; checks ``triton`` is usable."""
     check_backend(backend)
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return _auto_backend(device)
     if backend == "triton" and device.type != "cuda" and not _triton_interpreted():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got {device.type}); on CPU it runs only under "
