@@ -31,8 +31,10 @@ when it is there and its ``--dry-run`` checks it.
 """
 
 import argparse
+import contextlib
 import datetime
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -45,6 +47,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT = REPO / ".triton-cache"
@@ -88,17 +91,15 @@ def launcher_source(source, metadata) -> str:
     constants = {((names.index(i),) if isinstance(i, str) else i): v
                  for i, v in source.constants.items()}
     return driver.make_launcher(constants, dict(source.signature),
-                         getattr(metadata, "tensordesc_meta", None))
+                                getattr(metadata, "tensordesc_meta", None))
 
 
-def _build_one(job) -> tuple:
-    """``(kernel, launcher source, seconds)``: ``spec`` compiled into the cache."""
+def _build_one(job) -> str:
+    """``spec`` compiled into the cache: its launcher's source (see ``launcher_source``)."""
     from benchmarks.host import compile_recorded, recorded_source
     spec, gpu = job
-    start = time.perf_counter()
     source = recorded_source(spec)
-    compiled = compile_recorded(spec, gpu, source)
-    return spec["kernel"], launcher_source(source, compiled.metadata), time.perf_counter() - start
+    return launcher_source(source, compile_recorded(spec, gpu, source))
 
 
 def _launcher_key(source: str, platform: str) -> str:
@@ -125,34 +126,42 @@ def regroup(cache: Path, keep=None) -> int:
     return len(groups)
 
 
+@contextlib.contextmanager
+def _recording(part: str, *patches):
+    """Launches stubbed and recorded, the part's printing silenced, ``patches`` applied;
+    yields ``(specs, failed)``: after the block, ``specs`` holds the part's specialisations
+    (``failed``, lines the block added, fails it instead)."""
+    from benchmarks.host import StubbedLaunches
+    launches, specs, failed = StubbedLaunches(record=True), [], []
+    with contextlib.ExitStack() as stack:
+        for context in (launches.stubbed(), contextlib.redirect_stdout(io.StringIO()), *patches):
+            stack.enter_context(context)
+        yield specs, failed
+    if failed:
+        raise RuntimeError(f"the {part}'s cases failed on CPU stand-ins: {failed}")
+    specs += [dict(spec, cases=[part]) for spec in launches.recorded.values()]
+
+
 def record_bench() -> list:
     """The specialisations the GPU command's bench part launches (``python -m benchmarks
     --headline``, ``benchmarks.atomics``: vqfast's Triton path at their shapes and dtypes),
     from their own code on CPU stand-ins, launches stubbed and each case run once."""
-    import contextlib
-    import io
-    from unittest import mock
-
     import torch
 
     from benchmarks import atomics, suite
-    from benchmarks.host import StubbedLaunches
-    launches, cpu = StubbedLaunches(record=True), torch.device("cpu")
+    cpu = torch.device("cpu")
 
     def once(fn, device):
         fn()
         return 1.0
     shapes, dtypes = [suite.SEED, suite.LARGE], [torch.bfloat16, torch.float32]
-    with launches.stubbed(), contextlib.redirect_stdout(io.StringIO()), \
-            mock.patch.object(suite, "median_seconds", once), \
-            mock.patch.object(suite, "peak_extra_bytes", once), \
-            mock.patch.object(atomics, "median_seconds", once):
+    with _recording("bench part", mock.patch.object(suite, "median_seconds", once),
+                    mock.patch.object(suite, "peak_extra_bytes", once),
+                    mock.patch.object(atomics, "median_seconds", once)) as (specs, failed):
         rows = suite.run(shapes, ["nearest", "ema_step"], ["vqfast[triton]"], cpu, dtypes,
                          progress=lambda line: None) + atomics.run(shapes, dtypes, cpu)
-    failed = [r for r in rows if r.skipped]
-    if failed:
-        raise RuntimeError(f"the bench part's cases failed on CPU stand-ins: {failed}")
-    return [dict(spec, cases=["bench part"]) for spec in launches.recorded.values()]
+        failed += [r for r in rows if r.skipped]
+    return specs
 
 
 def record_family() -> list:
@@ -162,16 +171,11 @@ def record_family() -> list:
     and implementations they take on CUDA, on CPU stand-ins: launches stubbed, ``auto``
     resolving to Triton as it does for CUDA tensors, each vqfast case run once and the
     other libraries' cases not at all."""
-    import contextlib
-    import io
-    from unittest import mock
-
     import torch
 
     from benchmarks import encode, ibq, multiscale, residual, residual_lookup_free, sim_vq
-    from benchmarks.host import StubbedLaunches
     from vqfast.ops import dispatch
-    launches, cpu, failed = StubbedLaunches(record=True), torch.device("cpu"), []
+    cpu, failed = torch.device("cpu"), []
 
     def once(row, make_step, device):  # (measure_into's stand-in: a row the run can report)
         row.skipped = "not recorded"
@@ -191,15 +195,15 @@ def record_family() -> list:
         (residual_lookup_free, lambda: residual_lookup_free.run(residual_lookup_free.CASES, cpu)),
         (multiscale, lambda: multiscale.run(multiscale.CASES, cpu)),
     ]
-    with launches.stubbed(), contextlib.redirect_stdout(io.StringIO()), \
-            mock.patch.object(dispatch, "_auto_backend", lambda device: "triton"), \
-            mock.patch.object(residual, "IMPLS", {**residual.IMPLS, **residual.CUDA_IMPLS}):
+    every_impl = {**residual.IMPLS, **residual.CUDA_IMPLS}
+    with _recording("family part",
+                    mock.patch.object(dispatch, "_auto_backend", lambda device: "triton"),
+                    mock.patch.object(residual, "IMPLS", every_impl)) as (specs, errors):
         for module, go in runs:
             with mock.patch.object(module, "measure_into", once):
                 go()
-    if failed:
-        raise RuntimeError(f"the family part's cases failed on CPU stand-ins: {failed}")
-    return [dict(spec, cases=["family part"]) for spec in launches.recorded.values()]
+        errors += failed
+    return specs
 
 
 def _recorded_specs(which: str, only=None, tests=()) -> list:
@@ -285,7 +289,7 @@ def build(args) -> int:
     with _pool(args.jobs, target["key"]) as pool:
         built = list(pool.map(_build_one, [(spec, gpu) for spec in specs]))
     kernels_s = time.perf_counter() - start
-    launchers = sorted({source for _, source, _ in built if source is not None})
+    launchers = sorted({source for source in built if source is not None})
     with tempfile.TemporaryDirectory() as scratch:
         _stand_in_libcuda(scratch)
         jobs = os.path.join(scratch, "launchers.json")
@@ -297,9 +301,10 @@ def build(args) -> int:
     manifest = {
         "triton": target["triton"], "triton_key_sha256": hashlib.sha256(
             target["key"].encode()).hexdigest(), "triton_key": target["key"],
-        "python": target["python"], "ext_suffix": target["ext_suffix"], "platform": target["platform"],
-        "arch": f"sm_{args.arch}", "built": datetime.date.today().isoformat(),
-        "steps": args.steps, "only": args.only, "tests": len(tests), "kernels": len(specs), "launchers": len(launchers),
+        "python": target["python"], "ext_suffix": target["ext_suffix"],
+        "platform": target["platform"], "arch": f"sm_{args.arch}",
+        "built": datetime.date.today().isoformat(), "steps": args.steps, "only": args.only,
+        "tests": len(tests), "kernels": len(specs), "launchers": len(launchers),
         "specialisations": [{"kernel": s["kernel"], "cases": s["cases"]} for s in specs]}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -360,8 +365,8 @@ def check(args) -> int:
             misses = [m for m in pool.map(_check_one, [(s, gpu, manifest) for s in specs]) if m]
     print(f"carried Triton cache ({manifest['triton']}, "
           f"Python {manifest['python']}, {manifest['arch']}, built "
-          f"{manifest['built']}): {len(specs) - len(misses)} of {len(specs)} recorded kernel specialisations hit it, "
-          f"each with its launcher")
+          f"{manifest['built']}): {len(specs) - len(misses)} of {len(specs)} recorded kernel "
+          f"specialisations hit it, each with its launcher")
     for miss in misses:
         print(miss, file=sys.stderr)
     return 1 if misses else 0
@@ -405,7 +410,8 @@ def harvest(args) -> int:
     compiles none of it)."""
     import tarfile
     cache, carried = Path(args.cache_dir), Path(args.carried)
-    new = sorted(d for d in cache.iterdir() if d.is_dir() and not (carried / d.name).exists())
+    new = sorted(d for d in cache.iterdir() if d.is_dir()
+                 and not (carried / d.name).exists()) if cache.is_dir() else []
     if not new:
         print(f"harvest: nothing compiled outside the carried cache in {cache}")
         return 0
