@@ -104,7 +104,7 @@ class StubbedLaunches:
         saved = (jit.JITFunction.run, dispatch._triton_interpreted, _launch.interpreted,
                  _launch._current_device, _launch._current_stream)
         jit.JITFunction.run = run
-        _forget_fast_launches()
+        _launch.forget_fast_launches()
         dispatch._triton_interpreted = lambda: True  # backend="triton" on CPU stand-ins
         _launch.interpreted = lambda device: False  # ... launched as on a GPU
         # (vqfast's own launch path asks the CUDA driver for these: C calls)
@@ -115,7 +115,7 @@ class StubbedLaunches:
         finally:
             (jit.JITFunction.run, dispatch._triton_interpreted, _launch.interpreted,
              _launch._current_device, _launch._current_stream) = saved
-            _forget_fast_launches()  # their launches were stubs
+            _launch.forget_fast_launches()  # their launches were stubs
 
     def launched(self, name, key, args, grid=(1, 1, 1)) -> None:
         """A stubbed launch of kernel ``name`` (triton's cache key ``key``)."""
@@ -153,12 +153,6 @@ def _describe(arg):
     if isinstance(arg, torch.Tensor):
         return tuple(arg.shape), str(arg.dtype), arg.numel() * arg.element_size(), arg.data_ptr()
     return arg
-
-
-def _forget_fast_launches() -> None:
-    for kernel in _launch.LAUNCHED_KERNELS:
-        kernel.__dict__.pop("_vqfast_launches", None)
-    _launch.LAUNCHED_KERNELS.clear()
 
 
 class _Compiled:

@@ -180,7 +180,27 @@ FAST_LAUNCH = True  # off: every launch through triton's own path (the benchmark
 CHECK_LAUNCH_KEYS = os.environ.get("VQFAST_CHECK_LAUNCH_KEYS") == "1"
 
 _INT32 = (-2**31, 2**31)
+
+
+class _Recording(threading.local):
+    """The launches of a call being recorded for a plan (``vqfast.kernels._plan``):
+    ``(kernel, grid, args, fast-launch key or None)`` each, or ``None`` when none is."""
+    launches = None
+
+
+recording = _Recording()
 LAUNCHED_KERNELS: list = []  # the kernels with a fast-launch cache (``_vqfast_launches``)
+PLAN_CACHES: list = []  # the ops' launch plans (``vqfast.kernels._plan``), which replay them
+
+
+def forget_fast_launches() -> None:
+    """Drop every fast launch and every plan that replays them (the next launch of each key
+    takes triton's own path again)."""
+    for kernel in LAUNCHED_KERNELS:
+        kernel.__dict__.pop("_vqfast_launches", None)
+    LAUNCHED_KERNELS.clear()
+    for plans in PLAN_CACHES:
+        plans.clear()
 
 
 def _arg_key(args) -> tuple:
@@ -262,6 +282,8 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     cache = kernel.__dict__.get("_vqfast_launches")
     if cache is None:
         if not FAST_LAUNCH or not isinstance(kernel, _triton().JITFunction):
+            if recording.launches is not None:  # (a launch no plan can replay)
+                recording.launches.append((kernel, grid, args, None))
             kernel[grid](*args, **kwargs)
             return
         cache = kernel.__dict__["_vqfast_launches"] = {}
@@ -277,6 +299,8 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
             key = None
     if entry and getattr(kernel, "pre_run_hooks", None):  # hooks see triton's own launch
         entry = False
+    if recording.launches is not None:
+        recording.launches.append((kernel, grid, args, key))
     if not entry:  # None: first launch of this key; False: never fast
         compiled = kernel[grid](*args, **kwargs)
         if entry is None and key is not None and compiled is not None:

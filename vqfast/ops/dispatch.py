@@ -2,6 +2,8 @@
 runs an op (Triton kernels on CUDA, the torch path elsewhere), dtype and layout checks of
 the modules' inputs."""
 
+import functools
+import inspect
 import os
 
 import torch
@@ -51,6 +53,9 @@ class CustomOp:
     def __init__(self, name: str, fn, mutates_args):
         self.fn = fn
         self.op = torch.library.custom_op(f"vqfast::{name}", mutates_args=mutates_args)(fn)
+        params = list(inspect.signature(fn).parameters)
+        self._backend_at = params.index("backend") if "backend" in params else None
+        self._plans = None  # on the Triton backend: ``vqfast.kernels._plan``'s, by call key
 
     def register_fake(self, fake):
         return self.op.register_fake(fake)
@@ -60,10 +65,45 @@ class CustomOp:
         # argument is a tensor): the registered op
         if torch.compiler.is_compiling() or type(args[0]) not in _PLAIN:
             return self.op(*args)
+        at = self._backend_at
+        run = (self._planned if at is not None and len(args) > at and args[at] == "triton"
+               else self.fn)
         if torch.is_grad_enabled():  # as the op: its outputs never carry a graph
-            with torch.no_grad():
-                return self.fn(*args)
-        return self.fn(*args)
+            torch._C._set_grad_enabled(False)
+            try:
+                return run(*args)
+            finally:
+                torch._C._set_grad_enabled(True)
+        return run(*args)
+
+    def _planned(self, *args):
+        """The Triton backend's call through a launch plan (``vqfast.kernels._plan``): the
+        first call of a key runs the op and records it, later ones replay it."""
+        plan_module = _plan()
+        if not plan_module.planning(args[0].device):
+            return self.fn(*args)
+        key = plan_module.key_of(args)
+        plans = self._plans
+        if plans is None:
+            plans = self._plans = plan_module.new_plan_cache()
+        plan = plans.get(key) if key is not None else False
+        if plan:
+            return plan.replay(args)
+        if plan is False:
+            return self.fn(*args)
+        result, plan = plan_module.record(self.fn, args)
+        if len(plans) >= plan_module.MAX_PLANS:
+            plans.clear()
+        plans[key] = plan or False
+        return result
+
+
+@functools.cache
+def _plan():
+    """``vqfast.kernels._plan``, imported on the first Triton call (not with this module:
+    the torch backend needs no Triton)."""
+    from ..kernels import _plan as plan_module
+    return plan_module
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

@@ -1,0 +1,235 @@
+"""Launch plans: an op's launches replayed without re-deriving them.
+
+At small shapes an eager step costs what the host spends issuing it, and most of that is
+not the launches but what leads to them: the launchers' checks, block-size choices, grids,
+allocations and argument keys, re-derived at every call though they depend only on the
+shapes, dtypes and options of the call. A plan records one call of an op (a vqfast custom
+op's implementation on the Triton backend): the buffers it allocates, the launches it makes
+(the compiled kernel, its grid and its arguments, each tensor named as an input of the op,
+a buffer, or a view of either) and what it returns. Later calls with the same key (every
+argument's type and value, or a tensor's dtype, shape, strides, device and 16-byte
+alignment, and the global switches a launcher reads) allocate those buffers and call the
+compiled kernels' launchers directly.
+
+An op is planned only where replaying is exactly the call: a recording that runs any aten
+op but allocations and views (a fill, a copy, a host read), launches anything through
+triton's own path, or hands over a tensor from elsewhere is kept as "never planned" for its
+key, and that key always takes the op's own path. ``PLANS = False`` (or the launch-key
+check, ``VQFAST_CHECK_LAUNCH_KEYS=1``) turns plans off; ``_launch.forget_fast_launches()``
+drops them with the fast launches they replay.
+"""
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import _launch
+
+PLANS = True
+MAX_PLANS = 64  # per op: a key space this large is a sign of varying shapes
+
+# What a plan can replay: fresh buffers and views of tensors.
+_ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
+_ZEROS = {"zeros", "new_zeros", "zeros_like"}
+_FREE = {"detach", "alias", "lift_fresh"}
+
+def new_plan_cache() -> dict:
+    """An op's plans by call key (``_launch.forget_fast_launches`` clears them all)."""
+    plans = {}
+    _launch.PLAN_CACHES.append(plans)
+    return plans
+
+
+def planning(device: torch.device) -> bool:
+    """Whether calls on ``device`` may take plans: on CUDA, with vqfast's launch path on and
+    the launch-key check off (a stub of the launches, as the host-cost benchmark's, counts
+    as CUDA through ``_launch.interpreted``)."""
+    return (PLANS and _launch.FAST_LAUNCH and not _launch.CHECK_LAUNCH_KEYS
+            and not _launch.interpreted(device))
+
+
+def key_of(args) -> tuple | None:
+    """What a call's launches depend on: each argument's type and value, a tensor's dtype,
+    shape, strides, device and 16-byte alignment; the global switches the launchers read.
+    ``None``: an argument a plan cannot key."""
+    key = [torch.are_deterministic_algorithms_enabled(), _launch.STATS_SEM,
+           _launch._current_device(), _launch._triton().knobs.runtime.debug]
+    for a in args:
+        t = type(a)
+        if t is torch.Tensor or t is torch.nn.Parameter:  # (views of it keep its offset)
+            key.append((a.dtype, a.shape, a.stride(), a.get_device(), a.data_ptr() & 15))
+        elif t is bool or t is int or t is float or t is str or a is None:
+            key.append((t, a))
+        else:
+            return None
+    return tuple(key)
+
+
+class _Recording(TorchDispatchMode):
+    """The aten ops an op's call runs: its allocations kept, anything that is not an
+    allocation or a view noted (the call cannot be planned)."""
+
+    def __init__(self):
+        super().__init__()
+        self.buffers = []
+        self.zeroed = set()  # which buffers are zeroed as they are made
+        self.refused = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in _ALLOCATIONS:
+            self.buffers.append(out)
+        elif name in _ZEROS:  # a fresh buffer, zeroed (replayed as this same op)
+            self.buffers.append(out)
+            self.zeroed.add(len(self.buffers) - 1)
+        elif not (func.is_view or name in _FREE) and self.refused is None:
+            self.refused = name
+        return out
+
+
+def record(fn, args):
+    """Run ``fn(*args)`` as an op's own path and record it: ``(result, plan or None)``."""
+    recording = _Recording()
+    launches = _launch.recording.launches = []
+    try:
+        with recording:
+            result = fn(*args)
+    finally:
+        _launch.recording.launches = None
+    plan = None
+    if recording.refused is None and launches:
+        try:
+            plan = _Plan(args, recording.buffers, recording.zeroed, launches, result)
+        except _NotPlannable:
+            plan = None
+    return result, plan
+
+
+class _NotPlannable(Exception):
+    pass
+
+
+class _Plan:
+    """One recorded call: ``replay(args)`` makes its launches and returns its result, by a
+    function generated for it (allocations, views, the compiled kernels' launchers called
+    with the recorded grids and constants: no per-argument interpretation at replay)."""
+
+    __slots__ = ("device", "_replay")
+
+    def __init__(self, args, buffers, zeroed, launches, result):
+        self.device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        inputs, storages = {}, {}
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and a.untyped_storage().nbytes():
+                inputs.setdefault(a.untyped_storage().data_ptr(), i)
+        for j, b in enumerate(buffers):
+            if b.untyped_storage().nbytes():
+                storages.setdefault(b.untyped_storage().data_ptr(), j)
+        names = {}  # a constant's id -> its name in the generated function's globals
+        scope = {"empty_strided": torch.empty_strided, "zeros": torch.zeros,
+                 "device": self.device}
+        body, allocated, views, empties = [], {}, {}, []
+
+        def constant(value):
+            name = names.get(id(value))
+            if name is None:
+                name = names[id(value)] = f"c{len(names)}"
+                scope[name] = value
+            return name
+
+        def buffer(j):
+            name = allocated.get(j)
+            if name is None:
+                b = buffers[j]
+                name = allocated[j] = f"b{j}"
+                if j in zeroed:
+                    if not b.is_contiguous():
+                        raise _NotPlannable
+                    body.append(f"{name} = zeros({constant(tuple(b.shape))}, "
+                                f"dtype={constant(b.dtype)}, device=device)")
+                else:
+                    body.append(f"{name} = empty_strided({constant(tuple(b.shape))}, "
+                                f"{constant(b.stride())}, dtype={constant(b.dtype)}, "
+                                f"device=device)")
+            return name
+
+        def fresh(t):
+            name = f"e{len(empties)}"
+            empties.append(name)
+            body.append(f"{name} = empty_strided({constant(tuple(t.shape))}, "
+                        f"{constant(t.stride())}, dtype={constant(t.dtype)}, device=device)")
+            return name
+
+        def view(base, base_name, t, relative):
+            if t.dtype != base.dtype:
+                raise _NotPlannable
+            geometry = (tuple(t.shape), t.stride(), t.storage_offset() - base.storage_offset())
+            if geometry == (tuple(base.shape), base.stride(), 0):
+                return base_name
+            offset = (f"{base_name}.storage_offset() + {geometry[2]}" if relative
+                      else str(geometry[2]))
+            expression = (f"{base_name}.as_strided({constant(geometry[0])}, "
+                          f"{constant(geometry[1])}, {offset})")
+            name = views.get(expression)
+            if name is None:
+                name = views[expression] = f"v{len(views)}"
+                body.append(f"{name} = {expression}")
+            return name
+
+        def tensor(t):
+            """The expression of tensor ``t``: an input of the op, a buffer, a view of one."""
+            if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+                raise _NotPlannable
+            for j, b in enumerate(buffers):
+                if t is b:
+                    return buffer(j)
+            for i, a in enumerate(args):
+                if t is a:
+                    return f"args[{i}]"
+            if not t.untyped_storage().nbytes():  # no memory: any tensor of its geometry
+                return fresh(t)
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in storages:  # (fresh buffers start at offset 0)
+                j = storages[ptr]
+                return view(buffers[j], buffer(j), t, False)
+            if ptr in inputs:
+                i = inputs[ptr]
+                return view(args[i], f"args[{i}]", t, True)
+            raise _NotPlannable  # a tensor from elsewhere
+
+        for n, (kernel, grid, launch_args, key) in enumerate(launches):
+            entry = (kernel.__dict__.get("_vqfast_launches", {}).get(key)
+                     if key is not None else None)
+            if not entry or getattr(kernel, "pre_run_hooks", None):
+                raise _NotPlannable
+            full = [tensor(a) if isinstance(a, torch.Tensor) else constant(a)
+                    for a in launch_args]
+            full += [constant(a) for a in entry.tail]
+            grid = (*grid, 1, 1)[:3]
+            compiled = entry.compiled
+            scope[f"k{n}"] = compiled
+            body.append(f"a{n} = ({', '.join(full)},)")
+            body.append(f"k{n}.run({grid[0]}, {grid[1]}, {grid[2]}, stream, "
+                        f"{constant(compiled.function)}, {constant(compiled.packed_metadata)}, "
+                        f"None if enter is None else k{n}.launch_metadata({constant(grid)}, "
+                        f"stream, *a{n}), enter, leave, *a{n})")
+        single = not isinstance(result, tuple)
+        outs = (result,) if single else result
+        if any(o is not None and not isinstance(o, torch.Tensor) for o in outs):
+            raise _NotPlannable
+        returned = ["None" if o is None else tensor(o) for o in outs]
+        body.append(f"return {returned[0]}" if single else f"return ({', '.join(returned)},)")
+        source = "def replay(args, stream, enter, leave):\n" + "".join(
+            f"    {line}\n" for line in body)
+        exec(compile(source, f"<vqfast plan: {len(launches)} launches>", "exec"), scope)
+        self._replay = scope["replay"]
+
+    def replay(self, args):
+        knobs = _launch._triton().knobs
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        device = self.device
+        if _launch._other_cuda_device(device):
+            with torch.cuda.device(device):
+                return self._replay(args, _launch._current_stream(device.index), enter, leave)
+        return self._replay(args, _launch._current_stream(_launch._current_device()), enter,
+                            leave)
