@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 import vqfast  # noqa: E402
 from vqfast import reference  # noqa: E402
 
-from vqfast.kernels import _launch  # noqa: E402
+from vqfast.kernels import _launch, _plan  # noqa: E402
 
 from .gpu.specializations import describe, jit_kwargs, sm90  # noqa: E402
 from .measure import save_report  # noqa: E402
@@ -325,6 +325,8 @@ def _cases():
     image = (B, D, H, W)
     return [
         ("VectorQuantizerEMA (defaults)", lambda b: vqfast.VectorQuantizerEMA(K, D, backend=b), image, "vqfast"),
+        ("VectorQuantizerEMA (defaults), no launch plans",
+         lambda b: vqfast.VectorQuantizerEMA(K, D, backend=b), image, "vqfast, no launch plans"),
         ("VectorQuantizerEMA (defaults), every launch through triton's JITFunction.run",
          lambda b: vqfast.VectorQuantizerEMA(K, D, backend=b), image, "vqfast, triton's launch path"),
         ("VectorQuantizer (defaults)", lambda b: vqfast.VectorQuantizer(K, D, backend=b), image, "vqfast"),
@@ -420,12 +422,15 @@ class _Case:
 
     @contextlib.contextmanager
     def _launch_path(self):
-        """vqfast's launch path (``kernels._launch.launch``), or triton's own at every launch."""
+        """vqfast's launch path (launch plans, ``kernels._plan``, replaying the fast
+        launches of ``kernels._launch.launch``), the fast launches without plans, or
+        triton's own path at every launch."""
         _launch.FAST_LAUNCH = self.kind != "vqfast, triton's launch path"
+        _plan.PLANS = self.kind == "vqfast"
         try:
             yield
         finally:
-            _launch.FAST_LAUNCH = True
+            _launch.FAST_LAUNCH = _plan.PLANS = True
 
     def sample(self, steps: int) -> None:
         with self._launch_path():

@@ -52,7 +52,7 @@ def key_of(args) -> tuple | None:
     shape, strides, device and 16-byte alignment; the global switches the launchers read.
     ``None``: an argument a plan cannot key."""
     key = [torch.are_deterministic_algorithms_enabled(), _launch.STATS_SEM,
-           _launch._current_device(), _launch._triton().knobs.runtime.debug]
+           _launch._triton().knobs.runtime.debug]  # (the launchers run on the tensors' device)
     for a in args:
         t = type(a)
         if t is torch.Tensor or t is torch.nn.Parameter:  # (views of it keep its offset)

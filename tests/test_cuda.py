@@ -104,3 +104,46 @@ def test_cuda_graph_of_a_vqvae_step_tracks_eager():
     batches = [torch.rand(16, 3, 32, 32, device=DEVICE) - 0.5 for _ in range(8)]
     result = train.cuda_graph(args, DEVICE, batches)
     assert result["matches_eager"], result
+
+
+@cuda_only
+def test_planned_training_steps_compute_what_the_ops_compute(monkeypatch):
+    """Launch plans (``vqfast.kernels._plan``) on a GPU: every quantizer's training steps
+    with their ops' calls replayed from plans give the outputs, gradients and state of the
+    ops' own calls (the CPU tests compare the launches; this, what they compute)."""
+    from benchmarks import host
+    from vqfast.kernels import _launch, _plan
+    monkeypatch.setattr(_launch, "CHECK_LAUNCH_KEYS", False)  # (which turns plans off)
+
+    def run(plans):
+        monkeypatch.setattr(_plan, "PLANS", plans)
+        _launch.forget_fast_launches()
+        results = {}
+        for name, build, shape, kind in host._cases():
+            if kind != "vqfast":
+                continue
+            torch.manual_seed(0)
+            module = build("auto").to(DEVICE).train()
+            x = torch.randn(*shape, device=DEVICE, requires_grad=True)
+            grads = [None, None]
+            seen = []
+            for _ in range(3):
+                out = module(x)
+                seen += [t.detach().clone() for t in out if isinstance(t, torch.Tensor)]
+                loss, q = host._loss_and_output(out, x)
+                if grads[0] is None:
+                    grads[:] = [torch.randn_like(q), None if loss is None else torch.ones_like(loss)]
+                outputs = (q,) if loss is None else (q, loss)
+                torch.autograd.backward(outputs, grads[:len(outputs)])
+                seen.append(x.grad.clone())
+                x.grad = None
+            seen += [t.detach().clone() for t in module.state_dict().values()
+                     if isinstance(t, torch.Tensor)]
+            results[name] = seen
+        return results
+
+    own, planned = run(False), run(True)
+    for name in own:
+        assert len(own[name]) == len(planned[name]), name
+        for a, b in zip(own[name], planned[name]):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
