@@ -17,6 +17,7 @@ import torch
 
 import vqfast
 from vqfast.ops import lfq as lfq_ops
+from vqfast.ops.dispatch import resolve_backend
 
 from .measure import median_seconds, peak_extra_bytes
 from .suite import device_line, environment, memory_budget, save_side_report
@@ -57,8 +58,8 @@ def lfq_cases(dims, n, device, progress=print, kind="lfq"):
         flat = z.movedim(1, -1).reshape(-1, d)
         if spherical:  # the entropy of u = z / |z| against codes ±1/sqrt(d)
             flat = torch.nn.functional.normalize(flat, dim=1) / d**0.5
-        backend = "triton" if device.type == "cuda" else "torch"
-        exact = float(lfq_ops.codebook_entropy(flat, 100.0, backend))
+        exact = float(lfq_ops.codebook_entropy(flat, 100.0,
+                                               resolve_backend("auto", flat.device)))
         ours = vqfast.LFQ(d, spherical=spherical).to(device)
         impls = [("vqfast (exact)", ours, 1.0)]
         for frac in (1.0, 0.25):
@@ -134,7 +135,8 @@ def markdown(env, rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The command line's options (its defaults: the cases the GPU command runs)."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.lookup_free", description=__doc__)
     parser.add_argument("--dims", type=int, nargs="+", default=[10, 14, 16, 18])
     parser.add_argument("--n", type=int, default=16384)
@@ -151,6 +153,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.dims, args.bsq_dims, args.n = [8, 10], [8], 1024
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = (torch.device("cuda" if torch.cuda.is_available() else "cpu")
               if args.device == "auto" else torch.device(args.device))
     env = environment(device)

@@ -327,8 +327,8 @@ def run(args, device, progress=print, deadline_s=None, partial=None):
     try:
         import vector_quantize_pytorch  # noqa: F401
     except ImportError:
-        configs = [c for c in configs if c != "vector-quantize-pytorch"]
-        progress("vector-quantize-pytorch not installed: its configuration is left out")
+        configs = [c for c in configs if not c.startswith("vector-quantize-pytorch")]
+        progress("vector-quantize-pytorch not installed: its configurations are left out")
     runs, models = [], {}
     per_run = deadline_s / (len(configs) * len(args.seeds)) if deadline_s else None
     for seed in args.seeds:

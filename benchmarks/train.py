@@ -224,13 +224,17 @@ def no_host_sync(args, device, batches):
     return {"passed": True}
 
 
+QUALITY_BATCH = 256  # the original's batch
+
+
 def quality_curves(args, device, batches):
     """The quality benchmark at the original's scale (batch 256) for as many steps as fit
     in ``--quality-seconds``, one seed: its summary and curves (see benchmarks.quality)."""
     from . import quality
     qargs = quality.parse_args(["--quick"] if args.dry_run else [])
     if not args.dry_run:
-        qargs.batch_size, qargs.steps, qargs.seeds, qargs.log_every = 256, 100_000, [0], 50
+        qargs.batch_size, qargs.steps, qargs.seeds, qargs.log_every = (QUALITY_BATCH, 100_000,
+                                                                       [0], 50)
     report, _, _ = quality.run(qargs, device, deadline_s=args.quality_seconds)
     best = min(report["summary"].items(), key=lambda item: item[1]["test_nmse"]["mean"])
     report["summary_line"] = (f"best test NMSE {best[1]['test_nmse']['mean']:.4f} ({best[0]}); "
@@ -244,7 +248,8 @@ PARTS = {"eager": eager, "compiled": compiled, "cuda_graph": cuda_graph,
          "quality": quality_curves}
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The command line's options, with the defaults that depend on ``--dry-run`` filled in."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="the JSON file to write")
@@ -268,11 +273,21 @@ def main(argv=None):
     args.steps = args.steps or (3 if args.dry_run else 50)
     args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (3 if args.dry_run else 10)
     args.num_hiddens = args.num_hiddens or (32 if args.dry_run else 128)
+    return args
+
+
+def batches_for(args, device) -> list:
+    """The 8 synthetic CIFAR-shaped batches every part steps through."""
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.rand(args.batch_size, 3, 32, 32, generator=generator) - 0.5).to(device)
+            for _ in range(8)]
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = (torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
               if args.device == "auto" else torch.device(args.device))
-    generator = torch.Generator().manual_seed(0)
-    batches = [(torch.rand(args.batch_size, 3, 32, 32, generator=generator) - 0.5).to(device)
-               for _ in range(8)]
+    batches = batches_for(args, device)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "batch_size": args.batch_size, "steps": args.steps,
               "dry_run": args.dry_run, "model": f"VQVAE({args.num_hiddens}, 2, 32, "

@@ -255,8 +255,28 @@ def test_family_part_launches_are_recorded_from_its_own_code():
         "print(sorted({str(v) for s in specs for v in s['constants'].values()}))\n"
         "print(dispatch.resolve_backend('auto', torch.device('cpu')))\n", 3)
     for kernel in ("_residual_forward_kernel", "_residual_backward_kernel", "_ibq_forward_kernel",
-                   "_lfq_quantize_kernel", "_residual_fsq_backward_kernel", "_nearest_code_kernel"):
+                   "_lfq_quantize_kernel", "_residual_fsq_backward_kernel", "_nearest_code_kernel",
+                   "_fsq_forward_kernel"):  # (the plain LFQ / BSQ / FSQ benchmark's)
         assert kernel in kernels
     import ast
     assert "tf32" in ast.literal_eval(constants)  # (residual VQ's tf32 case, CUDA-only)
+    assert auto == "torch"
+
+
+@pytest.mark.slow
+def test_train_and_quality_parts_launches_are_recorded_from_their_own_code():
+    """``benchmarks.gpu.cache.record_train``: the train part's VQ-VAE step and each vqfast
+    configuration of the quality part (training steps, then the evaluation), run from their
+    own code on CPU stand-ins (here at the ``--dry-run`` sizes)."""
+    kernels, auto = _last_lines(
+        "import torch\n"
+        "from benchmarks.gpu.cache import record_train\n"
+        "from vqfast.ops import dispatch\n"
+        "specs = record_train(dry_run=True)\n"
+        "print(sorted({s['kernel'] for s in specs}))\n"
+        "print(dispatch.resolve_backend('auto', torch.device('cpu')))\n", 2)
+    # the EMA step and its re-seeding, the learned codebook's, the residual configuration's
+    for kernel in ("_nearest_code_kernel", "_ema_finalize_kernel", "_reseed_codes_kernel",
+                   "_residual_forward_kernel", "_residual_backward_kernel"):
+        assert kernel in kernels
     assert auto == "torch"

@@ -164,16 +164,24 @@ def record_bench() -> list:
     return specs
 
 
-def record_family() -> list:
+def _once(fn, *args, **kwargs):
+    """A timing function's stand-in while recording: the call once, a time of 1."""
+    fn()
+    return 1.0
+
+
+def record_family(models: bool = True) -> list:
     """The specialisations the GPU command's family part launches through vqfast's own
-    benchmarks (residual, encode, SimVQ, IBQ, residual FSQ / LFQ, multi-scale; the models
-    others wrote and the plain LFQ benchmark aside), from their own code at the cases, dtypes
-    and implementations they take on CUDA, on CPU stand-ins: launches stubbed, ``auto``
-    resolving to Triton as it does for CUDA tensors, each vqfast case run once and the
-    other libraries' cases not at all."""
+    benchmarks (residual, encode, SimVQ, IBQ, residual FSQ / LFQ, multi-scale, LFQ / BSQ /
+    FSQ) and, with ``models``, through the models others wrote (``benchmarks.patched``,
+    ``benchmarks.codecs``: those whose library is installed here), from their own code at
+    the cases, dtypes and implementations they take on CUDA, on CPU stand-ins: launches
+    stubbed, ``auto`` resolving to Triton as it does for CUDA tensors, each case run once
+    (vector-quantize-pytorch's not at all)."""
     import torch
 
-    from benchmarks import encode, ibq, multiscale, residual, residual_lookup_free, sim_vq
+    from benchmarks import (codecs, encode, ibq, lookup_free, multiscale, patched, residual,
+                            residual_lookup_free, sim_vq)
     from vqfast.ops import dispatch
     cpu, failed = torch.device("cpu"), []
 
@@ -195,25 +203,82 @@ def record_family() -> list:
         (residual_lookup_free, lambda: residual_lookup_free.run(residual_lookup_free.CASES, cpu)),
         (multiscale, lambda: multiscale.run(multiscale.CASES, cpu)),
     ]
+    timed = [mock.patch.object(module, name, _once)
+             for module, names in ((lookup_free, ("median_seconds", "peak_extra_bytes")),
+                                   (patched, ("median_seconds", "one_call_seconds",
+                                              "peak_extra_bytes")),
+                                   (codecs, ("median_seconds", "one_call_seconds",
+                                             "peak_extra_bytes")))
+             for name in names]
     every_impl = {**residual.IMPLS, **residual.CUDA_IMPLS}
     with _recording("family part",
                     mock.patch.object(dispatch, "_auto_backend", lambda device: "triton"),
-                    mock.patch.object(residual, "IMPLS", every_impl)) as (specs, errors):
+                    mock.patch.object(residual, "IMPLS", every_impl),
+                    mock.patch.object(lookup_free, "_peer", lambda *args: None),
+                    *timed) as (specs, errors):
         for module, go in runs:
             with mock.patch.object(module, "measure_into", once):
                 go()
-        errors += failed
+        # the plain LFQ benchmark at its defaults (python -m benchmarks.lookup_free)
+        options = lookup_free.parse_args([])
+        rows = (lookup_free.lfq_cases(options.dims, options.n, cpu, progress=_quiet)
+                + lookup_free.lfq_cases(options.bsq_dims, options.n, cpu, progress=_quiet,
+                                        kind="bsq")
+                + lookup_free.fsq_cases(options.n, cpu, progress=_quiet))
+        errors += failed + [f"lookup_free {r.quantizer} d={r.d}: {r.skipped}" for r in rows
+                            if r.impl.startswith("vqfast") and r.skipped]
+        if models:
+            for module in (patched, codecs):
+                for row in module.run(False, cpu, progress=_quiet):
+                    if row.skipped and row.skipped != "library not installed":
+                        errors.append(f"{module.__name__} {row.case}: {row.skipped}")
+    return specs
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def record_train(dry_run: bool = False) -> list:
+    """The specialisations the GPU command's train and quality parts launch, from their own
+    code at their own sizes on CPU stand-ins (launches stubbed, ``auto`` resolving to
+    Triton): ``benchmarks.train``'s VQ-VAE training step (its k-means step, then a steady
+    one: the compiled, graphed and quantizer-only steps launch the same), and each of the
+    quality part's configurations (``benchmarks.quality`` at the batch the train part gives
+    it): two training steps and the evaluation of the test crops. ``dry_run``: the
+    CPU-sized options of ``--dry-run`` (a quick check of this recording)."""
+    import torch
+
+    from benchmarks import quality, train
+    from vqfast.ops import dispatch
+    cpu = torch.device("cpu")
+    args = train.parse_args(["--out", os.devnull, *(["--dry-run"] if dry_run else [])])
+    qargs = quality.parse_args(["--quick"] if dry_run else [])
+    qargs.steps, qargs.seeds, qargs.log_every = 2, [0], 1
+    if not dry_run:
+        qargs.batch_size = train.QUALITY_BATCH
+    with _recording("train part",
+                    mock.patch.object(dispatch, "_auto_backend", lambda device: "triton")) as (
+                        specs, failed):
+        model = train._model(args, cpu)
+        opt = train._optimizer(model, cpu)
+        for x in train.batches_for(args, cpu)[:2]:
+            train._step(model, opt, x)
+        crops = quality.load_crops()
+        for config in quality.CONFIGS:
+            if not config.startswith("vector-quantize-pytorch"):
+                quality.train_one(config, crops, qargs, 0, cpu)
     return specs
 
 
 def _recorded_specs(which: str, only=None, tests=()) -> list:
-    """The training steps' and the bench part's specialisations (recorded now) and
-    ``tests``' (recorded by ``record_tests``), each once."""
+    """The specialisations of the training steps and of the bench, family, train and quality
+    parts (recorded now) and ``tests``' (recorded by ``record_tests``), each once."""
     from benchmarks.gpu.precompile import steps
     from benchmarks.host import record_specializations
     specs = {}
     recorded = record_specializations(steps(which)) + (
-        record_bench() + record_family() if which == "all" else [])
+        record_bench() + record_family() + record_train() if which == "all" else [])
     for spec in recorded + list(tests):
         key = repr([spec[k] for k in ("kernel", "signature", "constexprs", "attrs", "options")])
         if key in specs:
