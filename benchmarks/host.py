@@ -21,7 +21,6 @@ adds no ops).
 import argparse
 import collections
 import contextlib
-import importlib
 import os
 import platform
 import statistics
@@ -41,7 +40,7 @@ from vqfast import reference  # noqa: E402
 
 from vqfast.kernels import _launch, _plan  # noqa: E402
 
-from .gpu.specializations import describe, jit_kwargs, sm90  # noqa: E402
+from .gpu.specializations import describe, import_kernel_module, jit_kwargs, sm90  # noqa: E402
 from .measure import save_report  # noqa: E402
 
 # Ops that launch nothing on a GPU: allocation, views, metadata.
@@ -133,7 +132,7 @@ def recorded_source(spec: dict):
     """A specialisation ``StubbedLaunches`` recorded, as the ``ASTSource`` triton's JIT
     builds for it."""
     from triton.compiler import ASTSource
-    kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+    kernel = getattr(import_kernel_module(spec["module"]), spec["kernel"])
     return ASTSource(kernel, spec["signature"], spec["constexprs"], spec["attrs"])
 
 

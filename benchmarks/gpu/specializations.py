@@ -9,7 +9,7 @@ interpreter, whose launches triton would specialise alike on a GPU:
 
 (``benchmarks.gpu.cache build`` runs the GPU command's test selection this way.) A launch
 is recorded as a GPU's launcher would make it: ``UPCAST_DOT``, which the launchers set only
-under the interpreter, is recorded off.
+under the interpreter, is recorded off. vqfast's kernels are recorded, and the tests' own.
 """
 
 import contextlib
@@ -48,6 +48,24 @@ def sm90():
     return make_backend(GPUTarget("cuda", 90, 32))
 
 
+def _recorded_module(name: str) -> bool:
+    """vqfast's kernels and the tests' own (a test module: ``test_*``, imported from
+    ``tests/``, as pytest imports it)."""
+    return name.startswith("vqfast.kernels") or name.startswith("test_")
+
+
+def import_kernel_module(name: str):
+    """The module of a recorded kernel, a test module imported from ``tests/``."""
+    import importlib
+    import sys
+    from pathlib import Path
+    if name.startswith("test_"):
+        tests = str(Path(__file__).resolve().parents[2] / "tests")
+        if tests not in sys.path:
+            sys.path.insert(0, tests)
+    return importlib.import_module(name)
+
+
 class InterpretedRecorder:
     """Under the Triton interpreter: each launch of a vqfast kernel bound, beside the
     interpreted run, by a JIT twin of the kernel, as a GPU's triton would bind it.
@@ -65,7 +83,7 @@ class InterpretedRecorder:
         recorder = self
 
         def recording_run(interpreted, *args, grid, warmup, **kwargs):
-            if interpreted.fn.__module__.startswith("vqfast.kernels"):
+            if _recorded_module(interpreted.fn.__module__):
                 recorder._bind(jit, backend, interpreted.fn, args, kwargs)
             return run(interpreted, *args, grid=grid, warmup=warmup, **kwargs)
         InterpretedFunction.run = recording_run
