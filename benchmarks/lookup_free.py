@@ -89,7 +89,8 @@ def lfq_cases(dims, n, device, progress=print, kind="lfq"):
                         row.codebook_entropy = float(breakdown.batch_entropy.detach())
                     else:
                         row.codebook_entropy = exact
-                    row.entropy_error = abs(row.codebook_entropy - exact) / exact
+                    row.entropy_error = (abs(row.codebook_entropy - exact) / exact
+                                         if exact else None)
                 except Exception as error:  # record it, go on
                     row.skipped = f"error: {type(error).__name__}: {str(error)[:100]}"
             progress(f"{kind} d={d:>2} {name:<58} "

@@ -7,14 +7,17 @@ shapes, dtypes and options of the call. A plan records one call of an op (a vqfa
 op's implementation on the Triton backend): the buffers it allocates, the launches it makes
 (the compiled kernel, its grid and its arguments, each tensor named as an input of the op,
 a buffer, or a view of either) and what it returns. Later calls with the same key (every
-argument's type and value, or a tensor's dtype, shape, strides, device and 16-byte
-alignment, and the global switches a launcher reads) allocate those buffers and call the
-compiled kernels' launchers directly.
+argument's type and value, or a tensor's dtype, shape, strides, device, 16-byte alignment
+and which earlier argument it is, and the global switches a launcher reads) allocate those
+buffers and call the compiled kernels' launchers directly.
 
-An op is planned only where replaying is exactly the call: a recording that runs any aten
-op but allocations and views (a fill, a copy, a host read), launches anything through
-triton's own path, or hands over a tensor from elsewhere is kept as "never planned" for its
-key, and that key always takes the op's own path. ``PLANS = False`` (or the launch-key
+A key's first call takes the op's own path and its second is recorded (a key seen once,
+such as an annealed float argument's, is never recorded). An op is planned only where
+replaying is exactly the call: a recording that runs any aten op but allocations, zeroed
+allocations and views (a fill, a copy, a host read), launches anything through triton's own
+path, hands over a tensor from elsewhere or takes two arguments that share memory is kept
+as "never planned" for its key, and that key always takes the op's own path; so does a plan
+one of whose kernels has gained a pre-run hook. ``PLANS = False`` (or the launch-key
 check, ``VQFAST_CHECK_LAUNCH_KEYS=1``) turns plans off; ``_launch.forget_fast_launches()``
 drops them with the fast launches they replay.
 """
@@ -49,19 +52,47 @@ def planning(device: torch.device) -> bool:
 
 def key_of(args) -> tuple | None:
     """What a call's launches depend on: each argument's type and value, a tensor's dtype,
-    shape, strides, device and 16-byte alignment; the global switches the launchers read.
-    ``None``: an argument a plan cannot key."""
+    shape, strides, device and 16-byte alignment, and which earlier argument it is (the same
+    tensor passed twice); the global switches the launchers read. ``None``: an argument a
+    plan cannot key."""
     key = [torch.are_deterministic_algorithms_enabled(), _launch.STATS_SEM,
            _launch._triton().knobs.runtime.debug]  # (the launchers run on the tensors' device)
-    for a in args:
+    first = {}
+    for i, a in enumerate(args):
         t = type(a)
         if t is torch.Tensor or t is torch.nn.Parameter:  # (views of it keep its offset)
-            key.append((a.dtype, a.shape, a.stride(), a.get_device(), a.data_ptr() & 15))
+            key.append((a.dtype, a.shape, a.stride(), a.get_device(), a.data_ptr() & 15,
+                        first.setdefault(id(a), i)))
         elif t is bool or t is int or t is float or t is str or a is None:
             key.append((t, a))
         else:
             return None
     return tuple(key)
+
+
+_SEEN_ONCE = object()  # a key called once: recorded at its second call
+
+
+def call(plans: dict, fn, args):
+    """``fn(*args)`` (an op's implementation on the Triton backend) through ``plans``, its
+    plans by call key: a key's first call runs ``fn`` (a key seen once, such as an annealed
+    float's, is not worth recording), its second records a plan, later ones replay it."""
+    if not planning(args[0].device):
+        return fn(*args)
+    key = key_of(args)
+    plan = plans.get(key) if key is not None else False
+    if plan.__class__ is _Plan:
+        return fn(*args) if plan.hooked() else plan.replay(args)
+    if plan is None:
+        if len(plans) >= MAX_PLANS:
+            plans.clear()
+        plans[key] = _SEEN_ONCE
+        return fn(*args)
+    if plan is not _SEEN_ONCE:  # (False: never planned)
+        return fn(*args)
+    result, plan = record(fn, args)
+    plans[key] = plan or False
+    return result
 
 
 class _Recording(TorchDispatchMode):
@@ -114,15 +145,21 @@ class _Plan:
     function generated for it (allocations, views, the compiled kernels' launchers called
     with the recorded grids and constants: no per-argument interpretation at replay)."""
 
-    __slots__ = ("device", "_replay")
+    __slots__ = ("device", "kernels", "_replay")
 
     def __init__(self, args, buffers, zeroed, launches, result):
         self.device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        self.kernels = tuple(dict.fromkeys(kernel for kernel, *_ in launches))
         inputs, storages = {}, {}
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor) and a.untyped_storage().nbytes():
-                inputs.setdefault(a.untyped_storage().data_ptr(), i)
+                ptr = a.untyped_storage().data_ptr()
+                if inputs.setdefault(ptr, i) != i and a is not args[inputs[ptr]]:
+                    raise _NotPlannable  # two arguments share memory: whose view is whose?
+
         for j, b in enumerate(buffers):
+            if b.device != self.device:
+                raise _NotPlannable
             if b.untyped_storage().nbytes():
                 storages.setdefault(b.untyped_storage().data_ptr(), j)
         names = {}  # a constant's id -> its name in the generated function's globals
@@ -223,6 +260,14 @@ class _Plan:
             f"    {line}\n" for line in body)
         exec(compile(source, f"<vqfast plan: {len(launches)} launches>", "exec"), scope)
         self._replay = scope["replay"]
+
+    def hooked(self) -> bool:
+        """Whether one of its kernels has gained a pre-run hook (which sees triton's own
+        launch: the op's own path runs)."""
+        for kernel in self.kernels:
+            if getattr(kernel, "pre_run_hooks", None):
+                return True
+        return False
 
     def replay(self, args):
         knobs = _launch._triton().knobs

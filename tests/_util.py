@@ -1,6 +1,13 @@
 """Shared test helpers: tolerances per dtype (one place) and tie-robust nearest-code checks."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Tests run on the GPU when there is one (Triton compiled), else on CPU (Triton interpreted).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,3 +96,12 @@ def tensor_state(module) -> dict:
 import vqfast as _vqfast  # noqa: E402
 
 ORIGINAL = dict(_vqfast.ORIGINAL_ALGORITHM)
+
+
+def run_uninterpreted(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -c script *args`` from the repository root with the Triton interpreter off
+    (scripts that stub compiled launches: ``benchmarks.host.StubbedLaunches``)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)

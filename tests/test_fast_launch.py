@@ -3,15 +3,11 @@ every quantizer's training step, the specialisation triton itself would pick, wi
 arguments triton would pass (checked with the launches stubbed at triton's cache-hit work,
 in a subprocess: the interpreter must be off)."""
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from _util import run_uninterpreted
 
 SCRIPT = textwrap.dedent('''
     import sys
@@ -69,10 +65,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def _run(mode):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-c", SCRIPT, mode], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_uninterpreted(SCRIPT, mode)
 
 
 @pytest.mark.slow

@@ -77,25 +77,12 @@ class CustomOp:
         return run(*args)
 
     def _planned(self, *args):
-        """The Triton backend's call through a launch plan (``vqfast.kernels._plan``): the
-        first call of a key runs the op and records it, later ones replay it."""
-        plan_module = _plan()
-        if not plan_module.planning(args[0].device):
-            return self.fn(*args)
-        key = plan_module.key_of(args)
+        """The Triton backend's call through a launch plan (``vqfast.kernels._plan``): a
+        call key's second call records the op, later ones replay it."""
         plans = self._plans
         if plans is None:
-            plans = self._plans = plan_module.new_plan_cache()
-        plan = plans.get(key) if key is not None else False
-        if plan:
-            return plan.replay(args)
-        if plan is False:
-            return self.fn(*args)
-        result, plan = plan_module.record(self.fn, args)
-        if len(plans) >= plan_module.MAX_PLANS:
-            plans.clear()
-        plans[key] = plan or False
-        return result
+            plans = self._plans = _plan().new_plan_cache()
+        return _plan().call(plans, self.fn, args)
 
 
 @functools.cache
