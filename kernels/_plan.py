@@ -35,6 +35,7 @@ _ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_
 _ZEROS = {"zeros", "new_zeros", "zeros_like"}
 _FREE = {"detach", "alias", "lift_fresh"}
 
+
 def new_plan_cache() -> dict:
     """An op's plans by call key (``_launch.forget_fast_launches`` clears them all)."""
     plans = {}
@@ -156,7 +157,6 @@ class _Plan:
                 ptr = a.untyped_storage().data_ptr()
                 if inputs.setdefault(ptr, i) != i and a is not args[inputs[ptr]]:
                     raise _NotPlannable  # two arguments share memory: whose view is whose?
-
         for j, b in enumerate(buffers):
             if b.device != self.device:
                 raise _NotPlannable
