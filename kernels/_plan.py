@@ -174,27 +174,20 @@ class _Plan:
                 scope[name] = value
             return name
 
+        def allocate(name, t, zeroed=False):
+            """``name = `` a new tensor of ``t``'s geometry (zeroed: as ``torch.zeros``)."""
+            if zeroed and not t.is_contiguous():
+                raise _NotPlannable
+            size, dtype = constant(tuple(t.shape)), constant(t.dtype)
+            body.append(f"{name} = zeros({size}, dtype={dtype}, device=device)" if zeroed else
+                        f"{name} = empty_strided({size}, {constant(t.stride())}, "
+                        f"dtype={dtype}, device=device)")
+            return name
+
         def buffer(j):
             name = allocated.get(j)
             if name is None:
-                b = buffers[j]
-                name = allocated[j] = f"b{j}"
-                if j in zeroed:
-                    if not b.is_contiguous():
-                        raise _NotPlannable
-                    body.append(f"{name} = zeros({constant(tuple(b.shape))}, "
-                                f"dtype={constant(b.dtype)}, device=device)")
-                else:
-                    body.append(f"{name} = empty_strided({constant(tuple(b.shape))}, "
-                                f"{constant(b.stride())}, dtype={constant(b.dtype)}, "
-                                f"device=device)")
-            return name
-
-        def fresh(t):
-            name = f"e{len(empties)}"
-            empties.append(name)
-            body.append(f"{name} = empty_strided({constant(tuple(t.shape))}, "
-                        f"{constant(t.stride())}, dtype={constant(t.dtype)}, device=device)")
+                name = allocated[j] = allocate(f"b{j}", buffers[j], j in zeroed)
             return name
 
         def view(base, base_name, t, relative):
@@ -217,16 +210,16 @@ class _Plan:
             """The expression of tensor ``t``: an input of the op, a buffer, a view of one."""
             if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
                 raise _NotPlannable
-            for j, b in enumerate(buffers):
-                if t is b:
-                    return buffer(j)
             for i, a in enumerate(args):
                 if t is a:
                     return f"args[{i}]"
             if not t.untyped_storage().nbytes():  # no memory: any tensor of its geometry
-                return fresh(t)
+                empties.append(t)
+                return allocate(f"e{len(empties)}", t)
+            # a buffer, or a view of one, found by its memory (the recording's tensors are
+            # other Python objects than the op's); fresh buffers start at offset 0
             ptr = t.untyped_storage().data_ptr()
-            if ptr in storages:  # (fresh buffers start at offset 0)
+            if ptr in storages:
                 j = storages[ptr]
                 return view(buffers[j], buffer(j), t, False)
             if ptr in inputs:

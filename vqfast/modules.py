@@ -89,7 +89,7 @@ class _QuantizerBase(SingleCodebookUpkeep, QuantizerCommon, nn.Module):
         """Validate; ``(x [B, D, S], z [B, d, S] (projected when codebook_dim), mask [N] or
         None, backend)``."""
         x, backend = self._vectors(inputs)
-        flat_mask = None if mask is None else check_mask(mask, x, self._positions(inputs))
+        flat_mask = check_mask(mask, x, self._positions(inputs))
         z = self.project_in(x) if self.project_in is not None else x
         return x, z, flat_mask, backend
 

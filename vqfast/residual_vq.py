@@ -312,7 +312,7 @@ class ResidualVQ(ResidualUpkeep, QuantizerCommon, nn.Module):
         if x.device != self.codebooks.device:
             raise ValueError(f"inputs are on {x.device} but the codebooks are on "
                              f"{self.codebooks.device}; move the module with .to(device)")
-        flat_mask = None if mask is None else check_mask(mask, x, self._positions(inputs))
+        flat_mask = check_mask(mask, x, self._positions(inputs))
         backend = VF.resolve_backend(self.backend, x.device)
         z = self.project_in(x) if self.project_in is not None and not self._by_level else x
         return x, z, flat_mask, backend

@@ -383,17 +383,10 @@ def build(args) -> int:
 
 def _check_one(job) -> str:
     """None if ``spec``'s kernel and its launcher hit the cache, else what missed."""
-    from benchmarks.gpu.precompile import Miss
-    from benchmarks.host import compile_recorded, recorded_source
+    from benchmarks.gpu.precompile import Miss, look_up
     spec, gpu, manifest = job
-    name = f"{spec['kernel']} for {', '.join(spec['cases'])}"
-    source = recorded_source(spec)
-
-    def miss(*args, **kwargs):  # triton reaches its front end only on a cache miss
-        raise Miss(f"{name}: not in the cache")
-    source.make_ir = miss
     try:
-        compiled = compile_recorded(spec, gpu, source)
+        source, compiled = look_up(spec, gpu)
     except Miss as error:
         return str(error)
     launcher = launcher_source(source, compiled.metadata)
@@ -401,7 +394,8 @@ def _check_one(job) -> str:
         return None
     path = Path(os.environ["TRITON_CACHE_DIR"], _launcher_key(launcher, manifest["platform"]),
                 f"__triton_launcher{manifest['ext_suffix']}")
-    return None if path.exists() else f"{name}: its launcher is not in the cache"
+    return (None if path.exists() else
+            f"{spec['kernel']} for {', '.join(spec['cases'])}: its launcher is not in the cache")
 
 
 def check(args) -> int:

@@ -52,25 +52,39 @@ class Miss(Exception):
     """A launch that would compile: its kernel is not in the cache."""
 
 
+def look_up(spec: dict, gpu) -> tuple:
+    """``(source, compiled)``: ``spec``'s kernel as triton finds it in its cache for ``gpu``;
+    raises ``Miss``, naming it, where triton would compile it."""
+    from benchmarks.host import compile_recorded, recorded_source
+    source = recorded_source(spec)
+
+    def miss(*args, **kwargs):  # triton reaches its front end only on a cache miss
+        raise Miss(f"{spec['kernel']} for {', '.join(spec['cases'])} is not in the cache")
+    source.make_ir = miss
+    return source, compile_recorded(spec, gpu, source)
+
+
 def compile_one(job) -> tuple:
     """``(kernel, seconds, error or None, compiled here)``: ``spec`` compiled for ``gpu`` as
     triton's JIT compiles it, or found in the cache (with ``check``, only looked up); with
     ``launchers``, its host launcher built too (a C extension: needs the CUDA driver)."""
     from benchmarks.host import compile_recorded, recorded_source
     spec, gpu, check, launchers = job
-    source = recorded_source(spec)
-    make_ir, compiled_here = source.make_ir, []
-
-    def front_end(*args, **kwargs):  # triton reaches its front end only on a cache miss
-        if check:
-            raise Miss(f"{spec['kernel']} for {', '.join(spec['cases'])} is not in the cache")
-        compiled_here.append(True)
-        return make_ir(*args, **kwargs)
-    source.make_ir = front_end
+    compiled_here = []
     start = time.perf_counter()
     try:
+        if check:
+            look_up(spec, gpu)
+            return spec["kernel"], time.perf_counter() - start, None, False
+        source = recorded_source(spec)
+        make_ir = source.make_ir
+
+        def front_end(*args, **kwargs):  # triton reaches its front end only on a cache miss
+            compiled_here.append(True)
+            return make_ir(*args, **kwargs)
+        source.make_ir = front_end
         compiled = compile_recorded(spec, gpu, source)
-        if launchers and not check:  # its host launcher: a C extension
+        if launchers:  # its host launcher: a C extension
             from triton.runtime import driver
             driver.active.launcher_cls(source, compiled.metadata)
     except Exception as error:  # report every failure, not just the first
