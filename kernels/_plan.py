@@ -29,6 +29,11 @@ from . import _launch
 
 PLANS = True
 MAX_PLANS = 64  # per op: a key space this large is a sign of varying shapes
+# The plans' scratch buffers by (device, stream, shape, strides, dtype, ordinal): what a
+# call neither returns nor zeroes is dead once its launches are done, so one tensor of a
+# geometry serves every plan on a stream (stream order keeps them apart)
+_SCRATCH: dict = {}
+_launch.PLAN_CACHES.append(_SCRATCH)
 
 # What a plan can replay: fresh buffers and views of tensors.
 _ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
@@ -51,13 +56,19 @@ def planning(device: torch.device) -> bool:
             and not _launch.interpreted(device))
 
 
+def switches() -> tuple:
+    """The global switches the launchers read (they run on the tensors' device): deterministic
+    algorithms, the statistics atomics' semantics, triton's debug knob."""
+    return (torch.are_deterministic_algorithms_enabled(), _launch.STATS_SEM,
+            _launch._triton().knobs.runtime.debug)
+
+
 def key_of(args) -> tuple | None:
     """What a call's launches depend on: each argument's type and value, a tensor's dtype,
     shape, strides, device and 16-byte alignment, and which earlier argument it is (the same
     tensor passed twice); the global switches the launchers read. ``None``: an argument a
     plan cannot key."""
-    key = [torch.are_deterministic_algorithms_enabled(), _launch.STATS_SEM,
-           _launch._triton().knobs.runtime.debug]  # (the launchers run on the tensors' device)
+    key = list(switches())
     first = {}
     for i, a in enumerate(args):
         t = type(a)
@@ -78,8 +89,8 @@ def call(plans: dict, fn, args):
     """``fn(*args)`` (an op's implementation on the Triton backend) through ``plans``, its
     plans by call key: a key's first call runs ``fn`` (a key seen once, such as an annealed
     float's, is not worth recording), its second records a plan, later ones replay it."""
-    if not planning(args[0].device):
-        return fn(*args)
+    if not planning(args[0].device) or _launch.recording.launches is not None:
+        return fn(*args)  # (inside a recording, a step plan's: the op's own launches)
     key = key_of(args)
     plan = plans.get(key) if key is not None else False
     if plan.__class__ is _Plan:
@@ -119,22 +130,32 @@ class _Recording(TorchDispatchMode):
         return out
 
 
-def record(fn, args):
-    """Run ``fn(*args)`` as an op's own path and record it: ``(result, plan or None)``."""
+def recorded(run):
+    """``run()`` on its own path, recorded: ``(its result, a function of the arguments and
+    result to plan -> their _Plan or None)`` (None: it ran another aten op, or launched
+    nothing)."""
     recording = _Recording()
     launches = _launch.recording.launches = []
     try:
         with recording:
-            result = fn(*args)
+            result = run()
     finally:
         _launch.recording.launches = None
-    plan = None
-    if recording.refused is None and launches:
+
+    def plan(args, returned):
+        if recording.refused is not None or not launches:
+            return None
         try:
-            plan = _Plan(args, recording.buffers, recording.zeroed, launches, result)
+            return _Plan(args, recording.buffers, recording.zeroed, launches, returned)
         except _NotPlannable:
-            plan = None
+            return None
     return result, plan
+
+
+def record(fn, args):
+    """Run ``fn(*args)`` as an op's own path and record it: ``(result, plan or None)``."""
+    result, plan = recorded(lambda: fn(*args))
+    return result, plan(args, result)
 
 
 class _NotPlannable(Exception):
@@ -162,10 +183,19 @@ class _Plan:
                 raise _NotPlannable
             if b.untyped_storage().nbytes():
                 storages.setdefault(b.untyped_storage().data_ptr(), j)
+        single = not isinstance(result, tuple)
+        outs = (result,) if single else result
+        if any(o is not None and not isinstance(o, torch.Tensor) for o in outs):
+            raise _NotPlannable
+        # Scratch: the buffers the call neither returns (nor views of them) nor zeroes, and
+        # the views of them, are taken once per stream from the shared ``_SCRATCH``
+        escaping = {storages.get(o.untyped_storage().data_ptr()) for o in outs
+                    if o is not None and o.untyped_storage().nbytes()}
         names = {}  # a constant's id -> its name in the generated function's globals
         scope = {"empty_strided": torch.empty_strided, "zeros": torch.zeros,
-                 "device": self.device}
+                 "device": self.device, "scratch": {}}
         body, allocated, views, empties = [], {}, {}, []
+        scratch = []  # (name, buffer index or (base name, geometry))
 
         def constant(value):
             name = names.get(id(value))
@@ -187,7 +217,11 @@ class _Plan:
         def buffer(j):
             name = allocated.get(j)
             if name is None:
-                name = allocated[j] = allocate(f"b{j}", buffers[j], j in zeroed)
+                if j in escaping or j in zeroed:
+                    name = allocated[j] = allocate(f"b{j}", buffers[j], j in zeroed)
+                else:
+                    name = allocated[j] = f"b{j}"
+                    scratch.append((name, j))
             return name
 
         def view(base, base_name, t, relative):
@@ -203,7 +237,10 @@ class _Plan:
             name = views.get(expression)
             if name is None:
                 name = views[expression] = f"v{len(views)}"
-                body.append(f"{name} = {expression}")
+                if any(base_name == s for s, _ in scratch):  # (a scratch buffer's: made once)
+                    scratch.append((name, (base_name, geometry)))
+                else:
+                    body.append(f"{name} = {expression}")
             return name
 
         def tensor(t):
@@ -243,16 +280,53 @@ class _Plan:
                         f"{constant(compiled.function)}, {constant(compiled.packed_metadata)}, "
                         f"None if enter is None else k{n}.launch_metadata({constant(grid)}, "
                         f"stream, *a{n}), enter, leave, *a{n})")
-        single = not isinstance(result, tuple)
-        outs = (result,) if single else result
-        if any(o is not None and not isinstance(o, torch.Tensor) for o in outs):
-            raise _NotPlannable
         returned = ["None" if o is None else tensor(o) for o in outs]
         body.append(f"return {returned[0]}" if single else f"return ({', '.join(returned)},)")
+        if scratch:
+            scope["new_scratch"] = self._scratch_maker(scratch, buffers, scope["scratch"])
+            body[:0] = ["s = scratch.get(stream)", "if s is None:",
+                        "    s = new_scratch(stream)",
+                        f"{', '.join(name for name, _ in scratch)}, = s"]
         source = "def replay(args, stream, enter, leave):\n" + "".join(
             f"    {line}\n" for line in body)
         exec(compile(source, f"<vqfast plan: {len(launches)} launches>", "exec"), scope)
         self._replay = scope["replay"]
+
+    def _scratch_maker(self, scratch, buffers, kept):
+        """``new_scratch(stream)``: the plan's scratch tensors on ``stream`` (kept per stream
+        in ``kept``; while a CUDA graph is captured, made for the call alone), each buffer
+        shared with every plan's of its geometry (``_SCRATCH``) and each view made once."""
+        device, specs, seen = self.device, [], {}
+        for name, what in scratch:
+            if isinstance(what, int):
+                b = buffers[what]
+                geometry = (tuple(b.shape), b.stride(), b.dtype)
+                specs.append((name, (*geometry, seen.setdefault(geometry, 0))))
+                seen[geometry] += 1  # (two scratch buffers of one geometry: two tensors)
+            else:
+                specs.append((name, what))
+
+        def new_scratch(stream):
+            capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+            made = {}
+            for name, spec in specs:
+                if isinstance(spec[0], str):  # a view of a scratch buffer
+                    base, (shape, stride, offset) = made[spec[0]], spec[1]
+                    made[name] = base.as_strided(shape, stride, base.storage_offset() + offset)
+                    continue
+                shape, stride, dtype, ordinal = spec
+                key = (device, stream, shape, stride, dtype, ordinal)
+                t = None if capturing else _SCRATCH.get(key)
+                if t is None:
+                    t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                    if not capturing:
+                        _SCRATCH[key] = t
+                made[name] = t
+            tensors = tuple(made.values())
+            if not capturing:
+                kept[stream] = tensors
+            return tensors
+        return new_scratch
 
     def hooked(self) -> bool:
         """Whether one of its kernels has gained a pre-run hook (which sees triton's own

@@ -21,30 +21,47 @@ SCRIPT = textwrap.dedent('''
     import torch
     from benchmarks import host
     from vqfast.kernels import _launch, _plan
-    from vqfast.ops import lfq as lfq_ops
+    from vqfast.ops import lfq as lfq_ops, step_plans
 
     mode, only = sys.argv[1], set(sys.argv[2:])  # (only these cases, when named)
-    key_of = _plan.key_of
-    if mode == "no alignment":  # a key that forgets the inputs' 16-byte alignment
-        _plan.key_of = lambda args: key_of([
-            torch.empty_strided(a.shape, a.stride(), dtype=a.dtype)
-            if isinstance(a, torch.Tensor) else a for a in args])
+    key_of, step_key_of, switches_of = _plan.key_of, step_plans.key_of, _plan.switches
+    aligned = lambda a: torch.empty_strided(a.shape, a.stride(), dtype=a.dtype)  # noqa: E731
+    if mode == "no alignment":  # keys that forget the inputs' 16-byte alignment
+        _plan.key_of = lambda args: key_of([aligned(a) if isinstance(a, torch.Tensor) else a
+                                            for a in args])
+        step_plans.key_of = lambda module, x: step_key_of(
+            module, aligned(x).requires_grad_(x.requires_grad))
     elif mode == "no aliasing":  # ... which argument is another one
         _plan.key_of = lambda args: key_of([a.detach() if isinstance(a, torch.Tensor) else a
                                             for a in args])
     elif mode == "no deterministic flag":  # ... torch.use_deterministic_algorithms
-        _plan.key_of = lambda args: (lambda key: key and key[1:])(key_of(args))
+        _plan.switches = lambda: switches_of()[1:]
     elif mode == "no atomics' semantics":  # ... the statistics atomics' memory semantics
-        _plan.key_of = lambda args: (lambda key: key and key[:1] + key[2:])(key_of(args))
+        _plan.switches = lambda: switches_of()[:1] + switches_of()[2:]
+    elif mode == "no grad mode":  # ... whether the inputs take a gradient
+        step_plans.key_of = lambda module, x: step_key_of(module, x.detach())
+    elif mode == "no module attributes":  # a step plan that forgets the module's options
+        fits = step_plans._Step.fits
+        step_plans._Step.fits = lambda self, attributes, state: fits(
+            self, self.attributes, state)
     elif mode == "zeros as empty":  # zeroed buffers replayed without their zeros
         _plan._ALLOCATIONS = _plan._ALLOCATIONS | _plan._ZEROS
 
     log, roles, fresh, seen = [], {}, {}, []
-    replays = [0]
-    replay = _plan._Plan.replay
+    replays, made = [0, 0], [0]  # (plans replayed, of them whole forwards: step plans)
+    replay, step_replay = _plan._Plan.replay, step_plans._Replay.__call__
+
+    def counted_step(self, inputs, state):
+        replays[1] += 1
+        return step_replay(self, inputs, state)
+    step_plans._Replay.__call__ = counted_step
 
     def counted(self, args):
         replays[0] += 1
+        # a plan's scratch (what its call neither returns nor zeroes) is shared by every
+        # plan on the stream: new again at each replay, as each call's own path makes it
+        for t in _plan._SCRATCH.values():
+            fresh.pop(t.untyped_storage().data_ptr(), None)
         return replay(self, args)
     _plan._Plan.replay = counted
 
@@ -58,8 +75,10 @@ SCRIPT = textwrap.dedent('''
                 # module state and inputs by name, the step's new tensors in order of use
                 # (each kept until the step ends: no other tensor takes its memory meanwhile)
                 seen.append(a)
-                role = roles.get(ptr) or (fresh.setdefault(ptr, f"new #{len(fresh)}")
-                                          if ptr is not None else "empty")
+                if ptr is not None and ptr not in roles and ptr not in fresh:
+                    fresh[ptr] = f"new #{made[0]}"
+                    made[0] += 1
+                role = roles.get(ptr) or (fresh[ptr] if ptr is not None else "empty")
                 out.append((str(a.dtype), tuple(a.shape), a.stride(), a.storage_offset(),
                             role, shared))
             else:
@@ -86,6 +105,7 @@ SCRIPT = textwrap.dedent('''
     def record(module, x, step, result, key):
         del log[:], seen[:]
         fresh.clear()
+        made[0] = 0
         roles.clear()
         for label, t in [*module.state_dict(keep_vars=True).items(), ("x", x)]:
             if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
@@ -102,9 +122,31 @@ SCRIPT = textwrap.dedent('''
         total = commitment + (entropy if weight is None else weight * entropy)
         torch.autograd.backward((q, total), (torch.ones_like(q), torch.ones_like(total)))
 
-    # (offset of x: 16-byte aligned or not; deterministic algorithms; atomics' semantics)
-    TURNS = [(0, False, "relaxed"), (1, False, "relaxed"), (0, True, "relaxed"),
-             (0, False, "acq_rel"), (0, False, "relaxed")]
+    def change(module, x, what):
+        """A turn's change to the module or the inputs; returns its undoing."""
+        if what == "commitment_cost" and hasattr(module, "commitment_cost"):
+            before = module.commitment_cost
+            module.commitment_cost = 2 * before + 0.25
+            return lambda: setattr(module, "commitment_cost", before)
+        if what == "eval":
+            module.eval()
+            return module.train
+        if what == "no input gradient":
+            x.requires_grad_(False)
+        return lambda: None
+
+    def train_step(module, x):
+        loss, q = host._loss_and_output(module(x), x)
+        outputs = [t for t in (q, loss) if t is not None and t.requires_grad]
+        if outputs:  # (no gradient asked for: the forward alone)
+            torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+
+    # (offset of x: 16-byte aligned or not; deterministic algorithms; atomics' semantics;
+    # a change to the module or the inputs)
+    TURNS = [(0, False, "relaxed", "no input gradient"), (0, False, "relaxed", None),
+             (1, False, "relaxed", None), (0, True, "relaxed", None),
+             (0, False, "acq_rel", None), (0, False, "relaxed", "commitment_cost"),
+             (0, False, "relaxed", "eval"), (0, False, "relaxed", None)]
 
     def steps(plans):
         # per case, turn and step: (launches, other compute ops); the replays per case
@@ -117,18 +159,20 @@ SCRIPT = textwrap.dedent('''
                     continue
                 torch.manual_seed(0)
                 module = build("torch").train()
-                replays[0] = 0
-                for turn, (offset, deterministic, semantics) in enumerate(TURNS):
+                replays[:] = [0, 0]
+                for turn, (offset, deterministic, semantics, what) in enumerate(TURNS):
                     x = torch.randn(torch.Size(shape).numel() + offset)[offset:].view(shape)
                     x.requires_grad_(True)
                     host._step(module, x, [None, None])  # (k-means init on the torch path)
                     host._set_backend(module, "triton")
+                    undo = change(module, x, what)
                     with switches(deterministic, semantics):
                         for step in range(3):
-                            record(module, x, lambda: host._step(module, x, [None, None]),
-                                   result, (name, turn, step))
+                            record(module, x, lambda: train_step(module, x), result,
+                                   (name, turn, step))
+                    undo()
                     host._set_backend(module, "torch")
-                replayed[name] = replays[0]
+                replayed[name] = tuple(replays)
             torch.manual_seed(0)
             x = torch.randn(2, 10, 16, requires_grad=True)
             for step, weight in enumerate((None, None, None, 0.1, 0.1, None)):
@@ -161,6 +205,8 @@ BLIND = {"no alignment": "VectorQuantizerEMA (defaults)",
          "no aliasing": "SimVQ",  # (LFQ's terms catch it)
          "no deterministic flag": "VectorQuantizerEMA (defaults)",
          "no atomics' semantics": "VectorQuantizerEMA (defaults)",
+         "no grad mode": "VectorQuantizerEMA (defaults)",
+         "no module attributes": "VectorQuantizerEMA (defaults)",
          "zeros as empty": "LFQ (d = 10)"}
 
 
@@ -170,12 +216,16 @@ def test_replayed_plans_launch_what_the_ops_launch():
     assert result.returncode == 0, result.stderr[-3000:]
     replayed, steps = result.stdout.strip().splitlines()[-2:]
     replayed = ast.literal_eval(replayed)
-    assert int(steps) >= 170
+    assert int(steps) >= 270
     # every quantizer's step replays plans (of all its ops but those that fill, copy or
     # reduce besides their launches)
-    assert all(count > 0 for count in replayed.values()), replayed
-    # its 3 ops: a key's third call replays; the last turn's keys are the first's
-    assert replayed["VectorQuantizerEMA (defaults)"] >= 3 * (1 + 1 + 1 + 3), replayed
+    assert all(count > 0 for count, _ in replayed.values()), replayed
+    # the single-codebook quantizers' whole forwards: a key's third call replays, in every
+    # turn but the deterministic one (the EMA update's deterministic sums sort: its own
+    # path; a changed module is recorded anew)
+    for name in ("VectorQuantizerEMA (defaults)", "VectorQuantizer (defaults)",
+                 "VectorQuantizerEMA (original algorithm)"):
+        assert replayed[name][1] >= 8 - 1, replayed
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ from torch import nn
 
 from . import functional as VF
 from . import quantizer_base as base
-from .ops.vq import _nearest_code_op
+from .ops import step_plans
+from .ops.vq import _Quantize, _nearest_code_op
 # (re-exported: vqfast.modules stays the one import for the quantizers' shared pieces)
 from .codebook_upkeep import (  # noqa: F401
     SingleCodebookUpkeep, _all_reduce_statistics, adopt_kmeans, check_codebook_options, kmeans, kmeans_done,
@@ -117,6 +118,18 @@ class _QuantizerBase(SingleCodebookUpkeep, QuantizerCommon, nn.Module):
             rotation_trick=self.rotation_trick, with_code_sums=update, backend=backend,
             precision=self.precision)
         return q, loss, idx[0], perplexity[0], counts[0], code_sums[0] if update else code_sums
+
+    def forward(self, inputs, mask=None, return_loss_breakdown=False):
+        """``(loss, quantized, perplexity, encodings)`` of ``inputs [B, D, *spatial]``; see
+        the class. On the Triton backend a steady step without ``mask`` or the breakdown
+        replays its recorded launches (``vqfast.ops.step_plans``)."""
+        if mask is None and not return_loss_breakdown:
+            return step_plans.call(self, inputs, self._forward, _Quantize)
+        return self._forward(inputs, mask, return_loss_breakdown)
+
+    def _flat_shape(self, inputs) -> tuple:
+        """The view of (contiguous) ``inputs`` the ops take: ``[B, D, S]`` (``[N, D, 1]``)."""
+        return (-1, inputs.shape[-1], 1) if self.channel_last else (*inputs.shape[:2], -1)
 
     def _fused_path(self, flat_mask) -> bool:
         """Whether the step takes the residual op (cosine, rotation trick or a mask)."""
@@ -275,7 +288,7 @@ class VectorQuantizer(_QuantizerBase):
         self._default_trained_state(state_dict, prefix, self.num_embeddings)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, inputs, mask=None, return_loss_breakdown=False):
+    def _forward(self, inputs, mask=None, return_loss_breakdown=False):
         x, z, flat_mask, backend = self._prepare(inputs, mask)
         self._maybe_kmeans_init(z, backend, flat_mask)
         tracking = self.training and not self.freeze_codebook and self.dead_code_threshold > 0
@@ -411,7 +424,7 @@ class VectorQuantizerEMA(_QuantizerBase):
         state_dict.setdefault(prefix + "skipped_batches", torch.tensor(0, dtype=torch.int64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, inputs, mask=None, return_loss_breakdown=False):
+    def _forward(self, inputs, mask=None, return_loss_breakdown=False):
         x, z, flat_mask, backend = self._prepare(inputs, mask)
         update = self.training and not self.freeze_codebook
         if update and self.check_finite and not torch.compiler.is_compiling() \

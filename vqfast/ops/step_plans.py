@@ -1,0 +1,304 @@
+"""Step plans: a quantizer module's whole forward replayed as one launch plan.
+
+Launch plans (``vqfast.kernels._plan``) take the launchers' work out of each op call. At
+small shapes a training step also pays for what lies between its ops: the module's checks
+of its inputs and options, each op call's key, the update's glue, the outputs' views. None
+of it changes between steps while the inputs' geometry and the module stay as they are.
+
+A step plan records one forward of a module on the Triton backend: every launch in order,
+over the flattened inputs and the module's parameters and buffers, as one ``_Plan``; the
+module's outputs, each an output of the autograd node the forward made, another tensor the
+launches wrote, or a view of either; what the node saved for its backward. It replays them
+behind one check: the inputs' geometry and ``requires_grad``, the grad mode, the module's
+training flag, the switches op plans key on, the module's attributes (its ``__dict__``,
+compared whole) and its parameters and buffers (the same tensors at the same addresses,
+with the same ``requires_grad``). The replayed node's backward is the recorded node's own
+(``Function.backward`` on what the replay saved, with the recorded attributes).
+
+A forward is planned only where replaying it is exactly the forward: one whose aten ops
+are all allocations and views (with a mask, cosine codes, projections, a collapse watch or
+finite checks a module runs other ops: it keeps its own path) and whose differentiable
+outputs come from one node of the ``Function`` the module names. As with op plans, a key's
+first call takes the module's own path, its second is recorded and later ones replay; a
+module changed since (an attribute set, a tensor replaced or moved) starts over.
+``vqfast.kernels._plan.PLANS = False`` turns step plans off with op plans;
+``_launch.forget_fast_launches()`` drops them too.
+"""
+
+import functools
+import inspect
+import weakref
+
+import torch
+
+from .dispatch import _plan
+
+_REFUSED = "refused"  # recorded, and not plannable: the module's own path
+
+
+@functools.cache
+def _modules():
+    """Each module's step plans by call key (weak: they go with the module; cleared with
+    the fast launches they replay)."""
+    plans = weakref.WeakKeyDictionary()
+    _plan()._launch.PLAN_CACHES.append(plans)
+    return plans
+
+
+def call(module, inputs, own, function):
+    """``module``'s forward of ``inputs``: ``own(inputs)`` (its own path), or its step plan.
+
+    ``module._flat_shape(inputs)``: the view of ``inputs`` its ops take (``[B, C, -1]``);
+    ``function``: the ``torch.autograd.Function`` whose node the forward makes (it must not
+    materialise gradients: ``ctx.set_materialize_grads(False)``)."""
+    if type(inputs) is not torch.Tensor or torch.compiler.is_compiling() \
+            or torch._C._are_functorch_transforms_active():
+        return own(inputs)
+    backend = module.backend
+    if not (backend == "triton" or backend == "auto" and inputs.is_cuda) \
+            or not _plan().planning(inputs.device):
+        return own(inputs)
+    key = key_of(module, inputs)
+    steps = _modules().get(module)
+    if steps is None:
+        steps = _modules()[module] = {}
+    state = (*module._parameters.values(), *module._buffers.values())
+    entry = steps.get(key)
+    if entry is None or not entry.fits(module.__dict__, state):
+        if len(steps) >= _plan().MAX_PLANS:
+            steps.clear()
+        steps[key] = _Step(module.__dict__, state)  # seen once (or the module changed)
+        return own(inputs)
+    if entry.replay is not None:
+        return entry.replay(inputs, state)
+    if entry.refused:
+        return own(inputs)
+    outputs, plan_of = _plan().recorded(lambda: own(inputs))
+    # (a recording that changed the module is not kept)
+    if entry.fits(module.__dict__, (*module._parameters.values(), *module._buffers.values())):
+        entry.plan(outputs, plan_of, inputs.view(module._flat_shape(inputs)), state, function)
+    else:
+        del steps[key]
+    return outputs
+
+
+def key_of(module, inputs) -> tuple:
+    """What a step's launches depend on besides the module itself (``_Step.fits``): the
+    inputs' geometry, 16-byte alignment and ``requires_grad``, the grad mode, the module's
+    training flag and the switches op plans key on."""
+    return (module.training, inputs.shape, inputs.stride(), inputs.dtype, inputs.device,
+            inputs.data_ptr() & 15, inputs.requires_grad, torch.is_grad_enabled(),
+            *_plan().switches())
+
+
+class _Step:
+    """One module's step at one call key: the module as it was (``fits``), then its plan
+    (``replay(inputs, state)``), or refused."""
+
+    __slots__ = ("attributes", "state", "addresses", "grads", "replay", "refused")
+
+    def __init__(self, attributes, state):
+        self.attributes = dict(attributes)
+        self.state = state
+        tensors = all(isinstance(t, torch.Tensor) for t in state)
+        self.addresses = tuple(t.data_ptr() for t in state) if tensors else None
+        self.grads = tuple(t.requires_grad for t in state) if tensors else None
+        self.replay = None
+        # (a tensor attribute or a missing buffer: nothing to compare or pass; not planned)
+        self.refused = not tensors or any(isinstance(v, torch.Tensor)
+                                          for v in self.attributes.values())
+
+    def fits(self, attributes, state) -> bool:
+        """Whether the module is as it was: its attributes, and the same parameters and
+        buffers at the same addresses with the same ``requires_grad``."""
+        if len(state) != len(self.state) or self.addresses is None:
+            return False
+        for t, mine, address, grad in zip(state, self.state, self.addresses, self.grads):
+            if t is not mine or t.data_ptr() != address or t.requires_grad != grad:
+                return False
+        try:
+            return attributes == self.attributes
+        except RuntimeError:  # (an attribute set to a tensor: compared as a tensor)
+            return False
+
+    def plan(self, outputs, plan_of, x, state, function) -> None:
+        """Build the replay of a recorded forward (``outputs``; ``plan_of``: its recording's
+        ``_plan.recorded`` planner; ``x``: its inputs' flat view), or refuse."""
+        self.refused = True
+        replay = _Replay.of(outputs, plan_of, x, state, function)
+        if replay is not None:
+            self.replay, self.refused = replay, False
+
+
+class _Replay:
+    """A recorded forward: its plan, the recipe of its outputs, and its autograd node's
+    (what it saved, its attributes, its backward's own plans)."""
+
+    __slots__ = ("plan", "flat_shape", "single", "recipe", "node_shapes", "output_shapes",
+                 "codebook", "saved", "attributes", "function", "unused_grads", "backwards")
+
+    @classmethod
+    def of(cls, outputs, plan_of, x, state, function):
+        """The replay of ``outputs`` (a tensor or a tuple of tensors and Nones), or None."""
+        replay = cls()
+        replay.single = not isinstance(outputs, tuple)
+        outputs = (outputs,) if replay.single else outputs
+        recipe, results, node, views = [], [], None, {}
+        for o in outputs:
+            if o is None:
+                recipe.append(None)
+                continue
+            if type(o) is not torch.Tensor:
+                return None
+            base = o if o._base is None else o._base
+            if base is not o and (o.storage_offset() != base.storage_offset() or not
+                                  (base.is_contiguous() and o.is_contiguous())):
+                return None  # (a view other than a reshape of its base)
+            shape = None if base is o else tuple(o.shape)
+            fn = base.grad_fn
+            if fn is None and base.requires_grad:
+                return None  # (a leaf: the inputs or a parameter handed back)
+            if fn is None:
+                recipe.append((False, len(results), shape))
+                results.append(base)
+                continue
+            if not isinstance(fn, function._backward_cls) or node not in (None, fn) \
+                    or views.setdefault(base.output_nr, (base, shape)) != (base, shape):
+                return None  # (another node's, or one output seen in two shapes)
+            node = fn
+            recipe.append((True, base.output_nr, None))
+        replay.recipe, replay.function, replay.flat_shape = recipe, function, tuple(x.shape)
+        replay.saved = None
+        if node is not None:
+            count = len(views)
+            if set(views) != set(range(count)):
+                return None  # (the outputs the replay returns must be the node's first)
+            inputs = node.next_functions
+            if len(inputs) != 2 or (inputs[1][0] is not None
+                                    and type(inputs[1][0]).__name__ != "AccumulateGrad"):
+                return None  # (x and the codebook, a leaf or no gradient)
+            replay.codebook = (None if inputs[1][0] is None else
+                               next((i for i, t in enumerate(state)
+                                     if t is inputs[1][0].variable), False))
+            if replay.codebook is False:
+                return None
+            firsts = [views[i][0] for i in range(count)]
+            replay.node_shapes = [tuple(t.shape) for t in firsts]
+            replay.output_shapes = [views[i][1] for i in range(count)]
+            results = firsts + results
+            replay.recipe = [part if part is None or part[0] else (False, part[1] + count, part[2])
+                             for part in recipe]
+            replay.saved = [len(results) + i for i in range(len(node.saved_tensors))]
+            results += node.saved_tensors
+            replay.attributes = []
+            for name, value in node.__dict__.items():
+                if isinstance(value, torch.Tensor):
+                    replay.attributes.append((name, True, len(results)))
+                    results.append(value)
+                else:
+                    replay.attributes.append((name, False, value))
+            replay.unused_grads = (
+                len(inspect.signature(function.backward).parameters) - 1 - count)
+            replay.backwards = {}
+        plan = plan_of((x, *state), tuple(results))
+        if plan is None:
+            return None
+        replay.plan = plan
+        return replay
+
+    def __call__(self, inputs, state):
+        if self.saved is None:  # no autograd node (no gradient asked for)
+            results = self.plan.replay((inputs.view(self.flat_shape), *state))
+            node_outputs = ()
+        else:
+            sink = []
+            node_outputs = _apply_replayed(
+                inputs, None if self.codebook is None else state[self.codebook], self, state,
+                sink)
+            results = sink[0]
+            if len(self.node_shapes) == 1:
+                node_outputs = (node_outputs,)
+        outputs = []
+        for part in self.recipe:
+            if part is None:
+                outputs.append(None)
+                continue
+            from_node, index, shape = part
+            t = node_outputs[index] if from_node else results[index]
+            outputs.append(t if shape is None else t.view(shape))
+        return outputs[0] if self.single else tuple(outputs)
+
+    def backward(self, ctx, grads):
+        """The recorded ``Function``'s backward on the replay's ``ctx``, through a plan of
+        its own by the gradients' geometry (as op plans: the key's second call records)."""
+        attributes = tuple(getattr(ctx, name) for name, is_tensor, _ in self.attributes
+                           if is_tensor)
+        # (the saved and attribute tensors' geometry is the forward plan's: a fixed one;
+        # the gradients are on the outputs' device)
+        key = (*_plan().switches(), ctx.needs_input_grad, *(a is None for a in attributes),
+               *(None if g is None else (g.dtype, g.shape, g.stride(), g.data_ptr() & 15)
+                 for g in grads))
+        args = (*grads, *ctx.saved_tensors, *attributes)
+        entry = self.backwards.get(key)
+        if entry.__class__ is tuple:
+            plan, changes = entry
+            if not plan.hooked():
+                result = plan.replay(args)
+                for name, value in changes:
+                    setattr(ctx, name, value)
+                return result
+        own = lambda: self.function.backward(ctx, *grads, *(None,) * self.unused_grads)  # noqa: E731
+        if entry is None:  # seen once (False): recorded at its next call
+            if len(self.backwards) >= _plan().MAX_PLANS:
+                self.backwards.clear()
+            self.backwards[key] = False
+            return own()
+        if entry is not False:  # (refused, or a plan with a pre-run hook)
+            return own()
+        before = dict(ctx.__dict__)
+        result, plan_of = _plan().recorded(own)
+        changes = [(name, value) for name, value in ctx.__dict__.items()
+                   if before.get(name, before) is not value]
+        plan = None
+        if all(not isinstance(value, torch.Tensor) for _, value in changes):
+            plan = plan_of(args, tuple(result))
+        self.backwards[key] = _REFUSED if plan is None else (plan, changes)
+        return result
+
+
+class _Replayed(torch.autograd.Function):
+    """A step plan's replay as an autograd node: the recorded node's differentiable outputs
+    (its first ones, in the module outputs' shapes: no view nodes), what it saved and its
+    attributes; its backward is the recorded ``Function``'s (``_Replay.backward``). Inputs:
+    the module's inputs, and its codebook (``None`` when it took no gradient)."""
+
+    @staticmethod
+    def forward(ctx, inputs, codebook, replay, state, sink):
+        results = replay.plan.replay((inputs.view(replay.flat_shape), *state))
+        sink.append(results)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*(results[i] for i in replay.saved))
+        for name, is_tensor, value in replay.attributes:
+            setattr(ctx, name, results[value] if is_tensor else value)
+        ctx.replay, ctx.inputs_shape = replay, inputs.shape
+        # (a view made here would be a custom Function's view, refused to in-place ops; a
+        # detached one is a tensor of its own, as the module's output views are not)
+        outputs = tuple(r if shape is None else r.view(shape).detach()
+                        for r, shape in zip(results, replay.output_shapes))
+        return outputs if len(outputs) > 1 else outputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        replay = ctx.replay
+        grads = [g if g is None or shape == tuple(g.shape) else g.reshape(shape)
+                 for g, shape in zip(grads, replay.node_shapes)]
+        grad_x, grad_codebook = replay.backward(ctx, grads)[:2]
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.inputs_shape)
+        return grad_x, grad_codebook, None, None, None
+
+
+# ``Function.apply`` without its Python layer (default arguments bound for ``setup_context``,
+# functorch's dead wrappers unwrapped: a step plan is taken only with no functorch transform
+# active, and ``_Replayed`` has no ``setup_context``)
+_apply_replayed = super(torch.autograd.Function, _Replayed).apply
