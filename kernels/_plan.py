@@ -275,11 +275,13 @@ class _Plan:
             grid = (*grid, 1, 1)[:3]
             compiled = entry.compiled
             scope[f"k{n}"] = compiled
-            body.append(f"a{n} = ({', '.join(full)},)")
-            body.append(f"k{n}.run({grid[0]}, {grid[1]}, {grid[2]}, stream, "
-                        f"{constant(compiled.function)}, {constant(compiled.packed_metadata)}, "
-                        f"None if enter is None else k{n}.launch_metadata({constant(grid)}, "
-                        f"stream, *a{n}), enter, leave, *a{n})")
+            head = (f"k{n}.run({grid[0]}, {grid[1]}, {grid[2]}, stream, "
+                    f"{constant(compiled.function)}, {constant(compiled.packed_metadata)}, ")
+            # (without a launch hook, as most calls: the arguments passed as they are)
+            body += ["if enter is None:", f"    {head}None, None, leave, {', '.join(full)})",
+                     "else:", f"    a{n} = ({', '.join(full)},)",
+                     f"    {head}k{n}.launch_metadata({constant(grid)}, stream, *a{n}), enter, "
+                     f"leave, *a{n})"]
         returned = ["None" if o is None else tensor(o) for o in outs]
         body.append(f"return {returned[0]}" if single else f"return ({', '.join(returned)},)")
         if scratch:

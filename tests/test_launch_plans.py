@@ -29,8 +29,8 @@ SCRIPT = textwrap.dedent('''
     if mode == "no alignment":  # keys that forget the inputs' 16-byte alignment
         _plan.key_of = lambda args: key_of([aligned(a) if isinstance(a, torch.Tensor) else a
                                             for a in args])
-        step_plans.key_of = lambda module, x: step_key_of(
-            module, aligned(x).requires_grad_(x.requires_grad))
+        step_plans.key_of = lambda module, x, device: step_key_of(
+            module, aligned(x).requires_grad_(x.requires_grad), device)
     elif mode == "no aliasing":  # ... which argument is another one
         _plan.key_of = lambda args: key_of([a.detach() if isinstance(a, torch.Tensor) else a
                                             for a in args])
@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent('''
     elif mode == "no atomics' semantics":  # ... the statistics atomics' memory semantics
         _plan.switches = lambda: switches_of()[:1] + switches_of()[2:]
     elif mode == "no grad mode":  # ... whether the inputs take a gradient
-        step_plans.key_of = lambda module, x: step_key_of(module, x.detach())
+        step_plans.key_of = lambda module, x, device: step_key_of(module, x.detach(), device)
     elif mode == "no module attributes":  # a step plan that forgets the module's options
         fits = step_plans._Step.fits
         step_plans._Step.fits = lambda self, attributes, state: fits(

@@ -27,6 +27,7 @@ module changed since (an attribute set, a tensor replaced or moved) starts over.
 
 import functools
 import inspect
+import operator
 import weakref
 
 import torch
@@ -36,13 +37,38 @@ from .dispatch import _plan
 _REFUSED = "refused"  # recorded, and not plannable: the module's own path
 
 
+class _Steps:
+    """A module's step plans by call key (``by_key``), in its ``__dict__``
+    (``_step_plans``): copies and pickles of the module start without them."""
+
+    __slots__ = ("by_key", "__weakref__")
+
+    def __init__(self):
+        self.by_key = {}
+
+    def clear(self):
+        self.by_key.clear()
+
+    def __reduce__(self):
+        return _Steps, ()
+
+    def __deepcopy__(self, memo):
+        return _Steps()
+
+
+class _AllSteps(weakref.WeakSet):
+    """Every module's ``_Steps``: ``_launch.forget_fast_launches()`` clears them all."""
+
+    def clear(self):
+        for steps in list(self):
+            steps.clear()
+
+
 @functools.cache
-def _modules():
-    """Each module's step plans by call key (weak: they go with the module; cleared with
-    the fast launches they replay)."""
-    plans = weakref.WeakKeyDictionary()
-    _plan()._launch.PLAN_CACHES.append(plans)
-    return plans
+def _all_steps() -> _AllSteps:
+    steps = _AllSteps()
+    _plan()._launch.PLAN_CACHES.append(steps)
+    return steps
 
 
 def call(module, inputs, own, function):
@@ -54,20 +80,25 @@ def call(module, inputs, own, function):
     if type(inputs) is not torch.Tensor or torch.compiler.is_compiling() \
             or torch._C._are_functorch_transforms_active():
         return own(inputs)
-    backend = module.backend
-    if not (backend == "triton" or backend == "auto" and inputs.is_cuda) \
-            or not _plan().planning(inputs.device):
+    backend, device = module.backend, inputs.device
+    if not (backend == "triton" or backend == "auto" and device.type == "cuda") \
+            or not _plan().planning(device):
         return own(inputs)
-    key = key_of(module, inputs)
-    steps = _modules().get(module)
+    key = key_of(module, inputs, device)
+    attributes = module.__dict__
+    steps = attributes.get("_step_plans")
     if steps is None:
-        steps = _modules()[module] = {}
-    state = (*module._parameters.values(), *module._buffers.values())
+        module._step_plans = _Steps()
+        _all_steps().add(module._step_plans)
+        steps = module._step_plans.by_key
+    else:
+        steps = steps.by_key
+    state = (*attributes["_parameters"].values(), *attributes["_buffers"].values())
     entry = steps.get(key)
-    if entry is None or not entry.fits(module.__dict__, state):
+    if entry is None or not entry.fits(attributes, state):
         if len(steps) >= _plan().MAX_PLANS:
             steps.clear()
-        steps[key] = _Step(module.__dict__, state)  # seen once (or the module changed)
+        steps[key] = _Step(attributes, state)  # seen once (or the module changed)
         return own(inputs)
     if entry.replay is not None:
         return entry.replay(inputs, state)
@@ -82,11 +113,25 @@ def call(module, inputs, own, function):
     return outputs
 
 
-def key_of(module, inputs) -> tuple:
+def _getter(indices):
+    """``results -> tuple(results[i] for i in indices)``, at C speed."""
+    indices = list(indices)
+    if len(indices) == 1:
+        return lambda results: (results[indices[0]],)
+    return operator.itemgetter(*indices) if indices else lambda results: ()
+
+
+def _assembler(expressions, arguments, single):
+    """A function of ``arguments`` returning ``expressions`` (one, or their tuple)."""
+    body = expressions[0] if single else f"({', '.join(expressions)},)"
+    return eval(f"lambda {arguments}: {body}")
+
+
+def key_of(module, inputs, device) -> tuple:
     """What a step's launches depend on besides the module itself (``_Step.fits``): the
     inputs' geometry, 16-byte alignment and ``requires_grad``, the grad mode, the module's
     training flag and the switches op plans key on."""
-    return (module.training, inputs.shape, inputs.stride(), inputs.dtype, inputs.device,
+    return (module.training, inputs.shape, inputs.stride(), inputs.dtype, device,
             inputs.data_ptr() & 15, inputs.requires_grad, torch.is_grad_enabled(),
             *_plan().switches())
 
@@ -134,8 +179,9 @@ class _Replay:
     """A recorded forward: its plan, the recipe of its outputs, and its autograd node's
     (what it saved, its attributes, its backward's own plans)."""
 
-    __slots__ = ("plan", "flat_shape", "single", "recipe", "node_shapes", "output_shapes",
-                 "codebook", "saved", "attributes", "function", "unused_grads", "backwards")
+    __slots__ = ("plan", "flat_shape", "single", "recipe", "assemble", "node_shapes",
+                 "output_shapes", "node_outputs", "codebook", "saved", "constants",
+                 "tensor_attributes", "function", "unused_grads", "backwards")
 
     @classmethod
     def of(cls, outputs, plan_of, x, state, function):
@@ -183,20 +229,29 @@ class _Replay:
             if replay.codebook is False:
                 return None
             firsts = [views[i][0] for i in range(count)]
-            replay.node_shapes = [tuple(t.shape) for t in firsts]
             replay.output_shapes = [views[i][1] for i in range(count)]
+            # (a gradient arrives in its output's shape: the node's when viewed)
+            replay.node_shapes = [None if shape is None else tuple(t.shape)
+                                  for t, shape in zip(firsts, replay.output_shapes)]
             results = firsts + results
             replay.recipe = [part if part is None or part[0] else (False, part[1] + count, part[2])
                              for part in recipe]
-            replay.saved = [len(results) + i for i in range(len(node.saved_tensors))]
-            results += node.saved_tensors
-            replay.attributes = []
+            saved = node.saved_tensors
+            replay.saved = _getter(range(len(results), len(results) + len(saved)))
+            results += saved
+            replay.constants, replay.tensor_attributes = {}, []
             for name, value in node.__dict__.items():
                 if isinstance(value, torch.Tensor):
-                    replay.attributes.append((name, True, len(results)))
+                    replay.tensor_attributes.append((name, len(results)))
                     results.append(value)
                 else:
-                    replay.attributes.append((name, False, value))
+                    replay.constants[name] = value
+            # (a view made in the node's forward would be a custom Function's view, which
+            # in-place ops refuse; a detached one is a tensor of its own, as the module's
+            # output views of the recorded node's outputs are not)
+            replay.node_outputs = _assembler(
+                [f"r[{i}]" if shape is None else f"r[{i}].view({shape!r}).detach()"
+                 for i, shape in enumerate(replay.output_shapes)], "r", count == 1)
             replay.unused_grads = (
                 len(inspect.signature(function.backward).parameters) - 1 - count)
             replay.backwards = {}
@@ -204,6 +259,11 @@ class _Replay:
         if plan is None:
             return None
         replay.plan = plan
+        replay.assemble = _assembler(
+            ["None" if part is None else
+             f"{'n' if part[0] else 'r'}[{part[1]}]" + ("" if part[2] is None else
+                                                        f".view({part[2]!r})")
+             for part in replay.recipe], "n, r", replay.single)
         return replay
 
     def __call__(self, inputs, state):
@@ -218,35 +278,33 @@ class _Replay:
             results = sink[0]
             if len(self.node_shapes) == 1:
                 node_outputs = (node_outputs,)
-        outputs = []
-        for part in self.recipe:
-            if part is None:
-                outputs.append(None)
-                continue
-            from_node, index, shape = part
-            t = node_outputs[index] if from_node else results[index]
-            outputs.append(t if shape is None else t.view(shape))
-        return outputs[0] if self.single else tuple(outputs)
+        return self.assemble(node_outputs, results)
 
     def backward(self, ctx, grads):
-        """The recorded ``Function``'s backward on the replay's ``ctx``, through a plan of
-        its own by the gradients' geometry (as op plans: the key's second call records)."""
-        attributes = tuple(getattr(ctx, name) for name, is_tensor, _ in self.attributes
-                           if is_tensor)
+        """The recorded ``Function``'s backward on the replay's ``ctx`` (``grads``: of the
+        outputs, in the module outputs' shapes), through a plan of its own by the gradients'
+        geometry (as op plans: a key's second call records); the inputs' gradients."""
+        grads = [g if g is None or shape is None else g.reshape(shape)
+                 for g, shape in zip(grads, self.node_shapes)]
+        attributes = [getattr(ctx, name) for name, _ in self.tensor_attributes]
         # (the saved and attribute tensors' geometry is the forward plan's: a fixed one;
-        # the gradients are on the outputs' device)
-        key = (*_plan().switches(), ctx.needs_input_grad, *(a is None for a in attributes),
-               *(None if g is None else (g.dtype, g.shape, g.stride(), g.data_ptr() & 15)
-                 for g in grads))
-        args = (*grads, *ctx.saved_tensors, *attributes)
+        # the gradients are on the outputs' device, in their dtype)
+        key = (*_plan().switches(), ctx.needs_input_grad, *[a is None for a in attributes],
+               *[None if g is None else (g.stride(), g.data_ptr() & 15) for g in grads])
         entry = self.backwards.get(key)
-        if entry.__class__ is tuple:
+        if entry.__class__ is tuple and not entry[0].hooked():
             plan, changes = entry
-            if not plan.hooked():
-                result = plan.replay(args)
-                for name, value in changes:
-                    setattr(ctx, name, value)
-                return result
+            result = plan.replay((*grads, *ctx.saved_tensors, *attributes))
+            for name, value in changes:
+                setattr(ctx, name, value)
+        else:
+            result = self._backward(ctx, grads, attributes, key, entry)
+        grad_x = result[0]
+        return (None if grad_x is None else grad_x.view(ctx.inputs_shape)), result[1]
+
+    def _backward(self, ctx, grads, attributes, key, entry):
+        """The recorded ``Function``'s own backward: at a key's first call, and recorded at
+        its second."""
         own = lambda: self.function.backward(ctx, *grads, *(None,) * self.unused_grads)  # noqa: E731
         if entry is None:  # seen once (False): recorded at its next call
             if len(self.backwards) >= _plan().MAX_PLANS:
@@ -255,6 +313,7 @@ class _Replay:
             return own()
         if entry is not False:  # (refused, or a plan with a pre-run hook)
             return own()
+        args = (*grads, *ctx.saved_tensors, *attributes)
         before = dict(ctx.__dict__)
         result, plan_of = _plan().recorded(own)
         changes = [(name, value) for name, value in ctx.__dict__.items()
@@ -277,25 +336,16 @@ class _Replayed(torch.autograd.Function):
         results = replay.plan.replay((inputs.view(replay.flat_shape), *state))
         sink.append(results)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*(results[i] for i in replay.saved))
-        for name, is_tensor, value in replay.attributes:
-            setattr(ctx, name, results[value] if is_tensor else value)
+        ctx.save_for_backward(*replay.saved(results))
+        ctx.__dict__.update(replay.constants)
+        for name, index in replay.tensor_attributes:
+            setattr(ctx, name, results[index])
         ctx.replay, ctx.inputs_shape = replay, inputs.shape
-        # (a view made here would be a custom Function's view, refused to in-place ops; a
-        # detached one is a tensor of its own, as the module's output views are not)
-        outputs = tuple(r if shape is None else r.view(shape).detach()
-                        for r, shape in zip(results, replay.output_shapes))
-        return outputs if len(outputs) > 1 else outputs[0]
+        return replay.node_outputs(results)
 
     @staticmethod
     def backward(ctx, *grads):
-        replay = ctx.replay
-        grads = [g if g is None or shape == tuple(g.shape) else g.reshape(shape)
-                 for g, shape in zip(grads, replay.node_shapes)]
-        grad_x, grad_codebook = replay.backward(ctx, grads)[:2]
-        if grad_x is not None:
-            grad_x = grad_x.view(ctx.inputs_shape)
-        return grad_x, grad_codebook, None, None, None
+        return *ctx.replay.backward(ctx, grads), None, None, None
 
 
 # ``Function.apply`` without its Python layer (default arguments bound for ``setup_context``,
