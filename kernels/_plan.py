@@ -191,6 +191,20 @@ class _Plan:
         # the views of them, are taken once per stream from the shared ``_SCRATCH``
         escaping = {storages.get(o.untyped_storage().data_ptr()) for o in outs
                     if o is not None and o.untyped_storage().nbytes()}
+        # A buffer returned once, whole, in another contiguous shape is made in that shape
+        # (a launch takes a tensor's data pointer alone: its shape and strides, where a
+        # kernel needs them, are arguments of their own)
+        geometry_of = {j: (tuple(b.shape), b.stride()) for j, b in enumerate(buffers)}
+        returned_as = {}
+        for o in outs:
+            j = storages.get(o.untyped_storage().data_ptr()) if o is not None else None
+            if j is not None:
+                returned_as.setdefault(j, []).append(o)
+        for j, (o, *more) in returned_as.items():
+            b = buffers[j]
+            if not more and j not in zeroed and o.dtype == b.dtype and o.numel() == b.numel() \
+                    and o.storage_offset() == 0 and o.is_contiguous() and b.is_contiguous():
+                geometry_of[j] = (tuple(o.shape), o.stride())
         names = {}  # a constant's id -> its name in the generated function's globals
         scope = {"empty_strided": torch.empty_strided, "zeros": torch.zeros,
                  "device": self.device, "scratch": {}}
@@ -204,13 +218,15 @@ class _Plan:
                 scope[name] = value
             return name
 
-        def allocate(name, t, zeroed=False):
-            """``name = `` a new tensor of ``t``'s geometry (zeroed: as ``torch.zeros``)."""
+        def allocate(name, t, geometry=None, zeroed=False):
+            """``name = `` a new tensor of ``t``'s dtype, in ``geometry`` (its shape and
+            strides, default ``t``'s; zeroed: as ``torch.zeros``)."""
+            shape, stride = geometry or (tuple(t.shape), t.stride())
             if zeroed and not t.is_contiguous():
                 raise _NotPlannable
-            size, dtype = constant(tuple(t.shape)), constant(t.dtype)
+            size, dtype = constant(shape), constant(t.dtype)
             body.append(f"{name} = zeros({size}, dtype={dtype}, device=device)" if zeroed else
-                        f"{name} = empty_strided({size}, {constant(t.stride())}, "
+                        f"{name} = empty_strided({size}, {constant(stride)}, "
                         f"dtype={dtype}, device=device)")
             return name
 
@@ -218,17 +234,21 @@ class _Plan:
             name = allocated.get(j)
             if name is None:
                 if j in escaping or j in zeroed:
-                    name = allocated[j] = allocate(f"b{j}", buffers[j], j in zeroed)
+                    name = allocated[j] = allocate(f"b{j}", buffers[j], geometry_of[j],
+                                                   j in zeroed)
                 else:
                     name = allocated[j] = f"b{j}"
                     scratch.append((name, j))
             return name
 
-        def view(base, base_name, t, relative):
+        def view(base, base_name, t, relative, pointer, base_geometry=None):
+            """``t`` as a view of ``base`` (named ``base_name``, made in ``base_geometry``);
+            ``pointer``: a launch's argument (its data pointer alone matters)."""
             if t.dtype != base.dtype:
                 raise _NotPlannable
             geometry = (tuple(t.shape), t.stride(), t.storage_offset() - base.storage_offset())
-            if geometry == (tuple(base.shape), base.stride(), 0):
+            if geometry == (*(base_geometry or (tuple(base.shape), base.stride())), 0) \
+                    or pointer and geometry[2] == 0:
                 return base_name
             offset = (f"{base_name}.storage_offset() + {geometry[2]}" if relative
                       else str(geometry[2]))
@@ -243,8 +263,9 @@ class _Plan:
                     body.append(f"{name} = {expression}")
             return name
 
-        def tensor(t):
-            """The expression of tensor ``t``: an input of the op, a buffer, a view of one."""
+        def tensor(t, pointer=False):
+            """The expression of tensor ``t``: an input of the op, a buffer, a view of one
+            (``pointer``: a launch's argument, any tensor at its address)."""
             if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
                 raise _NotPlannable
             for i, a in enumerate(args):
@@ -258,10 +279,10 @@ class _Plan:
             ptr = t.untyped_storage().data_ptr()
             if ptr in storages:
                 j = storages[ptr]
-                return view(buffers[j], buffer(j), t, False)
+                return view(buffers[j], buffer(j), t, False, pointer, geometry_of[j])
             if ptr in inputs:
                 i = inputs[ptr]
-                return view(args[i], f"args[{i}]", t, True)
+                return view(args[i], f"args[{i}]", t, True, pointer)
             raise _NotPlannable  # a tensor from elsewhere
 
         for n, (kernel, grid, launch_args, key) in enumerate(launches):
@@ -269,7 +290,7 @@ class _Plan:
                      if key is not None else None)
             if not entry or getattr(kernel, "pre_run_hooks", None):
                 raise _NotPlannable
-            full = [tensor(a) if isinstance(a, torch.Tensor) else constant(a)
+            full = [tensor(a, pointer=True) if isinstance(a, torch.Tensor) else constant(a)
                     for a in launch_args]
             full += [constant(a) for a in entry.tail]
             grid = (*grid, 1, 1)[:3]

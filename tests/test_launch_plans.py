@@ -2,11 +2,12 @@
 launches its own path makes, for every quantizer's training step. Checked with the launches
 stubbed at triton's cache-hit work (in a subprocess: the interpreter must be off): each
 step's launches (kernel, triton's specialisation, grid, every argument: a number's value, a
-tensor's dtype, shape, strides, offset, which module state or input it is, which other
+tensor's dtype and data pointer, as the offset into which module state, input or new tensor
+(a launch takes the pointer alone: shapes and strides travel as numbers), and which other
 argument of the launch it shares memory with) and its other aten compute ops, with plans
 and without, side by side, through alignments, deterministic algorithms, the statistics
-atomics' semantics and loss terms that share a gradient or not; and plans that forget what
-a launch depends on are caught."""
+atomics' semantics, changes to the module and loss terms that share a gradient or not; and
+plans that forget what a launch depends on are caught."""
 
 import ast
 import textwrap
@@ -79,8 +80,10 @@ SCRIPT = textwrap.dedent('''
                     fresh[ptr] = f"new #{made[0]}"
                     made[0] += 1
                 role = roles.get(ptr) or (fresh[ptr] if ptr is not None else "empty")
-                out.append((str(a.dtype), tuple(a.shape), a.stride(), a.storage_offset(),
-                            role, shared))
+                # (a launch takes a tensor's data pointer: its shape and strides, where a
+                # kernel needs them, are arguments of their own, compared as numbers)
+                out.append((str(a.dtype), a.storage_offset() * a.element_size(), role,
+                            shared))
             else:
                 ptrs.append(None)
                 out.append(a)

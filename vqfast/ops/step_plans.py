@@ -180,8 +180,8 @@ class _Replay:
     (what it saved, its attributes, its backward's own plans)."""
 
     __slots__ = ("plan", "flat_shape", "single", "recipe", "assemble", "node_shapes",
-                 "output_shapes", "node_outputs", "codebook", "saved", "constants",
-                 "tensor_attributes", "function", "unused_grads", "backwards")
+                 "node_outputs", "codebook", "saved", "constants", "tensor_attributes",
+                 "function", "unused_grads", "backwards")
 
     @classmethod
     def of(cls, outputs, plan_of, x, state, function):
@@ -189,7 +189,7 @@ class _Replay:
         replay = cls()
         replay.single = not isinstance(outputs, tuple)
         outputs = (outputs,) if replay.single else outputs
-        recipe, results, node, views = [], [], None, {}
+        recipe, results, node, views, node_views = [], [], None, {}, {}
         for o in outputs:
             if o is None:
                 recipe.append(None)
@@ -212,6 +212,7 @@ class _Replay:
                     or views.setdefault(base.output_nr, (base, shape)) != (base, shape):
                 return None  # (another node's, or one output seen in two shapes)
             node = fn
+            node_views.setdefault(base.output_nr, o)
             recipe.append((True, base.output_nr, None))
         replay.recipe, replay.function, replay.flat_shape = recipe, function, tuple(x.shape)
         replay.saved = None
@@ -228,11 +229,16 @@ class _Replay:
                                      if t is inputs[1][0].variable), False))
             if replay.codebook is False:
                 return None
-            firsts = [views[i][0] for i in range(count)]
-            replay.output_shapes = [views[i][1] for i in range(count)]
-            # (a gradient arrives in its output's shape: the node's when viewed)
-            replay.node_shapes = [None if shape is None else tuple(t.shape)
-                                  for t, shape in zip(firsts, replay.output_shapes)]
+            # The node's outputs as the module returns them (reshapes of them: made in that
+            # shape, fresh tensors, as the module's outputs are no custom Function's views);
+            # the backward's own path takes each gradient in its node output's shape
+            firsts = [node_views[i] for i in range(count)]
+            replay.node_shapes = [None if views[i][1] is None else tuple(views[i][0].shape)
+                                  for i in range(count)]
+            bases = {views[i][0].untyped_storage().data_ptr() for i in range(count)}
+            if len(bases) != count or any(t.untyped_storage().data_ptr() in bases
+                                          for t in (*results, *node.saved_tensors)):
+                return None  # (an output of the node's seen elsewhere too)
             results = firsts + results
             replay.recipe = [part if part is None or part[0] else (False, part[1] + count, part[2])
                              for part in recipe]
@@ -246,12 +252,8 @@ class _Replay:
                     results.append(value)
                 else:
                     replay.constants[name] = value
-            # (a view made in the node's forward would be a custom Function's view, which
-            # in-place ops refuse; a detached one is a tensor of its own, as the module's
-            # output views of the recorded node's outputs are not)
-            replay.node_outputs = _assembler(
-                [f"r[{i}]" if shape is None else f"r[{i}].view({shape!r}).detach()"
-                 for i, shape in enumerate(replay.output_shapes)], "r", count == 1)
+            replay.node_outputs = _assembler([f"r[{i}]" for i in range(count)], "r",
+                                             count == 1)
             replay.unused_grads = (
                 len(inspect.signature(function.backward).parameters) - 1 - count)
             replay.backwards = {}
@@ -284,8 +286,6 @@ class _Replay:
         """The recorded ``Function``'s backward on the replay's ``ctx`` (``grads``: of the
         outputs, in the module outputs' shapes), through a plan of its own by the gradients'
         geometry (as op plans: a key's second call records); the inputs' gradients."""
-        grads = [g if g is None or shape is None else g.reshape(shape)
-                 for g, shape in zip(grads, self.node_shapes)]
         attributes = [getattr(ctx, name) for name, _ in self.tensor_attributes]
         # (the saved and attribute tensors' geometry is the forward plan's: a fixed one;
         # the gradients are on the outputs' device, in their dtype)
@@ -299,13 +299,17 @@ class _Replay:
                 setattr(ctx, name, value)
         else:
             result = self._backward(ctx, grads, attributes, key, entry)
-        grad_x = result[0]
-        return (None if grad_x is None else grad_x.view(ctx.inputs_shape)), result[1]
+        return result[0], result[1]
 
     def _backward(self, ctx, grads, attributes, key, entry):
         """The recorded ``Function``'s own backward: at a key's first call, and recorded at
         its second."""
-        own = lambda: self.function.backward(ctx, *grads, *(None,) * self.unused_grads)  # noqa: E731
+        def own():  # (the gradients in the node outputs' shapes; x's in the inputs')
+            result = self.function.backward(ctx, *(
+                g if g is None or shape is None else g.reshape(shape)
+                for g, shape in zip(grads, self.node_shapes)), *(None,) * self.unused_grads)
+            grad_x = result[0]
+            return None if grad_x is None else grad_x.view(ctx.inputs_shape), result[1]
         if entry is None:  # seen once (False): recorded at its next call
             if len(self.backwards) >= _plan().MAX_PLANS:
                 self.backwards.clear()
