@@ -108,9 +108,10 @@ def test_cuda_graph_of_a_vqvae_step_tracks_eager():
 
 @cuda_only
 def test_planned_training_steps_compute_what_the_ops_compute(monkeypatch):
-    """Launch plans (``vqfast.kernels._plan``) on a GPU: every quantizer's training steps
-    with their ops' calls replayed from plans give the outputs, gradients and state of the
-    ops' own calls (the CPU tests compare the launches; this, what they compute). Each
+    """Launch plans (``vqfast.kernels._plan``, ``vqfast.ops.step_plans``) on a GPU: every
+    quantizer's training steps with their ops' calls, or whole forwards, replayed from plans
+    give the outputs, gradients and state of their own calls (the CPU tests compare the
+    launches; this, what they compute). Each
     step starts from the same state (the one after the first step), so that the order of
     the statistics' atomics cannot move a near-tie's code between the two runs."""
     import copy
@@ -130,7 +131,9 @@ def test_planned_training_steps_compute_what_the_ops_compute(monkeypatch):
             x = torch.randn(*shape, device=DEVICE, requires_grad=True)
             grads = [None, None]
             seen = []
-            for step in range(5):  # (a call key's third call replays its plan)
+            # (a call key's third call replays its plan; a step plan's backward has a plan
+            # of its own, replayed from its third replay on; k-means changes the module)
+            for step in range(8):
                 if step == 1:
                     start = copy.deepcopy(module.state_dict())
                 elif step > 1:
