@@ -39,6 +39,7 @@ import vqfast  # noqa: E402
 from vqfast import reference  # noqa: E402
 
 from vqfast.kernels import _launch, _plan  # noqa: E402
+from vqfast.ops import step_plans  # noqa: E402
 
 from .gpu.specializations import describe, import_kernel_module, jit_kwargs, sm90  # noqa: E402
 from .measure import save_report  # noqa: E402
@@ -324,6 +325,8 @@ def _cases():
     image = (B, D, H, W)
     return [
         ("VectorQuantizerEMA (defaults)", lambda b: vqfast.VectorQuantizerEMA(K, D, backend=b), image, "vqfast"),
+        ("VectorQuantizerEMA (defaults), no step plans",
+         lambda b: vqfast.VectorQuantizerEMA(K, D, backend=b), image, "vqfast, no step plans"),
         ("VectorQuantizerEMA (defaults), no launch plans",
          lambda b: vqfast.VectorQuantizerEMA(K, D, backend=b), image, "vqfast, no launch plans"),
         ("VectorQuantizerEMA (defaults), every launch through triton's JITFunction.run",
@@ -421,15 +424,17 @@ class _Case:
 
     @contextlib.contextmanager
     def _launch_path(self):
-        """vqfast's launch path (launch plans, ``kernels._plan``, replaying the fast
-        launches of ``kernels._launch.launch``), the fast launches without plans, or
-        triton's own path at every launch."""
+        """vqfast's launch path (a module's whole forward replayed, ``ops.step_plans``, or
+        each op's call, ``kernels._plan``, replaying the fast launches of
+        ``kernels._launch.launch``), each op's call alone (no step plans), the fast
+        launches without plans, or triton's own path at every launch."""
         _launch.FAST_LAUNCH = self.kind != "vqfast, triton's launch path"
-        _plan.PLANS = self.kind == "vqfast"
+        _plan.PLANS = self.kind in ("vqfast", "vqfast, no step plans")
+        step_plans.STEP_PLANS = self.kind == "vqfast"
         try:
             yield
         finally:
-            _launch.FAST_LAUNCH = _plan.PLANS = True
+            _launch.FAST_LAUNCH = _plan.PLANS = step_plans.STEP_PLANS = True
 
     def sample(self, steps: int) -> None:
         with self._launch_path():

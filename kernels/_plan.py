@@ -22,6 +22,8 @@ check, ``VQFAST_CHECK_LAUNCH_KEYS=1``) turns plans off; ``_launch.forget_fast_la
 drops them with the fast launches they replay.
 """
 
+import weakref
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -31,8 +33,9 @@ PLANS = True
 MAX_PLANS = 64  # per op: a key space this large is a sign of varying shapes
 # The plans' scratch buffers by (device, stream, shape, strides, dtype, ordinal): what a
 # call neither returns nor zeroes is dead once its launches are done, so one tensor of a
-# geometry serves every plan on a stream (stream order keeps them apart)
-_SCRATCH: dict = {}
+# geometry serves every plan on a stream (stream order keeps them apart), while one of
+# them lives (weak: the plans hold them)
+_SCRATCH = weakref.WeakValueDictionary()
 _launch.PLAN_CACHES.append(_SCRATCH)
 
 # What a plan can replay: fresh buffers and views of tensors.
@@ -305,20 +308,21 @@ class _Plan:
                      f"leave, *a{n})"]
         returned = ["None" if o is None else tensor(o) for o in outs]
         body.append(f"return {returned[0]}" if single else f"return ({', '.join(returned)},)")
-        if scratch:
+        if scratch:  # (``where``: the stream, or None while a CUDA graph is captured)
             scope["new_scratch"] = self._scratch_maker(scratch, buffers, scope["scratch"])
-            body[:0] = ["s = scratch.get(stream)", "if s is None:",
-                        "    s = new_scratch(stream)",
+            body[:0] = ["s = scratch.get(where)", "if s is None:",
+                        "    s = new_scratch(where)",
                         f"{', '.join(name for name, _ in scratch)}, = s"]
-        source = "def replay(args, stream, enter, leave):\n" + "".join(
+        source = "def replay(args, stream, enter, leave, where):\n" + "".join(
             f"    {line}\n" for line in body)
         exec(compile(source, f"<vqfast plan: {len(launches)} launches>", "exec"), scope)
         self._replay = scope["replay"]
 
     def _scratch_maker(self, scratch, buffers, kept):
         """``new_scratch(stream)``: the plan's scratch tensors on ``stream`` (kept per stream
-        in ``kept``; while a CUDA graph is captured, made for the call alone), each buffer
-        shared with every plan's of its geometry (``_SCRATCH``) and each view made once."""
+        in ``kept``; ``None``, while a CUDA graph is captured: made for the call alone, in
+        the graph's memory), each buffer shared with every plan's of its geometry on the
+        stream (``_SCRATCH``) and each view made once."""
         device, specs, seen = self.device, [], {}
         for name, what in scratch:
             if isinstance(what, int):
@@ -330,7 +334,7 @@ class _Plan:
                 specs.append((name, what))
 
         def new_scratch(stream):
-            capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+            capturing = stream is None
             made = {}
             for name, spec in specs:
                 if isinstance(spec[0], str):  # a view of a scratch buffer
@@ -363,8 +367,12 @@ class _Plan:
         knobs = _launch._triton().knobs
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         device = self.device
+        # (a graph being captured takes scratch of its own: shared scratch would be baked
+        # into it, used by its replays on any stream)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if _launch._other_cuda_device(device):
             with torch.cuda.device(device):
-                return self._replay(args, _launch._current_stream(device.index), enter, leave)
-        return self._replay(args, _launch._current_stream(_launch._current_device()), enter,
-                            leave)
+                stream = _launch._current_stream(device.index)
+                return self._replay(args, stream, enter, leave, None if capturing else stream)
+        stream = _launch._current_stream(_launch._current_device())
+        return self._replay(args, stream, enter, leave, None if capturing else stream)

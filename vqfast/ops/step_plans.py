@@ -21,8 +21,8 @@ finite checks a module runs other ops: it keeps its own path) and whose differen
 outputs come from one node of the ``Function`` the module names. As with op plans, a key's
 first call takes the module's own path, its second is recorded and later ones replay; a
 module changed since (an attribute set, a tensor replaced or moved) starts over.
-``vqfast.kernels._plan.PLANS = False`` turns step plans off with op plans;
-``_launch.forget_fast_launches()`` drops them too.
+``STEP_PLANS = False`` turns them off (op plans stay), ``vqfast.kernels._plan.PLANS =
+False`` turns both off; ``_launch.forget_fast_launches()`` drops them too.
 """
 
 import functools
@@ -31,9 +31,11 @@ import operator
 import weakref
 
 import torch
+import torch.distributed as dist
 
 from .dispatch import _plan
 
+STEP_PLANS = True  # (off: each op's call takes its own launch plan, ``kernels._plan``)
 _REFUSED = "refused"  # recorded, and not plannable: the module's own path
 
 
@@ -50,10 +52,15 @@ class _Steps:
         self.by_key.clear()
 
     def __reduce__(self):
-        return _Steps, ()
+        return _no_steps, ()
 
     def __deepcopy__(self, memo):
-        return _Steps()
+        return None
+
+
+def _no_steps():
+    """A copy's step plans: none yet (its first call makes them)."""
+    return None
 
 
 class _AllSteps(weakref.WeakSet):
@@ -77,9 +84,9 @@ def call(module, inputs, own, function):
     ``module._flat_shape(inputs)``: the view of ``inputs`` its ops take (``[B, C, -1]``);
     ``function``: the ``torch.autograd.Function`` whose node the forward makes (it must not
     materialise gradients: ``ctx.set_materialize_grads(False)``)."""
-    if type(inputs) is not torch.Tensor or torch.compiler.is_compiling() \
-            or torch._C._are_functorch_transforms_active():
-        return own(inputs)
+    if not STEP_PLANS or type(inputs) is not torch.Tensor or torch.compiler.is_compiling() \
+            or torch._C._are_functorch_transforms_active() or not inputs.is_contiguous():
+        return own(inputs)  # (non-contiguous inputs: the own path copies them)
     backend, device = module.backend, inputs.device
     if not (backend == "triton" or backend == "auto" and device.type == "cuda") \
             or not _plan().planning(device):
@@ -101,6 +108,8 @@ def call(module, inputs, own, function):
         steps[key] = _Step(attributes, state)  # seen once (or the module changed)
         return own(inputs)
     if entry.replay is not None:
+        if entry.replay.plan.hooked():  # (a kernel's pre-run hook sees triton's own launch)
+            return own(inputs)
         return entry.replay(inputs, state)
     if entry.refused:
         return own(inputs)
@@ -133,7 +142,12 @@ def key_of(module, inputs, device) -> tuple:
     training flag and the switches op plans key on."""
     return (module.training, inputs.shape, inputs.stride(), inputs.dtype, device,
             inputs.data_ptr() & 15, inputs.requires_grad, torch.is_grad_enabled(),
-            *_plan().switches())
+            _distributed(), *_plan().switches())
+
+
+def _distributed() -> bool:
+    """Whether ``torch.distributed`` is initialised (modules that sync statistics do so then)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 class _Step:
@@ -144,8 +158,9 @@ class _Step:
 
     def __init__(self, attributes, state):
         self.attributes = dict(attributes)
-        self.state = state
         tensors = all(isinstance(t, torch.Tensor) for t in state)
+        # (weakly: a module moved elsewhere, under another key, frees its old tensors)
+        self.state = tuple(weakref.ref(t) for t in state) if tensors else ()
         self.addresses = tuple(t.data_ptr() for t in state) if tensors else None
         self.grads = tuple(t.requires_grad for t in state) if tensors else None
         self.replay = None
@@ -159,11 +174,11 @@ class _Step:
         if len(state) != len(self.state) or self.addresses is None:
             return False
         for t, mine, address, grad in zip(state, self.state, self.addresses, self.grads):
-            if t is not mine or t.data_ptr() != address or t.requires_grad != grad:
+            if t is not mine() or t.data_ptr() != address or t.requires_grad != grad:
                 return False
         try:
             return attributes == self.attributes
-        except RuntimeError:  # (an attribute set to a tensor: compared as a tensor)
+        except Exception:  # (an attribute set to a tensor or an array: compared as one)
             return False
 
     def plan(self, outputs, plan_of, x, state, function) -> None:
