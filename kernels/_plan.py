@@ -170,11 +170,13 @@ class _Plan:
     function generated for it (allocations, views, the compiled kernels' launchers called
     with the recorded grids and constants: no per-argument interpretation at replay)."""
 
-    __slots__ = ("device", "kernels", "_replay")
+    __slots__ = ("device", "kernels", "_hooks", "_replay")
 
     def __init__(self, args, buffers, zeroed, launches, result):
         self.device = next(a.device for a in args if isinstance(a, torch.Tensor))
         self.kernels = tuple(dict.fromkeys(kernel for kernel, *_ in launches))
+        # (each kernel's pre-run hooks: triton's JITFunction adds to this one list)
+        self._hooks = tuple(getattr(kernel, "pre_run_hooks", ()) for kernel in self.kernels)
         inputs, storages = {}, {}
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor) and a.untyped_storage().nbytes():
@@ -358,10 +360,7 @@ class _Plan:
     def hooked(self) -> bool:
         """Whether one of its kernels has gained a pre-run hook (which sees triton's own
         launch: the op's own path runs)."""
-        for kernel in self.kernels:
-            if getattr(kernel, "pre_run_hooks", None):
-                return True
-        return False
+        return any(self._hooks)
 
     def replay(self, args):
         knobs = _launch._triton().knobs

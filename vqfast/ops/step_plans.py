@@ -27,7 +27,6 @@ False`` turns both off; ``_launch.forget_fast_launches()`` drops them too.
 
 import functools
 import inspect
-import operator
 import weakref
 
 import torch
@@ -116,18 +115,10 @@ def call(module, inputs, own, function):
     outputs, plan_of = _plan().recorded(lambda: own(inputs))
     # (a recording that changed the module is not kept)
     if entry.fits(module.__dict__, (*module._parameters.values(), *module._buffers.values())):
-        entry.plan(outputs, plan_of, inputs.view(module._flat_shape(inputs)), state, function)
+        entry.plan(outputs, plan_of, inputs, module._flat_shape(inputs), state, function)
     else:
         del steps[key]
     return outputs
-
-
-def _getter(indices):
-    """``results -> tuple(results[i] for i in indices)``, at C speed."""
-    indices = list(indices)
-    if len(indices) == 1:
-        return lambda results: (results[indices[0]],)
-    return operator.itemgetter(*indices) if indices else lambda results: ()
 
 
 def _assembler(expressions, arguments, single):
@@ -181,11 +172,12 @@ class _Step:
         except Exception:  # (an attribute set to a tensor or an array: compared as one)
             return False
 
-    def plan(self, outputs, plan_of, x, state, function) -> None:
-        """Build the replay of a recorded forward (``outputs``; ``plan_of``: its recording's
-        ``_plan.recorded`` planner; ``x``: its inputs' flat view), or refuse."""
+    def plan(self, outputs, plan_of, inputs, flat_shape, state, function) -> None:
+        """Build the replay of a recorded forward of ``inputs`` (``outputs``; ``plan_of``:
+        its recording's ``_plan.recorded`` planner; ``flat_shape``: the view of the inputs
+        its ops took), or refuse."""
         self.refused = True
-        replay = _Replay.of(outputs, plan_of, x, state, function)
+        replay = _Replay.of(outputs, plan_of, inputs, flat_shape, state, function)
         if replay is not None:
             self.replay, self.refused = replay, False
 
@@ -195,12 +187,13 @@ class _Replay:
     (what it saved, its attributes, its backward's own plans)."""
 
     __slots__ = ("plan", "flat_shape", "single", "recipe", "assemble", "node_shapes",
-                 "node_outputs", "codebook", "saved", "constants", "tensor_attributes",
-                 "function", "unused_grads", "backwards")
+                 "node_outputs", "codebook", "saved", "saved_inputs", "constants",
+                 "tensor_attributes", "function", "unused_grads", "backwards")
 
     @classmethod
-    def of(cls, outputs, plan_of, x, state, function):
+    def of(cls, outputs, plan_of, inputs, flat_shape, state, function):
         """The replay of ``outputs`` (a tensor or a tuple of tensors and Nones), or None."""
+        x = inputs.view(flat_shape)
         replay = cls()
         replay.single = not isinstance(outputs, tuple)
         outputs = (outputs,) if replay.single else outputs
@@ -235,13 +228,13 @@ class _Replay:
             count = len(views)
             if set(views) != set(range(count)):
                 return None  # (the outputs the replay returns must be the node's first)
-            inputs = node.next_functions
-            if len(inputs) != 2 or (inputs[1][0] is not None
-                                    and type(inputs[1][0]).__name__ != "AccumulateGrad"):
+            edges = node.next_functions
+            if len(edges) != 2 or (edges[1][0] is not None
+                                   and type(edges[1][0]).__name__ != "AccumulateGrad"):
                 return None  # (x and the codebook, a leaf or no gradient)
-            replay.codebook = (None if inputs[1][0] is None else
+            replay.codebook = (None if edges[1][0] is None else
                                next((i for i, t in enumerate(state)
-                                     if t is inputs[1][0].variable), False))
+                                     if t is edges[1][0].variable), False))
             if replay.codebook is False:
                 return None
             # The node's outputs as the module returns them (reshapes of them: made in that
@@ -257,9 +250,19 @@ class _Replay:
             results = firsts + results
             replay.recipe = [part if part is None or part[0] else (False, part[1] + count, part[2])
                              for part in recipe]
-            saved = node.saved_tensors
-            replay.saved = _getter(range(len(results), len(results) + len(saved)))
-            results += saved
+            # what the node saved: the inputs themselves where it saved their flat view (the
+            # backward's own path sees that view again, ``_NodeContext``), else results
+            replay.saved_inputs = []
+            saved = []
+            for t in node.saved_tensors:
+                is_x = (t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+                        and t.storage_offset() == x.storage_offset() and t.shape == x.shape
+                        and t.stride() == x.stride() and t.dtype == x.dtype)
+                replay.saved_inputs.append(is_x)
+                saved.append("x" if is_x else f"r[{len(results)}]")
+                if not is_x:
+                    results.append(t)
+            replay.saved = _assembler(saved, "x, r", False)
             replay.constants, replay.tensor_attributes = {}, []
             for name, value in node.__dict__.items():
                 if isinstance(value, torch.Tensor):
@@ -272,7 +275,7 @@ class _Replay:
             replay.unused_grads = (
                 len(inspect.signature(function.backward).parameters) - 1 - count)
             replay.backwards = {}
-        plan = plan_of((x, *state), tuple(results))
+        plan = plan_of((inputs, *state), tuple(results))
         if plan is None:
             return None
         replay.plan = plan
@@ -285,7 +288,7 @@ class _Replay:
 
     def __call__(self, inputs, state):
         if self.saved is None:  # no autograd node (no gradient asked for)
-            results = self.plan.replay((inputs.view(self.flat_shape), *state))
+            results = self.plan.replay((inputs, *state))
             node_outputs = ()
         else:
             sink = []
@@ -320,7 +323,7 @@ class _Replay:
         """The recorded ``Function``'s own backward: at a key's first call, and recorded at
         its second."""
         def own():  # (the gradients in the node outputs' shapes; x's in the inputs')
-            result = self.function.backward(ctx, *(
+            result = self.function.backward(_NodeContext(ctx, self), *(
                 g if g is None or shape is None else g.reshape(shape)
                 for g, shape in zip(grads, self.node_shapes)), *(None,) * self.unused_grads)
             grad_x = result[0]
@@ -344,6 +347,24 @@ class _Replay:
         return result
 
 
+class _NodeContext:
+    """A replay's ``ctx`` as the recorded node's own backward sees it: what the node saved,
+    the inputs in the flat view it saved of them; everything else the replay's ``ctx``."""
+
+    def __init__(self, ctx, replay):
+        flat = replay.flat_shape
+        saved = tuple(t.view(flat) if is_x else t
+                      for t, is_x in zip(ctx.saved_tensors, replay.saved_inputs))
+        object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "saved_tensors", saved)
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._ctx, name, value)
+
+
 class _Replayed(torch.autograd.Function):
     """A step plan's replay as an autograd node: the recorded node's differentiable outputs
     (its first ones, in the module outputs' shapes: no view nodes), what it saved and its
@@ -352,10 +373,10 @@ class _Replayed(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, inputs, codebook, replay, state, sink):
-        results = replay.plan.replay((inputs.view(replay.flat_shape), *state))
+        results = replay.plan.replay((inputs, *state))
         sink.append(results)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*replay.saved(results))
+        ctx.save_for_backward(*replay.saved(inputs, results))
         ctx.__dict__.update(replay.constants)
         for name, index in replay.tensor_attributes:
             setattr(ctx, name, results[index])
