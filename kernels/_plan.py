@@ -192,19 +192,17 @@ class _Plan:
         outs = (result,) if single else result
         if any(o is not None and not isinstance(o, torch.Tensor) for o in outs):
             raise _NotPlannable
-        # Scratch: the buffers the call neither returns (nor views of them) nor zeroes, and
-        # the views of them, are taken once per stream from the shared ``_SCRATCH``
-        escaping = {storages.get(o.untyped_storage().data_ptr()) for o in outs
-                    if o is not None and o.untyped_storage().nbytes()}
-        # A buffer returned once, whole, in another contiguous shape is made in that shape
-        # (a launch takes a tensor's data pointer alone: its shape and strides, where a
-        # kernel needs them, are arguments of their own)
-        geometry_of = {j: (tuple(b.shape), b.stride()) for j, b in enumerate(buffers)}
+        # What each returned buffer is returned as (itself, or views of it). The others,
+        # scratch (unless zeroed), and the views of them, are taken once per stream from the
+        # shared ``_SCRATCH``. A buffer returned once, whole, in another contiguous shape is
+        # made in that shape (a launch takes a tensor's data pointer alone: its shape and
+        # strides, where a kernel needs them, are arguments of their own)
         returned_as = {}
         for o in outs:
             j = storages.get(o.untyped_storage().data_ptr()) if o is not None else None
             if j is not None:
                 returned_as.setdefault(j, []).append(o)
+        geometry_of = {j: (tuple(b.shape), b.stride()) for j, b in enumerate(buffers)}
         for j, (o, *more) in returned_as.items():
             b = buffers[j]
             if not more and j not in zeroed and o.dtype == b.dtype and o.numel() == b.numel() \
@@ -238,7 +236,7 @@ class _Plan:
         def buffer(j):
             name = allocated.get(j)
             if name is None:
-                if j in escaping or j in zeroed:
+                if j in returned_as or j in zeroed:
                     name = allocated[j] = allocate(f"b{j}", buffers[j], geometry_of[j],
                                                    j in zeroed)
                 else:

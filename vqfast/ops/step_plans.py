@@ -270,8 +270,7 @@ class _Replay:
                     results.append(value)
                 else:
                     replay.constants[name] = value
-            replay.node_outputs = _assembler([f"r[{i}]" for i in range(count)], "r",
-                                             count == 1)
+            replay.node_outputs = _assembler([f"r[{i}]" for i in range(count)], "r", False)
             replay.unused_grads = (
                 len(inspect.signature(function.backward).parameters) - 1 - count)
             replay.backwards = {}
@@ -296,8 +295,6 @@ class _Replay:
                 inputs, None if self.codebook is None else state[self.codebook], self, state,
                 sink)
             results = sink[0]
-            if len(self.node_shapes) == 1:
-                node_outputs = (node_outputs,)
         return self.assemble(node_outputs, results)
 
     def backward(self, ctx, grads):
